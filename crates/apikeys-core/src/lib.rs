@@ -1,0 +1,136 @@
+//! # apikeys-core
+//!
+//! The domain of [apikeys](https://crates.io/crates/apikeys-db), with no I/O: the key format,
+//! HMAC-SHA256 hashing with a required signing secret, scopes, metadata, rate-limit rules, key
+//! status, the verification decision and the one error type.
+//!
+//! Most users want `apikeys-db`, which re-exports all of this and adds the store. The core is
+//! useful on its own to check keys offline or to unit-test code that handles keys:
+//!
+//! ```
+//! use apikeys_core::{KeyFormat, KeyHasher, SigningSecret};
+//!
+//! # fn main() -> apikeys_core::Result<()> {
+//! let format = KeyFormat::new("sk", Some("live"))?;
+//! let hasher = KeyHasher::new(SigningSecret::new(vec![42u8; 32])?)?;
+//!
+//! let key = format.generate()?;                 // show key.expose_secret() to the customer once
+//! let stored = hasher.hash(key.expose_secret()); // store only this
+//!
+//! // On a request: reject malformed keys offline, then look the hash up.
+//! let presented = format.parse(key.expose_secret())?;
+//! assert_eq!(hasher.hash(presented.as_str()), stored);
+//! assert!(format.parse("sk_live_not-a-key").is_err());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Security properties
+//! * Keys carry 256 bits from the operating system's CSPRNG.
+//! * Only `HMAC-SHA256(secret, key)` is meant to be stored; [`PlaintextKey`] and
+//!   [`SigningSecret`] are zeroed on drop, print `[redacted]` and have no `Display`.
+//! * [`Error`] never carries key material and never says whether a key was malformed or
+//!   unknown.
+
+mod error;
+mod hash;
+mod id;
+mod key;
+mod metadata;
+mod org;
+mod page;
+mod rate_limit;
+mod record;
+mod scope;
+mod status;
+mod verify;
+
+pub use error::{Entity, Error, Result};
+pub use hash::{KeyHash, KeyHasher, SigningSecret};
+pub use id::{KeyId, OrgId, ProductId, ProjectId};
+pub use key::{CHECKSUM_LEN, KeyFormat, MAX_SEGMENT_LEN, ParsedKey, PlaintextKey, SECRET_LEN};
+pub use metadata::{
+    Expiry, KeyUpdate, MAX_CUSTOM_BYTES, MAX_CUSTOM_DEPTH, NewKey, ValidKeyUpdate, ValidNewKey,
+    validate_custom,
+};
+pub use org::{MAX_NAME_CHARS, Organization, Product, Project, validate_name};
+pub use page::{KeyPage, MAX_PAGE_SIZE, Page};
+pub use rate_limit::{RateLimit, Window};
+pub use record::{ApiKey, IssuedKey};
+pub use scope::{MAX_SCOPE_LEN, MAX_SCOPES, Scope, Scopes};
+pub use status::{KeyStatus, StatusFilter};
+pub use verify::{ProductAccess, Requirements, decide};
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+    use chrono::Utc;
+    use std::time::Duration;
+
+    #[test]
+    fn no_secret_material_in_debug_or_display() {
+        let secret_text = "s3cr3t-signing-material-that-must-not-leak-0123";
+        let secret = SigningSecret::new(secret_text).unwrap();
+        let format = KeyFormat::new("sk", Some("test")).unwrap();
+        let key = format.generate().unwrap();
+        let plaintext = key.expose_secret().to_owned();
+        let secret_part = &plaintext[8..];
+        let hasher = KeyHasher::new(secret).unwrap();
+        let now = Utc::now();
+        let record = ApiKey {
+            id: KeyId::new(),
+            org_id: OrgId::new(),
+            project_id: None,
+            product_id: None,
+            name: "k".into(),
+            hint: key.hint(),
+            scopes: Scopes::new(),
+            rate_limit: None,
+            custom: serde_json::Map::new(),
+            created_at: now,
+            updated_at: now,
+            expires_at: None,
+            revoked_at: None,
+            last_used_at: None,
+            use_count: 0,
+        };
+        let mut rendered = vec![
+            format!("{hasher:?}"),
+            format!("{:?}", SigningSecret::new(secret_text).unwrap()),
+            format!("{:?}", format.parse(&plaintext).unwrap()),
+            format!("{:?}", hasher.hash(&plaintext)),
+        ];
+        let issued = IssuedKey { key, record };
+        rendered.push(format!("{issued:?}"));
+        rendered.push(format!("{issued:#?}"));
+        let errors = [
+            Error::InvalidKey,
+            format.parse(&plaintext[1..]).unwrap_err(),
+            Error::Expired { expired_at: now },
+            Error::Revoked { revoked_at: now },
+            Error::ProductNotAllowed { product_id: ProductId::new() },
+            Error::InsufficientScope { missing: vec![Scope::new("a").unwrap()] },
+            Error::Quota {
+                retry_after: Duration::from_secs(1),
+                limit: RateLimit::per_second(1).unwrap(),
+            },
+            Error::AlreadyExists { entity: Entity::Key, existing_id: uuid::Uuid::now_v7() },
+            Error::NotFound { entity: Entity::Organization },
+            Error::invalid_input("name", "bad"),
+            SigningSecret::new("short").unwrap_err(),
+            Error::Entropy,
+            Error::storage(std::io::Error::other("db down")),
+        ];
+        for e in &errors {
+            rendered.push(format!("{e:?}"));
+            rendered.push(e.to_string());
+        }
+        for r in &rendered {
+            assert!(!r.contains(secret_part), "plaintext key leaked: {r}");
+            assert!(!r.contains(&secret_part[..12]), "part of the key leaked: {r}");
+            assert!(!r.contains("s3cr3t"), "signing secret leaked: {r}");
+        }
+        // The issued key's Debug still shows the non-secret hint and the redaction marker.
+        assert!(rendered[4].contains("[redacted]") && rendered[4].contains("sk_test_"));
+    }
+}

@@ -1,0 +1,383 @@
+//! Key metadata: the inputs to create and update a key, and custom JSON rules.
+
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+use crate::id::{ProductId, ProjectId};
+use crate::org::validate_name;
+use crate::rate_limit::RateLimit;
+use crate::scope::Scopes;
+
+/// Largest accepted custom metadata, serialized as JSON, in bytes.
+pub const MAX_CUSTOM_BYTES: usize = 64 * 1024;
+/// Deepest accepted nesting of custom metadata (the top-level object is depth 1).
+pub const MAX_CUSTOM_DEPTH: usize = 32;
+
+/// Checks custom metadata: a JSON object, at most [`MAX_CUSTOM_DEPTH`] deep and
+/// [`MAX_CUSTOM_BYTES`] serialized. Returns the object.
+///
+/// The depth walk is iterative, so even absurdly deep values cannot overflow the stack here.
+///
+/// # Errors
+/// [`Error::InvalidInput`] (field `custom`) when a rule is broken.
+pub fn validate_custom(value: Value) -> Result<Map<String, Value>> {
+    let Value::Object(map) = value else {
+        return Err(Error::invalid_input("custom", "must be a json object"));
+    };
+    let mut stack: Vec<(&Value, usize)> = map.values().map(|v| (v, 2)).collect();
+    while let Some((v, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match v {
+            Value::Object(m) => Box::new(m.values()),
+            Value::Array(a) => Box::new(a.iter()),
+            _ => continue,
+        };
+        if depth > MAX_CUSTOM_DEPTH {
+            return Err(Error::invalid_input("custom", "must be nested at most 32 levels deep"));
+        }
+        stack.extend(children.map(|c| (c, depth + 1)));
+    }
+    let size = serde_json::to_vec(&map).map(|v| v.len()).unwrap_or(usize::MAX);
+    if size > MAX_CUSTOM_BYTES {
+        return Err(Error::invalid_input("custom", "must be at most 64 KiB as json"));
+    }
+    Ok(map)
+}
+
+/// When a new key expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Expiry {
+    /// The client's default lifetime (if it has one; otherwise never).
+    #[default]
+    ClientDefault,
+    /// Never.
+    Never,
+    /// At this instant (must be in the future when the key is created).
+    At(DateTime<Utc>),
+    /// This long after creation.
+    After(Duration),
+}
+
+impl Expiry {
+    /// The concrete `expires_at` for a key created at `now`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] (field `expires_at`) if the instant is not after `now`, or the
+    /// duration is zero or too large to represent.
+    pub fn resolve(
+        self,
+        now: DateTime<Utc>,
+        default: Option<Duration>,
+    ) -> Result<Option<DateTime<Utc>>> {
+        let after = |d: Duration| {
+            TimeDelta::from_std(d)
+                .ok()
+                .filter(|d| *d > TimeDelta::zero())
+                .and_then(|d| now.checked_add_signed(d))
+                .ok_or_else(|| {
+                    Error::invalid_input(
+                        "expires_at",
+                        "lifetime must be positive and representable",
+                    )
+                })
+        };
+        match self {
+            Expiry::Never => Ok(None),
+            Expiry::ClientDefault => default.map(after).transpose(),
+            Expiry::After(d) => after(d).map(Some),
+            Expiry::At(t) if t > now => Ok(Some(t)),
+            Expiry::At(_) => Err(Error::invalid_input("expires_at", "must be in the future")),
+        }
+    }
+}
+
+/// What to create a key with: `NewKey::new("name")` then `with_*` setters.
+///
+/// Values are checked when the key is created ([`NewKey::validate`]); nothing is written if any
+/// is invalid.
+#[derive(Debug, Clone, Default)]
+pub struct NewKey {
+    pub(crate) name: String,
+    pub(crate) project_id: Option<ProjectId>,
+    pub(crate) product_id: Option<ProductId>,
+    pub(crate) scopes: Vec<String>,
+    pub(crate) rate_limit: Option<RateLimit>,
+    pub(crate) custom: Option<Value>,
+    pub(crate) expiry: Expiry,
+}
+
+/// A [`NewKey`] whose every value passed validation.
+#[derive(Debug, Clone)]
+pub struct ValidNewKey {
+    /// The key's name.
+    pub name: String,
+    /// The project it is narrowed to.
+    pub project_id: Option<ProjectId>,
+    /// The product it is narrowed to.
+    pub product_id: Option<ProductId>,
+    /// Its scopes.
+    pub scopes: Scopes,
+    /// Its rate limit.
+    pub rate_limit: Option<RateLimit>,
+    /// Its custom metadata.
+    pub custom: Map<String, Value>,
+    /// When it expires.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl NewKey {
+    /// A new org-wide key with this display name, no scopes, no rate limit, the client's
+    /// default expiry.
+    #[must_use]
+    pub fn new(name: impl Into<String>) -> Self {
+        Self { name: name.into(), ..Self::default() }
+    }
+
+    /// Narrows the key to a project (of the same organization).
+    #[must_use]
+    pub fn with_project(mut self, project: ProjectId) -> Self {
+        self.project_id = Some(project);
+        self
+    }
+
+    /// Narrows the key to a product (of the same organization).
+    #[must_use]
+    pub fn with_product(mut self, product: ProductId) -> Self {
+        self.product_id = Some(product);
+        self
+    }
+
+    /// The key's scopes (validated on create; duplicates are an error).
+    #[must_use]
+    pub fn with_scopes<I, S>(mut self, scopes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.scopes = scopes.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// A per-key rate limit.
+    #[must_use]
+    pub fn with_rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate_limit = Some(limit);
+        self
+    }
+
+    /// Custom JSON metadata (must be an object; see [`validate_custom`]).
+    #[must_use]
+    pub fn with_custom(mut self, custom: Value) -> Self {
+        self.custom = Some(custom);
+        self
+    }
+
+    /// Expires at this instant.
+    #[must_use]
+    pub fn expires_at(mut self, at: DateTime<Utc>) -> Self {
+        self.expiry = Expiry::At(at);
+        self
+    }
+
+    /// Expires this long after creation.
+    #[must_use]
+    pub fn expires_after(mut self, lifetime: Duration) -> Self {
+        self.expiry = Expiry::After(lifetime);
+        self
+    }
+
+    /// Never expires, even if the client has a default lifetime.
+    #[must_use]
+    pub fn never_expires(mut self) -> Self {
+        self.expiry = Expiry::Never;
+        self
+    }
+
+    /// Validates every value for a key created at `now`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the first bad field: `name`, `scopes`, `custom` or
+    /// `expires_at`.
+    pub fn validate(
+        self,
+        now: DateTime<Utc>,
+        default_lifetime: Option<Duration>,
+    ) -> Result<ValidNewKey> {
+        validate_name("name", &self.name)?;
+        let scopes = Scopes::parse(self.scopes)?;
+        let custom = match self.custom {
+            Some(v) => validate_custom(v)?,
+            None => Map::new(),
+        };
+        let expires_at = self.expiry.resolve(now, default_lifetime)?;
+        Ok(ValidNewKey {
+            name: self.name,
+            project_id: self.project_id,
+            product_id: self.product_id,
+            scopes,
+            rate_limit: self.rate_limit,
+            custom,
+            expires_at,
+        })
+    }
+}
+
+/// Changes to a key's metadata: `KeyUpdate::new()` then `with_*` setters; unset fields stay.
+#[derive(Debug, Clone, Default)]
+pub struct KeyUpdate {
+    name: Option<String>,
+    scopes: Option<Vec<String>>,
+    rate_limit: Option<Option<RateLimit>>,
+    custom: Option<Value>,
+}
+
+/// A [`KeyUpdate`] whose every value passed validation.
+#[derive(Debug, Clone, Default)]
+pub struct ValidKeyUpdate {
+    /// New name.
+    pub name: Option<String>,
+    /// New scopes.
+    pub scopes: Option<Scopes>,
+    /// New rate limit (`Some(None)` removes it).
+    pub rate_limit: Option<Option<RateLimit>>,
+    /// New custom metadata (replaces the old object).
+    pub custom: Option<Map<String, Value>>,
+}
+
+impl KeyUpdate {
+    /// An update that changes nothing yet.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Renames the key.
+    #[must_use]
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Replaces the key's scopes.
+    #[must_use]
+    pub fn with_scopes<I, S>(mut self, scopes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.scopes = Some(scopes.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Sets (`Some`) or removes (`None`) the key's rate limit.
+    #[must_use]
+    pub fn with_rate_limit(mut self, limit: Option<RateLimit>) -> Self {
+        self.rate_limit = Some(limit);
+        self
+    }
+
+    /// Replaces the key's custom metadata.
+    #[must_use]
+    pub fn with_custom(mut self, custom: Value) -> Self {
+        self.custom = Some(custom);
+        self
+    }
+
+    /// Validates every value.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the first bad field: `name`, `scopes` or `custom`.
+    pub fn validate(self) -> Result<ValidKeyUpdate> {
+        if let Some(name) = &self.name {
+            validate_name("name", name)?;
+        }
+        Ok(ValidKeyUpdate {
+            name: self.name,
+            scopes: self.scopes.map(Scopes::parse).transpose()?,
+            rate_limit: self.rate_limit,
+            custom: self.custom.map(validate_custom).transpose()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn nested(depth: usize) -> Value {
+        let mut v = json!(1);
+        for _ in 0..depth {
+            v = json!({ "a": v });
+        }
+        v
+    }
+
+    #[test]
+    fn custom_rules() {
+        let ok = validate_custom(json!({"user_id": 42, "plan": "pro", "tags": ["a", {"b": null}]}));
+        assert_eq!(ok.unwrap().len(), 3);
+        for bad in [json!([1]), json!("s"), json!(null), json!(3)] {
+            assert!(matches!(
+                validate_custom(bad),
+                Err(Error::InvalidInput { field: "custom", .. })
+            ));
+        }
+        assert!(validate_custom(nested(MAX_CUSTOM_DEPTH)).is_ok());
+        assert!(validate_custom(nested(MAX_CUSTOM_DEPTH + 1)).is_err());
+        assert!(validate_custom(nested(200)).is_err());
+        let big = json!({ "blob": "x".repeat(MAX_CUSTOM_BYTES) });
+        assert!(matches!(validate_custom(big), Err(Error::InvalidInput { field: "custom", .. })));
+    }
+
+    #[test]
+    fn expiry_resolution() {
+        let now = Utc::now();
+        let hour = Duration::from_secs(3600);
+        assert_eq!(Expiry::ClientDefault.resolve(now, None).unwrap(), None);
+        assert_eq!(
+            Expiry::ClientDefault.resolve(now, Some(hour)).unwrap(),
+            Some(now + TimeDelta::hours(1))
+        );
+        assert_eq!(Expiry::Never.resolve(now, Some(hour)).unwrap(), None);
+        assert_eq!(
+            Expiry::After(hour).resolve(now, None).unwrap(),
+            Some(now + TimeDelta::hours(1))
+        );
+        for bad in
+            [Expiry::At(now), Expiry::At(now - TimeDelta::days(1)), Expiry::After(Duration::ZERO)]
+        {
+            assert!(matches!(
+                bad.resolve(now, None),
+                Err(Error::InvalidInput { field: "expires_at", .. })
+            ));
+        }
+        assert!(Expiry::After(Duration::from_secs(u64::MAX)).resolve(now, None).is_err());
+    }
+
+    #[test]
+    fn new_key_validation_names_the_field() {
+        let now = Utc::now();
+        let field = |k: NewKey| match k.validate(now, None) {
+            Err(Error::InvalidInput { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(field(NewKey::new("")), "name");
+        assert_eq!(field(NewKey::new("k").with_scopes(["a b"])), "scopes");
+        assert_eq!(field(NewKey::new("k").with_scopes(["a", "a"])), "scopes");
+        assert_eq!(field(NewKey::new("k").with_custom(json!([]))), "custom");
+        assert_eq!(field(NewKey::new("k").expires_at(now)), "expires_at");
+        let ok = NewKey::new("k")
+            .with_scopes(["read"])
+            .with_custom(json!({"x": 1}))
+            .validate(now, None)
+            .unwrap();
+        assert_eq!(ok.scopes.len(), 1);
+        assert!(KeyUpdate::new().with_name("\0").validate().is_err());
+        assert!(KeyUpdate::new().with_scopes([""]).validate().is_err());
+        let u = KeyUpdate::new().with_rate_limit(None).validate().unwrap();
+        assert_eq!(u.rate_limit, Some(None));
+    }
+}

@@ -1,0 +1,101 @@
+//! The tenant hierarchy: organizations, their projects and their products.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::id::{OrgId, ProductId, ProjectId};
+
+/// Longest accepted name, in characters (Unicode scalar values).
+pub const MAX_NAME_CHARS: usize = 255;
+
+/// Checks a name of an organization, project, product or key.
+///
+/// Names are compared exactly (case-sensitive, byte for byte) on every database. To keep that
+/// unambiguous a name must be 1 to 255 characters, must not start or end with whitespace, and
+/// must not contain control characters (NUL, newline, tab, …).
+///
+/// # Errors
+/// [`Error::InvalidInput`] naming `field` when one of those rules is broken.
+pub fn validate_name(field: &'static str, name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::invalid_input(field, "must not be empty"));
+    }
+    if name.chars().count() > MAX_NAME_CHARS {
+        return Err(Error::invalid_input(field, "must be at most 255 characters"));
+    }
+    if name.starts_with(char::is_whitespace) || name.ends_with(char::is_whitespace) {
+        return Err(Error::invalid_input(field, "must not start or end with whitespace"));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(Error::invalid_input(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// A tenant: the customer of the SaaS backend. Its name is unique.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Organization {
+    /// Its id.
+    pub id: OrgId,
+    /// Its unique name.
+    pub name: String,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A group of keys inside an organization ("v1", "mobile"); unique by (organization, name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Project {
+    /// Its id.
+    pub id: ProjectId,
+    /// The organization it belongs to.
+    pub org_id: OrgId,
+    /// Its name, unique within the organization.
+    pub name: String,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+}
+
+/// An API surface of the SaaS backend, linked to projects; unique by (organization, name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Product {
+    /// Its id.
+    pub id: ProductId,
+    /// The organization it belongs to.
+    pub org_id: OrgId,
+    /// Its name, unique within the organization.
+    pub name: String,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["acme", "Acme Inc.", "株式会社", "a", &"x".repeat(255), "ünïcödé – ok"]
+        {
+            validate_name("name", ok).unwrap();
+        }
+        let bad = [
+            "".to_owned(),
+            " ".to_owned(),
+            " lead".to_owned(),
+            "trail ".to_owned(),
+            "nul\0byte".to_owned(),
+            "line\nbreak".to_owned(),
+            "x".repeat(256),
+        ];
+        for b in bad {
+            assert!(
+                matches!(validate_name("name", &b), Err(Error::InvalidInput { field: "name", .. })),
+                "{b:?}"
+            );
+        }
+        // 255 multi-byte characters are fine (the limit is in characters, not bytes).
+        validate_name("name", &"é".repeat(255)).unwrap();
+    }
+}

@@ -1,0 +1,64 @@
+//! The stored view of a key, and a freshly issued key.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::id::{KeyId, OrgId, ProductId, ProjectId};
+use crate::key::PlaintextKey;
+use crate::rate_limit::RateLimit;
+use crate::scope::Scopes;
+use crate::status::KeyStatus;
+
+/// A key as stored: everything but the secret (only its HMAC is stored, and not shown here).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiKey {
+    /// The key's id (not secret; use it to manage the key).
+    pub id: KeyId,
+    /// The organization the key belongs to.
+    pub org_id: OrgId,
+    /// The project the key is narrowed to, if any.
+    pub project_id: Option<ProjectId>,
+    /// The product the key is narrowed to, if any.
+    pub product_id: Option<ProductId>,
+    /// The key's display name.
+    pub name: String,
+    /// A short non-secret start of the key for listings, e.g. `sk_live_Ab3x…`.
+    pub hint: String,
+    /// The scopes the key holds.
+    pub scopes: Scopes,
+    /// The key's rate limit, if any.
+    pub rate_limit: Option<RateLimit>,
+    /// Custom metadata (always a JSON object).
+    pub custom: Map<String, Value>,
+    /// When the key was created.
+    pub created_at: DateTime<Utc>,
+    /// When the key's metadata last changed.
+    pub updated_at: DateTime<Utc>,
+    /// When the key expires, if ever.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// When the key was revoked, if it was.
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// When the key was last verified successfully with usage tracking on.
+    pub last_used_at: Option<DateTime<Utc>>,
+    /// How many successful verifications with usage tracking on.
+    pub use_count: u64,
+}
+
+impl ApiKey {
+    /// The key's status at `now`.
+    #[must_use]
+    pub fn status(&self, now: DateTime<Utc>) -> KeyStatus {
+        KeyStatus::at(self.revoked_at, self.expires_at, now)
+    }
+}
+
+/// A newly created key: the plaintext (shown to the customer once, never stored) and the
+/// stored record.
+#[derive(Debug)]
+pub struct IssuedKey {
+    /// The plaintext key. It cannot be recovered later.
+    pub key: PlaintextKey,
+    /// What was stored.
+    pub record: ApiKey,
+}

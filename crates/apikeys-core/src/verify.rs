@@ -1,0 +1,243 @@
+//! The verification decision: a pure function of (stored key, requirements, now).
+
+use chrono::{DateTime, Utc};
+
+use crate::error::{Error, Result};
+use crate::id::{OrgId, ProductId};
+use crate::record::ApiKey;
+use crate::scope::Scopes;
+
+/// The facts about a product a key is presented for, as the store knows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProductAccess {
+    /// The product asked about.
+    pub product_id: ProductId,
+    /// The organization that owns it.
+    pub org_id: OrgId,
+    /// Whether the key's project (if it has one) is linked to this product.
+    pub key_project_linked: bool,
+}
+
+/// What a request needs of a key.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Requirements {
+    /// The product the key must be valid for, if any.
+    pub product: Option<ProductAccess>,
+    /// Scopes the key must all hold.
+    pub scopes: Scopes,
+}
+
+/// Whether `key` may be used at `now` for a request with these `requirements`.
+///
+/// Checks, in order: revoked, expired (from the instant `now >= expires_at`), product, scopes.
+/// The product rule: a key is valid for product P of organization O when it belongs to O and
+/// it is either narrowed to P itself, or narrowed to a project linked to P (and not to another
+/// product), or org-wide. A key of another organization never is.
+///
+/// # Errors
+/// The first failing check: [`Error::Revoked`], [`Error::Expired`],
+/// [`Error::ProductNotAllowed`] or [`Error::InsufficientScope`].
+pub fn decide(key: &ApiKey, requirements: &Requirements, now: DateTime<Utc>) -> Result<()> {
+    if let Some(revoked_at) = key.revoked_at {
+        return Err(Error::Revoked { revoked_at });
+    }
+    if let Some(expired_at) = key.expires_at.filter(|e| now >= *e) {
+        return Err(Error::Expired { expired_at });
+    }
+    if let Some(product) = &requirements.product {
+        let allowed = key.org_id == product.org_id
+            && match (key.product_id, key.project_id) {
+                (Some(p), _) => p == product.product_id,
+                (None, Some(_)) => product.key_project_linked,
+                (None, None) => true,
+            };
+        if !allowed {
+            return Err(Error::ProductNotAllowed { product_id: product.product_id });
+        }
+    }
+    let missing = key.scopes.missing(&requirements.scopes);
+    if !missing.is_empty() {
+        return Err(Error::InsufficientScope { missing });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::{KeyId, ProjectId};
+    use chrono::TimeDelta;
+    use serde_json::Map;
+
+    fn key(org: OrgId) -> ApiKey {
+        let now = Utc::now();
+        ApiKey {
+            id: KeyId::new(),
+            org_id: org,
+            project_id: None,
+            product_id: None,
+            name: "k".into(),
+            hint: "sk_abcd…".into(),
+            scopes: Scopes::parse(["read", "write"]).unwrap(),
+            rate_limit: None,
+            custom: Map::new(),
+            created_at: now,
+            updated_at: now,
+            expires_at: None,
+            revoked_at: None,
+            last_used_at: None,
+            use_count: 0,
+        }
+    }
+
+    fn access(product: ProductId, org: OrgId, linked: bool) -> Option<ProductAccess> {
+        Some(ProductAccess { product_id: product, org_id: org, key_project_linked: linked })
+    }
+
+    #[test]
+    fn decision_table() {
+        let now = Utc::now();
+        let sec = TimeDelta::seconds(1);
+        let org = OrgId::new();
+        let other_org = OrgId::new();
+        let p = ProductId::new();
+        let q = ProductId::new();
+        let proj = ProjectId::new();
+        let none = Requirements::default();
+
+        type Case = (&'static str, Box<dyn Fn(&mut ApiKey)>, Requirements, Option<&'static str>);
+        let req = |product, scopes: &[&str]| Requirements {
+            product,
+            scopes: Scopes::parse(scopes.iter().copied()).unwrap(),
+        };
+        let cases: Vec<Case> = vec![
+            ("active, no requirements", Box::new(|_| {}), none.clone(), None),
+            (
+                "revoked",
+                Box::new(move |k| k.revoked_at = Some(now - sec)),
+                none.clone(),
+                Some("revoked"),
+            ),
+            (
+                "revoked wins over expired",
+                Box::new(move |k| {
+                    k.revoked_at = Some(now);
+                    k.expires_at = Some(now - sec);
+                }),
+                none.clone(),
+                Some("revoked"),
+            ),
+            (
+                "expires exactly now",
+                Box::new(move |k| k.expires_at = Some(now)),
+                none.clone(),
+                Some("expired"),
+            ),
+            (
+                "expires in the past",
+                Box::new(move |k| k.expires_at = Some(now - sec)),
+                none.clone(),
+                Some("expired"),
+            ),
+            (
+                "expires 1 ns later",
+                Box::new(move |k| k.expires_at = Some(now + TimeDelta::nanoseconds(1))),
+                none.clone(),
+                None,
+            ),
+            (
+                "expired wins over product and scopes",
+                Box::new(move |k| k.expires_at = Some(now)),
+                req(access(p, other_org, false), &["admin"]),
+                Some("expired"),
+            ),
+            ("org-wide key, own product", Box::new(|_| {}), req(access(p, org, false), &[]), None),
+            (
+                "org-wide key, other org's product",
+                Box::new(|_| {}),
+                req(access(p, other_org, false), &[]),
+                Some("product"),
+            ),
+            (
+                "product key, same product",
+                Box::new(move |k| k.product_id = Some(p)),
+                req(access(p, org, false), &[]),
+                None,
+            ),
+            (
+                "product key, other product",
+                Box::new(move |k| k.product_id = Some(q)),
+                req(access(p, org, true), &[]),
+                Some("product"),
+            ),
+            (
+                "product+project key, other product even if linked",
+                Box::new(move |k| {
+                    k.product_id = Some(q);
+                    k.project_id = Some(proj);
+                }),
+                req(access(p, org, true), &[]),
+                Some("product"),
+            ),
+            (
+                "project key, linked",
+                Box::new(move |k| k.project_id = Some(proj)),
+                req(access(p, org, true), &[]),
+                None,
+            ),
+            (
+                "project key, not linked",
+                Box::new(move |k| k.project_id = Some(proj)),
+                req(access(p, org, false), &[]),
+                Some("product"),
+            ),
+            (
+                "project key, linked but other org",
+                Box::new(move |k| k.project_id = Some(proj)),
+                req(access(p, other_org, true), &[]),
+                Some("product"),
+            ),
+            ("scopes held", Box::new(|_| {}), req(None, &["read"]), None),
+            ("scopes missing", Box::new(|_| {}), req(None, &["read", "admin"]), Some("scope")),
+            (
+                "product checked before scopes",
+                Box::new(|_| {}),
+                req(access(p, other_org, false), &["admin"]),
+                Some("product"),
+            ),
+        ];
+        for (name, edit, requirements, expected) in cases {
+            let mut k = key(org);
+            edit(&mut k);
+            let got = decide(&k, &requirements, now);
+            let kind = match &got {
+                Ok(()) => None,
+                Err(Error::Revoked { .. }) => Some("revoked"),
+                Err(Error::Expired { .. }) => Some("expired"),
+                Err(Error::ProductNotAllowed { .. }) => Some("product"),
+                Err(Error::InsufficientScope { .. }) => Some("scope"),
+                Err(e) => panic!("{name}: unexpected {e:?}"),
+            };
+            assert_eq!(kind, expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn errors_carry_details() {
+        let now = Utc::now();
+        let mut k = key(OrgId::new());
+        k.expires_at = Some(now);
+        match decide(&k, &Requirements::default(), now) {
+            Err(Error::Expired { expired_at }) => assert_eq!(expired_at, now),
+            other => panic!("{other:?}"),
+        }
+        k.expires_at = None;
+        let req = Requirements { product: None, scopes: Scopes::parse(["admin", "read"]).unwrap() };
+        match decide(&k, &req, now) {
+            Err(Error::InsufficientScope { missing }) => {
+                assert_eq!(missing.iter().map(|s| s.as_str()).collect::<Vec<_>>(), ["admin"]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! Generates a key, hashes it, parses it back and runs the verification decision.
+#![allow(clippy::print_stdout)]
+
+use apikeys_db::{
+    ApiKey, KeyFormat, KeyHasher, KeyId, OrgId, Requirements, Scopes, SigningSecret, decide,
+};
+use chrono::Utc;
+
+fn main() -> apikeys_db::Result<()> {
+    let format = KeyFormat::new("sk", Some("live"))?;
+    let hasher = KeyHasher::new(SigningSecret::new(vec![7u8; 32])?)?;
+    let key = format.generate()?;
+    let hash = hasher.hash(key.expose_secret());
+    println!("issued {} (stored hash {hash:?})", key.hint());
+
+    let parsed = format.parse(key.expose_secret())?;
+    assert_eq!(hasher.hash(parsed.as_str()), hash);
+    println!("a typo is rejected offline: {}", format.parse("sk_live_typo").is_err());
+
+    let now = Utc::now();
+    let stored = ApiKey {
+        id: KeyId::new(),
+        org_id: OrgId::new(),
+        project_id: None,
+        product_id: None,
+        name: "ci".into(),
+        hint: key.hint(),
+        scopes: Scopes::parse(["read"])?,
+        rate_limit: None,
+        custom: serde_json::Map::new(),
+        created_at: now,
+        updated_at: now,
+        expires_at: None,
+        revoked_at: None,
+        last_used_at: None,
+        use_count: 0,
+    };
+    let need_write = Requirements { product: None, scopes: Scopes::parse(["write"])? };
+    match decide(&stored, &need_write, now) {
+        Err(e) => println!("decision: {e}"),
+        Ok(()) => println!("decision: allowed"),
+    }
+    Ok(())
+}

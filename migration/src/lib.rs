@@ -1,0 +1,1 @@
+//! Schema migrations for apikeys (filled in by the store issue).

@@ -1,0 +1,2 @@
+//! Migration CLI (placeholder until the store issue).
+fn main() {}
