@@ -1,2 +1,8 @@
-//! Migration CLI (placeholder until the store issue).
-fn main() {}
+//! The migration CLI: `cargo run -p apikeys-migration -- up -u DATABASE_URL`.
+
+use sea_orm_migration::prelude::*;
+
+#[tokio::main]
+async fn main() {
+    cli::run_cli(migration::Migrator).await;
+}

@@ -1,7 +1,60 @@
 //! # apikeys-db
 //!
-//! The store and client of apikeys (work in progress): for now it re-exports the domain types
-//! of [`apikeys_core`].
+//! Issue, scope, store and validate API keys for your customers, in your own database
+//! (SQLite, PostgreSQL or MySQL/MariaDB, through SeaORM).
+//!
+//! ```
+//! use apikeys_db::{ApiKeyClient, NewKey, ValidateOptions, Error};
+//!
+//! # #[tokio::main]
+//! # async fn main() -> apikeys_db::Result<()> {
+//! let client = ApiKeyClient::builder()
+//!     .database_url("sqlite::memory:")
+//!     .signing_secret("a-signing-secret-of-at-least-32-bytes!!")
+//!     .environment("live")
+//!     .build()
+//!     .await?;
+//! client.create_tables().await?;
+//!
+//! // On every deploy: idempotent bootstrap.
+//! let (org, _created) = client.get_or_create_organization("acme").await?;
+//! let (api, _) = client.get_or_create_product(org.id, "public-api").await?;
+//!
+//! // Issue a key; show `issued.key.expose_secret()` to the customer once.
+//! let issued = client
+//!     .create_key(org.id, NewKey::new("ci").with_scopes(["read"]))
+//!     .await?;
+//!
+//! // On every request.
+//! let opts = ValidateOptions::new().for_product(api.id).require_scopes(["read"]);
+//! let key = client.validate_key(issued.key.expose_secret(), opts).await?;
+//! assert_eq!(key.id, issued.record.id);
+//!
+//! let write = ValidateOptions::new().require_scopes(["write"]);
+//! match client.validate_key(issued.key.expose_secret(), write).await {
+//!     Err(Error::InsufficientScope { missing }) => assert_eq!(missing[0].as_str(), "write"),
+//!     other => panic!("{other:?}"),
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## What is stored
+//! Only `HMAC-SHA256(signing secret, key)` and a short hint (`sk_live_Ab3x…`); the plaintext
+//! key is returned once by [`ApiKeyClient::create_key`]. Signing secrets and plaintext keys
+//! are zeroed on drop and print `[redacted]`. Errors never contain key material.
+
+mod bootstrap;
+mod client;
+mod convert;
+mod entity;
+mod error;
+mod keys;
+mod rate_limit;
 
 #[doc(inline)]
 pub use apikeys_core::*;
+pub use client::{ApiKeyClient, ClientBuilder, Clock};
+pub use keys::{ValidateOptions, VerifyOptions};
+pub use rate_limit::RateLimitMode;
+pub use sea_orm;

@@ -1,0 +1,334 @@
+//! [`ApiKeyClient`] and its [`ClientBuilder`].
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use apikeys_core::{Error, KeyFormat, KeyHasher, Result, SigningSecret};
+use chrono::{DateTime, Utc};
+use migration::MigratorTrait;
+use sea_orm::sqlx::sqlite::SqliteJournalMode;
+use sea_orm::{
+    ConnectOptions, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
+    SqliteTransactionMode, TransactionOptions, TransactionTrait,
+};
+
+use crate::error::storage;
+use crate::rate_limit::{RateLimitMode, RateLimiter};
+
+/// A source of the current time. The default is [`Utc::now`]; tests inject their own.
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// The client a backend holds: issues, checks and manages API keys in one database.
+///
+/// Cheap to clone (all clones share one connection pool, hasher and rate limiter). Build it
+/// with [`ApiKeyClient::builder`].
+#[derive(Clone)]
+pub struct ApiKeyClient {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) db: DatabaseConnection,
+    pub(crate) hasher: KeyHasher,
+    pub(crate) format: KeyFormat,
+    pub(crate) default_lifetime: Option<Duration>,
+    pub(crate) clock: Clock,
+    pub(crate) limiter: RateLimiter,
+}
+
+impl fmt::Debug for ApiKeyClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKeyClient")
+            .field("backend", &self.inner.db.get_database_backend())
+            .field("format", &self.inner.format)
+            .field("hasher", &self.inner.hasher)
+            .field("default_lifetime", &self.inner.default_lifetime)
+            .field("rate_limit_mode", &self.inner.limiter.mode())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiKeyClient {
+    /// Starts building a client.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// The underlying SeaORM connection (shared pool), for the host application's own queries.
+    #[must_use]
+    pub fn connection(&self) -> &DatabaseConnection {
+        &self.inner.db
+    }
+
+    /// The key format this client issues and accepts.
+    #[must_use]
+    pub fn key_format(&self) -> &KeyFormat {
+        &self.inner.format
+    }
+
+    /// Creates or upgrades the apikeys tables by running the same migrations as the
+    /// `apikeys-migration` crate. Safe to call on every start: applied steps are skipped.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] if a migration fails (and is not applied by a concurrent caller).
+    pub async fn create_tables(&self) -> Result<()> {
+        let db = &self.inner.db;
+        match migration::Migrator::up(db, None).await {
+            Ok(()) => Ok(()),
+            // Another replica may have applied the same step at the same moment; if nothing is
+            // pending any more, the schema is in place.
+            Err(e) => match migration::Migrator::get_pending_migrations(db).await {
+                Ok(pending) if pending.is_empty() => Ok(()),
+                _ => Err(storage(e)),
+            },
+        }
+    }
+
+    /// The current time from the client's clock, truncated to what every database stores.
+    pub(crate) fn now(&self) -> DateTime<Utc> {
+        crate::convert::to_micros((self.inner.clock)())
+    }
+
+    pub(crate) fn db(&self) -> &DatabaseConnection {
+        &self.inner.db
+    }
+
+    /// Begins a read-write transaction. On SQLite it takes the write lock at once
+    /// (`BEGIN IMMEDIATE`), so concurrent writers wait for each other instead of failing to
+    /// upgrade a read lock.
+    pub(crate) async fn begin_write(&self) -> Result<DatabaseTransaction> {
+        let options = TransactionOptions {
+            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+            ..TransactionOptions::default()
+        };
+        self.inner.db.begin_with_options(options).await.map_err(storage)
+    }
+}
+
+/// Builds an [`ApiKeyClient`]: a database (URL or existing connection) and a signing secret are
+/// required; everything else has a default.
+#[must_use = "call .build().await to get a client"]
+pub struct ClientBuilder {
+    url: Option<String>,
+    connection: Option<DatabaseConnection>,
+    secret: Option<Result<SigningSecret>>,
+    secret_version: Option<u32>,
+    previous: Vec<Result<SigningSecret>>,
+    prefix: String,
+    environment: Option<String>,
+    default_lifetime: Option<Duration>,
+    max_connections: Option<u32>,
+    connect_timeout: Duration,
+    acquire_timeout: Duration,
+    clock: Option<Clock>,
+    rate_limit_mode: RateLimitMode,
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        Self {
+            url: None,
+            connection: None,
+            secret: None,
+            secret_version: None,
+            previous: Vec::new(),
+            prefix: "sk".to_owned(),
+            environment: None,
+            default_lifetime: None,
+            max_connections: None,
+            connect_timeout: Duration::from_secs(5),
+            acquire_timeout: Duration::from_secs(5),
+            clock: None,
+            rate_limit_mode: RateLimitMode::default(),
+        }
+    }
+}
+
+impl fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("url", &self.url.as_ref().map(|_| "[set]"))
+            .field("connection", &self.connection.is_some())
+            .field("secret", &self.secret.as_ref().map(|_| "[redacted]"))
+            .field("previous_secrets", &self.previous.len())
+            .field("prefix", &self.prefix)
+            .field("environment", &self.environment)
+            .field("default_lifetime", &self.default_lifetime)
+            .field("rate_limit_mode", &self.rate_limit_mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientBuilder {
+    /// Connect to this database URL: `sqlite://apikeys.db` (created if missing),
+    /// `sqlite::memory:`, `postgres://user:pass@host/db` or `mysql://user:pass@host/db`.
+    pub fn database_url(mut self, url: impl Into<String>) -> Self {
+        self.url = Some(url.into());
+        self
+    }
+
+    /// Use an existing SeaORM connection (the host application's pool) instead of a URL.
+    pub fn connection(mut self, db: DatabaseConnection) -> Self {
+        self.connection = Some(db);
+        self
+    }
+
+    /// The signing secret keys are hashed with (required, at least 32 bytes; version 1 unless
+    /// [`signing_secret_version`](Self::signing_secret_version) says otherwise). Pass an owned
+    /// `String` or `Vec<u8>` so no copy is left behind; it is zeroed when the client drops.
+    pub fn signing_secret(mut self, secret: impl Into<Vec<u8>>) -> Self {
+        self.secret = Some(SigningSecret::new(secret));
+        self
+    }
+
+    /// The version number of the current signing secret (default 1).
+    pub fn signing_secret_version(mut self, version: u32) -> Self {
+        self.secret_version = Some(version);
+        self
+    }
+
+    /// An older signing secret: keys issued under it still verify, and are re-hashed to the
+    /// current secret on their next successful verification.
+    pub fn previous_signing_secret(mut self, version: u32, secret: impl Into<Vec<u8>>) -> Self {
+        self.previous.push(SigningSecret::new(secret).map(|s| s.with_version(version)));
+        self
+    }
+
+    /// The key prefix (default `sk`): 1 to 16 lowercase letters or digits, starting with a
+    /// letter.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The environment segment (for instance `live` or `test`); none by default.
+    pub fn environment(mut self, environment: impl Into<String>) -> Self {
+        self.environment = Some(environment.into());
+        self
+    }
+
+    /// The lifetime of keys created without an explicit expiry (default: they never expire).
+    pub fn default_key_lifetime(mut self, lifetime: Duration) -> Self {
+        self.default_lifetime = Some(lifetime);
+        self
+    }
+
+    /// The pool size when connecting by URL (default: sea-orm's for PostgreSQL and MySQL, 8
+    /// for a SQLite file, 1 for in-memory SQLite).
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = Some(n);
+        self
+    }
+
+    /// How long to wait for a new database connection (default 5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long a call waits for a pooled connection before failing with
+    /// [`Error::Storage`] (default 5 s). Bounds how long calls hang while the database is down.
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// Where the client reads the time (default [`Utc::now`]). For tests: expiry and rate-limit
+    /// windows without sleeping.
+    pub fn clock(mut self, clock: impl Fn() -> DateTime<Utc> + Send + Sync + 'static) -> Self {
+        self.clock = Some(Arc::new(clock));
+        self
+    }
+
+    /// How per-key rate limits are counted (default [`RateLimitMode::Shared`]).
+    pub fn rate_limit_mode(mut self, mode: RateLimitMode) -> Self {
+        self.rate_limit_mode = mode;
+        self
+    }
+
+    /// Validates the configuration and connects.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] if the signing secret is missing or shorter than 32 bytes, a
+    /// secret version is used twice, the prefix or environment is invalid, or neither (or both)
+    /// of a URL and a connection is given; [`Error::Storage`] if connecting fails.
+    pub async fn build(self) -> Result<ApiKeyClient> {
+        let secret = self.secret.ok_or_else(|| {
+            Error::configuration("a signing secret is required (ClientBuilder::signing_secret)")
+        })??;
+        let secret = match self.secret_version {
+            Some(v) => secret.with_version(v),
+            None => secret,
+        };
+        let mut hasher = KeyHasher::new(secret)?;
+        for previous in self.previous {
+            hasher = hasher.with_previous(previous?)?;
+        }
+        let format = KeyFormat::new(&self.prefix, self.environment.as_deref())
+            .map_err(|e| Error::configuration(e.to_string()))?;
+        if self.default_lifetime.is_some_and(|d| d.is_zero()) {
+            return Err(Error::configuration("the default key lifetime must be positive"));
+        }
+        let db = match (self.url, self.connection) {
+            (Some(url), None) => {
+                connect(&url, self.max_connections, self.connect_timeout, self.acquire_timeout)
+                    .await?
+            }
+            (None, Some(db)) => db,
+            _ => {
+                return Err(Error::configuration(
+                    "give exactly one of a database url and a connection",
+                ));
+            }
+        };
+        let limiter = RateLimiter::new(self.rate_limit_mode, db.get_database_backend());
+        Ok(ApiKeyClient {
+            inner: Arc::new(Inner {
+                db,
+                hasher,
+                format,
+                default_lifetime: self.default_lifetime,
+                clock: self.clock.unwrap_or_else(|| Arc::new(Utc::now)),
+                limiter,
+            }),
+        })
+    }
+}
+
+async fn connect(
+    url: &str,
+    max_connections: Option<u32>,
+    connect_timeout: Duration,
+    acquire_timeout: Duration,
+) -> Result<DatabaseConnection> {
+    let mut options = ConnectOptions::new(url);
+    options.connect_timeout(connect_timeout).acquire_timeout(acquire_timeout).sqlx_logging(false);
+    let backend = if url.starts_with("sqlite:") {
+        Some(DbBackend::Sqlite)
+    } else if url.starts_with("postgres") || url.starts_with("mysql") || url.starts_with("mariadb")
+    {
+        None
+    } else {
+        return Err(Error::configuration(
+            "database url must start with sqlite:, postgres:, postgresql: or mysql:",
+        ));
+    };
+    if backend == Some(DbBackend::Sqlite) {
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        // Every connection to `sqlite::memory:` is its own database, so it must stay at one.
+        let n = if in_memory { 1 } else { max_connections.unwrap_or(8) };
+        options.max_connections(n);
+        options.map_sqlx_sqlite_opts(move |o| {
+            let o = o.foreign_keys(true).busy_timeout(Duration::from_secs(10));
+            if in_memory {
+                o
+            } else {
+                o.create_if_missing(true).journal_mode(SqliteJournalMode::Wal)
+            }
+        });
+    } else if let Some(n) = max_connections {
+        options.max_connections(n);
+    }
+    Database::connect(options).await.map_err(storage)
+}

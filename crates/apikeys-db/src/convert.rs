@@ -1,0 +1,108 @@
+//! Conversions between database rows and core types.
+
+use apikeys_core::{
+    ApiKey, KeyId, OrgId, Organization, Product, ProductId, Project, ProjectId, RateLimit, Result,
+    Scopes, Window,
+};
+use chrono::{DateTime, NaiveDateTime, SubsecRound, Utc};
+use sea_orm::JsonValue;
+
+use crate::entity::{api_key, organization, product, project};
+use crate::error::corrupt;
+
+/// Times are stored with microsecond precision on every backend; truncating before writing
+/// makes what a call returns equal to what a later read returns.
+pub(crate) fn to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.trunc_subsecs(6)
+}
+
+/// Times are stored as UTC without a zone on every backend (PostgreSQL `timestamp`, MySQL
+/// `DATETIME(6)`, SQLite text). MySQL would turn a zoned value into a `TIMESTAMP` parameter,
+/// which cannot hold instants after 2038.
+pub(crate) fn naive(t: DateTime<Utc>) -> NaiveDateTime {
+    t.naive_utc()
+}
+
+impl From<organization::Model> for Organization {
+    fn from(m: organization::Model) -> Self {
+        Organization {
+            id: OrgId::from_uuid(m.id),
+            name: m.name,
+            created_at: m.created_at.and_utc(),
+        }
+    }
+}
+
+impl From<project::Model> for Project {
+    fn from(m: project::Model) -> Self {
+        Project {
+            id: ProjectId::from_uuid(m.id),
+            org_id: OrgId::from_uuid(m.org_id),
+            name: m.name,
+            created_at: m.created_at.and_utc(),
+        }
+    }
+}
+
+impl From<product::Model> for Product {
+    fn from(m: product::Model) -> Self {
+        Product {
+            id: ProductId::from_uuid(m.id),
+            org_id: OrgId::from_uuid(m.org_id),
+            name: m.name,
+            created_at: m.created_at.and_utc(),
+        }
+    }
+}
+
+pub(crate) fn scopes_to_json(scopes: &Scopes) -> JsonValue {
+    JsonValue::Array(scopes.iter().map(|s| JsonValue::String(s.as_str().to_owned())).collect())
+}
+
+pub(crate) fn rate_limit_columns(limit: Option<RateLimit>) -> (Option<i64>, Option<String>) {
+    match limit {
+        Some(l) => (Some(i64::from(l.requests.get())), Some(l.window.as_str().to_owned())),
+        None => (None, None),
+    }
+}
+
+/// Reads an `api_keys` row back into the core view.
+pub(crate) fn api_key_from_model(m: api_key::Model) -> Result<ApiKey> {
+    const T: &str = "api_keys";
+    let scopes = match m.scopes {
+        JsonValue::Array(items) => Scopes::parse(items.into_iter().map(|v| match v {
+            JsonValue::String(s) => s,
+            _ => String::new(), // rejected by Scopes::parse
+        }))
+        .map_err(|_| corrupt(T, "scopes"))?,
+        _ => return Err(corrupt(T, "scopes")),
+    };
+    let rate_limit = match (m.rate_limit_requests, m.rate_limit_window) {
+        (Some(n), Some(w)) => {
+            let window: Window = w.parse().map_err(|_| corrupt(T, "rate_limit_window"))?;
+            Some(RateLimit::try_new(n, window).map_err(|_| corrupt(T, "rate_limit_requests"))?)
+        }
+        (None, None) => None,
+        _ => return Err(corrupt(T, "rate_limit_requests")),
+    };
+    let JsonValue::Object(custom) = m.custom else {
+        return Err(corrupt(T, "custom"));
+    };
+    Ok(ApiKey {
+        id: KeyId::from_uuid(m.id),
+        org_id: OrgId::from_uuid(m.org_id),
+        project_id: m.project_id.map(ProjectId::from_uuid),
+        product_id: m.product_id.map(ProductId::from_uuid),
+        name: m.name,
+        hint: m.hint,
+        scopes,
+        rate_limit,
+        custom,
+        created_at: m.created_at.and_utc(),
+        updated_at: m.updated_at.and_utc(),
+        expires_at: m.expires_at.map(|t| t.and_utc()),
+        revoked_at: m.revoked_at.map(|t| t.and_utc()),
+        last_used_at: m.last_used_at.map(|t| t.and_utc()),
+        use_count: u64::try_from(m.use_count).unwrap_or(0),
+    })
+}

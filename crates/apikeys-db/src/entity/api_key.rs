@@ -1,0 +1,30 @@
+use sea_orm::entity::prelude::*;
+
+#[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+#[sea_orm(table_name = "api_keys")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub project_id: Option<Uuid>,
+    pub product_id: Option<Uuid>,
+    pub key_hash: Vec<u8>,
+    pub secret_version: i32,
+    pub hint: String,
+    pub name: String,
+    pub scopes: Json,
+    pub rate_limit_requests: Option<i64>,
+    pub rate_limit_window: Option<String>,
+    pub custom: Json,
+    pub created_at: DateTime,
+    pub updated_at: DateTime,
+    pub expires_at: Option<DateTime>,
+    pub revoked_at: Option<DateTime>,
+    pub last_used_at: Option<DateTime>,
+    pub use_count: i64,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

@@ -1,0 +1,461 @@
+//! Keys: create, verify, validate, read, update, revoke, delete, list.
+
+use apikeys_core::{
+    ApiKey, Entity, Error, IssuedKey, KeyHasher, KeyId, KeyPage, KeyUpdate, NewKey, OrgId, Page,
+    ProductAccess, ProductId, ProjectId, Requirements, Result, Scopes, StatusFilter, decide,
+};
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, EntityTrait, IntoActiveModel,
+    QueryFilter, QueryOrder, QuerySelect,
+};
+
+use crate::client::ApiKeyClient;
+use crate::convert::{api_key_from_model, naive, rate_limit_columns, scopes_to_json, to_micros};
+use crate::entity::{api_key, product, project, project_product};
+use crate::error::{is_unique_violation, missing_parent, storage};
+
+/// Options of [`ApiKeyClient::verify_key`].
+#[derive(Debug, Clone, Copy)]
+pub struct VerifyOptions {
+    track_usage: bool,
+}
+
+impl Default for VerifyOptions {
+    fn default() -> Self {
+        Self { track_usage: true }
+    }
+}
+
+impl VerifyOptions {
+    /// Usage tracking on.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether a successful verification adds one to `use_count` and sets `last_used_at`
+    /// (default on; one atomic `UPDATE`). Turn it off for read-only checks.
+    #[must_use]
+    pub fn track_usage(mut self, on: bool) -> Self {
+        self.track_usage = on;
+        self
+    }
+}
+
+/// What [`ApiKeyClient::validate_key`] requires of a key.
+#[derive(Debug, Clone)]
+pub struct ValidateOptions {
+    product: Option<ProductId>,
+    scopes: Vec<String>,
+    track_usage: bool,
+    check_rate_limit: bool,
+}
+
+impl Default for ValidateOptions {
+    fn default() -> Self {
+        Self { product: None, scopes: Vec::new(), track_usage: true, check_rate_limit: true }
+    }
+}
+
+impl ValidateOptions {
+    /// No product, no scopes; usage tracking and rate limit on.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The key must be valid for this product (org-wide, linked project, or the product's own
+    /// key, of the product's organization).
+    #[must_use]
+    pub fn for_product(mut self, product: ProductId) -> Self {
+        self.product = Some(product);
+        self
+    }
+
+    /// The key must hold every one of these scopes.
+    #[must_use]
+    pub fn require_scopes<I, S>(mut self, scopes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.scopes = scopes.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Whether a successful validation counts as a use (default on).
+    #[must_use]
+    pub fn track_usage(mut self, on: bool) -> Self {
+        self.track_usage = on;
+        self
+    }
+
+    /// Whether to count this request against the key's rate limit (default on). Turn it off
+    /// for trusted internal callers.
+    #[must_use]
+    pub fn check_rate_limit(mut self, on: bool) -> Self {
+        self.check_rate_limit = on;
+        self
+    }
+}
+
+/// A key found by its plaintext, with what is needed to finish the verification.
+struct Found {
+    key: ApiKey,
+    /// The hash under the current secret, if the row still holds an older secret's hash.
+    rehash: Option<(u32, Vec<u8>)>,
+}
+
+impl ApiKeyClient {
+    /// Creates a key in `org`. The plaintext is in the result, once; only its HMAC and a short
+    /// hint are stored.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the field (`name`, `scopes`, `custom`, `expires_at`,
+    /// `project_id`, `product_id`) — nothing is written then; [`Error::NotFound`] if the
+    /// organization, project or product does not exist; [`Error::Entropy`];
+    /// [`Error::Storage`].
+    pub async fn create_key(&self, org: OrgId, new_key: NewKey) -> Result<IssuedKey> {
+        let now = self.now();
+        let v = new_key.validate(now, self.inner.default_lifetime)?;
+        let plaintext = self.inner.format.generate()?;
+        let hash = self.inner.hasher.hash(plaintext.expose_secret());
+        let (rl_requests, rl_window) = rate_limit_columns(v.rate_limit);
+        let row = api_key::Model {
+            id: KeyId::new().as_uuid(),
+            org_id: org.as_uuid(),
+            project_id: v.project_id.map(|p| p.as_uuid()),
+            product_id: v.product_id.map(|p| p.as_uuid()),
+            key_hash: hash.as_bytes().to_vec(),
+            secret_version: i32::try_from(self.inner.hasher.current_version()).unwrap_or(i32::MAX),
+            hint: plaintext.hint(),
+            name: v.name,
+            scopes: scopes_to_json(&v.scopes),
+            rate_limit_requests: rl_requests,
+            rate_limit_window: rl_window,
+            custom: sea_orm::JsonValue::Object(v.custom),
+            created_at: naive(now),
+            updated_at: naive(now),
+            expires_at: v.expires_at.map(|t| naive(to_micros(t))),
+            revoked_at: None,
+            last_used_at: None,
+            use_count: 0,
+        };
+        let txn = self.begin_write().await?;
+        self.get_organization_in(&txn, org).await?;
+        if let Some(p) = v.project_id {
+            let found =
+                project::Entity::find_by_id(p.as_uuid()).one(&txn).await.map_err(storage)?;
+            if found.ok_or(Error::NotFound { entity: Entity::Project })?.org_id != org.as_uuid() {
+                return Err(Error::invalid_input(
+                    "project_id",
+                    "project belongs to another organization",
+                ));
+            }
+        }
+        if let Some(p) = v.product_id {
+            let found =
+                product::Entity::find_by_id(p.as_uuid()).one(&txn).await.map_err(storage)?;
+            if found.ok_or(Error::NotFound { entity: Entity::Product })?.org_id != org.as_uuid() {
+                return Err(Error::invalid_input(
+                    "product_id",
+                    "product belongs to another organization",
+                ));
+            }
+        }
+        api_key::Entity::insert(row.clone().into_active_model())
+            .exec_without_returning(&txn)
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    // Two 256-bit keys colliding is not a thing; report it as what it is.
+                    storage(e)
+                } else {
+                    missing_parent(e, Entity::Organization)
+                }
+            })?;
+        txn.commit().await.map_err(storage)?;
+        tracing::debug!(key_id = %row.id, org_id = %org, "api key created");
+        Ok(IssuedKey { key: plaintext, record: api_key_from_model(row)? })
+    }
+
+    async fn get_organization_in<C: ConnectionTrait>(&self, db: &C, org: OrgId) -> Result<()> {
+        crate::entity::organization::Entity::find_by_id(org.as_uuid())
+            .one(db)
+            .await
+            .map_err(storage)?
+            .map(|_| ())
+            .ok_or(Error::NotFound { entity: Entity::Organization })
+    }
+
+    /// Parses, hashes and looks up a presented key (one indexed read).
+    async fn find_by_plaintext(&self, plaintext: &str) -> Result<Found> {
+        let parsed = self.inner.format.parse(plaintext)?;
+        let hasher = &self.inner.hasher;
+        let candidates = hasher.candidates(parsed.as_str());
+        let condition = candidates.iter().fold(Condition::any(), |c, (_, h)| {
+            c.add(api_key::Column::KeyHash.eq(h.as_bytes().to_vec()))
+        });
+        let model = api_key::Entity::find()
+            .filter(condition)
+            .one(self.db())
+            .await
+            .map_err(storage)?
+            .ok_or(Error::InvalidKey)?;
+        let version =
+            KeyHasher::matching_version(&candidates, &model.key_hash).ok_or(Error::InvalidKey)?;
+        let rehash = (version != hasher.current_version())
+            .then(|| (hasher.current_version(), candidates[0].1.as_bytes().to_vec()));
+        Ok(Found { key: api_key_from_model(model)?, rehash })
+    }
+
+    /// After a successful check: count the use and move the hash to the current secret, in one
+    /// atomic `UPDATE` (nothing at all if neither is needed).
+    async fn record_success(
+        &self,
+        found: &mut Found,
+        track: bool,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        if !track && found.rehash.is_none() {
+            return Ok(());
+        }
+        let mut update =
+            api_key::Entity::update_many().filter(api_key::Column::Id.eq(found.key.id.as_uuid()));
+        if track {
+            update = update
+                .col_expr(api_key::Column::UseCount, Expr::col(api_key::Column::UseCount).add(1))
+                .col_expr(api_key::Column::LastUsedAt, Expr::value(naive(now)));
+        }
+        if let Some((version, hash)) = found.rehash.take() {
+            update = update.col_expr(api_key::Column::KeyHash, Expr::value(hash)).col_expr(
+                api_key::Column::SecretVersion,
+                Expr::value(i32::try_from(version).unwrap_or(i32::MAX)),
+            );
+            tracing::info!(key_id = %found.key.id, version, "api key re-hashed to the current signing secret");
+        }
+        update.exec(self.db()).await.map_err(storage)?;
+        if track {
+            found.key.use_count += 1;
+            found.key.last_used_at = Some(now);
+        }
+        Ok(())
+    }
+
+    /// Checks that `plaintext` is a live key: format and checksum (offline), HMAC, one indexed
+    /// lookup, then status. Returns the stored record.
+    ///
+    /// A key issued under a previous signing secret is found too, and re-hashed to the current
+    /// secret. With usage tracking on (the default) a success also adds one to `use_count` and
+    /// sets `last_used_at` in the same atomic `UPDATE`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`] (malformed or unknown: it does not say which);
+    /// [`Error::Revoked`]; [`Error::Expired`]; [`Error::Storage`].
+    pub async fn verify_key(&self, plaintext: &str, options: VerifyOptions) -> Result<ApiKey> {
+        let now = self.now();
+        let mut found = self.find_by_plaintext(plaintext).await?;
+        decide(&found.key, &Requirements::default(), now)?;
+        self.record_success(&mut found, options.track_usage, now).await?;
+        Ok(found.key)
+    }
+
+    /// [`verify_key`](Self::verify_key) plus the request's requirements, in this order:
+    /// revoked, expired, product, scopes, then the key's rate limit (so a rejected request
+    /// never uses up quota).
+    ///
+    /// # Errors
+    /// Those of `verify_key`, and [`Error::ProductNotAllowed`],
+    /// [`Error::InsufficientScope`] (with the missing scopes), [`Error::Quota`] (with
+    /// `retry_after`), [`Error::InvalidInput`] (field `scopes`) for a malformed required scope.
+    pub async fn validate_key(&self, plaintext: &str, options: ValidateOptions) -> Result<ApiKey> {
+        let now = self.now();
+        let scopes = Scopes::parse(options.scopes)?;
+        let mut found = self.find_by_plaintext(plaintext).await?;
+        let product = match options.product {
+            Some(p) => Some(self.product_access(&found.key, p).await?),
+            None => None,
+        };
+        decide(&found.key, &Requirements { product, scopes }, now)?;
+        if options.check_rate_limit {
+            self.check_rate_limit(&found.key, now).await?;
+        }
+        self.record_success(&mut found, options.track_usage, now).await?;
+        Ok(found.key)
+    }
+
+    /// What the decision needs to know about `product` for `key`. A product that does not
+    /// exist is reported as not allowed, like a product of another organization.
+    async fn product_access(&self, key: &ApiKey, product_id: ProductId) -> Result<ProductAccess> {
+        let Some(product) = product::Entity::find_by_id(product_id.as_uuid())
+            .one(self.db())
+            .await
+            .map_err(storage)?
+        else {
+            return Err(Error::ProductNotAllowed { product_id });
+        };
+        let key_project_linked = match (key.product_id, key.project_id) {
+            (None, Some(project)) if product.org_id == key.org_id.as_uuid() => {
+                project_product::Entity::find_by_id((project.as_uuid(), product_id.as_uuid()))
+                    .one(self.db())
+                    .await
+                    .map_err(storage)?
+                    .is_some()
+            }
+            _ => false,
+        };
+        Ok(ProductAccess {
+            product_id,
+            org_id: OrgId::from_uuid(product.org_id),
+            key_project_linked,
+        })
+    }
+
+    /// The key with this id.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`]; [`Error::Storage`].
+    pub async fn get_key(&self, id: KeyId) -> Result<ApiKey> {
+        let model = api_key::Entity::find_by_id(id.as_uuid())
+            .one(self.db())
+            .await
+            .map_err(storage)?
+            .ok_or(Error::NotFound { entity: Entity::Key })?;
+        api_key_from_model(model)
+    }
+
+    /// Changes a key's metadata in place (name, scopes, rate limit, custom JSON); the key
+    /// string stays the same. A new rate limit applies from the next check.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the field (nothing is written then);
+    /// [`Error::NotFound`]; [`Error::Storage`].
+    pub async fn update_key(&self, id: KeyId, update: KeyUpdate) -> Result<ApiKey> {
+        let v = update.validate()?;
+        let now = self.now();
+        let txn = self.begin_write().await?;
+        let model = api_key::Entity::find_by_id(id.as_uuid())
+            .one(&txn)
+            .await
+            .map_err(storage)?
+            .ok_or(Error::NotFound { entity: Entity::Key })?;
+        let mut am = model.into_active_model();
+        if let Some(name) = v.name {
+            am.name = Set(name);
+        }
+        if let Some(scopes) = &v.scopes {
+            am.scopes = Set(scopes_to_json(scopes));
+        }
+        if let Some(limit) = v.rate_limit {
+            let (n, w) = rate_limit_columns(limit);
+            am.rate_limit_requests = Set(n);
+            am.rate_limit_window = Set(w);
+        }
+        if let Some(custom) = v.custom {
+            am.custom = Set(sea_orm::JsonValue::Object(custom));
+        }
+        am.updated_at = Set(naive(now));
+        let model = api_key::Entity::update(am).exec(&txn).await.map_err(storage)?;
+        txn.commit().await.map_err(storage)?;
+        api_key_from_model(model)
+    }
+
+    /// Revokes a key (soft delete: the record stays, later checks fail with
+    /// [`Error::Revoked`]). Revoking a revoked key keeps its first `revoked_at`.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`]; [`Error::Storage`].
+    pub async fn revoke_key(&self, id: KeyId) -> Result<ApiKey> {
+        let now = self.now();
+        api_key::Entity::update_many()
+            .col_expr(api_key::Column::RevokedAt, Expr::value(naive(now)))
+            .col_expr(api_key::Column::UpdatedAt, Expr::value(naive(now)))
+            .filter(api_key::Column::Id.eq(id.as_uuid()))
+            .filter(api_key::Column::RevokedAt.is_null())
+            .exec(self.db())
+            .await
+            .map_err(storage)?;
+        let key = self.get_key(id).await?;
+        tracing::info!(key_id = %id, "api key revoked");
+        Ok(key)
+    }
+
+    /// Deletes a key for good (for erasure requests); its rate-limit counters go with it.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`]; [`Error::Storage`].
+    pub async fn delete_key(&self, id: KeyId) -> Result<()> {
+        let res =
+            api_key::Entity::delete_by_id(id.as_uuid()).exec(self.db()).await.map_err(storage)?;
+        if res.rows_affected == 0 {
+            return Err(Error::NotFound { entity: Entity::Key });
+        }
+        tracing::info!(key_id = %id, "api key deleted");
+        Ok(())
+    }
+
+    /// The keys of a project with the given status, oldest first, one page at a time.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] (field `page.limit`); [`Error::Storage`].
+    pub async fn list_project_keys(
+        &self,
+        project: ProjectId,
+        status: StatusFilter,
+        page: Page,
+    ) -> Result<KeyPage<ApiKey>> {
+        self.list_keys(api_key::Column::ProjectId.eq(project.as_uuid()), status, page).await
+    }
+
+    /// The keys of an organization (org-wide and narrowed ones) with the given status, oldest
+    /// first, one page at a time.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] (field `page.limit`); [`Error::Storage`].
+    pub async fn list_org_keys(
+        &self,
+        org: OrgId,
+        status: StatusFilter,
+        page: Page,
+    ) -> Result<KeyPage<ApiKey>> {
+        self.list_keys(api_key::Column::OrgId.eq(org.as_uuid()), status, page).await
+    }
+
+    async fn list_keys(
+        &self,
+        owner: sea_orm::sea_query::SimpleExpr,
+        status: StatusFilter,
+        page: Page,
+    ) -> Result<KeyPage<ApiKey>> {
+        let limit = page.limit()?;
+        let now = self.now();
+        use api_key::Column as C;
+        let not_expired =
+            Condition::any().add(C::ExpiresAt.is_null()).add(C::ExpiresAt.gt(naive(now)));
+        let status_cond = match status {
+            StatusFilter::All => Condition::all(),
+            StatusFilter::Active => Condition::all().add(C::RevokedAt.is_null()).add(not_expired),
+            StatusFilter::Revoked => Condition::all().add(C::RevokedAt.is_not_null()),
+            StatusFilter::Expired => {
+                Condition::all().add(C::RevokedAt.is_null()).add(C::ExpiresAt.lte(naive(now)))
+            }
+        };
+        let mut query = api_key::Entity::find().filter(owner).filter(status_cond);
+        if let Some(cursor) = page.cursor() {
+            query = query.filter(C::Id.gt(cursor.as_uuid()));
+        }
+        let mut rows = query
+            .order_by_asc(C::Id)
+            .limit(u64::from(limit) + 1)
+            .all(self.db())
+            .await
+            .map_err(storage)?;
+        let more = rows.len() > limit as usize;
+        rows.truncate(limit as usize);
+        let items = rows.into_iter().map(api_key_from_model).collect::<Result<Vec<_>>>()?;
+        let next = if more { items.last().map(|k| k.id) } else { None };
+        Ok(KeyPage { items, next })
+    }
+}

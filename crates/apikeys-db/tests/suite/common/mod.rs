@@ -1,0 +1,210 @@
+//! Test context: one fresh database per test on each backend.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, Once};
+
+use apikeys_db::sea_orm::{ConnectionTrait, Database, Statement};
+use apikeys_db::{ApiKeyClient, ClientBuilder};
+use chrono::{DateTime, TimeDelta, Utc};
+
+/// The signing secret every test client uses (unless a test sets its own).
+pub const SECRET: &str = "test-signing-secret-0123456789-abcdefghijkl";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+    MySql,
+}
+
+impl Backend {
+    fn env_var(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "",
+            Backend::Postgres => "APIKEYS_TEST_POSTGRES_URL",
+            Backend::MySql => "APIKEYS_TEST_MYSQL_URL",
+        }
+    }
+}
+
+/// A database of its own for one test.
+#[derive(Clone)]
+pub struct TestDb {
+    pub backend: Backend,
+    /// URL of this test's database.
+    pub url: String,
+    admin_url: Option<String>,
+    name: String,
+    _dir: Option<Arc<tempfile::TempDir>>,
+}
+
+static SKIP_PG: Once = Once::new();
+static SKIP_MY: Once = Once::new();
+
+fn random_suffix() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+impl TestDb {
+    /// A fresh database, or `None` when the backend's URL is unset (which fails the test when
+    /// `APIKEYS_REQUIRE_ALL_BACKENDS=1`).
+    pub async fn new(backend: Backend, test: &str) -> Option<Self> {
+        let name = format!("apikeys_{}_{}", &test[..test.len().min(30)], random_suffix());
+        if backend == Backend::Sqlite {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let url = format!("sqlite://{}", dir.path().join("test.db").display());
+            return Some(Self { backend, url, admin_url: None, name, _dir: Some(Arc::new(dir)) });
+        }
+        let var = backend.env_var();
+        let Ok(admin_url) = std::env::var(var) else {
+            if std::env::var("APIKEYS_REQUIRE_ALL_BACKENDS").as_deref() == Ok("1") {
+                panic!("{var} is unset but APIKEYS_REQUIRE_ALL_BACKENDS=1");
+            }
+            let once = if backend == Backend::Postgres { &SKIP_PG } else { &SKIP_MY };
+            once.call_once(|| {
+                // Written to the real stderr (not the captured test output) so plain
+                // `cargo test` says loudly what it did not run.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "\n*** apikeys: {backend:?} tests NOT RUN: {var} is unset (see README, Testing) ***\n"
+                );
+            });
+            return None;
+        };
+        let admin = Database::connect(&admin_url).await.expect("connect to admin url");
+        let sql = match backend {
+            Backend::Postgres => format!("CREATE DATABASE \"{name}\""),
+            _ => format!("CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"),
+        };
+        admin.execute_unprepared(&sql).await.expect("create test database");
+        admin.close().await.ok();
+        let base = admin_url.rsplit_once('/').map_or(admin_url.as_str(), |(b, _)| b);
+        let url = format!("{base}/{name}");
+        Some(Self { backend, url, admin_url: Some(admin_url), name, _dir: None })
+    }
+
+    /// A builder for this database with the test secret.
+    pub fn builder(&self) -> ClientBuilder {
+        ApiKeyClient::builder().database_url(&self.url).signing_secret(SECRET)
+    }
+
+    /// A client with the tables created.
+    pub async fn client(&self) -> ApiKeyClient {
+        self.client_with(|b| b).await
+    }
+
+    /// A client from a customised builder, with the tables created.
+    pub async fn client_with(
+        &self,
+        f: impl FnOnce(ClientBuilder) -> ClientBuilder,
+    ) -> ApiKeyClient {
+        let client = f(self.builder()).build().await.expect("build client");
+        client.create_tables().await.expect("create tables");
+        client
+    }
+
+    /// Number of rows in `table`.
+    pub async fn count(&self, client: &ApiKeyClient, table: &str) -> i64 {
+        let db = client.connection();
+        let row = db
+            .query_one_raw(Statement::from_string(
+                db.get_database_backend(),
+                format!("SELECT COUNT(*) AS n FROM {table}"),
+            ))
+            .await
+            .expect("count")
+            .expect("a row");
+        row.try_get::<i64>("", "n").expect("n")
+    }
+
+    /// Row counts of every apikeys table.
+    pub async fn counts(&self, client: &ApiKeyClient) -> Vec<i64> {
+        let mut out = Vec::new();
+        for t in [
+            "organizations",
+            "projects",
+            "products",
+            "project_products",
+            "api_keys",
+            "rate_limit_windows",
+        ] {
+            out.push(self.count(client, t).await);
+        }
+        out
+    }
+
+    pub async fn cleanup(self) {
+        let Some(admin_url) = self.admin_url else { return };
+        if let Ok(admin) = Database::connect(&admin_url).await {
+            let sql = match self.backend {
+                Backend::Postgres => {
+                    format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name)
+                }
+                _ => format!("DROP DATABASE IF EXISTS `{}`", self.name),
+            };
+            let _ = admin.execute_unprepared(&sql).await;
+            admin.close().await.ok();
+        }
+    }
+}
+
+/// A clock tests move by hand.
+#[derive(Clone)]
+pub struct TestClock(Arc<Mutex<DateTime<Utc>>>);
+
+impl TestClock {
+    pub fn at(t: DateTime<Utc>) -> Self {
+        Self(Arc::new(Mutex::new(t)))
+    }
+    pub fn now(&self) -> DateTime<Utc> {
+        *self.0.lock().unwrap()
+    }
+    pub fn set(&self, t: DateTime<Utc>) {
+        *self.0.lock().unwrap() = t;
+    }
+    pub fn advance(&self, d: TimeDelta) {
+        *self.0.lock().unwrap() += d;
+    }
+    pub fn as_fn(&self) -> impl Fn() -> DateTime<Utc> + Send + Sync + 'static {
+        let c = self.clone();
+        move || c.now()
+    }
+}
+
+pub fn at(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+}
+
+/// Stamps out one module per backend, each test running the same `async fn(TestDb)` case.
+macro_rules! backend_tests {
+    ($($module:ident: [$($case:ident),* $(,)?]),* $(,)?) => {
+        $crate::common::stamp!(sqlite, Sqlite, $($module: [$($case),*]),*);
+        $crate::common::stamp!(postgres, Postgres, $($module: [$($case),*]),*);
+        $crate::common::stamp!(mysql, MySql, $($module: [$($case),*]),*);
+    };
+}
+
+macro_rules! stamp {
+    ($backend:ident, $variant:ident, $($module:ident: [$($case:ident),*]),*) => {
+        mod $backend {
+            $(
+                mod $module {
+                    $(
+                        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                        async fn $case() {
+                            let backend = $crate::common::Backend::$variant;
+                            let Some(db) = $crate::common::TestDb::new(backend, stringify!($case)).await
+                            else {
+                                return;
+                            };
+                            $crate::$module::$case(db.clone()).await;
+                            db.cleanup().await;
+                        }
+                    )*
+                }
+            )*
+        }
+    };
+}
+
+pub(crate) use {backend_tests, stamp};

@@ -1,0 +1,43 @@
+//! The integration suite, stamped out for SQLite, PostgreSQL and MySQL/MariaDB.
+//!
+//! PostgreSQL and MySQL run when `APIKEYS_TEST_POSTGRES_URL` / `APIKEYS_TEST_MYSQL_URL` are set
+//! (the user must be allowed to create databases); with `APIKEYS_REQUIRE_ALL_BACKENDS=1` a
+//! missing URL fails the run. Filter one backend with `cargo test -p apikeys-db --test suite
+//! postgres::` (or `cargo nextest run -E 'test(/::mysql::/)'`).
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+mod bootstrap;
+mod concurrency;
+mod keys;
+
+common::backend_tests! {
+    bootstrap: [
+        organization_get_or_create_is_idempotent,
+        create_duplicate_reports_existing_id,
+        projects_and_products,
+        bad_names_change_nothing,
+        names_are_exact_on_every_backend,
+        product_links,
+    ],
+    keys: [
+        create_and_verify,
+        usage_tracking,
+        invalid_keys,
+        revoke_and_delete,
+        expiry,
+        product_rule,
+        scopes,
+        update_metadata,
+        metadata_round_trip,
+        create_key_bad_input_changes_nothing,
+        listing_and_pagination,
+        secret_rotation,
+        default_lifetime,
+    ],
+    concurrency: [
+        concurrent_bootstrap,
+    ],
+}
