@@ -12,6 +12,7 @@ mod common;
 mod bootstrap;
 mod concurrency;
 mod keys;
+mod rate_limit;
 
 common::backend_tests! {
     bootstrap: [
@@ -39,5 +40,12 @@ common::backend_tests! {
     ],
     concurrency: [
         concurrent_bootstrap,
+    ],
+    rate_limit: [
+        shared_limit_is_exact_under_concurrency,
+        window_rollover_with_injected_clock,
+        keys_and_calls_are_independent,
+        update_takes_effect_on_next_check,
+        local_mode,
     ],
 }
