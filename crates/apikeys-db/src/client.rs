@@ -9,8 +9,8 @@ use chrono::{DateTime, Utc};
 use migration::MigratorTrait;
 use sea_orm::sqlx::sqlite::SqliteJournalMode;
 use sea_orm::{
-    ConnectOptions, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
-    SqliteTransactionMode, TransactionOptions, TransactionTrait,
+    ConnectOptions, Database, DatabaseConnection, DatabaseTransaction, SqliteTransactionMode,
+    TransactionOptions, TransactionTrait,
 };
 
 use crate::error::storage;
@@ -282,7 +282,7 @@ impl ClientBuilder {
                 ));
             }
         };
-        let limiter = RateLimiter::new(self.rate_limit_mode, db.get_database_backend());
+        let limiter = RateLimiter::new(self.rate_limit_mode);
         Ok(ApiKeyClient {
             inner: Arc::new(Inner {
                 db,
@@ -304,17 +304,13 @@ async fn connect(
 ) -> Result<DatabaseConnection> {
     let mut options = ConnectOptions::new(url);
     options.connect_timeout(connect_timeout).acquire_timeout(acquire_timeout).sqlx_logging(false);
-    let backend = if url.starts_with("sqlite:") {
-        Some(DbBackend::Sqlite)
-    } else if url.starts_with("postgres") || url.starts_with("mysql") || url.starts_with("mariadb")
-    {
-        None
-    } else {
+    let is_sqlite = url.starts_with("sqlite:");
+    if !is_sqlite && !["postgres", "mysql", "mariadb"].iter().any(|p| url.starts_with(p)) {
         return Err(Error::configuration(
             "database url must start with sqlite:, postgres:, postgresql: or mysql:",
         ));
-    };
-    if backend == Some(DbBackend::Sqlite) {
+    }
+    if is_sqlite {
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
         // Every connection to `sqlite::memory:` is its own database, so it must stay at one.
         let n = if in_memory { 1 } else { max_connections.unwrap_or(8) };

@@ -11,9 +11,14 @@ use governor::clock::Clock as GovernorClock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter as Gcra};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, Value};
+use sea_orm::sea_query::{Expr, ExprTrait, Func, OnConflict};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr,
+    EntityTrait, QueryFilter, QueryTrait,
+};
 
 use crate::client::{ApiKeyClient, Clock};
+use crate::entity::rate_limit_window;
 use crate::error::storage;
 
 /// How per-key rate limits are counted.
@@ -36,21 +41,28 @@ pub enum RateLimitMode {
     Local,
 }
 
-/// Every this many shared checks, one process sweeps expired window rows in the background.
+/// Every this many checks, a process sweeps: ended window rows in the database (in the
+/// background) and entries of the in-process maps that no longer change any answer.
 const SWEEP_EVERY: u64 = 4_096;
 
 pub(crate) struct RateLimiter {
     mode: RateLimitMode,
-    backend: DbBackend,
     /// Shared mode: keys known to be over their limit in a window, to reject them without a
     /// database round-trip. Only ever rejects what the database already rejected.
     over_limit: Mutex<HashMap<KeyId, (i64, RateLimit)>>,
     checks: AtomicU64,
-    /// Local mode: one GCRA limiter per key, rebuilt when the key's limit changes.
-    local: Mutex<HashMap<KeyId, (RateLimit, Arc<LocalLimiter>)>>,
+    /// Local mode: one GCRA limiter per key, rebuilt when the key's limit changes, with the
+    /// time (Unix ms) it was last used.
+    local: Mutex<HashMap<KeyId, LocalEntry>>,
 }
 
 type LocalLimiter = Gcra<NotKeyed, InMemoryState, ClientClock, NoOpMiddleware<Duration>>;
+
+struct LocalEntry {
+    limit: RateLimit,
+    gcra: Arc<LocalLimiter>,
+    last_used_ms: i64,
+}
 
 /// Adapts the client's clock to governor: time since the Unix epoch.
 #[derive(Clone)]
@@ -69,10 +81,9 @@ fn since_epoch(t: DateTime<Utc>) -> Duration {
 }
 
 impl RateLimiter {
-    pub(crate) fn new(mode: RateLimitMode, backend: DbBackend) -> Self {
+    pub(crate) fn new(mode: RateLimitMode) -> Self {
         Self {
             mode,
-            backend,
             over_limit: Mutex::new(HashMap::new()),
             checks: AtomicU64::new(0),
             local: Mutex::new(HashMap::new()),
@@ -81,6 +92,11 @@ impl RateLimiter {
 
     pub(crate) fn mode(&self) -> RateLimitMode {
         self.mode
+    }
+
+    /// Counts a check; true once every [`SWEEP_EVERY`] checks.
+    fn sweep_due(&self) -> bool {
+        self.checks.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1
     }
 }
 
@@ -103,23 +119,29 @@ impl ApiKeyClient {
             return Err(limit.exceeded(now));
         }
         let expires = start + limit.window.seconds() * 1_000;
-        let (count, new_window) = increment(self.db(), limiter.backend, id, start, expires).await?;
+        let (count, new_window) = increment(self.db(), id, start, expires).await?;
         if new_window {
             self.spawn_cleanup(Some((id, start)), now);
         }
-        if limiter.checks.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+        let sweep = limiter.sweep_due();
+        if sweep {
             self.spawn_cleanup(None, now);
         }
-        if limit.admits(count) {
-            return Ok(());
-        }
-        if let Ok(mut cache) = limiter.over_limit.lock() {
-            // Drop entries of windows that are over, so the map stays as small as the set of
-            // keys currently over their limit.
-            if cache.len() > 10_000 {
-                cache.retain(|_, (s, l)| *s + l.window.seconds() * 1_000 > now.timestamp_millis());
+        let admitted = limit.admits(count);
+        if (sweep || !admitted)
+            && let Ok(mut cache) = limiter.over_limit.lock()
+        {
+            if sweep {
+                // Entries of ended windows can never match again.
+                let now_ms = now.timestamp_millis();
+                cache.retain(|_, (s, l)| *s + l.window.seconds() * 1_000 > now_ms);
             }
-            cache.insert(id, (start, limit));
+            if !admitted {
+                cache.insert(id, (start, limit));
+            }
+        }
+        if admitted {
+            return Ok(());
         }
         Err(limit.exceeded(now))
     }
@@ -132,8 +154,17 @@ impl ApiKeyClient {
                 .local
                 .lock()
                 .map_err(|_| Error::configuration("local rate limiter state poisoned"))?;
-            match map.get(&id) {
-                Some((l, gcra)) if *l == limit => Arc::clone(gcra),
+            let now_ms = now.timestamp_millis();
+            if self.inner.limiter.sweep_due() {
+                // A limiter left alone for a whole window is back to a full burst, the same
+                // state a new one starts in, so dropping it changes no answer.
+                map.retain(|_, e| e.last_used_ms + e.limit.window.seconds() * 1_000 > now_ms);
+            }
+            match map.get_mut(&id) {
+                Some(entry) if entry.limit == limit => {
+                    entry.last_used_ms = now_ms;
+                    Arc::clone(&entry.gcra)
+                }
                 _ => {
                     let quota = Quota::with_period(limit.window.duration() / limit.requests.get())
                         .map(|q| q.allow_burst(limit.requests))
@@ -142,7 +173,10 @@ impl ApiKeyClient {
                         quota,
                         ClientClock(Arc::clone(&self.inner.clock)),
                     ));
-                    map.insert(id, (limit, Arc::clone(&gcra)));
+                    map.insert(
+                        id,
+                        LocalEntry { limit, gcra: Arc::clone(&gcra), last_used_ms: now_ms },
+                    );
                     gcra
                 }
             }
@@ -161,25 +195,17 @@ impl ApiKeyClient {
     fn spawn_cleanup(&self, key: Option<(KeyId, i64)>, now: DateTime<Utc>) {
         let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
         let db = self.db().clone();
-        let backend = self.inner.limiter.backend;
-        let now_ms = now.timestamp_millis();
         handle.spawn(async move {
-            let stmt = match key {
-                Some((id, start)) => Statement::from_sql_and_values(
-                    backend,
-                    sql(
-                        backend,
-                        "DELETE FROM rate_limit_windows WHERE key_id = ? AND window_start < ?",
-                    ),
-                    [Value::from(id.as_uuid()), Value::from(start)],
-                ),
-                None => Statement::from_sql_and_values(
-                    backend,
-                    sql(backend, "DELETE FROM rate_limit_windows WHERE expires_at <= ?"),
-                    [Value::from(now_ms)],
-                ),
+            let result = match key {
+                Some((id, start)) => rate_limit_window::Entity::delete_many()
+                    .filter(rate_limit_window::Column::KeyId.eq(id.as_uuid()))
+                    .filter(rate_limit_window::Column::WindowStart.lt(start))
+                    .exec(&db)
+                    .await
+                    .map(|_| ()),
+                None => delete_ended_windows(&db, now).await.map(|_| ()),
             };
-            if let Err(e) = db.execute_raw(stmt).await {
+            if let Err(e) = result {
                 tracing::warn!(error = %e, "rate-limit window cleanup failed");
             }
         });
@@ -192,79 +218,54 @@ impl ApiKeyClient {
     /// # Errors
     /// [`Error::Storage`] if the database fails.
     pub async fn purge_rate_limit_windows(&self) -> Result<u64> {
-        let backend = self.inner.limiter.backend;
-        let stmt = Statement::from_sql_and_values(
-            backend,
-            sql(backend, "DELETE FROM rate_limit_windows WHERE expires_at <= ?"),
-            [Value::from(self.now().timestamp_millis())],
-        );
-        Ok(self.db().execute_raw(stmt).await.map_err(storage)?.rows_affected())
+        delete_ended_windows(self.db(), self.now()).await.map_err(storage)
     }
 }
 
-/// Rewrites `?` placeholders as `$1, $2, …` for PostgreSQL.
-fn sql(backend: DbBackend, template: &str) -> String {
-    if backend != DbBackend::Postgres {
-        return template.to_owned();
-    }
-    let mut out = String::with_capacity(template.len() + 8);
-    let mut n = 0;
-    for c in template.chars() {
-        if c == '?' {
-            n += 1;
-            out.push('$');
-            out.push_str(&n.to_string());
-        } else {
-            out.push(c);
-        }
-    }
-    out
+async fn delete_ended_windows(db: &DatabaseConnection, now: DateTime<Utc>) -> Result<u64, DbErr> {
+    let res = rate_limit_window::Entity::delete_many()
+        .filter(rate_limit_window::Column::ExpiresAt.lte(now.timestamp_millis()))
+        .exec(db)
+        .await?;
+    Ok(res.rows_affected)
 }
 
 /// Atomically adds one to the counter of (`id`, `start`), creating it at 1; returns the new
 /// count and whether this call created the row. One statement on every backend.
 async fn increment(
     db: &DatabaseConnection,
-    backend: DbBackend,
     id: KeyId,
     start: i64,
     expires: i64,
 ) -> Result<(u64, bool)> {
-    let values = [Value::from(id.as_uuid()), Value::from(start), Value::from(expires)];
-    let count = match backend {
-        DbBackend::MySql => {
-            // No RETURNING on MySQL: LAST_INSERT_ID(expr) hands the new count back in the OK
-            // packet of the same statement. One row affected = inserted, two = updated.
-            let stmt = Statement::from_sql_and_values(
-                backend,
-                "INSERT INTO rate_limit_windows (key_id, window_start, count, expires_at) \
-                 VALUES (?, ?, 1, ?) \
-                 ON DUPLICATE KEY UPDATE count = LAST_INSERT_ID(count + 1)",
-                values,
-            );
-            let res = db.execute_raw(stmt).await.map_err(storage)?;
-            if res.rows_affected() == 1 { 1 } else { res.last_insert_id() }
-        }
-        _ => {
-            let stmt = Statement::from_sql_and_values(
-                backend,
-                sql(
-                    backend,
-                    "INSERT INTO rate_limit_windows (key_id, window_start, count, expires_at) \
-                     VALUES (?, ?, 1, ?) \
-                     ON CONFLICT (key_id, window_start) \
-                     DO UPDATE SET count = rate_limit_windows.count + 1 \
-                     RETURNING count",
-                ),
-                values,
-            );
-            let row = db.query_one_raw(stmt).await.map_err(storage)?;
-            let count: i64 = match row {
-                Some(r) => r.try_get("", "count").map_err(storage)?,
-                None => return Err(Error::storage(sea_orm::DbErr::RecordNotInserted)),
-            };
-            u64::try_from(count).unwrap_or(0)
-        }
+    use rate_limit_window::{ActiveModel, Column, Entity};
+    let row = ActiveModel {
+        key_id: Set(id.as_uuid()),
+        window_start: Set(start),
+        count: Set(1),
+        expires_at: Set(expires),
+    };
+    let bump = Expr::col((Entity, Column::Count)).add(1);
+    let backend = db.get_database_backend();
+    let count = if backend == DbBackend::MySql {
+        // No RETURNING on MySQL: LAST_INSERT_ID(expr) hands the new count back in the OK
+        // packet of the same statement. One row affected = inserted, two = updated.
+        let on_dup = OnConflict::new()
+            .value(Column::Count, Func::cust("LAST_INSERT_ID").arg(bump))
+            .to_owned();
+        let stmt = Entity::insert(row).on_conflict(on_dup).build(backend);
+        let res = db.execute_raw(stmt).await.map_err(storage)?;
+        if res.rows_affected() == 1 { 1 } else { res.last_insert_id() }
+    } else {
+        let on_conflict = OnConflict::columns([Column::KeyId, Column::WindowStart])
+            .value(Column::Count, bump)
+            .to_owned();
+        let model = Entity::insert(row)
+            .on_conflict(on_conflict)
+            .exec_with_returning(db)
+            .await
+            .map_err(storage)?;
+        u64::try_from(model.count).unwrap_or(0)
     };
     Ok((count, count == 1))
 }

@@ -6,3 +6,4 @@ pub(crate) mod organization;
 pub(crate) mod product;
 pub(crate) mod project;
 pub(crate) mod project_product;
+pub(crate) mod rate_limit_window;
