@@ -7,14 +7,14 @@ use apikeys_core::{
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, EntityTrait, IntoActiveModel,
-    QueryFilter, QueryOrder, QuerySelect,
+    ActiveValue::Set, ColumnTrait, Condition, EntityTrait, IntoActiveModel, QueryFilter,
+    QueryOrder, QuerySelect,
 };
 
 use crate::client::ApiKeyClient;
 use crate::convert::{api_key_from_model, naive, rate_limit_columns, scopes_to_json, to_micros};
 use crate::entity::{api_key, product, project, project_product};
-use crate::error::{is_unique_violation, missing_parent, storage};
+use crate::error::{missing_parent, storage};
 
 /// Options of [`ApiKeyClient::verify_key`].
 #[derive(Debug, Clone, Copy)]
@@ -101,6 +101,22 @@ impl ValidateOptions {
     }
 }
 
+/// Checks that a referenced project or product (its `org_id`, if it exists) belongs to `org`.
+fn owned_by(
+    found_org: Option<uuid::Uuid>,
+    org: OrgId,
+    entity: Entity,
+    field: &'static str,
+) -> Result<()> {
+    match found_org {
+        None => Err(Error::NotFound { entity }),
+        Some(o) if o != org.as_uuid() => {
+            Err(Error::invalid_input(field, format!("{entity} belongs to another organization")))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
 /// A key found by its plaintext, with what is needed to finish the verification.
 struct Found {
     key: ApiKey,
@@ -144,50 +160,24 @@ impl ApiKeyClient {
             use_count: 0,
         };
         let txn = self.begin_write().await?;
-        self.get_organization_in(&txn, org).await?;
+        // A missing organization is caught by the foreign key on insert (mapped to NotFound).
         if let Some(p) = v.project_id {
             let found =
                 project::Entity::find_by_id(p.as_uuid()).one(&txn).await.map_err(storage)?;
-            if found.ok_or(Error::NotFound { entity: Entity::Project })?.org_id != org.as_uuid() {
-                return Err(Error::invalid_input(
-                    "project_id",
-                    "project belongs to another organization",
-                ));
-            }
+            owned_by(found.map(|m| m.org_id), org, Entity::Project, "project_id")?;
         }
         if let Some(p) = v.product_id {
             let found =
                 product::Entity::find_by_id(p.as_uuid()).one(&txn).await.map_err(storage)?;
-            if found.ok_or(Error::NotFound { entity: Entity::Product })?.org_id != org.as_uuid() {
-                return Err(Error::invalid_input(
-                    "product_id",
-                    "product belongs to another organization",
-                ));
-            }
+            owned_by(found.map(|m| m.org_id), org, Entity::Product, "product_id")?;
         }
         api_key::Entity::insert(row.clone().into_active_model())
             .exec_without_returning(&txn)
             .await
-            .map_err(|e| {
-                if is_unique_violation(&e) {
-                    // Two 256-bit keys colliding is not a thing; report it as what it is.
-                    storage(e)
-                } else {
-                    missing_parent(e, Entity::Organization)
-                }
-            })?;
+            .map_err(|e| missing_parent(e, Entity::Organization))?;
         txn.commit().await.map_err(storage)?;
         tracing::debug!(key_id = %row.id, org_id = %org, "api key created");
         Ok(IssuedKey { key: plaintext, record: api_key_from_model(row)? })
-    }
-
-    async fn get_organization_in<C: ConnectionTrait>(&self, db: &C, org: OrgId) -> Result<()> {
-        crate::entity::organization::Entity::find_by_id(org.as_uuid())
-            .one(db)
-            .await
-            .map_err(storage)?
-            .map(|_| ())
-            .ok_or(Error::NotFound { entity: Entity::Organization })
     }
 
     /// Parses, hashes and looks up a presented key (one indexed read).
