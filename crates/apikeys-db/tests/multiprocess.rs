@@ -12,7 +12,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use apikeys_db::{ApiKeyClient, Error, NewKey, RateLimit, ValidateOptions};
+use apikeys_db::{ApiKeyClient, NewKey, RateLimit};
 use common::{Backend, SECRET, TestDb};
 
 const PROCESSES: usize = 4;
@@ -115,21 +115,7 @@ async fn worker() {
         .map(|_| {
             let (client, key) = (client.clone(), key.clone());
             tokio::spawn(async move {
-                let (mut ok, mut limited) = (0usize, 0usize);
-                for _ in 0..ATTEMPTS {
-                    match client.validate_key(&key, ValidateOptions::new()).await {
-                        Ok(_) => ok += 1,
-                        Err(Error::Quota { retry_after, .. }) => {
-                            assert!(
-                                retry_after > Duration::ZERO
-                                    && retry_after <= Duration::from_secs(3600)
-                            );
-                            limited += 1;
-                        }
-                        Err(e) => panic!("{e:?}"),
-                    }
-                }
-                (ok, limited)
+                common::hammer(&client, &key, ATTEMPTS, Duration::from_secs(3600)).await
             })
         })
         .collect();

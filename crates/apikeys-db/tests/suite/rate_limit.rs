@@ -7,7 +7,7 @@ use apikeys_db::{
 use chrono::TimeDelta;
 use tokio::sync::Barrier;
 
-use crate::common::{TestClock, TestDb, at};
+use crate::common::{TestClock, TestDb, at, hammer};
 
 async fn key_with(client: &ApiKeyClient, limit: Option<RateLimit>) -> String {
     let (org, _) = client.get_or_create_organization("acme").await.unwrap();
@@ -38,21 +38,7 @@ pub async fn shared_limit_is_exact_under_concurrency(db: TestDb) {
             let (client, key, barrier) = (client.clone(), key.clone(), Arc::clone(&barrier));
             handles.push(tokio::spawn(async move {
                 barrier.wait().await;
-                let (mut ok, mut limited) = (0u32, 0u32);
-                for _ in 0..5 {
-                    match client.validate_key(&key, ValidateOptions::new()).await {
-                        Ok(_) => ok += 1,
-                        Err(Error::Quota { retry_after, .. }) => {
-                            assert!(
-                                retry_after > Duration::ZERO
-                                    && retry_after <= Duration::from_secs(3600)
-                            );
-                            limited += 1;
-                        }
-                        Err(e) => panic!("{e:?}"),
-                    }
-                }
-                (ok, limited)
+                hammer(&client, &key, 5, Duration::from_secs(3600)).await
             }));
         }
     }

@@ -148,6 +148,28 @@ impl TestDb {
     }
 }
 
+/// Validates `key` `attempts` times; returns (admitted, rate-limited). Every quota error must
+/// carry a `retry_after` within the key's window; any other error fails the test.
+pub async fn hammer(
+    client: &ApiKeyClient,
+    key: &str,
+    attempts: usize,
+    window: std::time::Duration,
+) -> (usize, usize) {
+    let (mut ok, mut limited) = (0, 0);
+    for _ in 0..attempts {
+        match client.validate_key(key, apikeys_db::ValidateOptions::new()).await {
+            Ok(_) => ok += 1,
+            Err(apikeys_db::Error::Quota { retry_after, .. }) => {
+                assert!(retry_after > std::time::Duration::ZERO && retry_after <= window);
+                limited += 1;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    (ok, limited)
+}
+
 /// A clock tests move by hand.
 #[derive(Clone)]
 pub struct TestClock(Arc<Mutex<DateTime<Utc>>>);
