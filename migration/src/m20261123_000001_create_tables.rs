@@ -106,6 +106,20 @@ impl Types {
     }
 }
 
+/// A foreign key whose rows go when the referenced row is deleted.
+fn cascade(
+    name: impl Into<String>,
+    from: (impl IntoIden, impl IntoIden),
+    to: (impl IntoIden, impl IntoIden),
+) -> ForeignKeyCreateStatement {
+    ForeignKey::create()
+        .name(name)
+        .from(from.0, from.1)
+        .to(to.0, to.1)
+        .on_delete(ForeignKeyAction::Cascade)
+        .to_owned()
+}
+
 // The trait's signatures elide the manager's lifetime; async_trait needs ours to match.
 #[allow(elided_lifetimes_in_paths)]
 #[async_trait::async_trait]
@@ -156,13 +170,11 @@ impl MigrationTrait for Migration {
                         .col(string_len(name.clone(), 255))
                         .col(ty.time(created))
                         .index(Index::create().name(uq).col(org.clone()).col(name).unique())
-                        .foreign_key(
-                            ForeignKey::create()
-                                .name(fk)
-                                .from(table, org)
-                                .to(Organizations::Table, Organizations::Id)
-                                .on_delete(ForeignKeyAction::Cascade),
-                        )
+                        .foreign_key(&mut cascade(
+                            fk,
+                            (table, org),
+                            (Organizations::Table, Organizations::Id),
+                        ))
                         .to_owned(),
                 )
                 .await?;
@@ -180,20 +192,16 @@ impl MigrationTrait for Migration {
                             .col(ProjectProducts::ProjectId)
                             .col(ProjectProducts::ProductId),
                     )
-                    .foreign_key(
-                        ForeignKey::create()
-                            .name("fk_project_products_project")
-                            .from(ProjectProducts::Table, ProjectProducts::ProjectId)
-                            .to(Projects::Table, Projects::Id)
-                            .on_delete(ForeignKeyAction::Cascade),
-                    )
-                    .foreign_key(
-                        ForeignKey::create()
-                            .name("fk_project_products_product")
-                            .from(ProjectProducts::Table, ProjectProducts::ProductId)
-                            .to(Products::Table, Products::Id)
-                            .on_delete(ForeignKeyAction::Cascade),
-                    )
+                    .foreign_key(&mut cascade(
+                        "fk_project_products_project",
+                        (ProjectProducts::Table, ProjectProducts::ProjectId),
+                        (Projects::Table, Projects::Id),
+                    ))
+                    .foreign_key(&mut cascade(
+                        "fk_project_products_product",
+                        (ProjectProducts::Table, ProjectProducts::ProductId),
+                        (Products::Table, Products::Id),
+                    ))
                     .to_owned(),
             )
             .await?;
@@ -229,27 +237,21 @@ impl MigrationTrait for Migration {
                     .col(ty.time_null(ApiKeys::LastUsedAt))
                     .col(big_integer(ApiKeys::UseCount).default(0))
                     .index(Index::create().name("uq_api_keys_hash").col(ApiKeys::KeyHash).unique())
-                    .foreign_key(
-                        ForeignKey::create()
-                            .name("fk_api_keys_org")
-                            .from(ApiKeys::Table, ApiKeys::OrgId)
-                            .to(Organizations::Table, Organizations::Id)
-                            .on_delete(ForeignKeyAction::Cascade),
-                    )
-                    .foreign_key(
-                        ForeignKey::create()
-                            .name("fk_api_keys_project")
-                            .from(ApiKeys::Table, ApiKeys::ProjectId)
-                            .to(Projects::Table, Projects::Id)
-                            .on_delete(ForeignKeyAction::Cascade),
-                    )
-                    .foreign_key(
-                        ForeignKey::create()
-                            .name("fk_api_keys_product")
-                            .from(ApiKeys::Table, ApiKeys::ProductId)
-                            .to(Products::Table, Products::Id)
-                            .on_delete(ForeignKeyAction::Cascade),
-                    )
+                    .foreign_key(&mut cascade(
+                        "fk_api_keys_org",
+                        (ApiKeys::Table, ApiKeys::OrgId),
+                        (Organizations::Table, Organizations::Id),
+                    ))
+                    .foreign_key(&mut cascade(
+                        "fk_api_keys_project",
+                        (ApiKeys::Table, ApiKeys::ProjectId),
+                        (Projects::Table, Projects::Id),
+                    ))
+                    .foreign_key(&mut cascade(
+                        "fk_api_keys_product",
+                        (ApiKeys::Table, ApiKeys::ProductId),
+                        (Products::Table, Products::Id),
+                    ))
                     .to_owned(),
             )
             .await?;
@@ -284,13 +286,11 @@ impl MigrationTrait for Migration {
                             .col(RateLimitWindows::KeyId)
                             .col(RateLimitWindows::WindowStart),
                     )
-                    .foreign_key(
-                        ForeignKey::create()
-                            .name("fk_rate_limit_windows_key")
-                            .from(RateLimitWindows::Table, RateLimitWindows::KeyId)
-                            .to(ApiKeys::Table, ApiKeys::Id)
-                            .on_delete(ForeignKeyAction::Cascade),
-                    )
+                    .foreign_key(&mut cascade(
+                        "fk_rate_limit_windows_key",
+                        (RateLimitWindows::Table, RateLimitWindows::KeyId),
+                        (ApiKeys::Table, ApiKeys::Id),
+                    ))
                     .to_owned(),
             )
             .await?;
