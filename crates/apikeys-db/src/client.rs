@@ -9,12 +9,23 @@ use chrono::{DateTime, Utc};
 use migration::MigratorTrait;
 use sea_orm::sqlx::sqlite::SqliteJournalMode;
 use sea_orm::{
-    ConnectOptions, Database, DatabaseConnection, DatabaseTransaction, SqliteTransactionMode,
-    TransactionOptions, TransactionTrait,
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
+    SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait,
 };
 
 use crate::error::storage;
 use crate::rate_limit::{RateLimitMode, RateLimiter};
+
+/// Key of the PostgreSQL advisory lock that serializes [`ApiKeyClient::create_tables`]
+/// (the ASCII bytes of "apikeys\0" as a big-endian integer).
+const MIGRATION_LOCK_ID: i64 = 0x6170_696b_6579_7300;
+/// Name of the MySQL lock that serializes [`ApiKeyClient::create_tables`].
+const MIGRATION_LOCK_NAME: &str = "apikeys_migrations";
+
+/// Another process held the migration lock for longer than we wait.
+#[derive(Debug, thiserror::Error)]
+#[error("timed out waiting for the apikeys migration lock held by another process")]
+struct MigrationLockTimeout;
 
 /// A source of the current time. The default is [`Utc::now`]; tests inject their own.
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
@@ -68,21 +79,47 @@ impl ApiKeyClient {
     }
 
     /// Creates or upgrades the apikeys tables by running the same migrations as the
-    /// `apikeys-migration` crate. Safe to call on every start: applied steps are skipped.
+    /// `apikeys-migration` crate. Safe to call on every start, from every replica at once:
+    /// applied steps are skipped, and concurrent callers (tasks or processes) take turns under
+    /// a database lock: a PostgreSQL transaction-scoped advisory lock, a MySQL named lock
+    /// (`GET_LOCK`, waited for up to 60 s), SQLite's write lock (`BEGIN IMMEDIATE`).
     ///
     /// # Errors
-    /// [`Error::Storage`] if a migration fails (and is not applied by a concurrent caller).
+    /// [`Error::Storage`] if a migration fails or the lock cannot be taken.
     pub async fn create_tables(&self) -> Result<()> {
-        let db = &self.inner.db;
-        match migration::Migrator::up(db, None).await {
-            Ok(()) => Ok(()),
-            // Another replica may have applied the same step at the same moment; if nothing is
-            // pending any more, the schema is in place.
-            Err(e) => match migration::Migrator::get_pending_migrations(db).await {
-                Ok(pending) if pending.is_empty() => Ok(()),
-                _ => Err(storage(e)),
-            },
+        let txn = self.begin_write().await?;
+        let backend = txn.get_database_backend();
+        match backend {
+            DbBackend::Postgres => {
+                txn.execute_unprepared(&format!(
+                    "SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})"
+                ))
+                .await
+                .map_err(storage)?;
+            }
+            DbBackend::MySql => {
+                // MySQL commits DDL implicitly, so the transaction only pins one connection;
+                // the named lock belongs to that session until released (or disconnected).
+                let sql = format!("SELECT GET_LOCK('{MIGRATION_LOCK_NAME}', 60) AS got");
+                let row = txn
+                    .query_one_raw(Statement::from_string(backend, sql))
+                    .await
+                    .map_err(storage)?;
+                let got = row.and_then(|r| r.try_get::<Option<i64>>("", "got").ok()).flatten();
+                if got != Some(1) {
+                    return Err(Error::storage(MigrationLockTimeout));
+                }
+            }
+            // BEGIN IMMEDIATE already holds the database's write lock.
+            _ => {}
         }
+        let result = migration::Migrator::up(&txn, None).await.map_err(storage);
+        if backend == DbBackend::MySql {
+            let sql = format!("SELECT RELEASE_LOCK('{MIGRATION_LOCK_NAME}')");
+            txn.execute_unprepared(&sql).await.map_err(storage)?;
+        }
+        result?;
+        txn.commit().await.map_err(storage)
     }
 
     /// The current time from the client's clock, truncated to what every database stores.

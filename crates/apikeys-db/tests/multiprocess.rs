@@ -1,44 +1,60 @@
-//! Several OS processes share one database: the shared rate limit must admit exactly its limit.
+//! Several OS processes share one database, as replicas of one service do during a deploy.
 //!
 //! This binary is its own worker: run without `APIKEYS_WORKER`, it prepares a database per
-//! backend and spawns `PROCESSES` copies of itself with `APIKEYS_WORKER=rate_limit`; each copy
-//! runs `TASKS` tasks hammering one key and prints what it saw.
+//! backend and spawns `PROCESSES` copies of itself with `APIKEYS_WORKER=<scenario>`; each copy
+//! runs its tasks and prints one result line per task, which the parent checks.
+//!
+//! - `bootstrap`: 4 processes × 16 tasks run the whole deploy bootstrap at the same moment on
+//!   a database with no tables yet: `create_tables`, one organization, two projects, two
+//!   products and three links. Exactly one row of each must exist afterwards, every caller must
+//!   see the same ids, `created` must be true for exactly one caller per row, and no call may
+//!   fail.
+//! - `rate_limit`: 4 processes × 8 tasks × 6 attempts on one key limited to 100 per hour:
+//!   exactly 100 are admitted.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
 
 #[path = "suite/common/mod.rs"]
 #[allow(dead_code, unused_imports, unused_macros)]
 mod common;
 
-use std::process::Command;
+use std::collections::BTreeSet;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use apikeys_db::{ApiKeyClient, NewKey, RateLimit};
 use common::{Backend, SECRET, TestDb};
 
 const PROCESSES: usize = 4;
-const TASKS: usize = 8;
+const BOOTSTRAP_TASKS: usize = 16;
+const RATE_TASKS: usize = 8;
 const ATTEMPTS: usize = 6;
 const LIMIT: u32 = 100;
 
 #[tokio::main]
 async fn main() {
-    if std::env::var("APIKEYS_WORKER").as_deref() == Ok("rate_limit") {
-        worker().await;
-        return;
+    match std::env::var("APIKEYS_WORKER").as_deref() {
+        Ok("bootstrap") => return bootstrap_worker().await,
+        Ok("rate_limit") => return rate_limit_worker().await,
+        _ => {}
     }
     let (mut passed, mut failed) = (0, 0);
     for backend in [Backend::Sqlite, Backend::Postgres, Backend::MySql] {
-        let Some(db) = TestDb::new(backend, "multiprocess").await else { continue };
-        let result = tokio::spawn(rate_limit_across_processes(db.clone())).await;
-        db.cleanup().await;
-        match result {
-            Ok(()) => {
-                println!("test {backend:?}::rate_limit_across_processes ... ok");
-                passed += 1;
-            }
-            Err(e) => {
-                println!("test {backend:?}::rate_limit_across_processes ... FAILED: {e}");
-                failed += 1;
+        for (name, scenario) in [
+            ("bootstrap_across_processes", Scenario::Bootstrap),
+            ("rate_limit_across_processes", Scenario::RateLimit),
+        ] {
+            let Some(db) = TestDb::new(backend, "multiprocess").await else { continue };
+            let result = tokio::spawn(scenario.run(db.clone())).await;
+            db.cleanup().await;
+            match result {
+                Ok(()) => {
+                    println!("test {backend:?}::{name} ... ok");
+                    passed += 1;
+                }
+                Err(e) => {
+                    println!("test {backend:?}::{name} ... FAILED: {e}");
+                    failed += 1;
+                }
             }
         }
     }
@@ -51,6 +67,127 @@ async fn main() {
     }
 }
 
+#[derive(Clone, Copy)]
+enum Scenario {
+    Bootstrap,
+    RateLimit,
+}
+
+impl Scenario {
+    async fn run(self, db: TestDb) {
+        match self {
+            Scenario::Bootstrap => bootstrap_across_processes(db).await,
+            Scenario::RateLimit => rate_limit_across_processes(db).await,
+        }
+    }
+}
+
+/// Runs `PROCESSES` workers of `scenario` against `db`, all starting at the same instant, and
+/// returns the result lines (those starting with `result `) of all of them.
+async fn run_workers(scenario: &str, db: &TestDb, extra: &[(&str, String)]) -> Vec<String> {
+    // All workers start at the same instant, after they had time to start and connect. This
+    // is a start barrier only; nothing asserts on time.
+    let start_at = chrono::Utc::now().timestamp_millis() + 2_000;
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..PROCESSES)
+        .map(|_| {
+            let mut cmd = Command::new(&exe);
+            cmd.env("APIKEYS_WORKER", scenario)
+                .env("APIKEYS_WORKER_URL", &db.url)
+                .env("APIKEYS_WORKER_START", start_at.to_string());
+            for (k, v) in extra {
+                cmd.env(k, v);
+            }
+            tokio::task::spawn_blocking(move || cmd.output().expect("spawn worker"))
+        })
+        .collect();
+    let mut lines = Vec::new();
+    for child in children {
+        let out: Output = child.await.unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "worker failed: {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lines.extend(text.lines().filter_map(|l| l.strip_prefix("result ")).map(str::to_owned));
+    }
+    lines
+}
+
+/// In a worker: a client on the parent's database, then a wait for the common start instant.
+async fn worker_client() -> ApiKeyClient {
+    let url = std::env::var("APIKEYS_WORKER_URL").unwrap();
+    let start: i64 = std::env::var("APIKEYS_WORKER_START").unwrap().parse().unwrap();
+    let client =
+        ApiKeyClient::builder().database_url(url).signing_secret(SECRET).build().await.unwrap();
+    let wait = start - chrono::Utc::now().timestamp_millis();
+    if wait > 0 {
+        tokio::time::sleep(Duration::from_millis(wait.unsigned_abs())).await;
+    }
+    client
+}
+
+/// Runs `tasks` copies of `f` on `client` and prints one `result` line per task.
+async fn run_tasks<F, Fut>(client: ApiKeyClient, tasks: usize, f: F)
+where
+    F: Fn(ApiKeyClient) -> Fut,
+    Fut: Future<Output = String> + Send + 'static,
+{
+    let handles: Vec<_> = (0..tasks).map(|_| tokio::spawn(f(client.clone()))).collect();
+    for h in handles {
+        println!("result {}", h.await.unwrap());
+    }
+}
+
+async fn bootstrap_across_processes(db: TestDb) {
+    let lines = run_workers("bootstrap", &db, &[]).await;
+    assert_eq!(lines.len(), PROCESSES * BOOTSTRAP_TASKS, "{lines:?}");
+    // Every line is "ids=<org>,<project>x2,<product>x2 created=<0/1 per row and link>".
+    let ids: BTreeSet<&str> = lines.iter().map(|l| l.split(' ').next().unwrap()).collect();
+    assert_eq!(ids.len(), 1, "every caller sees the same ids: {ids:?}");
+    let flags: Vec<Vec<u32>> = lines
+        .iter()
+        .map(|l| {
+            let created = l.split(' ').nth(1).unwrap().strip_prefix("created=").unwrap();
+            created.chars().map(|c| c.to_digit(2).unwrap()).collect()
+        })
+        .collect();
+    for i in 0..flags[0].len() {
+        let creators = flags.iter().filter(|f| f[i] == 1).count();
+        assert_eq!(creators, 1, "row/link #{i} reported created by exactly one caller");
+    }
+    let client = db.client().await;
+    assert_eq!(db.counts(&client).await, [1, 2, 2, 3, 0, 0]);
+    let org = client.find_organization("acme").await.unwrap().unwrap();
+    assert_eq!(
+        ids.first().unwrap().strip_prefix("ids=").unwrap().split(',').next().unwrap(),
+        org.id.to_string()
+    );
+}
+
+async fn bootstrap_worker() {
+    let client = worker_client().await;
+    run_tasks(client, BOOTSTRAP_TASKS, |client| async move {
+        client.create_tables().await.unwrap();
+        let (org, o) = client.get_or_create_organization("acme").await.unwrap();
+        let (web, p1) = client.get_or_create_project(org.id, "web").await.unwrap();
+        let (mobile, p2) = client.get_or_create_project(org.id, "mobile").await.unwrap();
+        let (api, q1) = client.get_or_create_product(org.id, "api").await.unwrap();
+        let (billing, q2) = client.get_or_create_product(org.id, "billing").await.unwrap();
+        let l1 = client.add_product_to_project(api.id, web.id).await.unwrap();
+        let l2 = client.add_product_to_project(billing.id, web.id).await.unwrap();
+        let l3 = client.add_product_to_project(api.id, mobile.id).await.unwrap();
+        let created: String =
+            [o, p1, p2, q1, q2, l1, l2, l3].iter().map(|&b| if b { '1' } else { '0' }).collect();
+        format!(
+            "ids={},{},{},{},{} created={created}",
+            org.id, web.id, mobile.id, api.id, billing.id
+        )
+    })
+    .await;
+}
+
 async fn rate_limit_across_processes(db: TestDb) {
     let client = db.client().await;
     let (org, _) = client.get_or_create_organization("acme").await.unwrap();
@@ -61,69 +198,29 @@ async fn rate_limit_across_processes(db: TestDb) {
         )
         .await
         .unwrap();
-    // All workers start at the same instant, after they had time to connect.
-    let start_at = chrono::Utc::now().timestamp_millis() + 2_000;
-    let exe = std::env::current_exe().unwrap();
-    let children: Vec<_> = (0..PROCESSES)
-        .map(|_| {
-            Command::new(&exe)
-                .env("APIKEYS_WORKER", "rate_limit")
-                .env("APIKEYS_WORKER_URL", &db.url)
-                .env("APIKEYS_WORKER_KEY", issued.key.expose_secret())
-                .env("APIKEYS_WORKER_START", start_at.to_string())
-                .output_async()
-        })
-        .collect();
+    let key = issued.key.expose_secret().to_owned();
+    let lines = run_workers("rate_limit", &db, &[("APIKEYS_WORKER_KEY", key)]).await;
     let (mut admitted, mut limited) = (0usize, 0usize);
-    for child in children {
-        let out = child.await.unwrap();
-        assert!(out.status.success(), "worker failed: {}", String::from_utf8_lossy(&out.stderr));
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text.lines().find(|l| l.starts_with("admitted=")).expect("worker result");
+    for line in &lines {
         let nums: Vec<usize> =
             line.split(' ').map(|kv| kv.split('=').nth(1).unwrap().parse().unwrap()).collect();
         admitted += nums[0];
         limited += nums[1];
     }
     assert_eq!(admitted, LIMIT as usize, "exactly the limit is admitted across processes");
-    assert_eq!(admitted + limited, PROCESSES * TASKS * ATTEMPTS);
+    assert_eq!(admitted + limited, PROCESSES * RATE_TASKS * ATTEMPTS);
 }
 
-/// `Command::output` on a blocking thread, so the children run concurrently.
-trait OutputAsync {
-    fn output_async(self) -> tokio::task::JoinHandle<std::process::Output>;
-}
-
-impl OutputAsync for &mut Command {
-    fn output_async(self) -> tokio::task::JoinHandle<std::process::Output> {
-        let mut cmd = std::mem::replace(self, Command::new("true"));
-        tokio::task::spawn_blocking(move || cmd.output().expect("spawn worker"))
-    }
-}
-
-async fn worker() {
-    let url = std::env::var("APIKEYS_WORKER_URL").unwrap();
+async fn rate_limit_worker() {
     let key = std::env::var("APIKEYS_WORKER_KEY").unwrap();
-    let start: i64 = std::env::var("APIKEYS_WORKER_START").unwrap().parse().unwrap();
-    let client =
-        ApiKeyClient::builder().database_url(url).signing_secret(SECRET).build().await.unwrap();
-    let wait = start - chrono::Utc::now().timestamp_millis();
-    if wait > 0 {
-        tokio::time::sleep(Duration::from_millis(wait.unsigned_abs())).await;
-    }
-    let tasks: Vec<_> = (0..TASKS)
-        .map(|_| {
-            let (client, key) = (client.clone(), key.clone());
-            tokio::spawn(async move {
-                common::hammer(&client, &key, ATTEMPTS, Duration::from_secs(3600)).await
-            })
-        })
-        .collect();
-    let (mut ok, mut limited) = (0, 0);
-    for t in tasks {
-        let (o, l) = t.await.unwrap();
-        ok += o;
-        limited += l;
-    }
-    println!("admitted={ok} limited={limited}");
+    let client = worker_client().await;
+    run_tasks(client, RATE_TASKS, move |client| {
+        let key = key.clone();
+        async move {
+            let (ok, limited) =
+                common::hammer(&client, &key, ATTEMPTS, Duration::from_secs(3600)).await;
+            format!("admitted={ok} limited={limited}")
+        }
+    })
+    .await;
 }
