@@ -53,7 +53,7 @@ pub use metadata::{
     Expiry, KeyUpdate, MAX_CUSTOM_BYTES, MAX_CUSTOM_DEPTH, NewKey, ValidKeyUpdate, ValidNewKey,
     validate_custom,
 };
-pub use org::{MAX_NAME_CHARS, Organization, Product, Project, validate_name};
+pub use org::{MAX_NAME_CHARS, Organization, Product, Project, validate_label, validate_name};
 pub use page::{KeyPage, MAX_PAGE_SIZE, Page};
 pub use rate_limit::{RateLimit, Window};
 pub use record::{ApiKey, IssuedKey};

@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 use crate::id::{ProductId, ProjectId};
-use crate::org::validate_name;
+use crate::org::validate_label;
 use crate::rate_limit::RateLimit;
 use crate::scope::Scopes;
 
@@ -205,7 +205,7 @@ impl NewKey {
         now: DateTime<Utc>,
         default_lifetime: Option<Duration>,
     ) -> Result<ValidNewKey> {
-        validate_name("name", &self.name)?;
+        validate_label("name", &self.name)?;
         let scopes = Scopes::parse(self.scopes)?;
         let custom = match self.custom {
             Some(v) => validate_custom(v)?,
@@ -291,7 +291,7 @@ impl KeyUpdate {
     /// [`Error::InvalidInput`] naming the first bad field: `name`, `scopes` or `custom`.
     pub fn validate(self) -> Result<ValidKeyUpdate> {
         if let Some(name) = &self.name {
-            validate_name("name", name)?;
+            validate_label("name", name)?;
         }
         Ok(ValidKeyUpdate {
             name: self.name,

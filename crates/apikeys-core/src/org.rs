@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use unicode_security::{GeneralSecurityProfile, RestrictionLevel, RestrictionLevelDetection};
 
 use crate::error::{Error, Result};
 use crate::id::{OrgId, ProductId, ProjectId};
@@ -9,15 +10,14 @@ use crate::id::{OrgId, ProductId, ProjectId};
 /// Longest accepted name, in characters (Unicode scalar values).
 pub const MAX_NAME_CHARS: usize = 255;
 
-/// Checks a name of an organization, project, product or key.
+/// Checks the name of a key: free text shown to people.
 ///
-/// Names are compared exactly (case-sensitive, byte for byte) on every database. To keep that
-/// unambiguous a name must be 1 to 255 characters, must not start or end with whitespace, and
-/// must not contain control characters (NUL, newline, tab, …).
+/// A name must be 1 to 255 characters, must not start or end with whitespace, and must not
+/// contain control characters (NUL, newline, tab, …).
 ///
 /// # Errors
 /// [`Error::InvalidInput`] naming `field` when one of those rules is broken.
-pub fn validate_name(field: &'static str, name: &str) -> Result<()> {
+pub fn validate_label(field: &'static str, name: &str) -> Result<()> {
     if name.is_empty() {
         return Err(Error::invalid_input(field, "must not be empty"));
     }
@@ -29,6 +29,33 @@ pub fn validate_name(field: &'static str, name: &str) -> Result<()> {
     }
     if name.chars().any(char::is_control) {
         return Err(Error::invalid_input(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// Checks the name of an organization, project or product: an identifier that bootstrap code
+/// looks up and that people read in dashboards.
+///
+/// Names are compared exactly (case-sensitive, byte for byte, no Unicode normalization) on
+/// every database, so "Acme" and "acme" are two organizations. On top of the rules of
+/// [`validate_label`], the letters of a name must not mix scripts in the ways Unicode TS #39
+/// flags as spoofing risks: a name passes if its letters are at most *moderately
+/// restrictive* (one script; or Latin with Han, Hiragana, Katakana or Hangul; or Latin with
+/// one other recommended script except Cyrillic and Greek). "аcme" with a Cyrillic "а" is
+/// rejected; "Café 東京" and "Яндекс" are fine. Spaces, digits, punctuation and symbols
+/// do not count towards the scripts.
+///
+/// # Errors
+/// [`Error::InvalidInput`] naming `field` when one of those rules is broken.
+pub fn validate_name(field: &'static str, name: &str) -> Result<()> {
+    validate_label(field, name)?;
+    let letters: String =
+        name.chars().filter(|&c| GeneralSecurityProfile::identifier_allowed(c)).collect();
+    if !letters.as_str().check_restriction_level(RestrictionLevel::ModeratelyRestrictive) {
+        return Err(Error::invalid_input(
+            field,
+            "mixes scripts in a way that can spoof another name (e.g. Latin with Cyrillic)",
+        ));
     }
     Ok(())
 }
@@ -97,5 +124,21 @@ mod tests {
         }
         // 255 multi-byte characters are fine (the limit is in characters, not bytes).
         validate_name("name", &"é".repeat(255)).unwrap();
+    }
+
+    #[test]
+    fn mixed_scripts() {
+        // One script, or Latin with CJK / one other script that is not easily confused.
+        for ok in ["Café 東京", "Яндекс", "Ελληνικά", "acme-東京-株式会社", "Acme ᏣᎳᎩ", "Acme 🚀"]
+        {
+            validate_name("name", ok).unwrap();
+        }
+        // Latin mixed with Cyrillic or Greek look-alikes.
+        for bad in ["\u{430}cme", "p\u{430}yp\u{430}l", "\u{3bf}pen", "Acme Россия"] {
+            let err = validate_name("name", bad).unwrap_err();
+            assert!(matches!(err, Error::InvalidInput { field: "name", .. }), "{bad:?}");
+        }
+        // Key names are free text: only the label rules apply.
+        validate_label("name", "Acme Россия").unwrap();
     }
 }

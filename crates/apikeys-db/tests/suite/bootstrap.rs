@@ -88,29 +88,15 @@ pub async fn projects_and_products(db: TestDb) {
     assert_eq!(db.counts(&client).await, before);
 }
 
-pub async fn bad_names_change_nothing(db: TestDb) {
+/// Bad names are in the bad-input table; this is the edge that must pass.
+pub async fn names_up_to_255_characters(db: TestDb) {
     let client = db.client().await;
-    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
-    let before = db.counts(&client).await;
-    let long = "x".repeat(256);
-    for bad in ["", "   ", " lead", "trail ", "nul\0byte", "line\nbreak", long.as_str()] {
-        for result in [
-            client.get_or_create_organization(bad).await.map(|_| ()),
-            client.create_organization(bad).await.map(|_| ()),
-            client.get_or_create_project(org.id, bad).await.map(|_| ()),
-            client.create_product(org.id, bad).await.map(|_| ()),
-        ] {
-            assert!(
-                matches!(result, Err(Error::InvalidInput { field: "name", .. })),
-                "{bad:?}: {result:?}"
-            );
-        }
-    }
-    assert_eq!(db.counts(&client).await, before);
     // 255 characters, multi-byte, is fine everywhere.
     let max = "é".repeat(255);
     let (o, _) = client.get_or_create_organization(&max).await.unwrap();
     assert_eq!(o.name, max);
+    let (p, _) = client.get_or_create_project(o.id, &max).await.unwrap();
+    assert_eq!(client.get_project(p.id).await.unwrap().name, max);
 }
 
 pub async fn names_are_exact_on_every_backend(db: TestDb) {

@@ -9,17 +9,22 @@
 
 mod common;
 
+mod bad_input;
 mod bootstrap;
 mod concurrency;
 mod keys;
 mod rate_limit;
+mod tenancy;
 
 common::backend_tests! {
+    bad_input: [
+        bad_input_table,
+    ],
     bootstrap: [
         organization_get_or_create_is_idempotent,
         create_duplicate_reports_existing_id,
         projects_and_products,
-        bad_names_change_nothing,
+        names_up_to_255_characters,
         names_are_exact_on_every_backend,
         product_links,
     ],
@@ -33,13 +38,15 @@ common::backend_tests! {
         scopes,
         update_metadata,
         metadata_round_trip,
-        create_key_bad_input_changes_nothing,
         listing_and_pagination,
         secret_rotation,
         default_lifetime,
     ],
     concurrency: [
         concurrent_bootstrap,
+    ],
+    tenancy: [
+        cross_tenant_isolation,
     ],
     rate_limit: [
         shared_limit_is_exact_under_concurrency,
