@@ -160,6 +160,7 @@ pub struct ClientBuilder {
     acquire_timeout: Duration,
     clock: Option<Clock>,
     rate_limit_mode: RateLimitMode,
+    log_statements: bool,
 }
 
 impl Default for ClientBuilder {
@@ -178,6 +179,7 @@ impl Default for ClientBuilder {
             acquire_timeout: Duration::from_secs(5),
             clock: None,
             rate_limit_mode: RateLimitMode::default(),
+            log_statements: false,
         }
     }
 }
@@ -271,6 +273,14 @@ impl ClientBuilder {
         self
     }
 
+    /// Whether every SQL statement is logged (`tracing`, target `sqlx::query`, level DEBUG)
+    /// when connecting by URL; off by default. Statements carry key hashes, never a plaintext
+    /// key or the signing secret.
+    pub fn log_statements(mut self, on: bool) -> Self {
+        self.log_statements = on;
+        self
+    }
+
     /// Where the client reads the time (default [`Utc::now`]). For tests: expiry and rate-limit
     /// windows without sleeping.
     pub fn clock(mut self, clock: impl Fn() -> DateTime<Utc> + Send + Sync + 'static) -> Self {
@@ -309,8 +319,8 @@ impl ClientBuilder {
         }
         let db = match (self.url, self.connection) {
             (Some(url), None) => {
-                connect(&url, self.max_connections, self.connect_timeout, self.acquire_timeout)
-                    .await?
+                let timeouts = (self.connect_timeout, self.acquire_timeout);
+                connect(&url, self.max_connections, timeouts, self.log_statements).await?
             }
             (None, Some(db)) => db,
             _ => {
@@ -333,14 +343,19 @@ impl ClientBuilder {
     }
 }
 
+/// Opens the pool; `timeouts` are (connect, acquire).
 async fn connect(
     url: &str,
     max_connections: Option<u32>,
-    connect_timeout: Duration,
-    acquire_timeout: Duration,
+    timeouts: (Duration, Duration),
+    log_statements: bool,
 ) -> Result<DatabaseConnection> {
     let mut options = ConnectOptions::new(url);
-    options.connect_timeout(connect_timeout).acquire_timeout(acquire_timeout).sqlx_logging(false);
+    options
+        .connect_timeout(timeouts.0)
+        .acquire_timeout(timeouts.1)
+        .sqlx_logging(log_statements)
+        .sqlx_logging_level(log::LevelFilter::Debug);
     let is_sqlite = url.starts_with("sqlite:");
     if !is_sqlite && !["postgres", "mysql", "mariadb"].iter().any(|p| url.starts_with(p)) {
         return Err(Error::configuration(

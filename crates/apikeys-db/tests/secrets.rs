@@ -1,0 +1,167 @@
+//! No plaintext key and no signing secret in any log line, error message or Debug output.
+//!
+//! A `tracing` subscriber at TRACE level for every target (ours, sea-orm's and sqlx's, which
+//! log each SQL statement) writes into a buffer during a full flow on each backend; the buffer
+//! and the Display, Debug and source chain of every error the flow provoked are then searched
+//! for each plaintext key, each key's secret part alone, and the signing secrets.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "suite/common/mod.rs"]
+#[allow(dead_code, unused_imports, unused_macros)]
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+
+common::backend_tests! {
+    flow: [full_flow_leaks_no_secret],
+}
+
+/// Everything every test's subscriber wrote.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs the global subscriber once (tests of this binary share it) and returns its buffer.
+fn logs() -> &'static LogBuffer {
+    static LOGS: OnceLock<LogBuffer> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buffer = LogBuffer::default();
+        let writer = buffer.clone();
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .try_init()
+            .expect("no other subscriber in this binary");
+        buffer
+    })
+}
+
+mod flow {
+    use apikeys_db::{
+        Error, KeyUpdate, NewKey, RateLimit, RateLimitMode, ValidateOptions, VerifyOptions,
+    };
+
+    use crate::common::TestDb;
+
+    const OLD_SECRET: &str = "old-signing-secret-for-the-log-scan-0123456789";
+    const SECRET: &str = "current-signing-secret-for-the-log-scan-abcdef";
+
+    pub async fn full_flow_leaks_no_secret(db: TestDb) {
+        let logs = crate::logs();
+        let mut errors: Vec<Error> = Vec::new();
+        let mut debug_output: Vec<String> = Vec::new();
+        let old = db
+            .client_with(|b| b.signing_secret(OLD_SECRET).environment("live").log_statements(true))
+            .await;
+        let client = db
+            .client_with(|b| {
+                b.signing_secret(SECRET)
+                    .signing_secret_version(2)
+                    .previous_signing_secret(1, OLD_SECRET)
+                    .environment("live")
+                    .log_statements(true)
+            })
+            .await;
+        let local = db
+            .client_with(|b| {
+                b.signing_secret(SECRET)
+                    .environment("live")
+                    .rate_limit_mode(RateLimitMode::Local)
+                    .log_statements(true)
+            })
+            .await;
+        debug_output.push(format!("{client:?} {local:?} {:?}", db.builder()));
+
+        let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+        let (project, _) = client.get_or_create_project(org.id, "web").await.unwrap();
+        let (product, _) = client.get_or_create_product(org.id, "api").await.unwrap();
+        let (other, _) = client.get_or_create_product(org.id, "billing").await.unwrap();
+        client.add_product_to_project(product.id, project.id).await.unwrap();
+
+        // An old key, re-hashed on first use; a limited, scoped project key.
+        let legacy = old.create_key(org.id, NewKey::new("legacy")).await.unwrap();
+        let issued = client
+            .create_key(
+                org.id,
+                NewKey::new("main")
+                    .with_project(project.id)
+                    .with_scopes(["read"])
+                    .with_rate_limit(RateLimit::per_hour(2).unwrap()),
+            )
+            .await
+            .unwrap();
+        debug_output.push(format!("{issued:?} {legacy:?} {}", issued.record.hint));
+        let keys = [issued.key.expose_secret().to_owned(), legacy.key.expose_secret().to_owned()];
+
+        client.verify_key(&keys[1], VerifyOptions::new()).await.unwrap();
+        let main = &keys[0];
+        let full = ValidateOptions::new().for_product(product.id).require_scopes(["read"]);
+        client.validate_key(main, full.clone()).await.unwrap();
+        local.validate_key(main, full.clone()).await.unwrap();
+        let mut push = |r: Result<apikeys_db::ApiKey, Error>| errors.push(r.unwrap_err());
+        push(client.validate_key(main, ValidateOptions::new().require_scopes(["admin"])).await);
+        push(client.validate_key(main, ValidateOptions::new().for_product(other.id)).await);
+        client.validate_key(main, full.clone()).await.unwrap();
+        push(client.validate_key(main, full.clone()).await); // over the limit: Quota
+        local.validate_key(main, full.clone()).await.unwrap();
+        push(local.validate_key(main, full).await); // over the local limit: Quota
+        // Malformed and near-miss keys: the presented string must not be echoed either.
+        let near_miss = format!("{}x", &main[..main.len() - 1]);
+        push(client.verify_key(&near_miss, VerifyOptions::new()).await);
+        push(client.verify_key(&format!("{main}\n"), VerifyOptions::new()).await);
+        client.update_key(issued.record.id, KeyUpdate::new().with_rate_limit(None)).await.unwrap();
+        client.revoke_key(issued.record.id).await.unwrap();
+        push(client.verify_key(main, VerifyOptions::new()).await);
+        client.delete_key(issued.record.id).await.unwrap();
+        push(client.verify_key(main, VerifyOptions::new()).await);
+        // Configuration errors carry no secret either.
+        for builder in [
+            db.builder().signing_secret("short-secret"),
+            db.builder().signing_secret(SECRET).previous_signing_secret(1, SECRET),
+            db.builder().signing_secret(SECRET).database_url("nosuchdb://x"),
+        ] {
+            errors.push(builder.build().await.unwrap_err());
+        }
+        client.purge_rate_limit_windows().await.unwrap();
+
+        let mut haystack = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+        assert!(haystack.contains("api_keys"), "the subscriber captured the SQL statements");
+        assert!(haystack.contains("api key revoked"), "and our own events");
+        for e in &errors {
+            haystack.push_str(&format!("\n{e}\n{e:?}"));
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                haystack.push_str(&format!("\n{s}\n{s:?}"));
+                source = s.source();
+            }
+        }
+        assert_eq!(errors.len(), 11, "every provoked error was collected");
+        haystack.push_str(&debug_output.join("\n"));
+
+        let mut needles: Vec<String> = Vec::new();
+        for key in &keys {
+            needles.push(key.clone());
+            // The 43-character secret part alone, without prefix, environment and checksum.
+            let body = key.rsplit('_').next().unwrap();
+            needles.push(body[..43].to_owned());
+        }
+        for secret in [SECRET, OLD_SECRET, "short-secret"] {
+            needles.push(secret.to_owned());
+            needles.push(format!("{:?}", secret.as_bytes()));
+        }
+        for needle in &needles {
+            assert!(!haystack.contains(needle.as_str()), "leaked: {needle}");
+        }
+    }
+}
