@@ -12,6 +12,7 @@ mod common;
 mod bad_input;
 mod bootstrap;
 mod concurrency;
+mod fuzz;
 mod keys;
 mod rate_limit;
 mod tenancy;
@@ -47,6 +48,9 @@ common::backend_tests! {
     ],
     tenancy: [
         cross_tenant_isolation,
+    ],
+    fuzz: [
+        verify_arbitrary_input,
     ],
     rate_limit: [
         shared_limit_is_exact_under_concurrency,
