@@ -44,7 +44,7 @@ impl fmt::Display for Entity {
 /// Match on the variant to decide what to answer a caller (for an HTTP service: `InvalidKey`,
 /// `Expired` and `Revoked` are 401, `ProductNotAllowed` and `InsufficientScope` 403, `Quota` 429
 /// with a `Retry-After` header, `InvalidInput` 400 or 422, `NotFound` 404, `AlreadyExists` 409,
-/// the rest 500).
+/// `Unavailable` 503, the rest 500).
 ///
 /// No variant ever carries a plaintext key or a signing secret, and the messages never say
 /// whether a rejected key was malformed or unknown.
@@ -137,6 +137,19 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+
+    /// The database could not be reached: connecting or waiting for a pooled connection timed
+    /// out, the connection was refused or lost, or the server is shutting down or starting.
+    /// Nothing was changed by the failed call (or, for a connection lost mid-commit, the
+    /// database decided alone); retrying later is safe, and the same client reconnects by
+    /// itself once the database is back. How long a call waits is bounded by the client's
+    /// connect and acquire timeouts.
+    #[error("storage unavailable")]
+    Unavailable {
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl Error {
@@ -153,6 +166,18 @@ impl Error {
     /// Wraps any error as [`Error::Storage`], keeping it as the source.
     pub fn storage(source: impl std::error::Error + Send + Sync + 'static) -> Self {
         Error::Storage { source: Box::new(source) }
+    }
+
+    /// Wraps any error as [`Error::Unavailable`], keeping it as the source.
+    pub fn unavailable(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Error::Unavailable { source: Box::new(source) }
+    }
+
+    /// Whether retrying the same call later may succeed without any change to it:
+    /// [`Error::Unavailable`] and [`Error::Quota`].
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Unavailable { .. } | Error::Quota { .. })
     }
 }
 
@@ -186,6 +211,7 @@ mod tests {
             Error::NotFound { entity: Entity::Project },
             Error::invalid_input("name", "must not be empty"),
             Error::configuration("signing secret missing"),
+            Error::unavailable(std::io::Error::other("refused")),
             Error::InsufficientScope {
                 missing: vec![Scope::new("read").unwrap(), Scope::new("write").unwrap()],
             },

@@ -120,6 +120,7 @@ mod redaction_tests {
             SigningSecret::new("short").unwrap_err(),
             Error::Entropy,
             Error::storage(std::io::Error::other("db down")),
+            Error::unavailable(std::io::Error::other("connection refused")),
         ];
         for e in &errors {
             rendered.push(format!("{e:?}"));

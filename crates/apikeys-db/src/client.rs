@@ -34,6 +34,11 @@ pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 ///
 /// Cheap to clone (all clones share one connection pool, hasher and rate limiter). Build it
 /// with [`ApiKeyClient::builder`].
+///
+/// Besides the errors each method lists, every call that reaches the database fails with
+/// [`Error::Unavailable`] when the database cannot be reached, after at most the builder's
+/// connect timeout plus acquire timeout (5 s each by default); the client reconnects by
+/// itself once the database is back.
 #[derive(Clone)]
 pub struct ApiKeyClient {
     pub(crate) inner: Arc<Inner>,
@@ -260,14 +265,16 @@ impl ClientBuilder {
         self
     }
 
-    /// How long to wait for a new database connection (default 5 s).
+    /// How long to wait for a new database connection (default 5 s) before failing with
+    /// [`Error::Unavailable`].
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
     /// How long a call waits for a pooled connection before failing with
-    /// [`Error::Storage`] (default 5 s). Bounds how long calls hang while the database is down.
+    /// [`Error::Unavailable`] (default 5 s). Bounds how long calls hang while the database is
+    /// down.
     pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
         self.acquire_timeout = timeout;
         self
