@@ -15,6 +15,7 @@ use sea_orm::{
 
 use crate::error::storage;
 use crate::rate_limit::{RateLimitMode, RateLimiter};
+use crate::usage::UsageBatch;
 
 /// Key of the PostgreSQL advisory lock that serializes [`ApiKeyClient::create_tables`]
 /// (the ASCII bytes of "apikeys\0" as a big-endian integer).
@@ -51,6 +52,16 @@ pub(crate) struct Inner {
     pub(crate) default_lifetime: Option<Duration>,
     pub(crate) clock: Clock,
     pub(crate) limiter: RateLimiter,
+    /// Batched usage tracking, when configured.
+    pub(crate) usage: Option<Arc<UsageBatch>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(batch) = &self.usage {
+            crate::usage::flush_on_drop(batch, &self.db);
+        }
+    }
 }
 
 impl fmt::Debug for ApiKeyClient {
@@ -61,6 +72,7 @@ impl fmt::Debug for ApiKeyClient {
             .field("hasher", &self.inner.hasher)
             .field("default_lifetime", &self.inner.default_lifetime)
             .field("rate_limit_mode", &self.inner.limiter.mode())
+            .field("batched_usage", &self.inner.usage.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -166,6 +178,7 @@ pub struct ClientBuilder {
     clock: Option<Clock>,
     rate_limit_mode: RateLimitMode,
     log_statements: bool,
+    usage_flush_interval: Option<Duration>,
 }
 
 impl Default for ClientBuilder {
@@ -185,6 +198,7 @@ impl Default for ClientBuilder {
             clock: None,
             rate_limit_mode: RateLimitMode::default(),
             log_statements: false,
+            usage_flush_interval: None,
         }
     }
 }
@@ -301,6 +315,19 @@ impl ClientBuilder {
         self
     }
 
+    /// Batched usage tracking: successful checks add to counts held in memory, and every
+    /// `interval` one statement per 500 keys writes them (`use_count`, `last_used_at`),
+    /// instead of one `UPDATE` per check. A busy key then costs one write per interval.
+    ///
+    /// The price: stored counts lag by up to `interval` (the record a check returns includes
+    /// its own use), and counts not yet written are lost if the process dies. A failed flush
+    /// keeps its counts for the next one; call [`ApiKeyClient::flush_usage`] on graceful
+    /// shutdown. Off by default (every check writes at once).
+    pub fn usage_flush_interval(mut self, interval: Duration) -> Self {
+        self.usage_flush_interval = Some(interval);
+        self
+    }
+
     /// Validates the configuration and connects.
     ///
     /// # Errors
@@ -324,6 +351,9 @@ impl ClientBuilder {
         if self.default_lifetime.is_some_and(|d| d.is_zero()) {
             return Err(Error::configuration("the default key lifetime must be positive"));
         }
+        if self.usage_flush_interval.is_some_and(|d| d.is_zero()) {
+            return Err(Error::configuration("the usage flush interval must be positive"));
+        }
         let db = match (self.url, self.connection) {
             (Some(url), None) => {
                 let timeouts = (self.connect_timeout, self.acquire_timeout);
@@ -337,16 +367,19 @@ impl ClientBuilder {
             }
         };
         let limiter = RateLimiter::new(self.rate_limit_mode);
-        Ok(ApiKeyClient {
-            inner: Arc::new(Inner {
-                db,
-                hasher,
-                format,
-                default_lifetime: self.default_lifetime,
-                clock: self.clock.unwrap_or_else(|| Arc::new(Utc::now)),
-                limiter,
-            }),
-        })
+        let inner = Arc::new(Inner {
+            db,
+            hasher,
+            format,
+            default_lifetime: self.default_lifetime,
+            clock: self.clock.unwrap_or_else(|| Arc::new(Utc::now)),
+            limiter,
+            usage: self.usage_flush_interval.map(|_| Arc::default()),
+        });
+        if let Some(interval) = self.usage_flush_interval {
+            crate::usage::spawn_flusher(Arc::downgrade(&inner), interval);
+        }
+        Ok(ApiKeyClient { inner })
     }
 }
 

@@ -5,10 +5,10 @@ use apikeys_core::{
     ProductAccess, ProductId, ProjectId, Requirements, Result, Scopes, StatusFilter, decide,
 };
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::sea_query::{Expr, ExprTrait, Query};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, Condition, EntityTrait, IntoActiveModel, QueryFilter,
-    QueryOrder, QuerySelect,
+    ActiveValue::Set, ColumnTrait, Condition, DbErr, EntityTrait, FromQueryResult, IntoActiveModel,
+    QueryFilter, QueryOrder, QueryResult, QuerySelect,
 };
 
 use crate::client::ApiKeyClient;
@@ -117,11 +117,54 @@ fn owned_by(
     }
 }
 
+/// Adds the two product facts of [`KeyRow`] to a key lookup, as correlated subqueries.
+fn with_product_facts(
+    select: sea_orm::Select<api_key::Entity>,
+    product: ProductId,
+) -> sea_orm::Select<api_key::Entity> {
+    let org = Query::select()
+        .column(product::Column::OrgId)
+        .from(product::Entity)
+        .and_where(product::Column::Id.eq(product.as_uuid()))
+        .to_owned();
+    let linked = Query::select()
+        .column((project_product::Entity, project_product::Column::ProjectId))
+        .from(project_product::Entity)
+        .and_where(project_product::Column::ProductId.eq(product.as_uuid()))
+        .and_where(
+            Expr::col((project_product::Entity, project_product::Column::ProjectId))
+                .equals((api_key::Entity, api_key::Column::ProjectId)),
+        )
+        .to_owned();
+    select.expr_as(org, "product_org_id").expr_as(linked, "linked_project_id")
+}
+
 /// A key found by its plaintext, with what is needed to finish the verification.
 struct Found {
     key: ApiKey,
     /// The hash under the current secret, if the row still holds an older secret's hash.
     rehash: Option<(u32, Vec<u8>)>,
+    /// What the decision needs to know about the requested product, if one was requested.
+    product: Option<ProductAccess>,
+}
+
+/// A key row read together with two facts about the requested product, so that validating
+/// for a product stays one round trip: the product's organization (`None`: no such product),
+/// and the key's project if that project is linked to the product.
+struct KeyRow {
+    model: api_key::Model,
+    product_org_id: Option<uuid::Uuid>,
+    linked_project_id: Option<uuid::Uuid>,
+}
+
+impl FromQueryResult for KeyRow {
+    fn from_query_result(res: &QueryResult, pre: &str) -> std::result::Result<Self, DbErr> {
+        Ok(Self {
+            model: api_key::Model::from_query_result(res, pre)?,
+            product_org_id: res.try_get(pre, "product_org_id")?,
+            linked_project_id: res.try_get(pre, "linked_project_id")?,
+        })
+    }
 }
 
 impl ApiKeyClient {
@@ -180,25 +223,48 @@ impl ApiKeyClient {
         Ok(IssuedKey { key: plaintext, record: api_key_from_model(row)? })
     }
 
-    /// Parses, hashes and looks up a presented key (one indexed read).
-    async fn find_by_plaintext(&self, plaintext: &str) -> Result<Found> {
+    /// Parses, hashes and looks up a presented key: one indexed read, which also reads what
+    /// the decision needs about `product` when one is given.
+    async fn find_by_plaintext(
+        &self,
+        plaintext: &str,
+        product: Option<ProductId>,
+    ) -> Result<Found> {
         let parsed = self.inner.format.parse(plaintext)?;
         let hasher = &self.inner.hasher;
         let candidates = hasher.candidates(parsed.as_str());
         let condition = candidates.iter().fold(Condition::any(), |c, (_, h)| {
             c.add(api_key::Column::KeyHash.eq(h.as_bytes().to_vec()))
         });
-        let model = api_key::Entity::find()
-            .filter(condition)
-            .one(self.db())
-            .await
-            .map_err(storage)?
-            .ok_or(Error::InvalidKey)?;
+        let select = api_key::Entity::find().filter(condition);
+        let (model, product) = match product {
+            None => {
+                let model = select.one(self.db()).await.map_err(storage)?;
+                (model.ok_or(Error::InvalidKey)?, None)
+            }
+            Some(product_id) => {
+                let row = with_product_facts(select, product_id)
+                    .into_model::<KeyRow>()
+                    .one(self.db())
+                    .await
+                    .map_err(storage)?
+                    .ok_or(Error::InvalidKey)?;
+                // A product that does not exist is not allowed, like another organization's:
+                // the nil organization matches no key. The decision reports it after the
+                // key's own status, in the documented order.
+                let access = ProductAccess {
+                    product_id,
+                    org_id: OrgId::from_uuid(row.product_org_id.unwrap_or_default()),
+                    key_project_linked: row.linked_project_id.is_some(),
+                };
+                (row.model, Some(access))
+            }
+        };
         let version =
             KeyHasher::matching_version(&candidates, &model.key_hash).ok_or(Error::InvalidKey)?;
         let rehash = (version != hasher.current_version())
             .then(|| (hasher.current_version(), candidates[0].1.as_bytes().to_vec()));
-        Ok(Found { key: api_key_from_model(model)?, rehash })
+        Ok(Found { key: api_key_from_model(model)?, rehash, product })
     }
 
     /// After a successful check: count the use and move the hash to the current secret, in one
@@ -209,24 +275,32 @@ impl ApiKeyClient {
         track: bool,
         now: DateTime<Utc>,
     ) -> Result<()> {
-        if !track && found.rehash.is_none() {
-            return Ok(());
+        // With batched tracking the use is counted in memory; the next flush writes it.
+        let batch = self.inner.usage.as_ref().filter(|_| track);
+        if let Some(batch) = batch {
+            batch.record(found.key.id.as_uuid(), naive(now));
         }
-        let mut update =
-            api_key::Entity::update_many().filter(api_key::Column::Id.eq(found.key.id.as_uuid()));
-        if track {
-            update = update
-                .col_expr(api_key::Column::UseCount, Expr::col(api_key::Column::UseCount).add(1))
-                .col_expr(api_key::Column::LastUsedAt, Expr::value(naive(now)));
+        let write_use = track && batch.is_none();
+        if write_use || found.rehash.is_some() {
+            let mut update = api_key::Entity::update_many()
+                .filter(api_key::Column::Id.eq(found.key.id.as_uuid()));
+            if write_use {
+                update = update
+                    .col_expr(
+                        api_key::Column::UseCount,
+                        Expr::col(api_key::Column::UseCount).add(1),
+                    )
+                    .col_expr(api_key::Column::LastUsedAt, Expr::value(naive(now)));
+            }
+            if let Some((version, hash)) = found.rehash.take() {
+                update = update.col_expr(api_key::Column::KeyHash, Expr::value(hash)).col_expr(
+                    api_key::Column::SecretVersion,
+                    Expr::value(i32::try_from(version).unwrap_or(i32::MAX)),
+                );
+                tracing::info!(key_id = %found.key.id, version, "api key re-hashed to the current signing secret");
+            }
+            update.exec(self.db()).await.map_err(storage)?;
         }
-        if let Some((version, hash)) = found.rehash.take() {
-            update = update.col_expr(api_key::Column::KeyHash, Expr::value(hash)).col_expr(
-                api_key::Column::SecretVersion,
-                Expr::value(i32::try_from(version).unwrap_or(i32::MAX)),
-            );
-            tracing::info!(key_id = %found.key.id, version, "api key re-hashed to the current signing secret");
-        }
-        update.exec(self.db()).await.map_err(storage)?;
         if track {
             found.key.use_count += 1;
             found.key.last_used_at = Some(now);
@@ -246,7 +320,7 @@ impl ApiKeyClient {
     /// [`Error::Revoked`]; [`Error::Expired`]; [`Error::Storage`].
     pub async fn verify_key(&self, plaintext: &str, options: VerifyOptions) -> Result<ApiKey> {
         let now = self.now();
-        let mut found = self.find_by_plaintext(plaintext).await?;
+        let mut found = self.find_by_plaintext(plaintext, None).await?;
         decide(&found.key, &Requirements::default(), now)?;
         self.record_success(&mut found, options.track_usage, now).await?;
         Ok(found.key)
@@ -263,44 +337,13 @@ impl ApiKeyClient {
     pub async fn validate_key(&self, plaintext: &str, options: ValidateOptions) -> Result<ApiKey> {
         let now = self.now();
         let scopes = Scopes::parse(options.scopes)?;
-        let mut found = self.find_by_plaintext(plaintext).await?;
-        let product = match options.product {
-            Some(p) => Some(self.product_access(&found.key, p).await?),
-            None => None,
-        };
-        decide(&found.key, &Requirements { product, scopes }, now)?;
+        let mut found = self.find_by_plaintext(plaintext, options.product).await?;
+        decide(&found.key, &Requirements { product: found.product.take(), scopes }, now)?;
         if options.check_rate_limit {
             self.check_rate_limit(&found.key, now).await?;
         }
         self.record_success(&mut found, options.track_usage, now).await?;
         Ok(found.key)
-    }
-
-    /// What the decision needs to know about `product` for `key`. A product that does not
-    /// exist is reported as not allowed, like a product of another organization.
-    async fn product_access(&self, key: &ApiKey, product_id: ProductId) -> Result<ProductAccess> {
-        let Some(product) = product::Entity::find_by_id(product_id.as_uuid())
-            .one(self.db())
-            .await
-            .map_err(storage)?
-        else {
-            return Err(Error::ProductNotAllowed { product_id });
-        };
-        let key_project_linked = match (key.product_id, key.project_id) {
-            (None, Some(project)) if product.org_id == key.org_id.as_uuid() => {
-                project_product::Entity::find_by_id((project.as_uuid(), product_id.as_uuid()))
-                    .one(self.db())
-                    .await
-                    .map_err(storage)?
-                    .is_some()
-            }
-            _ => false,
-        };
-        Ok(ProductAccess {
-            product_id,
-            org_id: OrgId::from_uuid(product.org_id),
-            key_project_linked,
-        })
     }
 
     /// The key with this id.

@@ -51,6 +51,7 @@ mod entity;
 mod error;
 mod keys;
 mod rate_limit;
+mod usage;
 
 #[doc(inline)]
 pub use apikeys_core::*;

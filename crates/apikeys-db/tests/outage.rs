@@ -96,6 +96,20 @@ async fn outage(kind: &str) {
         .await
         .unwrap();
     let key = issued.key.expose_secret().to_owned();
+    // Batched usage tracking: two uses in memory when the database goes away.
+    let batched = ApiKeyClient::builder()
+        .database_url(&url)
+        .signing_secret(common::SECRET)
+        .connect_timeout(TIMEOUT)
+        .acquire_timeout(TIMEOUT)
+        .usage_flush_interval(Duration::from_secs(3600))
+        .build()
+        .await
+        .unwrap();
+    let counted = client.create_key(org.id, NewKey::new("batched")).await.unwrap();
+    for _ in 0..2 {
+        batched.verify_key(counted.key.expose_secret(), Default::default()).await.unwrap();
+    }
     let keys_before =
         client.list_org_keys(org.id, StatusFilter::All, Page::default()).await.unwrap();
 
@@ -146,6 +160,7 @@ async fn outage(kind: &str) {
         .await,
         unavailable("revoke_key", client.revoke_key(issued.record.id)).await,
         unavailable("create_tables", client.create_tables()).await,
+        unavailable("flush_usage", batched.flush_usage()).await,
         // A client built while the database is down fails the same way.
         unavailable(
             "build",
@@ -181,4 +196,7 @@ async fn outage(kind: &str) {
     assert!(keys_after.items.iter().all(|k| k.revoked_at.is_none()));
     assert!(client.find_organization("globex").await.unwrap().is_none());
     client.create_key(org.id, NewKey::new("after outage")).await.unwrap();
+    // The failed flush kept its counts; the next one writes them.
+    assert_eq!(batched.flush_usage().await.unwrap(), 1);
+    assert_eq!(client.get_key(counted.record.id).await.unwrap().use_count, 2);
 }

@@ -264,6 +264,15 @@ pub async fn product_rule(db: TestDb) {
     assert!(!check(&globex_key, api.id).await, "cross-tenant");
     assert!(check(&globex_key, g_api.id).await);
     assert!(!check(&org_wide, apikeys_db::ProductId::new()).await, "unknown product");
+    // The key's own status is reported first, whatever the product.
+    client.revoke_key(org_wide.record.id).await.unwrap();
+    for product in [g_api.id, apikeys_db::ProductId::new()] {
+        let options = ValidateOptions::new().for_product(product);
+        assert!(matches!(
+            client.validate_key(org_wide.key.expose_secret(), options).await,
+            Err(Error::Revoked { .. })
+        ));
+    }
 }
 
 pub async fn scopes(db: TestDb) {

@@ -16,6 +16,7 @@ mod fuzz;
 mod keys;
 mod rate_limit;
 mod tenancy;
+mod usage;
 
 common::backend_tests! {
     bad_input: [
@@ -51,6 +52,10 @@ common::backend_tests! {
     ],
     fuzz: [
         verify_arbitrary_input,
+    ],
+    usage: [
+        batched_counts_are_exact,
+        batched_flushes_on_interval_and_drop,
     ],
     rate_limit: [
         shared_limit_is_exact_under_concurrency,
