@@ -8,6 +8,7 @@
 //! then one interleaved run measures the operations the ratio targets compare, so that machine
 //! noise hits all of them alike, and prints the ratios. `APIKEYS_BENCH_QUICK=1` makes every
 //! measurement tiny (100 keys to list, not 100 000): CI uses it to check that the benches run.
+//! `APIKEYS_BENCH_ROUNDS=n` sets the interleaved rounds (of 200 calls each; 10 in quick mode).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -232,7 +233,9 @@ fn throughput(g: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, f: &Fixture) {
 
 /// Interleaved rounds of every compared operation; returns µs per call of each.
 fn interleaved(rt: &Runtime, f: &Fixture) -> [f64; 7] {
-    let (rounds, per_round) = if quick() { (2, 10) } else { (30, 200) };
+    let default = if quick() { 2 } else { 30 };
+    let rounds = std::env::var("APIKEYS_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok());
+    let (rounds, per_round) = (rounds.unwrap_or(default), if quick() { 10 } else { 200 });
     let mut totals = [Duration::ZERO; 7];
     rt.block_on(async {
         let hash = f.hasher.hash(&f.key);

@@ -14,6 +14,7 @@ use sea_orm::{
 };
 
 use crate::error::storage;
+use crate::lookup::LookupSql;
 use crate::rate_limit::{RateLimitMode, RateLimiter};
 use crate::usage::UsageBatch;
 
@@ -52,6 +53,8 @@ pub(crate) struct Inner {
     pub(crate) default_lifetime: Option<Duration>,
     pub(crate) clock: Clock,
     pub(crate) limiter: RateLimiter,
+    /// The key lookup's SQL, rendered once.
+    pub(crate) lookup: LookupSql,
     /// Batched usage tracking, when configured.
     pub(crate) usage: Option<Arc<UsageBatch>>,
 }
@@ -367,7 +370,9 @@ impl ClientBuilder {
             }
         };
         let limiter = RateLimiter::new(self.rate_limit_mode);
+        let lookup = LookupSql::new(db.get_database_backend(), hasher.versions().count())?;
         let inner = Arc::new(Inner {
+            lookup,
             db,
             hasher,
             format,

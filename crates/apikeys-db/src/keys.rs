@@ -5,15 +5,15 @@ use apikeys_core::{
     ProductAccess, ProductId, ProjectId, Requirements, Result, Scopes, StatusFilter, decide,
 };
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Expr, ExprTrait, Query};
+use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, Condition, DbErr, EntityTrait, FromQueryResult, IntoActiveModel,
-    QueryFilter, QueryOrder, QueryResult, QuerySelect,
+    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DbErr, EntityTrait, FromQueryResult,
+    IntoActiveModel, QueryFilter, QueryOrder, QueryResult, QuerySelect,
 };
 
 use crate::client::ApiKeyClient;
 use crate::convert::{api_key_from_model, naive, rate_limit_columns, scopes_to_json, to_micros};
-use crate::entity::{api_key, product, project, project_product};
+use crate::entity::{api_key, product, project};
 use crate::error::{missing_parent, storage};
 
 /// Options of [`ApiKeyClient::verify_key`].
@@ -117,28 +117,6 @@ fn owned_by(
     }
 }
 
-/// Adds the two product facts of [`KeyRow`] to a key lookup, as correlated subqueries.
-fn with_product_facts(
-    select: sea_orm::Select<api_key::Entity>,
-    product: ProductId,
-) -> sea_orm::Select<api_key::Entity> {
-    let org = Query::select()
-        .column(product::Column::OrgId)
-        .from(product::Entity)
-        .and_where(product::Column::Id.eq(product.as_uuid()))
-        .to_owned();
-    let linked = Query::select()
-        .column((project_product::Entity, project_product::Column::ProjectId))
-        .from(project_product::Entity)
-        .and_where(project_product::Column::ProductId.eq(product.as_uuid()))
-        .and_where(
-            Expr::col((project_product::Entity, project_product::Column::ProjectId))
-                .equals((api_key::Entity, api_key::Column::ProjectId)),
-        )
-        .to_owned();
-    select.expr_as(org, "product_org_id").expr_as(linked, "linked_project_id")
-}
-
 /// A key found by its plaintext, with what is needed to finish the verification.
 struct Found {
     key: ApiKey,
@@ -148,9 +126,9 @@ struct Found {
     product: Option<ProductAccess>,
 }
 
-/// A key row read together with two facts about the requested product, so that validating
-/// for a product stays one round trip: the product's organization (`None`: no such product),
-/// and the key's project if that project is linked to the product.
+/// A key row read together with the two product facts of the lookup (see
+/// [`LookupSql`](crate::lookup::LookupSql)): the product's organization (`None`: no such
+/// product), and the key's project if that project is linked to the product.
 struct KeyRow {
     model: api_key::Model,
     product_org_id: Option<uuid::Uuid>,
@@ -233,22 +211,13 @@ impl ApiKeyClient {
         let parsed = self.inner.format.parse(plaintext)?;
         let hasher = &self.inner.hasher;
         let candidates = hasher.candidates(parsed.as_str());
-        let condition = candidates.iter().fold(Condition::any(), |c, (_, h)| {
-            c.add(api_key::Column::KeyHash.eq(h.as_bytes().to_vec()))
-        });
-        let select = api_key::Entity::find().filter(condition);
+        let statement = self.inner.lookup.statement(&candidates, product);
+        let row = self.db().query_one_raw(statement).await.map_err(storage)?;
+        let row = row.ok_or(Error::InvalidKey)?;
         let (model, product) = match product {
-            None => {
-                let model = select.one(self.db()).await.map_err(storage)?;
-                (model.ok_or(Error::InvalidKey)?, None)
-            }
+            None => (api_key::Model::from_query_result(&row, "").map_err(storage)?, None),
             Some(product_id) => {
-                let row = with_product_facts(select, product_id)
-                    .into_model::<KeyRow>()
-                    .one(self.db())
-                    .await
-                    .map_err(storage)?
-                    .ok_or(Error::InvalidKey)?;
+                let row = KeyRow::from_query_result(&row, "").map_err(storage)?;
                 // A product that does not exist is not allowed, like another organization's:
                 // the nil organization matches no key. The decision reports it after the
                 // key's own status, in the documented order.

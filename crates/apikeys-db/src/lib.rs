@@ -50,6 +50,7 @@ mod convert;
 mod entity;
 mod error;
 mod keys;
+mod lookup;
 mod rate_limit;
 mod usage;
 

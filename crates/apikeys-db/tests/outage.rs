@@ -35,6 +35,15 @@ async fn mysql_outage() {
     outage("MYSQL").await;
 }
 
+/// A client of the outage server with the test's short timeouts.
+fn builder(url: &str) -> apikeys_db::ClientBuilder {
+    ApiKeyClient::builder()
+        .database_url(url)
+        .signing_secret(common::SECRET)
+        .connect_timeout(TIMEOUT)
+        .acquire_timeout(TIMEOUT)
+}
+
 /// Runs the server control command with `action` (`stop` or `start`).
 async fn ctl(command: &str, action: &str) {
     let command = command.replace("{}", action);
@@ -78,14 +87,7 @@ async fn outage(kind: &str) {
         );
         return;
     };
-    let client = ApiKeyClient::builder()
-        .database_url(&url)
-        .signing_secret(common::SECRET)
-        .connect_timeout(TIMEOUT)
-        .acquire_timeout(TIMEOUT)
-        .build()
-        .await
-        .unwrap();
+    let client = builder(&url).build().await.unwrap();
     client.create_tables().await.unwrap();
     let (org, _) = client.get_or_create_organization("acme").await.unwrap();
     let issued = client
@@ -97,15 +99,8 @@ async fn outage(kind: &str) {
         .unwrap();
     let key = issued.key.expose_secret().to_owned();
     // Batched usage tracking: two uses in memory when the database goes away.
-    let batched = ApiKeyClient::builder()
-        .database_url(&url)
-        .signing_secret(common::SECRET)
-        .connect_timeout(TIMEOUT)
-        .acquire_timeout(TIMEOUT)
-        .usage_flush_interval(Duration::from_secs(3600))
-        .build()
-        .await
-        .unwrap();
+    let batched =
+        builder(&url).usage_flush_interval(Duration::from_secs(3600)).build().await.unwrap();
     let counted = client.create_key(org.id, NewKey::new("batched")).await.unwrap();
     for _ in 0..2 {
         batched.verify_key(counted.key.expose_secret(), Default::default()).await.unwrap();
@@ -162,16 +157,7 @@ async fn outage(kind: &str) {
         unavailable("create_tables", client.create_tables()).await,
         unavailable("flush_usage", batched.flush_usage()).await,
         // A client built while the database is down fails the same way.
-        unavailable(
-            "build",
-            ApiKeyClient::builder()
-                .database_url(&url)
-                .signing_secret(common::SECRET)
-                .connect_timeout(TIMEOUT)
-                .acquire_timeout(TIMEOUT)
-                .build(),
-        )
-        .await,
+        unavailable("build", builder(&url).build()).await,
     ];
     // Reported for the record (the bound above is what is asserted).
     #[allow(clippy::print_stderr)]
