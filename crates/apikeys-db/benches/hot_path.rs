@@ -47,6 +47,8 @@ struct Fixture {
     db: TestDb,
     client: ApiKeyClient,
     local: ApiKeyClient,
+    /// Batched usage tracking, flushed every 100 ms.
+    batched: ApiKeyClient,
     hasher: KeyHasher,
     org: OrgId,
     product: ProductId,
@@ -64,6 +66,7 @@ async fn fixture(backend: Backend) -> Option<Fixture> {
     let db = TestDb::new(backend, "bench").await?;
     let client = db.client().await;
     let local = db.client_with(|b| b.rate_limit_mode(RateLimitMode::Local)).await;
+    let batched = db.client_with(|b| b.usage_flush_interval(Duration::from_millis(100))).await;
     let hasher = KeyHasher::new(SigningSecret::new(SECRET).unwrap()).unwrap();
     let (org, _) = client.get_or_create_organization("bench").await.unwrap();
     let (project, _) = client.get_or_create_project(org.id, "web").await.unwrap();
@@ -101,6 +104,7 @@ async fn fixture(backend: Backend) -> Option<Fixture> {
         db,
         client,
         local,
+        batched,
         hasher,
         org: org.id,
         product: product.id,
@@ -148,6 +152,10 @@ impl Fixture {
         self.client.verify_key(&self.key, options).await.unwrap();
     }
 
+    async fn verify_batched(&self) {
+        self.batched.verify_key(&self.key, VerifyOptions::new()).await.unwrap();
+    }
+
     fn full(&self) -> ValidateOptions {
         ValidateOptions::new().for_product(self.product).require_scopes(["read"]).track_usage(false)
     }
@@ -169,6 +177,9 @@ fn bench_backend(c: &mut Criterion, rt: &Runtime, name: &str, f: &Fixture) {
     g.bench_function("floor: raw UPDATE by id", |b| b.to_async(rt).iter(|| f.raw_update()));
     g.bench_function("verify_key, tracking off", |b| b.to_async(rt).iter(|| f.verify(false)));
     g.bench_function("verify_key, tracking on", |b| b.to_async(rt).iter(|| f.verify(true)));
+    g.bench_function("verify_key, tracking batched", |b| {
+        b.to_async(rt).iter(|| f.verify_batched())
+    });
     g.bench_function("validate_key, scopes + product", |b| {
         b.to_async(rt).iter(|| async { f.client.validate_key(&f.key, f.full()).await.unwrap() })
     });
@@ -232,11 +243,11 @@ fn throughput(g: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, f: &Fixture) {
 }
 
 /// Interleaved rounds of every compared operation; returns µs per call of each.
-fn interleaved(rt: &Runtime, f: &Fixture) -> [f64; 7] {
+fn interleaved(rt: &Runtime, f: &Fixture) -> [f64; 8] {
     let default = if quick() { 2 } else { 30 };
     let rounds = std::env::var("APIKEYS_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok());
     let (rounds, per_round) = (rounds.unwrap_or(default), if quick() { 10 } else { 200 });
-    let mut totals = [Duration::ZERO; 7];
+    let mut totals = [Duration::ZERO; 8];
     rt.block_on(async {
         let hash = f.hasher.hash(&f.key);
         for _ in 0..rounds {
@@ -256,14 +267,15 @@ fn interleaved(rt: &Runtime, f: &Fixture) -> [f64; 7] {
             timed!(4, f.verify(false).await);
             timed!(5, f.verify(true).await);
             timed!(6, f.validate_local().await);
+            timed!(7, f.verify_batched().await);
         }
     });
     let n = f64::from(rounds * per_round);
     totals.map(|d| d.as_secs_f64() * 1e6 / n)
 }
 
-fn report(name: &str, us: [f64; 7]) {
-    let [hmac, select, floor, update, verify_off, verify_on, local] = us;
+fn report(name: &str, us: [f64; 8]) {
+    let [hmac, select, floor, update, verify_off, verify_on, local, batched] = us;
     println!("\n{name}: interleaved, same run (µs per call)");
     println!("  HMAC-SHA256                      {hmac:9.2}");
     println!("  raw SELECT by hash               {select:9.2}");
@@ -272,6 +284,7 @@ fn report(name: &str, us: [f64; 7]) {
     println!("  verify_key, tracking off         {verify_off:9.2}");
     println!("  verify_key, tracking on          {verify_on:9.2}");
     println!("  validate_key, local limit        {local:9.2}");
+    println!("  verify_key, tracking batched     {batched:9.2}");
     let check = |label: &str, ratio: f64, target: f64| {
         let verdict = if ratio <= target { "ok" } else { "MISSED" };
         println!("  {label:<52} {ratio:5.2}×  (target ≤ {target}×: {verdict})");
@@ -279,6 +292,11 @@ fn report(name: &str, us: [f64; 7]) {
     check("verify_key (tracking off) / floor", verify_off / floor, 1.5);
     check("validate_key (local limit) / verify_key", local / verify_off, 1.2);
     check("verify_key (tracking on) / (floor + raw UPDATE)", verify_on / (floor + update), 1.5);
+    println!(
+        "  batched tracking: {:.2}× verify_key (tracking off), {:.2}× tracking on",
+        batched / verify_off,
+        batched / verify_on
+    );
 }
 
 fn main() {
