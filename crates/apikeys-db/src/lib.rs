@@ -60,3 +60,8 @@ pub use client::{ApiKeyClient, ClientBuilder, Clock};
 pub use keys::{ValidateOptions, VerifyOptions};
 pub use rate_limit::RateLimitMode;
 pub use sea_orm;
+
+/// The README's Rust examples, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
