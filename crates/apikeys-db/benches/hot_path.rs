@@ -26,10 +26,10 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use apikeys_db::sea_orm::sea_query::{Alias, Asterisk, Expr, ExprTrait, Query};
-use apikeys_db::sea_orm::{ConnectionTrait, DatabaseConnection};
+use apikeys_db::sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use apikeys_db::{
-    ApiKeyClient, KeyHasher, KeyId, NewKey, OrgId, Page, ProductId, ProjectId, RateLimit,
-    RateLimitMode, SigningSecret, StatusFilter, ValidateOptions, VerifyOptions,
+    ApiKeyClient, KeyHasher, NewKey, OrgId, Page, ProductId, ProjectId, RateLimit, RateLimitMode,
+    SigningSecret, StatusFilter, ValidateOptions, VerifyOptions,
 };
 use common::{Backend, SECRET, TestDb};
 use criterion::{BenchmarkGroup, Criterion, Throughput, measurement::WallTime};
@@ -54,12 +54,15 @@ struct Fixture {
     product: ProductId,
     /// Scopes `read` and `write`, of a project linked to `product`, no rate limit.
     key: String,
-    key_id: KeyId,
     /// The same, with a rate limit that is never reached (every check does the full work).
     limited: String,
     /// A project holding `list_size` keys; `pool` holds 10 000 of them (in quick mode 100).
     big_project: ProjectId,
     pool: Vec<String>,
+    /// The floor's SELECT by hash, rendered once (the hash is bound per call).
+    select_sql: String,
+    /// The floor's UPDATE, rendered once.
+    update: Statement,
 }
 
 async fn fixture(backend: Backend) -> Option<Fixture> {
@@ -100,7 +103,20 @@ async fn fixture(backend: Backend) -> Option<Fixture> {
     }
     pool.truncate(pool_size);
     println!("{backend:?}: {list_size} keys created in {:.1?}", started.elapsed());
+    let sql_backend = client.connection().get_database_backend();
+    let select = Query::select()
+        .column(Asterisk)
+        .from(Alias::new("api_keys"))
+        .and_where(Expr::col(Alias::new("key_hash")).eq(Vec::<u8>::new()))
+        .to_owned();
+    let update = Query::update()
+        .table(Alias::new("api_keys"))
+        .value(Alias::new("use_count"), Expr::col(Alias::new("use_count")).add(1))
+        .and_where(Expr::col(Alias::new("id")).eq(issued.record.id.as_uuid()))
+        .to_owned();
     Some(Fixture {
+        select_sql: sql_backend.build(&select).sql,
+        update: sql_backend.build(&update),
         db,
         client,
         local,
@@ -109,7 +125,6 @@ async fn fixture(backend: Backend) -> Option<Fixture> {
         org: org.id,
         product: product.id,
         key: issued.key.expose_secret().to_owned(),
-        key_id: issued.record.id,
         limited: limited.key.expose_secret().to_owned(),
         big_project: big.id,
         pool,
@@ -122,24 +137,20 @@ impl Fixture {
     }
 
     /// The floor's read: the row of one hash by its unique index, every column, no SDK code.
+    /// Like the SDK's lookup, the SQL is rendered once and only the hash is bound per call.
     async fn raw_select(&self, hash: &[u8]) {
-        let query = Query::select()
-            .column(Asterisk)
-            .from(Alias::new("api_keys"))
-            .and_where(Expr::col(Alias::new("key_hash")).eq(hash.to_vec()))
-            .to_owned();
-        let row = self.conn().query_one(&query).await.unwrap();
+        let statement = Statement::from_sql_and_values(
+            self.conn().get_database_backend(),
+            self.select_sql.clone(),
+            [hash.to_vec().into()],
+        );
+        let row = self.conn().query_one_raw(statement).await.unwrap();
         assert!(row.is_some());
     }
 
-    /// The floor of usage tracking: one single-row UPDATE by primary key.
+    /// The floor of usage tracking: one single-row UPDATE by primary key (rendered once).
     async fn raw_update(&self) {
-        let update = Query::update()
-            .table(Alias::new("api_keys"))
-            .value(Alias::new("use_count"), Expr::col(Alias::new("use_count")).add(1))
-            .and_where(Expr::col(Alias::new("id")).eq(self.key_id.as_uuid()))
-            .to_owned();
-        self.conn().execute(&update).await.unwrap();
+        self.conn().execute_raw(self.update.clone()).await.unwrap();
     }
 
     async fn floor(&self) {

@@ -66,15 +66,12 @@ impl LookupSql {
             let slots = values
                 .iter()
                 .map(|v| match v {
-                    Value::Uuid(Some(u)) if *u == PRODUCT_SENTINEL => Ok(Slot::Product),
-                    Value::Bytes(Some(b)) => hashes
-                        .iter()
-                        .position(|h| h == b)
-                        .map(Slot::Hash)
-                        .ok_or_else(|| Error::configuration("key lookup: unexpected parameter")),
-                    _ => Err(Error::configuration("key lookup: unexpected parameter")),
+                    Value::Uuid(Some(u)) if *u == PRODUCT_SENTINEL => Some(Slot::Product),
+                    Value::Bytes(Some(b)) => hashes.iter().position(|h| h == b).map(Slot::Hash),
+                    _ => None,
                 })
-                .collect::<Result<Vec<_>>>()?;
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| Error::configuration("key lookup: unexpected parameter"))?;
             Ok::<_, Error>(Template { sql: statement.sql, slots })
         };
         Ok(Self { backend, plain: render(false)?, with_product: render(true)? })
