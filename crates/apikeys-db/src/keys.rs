@@ -237,14 +237,14 @@ impl ApiKeyClient {
     }
 
     /// After a successful check: count the use and move the hash to the current secret, in one
-    /// atomic `UPDATE` (nothing at all if neither is needed).
+    /// atomic `UPDATE` (nothing at all if neither is needed). With batched tracking the use is
+    /// only counted in memory; a re-hash is still written at once.
     async fn record_success(
         &self,
         found: &mut Found,
         track: bool,
         now: DateTime<Utc>,
     ) -> Result<()> {
-        // With batched tracking the use is counted in memory; the next flush writes it.
         let batch = self.inner.usage.as_ref().filter(|_| track);
         if let Some(batch) = batch {
             batch.record(found.key.id.as_uuid(), naive(now));
@@ -282,7 +282,9 @@ impl ApiKeyClient {
     ///
     /// A key issued under a previous signing secret is found too, and re-hashed to the current
     /// secret. With usage tracking on (the default) a success also adds one to `use_count` and
-    /// sets `last_used_at` in the same atomic `UPDATE`.
+    /// sets `last_used_at` in the same atomic `UPDATE`, or, with
+    /// [`ClientBuilder::usage_flush_interval`](crate::ClientBuilder::usage_flush_interval), in
+    /// memory until the next flush (the returned record counts this use either way).
     ///
     /// # Errors
     /// [`Error::InvalidKey`] (malformed or unknown: it does not say which);
