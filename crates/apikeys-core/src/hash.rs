@@ -118,13 +118,23 @@ impl Keyed {
     }
 }
 
-/// Hashes keys with the current signing secret, and recognises hashes made with older ones.
+/// Hashes keys with the current signing secret, and recognises hashes made with the others.
 ///
-/// The HMAC state is keyed once at construction (and zeroed on drop), so hashing a key costs
-/// two SHA-256 compressions plus the message blocks.
+/// A hasher holds up to three kinds of secret, which is what a rolling rotation needs:
+/// - the **current** one: new keys are hashed with it;
+/// - **previous** ones ([`with_previous`](Self::with_previous)): keys hashed with them are
+///   found, and [`needs_rehash`](Self::needs_rehash) says they should move to the current one;
+/// - **next** ones ([`with_next`](Self::with_next)): keys hashed with them (by replicas that
+///   already made the next secret current) are found, and left alone.
+///
+/// The HMAC state is keyed once at construction. With the `zeroize` features of `hmac` and
+/// `sha2` on (as this crate builds them), that state and the per-call copy each hash makes of
+/// it are zeroed when dropped, so hashing a key costs two SHA-256 compressions plus the
+/// message blocks and leaves no keyed state behind.
 pub struct KeyHasher {
     current: Keyed,
     previous: Vec<Keyed>,
+    next: Vec<Keyed>,
 }
 
 impl KeyHasher {
@@ -134,7 +144,7 @@ impl KeyHasher {
     /// [`Error::Configuration`] if the HMAC cannot be keyed (it accepts any length, so in
     /// practice never).
     pub fn new(current: SigningSecret) -> Result<Self> {
-        Ok(Self { current: Keyed::new(&current)?, previous: Vec::new() })
+        Ok(Self { current: Keyed::new(&current)?, previous: Vec::new(), next: Vec::new() })
     }
 
     /// Adds an older secret, so keys issued under it are still found (and can be re-hashed to
@@ -143,14 +153,40 @@ impl KeyHasher {
     /// # Errors
     /// [`Error::Configuration`] if the version is already used by another secret of this hasher.
     pub fn with_previous(mut self, previous: SigningSecret) -> Result<Self> {
-        if self.versions().any(|v| v == previous.version) {
+        let keyed = self.unused(&previous)?;
+        self.previous.push(keyed);
+        Ok(self)
+    }
+
+    /// Adds the secret that will become current in a later deploy: keys hashed with it (by
+    /// replicas where it is already current) are found, but nothing is hashed with it here
+    /// and no key is moved to or from it. This is the first step of a rolling rotation (see
+    /// the README, "Secret rotation").
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] if the version is already used by another secret of this hasher.
+    pub fn with_next(mut self, next: SigningSecret) -> Result<Self> {
+        let keyed = self.unused(&next)?;
+        self.next.push(keyed);
+        Ok(self)
+    }
+
+    fn unused(&self, secret: &SigningSecret) -> Result<Keyed> {
+        if self.versions().any(|v| v == secret.version) {
             return Err(Error::configuration(format!(
                 "signing secret version {} is used twice",
-                previous.version
+                secret.version
             )));
         }
-        self.previous.push(Keyed::new(&previous)?);
-        Ok(self)
+        Keyed::new(secret)
+    }
+
+    /// Whether a key stored under `version` should be re-hashed to the current secret: true
+    /// for the previous secrets only (never for a next one, which other replicas already use
+    /// as their current secret).
+    #[must_use]
+    pub fn needs_rehash(&self, version: u32) -> bool {
+        self.previous.iter().any(|k| k.version == version)
     }
 
     /// The current secret's version.
@@ -159,9 +195,13 @@ impl KeyHasher {
         self.current.version
     }
 
-    /// Every version this hasher knows, current first.
+    fn all(&self) -> impl Iterator<Item = &Keyed> + '_ {
+        std::iter::once(&self.current).chain(&self.previous).chain(&self.next)
+    }
+
+    /// Every version this hasher knows: current, previous, then next ones.
     pub fn versions(&self) -> impl Iterator<Item = u32> + '_ {
-        std::iter::once(self.current.version).chain(self.previous.iter().map(|k| k.version))
+        self.all().map(|k| k.version)
     }
 
     /// The hash of `key` under the current secret.
@@ -173,10 +213,7 @@ impl KeyHasher {
     /// The hash of `key` under every secret, current first, each with its version.
     #[must_use]
     pub fn candidates(&self, key: &str) -> Vec<(u32, KeyHash)> {
-        std::iter::once(&self.current)
-            .chain(&self.previous)
-            .map(|k| (k.version, k.hash(key.as_bytes())))
-            .collect()
+        self.all().map(|k| (k.version, k.hash(key.as_bytes()))).collect()
     }
 
     /// Which of the `candidates` equals `stored`, compared in constant time; its version.
@@ -200,6 +237,7 @@ impl fmt::Debug for KeyHasher {
                 "previous_versions",
                 &self.previous.iter().map(|k| k.version).collect::<Vec<_>>(),
             )
+            .field("next_versions", &self.next.iter().map(|k| k.version).collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
@@ -269,6 +307,39 @@ mod tests {
         assert_eq!(KeyHasher::matching_version(&candidates, &[0; 32]), None);
         let dup = KeyHasher::new(v1()).unwrap().with_previous(v1());
         assert!(matches!(dup, Err(Error::Configuration { .. })));
+    }
+
+    #[test]
+    fn next_secrets_are_found_but_never_rehashed() {
+        let v1 = || SigningSecret::new(vec![1; 32]).unwrap();
+        let v2 = || SigningSecret::new(vec![2; 32]).unwrap().with_version(2);
+        // Step 1 of a rotation: v1 current, v2 next.
+        let step1 = KeyHasher::new(v1()).unwrap().with_next(v2()).unwrap();
+        // Step 2: v2 current, v1 previous.
+        let step2 = KeyHasher::new(v2()).unwrap().with_previous(v1()).unwrap();
+        let under_v2 = step2.hash("sk_abc");
+        let under_v1 = step1.hash("sk_abc");
+        assert_eq!(step1.versions().collect::<Vec<_>>(), vec![1, 2]);
+        let c1 = step1.candidates("sk_abc");
+        assert_eq!(KeyHasher::matching_version(&c1, under_v2.as_bytes()), Some(2));
+        assert_eq!(KeyHasher::matching_version(&c1, under_v1.as_bytes()), Some(1));
+        let c2 = step2.candidates("sk_abc");
+        assert_eq!(KeyHasher::matching_version(&c2, under_v1.as_bytes()), Some(1));
+        // Only step 2 moves keys, and only from the previous secret.
+        assert!(!step1.needs_rehash(2) && !step1.needs_rehash(1));
+        assert!(step2.needs_rehash(1) && !step2.needs_rehash(2));
+        assert!(matches!(
+            KeyHasher::new(v1()).unwrap().with_next(v1()),
+            Err(Error::Configuration { .. })
+        ));
+    }
+
+    #[test]
+    fn keyed_state_is_zeroed_on_drop() {
+        // Compiles only while the SHA-256 core (which holds the keyed HMAC state, and is
+        // what each hash clones) zeroes itself on drop: sha2's `zeroize` feature.
+        fn zeroed_on_drop<T: sha2::digest::zeroize::ZeroizeOnDrop>() {}
+        zeroed_on_drop::<sha2::Sha256>();
     }
 
     #[test]

@@ -50,8 +50,8 @@ pub use hash::{KeyHash, KeyHasher, SigningSecret};
 pub use id::{KeyId, OrgId, ProductId, ProjectId};
 pub use key::{CHECKSUM_LEN, KeyFormat, MAX_SEGMENT_LEN, ParsedKey, PlaintextKey, SECRET_LEN};
 pub use metadata::{
-    Expiry, KeyUpdate, MAX_CUSTOM_BYTES, MAX_CUSTOM_DEPTH, NewKey, ValidKeyUpdate, ValidNewKey,
-    validate_custom,
+    Expiry, KeyUpdate, MAX_CUSTOM_BYTES, MAX_CUSTOM_DEPTH, MAX_EXPIRES_AT, NewKey, ValidKeyUpdate,
+    ValidNewKey, validate_custom,
 };
 pub use org::{MAX_NAME_CHARS, Organization, Product, Project, validate_label, validate_name};
 pub use page::{KeyPage, MAX_PAGE_SIZE, Page};

@@ -16,10 +16,20 @@ pub const MAX_CUSTOM_BYTES: usize = 64 * 1024;
 /// Deepest accepted nesting of custom metadata (the top-level object is depth 1).
 pub const MAX_CUSTOM_DEPTH: usize = 32;
 
+/// The latest expiry a key may have: the last microsecond of year 9999, the end of what
+/// MySQL's `DATETIME`, PostgreSQL's `timestamp` and SQLite's ISO-8601 text (which must keep
+/// four-digit years to sort in time order) all store exactly.
+pub const MAX_EXPIRES_AT: DateTime<Utc> =
+    match DateTime::from_timestamp_micros(253_402_300_799_999_999) {
+        Some(t) => t,
+        None => DateTime::<Utc>::MIN_UTC,
+    };
+
 /// Checks custom metadata: a JSON object, at most [`MAX_CUSTOM_DEPTH`] deep and
-/// [`MAX_CUSTOM_BYTES`] serialized. Returns the object.
+/// [`MAX_CUSTOM_BYTES`] serialized, with no NUL character in any key or string (PostgreSQL's
+/// `jsonb` cannot store one, so it is refused on every database). Returns the object.
 ///
-/// The depth walk is iterative, so even absurdly deep values cannot overflow the stack here.
+/// The walk is iterative, so even absurdly deep values cannot overflow the stack here.
 ///
 /// # Errors
 /// [`Error::InvalidInput`] (field `custom`) when a rule is broken.
@@ -27,9 +37,15 @@ pub fn validate_custom(value: Value) -> Result<Map<String, Value>> {
     let Value::Object(map) = value else {
         return Err(Error::invalid_input("custom", "must be a json object"));
     };
+    let nul = || Error::invalid_input("custom", "must not contain a NUL character (\\0)");
+    if map.keys().any(|k| k.contains('\0')) {
+        return Err(nul());
+    }
     let mut stack: Vec<(&Value, usize)> = map.values().map(|v| (v, 2)).collect();
     while let Some((v, depth)) = stack.pop() {
         let children: Box<dyn Iterator<Item = &Value>> = match v {
+            Value::String(s) if s.contains('\0') => return Err(nul()),
+            Value::Object(m) if m.keys().any(|k| k.contains('\0')) => return Err(nul()),
             Value::Object(m) => Box::new(m.values()),
             Value::Array(a) => Box::new(a.iter()),
             _ => continue,
@@ -64,9 +80,21 @@ impl Expiry {
     /// The concrete `expires_at` for a key created at `now`.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] (field `expires_at`) if the instant is not after `now`, or the
-    /// duration is zero or too large to represent.
+    /// [`Error::InvalidInput`] (field `expires_at`) if the instant is not after `now`, the
+    /// duration is zero, or the result is later than [`MAX_EXPIRES_AT`].
     pub fn resolve(
+        self,
+        now: DateTime<Utc>,
+        default: Option<Duration>,
+    ) -> Result<Option<DateTime<Utc>>> {
+        let at = self.resolve_unbounded(now, default)?;
+        if at.is_some_and(|t| t > MAX_EXPIRES_AT) {
+            return Err(Error::invalid_input("expires_at", "must be in or before year 9999"));
+        }
+        Ok(at)
+    }
+
+    fn resolve_unbounded(
         self,
         now: DateTime<Utc>,
         default: Option<Duration>,
@@ -330,6 +358,32 @@ mod tests {
         assert!(validate_custom(nested(200)).is_err());
         let big = json!({ "blob": "x".repeat(MAX_CUSTOM_BYTES) });
         assert!(matches!(validate_custom(big), Err(Error::InvalidInput { field: "custom", .. })));
+        // A NUL anywhere: a top-level or nested key, a top-level or nested string.
+        for bad in [
+            json!({"a\0": 1}),
+            json!({"a": "x\0y"}),
+            json!({"a": [1, {"b": ["\0"]}]}),
+            json!({"a": {"k\0": true}}),
+        ] {
+            assert!(matches!(
+                validate_custom(bad),
+                Err(Error::InvalidInput { field: "custom", .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn expiry_stays_within_year_9999() {
+        let now = Utc::now();
+        assert_eq!(MAX_EXPIRES_AT.to_rfc3339(), "9999-12-31T23:59:59.999999+00:00");
+        assert_eq!(Expiry::At(MAX_EXPIRES_AT).resolve(now, None).unwrap(), Some(MAX_EXPIRES_AT));
+        let later = MAX_EXPIRES_AT + TimeDelta::microseconds(1);
+        for bad in [Expiry::At(later), Expiry::After(Duration::from_secs(9_000 * 366 * 86_400))] {
+            assert!(matches!(
+                bad.resolve(now, None),
+                Err(Error::InvalidInput { field: "expires_at", .. })
+            ));
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 use unicode_security::{GeneralSecurityProfile, RestrictionLevel, RestrictionLevelDetection};
 
 use crate::error::{Error, Result};
@@ -13,7 +14,9 @@ pub const MAX_NAME_CHARS: usize = 255;
 /// Checks the name of a key: free text shown to people.
 ///
 /// A name must be 1 to 255 characters, must not start or end with whitespace, and must not
-/// contain control characters (NUL, newline, tab, …).
+/// contain control characters (NUL, newline, tab, …) or format characters (Unicode category
+/// Cf: zero-width space and joiner, word joiner, byte-order mark, bidi controls such as
+/// U+202E), which make two different names look the same or reorder what is displayed.
 ///
 /// # Errors
 /// [`Error::InvalidInput`] naming `field` when one of those rules is broken.
@@ -29,6 +32,12 @@ pub fn validate_label(field: &'static str, name: &str) -> Result<()> {
     }
     if name.chars().any(char::is_control) {
         return Err(Error::invalid_input(field, "must not contain control characters"));
+    }
+    if name.chars().any(|c| c.general_category() == GeneralCategory::Format) {
+        return Err(Error::invalid_input(
+            field,
+            "must not contain invisible format characters (zero-width, bidi controls, BOM)",
+        ));
     }
     Ok(())
 }
@@ -124,6 +133,34 @@ mod tests {
         }
         // 255 multi-byte characters are fine (the limit is in characters, not bytes).
         validate_name("name", &"é".repeat(255)).unwrap();
+    }
+
+    #[test]
+    fn format_characters_are_refused_in_every_name() {
+        // Zero-width space, non-joiner, joiner, word joiner, BOM, LRM, RLM, bidi embeddings
+        // and overrides, isolates, Arabic letter mark, soft hyphen, Mongolian vowel separator.
+        let format = [
+            '\u{200B}', '\u{200C}', '\u{200D}', '\u{2060}', '\u{FEFF}', '\u{200E}', '\u{200F}',
+            '\u{202A}', '\u{202B}', '\u{202C}', '\u{202D}', '\u{202E}', '\u{2066}', '\u{2067}',
+            '\u{2068}', '\u{2069}', '\u{061C}', '\u{00AD}', '\u{180E}',
+        ];
+        for c in format {
+            for name in [format!("acme{c}"), format!("ac{c}me"), format!("{c}acme")] {
+                for check in [validate_name, validate_label] {
+                    assert!(
+                        matches!(
+                            check("name", &name),
+                            Err(Error::InvalidInput { field: "name", .. })
+                        ),
+                        "U+{:04X} in {name:?}",
+                        c as u32
+                    );
+                }
+            }
+        }
+        // Combining marks and variation selectors are not format characters.
+        validate_name("name", "Cafe\u{301}").unwrap();
+        validate_label("name", "ok \u{2764}\u{FE0F}").unwrap();
     }
 
     #[test]

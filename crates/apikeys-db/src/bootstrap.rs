@@ -33,7 +33,7 @@ impl ApiKeyClient {
         };
         organization::Entity::insert(row)
             .on_conflict_do_nothing_on([organization::Column::Name])
-            .exec_without_returning(self.db())
+            .exec_without_returning(self.writer())
             .await
             .map_err(storage)?;
         let found = self.find_organization(name).await?.ok_or_else(|| {
@@ -56,7 +56,7 @@ impl ApiKeyClient {
             created_at: naive(self.now()),
         };
         match organization::Entity::insert(organization::ActiveModel::from(row.clone()))
-            .exec_without_returning(self.db())
+            .exec_without_returning(self.writer())
             .await
         {
             Ok(_) => Ok(row.into()),
@@ -140,7 +140,7 @@ macro_rules! org_child_ops {
                 };
                 let res = $module::Entity::insert(row)
                     .on_conflict_do_nothing_on([$module::Column::OrgId, $module::Column::Name])
-                    .exec_without_returning(self.db())
+                    .exec_without_returning(self.writer())
                     .await;
                 if let Err(e) = res {
                     return Err(missing_parent(e, Entity::Organization));
@@ -165,7 +165,7 @@ macro_rules! org_child_ops {
                     created_at: naive(self.now()),
                 };
                 match $module::Entity::insert($module::ActiveModel::from(row.clone()))
-                    .exec_without_returning(self.db())
+                    .exec_without_returning(self.writer())
                     .await
                 {
                     Ok(_) => Ok(row.into()),
@@ -277,7 +277,7 @@ impl ApiKeyClient {
         };
         // A plain insert, with the duplicate-key error meaning "already linked": exact on
         // every backend (MySQL's affected-row count cannot tell an ignored duplicate apart).
-        match project_product::Entity::insert(row).exec_without_returning(self.db()).await {
+        match project_product::Entity::insert(row).exec_without_returning(self.writer()).await {
             Ok(_) => Ok(true),
             Err(e) if is_unique_violation(&e) => Ok(false),
             Err(e) => Err(missing_parent(e, Entity::Product)),
@@ -296,7 +296,7 @@ impl ApiKeyClient {
         let res = project_product::Entity::delete_many()
             .filter(project_product::Column::ProjectId.eq(project.as_uuid()))
             .filter(project_product::Column::ProductId.eq(product.as_uuid()))
-            .exec(self.db())
+            .exec(self.writer())
             .await
             .map_err(storage)?;
         Ok(res.rows_affected > 0)

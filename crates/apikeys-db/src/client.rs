@@ -7,16 +7,15 @@ use std::time::Duration;
 use apikeys_core::{Error, KeyFormat, KeyHasher, Result, SigningSecret};
 use chrono::{DateTime, Utc};
 use migration::MigratorTrait;
-use sea_orm::sqlx::sqlite::SqliteJournalMode;
 use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
-    SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait,
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, SqliteTransactionMode,
+    Statement, TransactionOptions, TransactionTrait,
 };
 
 use crate::error::storage;
 use crate::lookup::LookupSql;
 use crate::rate_limit::{RateLimitMode, RateLimiter};
-use crate::usage::UsageBatch;
+use crate::usage::UsageRecorder;
 
 /// Key of the PostgreSQL advisory lock that serializes [`ApiKeyClient::create_tables`]
 /// (the ASCII bytes of "apikeys\0" as a big-endian integer).
@@ -47,7 +46,12 @@ pub struct ApiKeyClient {
 }
 
 pub(crate) struct Inner {
+    /// The pool reads go through.
     pub(crate) db: DatabaseConnection,
+    /// The pool writes go through: the same pool on PostgreSQL and MySQL; on a SQLite file,
+    /// one connection of its own, so writers queue in the pool instead of sleeping in
+    /// SQLite's busy handler.
+    pub(crate) writer: DatabaseConnection,
     pub(crate) hasher: KeyHasher,
     pub(crate) format: KeyFormat,
     pub(crate) default_lifetime: Option<Duration>,
@@ -55,16 +59,7 @@ pub(crate) struct Inner {
     pub(crate) limiter: RateLimiter,
     /// The key lookup's SQL, rendered once.
     pub(crate) lookup: LookupSql,
-    /// Batched usage tracking, when configured.
-    pub(crate) usage: Option<Arc<UsageBatch>>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if let Some(batch) = &self.usage {
-            crate::usage::flush_on_drop(batch, &self.db);
-        }
-    }
+    pub(crate) usage: UsageRecorder,
 }
 
 impl fmt::Debug for ApiKeyClient {
@@ -75,7 +70,7 @@ impl fmt::Debug for ApiKeyClient {
             .field("hasher", &self.inner.hasher)
             .field("default_lifetime", &self.inner.default_lifetime)
             .field("rate_limit_mode", &self.inner.limiter.mode())
-            .field("batched_usage", &self.inner.usage.is_some())
+            .field("batched_usage", &self.inner.usage.is_batched())
             .finish_non_exhaustive()
     }
 }
@@ -151,15 +146,56 @@ impl ApiKeyClient {
         &self.inner.db
     }
 
-    /// Begins a read-write transaction. On SQLite it takes the write lock at once
-    /// (`BEGIN IMMEDIATE`), so concurrent writers wait for each other instead of failing to
-    /// upgrade a read lock.
+    /// The connection writes go through (see [`Inner::writer`]).
+    pub(crate) fn writer(&self) -> &DatabaseConnection {
+        &self.inner.writer
+    }
+
+    /// Begins a read-write transaction on the writer. On SQLite it takes the write lock at
+    /// once (`BEGIN IMMEDIATE`), so writers of other processes wait for each other instead of
+    /// failing to upgrade a read lock.
     pub(crate) async fn begin_write(&self) -> Result<DatabaseTransaction> {
         let options = TransactionOptions {
             sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
             ..TransactionOptions::default()
         };
-        self.inner.db.begin_with_options(options).await.map_err(storage)
+        self.inner.writer.begin_with_options(options).await.map_err(storage)
+    }
+
+    /// Graceful shutdown: stops the background usage flusher and writes the use counts held
+    /// in memory (batched usage tracking). Call it before the process exits; dropping the
+    /// last clone writes nothing (it only logs a warning with what was lost). The client
+    /// stays usable afterwards, writing every later use at once. Returns the number of keys
+    /// whose counts were written (0 without batching).
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] or [`Error::Storage`]; the counts are then kept, and a later
+    /// `shutdown` or [`flush_usage`](Self::flush_usage) tries again.
+    pub async fn shutdown(&self) -> Result<usize> {
+        self.inner.usage.shutdown().await
+    }
+
+    /// Writes the use counts that batched usage tracking
+    /// ([`ClientBuilder::usage_flush_interval`]) holds in memory now, without stopping the
+    /// background flusher. Returns the number of keys written (0 without batching).
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] or [`Error::Storage`]; the counts are then kept for the next
+    /// flush.
+    pub async fn flush_usage(&self) -> Result<usize> {
+        self.inner.usage.flush().await
+    }
+
+    /// Deletes the rate-limit window rows that ended at least five minutes ago by the
+    /// database's clock (a row is kept that long after its window so that a check already
+    /// in flight never finds its window gone). The client already does this in the
+    /// background every few thousand checks; call it from a maintenance job for a
+    /// guaranteed bound. Returns the number of rows deleted.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] or [`Error::Storage`] if the database fails.
+    pub async fn purge_rate_limit_windows(&self) -> Result<u64> {
+        self.inner.limiter.purge().await
     }
 }
 
@@ -172,12 +208,14 @@ pub struct ClientBuilder {
     secret: Option<Result<SigningSecret>>,
     secret_version: Option<u32>,
     previous: Vec<Result<SigningSecret>>,
+    next: Vec<Result<SigningSecret>>,
     prefix: String,
     environment: Option<String>,
     default_lifetime: Option<Duration>,
     max_connections: Option<u32>,
     connect_timeout: Duration,
     acquire_timeout: Duration,
+    statement_timeout: Duration,
     clock: Option<Clock>,
     rate_limit_mode: RateLimitMode,
     log_statements: bool,
@@ -192,12 +230,14 @@ impl Default for ClientBuilder {
             secret: None,
             secret_version: None,
             previous: Vec::new(),
+            next: Vec::new(),
             prefix: "sk".to_owned(),
             environment: None,
             default_lifetime: None,
             max_connections: None,
             connect_timeout: Duration::from_secs(5),
             acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(5),
             clock: None,
             rate_limit_mode: RateLimitMode::default(),
             log_statements: false,
@@ -213,6 +253,7 @@ impl fmt::Debug for ClientBuilder {
             .field("connection", &self.connection.is_some())
             .field("secret", &self.secret.as_ref().map(|_| "[redacted]"))
             .field("previous_secrets", &self.previous.len())
+            .field("next_secrets", &self.next.len())
             .field("prefix", &self.prefix)
             .field("environment", &self.environment)
             .field("default_lifetime", &self.default_lifetime)
@@ -249,10 +290,21 @@ impl ClientBuilder {
         self
     }
 
-    /// An older signing secret: keys issued under it still verify, and are re-hashed to the
-    /// current secret on their next successful verification.
+    /// An older signing secret: keys hashed under it still verify, and are re-hashed to the
+    /// current secret on their next successful check that tracks usage. Step 2 of a rolling
+    /// rotation (README, "Secret rotation").
     pub fn previous_signing_secret(mut self, version: u32, secret: impl Into<Vec<u8>>) -> Self {
         self.previous.push(SigningSecret::new(secret).map(|s| s.with_version(version)));
+        self
+    }
+
+    /// The signing secret that a later deploy makes current: keys hashed under it (by
+    /// replicas already on that deploy) verify here too, but this client neither issues keys
+    /// under it nor moves keys to or from it. Step 1 of a rolling rotation (README, "Secret
+    /// rotation"): once every replica runs with it, making it current is safe, and rolling
+    /// that back is too.
+    pub fn next_signing_secret(mut self, version: u32, secret: impl Into<Vec<u8>>) -> Self {
+        self.next.push(SigningSecret::new(secret).map(|s| s.with_version(version)));
         self
     }
 
@@ -297,6 +349,17 @@ impl ClientBuilder {
         self
     }
 
+    /// The longest a statement may run on the server (default 5 s) before the call fails
+    /// with [`Error::Unavailable`]: PostgreSQL `statement_timeout`, MariaDB
+    /// `max_statement_time` (MySQL: `max_execution_time`, which covers reads only), SQLite's
+    /// busy timeout (how long a write waits for another process's write lock). Applies when
+    /// connecting by URL; a connection passed with [`connection`](Self::connection) keeps its
+    /// own settings.
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = timeout;
+        self
+    }
+
     /// Whether every SQL statement is logged (`tracing`, target `sqlx::query`, level DEBUG)
     /// when connecting by URL; off by default. Statements carry key hashes, never a plaintext
     /// key or the signing secret.
@@ -305,8 +368,10 @@ impl ClientBuilder {
         self
     }
 
-    /// Where the client reads the time (default [`Utc::now`]). For tests: expiry and rate-limit
-    /// windows without sleeping.
+    /// Where the client reads the time (default [`Utc::now`]): expiry, `created_at`,
+    /// `last_used_at`, and [`RateLimitMode::Local`] windows. Shared rate-limit windows never
+    /// use it: they come from the database's clock, so that replicas whose clocks differ
+    /// still count in the same window.
     pub fn clock(mut self, clock: impl Fn() -> DateTime<Utc> + Send + Sync + 'static) -> Self {
         self.clock = Some(Arc::new(clock));
         self
@@ -324,8 +389,9 @@ impl ClientBuilder {
     ///
     /// The price: stored counts lag by up to `interval` (the record a check returns includes
     /// its own use), and counts not yet written are lost if the process dies. A failed flush
-    /// keeps its counts for the next one; call [`ApiKeyClient::flush_usage`] on graceful
-    /// shutdown. Off by default (every check writes at once).
+    /// keeps its counts for the next one; call [`ApiKeyClient::shutdown`] on graceful
+    /// shutdown (dropping the client writes nothing). Off by default (every check writes at
+    /// once). Needs a tokio runtime when [`build`](Self::build) runs.
     pub fn usage_flush_interval(mut self, interval: Duration) -> Self {
         self.usage_flush_interval = Some(interval);
         self
@@ -335,8 +401,12 @@ impl ClientBuilder {
     ///
     /// # Errors
     /// [`Error::Configuration`] if the signing secret is missing or shorter than 32 bytes, a
-    /// secret version is used twice, the prefix or environment is invalid, or neither (or both)
-    /// of a URL and a connection is given; [`Error::Storage`] if connecting fails.
+    /// secret version is used twice or does not fit the database's column (at most
+    /// 2147483647), the prefix or environment is invalid, the URL does not parse or names a
+    /// database other than `sqlite:`, `postgres:`/`postgresql:` or `mysql:`, neither (or
+    /// both) of a URL and a connection is given, or a duration is zero;
+    /// [`Error::Unavailable`] or [`Error::Storage`] if connecting fails. No error contains
+    /// the URL's password.
     pub async fn build(self) -> Result<ApiKeyClient> {
         let secret = self.secret.ok_or_else(|| {
             Error::configuration("a signing secret is required (ClientBuilder::signing_secret)")
@@ -349,6 +419,12 @@ impl ClientBuilder {
         for previous in self.previous {
             hasher = hasher.with_previous(previous?)?;
         }
+        for next in self.next {
+            hasher = hasher.with_next(next?)?;
+        }
+        if hasher.versions().any(|v| i32::try_from(v).is_err()) {
+            return Err(Error::configuration("signing secret versions must be at most 2147483647"));
+        }
         let format = KeyFormat::new(&self.prefix, self.environment.as_deref())
             .map_err(|e| Error::configuration(e.to_string()))?;
         if self.default_lifetime.is_some_and(|d| d.is_zero()) {
@@ -357,71 +433,60 @@ impl ClientBuilder {
         if self.usage_flush_interval.is_some_and(|d| d.is_zero()) {
             return Err(Error::configuration("the usage flush interval must be positive"));
         }
-        let db = match (self.url, self.connection) {
+        if self.usage_flush_interval.is_some() && tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::configuration(
+                "batched usage tracking needs a tokio runtime to flush from",
+            ));
+        }
+        if self.statement_timeout.is_zero() {
+            return Err(Error::configuration("the statement timeout must be positive"));
+        }
+        let (db, writer) = match (self.url, self.connection) {
             (Some(url), None) => {
-                let timeouts = (self.connect_timeout, self.acquire_timeout);
-                connect(&url, self.max_connections, timeouts, self.log_statements).await?
+                let settings = Settings {
+                    max_connections: self.max_connections,
+                    connect_timeout: self.connect_timeout,
+                    acquire_timeout: self.acquire_timeout,
+                    statement_timeout: self.statement_timeout,
+                    log_statements: self.log_statements,
+                };
+                crate::connect::open(&url, &settings).await?
             }
-            (None, Some(db)) => db,
+            (None, Some(db)) => (db.clone(), db),
             _ => {
                 return Err(Error::configuration(
                     "give exactly one of a database url and a connection",
                 ));
             }
         };
-        let limiter = RateLimiter::new(self.rate_limit_mode);
+        let clock: Clock = self.clock.unwrap_or_else(|| Arc::new(Utc::now));
+        let limiter = RateLimiter::new(writer.clone(), self.rate_limit_mode, Arc::clone(&clock));
+        let usage = match self.usage_flush_interval {
+            Some(interval) => UsageRecorder::batched(writer.clone(), interval),
+            None => UsageRecorder::immediate(writer.clone()),
+        };
         let lookup = LookupSql::new(db.get_database_backend(), hasher.versions().count())?;
         let inner = Arc::new(Inner {
             lookup,
             db,
+            writer,
             hasher,
             format,
             default_lifetime: self.default_lifetime,
-            clock: self.clock.unwrap_or_else(|| Arc::new(Utc::now)),
+            clock,
             limiter,
-            usage: self.usage_flush_interval.map(|_| Arc::default()),
+            usage,
         });
-        if let Some(interval) = self.usage_flush_interval {
-            crate::usage::spawn_flusher(Arc::downgrade(&inner), interval);
-        }
         Ok(ApiKeyClient { inner })
     }
 }
 
-/// Opens the pool; `timeouts` are (connect, acquire).
-async fn connect(
-    url: &str,
-    max_connections: Option<u32>,
-    timeouts: (Duration, Duration),
-    log_statements: bool,
-) -> Result<DatabaseConnection> {
-    let mut options = ConnectOptions::new(url);
-    options
-        .connect_timeout(timeouts.0)
-        .acquire_timeout(timeouts.1)
-        .sqlx_logging(log_statements)
-        .sqlx_logging_level(log::LevelFilter::Debug);
-    let is_sqlite = url.starts_with("sqlite:");
-    if !is_sqlite && !["postgres", "mysql", "mariadb"].iter().any(|p| url.starts_with(p)) {
-        return Err(Error::configuration(
-            "database url must start with sqlite:, postgres:, postgresql: or mysql:",
-        ));
-    }
-    if is_sqlite {
-        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
-        // Every connection to `sqlite::memory:` is its own database, so it must stay at one.
-        let n = if in_memory { 1 } else { max_connections.unwrap_or(8) };
-        options.max_connections(n);
-        options.map_sqlx_sqlite_opts(move |o| {
-            let o = o.foreign_keys(true).busy_timeout(Duration::from_secs(10));
-            if in_memory {
-                o
-            } else {
-                o.create_if_missing(true).journal_mode(SqliteJournalMode::Wal)
-            }
-        });
-    } else if let Some(n) = max_connections {
-        options.max_connections(n);
-    }
-    Database::connect(options).await.map_err(storage)
+/// How to open the pools when connecting by URL.
+#[derive(Debug)]
+pub(crate) struct Settings {
+    pub(crate) max_connections: Option<u32>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) acquire_timeout: Duration,
+    pub(crate) statement_timeout: Duration,
+    pub(crate) log_statements: bool,
 }

@@ -9,10 +9,13 @@ pub(crate) fn storage(e: DbErr) -> Error {
     if is_unavailable(&e) { Error::unavailable(e) } else { Error::storage(e) }
 }
 
-/// Connection-level failures: pool timeout, refused or lost connection, and the SQLSTATE
-/// classes 08 (connection exception; MySQL reports its shutdown as 08S01) and 57 (operator
-/// intervention: PostgreSQL shutting down, starting up, or cancelling).
-fn is_unavailable(e: &DbErr) -> bool {
+/// Connection-level failures and time-outs: pool timeout, refused or lost connection, the
+/// SQLSTATE classes 08 (connection exception; MySQL reports its shutdown as 08S01) and 57
+/// (operator intervention: PostgreSQL shutting down, starting up, or cancelling a statement
+/// that ran past `statement_timeout`), MariaDB's `max_statement_time` (1969), MySQL's
+/// `max_execution_time` (3024), a lock wait time-out (1205), and SQLite's busy time-out
+/// (`SQLITE_BUSY`, another process held the write lock too long).
+pub(crate) fn is_unavailable(e: &DbErr) -> bool {
     use sea_orm::sqlx::Error as Sqlx;
     let runtime = match e {
         DbErr::ConnectionAcquire(_) => return true,
@@ -26,8 +29,52 @@ fn is_unavailable(e: &DbErr) -> bool {
         | Sqlx::PoolTimedOut
         | Sqlx::PoolClosed
         | Sqlx::WorkerCrashed => true,
-        Sqlx::Database(db) => db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57")),
+        Sqlx::Database(db) => {
+            if let Some(my) = db.try_downcast_ref::<sea_orm::sqlx::mysql::MySqlDatabaseError>() {
+                if matches!(my.number(), 1969 | 3024 | 1205) {
+                    return true;
+                }
+            } else if db.try_downcast_ref::<sea_orm::sqlx::sqlite::SqliteError>().is_some() {
+                // Primary result code SQLITE_BUSY (5), with any extended code.
+                return db
+                    .code()
+                    .and_then(|c| c.parse::<i32>().ok())
+                    .is_some_and(|c| c & 0xff == 5);
+            }
+            db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57"))
+        }
         _ => false,
+    }
+}
+
+/// A deadlock or serialization failure: the database rolled the statement back and it can
+/// simply run again (PostgreSQL 40P01/40001, MySQL 1213/1020 under SQLSTATE 40001).
+pub(crate) fn is_retryable(e: &DbErr) -> bool {
+    use sea_orm::sqlx::Error as Sqlx;
+    let (DbErr::Exec(RuntimeErr::SqlxError(sqlx)) | DbErr::Query(RuntimeErr::SqlxError(sqlx))) = e
+    else {
+        return false;
+    };
+    match &**sqlx {
+        Sqlx::Database(db) => db.code().is_some_and(|c| c == "40001" || c == "40P01"),
+        _ => false,
+    }
+}
+
+/// Runs `op` again (up to three times in all) while it fails with a deadlock or
+/// serialization failure, which a statement racing another one (a delete cascading while a
+/// counter is written) can hit on PostgreSQL and MySQL.
+pub(crate) async fn retry_conflicts<T, F, Fut>(mut op: F) -> Result<T, DbErr>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, DbErr>>,
+{
+    let mut attempt = 1;
+    loop {
+        match op().await {
+            Err(e) if attempt < 3 && is_retryable(&e) => attempt += 1,
+            other => return other,
+        }
     }
 }
 

@@ -5,16 +5,16 @@ use apikeys_core::{
     ProductAccess, ProductId, ProjectId, Requirements, Result, Scopes, StatusFilter, decide,
 };
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DbErr, EntityTrait, FromQueryResult,
-    IntoActiveModel, QueryFilter, QueryOrder, QueryResult, QuerySelect,
+    ColumnTrait, Condition, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, IntoActiveModel,
+    QueryFilter, QueryOrder, QueryResult, QuerySelect,
 };
 
 use crate::client::ApiKeyClient;
 use crate::convert::{api_key_from_model, naive, rate_limit_columns, scopes_to_json, to_micros};
 use crate::entity::{api_key, product, project};
-use crate::error::{missing_parent, storage};
+use crate::error::{missing_parent, retry_conflicts, storage};
 
 /// Options of [`ApiKeyClient::verify_key`].
 #[derive(Debug, Clone, Copy)]
@@ -117,11 +117,18 @@ fn owned_by(
     }
 }
 
+/// A stored hash to move to the current signing secret.
+struct Rehash {
+    version: u32,
+    old_hash: Vec<u8>,
+    new_hash: Vec<u8>,
+}
+
 /// A key found by its plaintext, with what is needed to finish the verification.
 struct Found {
     key: ApiKey,
-    /// The hash under the current secret, if the row still holds an older secret's hash.
-    rehash: Option<(u32, Vec<u8>)>,
+    /// Set when the row holds a previous secret's hash.
+    rehash: Option<Rehash>,
     /// What the decision needs to know about the requested product, if one was requested.
     product: Option<ProductAccess>,
 }
@@ -166,6 +173,7 @@ impl ApiKeyClient {
             project_id: v.project_id.map(|p| p.as_uuid()),
             product_id: v.product_id.map(|p| p.as_uuid()),
             key_hash: hash.as_bytes().to_vec(),
+            // Checked at build(): every version fits.
             secret_version: i32::try_from(self.inner.hasher.current_version()).unwrap_or(i32::MAX),
             hint: plaintext.hint(),
             name: v.name,
@@ -231,64 +239,72 @@ impl ApiKeyClient {
         };
         let version =
             KeyHasher::matching_version(&candidates, &model.key_hash).ok_or(Error::InvalidKey)?;
-        let rehash = (version != hasher.current_version())
-            .then(|| (hasher.current_version(), candidates[0].1.as_bytes().to_vec()));
+        let rehash = hasher.needs_rehash(version).then(|| Rehash {
+            version: hasher.current_version(),
+            old_hash: model.key_hash.clone(),
+            new_hash: candidates[0].1.as_bytes().to_vec(),
+        });
         Ok(Found { key: api_key_from_model(model)?, rehash, product })
     }
 
-    /// After a successful check: count the use and move the hash to the current secret, in one
-    /// atomic `UPDATE` (nothing at all if neither is needed). With batched tracking the use is
-    /// only counted in memory; a re-hash is still written at once.
+    /// After a successful check: count the use (at once or in the batch), then move the
+    /// hash to the current secret if it is still under a previous one. Nothing at all is
+    /// written when `track` is off.
     async fn record_success(
         &self,
         found: &mut Found,
         track: bool,
         now: DateTime<Utc>,
     ) -> Result<()> {
-        let batch = self.inner.usage.as_ref().filter(|_| track);
-        if let Some(batch) = batch {
-            batch.record(found.key.id.as_uuid(), naive(now));
+        if !track {
+            return Ok(());
         }
-        let write_use = track && batch.is_none();
-        if write_use || found.rehash.is_some() {
-            let mut update = api_key::Entity::update_many()
-                .filter(api_key::Column::Id.eq(found.key.id.as_uuid()));
-            if write_use {
-                update = update
-                    .col_expr(
-                        api_key::Column::UseCount,
-                        Expr::col(api_key::Column::UseCount).add(1),
-                    )
-                    .col_expr(api_key::Column::LastUsedAt, Expr::value(naive(now)));
-            }
-            if let Some((version, hash)) = found.rehash.take() {
-                update = update.col_expr(api_key::Column::KeyHash, Expr::value(hash)).col_expr(
-                    api_key::Column::SecretVersion,
-                    Expr::value(i32::try_from(version).unwrap_or(i32::MAX)),
-                );
-                tracing::info!(key_id = %found.key.id, version, "api key re-hashed to the current signing secret");
-            }
-            update.exec(self.db()).await.map_err(storage)?;
-        }
-        if track {
-            found.key.use_count += 1;
-            found.key.last_used_at = Some(now);
+        self.inner.usage.record(found.key.id, naive(now)).await?;
+        found.key.use_count += 1;
+        found.key.last_used_at = Some(now);
+        if let Some(rehash) = found.rehash.take() {
+            self.rehash(found.key.id, rehash).await;
         }
         Ok(())
+    }
+
+    /// Moves a key's stored hash from a previous secret to the current one: a compare-and-set
+    /// on the old hash, so it never overwrites another change. Best effort: a failure is
+    /// logged and the next successful check tries again; the check itself has succeeded.
+    async fn rehash(&self, id: KeyId, rehash: Rehash) {
+        let Ok(version) = i32::try_from(rehash.version) else { return };
+        let result = api_key::Entity::update_many()
+            .col_expr(api_key::Column::KeyHash, Expr::value(rehash.new_hash))
+            .col_expr(api_key::Column::SecretVersion, Expr::value(version))
+            .filter(api_key::Column::Id.eq(id.as_uuid()))
+            .filter(api_key::Column::KeyHash.eq(rehash.old_hash))
+            .exec(self.writer())
+            .await;
+        match result {
+            Ok(_) => {
+                tracing::info!(key_id = %id, version, "api key re-hashed to the current signing secret")
+            }
+            Err(e) => {
+                tracing::warn!(key_id = %id, error = %e, "re-hashing an api key failed; the next successful check retries")
+            }
+        }
     }
 
     /// Checks that `plaintext` is a live key: format and checksum (offline), HMAC, one indexed
     /// lookup, then status. Returns the stored record.
     ///
-    /// A key issued under a previous signing secret is found too, and re-hashed to the current
-    /// secret. With usage tracking on (the default) a success also adds one to `use_count` and
-    /// sets `last_used_at` in the same atomic `UPDATE`, or, with
+    /// A key hashed under any signing secret the client knows (current, previous, next) is
+    /// found. With usage tracking on (the default) a success adds one to `use_count` and moves
+    /// `last_used_at` forward in one atomic `UPDATE`, or, with
     /// [`ClientBuilder::usage_flush_interval`](crate::ClientBuilder::usage_flush_interval), in
-    /// memory until the next flush (the returned record counts this use either way).
+    /// memory until the next flush (the returned record counts this use either way); a key
+    /// still under a previous secret is then re-hashed to the current one (best effort: a
+    /// failed re-hash is logged, never fails the check, and is retried on the next success).
+    /// With tracking off, nothing at all is written.
     ///
     /// # Errors
     /// [`Error::InvalidKey`] (malformed or unknown: it does not say which);
-    /// [`Error::Revoked`]; [`Error::Expired`]; [`Error::Storage`].
+    /// [`Error::Revoked`]; [`Error::Expired`]; [`Error::Unavailable`]; [`Error::Storage`].
     pub async fn verify_key(&self, plaintext: &str, options: VerifyOptions) -> Result<ApiKey> {
         let now = self.now();
         let mut found = self.find_by_plaintext(plaintext, None).await?;
@@ -298,8 +314,11 @@ impl ApiKeyClient {
     }
 
     /// [`verify_key`](Self::verify_key) plus the request's requirements, in this order:
-    /// revoked, expired, product, scopes, then the key's rate limit (so a rejected request
-    /// never uses up quota).
+    /// revoked, expired, product, scopes, then the key's rate limit (so a request rejected
+    /// for any reason, the rate limit included, never uses up quota).
+    ///
+    /// A key deleted while the call runs gives [`Error::InvalidKey`] (or `Ok`, when the
+    /// deletion lands after the call's last read); never [`Error::Storage`].
     ///
     /// # Errors
     /// Those of `verify_key`, and [`Error::ProductNotAllowed`],
@@ -310,8 +329,10 @@ impl ApiKeyClient {
         let scopes = Scopes::parse(options.scopes)?;
         let mut found = self.find_by_plaintext(plaintext, options.product).await?;
         decide(&found.key, &Requirements { product: found.product.take(), scopes }, now)?;
-        if options.check_rate_limit {
-            self.check_rate_limit(&found.key, now).await?;
+        if options.check_rate_limit
+            && let Some(limit) = found.key.rate_limit
+        {
+            self.inner.limiter.check(found.key.id, limit).await?;
         }
         self.record_success(&mut found, options.track_usage, now).await?;
         Ok(found.key)
@@ -337,32 +358,39 @@ impl ApiKeyClient {
     /// [`Error::InvalidInput`] naming the field (nothing is written then);
     /// [`Error::NotFound`]; [`Error::Storage`].
     pub async fn update_key(&self, id: KeyId, update: KeyUpdate) -> Result<ApiKey> {
+        use api_key::Column as C;
         let v = update.validate()?;
         let now = self.now();
-        let txn = self.begin_write().await?;
-        let model = api_key::Entity::find_by_id(id.as_uuid())
-            .one(&txn)
-            .await
-            .map_err(storage)?
-            .ok_or(Error::NotFound { entity: Entity::Key })?;
-        let mut am = model.into_active_model();
+        let mut change = api_key::Entity::update_many()
+            .col_expr(C::UpdatedAt, Expr::value(naive(now)))
+            .filter(C::Id.eq(id.as_uuid()));
         if let Some(name) = v.name {
-            am.name = Set(name);
+            change = change.col_expr(C::Name, Expr::value(name));
         }
         if let Some(scopes) = &v.scopes {
-            am.scopes = Set(scopes_to_json(scopes));
+            change = change.col_expr(C::Scopes, Expr::value(scopes_to_json(scopes)));
         }
         if let Some(limit) = v.rate_limit {
             let (n, w) = rate_limit_columns(limit);
-            am.rate_limit_requests = Set(n);
-            am.rate_limit_window = Set(w);
+            change = change
+                .col_expr(C::RateLimitRequests, Expr::value(n))
+                .col_expr(C::RateLimitWindow, Expr::value(w));
         }
         if let Some(custom) = v.custom {
-            am.custom = Set(sea_orm::JsonValue::Object(custom));
+            change = change.col_expr(C::Custom, Expr::value(sea_orm::JsonValue::Object(custom)));
         }
-        am.updated_at = Set(naive(now));
-        let model = api_key::Entity::update(am).exec(&txn).await.map_err(storage)?;
+        // One conditional UPDATE, then the read in the same transaction: a key deleted
+        // meanwhile is NotFound, whichever statement the deletion lands between.
+        let txn = self.begin_write().await?;
+        let res = change.exec(&txn).await.map_err(storage)?;
+        let model = if res.rows_affected == 0 {
+            None
+        } else {
+            api_key::Entity::find_by_id(id.as_uuid()).one(&txn).await.map_err(storage)?
+        };
+        let model = model.ok_or(Error::NotFound { entity: Entity::Key })?;
         txn.commit().await.map_err(storage)?;
+        self.inner.limiter.forget(id);
         api_key_from_model(model)
     }
 
@@ -378,7 +406,7 @@ impl ApiKeyClient {
             .col_expr(api_key::Column::UpdatedAt, Expr::value(naive(now)))
             .filter(api_key::Column::Id.eq(id.as_uuid()))
             .filter(api_key::Column::RevokedAt.is_null())
-            .exec(self.db())
+            .exec(self.writer())
             .await
             .map_err(storage)?;
         let key = self.get_key(id).await?;
@@ -391,8 +419,9 @@ impl ApiKeyClient {
     /// # Errors
     /// [`Error::NotFound`]; [`Error::Storage`].
     pub async fn delete_key(&self, id: KeyId) -> Result<()> {
-        let res =
-            api_key::Entity::delete_by_id(id.as_uuid()).exec(self.db()).await.map_err(storage)?;
+        let delete = || api_key::Entity::delete_by_id(id.as_uuid()).exec(self.writer());
+        let res = retry_conflicts(delete).await.map_err(storage)?;
+        self.inner.limiter.forget(id);
         if res.rows_affected == 0 {
             return Err(Error::NotFound { entity: Entity::Key });
         }

@@ -46,6 +46,7 @@
 
 mod bootstrap;
 mod client;
+mod connect;
 mod convert;
 mod entity;
 mod error;

@@ -1,59 +1,107 @@
 //! Per-key rate limits: exact shared counters in the database, or in-process `governor`.
+//!
+//! # One clock for every replica
+//! In shared mode the window a request falls in is decided by the database's clock, inside
+//! the counting statement (PostgreSQL `clock_timestamp()`, MySQL/MariaDB `NOW(3)`). Replicas
+//! whose own clocks differ by seconds or minutes therefore count in the same row. SQLite is a
+//! file on one host, so its clock is that host's system clock (read by the process, never the
+//! client's injected [`Clock`]), which every process opening the file shares.
+//!
+//! # Check and count in one statement
+//! The counting statement is a conditional upsert: it creates the window's row at 1, or adds
+//! one only while the count is below the key's *current* limit. A refused request changes
+//! nothing, a limit raised mid-window admits up to the new limit at once, and a lowered one
+//! refuses at once.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
-use apikeys_core::{ApiKey, Error, KeyId, RateLimit, Result};
+use apikeys_core::{Error, KeyId, RateLimit, Result};
 use chrono::{DateTime, Utc};
 use governor::clock::Clock as GovernorClock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter as Gcra};
-use sea_orm::sea_query::{Expr, ExprTrait, Func, OnConflict};
-use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr,
-    EntityTrait, QueryFilter, QueryTrait,
-};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, SqlErr, Statement, Value};
 
-use crate::client::{ApiKeyClient, Clock};
-use crate::entity::rate_limit_window;
-use crate::error::storage;
+use crate::client::Clock;
+use crate::error::{retry_conflicts, storage};
 
 /// How per-key rate limits are counted.
 ///
 /// | mode | exact across replicas | cost per check | algorithm |
 /// |---|---|---|---|
-/// | `Shared` | yes (PostgreSQL, MySQL, SQLite file) | one atomic upsert | fixed window |
+/// | `Shared` | yes, whatever the replicas' clocks say | one atomic upsert | fixed window, database clock |
 /// | `Local` | no: each process counts alone | no I/O | GCRA (`governor`) |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum RateLimitMode {
-    /// Counters in the database (`rate_limit_windows`): one atomic increment per check, exact
-    /// however many tasks, processes and replicas share the database. Windows are fixed and
-    /// aligned to the epoch (UTC).
+    /// Counters in the database (`rate_limit_windows`): one conditional upsert per check,
+    /// exact however many tasks, processes and replicas share the database and however far
+    /// apart their clocks are. Windows are fixed, aligned to the Unix epoch (UTC) by the
+    /// database's clock.
     #[default]
     Shared,
-    /// Counters in this process (`governor`, GCRA): no database write, but N replicas admit up
-    /// to N times the limit, and a burst of `requests` is followed by an even refill of one
-    /// request every `window / requests`.
+    /// Counters in this process (`governor`, GCRA, on the client's clock): no database
+    /// write, but N replicas admit up to N times the limit, and a burst of `requests` is
+    /// followed by an even refill of one request every `window / requests`.
     Local,
 }
 
-/// Every this many checks, a process sweeps: ended window rows in the database (in the
-/// background) and entries of the in-process maps that no longer change any answer.
+/// Every this many checks, a limiter sweeps: ended window rows in the database (in the
+/// background) and entries of its in-process maps that no longer change any answer.
 const SWEEP_EVERY: u64 = 4_096;
 
+/// How long after its end a window row is kept. A counting statement reads the database
+/// clock before it takes the row's lock, so it may write to a window that ended a moment ago;
+/// deleting only rows that ended this long ago (far more than any statement may run: see
+/// `ClientBuilder::statement_timeout`) means a purge never deletes a row that a statement in
+/// flight can still count in, which would restart that window at 1.
+pub(crate) const PURGE_GRACE: Duration = Duration::from_secs(300);
+
+/// A MySQL counting statement that refused reports `REFUSED_TAG + milliseconds left`.
+const REFUSED_TAG: u64 = 1 << 40;
+
+/// What the counting statement decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Count {
+    /// Counted; the window's new count.
+    Admitted,
+    /// Not counted: the window is full; this long until it ends (database clock).
+    Refused(Duration),
+}
+
+/// A key known to be over its limit: refused without a round trip until `until` (this
+/// process's monotonic clock), as long as its limit is still `limit`.
+#[derive(Debug, Clone, Copy)]
+struct Refusal {
+    limit: RateLimit,
+    until: Instant,
+}
+
+/// Counts requests against per-key limits. Owns its connection handle and clock; the client
+/// composes it.
 pub(crate) struct RateLimiter {
+    db: DatabaseConnection,
     mode: RateLimitMode,
-    /// Shared mode: keys known to be over their limit in a window, to reject them without a
-    /// database round-trip. Only ever rejects what the database already rejected.
-    over_limit: Mutex<HashMap<KeyId, (i64, RateLimit)>>,
+    /// The client's clock: used by local mode only (shared mode uses the database's).
+    clock: Clock,
+    /// Shared mode: keys whose window is full. An entry only repeats what the database
+    /// answered, until the moment that window ends; a different limit (the key was updated)
+    /// bypasses it.
+    over_limit: Mutex<HashMap<KeyId, Refusal>>,
     checks: AtomicU64,
     /// Local mode: one GCRA limiter per key, rebuilt when the key's limit changes, with the
     /// time (Unix ms) it was last used.
     local: Mutex<HashMap<KeyId, LocalEntry>>,
+}
+
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter").field("mode", &self.mode).finish_non_exhaustive()
+    }
 }
 
 type LocalLimiter = Gcra<NotKeyed, InMemoryState, ClientClock, NoOpMiddleware<Duration>>;
@@ -80,10 +128,17 @@ fn since_epoch(t: DateTime<Utc>) -> Duration {
     Duration::from_nanos(u64::try_from(nanos).unwrap_or(0))
 }
 
+/// A lock that a panicking holder cannot break: the maps only ever hold complete entries.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl RateLimiter {
-    pub(crate) fn new(mode: RateLimitMode) -> Self {
+    pub(crate) fn new(db: DatabaseConnection, mode: RateLimitMode, clock: Clock) -> Self {
         Self {
+            db,
             mode,
+            clock,
             over_limit: Mutex::new(HashMap::new()),
             checks: AtomicU64::new(0),
             local: Mutex::new(HashMap::new()),
@@ -98,69 +153,75 @@ impl RateLimiter {
     fn sweep_due(&self) -> bool {
         self.checks.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1
     }
-}
 
-impl ApiKeyClient {
-    /// Counts one request against `key`'s rate limit (if it has one) at `now`.
-    pub(crate) async fn check_rate_limit(&self, key: &ApiKey, now: DateTime<Utc>) -> Result<()> {
-        let Some(limit) = key.rate_limit else { return Ok(()) };
-        match self.inner.limiter.mode {
-            RateLimitMode::Shared => self.check_shared(key.id, limit, now).await,
-            RateLimitMode::Local => self.check_local(key.id, limit, now),
+    /// Forgets what this process knows about `key` (its limit or its existence changed).
+    pub(crate) fn forget(&self, key: KeyId) {
+        lock(&self.over_limit).remove(&key);
+        lock(&self.local).remove(&key);
+    }
+
+    /// Counts one request of `key` against `limit`.
+    ///
+    /// # Errors
+    /// [`Error::Quota`] when the window is full (nothing is counted then);
+    /// [`Error::InvalidKey`] when the key was deleted meanwhile; [`Error::Unavailable`] or
+    /// [`Error::Storage`] when the database fails.
+    pub(crate) async fn check(&self, key: KeyId, limit: RateLimit) -> Result<()> {
+        match self.mode {
+            RateLimitMode::Shared => self.check_shared(key, limit).await,
+            RateLimitMode::Local => self.check_local(key, limit),
         }
     }
 
-    async fn check_shared(&self, id: KeyId, limit: RateLimit, now: DateTime<Utc>) -> Result<()> {
-        let limiter = &self.inner.limiter;
-        let start = limit.window.start_millis(now);
-        if let Ok(cache) = limiter.over_limit.lock()
-            && cache.get(&id) == Some(&(start, limit))
+    async fn check_shared(&self, key: KeyId, limit: RateLimit) -> Result<()> {
+        let asked = Instant::now();
+        if let Some(r) = lock(&self.over_limit).get(&key).copied()
+            && r.limit == limit
+            && let Some(left) = r.until.checked_duration_since(asked).filter(|d| !d.is_zero())
         {
-            return Err(limit.exceeded(now));
+            return Err(Error::Quota { retry_after: left, limit });
         }
-        let expires = start + limit.window.seconds() * 1_000;
-        let (count, new_window) = increment(self.db(), id, start, expires).await?;
-        if new_window {
-            self.spawn_cleanup(Some((id, start)), now);
+        let counted = count(&self.db, key, limit).await;
+        if self.sweep_due() {
+            self.sweep_in_background(asked);
         }
-        let sweep = limiter.sweep_due();
-        if sweep {
-            self.spawn_cleanup(None, now);
-        }
-        let admitted = limit.admits(count);
-        if (sweep || !admitted)
-            && let Ok(mut cache) = limiter.over_limit.lock()
-        {
-            if sweep {
-                // Entries of ended windows can never match again.
-                let now_ms = now.timestamp_millis();
-                cache.retain(|_, (s, l)| *s + l.window.seconds() * 1_000 > now_ms);
-            }
-            if !admitted {
-                cache.insert(id, (start, limit));
+        match counted? {
+            Count::Admitted => Ok(()),
+            Count::Refused(left) => {
+                // The database measured `left` at some moment after `asked`, so the window
+                // ends no earlier than `asked + left` on this process's monotonic clock.
+                lock(&self.over_limit).insert(key, Refusal { limit, until: asked + left });
+                Err(Error::Quota { retry_after: left, limit })
             }
         }
-        if admitted {
-            return Ok(());
-        }
-        Err(limit.exceeded(now))
     }
 
-    fn check_local(&self, id: KeyId, limit: RateLimit, now: DateTime<Utc>) -> Result<()> {
+    /// Drops refusals whose window has ended and deletes ended window rows, off the caller's
+    /// path (inline when there is no runtime to spawn on).
+    fn sweep_in_background(&self, now: Instant) {
+        lock(&self.over_limit).retain(|_, r| r.until > now);
+        let db = self.db.clone();
+        let purge = async move {
+            if let Err(e) = purge(&db).await {
+                tracing::warn!(error = %e, "rate-limit window purge failed");
+            }
+        };
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(purge);
+        }
+    }
+
+    fn check_local(&self, key: KeyId, limit: RateLimit) -> Result<()> {
+        let now = (self.clock)();
         let limiter = {
-            let mut map = self
-                .inner
-                .limiter
-                .local
-                .lock()
-                .map_err(|_| Error::configuration("local rate limiter state poisoned"))?;
+            let mut map = lock(&self.local);
             let now_ms = now.timestamp_millis();
-            if self.inner.limiter.sweep_due() {
+            if self.sweep_due() {
                 // A limiter left alone for a whole window is back to a full burst, the same
                 // state a new one starts in, so dropping it changes no answer.
                 map.retain(|_, e| e.last_used_ms + e.limit.window.seconds() * 1_000 > now_ms);
             }
-            match map.get_mut(&id) {
+            match map.get_mut(&key) {
                 Some(entry) if entry.limit == limit => {
                     entry.last_used_ms = now_ms;
                     Arc::clone(&entry.gcra)
@@ -171,10 +232,10 @@ impl ApiKeyClient {
                         .unwrap_or_else(|| Quota::per_second(limit.requests));
                     let gcra = Arc::new(Gcra::direct_with_clock(
                         quota,
-                        ClientClock(Arc::clone(&self.inner.clock)),
+                        ClientClock(Arc::clone(&self.clock)),
                     ));
                     map.insert(
-                        id,
+                        key,
                         LocalEntry { limit, gcra: Arc::clone(&gcra), last_used_ms: now_ms },
                     );
                     gcra
@@ -190,82 +251,117 @@ impl ApiKeyClient {
         }
     }
 
-    /// Deletes expired window rows in the background: of one key (older than `start`) when
-    /// it opens a new window, or of every key in a periodic sweep. Never on the caller's path.
-    fn spawn_cleanup(&self, key: Option<(KeyId, i64)>, now: DateTime<Utc>) {
-        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
-        let db = self.db().clone();
-        handle.spawn(async move {
-            let result = match key {
-                Some((id, start)) => rate_limit_window::Entity::delete_many()
-                    .filter(rate_limit_window::Column::KeyId.eq(id.as_uuid()))
-                    .filter(rate_limit_window::Column::WindowStart.lt(start))
-                    .exec(&db)
-                    .await
-                    .map(|_| ()),
-                None => delete_ended_windows(&db, now).await.map(|_| ()),
-            };
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "rate-limit window cleanup failed");
-            }
-        });
-    }
-
-    /// Deletes every rate-limit window row that has ended. The client already does this in
-    /// the background; call it from a maintenance job if you want a guaranteed bound.
-    /// Returns the number of rows deleted.
-    ///
-    /// # Errors
-    /// [`Error::Storage`] if the database fails.
-    pub async fn purge_rate_limit_windows(&self) -> Result<u64> {
-        delete_ended_windows(self.db(), self.now()).await.map_err(storage)
+    /// Deletes the window rows that ended at least [`PURGE_GRACE`] ago by the database's
+    /// clock. Returns the number of rows deleted.
+    pub(crate) async fn purge(&self) -> Result<u64> {
+        purge(&self.db).await.map_err(storage)
     }
 }
 
-async fn delete_ended_windows(db: &DatabaseConnection, now: DateTime<Utc>) -> Result<u64, DbErr> {
-    let res = rate_limit_window::Entity::delete_many()
-        .filter(rate_limit_window::Column::ExpiresAt.lte(now.timestamp_millis()))
-        .exec(db)
-        .await?;
-    Ok(res.rows_affected)
+/// Milliseconds since the Unix epoch on this host's system clock: the clock of a SQLite file.
+fn host_millis() -> i64 {
+    Utc::now().timestamp_millis()
 }
 
-/// Atomically adds one to the counter of (`id`, `start`), creating it at 1; returns the new
-/// count and whether this call created the row. One statement on every backend.
-async fn increment(
-    db: &DatabaseConnection,
-    id: KeyId,
-    start: i64,
-    expires: i64,
-) -> Result<(u64, bool)> {
-    use rate_limit_window::{ActiveModel, Column, Entity};
-    let row = ActiveModel {
-        key_id: Set(id.as_uuid()),
-        window_start: Set(start),
-        count: Set(1),
-        expires_at: Set(expires),
-    };
-    let bump = Expr::col((Entity, Column::Count)).add(1);
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn left_ms(ms: i64) -> Duration {
+    // A window always has time left when it is counted in; at least 1 ms for the caller.
+    Duration::from_millis(u64::try_from(ms).unwrap_or(0).max(1))
+}
+
+/// The conditional upsert: one statement, the window from the database's clock.
+async fn count(db: &DatabaseConnection, key: KeyId, limit: RateLimit) -> Result<Count> {
     let backend = db.get_database_backend();
-    let count = if backend == DbBackend::MySql {
-        // No RETURNING on MySQL: LAST_INSERT_ID(expr) hands the new count back in the OK
-        // packet of the same statement. One row affected = inserted, two = updated.
-        let on_dup = OnConflict::new()
-            .value(Column::Count, Func::cust("LAST_INSERT_ID").arg(bump))
-            .to_owned();
-        let stmt = Entity::insert(row).on_conflict(on_dup).build(backend);
-        let res = db.execute_raw(stmt).await.map_err(storage)?;
-        if res.rows_affected() == 1 { 1 } else { res.last_insert_id() }
-    } else {
-        let on_conflict = OnConflict::columns([Column::KeyId, Column::WindowStart])
-            .value(Column::Count, bump)
-            .to_owned();
-        let model = Entity::insert(row)
-            .on_conflict(on_conflict)
-            .exec_with_returning(db)
-            .await
-            .map_err(storage)?;
-        u64::try_from(model.count).unwrap_or(0)
+    let len = limit.window.seconds() * 1_000;
+    let max = i64::from(limit.requests.get());
+    let id = Value::from(key.as_uuid());
+    let result = match backend {
+        DbBackend::Postgres => {
+            // `clock_timestamp()` is read once, in the first CTE; the data-modifying CTE runs
+            // whether or not the outer query reads it, and returns no row when it refused.
+            let sql = "WITH t AS (SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now_ms), \
+                 w AS (SELECT now_ms, now_ms - mod(now_ms, $2) AS start FROM t), \
+                 up AS (INSERT INTO rate_limit_windows (key_id, window_start, count, expires_at) \
+                   SELECT $1, start, 1, start + $2 FROM w \
+                   ON CONFLICT (key_id, window_start) DO UPDATE SET count = rate_limit_windows.count + 1 \
+                   WHERE rate_limit_windows.count < $3 RETURNING 1 AS admitted) \
+                 SELECT w.start + $2 - w.now_ms AS left_ms, (SELECT count(*) FROM up) AS admitted FROM w";
+            let stmt = Statement::from_sql_and_values(backend, sql, [id, len.into(), max.into()]);
+            retry_conflicts(|| db.query_one_raw(stmt.clone())).await.and_then(|row| {
+                let row = row.ok_or_else(|| DbErr::RecordNotFound("rate limit row".into()))?;
+                let admitted: i64 = row.try_get("", "admitted")?;
+                let left: i64 = row.try_get("", "left_ms")?;
+                Ok(if admitted > 0 { Count::Admitted } else { Count::Refused(left_ms(left)) })
+            })
+        }
+        DbBackend::MySql => {
+            // No RETURNING and no data-modifying CTE: LAST_INSERT_ID(expr) hands the outcome
+            // back in the OK packet of the same statement: 1 for a new window, the new count,
+            // or REFUSED_TAG + the milliseconds left in the window. NOW(3) is fixed for the
+            // whole statement.
+            let now = "FLOOR(UNIX_TIMESTAMP(NOW(3)) * 1000)";
+            let sql = format!(
+                "INSERT INTO rate_limit_windows (key_id, window_start, count, expires_at) \
+                 VALUES (?, {now} - MOD({now}, ?), LAST_INSERT_ID(1), {now} - MOD({now}, ?) + ?) \
+                 ON DUPLICATE KEY UPDATE count = IF(count < ?, LAST_INSERT_ID(count + 1), \
+                   IF(LAST_INSERT_ID({REFUSED_TAG} + expires_at - {now}) > 0, count, count))"
+            );
+            let values = [id, len.into(), len.into(), len.into(), max.into()];
+            let stmt = Statement::from_sql_and_values(backend, sql, values);
+            retry_conflicts(|| db.execute_raw(stmt.clone())).await.map(|res| {
+                match res.last_insert_id() {
+                    v if v >= REFUSED_TAG => {
+                        Count::Refused(left_ms(i64::try_from(v - REFUSED_TAG).unwrap_or(0)))
+                    }
+                    _ => Count::Admitted,
+                }
+            })
+        }
+        _ => {
+            let now = host_millis();
+            let start = now - now.rem_euclid(len);
+            let sql = "INSERT INTO rate_limit_windows (key_id, window_start, count, expires_at) \
+                 VALUES (?, ?, 1, ?) ON CONFLICT (key_id, window_start) \
+                 DO UPDATE SET count = count + 1 WHERE count < ? RETURNING count";
+            let values = [id, start.into(), (start + len).into(), max.into()];
+            let stmt = Statement::from_sql_and_values(backend, sql, values);
+            retry_conflicts(|| db.query_one_raw(stmt.clone())).await.map(|row| match row {
+                Some(_) => Count::Admitted,
+                None => Count::Refused(left_ms(start + len - host_millis())),
+            })
+        }
     };
-    Ok((count, count == 1))
+    result.map_err(|e| match e.sql_err() {
+        // The counter's row references the key: the key was deleted after it was read.
+        Some(SqlErr::ForeignKeyConstraintViolation(_)) => Error::InvalidKey,
+        _ => storage(e),
+    })
+}
+
+/// Deletes window rows that ended [`PURGE_GRACE`] ago or earlier, by the database's clock.
+async fn purge(db: &DatabaseConnection) -> Result<u64, DbErr> {
+    let backend = db.get_database_backend();
+    let grace = millis(PURGE_GRACE);
+    let stmt = match backend {
+        DbBackend::Postgres => Statement::from_sql_and_values(
+            backend,
+            "DELETE FROM rate_limit_windows \
+             WHERE expires_at <= floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint - $1",
+            [grace.into()],
+        ),
+        DbBackend::MySql => Statement::from_sql_and_values(
+            backend,
+            "DELETE FROM rate_limit_windows WHERE expires_at <= FLOOR(UNIX_TIMESTAMP(NOW(3)) * 1000) - ?",
+            [grace.into()],
+        ),
+        _ => Statement::from_sql_and_values(
+            backend,
+            "DELETE FROM rate_limit_windows WHERE expires_at <= ?",
+            [(host_millis() - grace).into()],
+        ),
+    };
+    Ok(db.execute_raw(stmt).await?.rows_affected())
 }

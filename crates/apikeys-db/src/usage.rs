@@ -1,17 +1,22 @@
-//! Batched usage tracking: successful checks are counted in memory and written to the database
-//! in one statement per flush interval, instead of one `UPDATE` per check.
+//! Usage tracking: `use_count` and `last_used_at` of each key, written at once (one atomic
+//! `UPDATE` per successful check) or in batches (counted in memory, one statement per 500 keys
+//! per flush interval).
+//!
+//! `last_used_at` only ever moves forward: every write keeps the later of the stored time and
+//! its own, so two replicas flushing out of order cannot move it back.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
-use apikeys_core::Result;
+use apikeys_core::{KeyId, Result};
 use chrono::NaiveDateTime;
-use sea_orm::sea_query::{CaseStatement, Expr, ExprTrait};
+use sea_orm::sea_query::{CaseStatement, Condition, Expr, ExprTrait};
 use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
+use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use crate::client::{ApiKeyClient, Inner};
 use crate::entity::api_key;
 use crate::error::storage;
 
@@ -27,22 +32,17 @@ struct Pending {
 
 /// The counts waiting for the next flush.
 #[derive(Debug, Default)]
-pub(crate) struct UsageBatch {
+struct Batch {
     pending: Mutex<HashMap<Uuid, Pending>>,
 }
 
-impl UsageBatch {
+impl Batch {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Pending>> {
         // A panic while holding the lock leaves counts, never a broken map: keep going.
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Counts one use of `key` at `at`.
-    pub(crate) fn record(&self, key: Uuid, at: NaiveDateTime) {
-        merge(&mut self.lock(), key, Pending { count: 1, last_used: at });
-    }
-
-    /// Puts counts that could not be written back, merged with any recorded meanwhile.
+    /// Puts counts back (a failed write), merged with any recorded meanwhile.
     fn restore(&self, batch: impl IntoIterator<Item = (Uuid, Pending)>) {
         let mut pending = self.lock();
         for (key, p) in batch {
@@ -50,10 +50,9 @@ impl UsageBatch {
         }
     }
 
-    /// Writes every pending count: one `UPDATE … SET use_count = use_count + CASE id …` per
-    /// 500 keys. On failure nothing pending is lost: the unwritten counts go back into the
-    /// batch for the next flush. Returns the number of keys written.
-    pub(crate) async fn flush(&self, db: &DatabaseConnection) -> Result<usize> {
+    /// Writes every pending count. On failure nothing is lost: the unwritten counts go back
+    /// into the batch for the next flush. Returns the number of keys written.
+    async fn flush(&self, db: &DatabaseConnection) -> Result<usize> {
         let batch: Vec<(Uuid, Pending)> = self.lock().drain().collect();
         let mut written = 0;
         for (i, chunk) in batch.chunks(CHUNK).enumerate() {
@@ -73,6 +72,13 @@ fn merge(pending: &mut HashMap<Uuid, Pending>, key: Uuid, add: Pending) {
     entry.last_used = Ord::max(entry.last_used, add.last_used);
 }
 
+/// `last_used_at` is null or earlier than `at`: the only case in which a write moves it.
+fn earlier_than(at: NaiveDateTime) -> Condition {
+    use api_key::Column::LastUsedAt;
+    Condition::any().add(LastUsedAt.is_null()).add(LastUsedAt.lt(at))
+}
+
+/// One statement for a chunk of keys: `use_count + n` and `last_used_at` moved forward only.
 async fn update(db: &DatabaseConnection, chunk: &[(Uuid, Pending)]) -> Result<(), sea_orm::DbErr> {
     use api_key::Column::{Id, LastUsedAt, UseCount};
     let mut count = CaseStatement::new();
@@ -80,7 +86,10 @@ async fn update(db: &DatabaseConnection, chunk: &[(Uuid, Pending)]) -> Result<()
     for (id, p) in chunk {
         let n = i64::try_from(p.count).unwrap_or(i64::MAX);
         count = count.case(Id.eq(*id), Expr::col(UseCount).add(n));
-        last = last.case(Id.eq(*id), Expr::value(p.last_used));
+        last = last.case(
+            Condition::all().add(Id.eq(*id)).add(earlier_than(p.last_used)),
+            Expr::value(p.last_used),
+        );
     }
     api_key::Entity::update_many()
         .col_expr(UseCount, count.finally(Expr::col(UseCount)).into())
@@ -91,53 +100,120 @@ async fn update(db: &DatabaseConnection, chunk: &[(Uuid, Pending)]) -> Result<()
     Ok(())
 }
 
-/// Flushes `inner`'s batch every `interval` until the last client is dropped.
-pub(crate) fn spawn_flusher(inner: Weak<Inner>, interval: Duration) {
-    let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
-    handle.spawn(async move {
+/// Batched mode: the counts in memory and the task that flushes them.
+struct Batched {
+    counts: Arc<Batch>,
+    flusher: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Batched {
+    fn stop_flusher(&self) {
+        if let Some(task) = self.flusher.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            task.abort();
+        }
+    }
+}
+
+/// Records successful checks. Owns its connection handle; the client composes it.
+pub(crate) struct UsageRecorder {
+    db: DatabaseConnection,
+    /// Batched mode.
+    batch: Option<Batched>,
+    /// Set by [`shutdown`](Self::shutdown): from then on every use is written at once.
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for UsageRecorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UsageRecorder").field("batched", &self.batch.is_some()).finish()
+    }
+}
+
+impl UsageRecorder {
+    /// One `UPDATE` per recorded use.
+    pub(crate) fn immediate(db: DatabaseConnection) -> Self {
+        Self { db, batch: None, closed: AtomicBool::new(false) }
+    }
+
+    /// Uses counted in memory and written every `interval` by a background task (spawned on
+    /// the current tokio runtime).
+    pub(crate) fn batched(db: DatabaseConnection, interval: Duration) -> Self {
+        let counts = Arc::new(Batch::default());
+        let task = spawn_flusher(Arc::downgrade(&counts), db.clone(), interval);
+        let batch = Batched { counts, flusher: Mutex::new(task) };
+        Self { db, batch: Some(batch), closed: AtomicBool::new(false) }
+    }
+
+    pub(crate) fn is_batched(&self) -> bool {
+        self.batch.is_some()
+    }
+
+    /// Records one use of `key` at `at`.
+    pub(crate) async fn record(&self, key: KeyId, at: NaiveDateTime) -> Result<()> {
+        if let Some(batch) = &self.batch
+            && !self.closed.load(Ordering::Acquire)
+        {
+            merge(&mut batch.counts.lock(), key.as_uuid(), Pending { count: 1, last_used: at });
+            return Ok(());
+        }
+        update(&self.db, &[(key.as_uuid(), Pending { count: 1, last_used: at })])
+            .await
+            .map_err(storage)
+    }
+
+    /// Writes the counts held in memory; returns the number of keys written.
+    pub(crate) async fn flush(&self) -> Result<usize> {
+        match &self.batch {
+            Some(batch) => batch.counts.flush(&self.db).await,
+            None => Ok(0),
+        }
+    }
+
+    /// Stops the background flusher, writes what is held, and writes every later use at
+    /// once. Returns the number of keys written.
+    pub(crate) async fn shutdown(&self) -> Result<usize> {
+        self.closed.store(true, Ordering::Release);
+        let Some(batch) = &self.batch else { return Ok(0) };
+        batch.stop_flusher();
+        self.flush().await
+    }
+}
+
+impl Drop for UsageRecorder {
+    fn drop(&mut self) {
+        let Some(batch) = &self.batch else { return };
+        batch.stop_flusher();
+        // Nothing is written here: a drop cannot wait for the database, and a task spawned
+        // now may never run on a runtime that is shutting down. Say what is lost.
+        let pending = batch.counts.lock();
+        if !pending.is_empty() {
+            let uses: u64 = pending.values().map(|p| p.count).sum();
+            tracing::warn!(
+                keys = pending.len(),
+                uses,
+                "api key client dropped with unwritten use counts; call ApiKeyClient::shutdown() before dropping it"
+            );
+        }
+    }
+}
+
+/// Flushes `batch` every `interval` until the recorder is dropped or shut down.
+fn spawn_flusher(
+    batch: Weak<Batch>,
+    db: DatabaseConnection,
+    interval: Duration,
+) -> Option<JoinHandle<()>> {
+    let handle = tokio::runtime::Handle::try_current().ok()?;
+    Some(handle.spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await; // the first tick is immediate
         loop {
             tick.tick().await;
-            let Some(inner) = inner.upgrade() else { return };
-            if let Some(batch) = &inner.usage
-                && let Err(e) = batch.flush(&inner.db).await
-            {
+            let Some(batch) = batch.upgrade() else { return };
+            if let Err(e) = batch.flush(&db).await {
                 tracing::warn!(error = %e, "usage flush failed; the counts are kept for the next one");
             }
         }
-    });
-}
-
-/// When the last client goes away: one last flush in the background, if a runtime is there.
-pub(crate) fn flush_on_drop(batch: &Arc<UsageBatch>, db: &DatabaseConnection) {
-    if batch.lock().is_empty() {
-        return;
-    }
-    let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
-    let (batch, db) = (batch.clone(), db.clone());
-    handle.spawn(async move {
-        if let Err(e) = batch.flush(&db).await {
-            tracing::warn!(error = %e, "final usage flush failed; those counts are lost");
-        }
-    });
-}
-
-impl ApiKeyClient {
-    /// Writes the use counts that batched usage tracking
-    /// ([`ClientBuilder::usage_flush_interval`](crate::ClientBuilder::usage_flush_interval))
-    /// holds in memory. Call it on graceful shutdown; the client also flushes on every interval
-    /// and, best effort, when its last clone is dropped inside a tokio runtime. Returns the
-    /// number of keys written (0 without batching).
-    ///
-    /// # Errors
-    /// [`Error::Unavailable`](crate::Error::Unavailable) or
-    /// [`Error::Storage`](crate::Error::Storage); the counts are then kept for the next flush.
-    pub async fn flush_usage(&self) -> Result<usize> {
-        match &self.inner.usage {
-            Some(batch) => batch.flush(&self.inner.db).await,
-            None => Ok(0),
-        }
-    }
+    }))
 }

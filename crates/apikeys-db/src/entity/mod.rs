@@ -6,4 +6,3 @@ pub(crate) mod organization;
 pub(crate) mod product;
 pub(crate) mod project;
 pub(crate) mod project_product;
-pub(crate) mod rate_limit_window;

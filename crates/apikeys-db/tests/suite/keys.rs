@@ -483,13 +483,16 @@ pub async fn secret_rotation(db: TestDb) {
     let v2_only = db.client_with(|b| b.signing_secret(V2).signing_secret_version(2)).await;
     assert!(matches!(v2_only.verify_key(key, VerifyOptions::new()).await, Err(Error::InvalidKey)));
 
-    // New + previous: found, and re-hashed to v2 (even with tracking off).
+    // New + previous: found; a check that does not track usage writes nothing (the key
+    // stays under v1, so the old-only client still finds it), a tracked one re-hashes to v2.
     let rotating = db
         .client_with(|b| {
             b.signing_secret(V2).signing_secret_version(2).previous_signing_secret(1, V1)
         })
         .await;
     rotating.verify_key(key, no_tracking()).await.unwrap();
+    v1_client.verify_key(key, no_tracking()).await.unwrap();
+    rotating.verify_key(key, VerifyOptions::new()).await.unwrap();
     // Now the new secret alone finds it, and the old one no longer does.
     v2_only.verify_key(key, VerifyOptions::new()).await.unwrap();
     assert!(matches!(

@@ -55,11 +55,14 @@ common::backend_tests! {
     ],
     usage: [
         batched_counts_are_exact,
-        batched_flushes_on_interval_and_drop,
+        batched_flushes_on_interval_and_shutdown,
+        last_used_only_moves_forward,
     ],
     rate_limit: [
         shared_limit_is_exact_under_concurrency,
-        window_rollover_with_injected_clock,
+        window_rollover_by_database_clock,
+        purge_keeps_windows_that_can_still_be_counted,
+        skewed_clocks_share_one_window,
         keys_and_calls_are_independent,
         update_takes_effect_on_next_check,
         local_mode,

@@ -1,13 +1,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use apikeys_db::sea_orm::{ConnectionTrait, DbBackend, Statement};
 use apikeys_db::{
-    ApiKeyClient, Error, KeyUpdate, NewKey, RateLimit, RateLimitMode, ValidateOptions,
+    ApiKeyClient, Error, KeyUpdate, NewKey, RateLimit, RateLimitMode, ValidateOptions, Window,
 };
 use chrono::TimeDelta;
 use tokio::sync::Barrier;
 
-use crate::common::{TestClock, TestDb, at, hammer};
+use crate::common::{TestClock, TestDb, at, db_now_ms, hammer, leave_room, window_rows};
 
 async fn key_with(client: &ApiKeyClient, limit: Option<RateLimit>) -> String {
     let (org, _) = client.get_or_create_organization("acme").await.unwrap();
@@ -52,43 +53,164 @@ pub async fn shared_limit_is_exact_under_concurrency(db: TestDb) {
     assert_eq!((ok, limited), (100, 60));
 }
 
-pub async fn window_rollover_with_injected_clock(db: TestDb) {
-    let clock = TestClock::at(at("2026-11-23T10:00:45Z"));
-    let client = db.client_with(|b| b.clock(clock.as_fn())).await;
-    let key = key_with(&client, Some(RateLimit::per_minute(3).unwrap())).await;
-    for _ in 0..3 {
-        assert_eq!(quota(client.validate_key(&key, ValidateOptions::new()).await), None);
+/// Second windows, hammered until the database's clock has passed two window boundaries:
+/// every window admits exactly the limit, refused requests use nothing (no row ever goes
+/// past the limit), and `retry_after` is within the window.
+pub async fn window_rollover_by_database_clock(db: TestDb) {
+    let client = db.client().await;
+    let key = key_with(&client, Some(RateLimit::per_second(3).unwrap())).await;
+    let first = db_now_ms(&client).await / 1000;
+    let (mut ok, mut limited) = (0, 0);
+    for _ in 0..20_000 {
+        match quota(client.validate_key(&key, ValidateOptions::new()).await) {
+            None => ok += 1,
+            Some(retry) => {
+                assert!(retry > Duration::ZERO && retry <= Duration::from_secs(1), "{retry:?}");
+                limited += 1;
+            }
+        }
+        if db_now_ms(&client).await / 1000 >= first + 3 {
+            break;
+        }
     }
-    assert_eq!(
-        quota(client.validate_key(&key, ValidateOptions::new()).await),
-        Some(Duration::from_secs(15))
-    );
-    // Still over the limit (the local pre-check answers) with the right retry_after.
-    clock.set(at("2026-11-23T10:00:59.5Z"));
-    assert_eq!(
-        quota(client.validate_key(&key, ValidateOptions::new()).await),
-        Some(Duration::from_millis(500))
-    );
-    // The next minute is a new window.
-    clock.set(at("2026-11-23T10:01:00Z"));
-    for _ in 0..3 {
-        assert_eq!(quota(client.validate_key(&key, ValidateOptions::new()).await), None);
+    let rows = window_rows(&client).await;
+    assert!(rows.len() >= 3, "{rows:?}");
+    assert_eq!(rows.iter().map(|r| r.1).sum::<i64>(), ok as i64, "{rows:?}");
+    // Windows are cut by the database clock at whole seconds; each one we hammered through
+    // admitted exactly 3 (the last may have just begun).
+    for (i, (start, count)) in rows.iter().enumerate() {
+        assert_eq!(start % 1000, 0);
+        assert!(*count <= 3, "{rows:?}");
+        if i + 1 < rows.len() {
+            assert_eq!(*count, 3, "{rows:?}");
+        }
     }
-    assert_eq!(
-        quota(client.validate_key(&key, ValidateOptions::new()).await),
-        Some(Duration::from_secs(60))
-    );
-    // Ended windows are purged.
-    clock.advance(TimeDelta::hours(1));
-    client.purge_rate_limit_windows().await.unwrap();
-    assert_eq!(db.count(&client, "rate_limit_windows").await, 0);
+    assert!(limited > 0);
+}
+
+/// Purging deletes only rows whose window ended at least five minutes ago by the database's
+/// clock: never one that a check in flight could still count in.
+pub async fn purge_keeps_windows_that_can_still_be_counted(db: TestDb) {
+    let client = db.client().await;
+    let key = key_with(&client, Some(RateLimit::per_minute(5).unwrap())).await;
+    client.validate_key(&key, ValidateOptions::new()).await.unwrap();
+    let id = client
+        .verify_key(&key, apikeys_db::VerifyOptions::new().track_usage(false))
+        .await
+        .unwrap()
+        .id;
+    let now = db_now_ms(&client).await;
+    let conn = client.connection();
+    for (start, end) in [(now - 400_000, now - 340_000), (now - 120_000, now - 60_000)] {
+        conn.execute_raw(Statement::from_sql_and_values(
+            conn.get_database_backend(),
+            match conn.get_database_backend() {
+                DbBackend::Postgres => "INSERT INTO rate_limit_windows (key_id, window_start, count, expires_at) VALUES ($1, $2, 5, $3)",
+                _ => "INSERT INTO rate_limit_windows (key_id, window_start, count, expires_at) VALUES (?, ?, 5, ?)",
+            },
+            [id.as_uuid().into(), start.into(), end.into()],
+        ))
+        .await
+        .unwrap();
+    }
+    assert_eq!(db.count(&client, "rate_limit_windows").await, 3);
+    assert_eq!(client.purge_rate_limit_windows().await.unwrap(), 1);
+    let rows = window_rows(&client).await;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(rows.iter().all(|(start, _)| *start > now - 400_000));
+}
+
+/// Clients whose clocks are 2 s and a minute ahead of and behind the database, all
+/// hammering one key at once: the admitted total never exceeds the limit per window of the
+/// database's clock, and every counted window is one the database's clock was in.
+pub async fn skewed_clocks_share_one_window(db: TestDb) {
+    let skews = [-60_000i64, -2_000, 0, 2_000, 60_000];
+    for (limit, window) in [
+        (RateLimit::per_minute(20).unwrap(), Window::Minute),
+        (RateLimit::per_second(5).unwrap(), Window::Second),
+    ] {
+        let first = db.client().await;
+        // A fresh key per case.
+        let (org, _) = first.get_or_create_organization("acme").await.unwrap();
+        let key = first
+            .create_key(org.id, NewKey::new(window.as_str()).with_rate_limit(limit))
+            .await
+            .unwrap()
+            .key
+            .expose_secret()
+            .to_owned();
+        if window == Window::Minute {
+            leave_room(&first, window, Duration::from_secs(15)).await;
+        }
+        let len = window.seconds() * 1000;
+        let before = db_now_ms(&first).await;
+        let barrier = Arc::new(Barrier::new(skews.len() * 4));
+        let mut handles = Vec::new();
+        for skew in skews {
+            let client = db
+                .client_with(|b| {
+                    b.clock(move || chrono::Utc::now() + TimeDelta::milliseconds(skew))
+                })
+                .await;
+            for _ in 0..4 {
+                let (client, key, barrier) = (client.clone(), key.clone(), Arc::clone(&barrier));
+                handles.push(tokio::spawn(async move {
+                    barrier.wait().await;
+                    // Second windows: keep going for 1.5 s so a boundary passes meanwhile.
+                    let until = std::time::Instant::now() + Duration::from_millis(1_500);
+                    let mut ok = 0;
+                    let mut n = 0;
+                    while n < 30 || (window == Window::Second && std::time::Instant::now() < until)
+                    {
+                        n += 1;
+                        if quota(client.validate_key(&key, ValidateOptions::new()).await).is_none()
+                        {
+                            ok += 1;
+                        }
+                    }
+                    ok
+                }));
+            }
+        }
+        let mut admitted = 0i64;
+        for h in handles {
+            admitted += h.await.unwrap();
+        }
+        let after = db_now_ms(&first).await;
+        let spanned = (after - after.rem_euclid(len) - (before - before.rem_euclid(len))) / len + 1;
+        let requests = i64::from(limit.requests.get());
+        assert!(
+            admitted <= requests * spanned,
+            "{window}: {admitted} admitted over {spanned} windows"
+        );
+        if window == Window::Minute {
+            assert_eq!(spanned, 1);
+            assert_eq!(admitted, requests, "one minute window, 5 skewed clients");
+        } else {
+            assert!(spanned >= 2, "the test must cross a second boundary");
+        }
+        let rows = window_rows(&first).await;
+        let rows: Vec<_> = rows
+            .into_iter()
+            .filter(|(start, _)| start % len == 0 && (*start >= before - before.rem_euclid(len)))
+            .collect();
+        assert_eq!(rows.iter().map(|r| r.1).sum::<i64>(), admitted, "{rows:?}");
+        for (start, count) in &rows {
+            assert!(*count <= requests, "{rows:?}");
+            assert!(
+                *start >= before - before.rem_euclid(len) && *start <= after,
+                "{start} not in [{before}, {after}]"
+            );
+        }
+        first.connection().execute_unprepared("DELETE FROM rate_limit_windows").await.unwrap();
+    }
 }
 
 pub async fn keys_and_calls_are_independent(db: TestDb) {
-    let clock = TestClock::at(at("2026-11-23T10:00:00Z"));
-    let client = db.client_with(|b| b.clock(clock.as_fn())).await;
-    let a = key_with(&client, Some(RateLimit::per_second(2).unwrap())).await;
-    let b = key_with(&client, Some(RateLimit::per_second(2).unwrap())).await;
+    let client = db.client().await;
+    let a = key_with(&client, Some(RateLimit::per_minute(2).unwrap())).await;
+    let b = key_with(&client, Some(RateLimit::per_minute(2).unwrap())).await;
+    leave_room(&client, Window::Minute, Duration::from_secs(20)).await;
     let unlimited = key_with(&client, None).await;
     for _ in 0..2 {
         assert_eq!(quota(client.validate_key(&a, ValidateOptions::new()).await), None);
@@ -117,26 +239,41 @@ pub async fn keys_and_calls_are_independent(db: TestDb) {
     assert!(quota(client.validate_key(&b, ValidateOptions::new()).await).is_some());
 }
 
+/// The limit in force is the key's current one: raised mid-window it admits up to the new
+/// limit at once (a refused request used nothing), lowered it refuses at once.
 pub async fn update_takes_effect_on_next_check(db: TestDb) {
-    let clock = TestClock::at(at("2026-11-23T10:00:00Z"));
-    let client = db.client_with(|b| b.clock(clock.as_fn())).await;
+    let client = db.client().await;
+    let other = db.client().await;
     let key = key_with(&client, Some(RateLimit::per_hour(1).unwrap())).await;
+    leave_room(&client, Window::Hour, Duration::from_secs(30)).await;
     let id = client
         .verify_key(&key, apikeys_db::VerifyOptions::new().track_usage(false))
         .await
         .unwrap()
         .id;
     assert_eq!(quota(client.validate_key(&key, ValidateOptions::new()).await), None);
-    assert!(quota(client.validate_key(&key, ValidateOptions::new()).await).is_some());
-    client
+    for _ in 0..3 {
+        assert!(quota(client.validate_key(&key, ValidateOptions::new()).await).is_some());
+        assert!(quota(other.validate_key(&key, ValidateOptions::new()).await).is_some());
+    }
+    // Raised through another replica: both admit up to the new limit at once, although
+    // this client had the key in its over-limit shortcut.
+    other
         .update_key(id, KeyUpdate::new().with_rate_limit(Some(RateLimit::per_hour(5).unwrap())))
         .await
         .unwrap();
-    // Two attempts counted so far (one rejected): three more are admitted in this hour.
-    for _ in 0..3 {
-        assert_eq!(quota(client.validate_key(&key, ValidateOptions::new()).await), None);
+    for c in [&client, &other, &client, &other] {
+        assert_eq!(quota(c.validate_key(&key, ValidateOptions::new()).await), None);
     }
     assert!(quota(client.validate_key(&key, ValidateOptions::new()).await).is_some());
+    assert_eq!(window_rows(&client).await.iter().map(|r| r.1).sum::<i64>(), 5);
+    // Lowered: refused at once, on both.
+    client
+        .update_key(id, KeyUpdate::new().with_rate_limit(Some(RateLimit::per_hour(2).unwrap())))
+        .await
+        .unwrap();
+    assert!(quota(client.validate_key(&key, ValidateOptions::new()).await).is_some());
+    assert!(quota(other.validate_key(&key, ValidateOptions::new()).await).is_some());
     client.update_key(id, KeyUpdate::new().with_rate_limit(None)).await.unwrap();
     assert_eq!(quota(client.validate_key(&key, ValidateOptions::new()).await), None);
 }

@@ -89,7 +89,7 @@ pub async fn batched_counts_are_exact(db: TestDb) {
     assert_eq!(use_count(&client, keys[0].record.id).await, expected[0] + 1);
 }
 
-pub async fn batched_flushes_on_interval_and_drop(db: TestDb) {
+pub async fn batched_flushes_on_interval_and_shutdown(db: TestDb) {
     let client = db.client().await;
     let (org, _) = client.get_or_create_organization("acme").await.unwrap();
     let issued = client.create_key(org.id, NewKey::new("k")).await.unwrap();
@@ -102,19 +102,51 @@ pub async fn batched_flushes_on_interval_and_drop(db: TestDb) {
     }
     eventually_count(&client, issued.record.id, 3).await;
 
-    // A long interval: dropping the last clone flushes what is left.
-    let dropped = db.client_with(|b| b.usage_flush_interval(NEVER)).await;
-    let clone = dropped.clone();
+    // A long interval: shutdown() writes what is held, and later uses are written at once.
+    let closing = db.client_with(|b| b.usage_flush_interval(NEVER)).await;
     for _ in 0..4 {
-        clone.verify_key(key, VerifyOptions::new()).await.unwrap();
+        closing.verify_key(key, VerifyOptions::new()).await.unwrap();
     }
+    assert_eq!(use_count(&client, issued.record.id).await, 3);
+    assert_eq!(closing.shutdown().await.unwrap(), 1);
+    assert_eq!(use_count(&client, issued.record.id).await, 7);
+    closing.verify_key(key, VerifyOptions::new()).await.unwrap();
+    assert_eq!(use_count(&client, issued.record.id).await, 8);
+
+    // Dropping the last clone writes nothing: it cannot wait for the database (it logs what
+    // is lost instead of pretending).
+    let dropped = db.client_with(|b| b.usage_flush_interval(NEVER)).await;
+    dropped.verify_key(key, VerifyOptions::new()).await.unwrap();
     drop(dropped);
-    assert_eq!(use_count(&client, issued.record.id).await, 3, "a clone is still alive");
-    drop(clone);
-    eventually_count(&client, issued.record.id, 7).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(use_count(&client, issued.record.id).await, 8);
 
     assert!(matches!(
         db.builder().usage_flush_interval(Duration::ZERO).build().await,
         Err(Error::Configuration { .. })
     ));
+}
+
+/// Two replicas flushing out of order (the later use first): `last_used_at` keeps the later
+/// time, immediate and batched alike.
+pub async fn last_used_only_moves_forward(db: TestDb) {
+    let early = TestClock::at(at("2026-11-23T10:00:00Z"));
+    let late = TestClock::at(at("2026-11-23T10:05:00Z"));
+    let client = db.client().await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let issued = client.create_key(org.id, NewKey::new("k")).await.unwrap();
+    let (key, id) = (issued.key.expose_secret(), issued.record.id);
+    let a = db.client_with(|b| b.clock(late.as_fn()).usage_flush_interval(NEVER)).await;
+    let b = db.client_with(|b| b.clock(early.as_fn()).usage_flush_interval(NEVER)).await;
+    a.verify_key(key, VerifyOptions::new()).await.unwrap();
+    b.verify_key(key, VerifyOptions::new()).await.unwrap();
+    a.flush_usage().await.unwrap();
+    b.flush_usage().await.unwrap();
+    let stored = client.get_key(id).await.unwrap();
+    assert_eq!((stored.use_count, stored.last_used_at), (2, Some(late.now())));
+    // Immediate tracking from a replica whose clock is behind.
+    let behind = db.client_with(|b| b.clock(early.as_fn())).await;
+    behind.verify_key(key, VerifyOptions::new()).await.unwrap();
+    let stored = client.get_key(id).await.unwrap();
+    assert_eq!((stored.use_count, stored.last_used_at), (3, Some(late.now())));
 }

@@ -3,8 +3,8 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex, Once};
 
-use apikeys_db::sea_orm::{ConnectionTrait, Database, Statement};
-use apikeys_db::{ApiKeyClient, ClientBuilder};
+use apikeys_db::sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
+use apikeys_db::{ApiKeyClient, ClientBuilder, Window};
 use chrono::{DateTime, TimeDelta, Utc};
 
 /// The signing secret every test client uses (unless a test sets its own).
@@ -146,6 +146,54 @@ impl TestDb {
             admin.close().await.ok();
         }
     }
+}
+
+/// The database's clock in Unix milliseconds: what shared rate-limit windows are cut by
+/// (a SQLite file's clock is the host's).
+pub async fn db_now_ms(client: &ApiKeyClient) -> i64 {
+    let db = client.connection();
+    let sql = match db.get_database_backend() {
+        DbBackend::Postgres => {
+            "SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint AS n"
+        }
+        DbBackend::MySql => "SELECT CAST(FLOOR(UNIX_TIMESTAMP(NOW(3)) * 1000) AS SIGNED) AS n",
+        _ => return Utc::now().timestamp_millis(),
+    };
+    let row = db
+        .query_one_raw(Statement::from_string(db.get_database_backend(), sql))
+        .await
+        .unwrap()
+        .unwrap();
+    row.try_get::<i64>("", "n").unwrap()
+}
+
+/// Waits (at most one `window`) until the database's current window has at least `room`
+/// left, so a test that must stay in one window does.
+pub async fn leave_room(client: &ApiKeyClient, window: Window, room: std::time::Duration) {
+    let len = window.seconds() * 1000;
+    let now = db_now_ms(client).await;
+    let left = len - now.rem_euclid(len);
+    let room = i64::try_from(room.as_millis()).unwrap();
+    if left < room {
+        tokio::time::sleep(std::time::Duration::from_millis((left + 20) as u64)).await;
+    }
+}
+
+/// Every rate-limit window row: (window_start, count), oldest first.
+pub async fn window_rows(client: &ApiKeyClient) -> Vec<(i64, i64)> {
+    let db = client.connection();
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT window_start, count FROM rate_limit_windows ORDER BY window_start",
+        ))
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|r| {
+            (r.try_get::<i64>("", "window_start").unwrap(), r.try_get::<i64>("", "count").unwrap())
+        })
+        .collect()
 }
 
 /// Validates `key` `attempts` times; returns (admitted, rate-limited). Every quota error must

@@ -1,0 +1,206 @@
+//! Opening the pools from a URL: scheme and shape checked first, server-side statement
+//! timeouts, one writer connection for a SQLite file, and errors that never carry the URL's
+//! password.
+
+use std::fmt;
+use std::time::Duration;
+
+use apikeys_core::{Error, Result};
+use sea_orm::sqlx::Executor;
+use sea_orm::sqlx::sqlite::SqliteJournalMode;
+use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr};
+
+use crate::client::Settings;
+use crate::error::is_unavailable;
+
+/// The kind of database a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Sqlite { in_memory: bool },
+    Postgres,
+    MySql,
+}
+
+/// A connection failure whose message had the URL or its password in it, with those parts
+/// replaced by `[redacted]`. The original error is dropped, since its source chain would
+/// still hold them.
+#[derive(Debug)]
+struct ConnectFailed(String);
+
+impl fmt::Display for ConnectFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "could not connect to the database: {}", self.0)
+    }
+}
+
+impl std::error::Error for ConnectFailed {}
+
+/// What must not appear in an error: the URL itself and its password, raw and decoded.
+struct Secrets(Vec<String>);
+
+impl fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secrets([{} redacted])", self.0.len())
+    }
+}
+
+impl Secrets {
+    fn scrub(&self, e: DbErr) -> Error {
+        let text = format!("{e} {e:?}");
+        if !self.0.iter().any(|s| text.contains(s.as_str())) {
+            return crate::error::storage(e);
+        }
+        let mut message = e.to_string();
+        for s in &self.0 {
+            message = message.replace(s.as_str(), "[redacted]");
+        }
+        let failed = ConnectFailed(message);
+        if is_unavailable(&e) { Error::unavailable(failed) } else { Error::storage(failed) }
+    }
+}
+
+/// Checks what can be checked of `url` without connecting, and collects its secrets.
+fn inspect(url: &str) -> Result<(Kind, Secrets)> {
+    let mut secrets = Secrets(vec![url.to_owned()]);
+    let scheme = url.split_once(':').map(|(s, _)| s.to_ascii_lowercase());
+    let kind = match scheme.as_deref() {
+        Some("sqlite") => {
+            let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+            Kind::Sqlite { in_memory }
+        }
+        Some("postgres" | "postgresql") => Kind::Postgres,
+        Some("mysql") => Kind::MySql,
+        Some("mariadb") => {
+            return Err(Error::configuration(
+                "unsupported database url scheme `mariadb:`; use `mysql://` for MariaDB",
+            ));
+        }
+        _ => {
+            return Err(Error::configuration(
+                "database url must start with sqlite:, postgres:, postgresql: or mysql:",
+            ));
+        }
+    };
+    match url::Url::parse(url) {
+        Ok(parsed) => {
+            if let Some(password) = parsed.password().filter(|p| !p.is_empty()) {
+                let decoded = percent_decode(password);
+                secrets.0.push(password.to_owned());
+                if decoded != password {
+                    secrets.0.push(decoded);
+                }
+            }
+        }
+        // A SQLite path may be what a URL parser refuses; servers' URLs must parse.
+        Err(_) if matches!(kind, Kind::Sqlite { .. }) => {}
+        Err(_) => {
+            return Err(Error::configuration(
+                "database url does not parse (scheme://user:password@host:port/database)",
+            ));
+        }
+    }
+    secrets.0.retain(|s| !s.is_empty());
+    Ok((kind, secrets))
+}
+
+fn percent_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+/// Opens the pools for `url`: (the pool reads use, the pool writes use).
+pub(crate) async fn open(
+    url: &str,
+    settings: &Settings,
+) -> Result<(DatabaseConnection, DatabaseConnection)> {
+    let (kind, secrets) = inspect(url)?;
+    let connect = |max: Option<u32>| {
+        let mut options = ConnectOptions::new(url);
+        options
+            .connect_timeout(settings.connect_timeout)
+            .acquire_timeout(settings.acquire_timeout)
+            .sqlx_logging(settings.log_statements)
+            .sqlx_logging_level(log::LevelFilter::Debug);
+        if let Some(n) = max {
+            options.max_connections(n);
+        }
+        let timeout = settings.statement_timeout;
+        match kind {
+            Kind::Sqlite { in_memory } => {
+                options.map_sqlx_sqlite_opts(move |o| {
+                    let o = o.foreign_keys(true).busy_timeout(timeout);
+                    if in_memory {
+                        o
+                    } else {
+                        o.create_if_missing(true).journal_mode(SqliteJournalMode::Wal)
+                    }
+                });
+            }
+            Kind::Postgres => {
+                options.statement_timeout(timeout);
+            }
+            Kind::MySql => {
+                options.map_sqlx_mysql_pool_opts(move |pool| {
+                    pool.after_connect(move |conn, _| {
+                        Box::pin(async move { mysql_statement_timeout(conn, timeout).await })
+                    })
+                });
+            }
+        }
+        let secrets = &secrets;
+        async move { Database::connect(options).await.map_err(|e| secrets.scrub(e)) }
+    };
+    match kind {
+        // Every connection to an in-memory database is a database of its own: one only.
+        Kind::Sqlite { in_memory: true } => {
+            let db = connect(Some(1)).await?;
+            Ok((db.clone(), db))
+        }
+        Kind::Sqlite { in_memory: false } => {
+            let readers = connect(Some(settings.max_connections.unwrap_or(8))).await?;
+            let writer = connect(Some(1)).await?;
+            Ok((readers, writer))
+        }
+        Kind::Postgres | Kind::MySql => {
+            let db = connect(settings.max_connections).await?;
+            Ok((db.clone(), db))
+        }
+    }
+}
+
+/// Sets the session's statement time limit: MariaDB's `max_statement_time` (seconds, every
+/// statement), else MySQL's `max_execution_time` (milliseconds, reads only).
+async fn mysql_statement_timeout(
+    conn: &mut sea_orm::sqlx::MySqlConnection,
+    timeout: Duration,
+) -> std::result::Result<(), sea_orm::sqlx::Error> {
+    let mariadb = format!("SET SESSION max_statement_time = {:.3}", timeout.as_secs_f64());
+    if conn.execute(sea_orm::sqlx::AssertSqlSafe(mariadb)).await.is_ok() {
+        return Ok(());
+    }
+    let mysql = format!("SET SESSION max_execution_time = {}", timeout.as_millis());
+    conn.execute(sea_orm::sqlx::AssertSqlSafe(mysql)).await.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemes_and_shapes() {
+        assert!(matches!(inspect("sqlite::memory:"), Ok((Kind::Sqlite { in_memory: true }, _))));
+        assert!(matches!(inspect("sqlite://a.db"), Ok((Kind::Sqlite { in_memory: false }, _))));
+        assert!(matches!(inspect("postgresql://u:p@h/db"), Ok((Kind::Postgres, _))));
+        assert!(matches!(inspect("MYSQL://u:p@h/db"), Ok((Kind::MySql, _))));
+        for bad in ["mariadb://u:pw@h/db", "ftp://u:pw@h/", "u:pw@h/db", "postgres://u:pw@[::1/db"]
+        {
+            let e = inspect(bad).unwrap_err();
+            assert!(matches!(e, Error::Configuration { .. }), "{bad}: {e:?}");
+            assert!(!format!("{e} {e:?}").contains("pw"), "{bad}: {e:?}");
+        }
+        let (_, s) = inspect("postgres://u:p%40ss%2Bw@h/db").unwrap();
+        assert!(s.0.contains(&"p%40ss%2Bw".to_owned()) && s.0.contains(&"p@ss+w".to_owned()));
+    }
+}
