@@ -9,8 +9,12 @@
 //!   products and three links. Exactly one row of each must exist afterwards, every caller must
 //!   see the same ids, `created` must be true for exactly one caller per row, and no call may
 //!   fail.
-//! - `rate_limit`: 4 processes × 8 tasks × 6 attempts on one key limited to 100 per hour:
-//!   exactly 100 are admitted.
+//! - `rate_limit`: 4 processes whose clocks are 60 s behind, 2 s behind, 2 s ahead and 60 s
+//!   ahead of the database's × 8 tasks × 6 attempts on one key limited to 100 per minute,
+//!   inside one minute of the database's clock: exactly 100 are admitted.
+//! - `races`: 4 processes × 6 tasks check 60 keys (tracked, untracked, shared limit) while
+//!   each process also deletes, revokes and updates its quarter of them: every outcome is
+//!   `Ok`, `InvalidKey`, `Revoked` or `NotFound`, never `Storage`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
 
 #[path = "suite/common/mod.rs"]
@@ -29,19 +33,25 @@ const BOOTSTRAP_TASKS: usize = 16;
 const RATE_TASKS: usize = 8;
 const ATTEMPTS: usize = 6;
 const LIMIT: u32 = 100;
+/// Each worker's clock offset from real time, by worker index (milliseconds).
+const SKEWS_MS: [i64; PROCESSES] = [-60_000, -2_000, 2_000, 60_000];
+const RACE_KEYS: usize = 60;
+const RACE_TASKS: usize = 6;
 
 #[tokio::main]
 async fn main() {
     match std::env::var("APIKEYS_WORKER").as_deref() {
         Ok("bootstrap") => return bootstrap_worker().await,
         Ok("rate_limit") => return rate_limit_worker().await,
+        Ok("races") => return races_worker().await,
         _ => {}
     }
     let (mut passed, mut failed) = (0, 0);
     for backend in [Backend::Sqlite, Backend::Postgres, Backend::MySql] {
         for (name, scenario) in [
             ("bootstrap_across_processes", Scenario::Bootstrap),
-            ("rate_limit_across_processes", Scenario::RateLimit),
+            ("rate_limit_across_skewed_processes", Scenario::RateLimit),
+            ("races_across_processes", Scenario::Races),
         ] {
             let Some(db) = TestDb::new(backend, "multiprocess").await else { continue };
             let result = tokio::spawn(scenario.run(db.clone())).await;
@@ -71,6 +81,7 @@ async fn main() {
 enum Scenario {
     Bootstrap,
     RateLimit,
+    Races,
 }
 
 impl Scenario {
@@ -78,6 +89,7 @@ impl Scenario {
         match self {
             Scenario::Bootstrap => bootstrap_across_processes(db).await,
             Scenario::RateLimit => rate_limit_across_processes(db).await,
+            Scenario::Races => races_across_processes(db).await,
         }
     }
 }
@@ -90,9 +102,10 @@ async fn run_workers(scenario: &str, db: &TestDb, extra: &[(&str, String)]) -> V
     let start_at = chrono::Utc::now().timestamp_millis() + 2_000;
     let exe = std::env::current_exe().unwrap();
     let children: Vec<_> = (0..PROCESSES)
-        .map(|_| {
+        .map(|i| {
             let mut cmd = Command::new(&exe);
             cmd.env("APIKEYS_WORKER", scenario)
+                .env("APIKEYS_WORKER_INDEX", i.to_string())
                 .env("APIKEYS_WORKER_URL", &db.url)
                 .env("APIKEYS_WORKER_START", start_at.to_string());
             for (k, v) in extra {
@@ -115,12 +128,22 @@ async fn run_workers(scenario: &str, db: &TestDb, extra: &[(&str, String)]) -> V
     lines
 }
 
+fn worker_index() -> usize {
+    std::env::var("APIKEYS_WORKER_INDEX").unwrap().parse().unwrap()
+}
+
 /// In a worker: a client on the parent's database, then a wait for the common start instant.
 async fn worker_client() -> ApiKeyClient {
+    worker_client_with(|b| b).await
+}
+
+async fn worker_client_with(
+    f: impl FnOnce(apikeys_db::ClientBuilder) -> apikeys_db::ClientBuilder,
+) -> ApiKeyClient {
     let url = std::env::var("APIKEYS_WORKER_URL").unwrap();
     let start: i64 = std::env::var("APIKEYS_WORKER_START").unwrap().parse().unwrap();
-    let client =
-        ApiKeyClient::builder().database_url(url).signing_secret(SECRET).build().await.unwrap();
+    let builder = ApiKeyClient::builder().database_url(url).signing_secret(SECRET);
+    let client = f(builder).build().await.unwrap();
     let wait = start - chrono::Utc::now().timestamp_millis();
     if wait > 0 {
         tokio::time::sleep(Duration::from_millis(wait.unsigned_abs())).await;
@@ -194,11 +217,14 @@ async fn rate_limit_across_processes(db: TestDb) {
     let issued = client
         .create_key(
             org.id,
-            NewKey::new("hammered").with_rate_limit(RateLimit::per_hour(LIMIT).unwrap()),
+            NewKey::new("hammered").with_rate_limit(RateLimit::per_minute(LIMIT).unwrap()),
         )
         .await
         .unwrap();
     let key = issued.key.expose_secret().to_owned();
+    // Workers start 2 s from now and take well under a second: leave them 20 s of the
+    // database's current minute, so exactly one window is in play.
+    common::leave_room(&client, apikeys_db::Window::Minute, Duration::from_secs(22)).await;
     let lines = run_workers("rate_limit", &db, &[("APIKEYS_WORKER_KEY", key)]).await;
     let (mut admitted, mut limited) = (0usize, 0usize);
     for line in &lines {
@@ -207,20 +233,82 @@ async fn rate_limit_across_processes(db: TestDb) {
         admitted += nums[0];
         limited += nums[1];
     }
-    assert_eq!(admitted, LIMIT as usize, "exactly the limit is admitted across processes");
+    assert_eq!(admitted, LIMIT as usize, "exactly the limit is admitted across skewed processes");
+    assert_eq!(common::window_rows(&client).await.len(), 1, "one window, by the database's clock");
     assert_eq!(admitted + limited, PROCESSES * RATE_TASKS * ATTEMPTS);
 }
 
 async fn rate_limit_worker() {
     let key = std::env::var("APIKEYS_WORKER_KEY").unwrap();
-    let client = worker_client().await;
+    let skew = chrono::TimeDelta::milliseconds(SKEWS_MS[worker_index()]);
+    let client = worker_client_with(|b| b.clock(move || chrono::Utc::now() + skew)).await;
     run_tasks(client, RATE_TASKS, move |client| {
         let key = key.clone();
         async move {
             let (ok, limited) =
-                common::hammer(&client, &key, ATTEMPTS, Duration::from_secs(3600)).await;
+                common::hammer(&client, &key, ATTEMPTS, Duration::from_secs(60)).await;
             format!("admitted={ok} limited={limited}")
         }
     })
     .await;
+}
+
+async fn races_across_processes(db: TestDb) {
+    let client = db.client().await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let mut keys = Vec::new();
+    for i in 0..RACE_KEYS {
+        let nk =
+            NewKey::new(format!("k{i}")).with_rate_limit(RateLimit::per_hour(100_000).unwrap());
+        keys.push(client.create_key(org.id, nk).await.unwrap().key.expose_secret().to_owned());
+    }
+    let lines = run_workers("races", &db, &[("APIKEYS_WORKER_KEYS", keys.join(","))]).await;
+    let mut tally = common::Tally::default();
+    for line in &lines {
+        let (counts, wrong) = line.split_once(" wrong=").unwrap();
+        assert_eq!(wrong, "[]", "an undocumented outcome: {line}");
+        let n: Vec<usize> =
+            counts.split(' ').map(|kv| kv.split('=').nth(1).unwrap().parse().unwrap()).collect();
+        tally.merge(common::Tally { ok: n[0], invalid_key: n[1], revoked: n[2], other: vec![] });
+    }
+    println!("races across processes: {tally:?}");
+    assert!(tally.ok > 0 && tally.invalid_key > 0, "{tally:?}");
+    assert_eq!(db.count(&client, "api_keys").await, 0);
+    assert_eq!(db.count(&client, "rate_limit_windows").await, 0);
+}
+
+/// Hot-path tasks on every key, and the admin side on this worker's quarter of them.
+async fn races_worker() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let keys: Arc<Vec<String>> = Arc::new(
+        std::env::var("APIKEYS_WORKER_KEYS").unwrap().split(',').map(str::to_owned).collect(),
+    );
+    let client = worker_client().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let index = worker_index();
+    let hot: Vec<_> = (0..RACE_TASKS)
+        .map(|t| {
+            let (client, keys, stop) = (client.clone(), Arc::clone(&keys), Arc::clone(&stop));
+            tokio::spawn(common::hot_path_until(client, keys, stop, index * 13 + t * 5))
+        })
+        .collect();
+    let mut mine = Vec::new();
+    for k in keys.iter().skip(index).step_by(PROCESSES) {
+        let untracked = apikeys_db::VerifyOptions::new().track_usage(false);
+        mine.push(client.verify_key(k, untracked).await.unwrap().id);
+    }
+    let mut wrong = common::admin_races(&client, &mine).await;
+    // Let the other workers finish their deletions while this one keeps checking.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut tally = common::Tally::default();
+    for h in hot {
+        tally.merge(h.await.unwrap());
+    }
+    wrong.append(&mut tally.other);
+    println!(
+        "result ok={} invalid={} revoked={} wrong={wrong:?}",
+        tally.ok, tally.invalid_key, tally.revoked
+    );
 }

@@ -14,6 +14,7 @@ mod bootstrap;
 mod concurrency;
 mod fuzz;
 mod keys;
+mod races;
 mod rate_limit;
 mod tenancy;
 mod usage;
@@ -46,6 +47,9 @@ common::backend_tests! {
     ],
     concurrency: [
         concurrent_bootstrap,
+    ],
+    races: [
+        admin_calls_racing_the_hot_path,
     ],
     tenancy: [
         cross_tenant_isolation,
