@@ -14,7 +14,7 @@ use sea_orm::{
 use crate::client::ApiKeyClient;
 use crate::convert::{api_key_from_model, naive, rate_limit_columns, scopes_to_json, to_micros};
 use crate::entity::{api_key, product, project};
-use crate::error::{missing_parent, retry_conflicts, storage};
+use crate::error::{corrupt, missing_parent, retry_conflicts, storage};
 
 /// Options of [`ApiKeyClient::verify_key`].
 #[derive(Debug, Clone, Copy)]
@@ -336,6 +336,34 @@ impl ApiKeyClient {
         }
         self.record_success(&mut found, options.track_usage, now).await?;
         Ok(found.key)
+    }
+
+    /// How many keys are stored under each signing-secret version, lowest version first: the
+    /// progress of a rotation. Keys move to the current secret on their first tracked
+    /// success after it became current; an HMAC cannot be re-keyed without the plaintext,
+    /// so a key never presented during the rotation stays under its old version. Before
+    /// removing a secret, check here that no key you still want is under it (revoke and
+    /// reissue those, or keep the secret as a previous one longer).
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`]; [`Error::Storage`].
+    pub async fn keys_per_secret_version(&self) -> Result<Vec<(u32, u64)>> {
+        let rows: Vec<(i32, i64)> = api_key::Entity::find()
+            .select_only()
+            .column(api_key::Column::SecretVersion)
+            .column_as(api_key::Column::Id.count(), "keys")
+            .group_by(api_key::Column::SecretVersion)
+            .order_by_asc(api_key::Column::SecretVersion)
+            .into_tuple()
+            .all(self.db())
+            .await
+            .map_err(storage)?;
+        rows.into_iter()
+            .map(|(v, n)| {
+                let v = u32::try_from(v).map_err(|_| corrupt("api_keys", "secret_version"))?;
+                Ok((v, u64::try_from(n).unwrap_or(0)))
+            })
+            .collect()
     }
 
     /// The key with this id.

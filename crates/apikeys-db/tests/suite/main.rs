@@ -16,6 +16,7 @@ mod fuzz;
 mod keys;
 mod races;
 mod rate_limit;
+mod rotation;
 mod tenancy;
 mod usage;
 
@@ -47,6 +48,9 @@ common::backend_tests! {
     ],
     concurrency: [
         concurrent_bootstrap,
+    ],
+    rotation: [
+        rolling_rotation_and_rollback,
     ],
     races: [
         admin_calls_racing_the_hot_path,
