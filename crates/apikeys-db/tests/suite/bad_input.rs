@@ -5,8 +5,8 @@ use std::future::Future;
 use std::pin::Pin;
 
 use apikeys_db::{
-    Entity, Error, KeyUpdate, NewKey, OrgId, Page, ProductId, ProjectId, RateLimit, StatusFilter,
-    ValidateOptions, VerifyOptions, Window,
+    Entity, Error, KeyUpdate, MAX_EXPIRES_AT, NewKey, OrgId, Page, ProductId, ProjectId, RateLimit,
+    StatusFilter, ValidateOptions, VerifyOptions, Window,
 };
 use chrono::TimeDelta;
 use serde_json::json;
@@ -76,7 +76,13 @@ pub async fn bad_input_table(db: TestDb) {
     ];
     let mut rows: Vec<(String, Expect, Call<'_>)> = Vec::new();
     // Names of organizations, projects and products (every entry point that takes one).
-    let bad_names: [(&str, &str); 10] = [
+    let bad_names: [(&str, &str); 16] = [
+        ("zero-width space (looks like \"acme\")", "acme\u{200B}"),
+        ("zero-width joiner", "ac\u{200D}me"),
+        ("word joiner", "ac\u{2060}me"),
+        ("byte-order mark", "\u{FEFF}acme"),
+        ("right-to-left override", "ac\u{202E}em"),
+        ("left-to-right isolate", "\u{2066}acme\u{2069}"),
         ("empty", ""),
         ("whitespace only", "   "),
         ("over 255 characters", &long),
@@ -139,6 +145,28 @@ pub async fn bad_input_table(db: TestDb) {
         ("key name empty", Field("name"), NewKey::new("")),
         ("key name over 255 characters", Field("name"), NewKey::new(long.clone())),
         ("key name with NUL", Field("name"), NewKey::new("k\0")),
+        ("key name with a zero-width space", Field("name"), NewKey::new("k\u{200B}")),
+        ("key name with a bidi override", Field("name"), NewKey::new("k\u{202E}yek")),
+        (
+            "custom with NUL in a string",
+            Field("custom"),
+            NewKey::new("k").with_custom(json!({ "a": "x\u{0}y" })),
+        ),
+        (
+            "custom with NUL in a nested key",
+            Field("custom"),
+            NewKey::new("k").with_custom(json!({ "a": [{ "b\u{0}": 1 }] })),
+        ),
+        (
+            "expiry after year 9999",
+            Field("expires_at"),
+            NewKey::new("k").expires_at(MAX_EXPIRES_AT + TimeDelta::microseconds(1)),
+        ),
+        (
+            "lifetime reaching past year 9999",
+            Field("expires_at"),
+            NewKey::new("k").expires_after(std::time::Duration::from_secs(8_000 * 366 * 86_400)),
+        ),
         ("custom is a string", Field("custom"), NewKey::new("k").with_custom(json!("string"))),
         ("custom is an array", Field("custom"), NewKey::new("k").with_custom(json!([1, 2]))),
         ("custom is null", Field("custom"), NewKey::new("k").with_custom(json!(null))),
@@ -200,6 +228,8 @@ pub async fn bad_input_table(db: TestDb) {
         ("custom of 1 MB", "custom", KeyUpdate::new().with_custom(huge.clone())),
         ("duplicated scope", "scopes", KeyUpdate::new().with_scopes(["a", "a"])),
         ("scope with a space", "scopes", KeyUpdate::new().with_scopes(["a b"])),
+        ("custom with NUL", "custom", KeyUpdate::new().with_custom(json!({ "a": ["\u{0}"] }))),
+        ("name with a byte-order mark", "name", KeyUpdate::new().with_name("\u{FEFF}k")),
     ];
     for (case, field, update) in updates {
         rows.push(row(format!("update key: {case}"), Field(field), c.update_key(key_id, update)));

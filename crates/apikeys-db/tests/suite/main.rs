@@ -17,6 +17,7 @@ mod keys;
 mod races;
 mod rate_limit;
 mod rotation;
+mod roundtrip;
 mod tenancy;
 mod usage;
 
@@ -57,6 +58,9 @@ common::backend_tests! {
     ],
     tenancy: [
         cross_tenant_isolation,
+    ],
+    roundtrip: [
+        arbitrary_names_and_json_round_trip,
     ],
     fuzz: [
         verify_arbitrary_input,
