@@ -59,8 +59,28 @@ impl Secrets {
     }
 }
 
-/// Checks what can be checked of `url` without connecting, and collects its secrets.
-fn inspect(url: &str) -> Result<(Kind, Secrets)> {
+/// A URL ready to connect with: the URL without its password (sea-orm logs the URL it is
+/// given), the password apart (decoded), and what must never appear in an error.
+#[derive(Debug)]
+struct Target {
+    kind: Kind,
+    url: String,
+    password: Option<Password>,
+    secrets: Secrets,
+}
+
+/// A decoded password, redacted in `Debug`.
+#[derive(Clone)]
+struct Password(String);
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// Checks what can be checked of `url` without connecting, and takes its password out.
+fn inspect(url: &str) -> Result<Target> {
     let mut secrets = Secrets(vec![url.to_owned()]);
     let scheme = url.split_once(':').map(|(s, _)| s.to_ascii_lowercase());
     let kind = match scheme.as_deref() {
@@ -81,26 +101,29 @@ fn inspect(url: &str) -> Result<(Kind, Secrets)> {
             ));
         }
     };
-    match url::Url::parse(url) {
-        Ok(parsed) => {
-            if let Some(password) = parsed.password().filter(|p| !p.is_empty()) {
-                let decoded = percent_decode(password);
-                secrets.0.push(password.to_owned());
-                if decoded != password {
-                    secrets.0.push(decoded);
-                }
-            }
-        }
-        // A SQLite path may be what a URL parser refuses; servers' URLs must parse.
-        Err(_) if matches!(kind, Kind::Sqlite { .. }) => {}
-        Err(_) => {
-            return Err(Error::configuration(
-                "database url does not parse (scheme://user:password@host:port/database)",
-            ));
-        }
+    if matches!(kind, Kind::Sqlite { .. }) {
+        // A SQLite URL is a path (which a URL parser may refuse), and has no password.
+        return Ok(Target { kind, url: url.to_owned(), password: None, secrets });
+    }
+    let shape = || {
+        Error::configuration(
+            "database url does not parse (scheme://user:password@host:port/database)",
+        )
+    };
+    let mut parsed = url::Url::parse(url).map_err(|_| shape())?;
+    if !parsed.has_host() || parsed.host_str().is_some_and(str::is_empty) {
+        return Err(shape());
+    }
+    let mut password = None;
+    if let Some(raw) = parsed.password().filter(|p| !p.is_empty()).map(str::to_owned) {
+        let decoded = percent_decode(&raw);
+        secrets.0.push(raw);
+        secrets.0.push(decoded.clone());
+        password = Some(Password(decoded));
+        parsed.set_password(None).map_err(|()| shape())?;
     }
     secrets.0.retain(|s| !s.is_empty());
-    Ok((kind, secrets))
+    Ok(Target { kind, url: parsed.into(), password, secrets })
 }
 
 fn percent_decode(s: &str) -> String {
@@ -115,9 +138,9 @@ pub(crate) async fn open(
     url: &str,
     settings: &Settings,
 ) -> Result<(DatabaseConnection, DatabaseConnection)> {
-    let (kind, secrets) = inspect(url)?;
+    let Target { kind, url, password, secrets } = inspect(url)?;
     let connect = |max: Option<u32>| {
-        let mut options = ConnectOptions::new(url);
+        let mut options = ConnectOptions::new(url.as_str());
         options
             .connect_timeout(settings.connect_timeout)
             .acquire_timeout(settings.acquire_timeout)
@@ -140,8 +163,14 @@ pub(crate) async fn open(
             }
             Kind::Postgres => {
                 options.statement_timeout(timeout);
+                if let Some(pw) = password.clone() {
+                    options.map_sqlx_postgres_opts(move |o| o.password(&pw.0));
+                }
             }
             Kind::MySql => {
+                if let Some(pw) = password.clone() {
+                    options.map_sqlx_mysql_opts(move |o| o.password(&pw.0));
+                }
                 options.map_sqlx_mysql_pool_opts(move |pool| {
                     pool.after_connect(move |conn, _| {
                         Box::pin(async move { mysql_statement_timeout(conn, timeout).await })
@@ -190,17 +219,28 @@ mod tests {
 
     #[test]
     fn schemes_and_shapes() {
-        assert!(matches!(inspect("sqlite::memory:"), Ok((Kind::Sqlite { in_memory: true }, _))));
-        assert!(matches!(inspect("sqlite://a.db"), Ok((Kind::Sqlite { in_memory: false }, _))));
-        assert!(matches!(inspect("postgresql://u:p@h/db"), Ok((Kind::Postgres, _))));
-        assert!(matches!(inspect("MYSQL://u:p@h/db"), Ok((Kind::MySql, _))));
-        for bad in ["mariadb://u:pw@h/db", "ftp://u:pw@h/", "u:pw@h/db", "postgres://u:pw@[::1/db"]
-        {
+        let kind = |u: &str| inspect(u).map(|t| t.kind).ok();
+        assert_eq!(kind("sqlite::memory:"), Some(Kind::Sqlite { in_memory: true }));
+        assert_eq!(kind("sqlite://a.db"), Some(Kind::Sqlite { in_memory: false }));
+        assert_eq!(kind("postgresql://u:p@h/db"), Some(Kind::Postgres));
+        assert_eq!(kind("MYSQL://u:p@h/db"), Some(Kind::MySql));
+        // The password is taken out of the URL handed on.
+        let t = inspect("postgres://u:p%40ss@h:5/db?x=1").unwrap();
+        assert_eq!(t.url, "postgres://u@h:5/db?x=1");
+        assert_eq!(t.password.map(|p| p.0).as_deref(), Some("p@ss"));
+        for bad in [
+            "mariadb://u:pw@h/db",
+            "ftp://u:pw@h/",
+            "u:pw@h/db",
+            "postgres://u:pw@[::1/db",
+            "postgres:u:pw@h/db",
+            "mysql://u:pw@/db",
+        ] {
             let e = inspect(bad).unwrap_err();
             assert!(matches!(e, Error::Configuration { .. }), "{bad}: {e:?}");
             assert!(!format!("{e} {e:?}").contains("pw"), "{bad}: {e:?}");
         }
-        let (_, s) = inspect("postgres://u:p%40ss%2Bw@h/db").unwrap();
+        let s = inspect("postgres://u:p%40ss%2Bw@h/db").unwrap().secrets;
         assert!(s.0.contains(&"p%40ss%2Bw".to_owned()) && s.0.contains(&"p@ss+w".to_owned()));
     }
 }

@@ -165,3 +165,66 @@ mod flow {
         }
     }
 }
+
+/// Connection URLs of every malformed, unsupported or failing shape: no error (Display,
+/// Debug, source chain) and no log line contains the password, raw or percent-decoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_urls_leak_no_password() {
+    let logs = logs();
+    const PW: &str = "Hunter2-url-SECRET-pw";
+    const ENCODED: &str = "p%40ss-url-SECRET%2Fpw";
+    const DECODED: &str = "p@ss-url-SECRET/pw";
+    let mut urls: Vec<String> = [
+        "mariadb://u:{pw}@127.0.0.1:1/db",
+        "postgres://u:{pw}@127.0.0.1:notaport/db",
+        "postgres://u:{pw}@[::1/db",
+        "postgres://u:{pw}@127.0.0.1:1/db",
+        "postgresql://u:{pw}@/db",
+        "mysql://u:{pw}@127.0.0.1:1/db",
+        "mysql://u:{pw}@/db",
+        "ftp://u:{pw}@h/",
+        "u:{pw}@localhost/db",
+        "postgres:u:{pw}@127.0.0.1/db",
+        "postgres://u:{pw}@127.0.0.1:1/db?sslmode=bogus",
+        "mysql://u:{pw}@127.0.0.1:1/db?ssl-mode=bogus",
+        "sqlite://u:{pw}@/nonexistent-dir/x.db",
+        "sqlite:///nonexistent-dir/{pw}/x.db",
+    ]
+    .iter()
+    .flat_map(|u| [u.replace("{pw}", PW), u.replace("{pw}", ENCODED)])
+    .collect();
+    // Real servers refusing our password.
+    for var in ["APIKEYS_TEST_POSTGRES_URL", "APIKEYS_TEST_MYSQL_URL"] {
+        if let Ok(url) = std::env::var(var) {
+            let (scheme, rest) = url.split_once("://").unwrap();
+            let (creds, host_db) = rest.split_once('@').unwrap();
+            let user = creds.split_once(':').unwrap().0;
+            urls.push(format!("{scheme}://{user}:{PW}@{host_db}"));
+            urls.push(format!("{scheme}://{user}:{ENCODED}@{host_db}"));
+        }
+    }
+    for url in &urls {
+        let result = apikeys_db::ApiKeyClient::builder()
+            .database_url(url)
+            .signing_secret(common::SECRET)
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .acquire_timeout(std::time::Duration::from_secs(2))
+            .build()
+            .await;
+        let e = result.expect_err(url);
+        let mut text = format!("{e}\n{e:?}");
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            text.push_str(&format!("\n{s}\n{s:?}"));
+            source = s.source();
+        }
+        for needle in [PW, ENCODED, DECODED] {
+            assert!(!text.contains(needle), "{url} leaked into: {text}");
+        }
+    }
+    let haystack = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    for needle in [PW, ENCODED, DECODED] {
+        let line = haystack.lines().find(|l| l.contains(needle));
+        assert!(line.is_none(), "a log line holds the password: {line:?}");
+    }
+}

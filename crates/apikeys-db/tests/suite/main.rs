@@ -19,6 +19,7 @@ mod rate_limit;
 mod rotation;
 mod roundtrip;
 mod tenancy;
+mod timeout;
 mod usage;
 
 common::backend_tests! {
@@ -55,6 +56,9 @@ common::backend_tests! {
     ],
     races: [
         admin_calls_racing_the_hot_path,
+    ],
+    timeout: [
+        stuck_statement_is_unavailable,
     ],
     tenancy: [
         cross_tenant_isolation,

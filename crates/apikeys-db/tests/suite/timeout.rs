@@ -1,0 +1,41 @@
+//! A statement stuck on the server (here: waiting for a lock another connection holds)
+//! ends after the client's statement timeout with `Error::Unavailable`, on every backend.
+
+use std::time::Duration;
+
+use apikeys_db::sea_orm::{
+    ConnectionTrait, Database, SqliteTransactionMode, TransactionOptions, TransactionTrait,
+};
+use apikeys_db::{Error, NewKey};
+
+use crate::common::TestDb;
+
+pub async fn stuck_statement_is_unavailable(db: TestDb) {
+    let client = db.client_with(|b| b.statement_timeout(Duration::from_millis(800))).await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let id = client.create_key(org.id, NewKey::new("k")).await.unwrap().record.id;
+
+    // Another connection holds the key's row (the database's write lock on SQLite).
+    let other = Database::connect(&db.url).await.unwrap();
+    let options = TransactionOptions {
+        sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+        ..TransactionOptions::default()
+    };
+    let txn = other.begin_with_options(options).await.unwrap();
+    txn.execute_unprepared("UPDATE api_keys SET name = 'held'").await.unwrap();
+
+    match client.revoke_key(id).await {
+        Err(Error::Unavailable { .. }) => {}
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    txn.rollback().await.unwrap();
+    // Nothing half-done, and the same client works again.
+    let key = client.revoke_key(id).await.unwrap();
+    assert!(key.revoked_at.is_some());
+    assert_eq!(key.name, "k");
+    other.close().await.unwrap();
+    assert!(matches!(
+        db.builder().statement_timeout(Duration::ZERO).build().await,
+        Err(Error::Configuration { .. })
+    ));
+}
