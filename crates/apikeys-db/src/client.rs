@@ -38,8 +38,13 @@ pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 ///
 /// Besides the errors each method lists, every call that reaches the database fails with
 /// [`Error::Unavailable`] when the database cannot be reached, after at most the builder's
-/// connect timeout plus acquire timeout (5 s each by default); the client reconnects by
-/// itself once the database is back.
+/// connect timeout plus acquire timeout (5 s each by default), or when a statement runs past
+/// the statement timeout (5 s); the client reconnects by itself once the database is back.
+///
+/// The client is a composition of parts, each with its own connection handle: the key
+/// lookup (format, HMAC, one indexed read), the rate limiter (database clock, one conditional
+/// upsert per check) and the usage recorder (immediate or batched). Call
+/// [`shutdown`](Self::shutdown) before the process exits when usage is batched.
 #[derive(Clone)]
 pub struct ApiKeyClient {
     pub(crate) inner: Arc<Inner>,

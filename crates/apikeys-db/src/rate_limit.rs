@@ -67,7 +67,7 @@ const REFUSED_TAG: u64 = 1 << 40;
 /// What the counting statement decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Count {
-    /// Counted; the window's new count.
+    /// Counted in the window.
     Admitted,
     /// Not counted: the window is full; this long until it ends (database clock).
     Refused(Duration),
@@ -196,8 +196,9 @@ impl RateLimiter {
         }
     }
 
-    /// Drops refusals whose window has ended and deletes ended window rows, off the caller's
-    /// path (inline when there is no runtime to spawn on).
+    /// Drops refusals whose window has ended and deletes ended window rows off the caller's
+    /// path, in a task on the current runtime (the rows wait for the next sweep, or
+    /// `purge_rate_limit_windows`, where there is none).
     fn sweep_in_background(&self, now: Instant) {
         lock(&self.over_limit).retain(|_, r| r.until > now);
         let db = self.db.clone();
