@@ -53,6 +53,7 @@ common::backend_tests! {
     ],
     rotation: [
         rolling_rotation_and_rollback,
+        failed_rehash_never_fails_the_check,
     ],
     races: [
         admin_calls_racing_the_hot_path,

@@ -76,3 +76,44 @@ pub async fn rolling_rotation_and_rollback(db: TestDb) {
     assert_eq!(step3.keys_per_secret_version().await.unwrap(), vec![(2, 3)]);
     all_verify(&step3, &keys, "step 3").await;
 }
+
+/// A re-hash that fails (here: the key's row is locked by another connection past the
+/// statement timeout) leaves the check successful, and the next success re-hashes.
+pub async fn failed_rehash_never_fails_the_check(db: TestDb) {
+    use std::time::Duration;
+
+    use apikeys_db::sea_orm::{
+        ConnectionTrait, Database, SqliteTransactionMode, TransactionOptions, TransactionTrait,
+    };
+
+    let step0 = db.client_with(|b| b.signing_secret(V1)).await;
+    let (org, _) = step0.get_or_create_organization("acme").await.unwrap();
+    let issued = step0.create_key(org.id, NewKey::new("k")).await.unwrap();
+    let key = issued.key.expose_secret();
+    // Batched usage, so the only write a tracked check makes at once is the re-hash.
+    let step2 = db
+        .client_with(|b| {
+            b.signing_secret(V2)
+                .signing_secret_version(2)
+                .previous_signing_secret(1, V1)
+                .usage_flush_interval(Duration::from_secs(3600))
+                .statement_timeout(Duration::from_millis(500))
+        })
+        .await;
+    let other = Database::connect(&db.url).await.unwrap();
+    let options = TransactionOptions {
+        sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+        ..TransactionOptions::default()
+    };
+    let txn = other.begin_with_options(options).await.unwrap();
+    txn.execute_unprepared("UPDATE api_keys SET name = 'held'").await.unwrap();
+    let checked = step2.verify_key(key, VerifyOptions::new()).await.unwrap();
+    assert_eq!((checked.id, checked.use_count), (issued.record.id, 1));
+    txn.rollback().await.unwrap();
+    other.close().await.unwrap();
+    assert_eq!(step2.keys_per_secret_version().await.unwrap(), vec![(1, 1)], "not re-hashed");
+    step2.verify_key(key, VerifyOptions::new()).await.unwrap();
+    assert_eq!(step2.keys_per_secret_version().await.unwrap(), vec![(2, 1)], "retried");
+    assert_eq!(step2.shutdown().await.unwrap(), 1);
+    assert_eq!(step2.get_key(issued.record.id).await.unwrap().use_count, 2);
+}
