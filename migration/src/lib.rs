@@ -32,6 +32,7 @@
 pub use sea_orm_migration::prelude::*;
 
 mod m20261123_000001_create_tables;
+mod m20261124_000001_alt_key_hash;
 
 /// Runs the apikeys migrations in order.
 #[derive(Debug)]
@@ -40,6 +41,9 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261123_000001_create_tables::Migration)]
+        vec![
+            Box::new(m20261123_000001_create_tables::Migration),
+            Box::new(m20261124_000001_alt_key_hash::Migration),
+        ]
     }
 }

@@ -120,12 +120,12 @@ impl Keyed {
 
 /// Hashes keys with the current signing secret, and recognises hashes made with the others.
 ///
-/// A hasher holds up to three kinds of secret, which is what a rolling rotation needs:
-/// - the **current** one: new keys are hashed with it;
-/// - **previous** ones ([`with_previous`](Self::with_previous)): keys hashed with them are
-///   found, and [`needs_rehash`](Self::needs_rehash) says they should move to the current one;
-/// - **next** ones ([`with_next`](Self::with_next)): keys hashed with them (by replicas that
-///   already made the next secret current) are found, and left alone.
+/// A hasher holds the **current** secret (new keys are hashed with it) and any number of
+/// **previous** ones ([`with_previous`](Self::with_previous)): keys hashed with those are
+/// found, and [`needs_rehash`](Self::needs_rehash) says they should move to the current one.
+/// While a previous secret is configured, a store keeps each key's hash under it too
+/// ([`alternate`](Self::alternate)), so that replicas still on the old secret alone keep
+/// finding every key during a rolling deploy.
 ///
 /// The HMAC state is keyed once at construction. With the `zeroize` features of `hmac` and
 /// `sha2` on (as this crate builds them), that state and the per-call copy each hash makes of
@@ -134,7 +134,6 @@ impl Keyed {
 pub struct KeyHasher {
     current: Keyed,
     previous: Vec<Keyed>,
-    next: Vec<Keyed>,
 }
 
 impl KeyHasher {
@@ -144,7 +143,7 @@ impl KeyHasher {
     /// [`Error::Configuration`] if the HMAC cannot be keyed (it accepts any length, so in
     /// practice never).
     pub fn new(current: SigningSecret) -> Result<Self> {
-        Ok(Self { current: Keyed::new(&current)?, previous: Vec::new(), next: Vec::new() })
+        Ok(Self { current: Keyed::new(&current)?, previous: Vec::new() })
     }
 
     /// Adds an older secret, so keys issued under it are still found (and can be re-hashed to
@@ -155,19 +154,6 @@ impl KeyHasher {
     pub fn with_previous(mut self, previous: SigningSecret) -> Result<Self> {
         let keyed = self.unused(&previous)?;
         self.previous.push(keyed);
-        Ok(self)
-    }
-
-    /// Adds the secret that will become current in a later deploy: keys hashed with it (by
-    /// replicas where it is already current) are found, but nothing is hashed with it here
-    /// and no key is moved to or from it. This is the first step of a rolling rotation (see
-    /// the README, "Secret rotation").
-    ///
-    /// # Errors
-    /// [`Error::Configuration`] if the version is already used by another secret of this hasher.
-    pub fn with_next(mut self, next: SigningSecret) -> Result<Self> {
-        let keyed = self.unused(&next)?;
-        self.next.push(keyed);
         Ok(self)
     }
 
@@ -182,11 +168,18 @@ impl KeyHasher {
     }
 
     /// Whether a key stored under `version` should be re-hashed to the current secret: true
-    /// for the previous secrets only (never for a next one, which other replicas already use
-    /// as their current secret).
+    /// for the previous secrets only.
     #[must_use]
     pub fn needs_rehash(&self, version: u32) -> bool {
         self.previous.iter().any(|k| k.version == version)
+    }
+
+    /// The hash of `key` under the first previous secret, with its version: what a store
+    /// keeps beside the current hash while a rotation is under way. `None` without a
+    /// previous secret.
+    #[must_use]
+    pub fn alternate(&self, key: &str) -> Option<(u32, KeyHash)> {
+        self.previous.first().map(|k| (k.version, k.hash(key.as_bytes())))
     }
 
     /// The current secret's version.
@@ -196,10 +189,10 @@ impl KeyHasher {
     }
 
     fn all(&self) -> impl Iterator<Item = &Keyed> + '_ {
-        std::iter::once(&self.current).chain(&self.previous).chain(&self.next)
+        std::iter::once(&self.current).chain(&self.previous)
     }
 
-    /// Every version this hasher knows: current, previous, then next ones.
+    /// Every version this hasher knows, current first.
     pub fn versions(&self) -> impl Iterator<Item = u32> + '_ {
         self.all().map(|k| k.version)
     }
@@ -237,7 +230,6 @@ impl fmt::Debug for KeyHasher {
                 "previous_versions",
                 &self.previous.iter().map(|k| k.version).collect::<Vec<_>>(),
             )
-            .field("next_versions", &self.next.iter().map(|k| k.version).collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
@@ -310,28 +302,14 @@ mod tests {
     }
 
     #[test]
-    fn next_secrets_are_found_but_never_rehashed() {
+    fn rehash_and_alternate_come_from_previous_secrets() {
         let v1 = || SigningSecret::new(vec![1; 32]).unwrap();
         let v2 = || SigningSecret::new(vec![2; 32]).unwrap().with_version(2);
-        // Step 1 of a rotation: v1 current, v2 next.
-        let step1 = KeyHasher::new(v1()).unwrap().with_next(v2()).unwrap();
-        // Step 2: v2 current, v1 previous.
-        let step2 = KeyHasher::new(v2()).unwrap().with_previous(v1()).unwrap();
-        let under_v2 = step2.hash("sk_abc");
-        let under_v1 = step1.hash("sk_abc");
-        assert_eq!(step1.versions().collect::<Vec<_>>(), vec![1, 2]);
-        let c1 = step1.candidates("sk_abc");
-        assert_eq!(KeyHasher::matching_version(&c1, under_v2.as_bytes()), Some(2));
-        assert_eq!(KeyHasher::matching_version(&c1, under_v1.as_bytes()), Some(1));
-        let c2 = step2.candidates("sk_abc");
-        assert_eq!(KeyHasher::matching_version(&c2, under_v1.as_bytes()), Some(1));
-        // Only step 2 moves keys, and only from the previous secret.
-        assert!(!step1.needs_rehash(2) && !step1.needs_rehash(1));
-        assert!(step2.needs_rehash(1) && !step2.needs_rehash(2));
-        assert!(matches!(
-            KeyHasher::new(v1()).unwrap().with_next(v1()),
-            Err(Error::Configuration { .. })
-        ));
+        let old = KeyHasher::new(v1()).unwrap();
+        let new = KeyHasher::new(v2()).unwrap().with_previous(v1()).unwrap();
+        assert_eq!(old.alternate("sk_abc"), None);
+        assert_eq!(new.alternate("sk_abc"), Some((1, old.hash("sk_abc"))));
+        assert!(new.needs_rehash(1) && !new.needs_rehash(2) && !old.needs_rehash(2));
     }
 
     #[test]

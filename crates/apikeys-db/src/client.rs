@@ -213,7 +213,6 @@ pub struct ClientBuilder {
     secret: Option<Result<SigningSecret>>,
     secret_version: Option<u32>,
     previous: Vec<Result<SigningSecret>>,
-    next: Vec<Result<SigningSecret>>,
     prefix: String,
     environment: Option<String>,
     default_lifetime: Option<Duration>,
@@ -235,7 +234,6 @@ impl Default for ClientBuilder {
             secret: None,
             secret_version: None,
             previous: Vec::new(),
-            next: Vec::new(),
             prefix: "sk".to_owned(),
             environment: None,
             default_lifetime: None,
@@ -258,7 +256,6 @@ impl fmt::Debug for ClientBuilder {
             .field("connection", &self.connection.is_some())
             .field("secret", &self.secret.as_ref().map(|_| "[redacted]"))
             .field("previous_secrets", &self.previous.len())
-            .field("next_secrets", &self.next.len())
             .field("prefix", &self.prefix)
             .field("environment", &self.environment)
             .field("default_lifetime", &self.default_lifetime)
@@ -295,21 +292,13 @@ impl ClientBuilder {
         self
     }
 
-    /// An older signing secret: keys hashed under it still verify, and are re-hashed to the
-    /// current secret on their next successful check that tracks usage. Step 2 of a rolling
-    /// rotation (README, "Secret rotation").
+    /// An older signing secret, for a rotation (README, "Secret rotation"): keys hashed
+    /// under it still verify, and move to the current secret on their next successful check
+    /// that tracks usage. While it is configured, every key this client creates or moves
+    /// also keeps its hash under the first previous secret, so replicas still running with
+    /// that secret alone find every key, and rolling this deploy back loses none.
     pub fn previous_signing_secret(mut self, version: u32, secret: impl Into<Vec<u8>>) -> Self {
         self.previous.push(SigningSecret::new(secret).map(|s| s.with_version(version)));
-        self
-    }
-
-    /// The signing secret that a later deploy makes current: keys hashed under it (by
-    /// replicas already on that deploy) verify here too, but this client neither issues keys
-    /// under it nor moves keys to or from it. Step 1 of a rolling rotation (README, "Secret
-    /// rotation"): once every replica runs with it, making it current is safe, and rolling
-    /// that back is too.
-    pub fn next_signing_secret(mut self, version: u32, secret: impl Into<Vec<u8>>) -> Self {
-        self.next.push(SigningSecret::new(secret).map(|s| s.with_version(version)));
         self
     }
 
@@ -423,9 +412,6 @@ impl ClientBuilder {
         let mut hasher = KeyHasher::new(secret)?;
         for previous in self.previous {
             hasher = hasher.with_previous(previous?)?;
-        }
-        for next in self.next {
-            hasher = hasher.with_next(next?)?;
         }
         if hasher.versions().any(|v| i32::try_from(v).is_err()) {
             return Err(Error::configuration("signing secret versions must be at most 2147483647"));

@@ -117,10 +117,12 @@ fn owned_by(
     }
 }
 
-/// A stored hash to move to the current signing secret.
+/// A stored hash to move to the current signing secret; the old one is kept as the
+/// alternate hash, for replicas still on that secret alone.
 struct Rehash {
     version: u32,
     old_hash: Vec<u8>,
+    old_version: u32,
     new_hash: Vec<u8>,
 }
 
@@ -166,6 +168,7 @@ impl ApiKeyClient {
         let v = new_key.validate(now, self.inner.default_lifetime)?;
         let plaintext = self.inner.format.generate()?;
         let hash = self.inner.hasher.hash(plaintext.expose_secret());
+        let alt = self.inner.hasher.alternate(plaintext.expose_secret());
         let (rl_requests, rl_window) = rate_limit_columns(v.rate_limit);
         let row = api_key::Model {
             id: KeyId::new().as_uuid(),
@@ -175,6 +178,8 @@ impl ApiKeyClient {
             key_hash: hash.as_bytes().to_vec(),
             // Checked at build(): every version fits.
             secret_version: i32::try_from(self.inner.hasher.current_version()).unwrap_or(i32::MAX),
+            alt_key_hash: alt.map(|(_, h)| h.as_bytes().to_vec()),
+            alt_secret_version: alt.map(|(v, _)| i32::try_from(v).unwrap_or(i32::MAX)),
             hint: plaintext.hint(),
             name: v.name,
             scopes: scopes_to_json(&v.scopes),
@@ -237,11 +242,15 @@ impl ApiKeyClient {
                 (row.model, Some(access))
             }
         };
-        let version =
-            KeyHasher::matching_version(&candidates, &model.key_hash).ok_or(Error::InvalidKey)?;
-        let rehash = hasher.needs_rehash(version).then(|| Rehash {
+        // Found by its hash or its alternate hash; only the main hash is ever moved.
+        let main = KeyHasher::matching_version(&candidates, &model.key_hash);
+        let alt =
+            model.alt_key_hash.as_deref().and_then(|h| KeyHasher::matching_version(&candidates, h));
+        main.or(alt).ok_or(Error::InvalidKey)?;
+        let rehash = main.filter(|v| hasher.needs_rehash(*v)).map(|old_version| Rehash {
             version: hasher.current_version(),
             old_hash: model.key_hash.clone(),
+            old_version,
             new_hash: candidates[0].1.as_bytes().to_vec(),
         });
         Ok(Found { key: api_key_from_model(model)?, rehash, product })
@@ -268,14 +277,21 @@ impl ApiKeyClient {
         Ok(())
     }
 
-    /// Moves a key's stored hash from a previous secret to the current one: a compare-and-set
-    /// on the old hash, so it never overwrites another change. Best effort: a failure is
-    /// logged and the next successful check tries again; the check itself has succeeded.
+    /// Moves a key's stored hash from a previous secret to the current one, keeping the old
+    /// hash as the alternate: a compare-and-set on the old hash, so it never overwrites
+    /// another change. Best effort: a failure is logged and the next successful check tries
+    /// again; the check itself has succeeded.
     async fn rehash(&self, id: KeyId, rehash: Rehash) {
-        let Ok(version) = i32::try_from(rehash.version) else { return };
+        let (Ok(version), Ok(old_version)) =
+            (i32::try_from(rehash.version), i32::try_from(rehash.old_version))
+        else {
+            return;
+        };
         let result = api_key::Entity::update_many()
             .col_expr(api_key::Column::KeyHash, Expr::value(rehash.new_hash))
             .col_expr(api_key::Column::SecretVersion, Expr::value(version))
+            .col_expr(api_key::Column::AltKeyHash, Expr::value(rehash.old_hash.clone()))
+            .col_expr(api_key::Column::AltSecretVersion, Expr::value(old_version))
             .filter(api_key::Column::Id.eq(id.as_uuid()))
             .filter(api_key::Column::KeyHash.eq(rehash.old_hash))
             .exec(self.writer())
@@ -338,32 +354,40 @@ impl ApiKeyClient {
         Ok(found.key)
     }
 
-    /// How many keys are stored under each signing-secret version, lowest version first: the
-    /// progress of a rotation. Keys move to the current secret on their first tracked
-    /// success after it became current; an HMAC cannot be re-keyed without the plaintext,
-    /// so a key never presented during the rotation stays under its old version. Before
-    /// removing a secret, check here that no key you still want is under it (revoke and
-    /// reissue those, or keep the secret as a previous one longer).
+    /// How many keys can be found under each signing-secret version, lowest version first:
+    /// the progress of a rotation. A key counts under the version of its main hash and,
+    /// during a rotation, under that of its alternate hash too. Before removing a secret,
+    /// check that the count under the new version covers every key you still want.
+    ///
+    /// Keys move to the current secret on their first tracked success while the old secret
+    /// is configured as previous; an HMAC cannot be re-keyed without the plaintext, so a key
+    /// never presented during the rotation stays under its old version only.
     ///
     /// # Errors
     /// [`Error::Unavailable`]; [`Error::Storage`].
     pub async fn keys_per_secret_version(&self) -> Result<Vec<(u32, u64)>> {
-        let rows: Vec<(i32, i64)> = api_key::Entity::find()
-            .select_only()
-            .column(api_key::Column::SecretVersion)
-            .column_as(api_key::Column::Id.count(), "keys")
-            .group_by(api_key::Column::SecretVersion)
-            .order_by_asc(api_key::Column::SecretVersion)
-            .into_tuple()
-            .all(self.db())
-            .await
-            .map_err(storage)?;
-        rows.into_iter()
-            .map(|(v, n)| {
-                let v = u32::try_from(v).map_err(|_| corrupt("api_keys", "secret_version"))?;
-                Ok((v, u64::try_from(n).unwrap_or(0)))
-            })
-            .collect()
+        use api_key::Column as C;
+        let mut counts = std::collections::BTreeMap::<u32, u64>::new();
+        for (column, hash) in [(C::SecretVersion, C::KeyHash), (C::AltSecretVersion, C::AltKeyHash)]
+        {
+            let rows: Vec<(Option<i32>, i64)> = api_key::Entity::find()
+                .select_only()
+                .column(column)
+                .column_as(C::Id.count(), "keys")
+                .filter(hash.is_not_null())
+                .group_by(column)
+                .into_tuple()
+                .all(self.db())
+                .await
+                .map_err(storage)?;
+            for (v, n) in rows {
+                let v = v
+                    .and_then(|v| u32::try_from(v).ok())
+                    .ok_or_else(|| corrupt("api_keys", "secret_version"))?;
+                *counts.entry(v).or_default() += u64::try_from(n).unwrap_or(0);
+            }
+        }
+        Ok(counts.into_iter().collect())
     }
 
     /// The key with this id.

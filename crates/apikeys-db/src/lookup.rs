@@ -94,10 +94,12 @@ impl LookupSql {
     }
 }
 
-/// The key row whose hash is one of `hashes`. No `LIMIT` (the hash is unique): on SQLite a
-/// bound `LIMIT ?` made the cached statement be re-prepared on every call.
-fn lookup(hashes: impl Iterator<Item = Vec<u8>>) -> sea_orm::Select<api_key::Entity> {
-    let condition = hashes.fold(Condition::any(), |c, h| c.add(api_key::Column::KeyHash.eq(h)));
+/// The key row whose hash or alternate hash (kept during a rotation) is one of `hashes`. No
+/// `LIMIT` (hashes are 256-bit HMACs: no two keys share one): on SQLite a bound `LIMIT ?` made
+/// the cached statement be re-prepared on every call.
+fn lookup(hashes: impl Iterator<Item = Vec<u8>> + Clone) -> sea_orm::Select<api_key::Entity> {
+    let main = hashes.clone().fold(Condition::any(), |c, h| c.add(api_key::Column::KeyHash.eq(h)));
+    let condition = hashes.fold(main, |c, h| c.add(api_key::Column::AltKeyHash.eq(h)));
     api_key::Entity::find().filter(condition)
 }
 

@@ -10,6 +10,8 @@ pub struct Model {
     pub product_id: Option<Uuid>,
     pub key_hash: Vec<u8>,
     pub secret_version: i32,
+    pub alt_key_hash: Option<Vec<u8>>,
+    pub alt_secret_version: Option<i32>,
     pub hint: String,
     pub name: String,
     pub scopes: Json,

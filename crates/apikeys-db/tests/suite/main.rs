@@ -54,6 +54,7 @@ common::backend_tests! {
     rotation: [
         rolling_rotation_and_rollback,
         failed_rehash_never_fails_the_check,
+        schema_upgrade_keeps_keys,
     ],
     races: [
         admin_calls_racing_the_hot_path,

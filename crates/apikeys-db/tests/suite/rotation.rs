@@ -17,64 +17,51 @@ async fn all_verify(client: &ApiKeyClient, keys: &[String], who: &str) {
 }
 
 pub async fn rolling_rotation_and_rollback(db: TestDb) {
-    // Step 0: v1 only. Step 1: v1 current, v2 next. Step 2: v2 current, v1 previous.
-    // Step 3: v2 only.
-    let step0 = db.client_with(|b| b.signing_secret(V1)).await;
-    let step1 = db.client_with(|b| b.signing_secret(V1).next_signing_secret(2, V2)).await;
-    let step2 = db
+    // Before: v1 only. Rotating: v2 current, v1 previous. After: v2 only.
+    let old = db.client_with(|b| b.signing_secret(V1)).await;
+    let rotating = db
         .client_with(|b| {
             b.signing_secret(V2).signing_secret_version(2).previous_signing_secret(1, V1)
         })
         .await;
-    let step3 = db.client_with(|b| b.signing_secret(V2).signing_secret_version(2)).await;
-    let (org, _) = step0.get_or_create_organization("acme").await.unwrap();
+    let new = db.client_with(|b| b.signing_secret(V2).signing_secret_version(2)).await;
+    let (org, _) = old.get_or_create_organization("acme").await.unwrap();
     let mut keys = Vec::new();
-    let mut issue = async |c: &ApiKeyClient| {
-        let k = c.create_key(org.id, NewKey::new("k")).await.unwrap();
+    for (i, c) in [&old, &old, &rotating, &old].into_iter().enumerate() {
+        let k = c.create_key(org.id, NewKey::new(format!("k{i}"))).await.unwrap();
         keys.push(k.key.expose_secret().to_owned());
-    };
-
-    // Rolling out step 1 next to step 0: keys issued and used on either side verify on both,
-    // and a step-1 replica moves nothing (so rolling step 1 back is free).
-    issue(&step0).await;
-    issue(&step1).await;
-    let keys1 = keys.clone();
-    for k in &keys1 {
-        step1.verify_key(k, VerifyOptions::new()).await.unwrap();
     }
-    all_verify(&step0, &keys1, "step 0 beside step 1").await;
-    all_verify(&step1, &keys1, "step 1").await;
-    assert_eq!(step0.keys_per_secret_version().await.unwrap(), vec![(1, 2)]);
-
-    // Rolling out step 2 next to step 1: step 2 issues under v2 and re-hashes what it sees
-    // used; step 1 still verifies everything.
-    let mut keys = keys1.clone();
-    let k = step2.create_key(org.id, NewKey::new("k2")).await.unwrap();
+    // Rolling out: old and rotating replicas side by side. Keys issued on either side, and
+    // keys the rotating replica re-hashes on use, verify on both.
+    all_verify(&old, &keys, "old beside rotating").await;
+    all_verify(&rotating, &keys, "rotating").await;
+    assert_eq!(rotating.keys_per_secret_version().await.unwrap(), vec![(1, 4), (2, 1)]);
+    rotating.verify_key(&keys[0], VerifyOptions::new()).await.unwrap();
+    old.verify_key(&keys[0], VerifyOptions::new()).await.unwrap();
+    assert_eq!(rotating.keys_per_secret_version().await.unwrap(), vec![(1, 4), (2, 2)]);
+    all_verify(&old, &keys, "old after re-hashes").await;
+    // Rolled back: the old configuration alone keeps every key, including those the rotating
+    // replicas created and moved; and rolling forward again changes nothing.
+    all_verify(&old, &keys, "rolled back").await;
+    let k = old.create_key(org.id, NewKey::new("after rollback")).await.unwrap();
     keys.push(k.key.expose_secret().to_owned());
-    step2.verify_key(&keys[0], VerifyOptions::new()).await.unwrap();
-    assert_eq!(step2.keys_per_secret_version().await.unwrap(), vec![(1, 1), (2, 2)]);
-    all_verify(&step1, &keys, "step 1 beside step 2").await;
-    all_verify(&step2, &keys, "step 2").await;
-    // A step-1 replica seeing a v2 key used leaves it under v2 (no ping-pong).
-    step1.verify_key(&keys[0], VerifyOptions::new()).await.unwrap();
-    assert_eq!(step2.keys_per_secret_version().await.unwrap(), vec![(1, 1), (2, 2)]);
-
-    // Rolling step 2 back to step 1 keeps every key valid (step 1 knows v2 as next).
-    all_verify(&step1, &keys, "rolled back to step 1").await;
-
-    // Step 3 (v1 removed): what was used or issued during step 2 verifies; the key never
-    // presented during step 2 is still under v1 and is refused. keys_per_secret_version
-    // said so before the removal.
-    all_verify(&step3, &keys[..1], "step 3, used in step 2").await;
-    all_verify(&step3, &keys[2..], "step 3, issued in step 2").await;
-    assert!(matches!(
-        step3.verify_key(&keys[1], VerifyOptions::new()).await,
-        Err(Error::InvalidKey)
-    ));
-    // Used once more under step 2, it moves, and step 3 accepts it.
-    step2.verify_key(&keys[1], VerifyOptions::new()).await.unwrap();
-    assert_eq!(step3.keys_per_secret_version().await.unwrap(), vec![(2, 3)]);
-    all_verify(&step3, &keys, "step 3").await;
+    all_verify(&rotating, &keys, "rolled forward").await;
+    // The old secret removed: what was issued by or used on a rotating replica verifies;
+    // keys never presented to one are under v1 only and are refused, as
+    // keys_per_secret_version said (5 keys, 2 under v2).
+    all_verify(&new, &keys[..1], "new, used while rotating").await;
+    all_verify(&new, &keys[2..3], "new, issued while rotating").await;
+    for k in [&keys[1], &keys[3], &keys[4]] {
+        assert!(matches!(new.verify_key(k, VerifyOptions::new()).await, Err(Error::InvalidKey)));
+    }
+    // Presented once more to a rotating replica, they move, and the new secret alone takes
+    // every key.
+    for k in &keys {
+        rotating.verify_key(k, VerifyOptions::new()).await.unwrap();
+    }
+    assert_eq!(new.keys_per_secret_version().await.unwrap(), vec![(1, 5), (2, 5)]);
+    all_verify(&new, &keys, "new").await;
+    all_verify(&old, &keys, "old, still beside").await;
 }
 
 /// A re-hash that fails (here: the key's row is locked by another connection past the
@@ -86,9 +73,9 @@ pub async fn failed_rehash_never_fails_the_check(db: TestDb) {
         ConnectionTrait, Database, SqliteTransactionMode, TransactionOptions, TransactionTrait,
     };
 
-    let step0 = db.client_with(|b| b.signing_secret(V1)).await;
-    let (org, _) = step0.get_or_create_organization("acme").await.unwrap();
-    let issued = step0.create_key(org.id, NewKey::new("k")).await.unwrap();
+    let old = db.client_with(|b| b.signing_secret(V1)).await;
+    let (org, _) = old.get_or_create_organization("acme").await.unwrap();
+    let issued = old.create_key(org.id, NewKey::new("k")).await.unwrap();
     let key = issued.key.expose_secret();
     // Batched usage, so the only write a tracked check makes at once is the re-hash.
     let step2 = db
@@ -113,7 +100,38 @@ pub async fn failed_rehash_never_fails_the_check(db: TestDb) {
     other.close().await.unwrap();
     assert_eq!(step2.keys_per_secret_version().await.unwrap(), vec![(1, 1)], "not re-hashed");
     step2.verify_key(key, VerifyOptions::new()).await.unwrap();
-    assert_eq!(step2.keys_per_secret_version().await.unwrap(), vec![(2, 1)], "retried");
+    assert_eq!(step2.keys_per_secret_version().await.unwrap(), vec![(1, 1), (2, 1)], "retried");
     assert_eq!(step2.shutdown().await.unwrap(), 1);
     assert_eq!(step2.get_key(issued.record.id).await.unwrap().use_count, 2);
+}
+
+/// A database made before the alternate-hash step, with keys in it, upgrades in place with
+/// `create_tables` (the same Migrator as `sea-orm-cli migrate up`); its keys keep working,
+/// through a rotation too.
+pub async fn schema_upgrade_keeps_keys(db: TestDb) {
+    use migration::MigratorTrait;
+    let old = db.client_with(|b| b.signing_secret(V1)).await;
+    let (org, _) = old.get_or_create_organization("acme").await.unwrap();
+    let issued = old.create_key(org.id, NewKey::new("k")).await.unwrap();
+    // Back to the first schema (this drops the new columns), as a database made before.
+    migration::Migrator::down(old.connection(), Some(1)).await.unwrap();
+    assert_eq!(
+        migration::Migrator::get_pending_migrations(old.connection()).await.unwrap().len(),
+        1
+    );
+    old.create_tables().await.unwrap();
+    assert!(
+        migration::Migrator::get_pending_migrations(old.connection()).await.unwrap().is_empty()
+    );
+    let key = issued.key.expose_secret();
+    let found = old.verify_key(key, VerifyOptions::new()).await.unwrap();
+    assert_eq!(found.id, issued.record.id);
+    let rotating = db
+        .client_with(|b| {
+            b.signing_secret(V2).signing_secret_version(2).previous_signing_secret(1, V1)
+        })
+        .await;
+    rotating.verify_key(key, VerifyOptions::new()).await.unwrap();
+    old.verify_key(key, VerifyOptions::new()).await.unwrap();
+    assert_eq!(old.keys_per_secret_version().await.unwrap(), vec![(1, 1), (2, 1)]);
 }
