@@ -235,7 +235,7 @@ impl fmt::Debug for KeyHasher {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn hex(h: &KeyHash) -> String {
@@ -312,12 +312,16 @@ mod tests {
         assert!(new.needs_rehash(1) && !new.needs_rehash(2) && !old.needs_rehash(2));
     }
 
+    /// Compiles only while `T` zeroes itself when dropped.
+    pub(crate) fn zeroed_on_drop<T: zeroize::ZeroizeOnDrop>(_: &T) {}
+
     #[test]
-    fn keyed_state_is_zeroed_on_drop() {
-        // Compiles only while the SHA-256 core (which holds the keyed HMAC state, and is
-        // what each hash clones) zeroes itself on drop: sha2's `zeroize` feature.
-        fn zeroed_on_drop<T: sha2::digest::zeroize::ZeroizeOnDrop>() {}
-        zeroed_on_drop::<sha2::Sha256>();
+    fn secrets_and_keyed_state_are_zeroed_on_drop() {
+        // The SHA-256 core holds the keyed HMAC state (inner and outer pads) and is what each
+        // hash clones: zeroed on drop with sha2's `zeroize` feature.
+        zeroed_on_drop(&sha2::Sha256::default());
+        let secret = SigningSecret::new(vec![7; 32]).unwrap();
+        zeroed_on_drop(&secret.bytes);
     }
 
     #[test]

@@ -239,6 +239,13 @@ fn decode_checksum(digits: &[u8]) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn plaintext_is_zeroed_on_drop() {
+        let key = KeyFormat::new("sk", None).unwrap().generate().unwrap();
+        crate::hash::tests::zeroed_on_drop(&key.0);
+    }
+
     use super::*;
     use proptest::prelude::*;
 

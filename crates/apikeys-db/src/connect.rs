@@ -127,10 +127,7 @@ fn inspect(url: &str) -> Result<Target> {
 }
 
 fn percent_decode(s: &str) -> String {
-    url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
+    percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()
 }
 
 /// Opens the pools for `url`: (the pool reads use, the pool writes use).
@@ -242,5 +239,8 @@ mod tests {
         }
         let s = inspect("postgres://u:p%40ss%2Bw@h/db").unwrap().secrets;
         assert!(s.0.contains(&"p%40ss%2Bw".to_owned()) && s.0.contains(&"p@ss+w".to_owned()));
+        // Characters that are literal in a password: `&`, `=`, `+`.
+        let t = inspect("mysql://u:a&b=c+d@h/db").unwrap();
+        assert_eq!(t.password.map(|p| p.0).as_deref(), Some("a&b=c+d"));
     }
 }

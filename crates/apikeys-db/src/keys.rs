@@ -15,6 +15,7 @@ use crate::client::ApiKeyClient;
 use crate::convert::{api_key_from_model, naive, rate_limit_columns, scopes_to_json, to_micros};
 use crate::entity::{api_key, product, project};
 use crate::error::{corrupt, missing_parent, retry_conflicts, storage};
+use crate::lookup::HashColumn;
 
 /// Options of [`ApiKeyClient::verify_key`].
 #[derive(Debug, Clone, Copy)]
@@ -214,8 +215,9 @@ impl ApiKeyClient {
         Ok(IssuedKey { key: plaintext, record: api_key_from_model(row)? })
     }
 
-    /// Parses, hashes and looks up a presented key: one indexed read, which also reads what
-    /// the decision needs about `product` when one is given.
+    /// Parses, hashes and looks up a presented key: one indexed read (two for a key found
+    /// only by its alternate hash, or not found), which also reads what the decision needs
+    /// about `product` when one is given.
     async fn find_by_plaintext(
         &self,
         plaintext: &str,
@@ -224,9 +226,15 @@ impl ApiKeyClient {
         let parsed = self.inner.format.parse(plaintext)?;
         let hasher = &self.inner.hasher;
         let candidates = hasher.candidates(parsed.as_str());
-        let statement = self.inner.lookup.statement(&candidates, product);
-        let row = self.db().query_one_raw(statement).await.map_err(storage)?;
-        let row = row.ok_or(Error::InvalidKey)?;
+        let lookup = |column| {
+            let statement = self.inner.lookup.statement(&candidates, product, column);
+            async move { self.db().query_one_raw(statement).await.map_err(storage) }
+        };
+        // The main hash first: outside a rotation every key is found there, in one probe.
+        let row = match lookup(HashColumn::Main).await? {
+            Some(row) => row,
+            None => lookup(HashColumn::Alternate).await?.ok_or(Error::InvalidKey)?,
+        };
         let (model, product) = match product {
             None => (api_key::Model::from_query_result(&row, "").map_err(storage)?, None),
             Some(product_id) => {

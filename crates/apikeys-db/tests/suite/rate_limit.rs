@@ -74,14 +74,15 @@ pub async fn window_rollover_by_database_clock(db: TestDb) {
         }
     }
     let rows = window_rows(&client).await;
-    assert!(rows.len() >= 3, "{rows:?}");
+    assert!(rows.len() >= 4, "{rows:?}");
     assert_eq!(rows.iter().map(|r| r.1).sum::<i64>(), ok as i64, "{rows:?}");
     // Windows are cut by the database clock at whole seconds; each one we hammered through
-    // admitted exactly 3 (the last may have just begun).
+    // from start to end admitted exactly 3 (the first and the last were entered or left
+    // part-way, so they may hold fewer), and none ever more.
     for (i, (start, count)) in rows.iter().enumerate() {
         assert_eq!(start % 1000, 0);
         assert!(*count <= 3, "{rows:?}");
-        if i + 1 < rows.len() {
+        if i > 0 && i + 1 < rows.len() {
             assert_eq!(*count, 3, "{rows:?}");
         }
     }
