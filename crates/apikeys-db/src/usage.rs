@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::entity::api_key;
-use crate::error::storage;
+use crate::error::{retry_conflicts, storage};
 
 /// Keys per `UPDATE` statement (each key adds a few bound parameters).
 const CHUNK: usize = 500;
@@ -176,7 +176,7 @@ impl UsageRecorder {
             merge(&mut batch.counts.lock(), key.as_uuid(), Pending { count: 1, last_used: at });
             return Ok(());
         }
-        record_one(&self.db, key.as_uuid(), at).await.map_err(storage)
+        retry_conflicts(|| record_one(&self.db, key.as_uuid(), at)).await.map_err(storage)
     }
 
     /// Writes the counts held in memory; returns the number of keys written.

@@ -69,10 +69,6 @@ pub async fn rolling_rotation_and_rollback(db: TestDb) {
 pub async fn failed_rehash_never_fails_the_check(db: TestDb) {
     use std::time::Duration;
 
-    use apikeys_db::sea_orm::{
-        ConnectionTrait, Database, SqliteTransactionMode, TransactionOptions, TransactionTrait,
-    };
-
     let old = db.client_with(|b| b.signing_secret(V1)).await;
     let (org, _) = old.get_or_create_organization("acme").await.unwrap();
     let issued = old.create_key(org.id, NewKey::new("k")).await.unwrap();
@@ -87,13 +83,7 @@ pub async fn failed_rehash_never_fails_the_check(db: TestDb) {
                 .statement_timeout(Duration::from_millis(500))
         })
         .await;
-    let other = Database::connect(&db.url).await.unwrap();
-    let options = TransactionOptions {
-        sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-        ..TransactionOptions::default()
-    };
-    let txn = other.begin_with_options(options).await.unwrap();
-    txn.execute_unprepared("UPDATE api_keys SET name = 'held'").await.unwrap();
+    let (other, txn) = crate::common::hold_key_rows(&db).await;
     let checked = step2.verify_key(key, VerifyOptions::new()).await.unwrap();
     assert_eq!((checked.id, checked.use_count), (issued.record.id, 1));
     txn.rollback().await.unwrap();

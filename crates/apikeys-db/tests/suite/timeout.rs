@@ -3,12 +3,9 @@
 
 use std::time::Duration;
 
-use apikeys_db::sea_orm::{
-    ConnectionTrait, Database, SqliteTransactionMode, TransactionOptions, TransactionTrait,
-};
 use apikeys_db::{Error, NewKey};
 
-use crate::common::TestDb;
+use crate::common::{TestDb, hold_key_rows};
 
 pub async fn stuck_statement_is_unavailable(db: TestDb) {
     let client = db.client_with(|b| b.statement_timeout(Duration::from_millis(800))).await;
@@ -16,13 +13,7 @@ pub async fn stuck_statement_is_unavailable(db: TestDb) {
     let id = client.create_key(org.id, NewKey::new("k")).await.unwrap().record.id;
 
     // Another connection holds the key's row (the database's write lock on SQLite).
-    let other = Database::connect(&db.url).await.unwrap();
-    let options = TransactionOptions {
-        sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-        ..TransactionOptions::default()
-    };
-    let txn = other.begin_with_options(options).await.unwrap();
-    txn.execute_unprepared("UPDATE api_keys SET name = 'held'").await.unwrap();
+    let (other, txn) = hold_key_rows(&db).await;
 
     match client.revoke_key(id).await {
         Err(Error::Unavailable { .. }) => {}

@@ -279,6 +279,22 @@ macro_rules! stamp {
 
 pub(crate) use {backend_tests, stamp};
 
+/// Another connection, holding a lock on every key row (on SQLite: the database's write
+/// lock) until the returned transaction ends: what a stuck writer elsewhere looks like.
+pub async fn hold_key_rows(
+    db: &TestDb,
+) -> (apikeys_db::sea_orm::DatabaseConnection, apikeys_db::sea_orm::DatabaseTransaction) {
+    use apikeys_db::sea_orm::{SqliteTransactionMode, TransactionOptions, TransactionTrait};
+    let other = Database::connect(&db.url).await.unwrap();
+    let options = TransactionOptions {
+        sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+        ..TransactionOptions::default()
+    };
+    let txn = other.begin_with_options(options).await.unwrap();
+    txn.execute_unprepared("UPDATE api_keys SET name = 'held'").await.unwrap();
+    (other, txn)
+}
+
 /// Outcomes seen by the hot path while admins act on the same keys.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Tally {
