@@ -12,6 +12,9 @@
 //! - `rate_limit`: 4 processes whose clocks are 60 s behind, 2 s behind, 2 s ahead and 60 s
 //!   ahead of the database's × 8 tasks × 6 attempts on one key limited to 100 per minute,
 //!   inside one minute of the database's clock: exactly 100 are admitted.
+//! - `rate_limit_seconds`: 4 processes whose clocks are 2 s and 1 s behind and ahead × 4
+//!   tasks hammer a key limited to 5 per second for 1.5 s, across window boundaries: no
+//!   window of the database's clock admits more than 5, and every admitted request is in one.
 //! - `races`: 4 processes × 6 tasks check 60 keys (tracked, untracked, shared limit) while
 //!   each process also deletes, revokes and updates its quarter of them: every outcome is
 //!   `Ok`, `InvalidKey`, `Revoked` or `NotFound`, never `Storage`.
@@ -35,6 +38,9 @@ const ATTEMPTS: usize = 6;
 const LIMIT: u32 = 100;
 /// Each worker's clock offset from real time, by worker index (milliseconds).
 const SKEWS_MS: [i64; PROCESSES] = [-60_000, -2_000, 2_000, 60_000];
+/// The same for the per-second scenario.
+const SECOND_SKEWS_MS: [i64; PROCESSES] = [-2_000, -1_000, 1_000, 2_000];
+const PER_SECOND: u32 = 5;
 const RACE_KEYS: usize = 60;
 const RACE_TASKS: usize = 6;
 
@@ -44,6 +50,7 @@ async fn main() {
         Ok("bootstrap") => return bootstrap_worker().await,
         Ok("rate_limit") => return rate_limit_worker().await,
         Ok("races") => return races_worker().await,
+        Ok("rate_limit_seconds") => return rate_limit_seconds_worker().await,
         _ => {}
     }
     let (mut passed, mut failed) = (0, 0);
@@ -51,6 +58,7 @@ async fn main() {
         for (name, scenario) in [
             ("bootstrap_across_processes", Scenario::Bootstrap),
             ("rate_limit_across_skewed_processes", Scenario::RateLimit),
+            ("second_windows_across_skewed_processes", Scenario::RateLimitSeconds),
             ("races_across_processes", Scenario::Races),
         ] {
             let Some(db) = TestDb::new(backend, "multiprocess").await else { continue };
@@ -81,6 +89,7 @@ async fn main() {
 enum Scenario {
     Bootstrap,
     RateLimit,
+    RateLimitSeconds,
     Races,
 }
 
@@ -90,6 +99,7 @@ impl Scenario {
             Scenario::Bootstrap => bootstrap_across_processes(db).await,
             Scenario::RateLimit => rate_limit_across_processes(db).await,
             Scenario::Races => races_across_processes(db).await,
+            Scenario::RateLimitSeconds => second_windows_across_processes(db).await,
         }
     }
 }
@@ -311,4 +321,59 @@ async fn races_worker() {
         "result ok={} invalid={} revoked={} wrong={wrong:?}",
         tally.ok, tally.invalid_key, tally.revoked
     );
+}
+
+async fn second_windows_across_processes(db: TestDb) {
+    let client = db.client().await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let limit = RateLimit::per_second(PER_SECOND).unwrap();
+    let issued =
+        client.create_key(org.id, NewKey::new("per-second").with_rate_limit(limit)).await.unwrap();
+    let key = issued.key.expose_secret().to_owned();
+    let before = common::db_now_ms(&client).await;
+    let lines = run_workers("rate_limit_seconds", &db, &[("APIKEYS_WORKER_KEY", key)]).await;
+    let after = common::db_now_ms(&client).await;
+    let admitted: i64 = lines.iter().map(|l| l.parse::<i64>().unwrap()).sum();
+    let rows = common::window_rows(&client).await;
+    let spanned = after / 1000 - before / 1000 + 1;
+    println!(
+        "second windows across skewed processes: {admitted} admitted in {} windows: {rows:?}",
+        rows.len()
+    );
+    assert!(rows.len() >= 2, "the run crossed a second boundary: {rows:?}");
+    assert!(admitted <= i64::from(PER_SECOND) * spanned);
+    assert_eq!(rows.iter().map(|r| r.1).sum::<i64>(), admitted);
+    for (start, count) in &rows {
+        assert!(*count <= i64::from(PER_SECOND), "{rows:?}");
+        assert!(
+            *start % 1000 == 0 && *start >= before - before % 1000 && *start <= after,
+            "{rows:?}"
+        );
+    }
+}
+
+async fn rate_limit_seconds_worker() {
+    let key = std::env::var("APIKEYS_WORKER_KEY").unwrap();
+    let skew = chrono::TimeDelta::milliseconds(SECOND_SKEWS_MS[worker_index()]);
+    let client = worker_client_with(|b| b.clock(move || chrono::Utc::now() + skew)).await;
+    run_tasks(client, 4, move |client| {
+        let key = key.clone();
+        async move {
+            let until = std::time::Instant::now() + Duration::from_millis(1_500);
+            let mut ok = 0;
+            while std::time::Instant::now() < until {
+                match client.validate_key(&key, apikeys_db::ValidateOptions::new()).await {
+                    Ok(_) => ok += 1,
+                    Err(apikeys_db::Error::Quota { retry_after, .. }) => {
+                        assert!(
+                            retry_after > Duration::ZERO && retry_after <= Duration::from_secs(1)
+                        );
+                    }
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+            ok.to_string()
+        }
+    })
+    .await;
 }
