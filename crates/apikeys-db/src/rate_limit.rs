@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use apikeys_core::{Error, KeyId, RateLimit, Result};
@@ -63,6 +63,39 @@ pub(crate) const PURGE_GRACE: Duration = Duration::from_secs(300);
 
 /// A MySQL counting statement that refused reports `REFUSED_TAG + milliseconds left`.
 const REFUSED_TAG: u64 = 1 << 40;
+
+/// The database's clock in Unix milliseconds, as PostgreSQL computes it.
+const PG_NOW_MS: &str = "floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
+/// The same for MySQL/MariaDB (`NOW(3)` is fixed for the whole statement).
+const MY_NOW_MS: &str = "FLOOR(UNIX_TIMESTAMP(NOW(3)) * 1000)";
+
+/// MySQL's counting statement. No RETURNING and no data-modifying CTE: LAST_INSERT_ID(expr)
+/// hands the outcome back in the OK packet of the same statement: 1 for a new window, the new
+/// count, or [`REFUSED_TAG`] + the milliseconds left in the window. Rendered once.
+static MY_COUNT: LazyLock<String> = LazyLock::new(|| {
+    let now = MY_NOW_MS;
+    format!(
+        "INSERT INTO rate_limit_windows (key_id, window_start, count, expires_at) \
+         VALUES (?, {now} - MOD({now}, ?), LAST_INSERT_ID(1), {now} - MOD({now}, ?) + ?) \
+         ON DUPLICATE KEY UPDATE count = IF(count < ?, LAST_INSERT_ID(count + 1), \
+           IF(LAST_INSERT_ID({REFUSED_TAG} + expires_at - {now}) > 0, count, count))"
+    )
+});
+
+/// PostgreSQL's counting statement. `clock_timestamp()` is read once, in the first CTE; the
+/// data-modifying CTE runs whether or not the outer query reads it, and returns no row when
+/// it refused. Rendered once.
+static PG_COUNT: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH t AS (SELECT {PG_NOW_MS} AS now_ms), \
+         w AS (SELECT now_ms, now_ms - mod(now_ms, $2) AS start FROM t), \
+         up AS (INSERT INTO rate_limit_windows (key_id, window_start, count, expires_at) \
+           SELECT $1, start, 1, start + $2 FROM w \
+           ON CONFLICT (key_id, window_start) DO UPDATE SET count = rate_limit_windows.count + 1 \
+           WHERE rate_limit_windows.count < $3 RETURNING 1 AS admitted) \
+         SELECT w.start + $2 - w.now_ms AS left_ms, (SELECT count(*) FROM up) AS admitted FROM w"
+    )
+});
 
 /// What the counting statement decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -281,16 +314,8 @@ async fn count(db: &DatabaseConnection, key: KeyId, limit: RateLimit) -> Result<
     let id = Value::from(key.as_uuid());
     let result = match backend {
         DbBackend::Postgres => {
-            // `clock_timestamp()` is read once, in the first CTE; the data-modifying CTE runs
-            // whether or not the outer query reads it, and returns no row when it refused.
-            let sql = "WITH t AS (SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now_ms), \
-                 w AS (SELECT now_ms, now_ms - mod(now_ms, $2) AS start FROM t), \
-                 up AS (INSERT INTO rate_limit_windows (key_id, window_start, count, expires_at) \
-                   SELECT $1, start, 1, start + $2 FROM w \
-                   ON CONFLICT (key_id, window_start) DO UPDATE SET count = rate_limit_windows.count + 1 \
-                   WHERE rate_limit_windows.count < $3 RETURNING 1 AS admitted) \
-                 SELECT w.start + $2 - w.now_ms AS left_ms, (SELECT count(*) FROM up) AS admitted FROM w";
-            let stmt = Statement::from_sql_and_values(backend, sql, [id, len.into(), max.into()]);
+            let values = [id, len.into(), max.into()];
+            let stmt = Statement::from_sql_and_values(backend, PG_COUNT.as_str(), values);
             retry_conflicts(|| db.query_one_raw(stmt.clone())).await.and_then(|row| {
                 let row = row.ok_or_else(|| DbErr::RecordNotFound("rate limit row".into()))?;
                 let admitted: i64 = row.try_get("", "admitted")?;
@@ -299,19 +324,8 @@ async fn count(db: &DatabaseConnection, key: KeyId, limit: RateLimit) -> Result<
             })
         }
         DbBackend::MySql => {
-            // No RETURNING and no data-modifying CTE: LAST_INSERT_ID(expr) hands the outcome
-            // back in the OK packet of the same statement: 1 for a new window, the new count,
-            // or REFUSED_TAG + the milliseconds left in the window. NOW(3) is fixed for the
-            // whole statement.
-            let now = "FLOOR(UNIX_TIMESTAMP(NOW(3)) * 1000)";
-            let sql = format!(
-                "INSERT INTO rate_limit_windows (key_id, window_start, count, expires_at) \
-                 VALUES (?, {now} - MOD({now}, ?), LAST_INSERT_ID(1), {now} - MOD({now}, ?) + ?) \
-                 ON DUPLICATE KEY UPDATE count = IF(count < ?, LAST_INSERT_ID(count + 1), \
-                   IF(LAST_INSERT_ID({REFUSED_TAG} + expires_at - {now}) > 0, count, count))"
-            );
             let values = [id, len.into(), len.into(), len.into(), max.into()];
-            let stmt = Statement::from_sql_and_values(backend, sql, values);
+            let stmt = Statement::from_sql_and_values(backend, MY_COUNT.as_str(), values);
             retry_conflicts(|| db.execute_raw(stmt.clone())).await.map(|res| {
                 match res.last_insert_id() {
                     v if v >= REFUSED_TAG => {
@@ -349,13 +363,12 @@ async fn purge(db: &DatabaseConnection) -> Result<u64, DbErr> {
     let stmt = match backend {
         DbBackend::Postgres => Statement::from_sql_and_values(
             backend,
-            "DELETE FROM rate_limit_windows \
-             WHERE expires_at <= floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint - $1",
+            format!("DELETE FROM rate_limit_windows WHERE expires_at <= {PG_NOW_MS} - $1"),
             [grace.into()],
         ),
         DbBackend::MySql => Statement::from_sql_and_values(
             backend,
-            "DELETE FROM rate_limit_windows WHERE expires_at <= FLOOR(UNIX_TIMESTAMP(NOW(3)) * 1000) - ?",
+            format!("DELETE FROM rate_limit_windows WHERE expires_at <= {MY_NOW_MS} - ?"),
             [grace.into()],
         ),
         _ => Statement::from_sql_and_values(
