@@ -52,21 +52,21 @@ async fn main() -> apikeys_db::Result<()> {
     println!("issued {} (show the plaintext once; stored: hash + hint)", issued.record.hint);
 
     // 3. Validate on each request: product, scopes, rate limit.
-    let opts = ValidateOptions::new().for_product(api.id).require_scopes(["read"]);
-    let ok = client.validate_key(&key, opts.clone()).await?;
+    let opts = ValidateOptions::new().for_product(api.id).require_scopes(["read"])?;
+    let ok = client.validate_key(&key, &opts.clone()).await?;
     println!("valid for {}: uses = {}", api.name, ok.use_count);
-    match client.validate_key(&key, ValidateOptions::new().for_product(billing.id)).await {
+    match client.validate_key(&key, &ValidateOptions::new().for_product(billing.id)).await {
         Err(Error::ProductNotAllowed { .. }) => {
             println!("not valid for billing (project not linked)")
         }
         other => println!("unexpected: {other:?}"),
     }
-    match client.validate_key(&key, ValidateOptions::new().require_scopes(["admin"])).await {
+    match client.validate_key(&key, &ValidateOptions::new().require_scopes(["admin"])?).await {
         Err(Error::InsufficientScope { missing }) => println!("missing scopes: {missing:?}"),
         other => println!("unexpected: {other:?}"),
     }
     for _ in 0..3 {
-        match client.validate_key(&key, opts.clone()).await {
+        match client.validate_key(&key, &opts.clone()).await {
             Ok(_) => println!("request admitted"),
             Err(Error::Quota { retry_after, limit }) => {
                 println!("rate limited ({limit}), retry after {retry_after:?}");
@@ -77,7 +77,10 @@ async fn main() -> apikeys_db::Result<()> {
 
     // 4. Typos and forgeries are rejected offline.
     let typo = format!("{}x", &key[..key.len() - 1]);
-    assert!(matches!(client.verify_key(&typo, VerifyOptions::new()).await, Err(Error::InvalidKey)));
+    assert!(matches!(
+        client.verify_key(&typo, &VerifyOptions::new()).await,
+        Err(Error::InvalidKey)
+    ));
 
     // 5. Update metadata in place, list, revoke, delete.
     let updated = client
@@ -87,10 +90,10 @@ async fn main() -> apikeys_db::Result<()> {
         )
         .await?;
     println!("renamed to {:?}, rate limit {:?}", updated.name, updated.rate_limit);
-    let page = client.list_project_keys(v1.id, StatusFilter::Active, Page::first(50)).await?;
+    let page = client.list_project_keys(v1.id, StatusFilter::Active, Page::first(50)?).await?;
     println!("active keys in v1: {}", page.items.len());
     client.revoke_key(issued.record.id).await?;
-    match client.verify_key(&key, VerifyOptions::new()).await {
+    match client.verify_key(&key, &VerifyOptions::new()).await {
         Err(Error::Revoked { revoked_at }) => println!("revoked at {revoked_at}"),
         other => println!("unexpected: {other:?}"),
     }

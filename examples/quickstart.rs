@@ -1,9 +1,8 @@
 //! Generates a key, hashes it, parses it back and runs the verification decision.
 #![allow(clippy::print_stdout)]
 
-use apikeys_db::{
-    ApiKey, KeyFormat, KeyHasher, KeyId, OrgId, Requirements, Scopes, SigningSecret, decide,
-};
+use apikeys_db::core::hazmat::{KeyHasher, Requirements, decide};
+use apikeys_db::{ApiKey, KeyFormat, KeyId, OrgId, Scopes, SigningSecret};
 use chrono::Utc;
 
 fn main() -> apikeys_db::Result<()> {
@@ -35,7 +34,8 @@ fn main() -> apikeys_db::Result<()> {
         last_used_at: None,
         use_count: 0,
     };
-    let need_write = Requirements { product: None, scopes: Scopes::parse(["write"])? };
+    let write = Scopes::parse(["write"])?;
+    let need_write = Requirements { product: None, scopes: &write };
     match decide(&stored, &need_write, now) {
         Err(e) => println!("decision: {e}"),
         Ok(()) => println!("decision: allowed"),

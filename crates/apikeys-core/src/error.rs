@@ -7,17 +7,17 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::id::ProductId;
+use crate::id::{KeyId, OrgId, ProductId, ProjectId};
 use crate::rate_limit::RateLimit;
 use crate::scope::Scope;
 
 /// Shorthand for `std::result::Result<T, apikeys_core::Error>`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Which kind of record an [`Error::AlreadyExists`] or [`Error::NotFound`] is about.
+/// Which kind of record a [`RecordId`] names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-pub enum Entity {
+pub enum RecordKind {
     /// An [`Organization`](crate::Organization).
     Organization,
     /// A [`Project`](crate::Project).
@@ -28,14 +28,82 @@ pub enum Entity {
     Key,
 }
 
-impl fmt::Display for Entity {
+impl fmt::Display for RecordKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Entity::Organization => "organization",
-            Entity::Project => "project",
-            Entity::Product => "product",
-            Entity::Key => "key",
+            RecordKind::Organization => "organization",
+            RecordKind::Project => "project",
+            RecordKind::Product => "product",
+            RecordKind::Key => "key",
         })
+    }
+}
+
+/// The typed id of a record, as [`Error::NotFound`] and [`Error::AlreadyExists`] carry it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RecordId {
+    /// An organization.
+    Organization(OrgId),
+    /// A project.
+    Project(ProjectId),
+    /// A product.
+    Product(ProductId),
+    /// An API key.
+    Key(KeyId),
+}
+
+impl RecordId {
+    /// Which kind of record this is.
+    #[must_use]
+    pub fn kind(&self) -> RecordKind {
+        match self {
+            RecordId::Organization(_) => RecordKind::Organization,
+            RecordId::Project(_) => RecordKind::Project,
+            RecordId::Product(_) => RecordKind::Product,
+            RecordId::Key(_) => RecordKind::Key,
+        }
+    }
+
+    /// The id as a bare UUID.
+    #[must_use]
+    pub fn as_uuid(&self) -> Uuid {
+        match self {
+            RecordId::Organization(id) => id.as_uuid(),
+            RecordId::Project(id) => id.as_uuid(),
+            RecordId::Product(id) => id.as_uuid(),
+            RecordId::Key(id) => id.as_uuid(),
+        }
+    }
+}
+
+impl fmt::Display for RecordId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.kind(), self.as_uuid())
+    }
+}
+
+impl From<OrgId> for RecordId {
+    fn from(id: OrgId) -> Self {
+        RecordId::Organization(id)
+    }
+}
+
+impl From<ProjectId> for RecordId {
+    fn from(id: ProjectId) -> Self {
+        RecordId::Project(id)
+    }
+}
+
+impl From<ProductId> for RecordId {
+    fn from(id: ProductId) -> Self {
+        RecordId::Product(id)
+    }
+}
+
+impl From<KeyId> for RecordId {
+    fn from(id: KeyId) -> Self {
+        RecordId::Key(id)
     }
 }
 
@@ -44,7 +112,7 @@ impl fmt::Display for Entity {
 /// Match on the variant to decide what to answer a caller (for an HTTP service: `InvalidKey`,
 /// `Expired` and `Revoked` are 401, `ProductNotAllowed` and `InsufficientScope` 403, `Quota` 429
 /// with a `Retry-After` header, `InvalidInput` 400 or 422, `NotFound` 404, `AlreadyExists` 409,
-/// `Unavailable` 503, the rest 500).
+/// `Unavailable` 503, `Conflict` 503 or a retry, the rest 500).
 ///
 /// No variant ever carries a plaintext key or a signing secret, and the messages never say
 /// whether a rejected key was malformed or unknown.
@@ -93,20 +161,19 @@ pub enum Error {
         limit: RateLimit,
     },
 
-    /// A record with the same unique name (or key hash) already exists.
-    #[error("{entity} already exists (id {existing_id})")]
+    /// A record with the same unique name already exists.
+    #[error("{existing} already exists")]
     AlreadyExists {
-        /// Which kind of record.
-        entity: Entity,
-        /// The id of the record that already exists.
-        existing_id: Uuid,
+        /// The record that already exists (its kind and typed id).
+        existing: RecordId,
     },
 
-    /// The record asked for does not exist (or belongs to another organization).
-    #[error("{entity} not found")]
+    /// The record does not exist: the one asked for, or one a call refers to (the
+    /// organization of a new project, the project a new key is narrowed to, ...).
+    #[error("{id} not found")]
     NotFound {
-        /// Which kind of record.
-        entity: Entity,
+        /// The record that is missing (its kind and typed id).
+        id: RecordId,
     },
 
     /// An argument was rejected before anything was changed.
@@ -133,6 +200,19 @@ pub enum Error {
     /// The database (or another backing store) failed; the original error is the source.
     #[error("storage error")]
     Storage {
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// The database rolled the call's transaction back because it conflicted with a
+    /// concurrent one (a deadlock, or a serialization failure under `REPEATABLE READ` or
+    /// `SERIALIZABLE`). The client retries its own short transactions a few times before
+    /// giving up with this; inside a transaction the host owns (see
+    /// `ApiKeyClient::with` in apikeys-db) the database has aborted the host's whole
+    /// transaction, which the host should roll back and run again.
+    #[error("transaction conflicted with a concurrent one; retry it")]
+    Conflict {
         /// The underlying error.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
@@ -173,11 +253,17 @@ impl Error {
         Error::Unavailable { source: Box::new(source) }
     }
 
+    /// Wraps any error as [`Error::Conflict`], keeping it as the source.
+    pub fn conflict(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Error::Conflict { source: Box::new(source) }
+    }
+
     /// Whether retrying the same call later may succeed without any change to it:
-    /// [`Error::Unavailable`] and [`Error::Quota`].
+    /// [`Error::Unavailable`], [`Error::Quota`] and [`Error::Conflict`] (for a conflict in
+    /// a host transaction: retrying that whole transaction).
     #[must_use]
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Unavailable { .. } | Error::Quota { .. })
+        matches!(self, Error::Unavailable { .. } | Error::Quota { .. } | Error::Conflict { .. })
     }
 }
 
@@ -208,7 +294,7 @@ mod tests {
     fn messages_are_lowercase_without_period() {
         let errors = [
             Error::InvalidKey,
-            Error::NotFound { entity: Entity::Project },
+            Error::NotFound { id: RecordId::Project(ProjectId::new()) },
             Error::invalid_input("name", "must not be empty"),
             Error::configuration("signing secret missing"),
             Error::unavailable(std::io::Error::other("refused")),
@@ -225,6 +311,22 @@ mod tests {
             missing: vec![Scope::new("read").unwrap(), Scope::new("write").unwrap()],
         };
         assert_eq!(e.to_string(), "api key lacks required scopes: read, write");
+    }
+
+    #[test]
+    fn record_ids_name_kind_and_id() {
+        let id = KeyId::new();
+        let e = Error::NotFound { id: id.into() };
+        assert_eq!(e.to_string(), format!("key {id} not found"));
+        let org = OrgId::new();
+        let e = Error::AlreadyExists { existing: org.into() };
+        assert_eq!(e.to_string(), format!("organization {org} already exists"));
+        let Error::AlreadyExists { existing } = e else { unreachable!() };
+        assert_eq!(
+            (existing.kind(), existing.as_uuid()),
+            (RecordKind::Organization, org.as_uuid())
+        );
+        assert!(Error::conflict(std::io::Error::other("40001")).is_retryable());
     }
 
     #[test]

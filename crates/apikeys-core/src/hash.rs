@@ -76,12 +76,6 @@ impl KeyHash {
         &self.0
     }
 
-    /// Wraps 32 raw bytes, for instance read back from storage.
-    #[must_use]
-    pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        Self(bytes)
-    }
-
     /// Constant-time comparison with raw bytes of any length.
     #[must_use]
     pub fn ct_eq_bytes(&self, other: &[u8]) -> bool {

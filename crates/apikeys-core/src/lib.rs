@@ -8,7 +8,8 @@
 //! useful on its own to check keys offline or to unit-test code that handles keys:
 //!
 //! ```
-//! use apikeys_core::{KeyFormat, KeyHasher, SigningSecret};
+//! use apikeys_core::hazmat::KeyHasher;
+//! use apikeys_core::{KeyFormat, SigningSecret};
 //!
 //! # fn main() -> apikeys_core::Result<()> {
 //! let format = KeyFormat::new("sk", Some("live"))?;
@@ -32,6 +33,7 @@
 //! * [`Error`] never carries key material and never says whether a key was malformed or
 //!   unknown.
 
+mod custom;
 mod error;
 mod hash;
 mod id;
@@ -45,24 +47,54 @@ mod scope;
 mod status;
 mod verify;
 
-pub use error::{Entity, Error, Result};
-pub use hash::{KeyHash, KeyHasher, SigningSecret};
+pub use error::{Error, RecordId, RecordKind, Result};
+pub use hash::SigningSecret;
 pub use id::{KeyId, OrgId, ProductId, ProjectId};
-pub use key::{CHECKSUM_LEN, KeyFormat, MAX_SEGMENT_LEN, ParsedKey, PlaintextKey, SECRET_LEN};
-pub use metadata::{
-    Expiry, KeyUpdate, MAX_CUSTOM_BYTES, MAX_CUSTOM_DEPTH, MAX_EXPIRES_AT, NewKey, ValidKeyUpdate,
-    ValidNewKey, validate_custom,
-};
-pub use org::{MAX_NAME_CHARS, Organization, Product, Project, validate_label, validate_name};
-pub use page::{KeyPage, MAX_PAGE_SIZE, Page};
+pub use key::{KeyFormat, PlaintextKey};
+pub use metadata::{Expiry, KeyUpdate, NewKey};
+pub use org::{Organization, Product, Project};
+pub use page::{KeyPage, Page};
 pub use rate_limit::{RateLimit, Window};
 pub use record::{ApiKey, IssuedKey};
-pub use scope::{MAX_SCOPE_LEN, MAX_SCOPES, Scope, Scopes};
+pub use scope::{Scope, Scopes};
 pub use status::{KeyStatus, StatusFilter};
-pub use verify::{ProductAccess, Requirements, decide};
+
+/// The bounds every input is checked against.
+pub mod limits {
+    pub use crate::custom::{MAX_CUSTOM_BYTES, MAX_CUSTOM_DEPTH};
+    pub use crate::key::{CHECKSUM_LEN, MAX_SEGMENT_LEN, SECRET_LEN};
+    pub use crate::metadata::MAX_EXPIRES_AT;
+    pub use crate::org::MAX_NAME_CHARS;
+    pub use crate::page::MAX_PAGE_SIZE;
+    pub use crate::scope::{MAX_SCOPE_LEN, MAX_SCOPES};
+}
+
+/// Building blocks for a store of your own: hashing, the pure verification decision, and
+/// the validated forms of inputs.
+///
+/// `apikeys-db` is built from these. They are sharp: a store that stores
+/// [`KeyHasher::hash`](hazmat::KeyHasher::hash) of the wrong string, skips
+/// [`decide`](hazmat::decide), or writes a [`NewKey`] without
+/// [`NewKey::validate`] breaks the guarantees the rest of this crate documents. Fenced
+/// here (as `jsonwebtoken` fences its dangerous tools) so that none of it is picked up by
+/// accident from the root.
+pub mod hazmat {
+    pub use crate::custom::validate_custom;
+    pub use crate::hash::{KeyHash, KeyHasher};
+    pub use crate::key::ParsedKey;
+    pub use crate::metadata::{ValidKeyUpdate, ValidNewKey};
+    pub use crate::org::{validate_label, validate_name};
+    pub use crate::verify::{ProductAccess, Requirements, decide};
+}
+
+/// This crate's README, whose example runs as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
 
 #[cfg(test)]
 mod redaction_tests {
+    use super::hazmat::KeyHasher;
     use super::*;
     use chrono::Utc;
     use std::time::Duration;
@@ -114,8 +146,9 @@ mod redaction_tests {
                 retry_after: Duration::from_secs(1),
                 limit: RateLimit::per_second(1).unwrap(),
             },
-            Error::AlreadyExists { entity: Entity::Key, existing_id: uuid::Uuid::now_v7() },
-            Error::NotFound { entity: Entity::Organization },
+            Error::AlreadyExists { existing: RecordId::Key(KeyId::new()) },
+            Error::NotFound { id: RecordId::Organization(OrgId::new()) },
+            Error::conflict(std::io::Error::other("deadlock")),
             Error::invalid_input("name", "bad"),
             SigningSecret::new("short").unwrap_err(),
             Error::Entropy,

@@ -11,11 +11,38 @@ pub const MAX_PAGE_SIZE: u32 = 1_000;
 /// Which page of a listing to return: up to `limit` items, oldest first, after a cursor.
 ///
 /// Keys are ordered by id (UUID v7, so by creation time). Keyset pagination stays fast and
-/// stable while keys are added or removed, unlike offsets.
+/// stable while keys are added or removed, unlike offsets. The size is checked when the
+/// page is built (and when one is deserialized), so a listing never fails for it.
+///
+/// ```
+/// use apikeys_core::Page;
+///
+/// let page = Page::first(50)?;
+/// assert_eq!(page.limit(), 50);
+/// assert!(Page::first(0).is_err());
+/// assert!(serde_json::from_str::<Page>(r#"{"limit":0,"after":null}"#).is_err());
+/// # Ok::<(), apikeys_core::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "PageFields")]
 pub struct Page {
     limit: u32,
     after: Option<KeyId>,
+}
+
+/// A page as it is deserialized, before its size is checked.
+#[derive(Deserialize)]
+struct PageFields {
+    limit: u32,
+    after: Option<KeyId>,
+}
+
+impl TryFrom<PageFields> for Page {
+    type Error = Error;
+
+    fn try_from(f: PageFields) -> Result<Self> {
+        Ok(Self { after: f.after, ..Page::first(f.limit)? })
+    }
 }
 
 impl Default for Page {
@@ -27,9 +54,15 @@ impl Default for Page {
 
 impl Page {
     /// The first page of up to `limit` items.
-    #[must_use]
-    pub fn first(limit: u32) -> Self {
-        Self { limit, after: None }
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] (field `page.limit`) unless `1 ≤ limit ≤ 1000`.
+    pub fn first(limit: u32) -> Result<Self> {
+        if (1..=MAX_PAGE_SIZE).contains(&limit) {
+            Ok(Self { limit, after: None })
+        } else {
+            Err(Error::invalid_input("page.limit", "must be between 1 and 1000"))
+        }
     }
 
     /// The page that starts after `cursor` (a [`KeyPage::next`] value).
@@ -39,16 +72,10 @@ impl Page {
         self
     }
 
-    /// The requested size, checked.
-    ///
-    /// # Errors
-    /// [`Error::InvalidInput`] (field `page.limit`) unless `1 ≤ limit ≤ 1000`.
-    pub fn limit(&self) -> Result<u32> {
-        if (1..=MAX_PAGE_SIZE).contains(&self.limit) {
-            Ok(self.limit)
-        } else {
-            Err(Error::invalid_input("page.limit", "must be between 1 and 1000"))
-        }
+    /// The page size: between 1 and [`MAX_PAGE_SIZE`].
+    #[must_use]
+    pub fn limit(&self) -> u32 {
+        self.limit
     }
 
     /// The cursor: items strictly after this id.

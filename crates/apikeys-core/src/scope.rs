@@ -89,8 +89,8 @@ pub struct Scopes(BTreeSet<Scope>);
 impl Scopes {
     /// The empty set.
     #[must_use]
-    pub fn new() -> Self {
-        Self::default()
+    pub const fn new() -> Self {
+        Self(BTreeSet::new())
     }
 
     /// Builds a set from strings, validating each.

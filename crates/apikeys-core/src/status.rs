@@ -61,19 +61,6 @@ pub enum StatusFilter {
     All,
 }
 
-impl StatusFilter {
-    /// Whether a key of `status` passes this filter.
-    #[must_use]
-    pub fn matches(self, status: KeyStatus) -> bool {
-        match self {
-            StatusFilter::All => true,
-            StatusFilter::Active => status == KeyStatus::Active,
-            StatusFilter::Revoked => status == KeyStatus::Revoked,
-            StatusFilter::Expired => status == KeyStatus::Expired,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,8 +74,5 @@ mod tests {
         assert_eq!(KeyStatus::at(None, Some(now + s), now), KeyStatus::Active);
         assert_eq!(KeyStatus::at(None, Some(now), now), KeyStatus::Expired);
         assert_eq!(KeyStatus::at(Some(now), Some(now - s), now), KeyStatus::Revoked);
-        assert!(StatusFilter::All.matches(KeyStatus::Revoked));
-        assert!(StatusFilter::Expired.matches(KeyStatus::Expired));
-        assert!(!StatusFilter::Active.matches(KeyStatus::Expired));
     }
 }

@@ -18,13 +18,24 @@ pub struct ProductAccess {
     pub key_project_linked: bool,
 }
 
-/// What a request needs of a key.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Requirements {
+/// What a request needs of a key. Borrows the required scopes, so a caller checks many
+/// keys against one parsed set without copying it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Requirements<'a> {
     /// The product the key must be valid for, if any.
     pub product: Option<ProductAccess>,
     /// Scopes the key must all hold.
-    pub scopes: Scopes,
+    pub scopes: &'a Scopes,
+}
+
+/// The empty set of scopes.
+const NO_SCOPES: &Scopes = &Scopes::new();
+
+impl Default for Requirements<'_> {
+    /// No product, no scopes.
+    fn default() -> Self {
+        Self { product: None, scopes: NO_SCOPES }
+    }
 }
 
 /// Whether `key` may be used at `now` for a request with these `requirements`.
@@ -37,7 +48,7 @@ pub struct Requirements {
 /// # Errors
 /// The first failing check: [`Error::Revoked`], [`Error::Expired`],
 /// [`Error::ProductNotAllowed`] or [`Error::InsufficientScope`].
-pub fn decide(key: &ApiKey, requirements: &Requirements, now: DateTime<Utc>) -> Result<()> {
+pub fn decide(key: &ApiKey, requirements: &Requirements<'_>, now: DateTime<Utc>) -> Result<()> {
     if let Some(revoked_at) = key.revoked_at {
         return Err(Error::Revoked { revoked_at });
     }
@@ -55,7 +66,7 @@ pub fn decide(key: &ApiKey, requirements: &Requirements, now: DateTime<Utc>) -> 
             return Err(Error::ProductNotAllowed { product_id: product.product_id });
         }
     }
-    let missing = key.scopes.missing(&requirements.scopes);
+    let missing = key.scopes.missing(requirements.scopes);
     if !missing.is_empty() {
         return Err(Error::InsufficientScope { missing });
     }
@@ -105,44 +116,40 @@ mod tests {
         let proj = ProjectId::new();
         let none = Requirements::default();
 
-        type Case = (&'static str, Box<dyn Fn(&mut ApiKey)>, Requirements, Option<&'static str>);
+        type Case =
+            (&'static str, Box<dyn Fn(&mut ApiKey)>, Requirements<'static>, Option<&'static str>);
         let req = |product, scopes: &[&str]| Requirements {
             product,
-            scopes: Scopes::parse(scopes.iter().copied()).unwrap(),
+            scopes: Box::leak(Box::new(Scopes::parse(scopes.iter().copied()).unwrap())),
         };
         let cases: Vec<Case> = vec![
-            ("active, no requirements", Box::new(|_| {}), none.clone(), None),
-            (
-                "revoked",
-                Box::new(move |k| k.revoked_at = Some(now - sec)),
-                none.clone(),
-                Some("revoked"),
-            ),
+            ("active, no requirements", Box::new(|_| {}), none, None),
+            ("revoked", Box::new(move |k| k.revoked_at = Some(now - sec)), none, Some("revoked")),
             (
                 "revoked wins over expired",
                 Box::new(move |k| {
                     k.revoked_at = Some(now);
                     k.expires_at = Some(now - sec);
                 }),
-                none.clone(),
+                none,
                 Some("revoked"),
             ),
             (
                 "expires exactly now",
                 Box::new(move |k| k.expires_at = Some(now)),
-                none.clone(),
+                none,
                 Some("expired"),
             ),
             (
                 "expires in the past",
                 Box::new(move |k| k.expires_at = Some(now - sec)),
-                none.clone(),
+                none,
                 Some("expired"),
             ),
             (
                 "expires 1 ns later",
                 Box::new(move |k| k.expires_at = Some(now + TimeDelta::nanoseconds(1))),
-                none.clone(),
+                none,
                 None,
             ),
             (
@@ -232,7 +239,8 @@ mod tests {
             other => panic!("{other:?}"),
         }
         k.expires_at = None;
-        let req = Requirements { product: None, scopes: Scopes::parse(["admin", "read"]).unwrap() };
+        let scopes = Scopes::parse(["admin", "read"]).unwrap();
+        let req = Requirements { product: None, scopes: &scopes };
         match decide(&k, &req, now) {
             Err(Error::InsufficientScope { missing }) => {
                 assert_eq!(missing.iter().map(|s| s.as_str()).collect::<Vec<_>>(), ["admin"]);

@@ -29,7 +29,7 @@ async fn run(client: &ApiKeyClient, keys: &Arc<Vec<String>>, tasks: usize, calls
             for i in 0..calls {
                 let key = &keys[(t * 7 + i) % keys.len()];
                 let t0 = Instant::now();
-                client.validate_key(key, ValidateOptions::new()).await.unwrap();
+                client.validate_key(key, &ValidateOptions::new()).await.unwrap();
                 lat.push(t0.elapsed());
             }
             lat

@@ -1,20 +1,25 @@
-//! [`ApiKeyClient`] and its [`ClientBuilder`].
+//! [`ApiKeyClient`]: what it holds, and the calls that are about the client itself
+//! (schema, transactions, shutdown). The verbs live beside their concern: `validate`
+//! (the hot path), `key_admin`, `bootstrap`, `transaction`.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use apikeys_core::{Error, KeyFormat, KeyHasher, Result, SigningSecret};
+use apikeys_core::hazmat::KeyHasher;
+use apikeys_core::{Error, KeyFormat, Result};
 use chrono::{DateTime, Utc};
 use migration::MigratorTrait;
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, SqliteTransactionMode,
     Statement, TransactionOptions, TransactionTrait,
 };
+use uuid::Uuid;
 
 use crate::error::storage;
+use crate::id::IdMinter;
 use crate::lookup::LookupSql;
-use crate::rate_limit::{RateLimitMode, RateLimiter};
+use crate::rate_limit::RateLimiter;
 use crate::usage::UsageRecorder;
 
 /// Key of the PostgreSQL advisory lock that serializes [`ApiKeyClient::create_tables`]
@@ -35,6 +40,27 @@ pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 ///
 /// Cheap to clone (all clones share one connection pool, hasher and rate limiter). Build it
 /// with [`ApiKeyClient::builder`].
+///
+/// ```
+/// use apikeys_db::{ApiKeyClient, NewKey, ValidateOptions};
+///
+/// # #[tokio::main]
+/// # async fn main() -> apikeys_db::Result<()> {
+/// let client = ApiKeyClient::builder()
+///     .database_url("sqlite::memory:")
+///     .signing_secret("a-signing-secret-of-at-least-32-bytes!!")
+///     .build()
+///     .await?;
+/// client.create_tables().await?;
+/// let (org, _) = client.get_or_create_organization("acme").await?;
+/// let issued = client.create_key(org.id, NewKey::new("ci").with_scopes(["read"])).await?;
+///
+/// let read = ValidateOptions::new().require_scopes(["read"])?; // parsed once, reused
+/// let key = client.validate_key(issued.key.expose_secret(), &read).await?;
+/// assert_eq!(key.name, "ci");
+/// # Ok(())
+/// # }
+/// ```
 ///
 /// Besides the errors each method lists, every call that reaches the database fails with
 /// [`Error::Unavailable`] when the database cannot be reached, after at most the builder's
@@ -61,6 +87,7 @@ pub(crate) struct Inner {
     pub(crate) format: KeyFormat,
     pub(crate) default_lifetime: Option<Duration>,
     pub(crate) clock: Clock,
+    pub(crate) ids: IdMinter,
     pub(crate) limiter: RateLimiter,
     /// The key lookup's SQL, rendered once.
     pub(crate) lookup: LookupSql,
@@ -82,8 +109,8 @@ impl fmt::Debug for ApiKeyClient {
 
 impl ApiKeyClient {
     /// Starts building a client.
-    pub fn builder() -> ClientBuilder {
-        ClientBuilder::default()
+    pub fn builder() -> crate::ClientBuilder {
+        crate::ClientBuilder::default()
     }
 
     /// The underlying SeaORM connection (shared pool), for the host application's own queries.
@@ -147,6 +174,12 @@ impl ApiKeyClient {
         crate::convert::to_micros((self.inner.clock)())
     }
 
+    /// A new time-ordered id stamped with `now` (the client's clock), so that ids and
+    /// creation times agree even under an injected clock.
+    pub(crate) fn new_id(&self, now: DateTime<Utc>) -> Uuid {
+        self.inner.ids.mint(now)
+    }
+
     pub(crate) fn db(&self) -> &DatabaseConnection {
         &self.inner.db
     }
@@ -167,6 +200,21 @@ impl ApiKeyClient {
         self.inner.writer.begin_with_options(options).await.map_err(storage)
     }
 
+    /// Begins a transaction for the host application to own: run its own statements on it,
+    /// the client's writes through [`with`](Self::with), then commit or roll back. It is a
+    /// plain SeaORM [`DatabaseTransaction`] on the connection the client writes through; on
+    /// SQLite it holds the database's write lock from the start (`BEGIN IMMEDIATE`), which
+    /// is what lets it write after reading without failing on a busy database.
+    ///
+    /// Any other transaction on the same database works with [`with`](Self::with) too (for
+    /// instance one of the host's own pool); on SQLite begin it as `IMMEDIATE`.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`]; [`Error::Storage`].
+    pub async fn begin(&self) -> Result<DatabaseTransaction> {
+        self.begin_write().await
+    }
+
     /// Graceful shutdown: stops the background usage flusher and writes the use counts held
     /// in memory (batched usage tracking). Call it before the process exits; dropping the
     /// last clone writes nothing (it only logs a warning with what was lost). The client
@@ -181,8 +229,9 @@ impl ApiKeyClient {
     }
 
     /// Writes the use counts that batched usage tracking
-    /// ([`ClientBuilder::usage_flush_interval`]) holds in memory now, without stopping the
-    /// background flusher. Returns the number of keys written (0 without batching).
+    /// ([`ClientBuilder::usage_flush_interval`](crate::ClientBuilder::usage_flush_interval))
+    /// holds in memory now, without stopping the background flusher. Returns the number of
+    /// keys written (0 without batching).
     ///
     /// # Errors
     /// [`Error::Unavailable`] or [`Error::Storage`]; the counts are then kept for the next
@@ -204,280 +253,19 @@ impl ApiKeyClient {
     }
 }
 
-/// Builds an [`ApiKeyClient`]: a database (URL or existing connection) and a signing secret are
-/// required; everything else has a default.
-#[must_use = "call .build().await to get a client"]
-pub struct ClientBuilder {
-    url: Option<String>,
-    connection: Option<DatabaseConnection>,
-    secret: Option<Result<SigningSecret>>,
-    secret_version: Option<u32>,
-    previous: Vec<Result<SigningSecret>>,
-    prefix: String,
-    environment: Option<String>,
-    default_lifetime: Option<Duration>,
-    max_connections: Option<u32>,
-    connect_timeout: Duration,
-    acquire_timeout: Duration,
-    statement_timeout: Duration,
-    clock: Option<Clock>,
-    rate_limit_mode: RateLimitMode,
-    log_statements: bool,
-    usage_flush_interval: Option<Duration>,
-}
-
-impl Default for ClientBuilder {
-    fn default() -> Self {
-        Self {
-            url: None,
-            connection: None,
-            secret: None,
-            secret_version: None,
-            previous: Vec::new(),
-            prefix: "sk".to_owned(),
-            environment: None,
-            default_lifetime: None,
-            max_connections: None,
-            connect_timeout: Duration::from_secs(5),
-            acquire_timeout: Duration::from_secs(5),
-            statement_timeout: Duration::from_secs(5),
-            clock: None,
-            rate_limit_mode: RateLimitMode::default(),
-            log_statements: false,
-            usage_flush_interval: None,
+/// Ends a transaction the client began (or a savepoint in the host's): commits on success,
+/// rolls back on failure and returns the failure.
+pub(crate) async fn finish<T>(txn: DatabaseTransaction, result: Result<T>) -> Result<T> {
+    match result {
+        Ok(value) => {
+            txn.commit().await.map_err(storage)?;
+            Ok(value)
         }
-    }
-}
-
-impl fmt::Debug for ClientBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClientBuilder")
-            .field("url", &self.url.as_ref().map(|_| "[set]"))
-            .field("connection", &self.connection.is_some())
-            .field("secret", &self.secret.as_ref().map(|_| "[redacted]"))
-            .field("previous_secrets", &self.previous.len())
-            .field("prefix", &self.prefix)
-            .field("environment", &self.environment)
-            .field("default_lifetime", &self.default_lifetime)
-            .field("rate_limit_mode", &self.rate_limit_mode)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ClientBuilder {
-    /// Connect to this database URL: `sqlite://apikeys.db` (created if missing),
-    /// `sqlite::memory:`, `postgres://user:pass@host/db` or `mysql://user:pass@host/db`.
-    pub fn database_url(mut self, url: impl Into<String>) -> Self {
-        self.url = Some(url.into());
-        self
-    }
-
-    /// Use an existing SeaORM connection (the host application's pool) instead of a URL.
-    pub fn connection(mut self, db: DatabaseConnection) -> Self {
-        self.connection = Some(db);
-        self
-    }
-
-    /// The signing secret keys are hashed with (required, at least 32 bytes; version 1 unless
-    /// [`signing_secret_version`](Self::signing_secret_version) says otherwise). Pass an owned
-    /// `String` or `Vec<u8>` so no copy is left behind; it is zeroed when the client drops.
-    pub fn signing_secret(mut self, secret: impl Into<Vec<u8>>) -> Self {
-        self.secret = Some(SigningSecret::new(secret));
-        self
-    }
-
-    /// The version number of the current signing secret (default 1).
-    pub fn signing_secret_version(mut self, version: u32) -> Self {
-        self.secret_version = Some(version);
-        self
-    }
-
-    /// An older signing secret, for a rotation (README, "Secret rotation"): keys hashed
-    /// under it still verify, and move to the current secret on their next successful check
-    /// that tracks usage. While it is configured, every key this client creates or moves
-    /// also keeps its hash under the first previous secret, so replicas still running with
-    /// that secret alone find every key, and rolling this deploy back loses none.
-    pub fn previous_signing_secret(mut self, version: u32, secret: impl Into<Vec<u8>>) -> Self {
-        self.previous.push(SigningSecret::new(secret).map(|s| s.with_version(version)));
-        self
-    }
-
-    /// The key prefix (default `sk`): 1 to 16 lowercase letters or digits, starting with a
-    /// letter.
-    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
-        self
-    }
-
-    /// The environment segment (for instance `live` or `test`); none by default.
-    pub fn environment(mut self, environment: impl Into<String>) -> Self {
-        self.environment = Some(environment.into());
-        self
-    }
-
-    /// The lifetime of keys created without an explicit expiry (default: they never expire).
-    pub fn default_key_lifetime(mut self, lifetime: Duration) -> Self {
-        self.default_lifetime = Some(lifetime);
-        self
-    }
-
-    /// The pool size when connecting by URL (default: sea-orm's for PostgreSQL and MySQL, 8
-    /// for a SQLite file, 1 for in-memory SQLite).
-    pub fn max_connections(mut self, n: u32) -> Self {
-        self.max_connections = Some(n);
-        self
-    }
-
-    /// How long to wait for a new database connection (default 5 s) before failing with
-    /// [`Error::Unavailable`].
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-
-    /// How long a call waits for a pooled connection before failing with
-    /// [`Error::Unavailable`] (default 5 s). Bounds how long calls hang while the database is
-    /// down.
-    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
-        self.acquire_timeout = timeout;
-        self
-    }
-
-    /// The longest a statement may run on the server (default 5 s) before the call fails
-    /// with [`Error::Unavailable`]: PostgreSQL `statement_timeout`, MariaDB
-    /// `max_statement_time` (MySQL: `max_execution_time`, which covers reads only), SQLite's
-    /// busy timeout (how long a write waits for another process's write lock). Applies when
-    /// connecting by URL; a connection passed with [`connection`](Self::connection) keeps its
-    /// own settings.
-    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
-        self.statement_timeout = timeout;
-        self
-    }
-
-    /// Whether every SQL statement is logged (`tracing`, target `sqlx::query`, level DEBUG)
-    /// when connecting by URL; off by default. Statements carry key hashes, never a plaintext
-    /// key or the signing secret.
-    pub fn log_statements(mut self, on: bool) -> Self {
-        self.log_statements = on;
-        self
-    }
-
-    /// Where the client reads the time (default [`Utc::now`]): expiry, `created_at`,
-    /// `last_used_at`, and [`RateLimitMode::Local`] windows. Shared rate-limit windows never
-    /// use it: they come from the database's clock, so that replicas whose clocks differ
-    /// still count in the same window.
-    pub fn clock(mut self, clock: impl Fn() -> DateTime<Utc> + Send + Sync + 'static) -> Self {
-        self.clock = Some(Arc::new(clock));
-        self
-    }
-
-    /// How per-key rate limits are counted (default [`RateLimitMode::Shared`]).
-    pub fn rate_limit_mode(mut self, mode: RateLimitMode) -> Self {
-        self.rate_limit_mode = mode;
-        self
-    }
-
-    /// Batched usage tracking: successful checks add to counts held in memory, and every
-    /// `interval` one statement per 500 keys writes them (`use_count`, `last_used_at`),
-    /// instead of one `UPDATE` per check. A busy key then costs one write per interval.
-    ///
-    /// The price: stored counts lag by up to `interval` (the record a check returns includes
-    /// its own use), and counts not yet written are lost if the process dies. A failed flush
-    /// keeps its counts for the next one; call [`ApiKeyClient::shutdown`] on graceful
-    /// shutdown (dropping the client writes nothing). Off by default (every check writes at
-    /// once). Needs a tokio runtime when [`build`](Self::build) runs.
-    pub fn usage_flush_interval(mut self, interval: Duration) -> Self {
-        self.usage_flush_interval = Some(interval);
-        self
-    }
-
-    /// Validates the configuration and connects.
-    ///
-    /// # Errors
-    /// [`Error::Configuration`] if the signing secret is missing or shorter than 32 bytes, a
-    /// secret version is used twice or does not fit the database's column (at most
-    /// 2147483647), the prefix or environment is invalid, the URL does not parse or names a
-    /// database other than `sqlite:`, `postgres:`/`postgresql:` or `mysql:`, neither (or
-    /// both) of a URL and a connection is given, or a duration is zero;
-    /// [`Error::Unavailable`] or [`Error::Storage`] if connecting fails. No error contains
-    /// the URL's password.
-    pub async fn build(self) -> Result<ApiKeyClient> {
-        let secret = self.secret.ok_or_else(|| {
-            Error::configuration("a signing secret is required (ClientBuilder::signing_secret)")
-        })??;
-        let secret = match self.secret_version {
-            Some(v) => secret.with_version(v),
-            None => secret,
-        };
-        let mut hasher = KeyHasher::new(secret)?;
-        for previous in self.previous {
-            hasher = hasher.with_previous(previous?)?;
-        }
-        if hasher.versions().any(|v| i32::try_from(v).is_err()) {
-            return Err(Error::configuration("signing secret versions must be at most 2147483647"));
-        }
-        let format = KeyFormat::new(&self.prefix, self.environment.as_deref())
-            .map_err(|e| Error::configuration(e.to_string()))?;
-        if self.default_lifetime.is_some_and(|d| d.is_zero()) {
-            return Err(Error::configuration("the default key lifetime must be positive"));
-        }
-        if self.usage_flush_interval.is_some_and(|d| d.is_zero()) {
-            return Err(Error::configuration("the usage flush interval must be positive"));
-        }
-        if self.usage_flush_interval.is_some() && tokio::runtime::Handle::try_current().is_err() {
-            return Err(Error::configuration(
-                "batched usage tracking needs a tokio runtime to flush from",
-            ));
-        }
-        if self.statement_timeout.is_zero() {
-            return Err(Error::configuration("the statement timeout must be positive"));
-        }
-        let (db, writer) = match (self.url, self.connection) {
-            (Some(url), None) => {
-                let settings = Settings {
-                    max_connections: self.max_connections,
-                    connect_timeout: self.connect_timeout,
-                    acquire_timeout: self.acquire_timeout,
-                    statement_timeout: self.statement_timeout,
-                    log_statements: self.log_statements,
-                };
-                crate::connect::open(&url, &settings).await?
+        Err(e) => {
+            if let Err(rollback) = txn.rollback().await {
+                tracing::warn!(error = %rollback, "rolling back after a failed call failed");
             }
-            (None, Some(db)) => (db.clone(), db),
-            _ => {
-                return Err(Error::configuration(
-                    "give exactly one of a database url and a connection",
-                ));
-            }
-        };
-        let clock: Clock = self.clock.unwrap_or_else(|| Arc::new(Utc::now));
-        let limiter = RateLimiter::new(writer.clone(), self.rate_limit_mode, Arc::clone(&clock));
-        let usage = match self.usage_flush_interval {
-            Some(interval) => UsageRecorder::batched(writer.clone(), interval),
-            None => UsageRecorder::immediate(writer.clone()),
-        };
-        let lookup = LookupSql::new(db.get_database_backend(), hasher.versions().count())?;
-        let inner = Arc::new(Inner {
-            lookup,
-            db,
-            writer,
-            hasher,
-            format,
-            default_lifetime: self.default_lifetime,
-            clock,
-            limiter,
-            usage,
-        });
-        Ok(ApiKeyClient { inner })
+            Err(e)
+        }
     }
-}
-
-/// How to open the pools when connecting by URL.
-#[derive(Debug)]
-pub(crate) struct Settings {
-    pub(crate) max_connections: Option<u32>,
-    pub(crate) connect_timeout: Duration,
-    pub(crate) acquire_timeout: Duration,
-    pub(crate) statement_timeout: Duration,
-    pub(crate) log_statements: bool,
 }

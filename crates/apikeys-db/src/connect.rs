@@ -6,11 +6,9 @@ use std::fmt;
 use std::time::Duration;
 
 use apikeys_core::{Error, Result};
-use sea_orm::sqlx::Executor;
-use sea_orm::sqlx::sqlite::SqliteJournalMode;
-use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr};
+use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbBackend, DbErr};
 
-use crate::client::Settings;
+use crate::builder::Settings;
 use crate::error::is_unavailable;
 
 /// The kind of database a URL names.
@@ -19,6 +17,33 @@ enum Kind {
     Sqlite { in_memory: bool },
     Postgres,
     MySql,
+}
+
+impl Kind {
+    fn backend(self) -> DbBackend {
+        match self {
+            Kind::Sqlite { .. } => DbBackend::Sqlite,
+            Kind::Postgres => DbBackend::Postgres,
+            Kind::MySql => DbBackend::MySql,
+        }
+    }
+}
+
+/// Refuses a database whose cargo feature this build of apikeys-db does not have.
+pub(crate) fn check_compiled_in(backend: DbBackend) -> Result<()> {
+    let (feature, enabled) = match backend {
+        DbBackend::Sqlite => ("sqlite", cfg!(feature = "sqlite")),
+        DbBackend::Postgres => ("postgres", cfg!(feature = "postgres")),
+        DbBackend::MySql => ("mysql", cfg!(feature = "mysql")),
+        _ => return Err(Error::configuration("unsupported database backend")),
+    };
+    if enabled {
+        Ok(())
+    } else {
+        Err(Error::configuration(format!(
+            "this build of apikeys-db has no {feature} support: enable its `{feature}` cargo feature"
+        )))
+    }
 }
 
 /// A connection failure whose message had the URL or its password in it, with those parts
@@ -71,6 +96,7 @@ struct Target {
 
 /// A decoded password, redacted in `Debug`.
 #[derive(Clone)]
+#[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))] // SQLite only
 struct Password(String);
 
 impl fmt::Debug for Password {
@@ -101,6 +127,7 @@ fn inspect(url: &str) -> Result<Target> {
             ));
         }
     };
+    check_compiled_in(kind.backend())?;
     if matches!(kind, Kind::Sqlite { .. }) {
         // A SQLite URL is a path (which a URL parser may refuse), and has no password.
         return Ok(Target { kind, url: url.to_owned(), password: None, secrets });
@@ -148,32 +175,9 @@ pub(crate) async fn open(
         }
         let timeout = settings.statement_timeout;
         match kind {
-            Kind::Sqlite { in_memory } => {
-                options.map_sqlx_sqlite_opts(move |o| {
-                    let o = o.foreign_keys(true).busy_timeout(timeout);
-                    if in_memory {
-                        o
-                    } else {
-                        o.create_if_missing(true).journal_mode(SqliteJournalMode::Wal)
-                    }
-                });
-            }
-            Kind::Postgres => {
-                options.statement_timeout(timeout);
-                if let Some(pw) = password.clone() {
-                    options.map_sqlx_postgres_opts(move |o| o.password(&pw.0));
-                }
-            }
-            Kind::MySql => {
-                if let Some(pw) = password.clone() {
-                    options.map_sqlx_mysql_opts(move |o| o.password(&pw.0));
-                }
-                options.map_sqlx_mysql_pool_opts(move |pool| {
-                    pool.after_connect(move |conn, _| {
-                        Box::pin(async move { mysql_statement_timeout(conn, timeout).await })
-                    })
-                });
-            }
+            Kind::Sqlite { in_memory } => sqlite_options(&mut options, in_memory, timeout),
+            Kind::Postgres => postgres_options(&mut options, password.clone(), timeout),
+            Kind::MySql => mysql_options(&mut options, password.clone(), timeout),
         }
         let secrets = &secrets;
         async move { Database::connect(options).await.map_err(|e| secrets.scrub(e)) }
@@ -196,12 +200,56 @@ pub(crate) async fn open(
     }
 }
 
+// Each backend's options. Without its feature a backend's URL is refused by `inspect`, so
+// its function is never called; it exists so that `open` reads the same in every build.
+
+/// A SQLite file: foreign keys on, WAL, created if missing, writers wait up to `timeout`.
+#[cfg(feature = "sqlite")]
+fn sqlite_options(options: &mut ConnectOptions, in_memory: bool, timeout: Duration) {
+    use sea_orm::sqlx::sqlite::SqliteJournalMode;
+    options.map_sqlx_sqlite_opts(move |o| {
+        let o = o.foreign_keys(true).busy_timeout(timeout);
+        if in_memory { o } else { o.create_if_missing(true).journal_mode(SqliteJournalMode::Wal) }
+    });
+}
+#[cfg(not(feature = "sqlite"))]
+fn sqlite_options(_: &mut ConnectOptions, _: bool, _: Duration) {}
+
+/// PostgreSQL: `statement_timeout`, and the password given to the driver apart from the URL.
+#[cfg(feature = "postgres")]
+fn postgres_options(options: &mut ConnectOptions, password: Option<Password>, timeout: Duration) {
+    options.statement_timeout(timeout);
+    if let Some(pw) = password {
+        options.map_sqlx_postgres_opts(move |o| o.password(&pw.0));
+    }
+}
+#[cfg(not(feature = "postgres"))]
+fn postgres_options(_: &mut ConnectOptions, _: Option<Password>, _: Duration) {}
+
+/// MySQL/MariaDB: the password apart from the URL, and a statement time limit set on every
+/// new connection.
+#[cfg(feature = "mysql")]
+fn mysql_options(options: &mut ConnectOptions, password: Option<Password>, timeout: Duration) {
+    if let Some(pw) = password {
+        options.map_sqlx_mysql_opts(move |o| o.password(&pw.0));
+    }
+    options.map_sqlx_mysql_pool_opts(move |pool| {
+        pool.after_connect(move |conn, _| {
+            Box::pin(async move { mysql_statement_timeout(conn, timeout).await })
+        })
+    });
+}
+#[cfg(not(feature = "mysql"))]
+fn mysql_options(_: &mut ConnectOptions, _: Option<Password>, _: Duration) {}
+
 /// Sets the session's statement time limit: MariaDB's `max_statement_time` (seconds, every
 /// statement), else MySQL's `max_execution_time` (milliseconds, reads only).
+#[cfg(feature = "mysql")]
 async fn mysql_statement_timeout(
     conn: &mut sea_orm::sqlx::MySqlConnection,
     timeout: Duration,
 ) -> std::result::Result<(), sea_orm::sqlx::Error> {
+    use sea_orm::sqlx::Executor;
     let mariadb = format!("SET SESSION max_statement_time = {:.3}", timeout.as_secs_f64());
     if conn.execute(sea_orm::sqlx::AssertSqlSafe(mariadb)).await.is_ok() {
         return Ok(());
@@ -210,7 +258,7 @@ async fn mysql_statement_timeout(
     conn.execute(sea_orm::sqlx::AssertSqlSafe(mysql)).await.map(|_| ())
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "sqlite", feature = "postgres", feature = "mysql"))]
 mod tests {
     use super::*;
 

@@ -1,8 +1,8 @@
 //! Conversions between database rows and core types.
 
 use apikeys_core::{
-    ApiKey, KeyId, OrgId, Organization, Product, ProductId, Project, ProjectId, RateLimit, Result,
-    Scopes, Window,
+    ApiKey, Error, KeyId, OrgId, Organization, Product, ProductId, Project, ProjectId, RateLimit,
+    Result, Scopes, Window,
 };
 use chrono::{DateTime, NaiveDateTime, SubsecRound, Utc};
 use sea_orm::JsonValue;
@@ -53,6 +53,13 @@ impl From<product::Model> for Product {
             created_at: m.created_at.and_utc(),
         }
     }
+}
+
+/// A signing-secret version as its column stores it. `build()` refuses versions that do not
+/// fit, so this only fails for a version the client was never configured with.
+pub(crate) fn version_column(version: u32) -> Result<i32> {
+    i32::try_from(version)
+        .map_err(|_| Error::configuration("signing secret versions must be at most 2147483647"))
 }
 
 pub(crate) fn scopes_to_json(scopes: &Scopes) -> JsonValue {

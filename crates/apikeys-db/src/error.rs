@@ -1,12 +1,19 @@
 //! Mapping database errors onto the one apikeys [`Error`].
 
-use apikeys_core::{Entity, Error};
+use apikeys_core::{Error, RecordId};
 use sea_orm::{DbErr, RuntimeErr, SqlErr};
 
-/// A database error as [`Error::Unavailable`] when the database could not be reached, else
-/// as [`Error::Storage`]; either way keeping it as the source.
+/// A database error as [`Error::Unavailable`] when the database could not be reached, as
+/// [`Error::Conflict`] when it rolled the transaction back for a deadlock or serialization
+/// failure, else as [`Error::Storage`]; always keeping it as the source.
 pub(crate) fn storage(e: DbErr) -> Error {
-    if is_unavailable(&e) { Error::unavailable(e) } else { Error::storage(e) }
+    if is_unavailable(&e) {
+        Error::unavailable(e)
+    } else if is_retryable(&e) {
+        Error::conflict(e)
+    } else {
+        Error::storage(e)
+    }
 }
 
 /// Connection-level failures and time-outs: pool timeout, refused or lost connection, the
@@ -30,11 +37,13 @@ pub(crate) fn is_unavailable(e: &DbErr) -> bool {
         | Sqlx::PoolClosed
         | Sqlx::WorkerCrashed => true,
         Sqlx::Database(db) => {
+            #[cfg(feature = "mysql")]
             if let Some(my) = db.try_downcast_ref::<sea_orm::sqlx::mysql::MySqlDatabaseError>() {
-                if matches!(my.number(), 1969 | 3024 | 1205) {
-                    return true;
-                }
-            } else if db.try_downcast_ref::<sea_orm::sqlx::sqlite::SqliteError>().is_some() {
+                return matches!(my.number(), 1969 | 3024 | 1205)
+                    || db.code().is_some_and(|c| c.starts_with("08"));
+            }
+            #[cfg(feature = "sqlite")]
+            if db.try_downcast_ref::<sea_orm::sqlx::sqlite::SqliteError>().is_some() {
                 // Primary result code SQLITE_BUSY (5), with any extended code.
                 return db
                     .code()
@@ -83,13 +92,22 @@ pub(crate) fn is_unique_violation(e: &DbErr) -> bool {
     matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
 }
 
-/// A foreign-key violation means a referenced row (organization, project, product) is gone.
-pub(crate) fn missing_parent(e: DbErr, parent: Entity) -> Error {
-    match e.sql_err() {
-        Some(SqlErr::ForeignKeyConstraintViolation(_)) => Error::NotFound { entity: parent },
-        _ => storage(e),
-    }
+/// Whether `e` is a foreign-key violation: a referenced row (organization, project, product,
+/// key) is gone.
+pub(crate) fn is_missing_parent(e: &DbErr) -> bool {
+    matches!(e.sql_err(), Some(SqlErr::ForeignKeyConstraintViolation(_)))
 }
+
+/// A foreign-key violation as [`Error::NotFound`] of `parent`, anything else as [`storage`].
+pub(crate) fn missing_parent(e: DbErr, parent: impl Into<RecordId>) -> Error {
+    if is_missing_parent(&e) { Error::NotFound { id: parent.into() } } else { storage(e) }
+}
+
+/// A row that an idempotent call inserted (or found) was deleted again before it could be
+/// read back, every time the call tried.
+#[derive(Debug, thiserror::Error)]
+#[error("the {0} was deleted concurrently each time it was created")]
+pub(crate) struct Vanished(pub(crate) &'static str);
 
 /// A stored row that the current code cannot read back (edited by hand, or a newer schema).
 #[derive(Debug, thiserror::Error)]

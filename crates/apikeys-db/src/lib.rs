@@ -26,12 +26,12 @@
 //!     .await?;
 //!
 //! // On every request.
-//! let opts = ValidateOptions::new().for_product(api.id).require_scopes(["read"]);
-//! let key = client.validate_key(issued.key.expose_secret(), opts).await?;
+//! let opts = ValidateOptions::new().for_product(api.id).require_scopes(["read"])?;
+//! let key = client.validate_key(issued.key.expose_secret(), &opts).await?;
 //! assert_eq!(key.id, issued.record.id);
 //!
-//! let write = ValidateOptions::new().require_scopes(["write"]);
-//! match client.validate_key(issued.key.expose_secret(), write).await {
+//! let write = ValidateOptions::new().require_scopes(["write"])?;
+//! match client.validate_key(issued.key.expose_secret(), &write).await {
 //!     Err(Error::InsufficientScope { missing }) => assert_eq!(missing[0].as_str(), "write"),
 //!     other => panic!("{other:?}"),
 //! }
@@ -44,25 +44,45 @@
 //! key is returned once by [`ApiKeyClient::create_key`]. Signing secrets and plaintext keys
 //! are zeroed on drop and print `[redacted]`. Errors never contain key material.
 
+#[cfg(not(any(feature = "sqlite", feature = "postgres", feature = "mysql")))]
+compile_error!("apikeys-db needs at least one database feature: sqlite, postgres or mysql");
+
 mod bootstrap;
+mod builder;
 mod client;
 mod connect;
 mod convert;
 mod entity;
 mod error;
-mod keys;
+mod id;
+mod key_admin;
+mod lock;
 mod lookup;
 mod rate_limit;
+mod transaction;
 mod usage;
+mod validate;
+
+pub use builder::ClientBuilder;
+pub use client::{ApiKeyClient, Clock};
+pub use rate_limit::RateLimitMode;
+pub use transaction::InTransaction;
+pub use validate::{ValidateOptions, VerifyOptions};
 
 #[doc(inline)]
-pub use apikeys_core::*;
-pub use client::{ApiKeyClient, ClientBuilder, Clock};
-pub use keys::{ValidateOptions, VerifyOptions};
-pub use rate_limit::RateLimitMode;
+pub use apikeys_core::{
+    ApiKey, Error, Expiry, IssuedKey, KeyFormat, KeyId, KeyPage, KeyStatus, KeyUpdate, NewKey,
+    OrgId, Organization, Page, PlaintextKey, Product, ProductId, Project, ProjectId, RateLimit,
+    RecordId, RecordKind, Result, Scope, Scopes, SigningSecret, StatusFilter, Window,
+};
+
+/// The domain crate, `apikeys-core`, whole: input bounds ([`core::limits`]) and the building
+/// blocks of a store ([`core::hazmat`]) beside what the root re-exports.
+pub use apikeys_core as core;
+
 pub use sea_orm;
 
-/// The README's Rust examples, compiled as doctests so they stay true.
+/// This crate's README, whose example runs as a doctest.
 #[cfg(doctest)]
-#[doc = include_str!("../../../README.md")]
+#[doc = include_str!("../README.md")]
 struct ReadmeDoctests;

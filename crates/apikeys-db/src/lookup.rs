@@ -7,7 +7,8 @@
 //! the rendered text is captured with sentinel values, and the position of each sentinel
 //! among the rendered values says what to bind where.
 
-use apikeys_core::{Error, KeyHash, ProductId, Result};
+use apikeys_core::hazmat::KeyHash;
+use apikeys_core::{Error, ProductId, Result};
 use sea_orm::sea_query::{Expr, ExprTrait, Query};
 use sea_orm::{
     ColumnTrait, Condition, DbBackend, EntityTrait, QueryFilter, QuerySelect, QueryTrait,

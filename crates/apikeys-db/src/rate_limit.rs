@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use apikeys_core::{Error, KeyId, RateLimit, Result};
@@ -28,6 +28,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, SqlErr, Sta
 
 use crate::client::Clock;
 use crate::error::{retry_conflicts, storage};
+use crate::lock::lock;
 
 /// How per-key rate limits are counted.
 ///
@@ -129,6 +130,8 @@ pub(crate) struct RateLimiter {
     /// Local mode: one GCRA limiter per key, rebuilt when the key's limit changes, with the
     /// time (Unix ms) it was last used.
     local: Mutex<HashMap<KeyId, LocalEntry>>,
+    /// Where background purges run: the runtime the client was built on.
+    runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for RateLimiter {
@@ -161,14 +164,15 @@ fn since_epoch(t: DateTime<Utc>) -> Duration {
     Duration::from_nanos(u64::try_from(nanos).unwrap_or(0))
 }
 
-/// A lock that a panicking holder cannot break: the maps only ever hold complete entries.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl RateLimiter {
-    pub(crate) fn new(db: DatabaseConnection, mode: RateLimitMode, clock: Clock) -> Self {
+    pub(crate) fn new(
+        db: DatabaseConnection,
+        mode: RateLimitMode,
+        clock: Clock,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
         Self {
+            runtime,
             db,
             mode,
             clock,
@@ -230,8 +234,7 @@ impl RateLimiter {
     }
 
     /// Drops refusals whose window has ended and deletes ended window rows off the caller's
-    /// path, in a task on the current runtime (the rows wait for the next sweep, or
-    /// `purge_rate_limit_windows`, where there is none).
+    /// path, in a task on the client's runtime.
     fn sweep_in_background(&self, now: Instant) {
         lock(&self.over_limit).retain(|_, r| r.until > now);
         let db = self.db.clone();
@@ -240,9 +243,7 @@ impl RateLimiter {
                 tracing::warn!(error = %e, "rate-limit window purge failed");
             }
         };
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(purge);
-        }
+        self.runtime.spawn(purge);
     }
 
     fn check_local(&self, key: KeyId, limit: RateLimit) -> Result<()> {

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use apikeys_core::{KeyId, Result};
@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use crate::entity::api_key;
 use crate::error::{retry_conflicts, storage};
+use crate::lock::lock;
 
 /// Keys per `UPDATE` statement (each key adds a few bound parameters).
 const CHUNK: usize = 500;
@@ -38,8 +39,7 @@ struct Batch {
 
 impl Batch {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Pending>> {
-        // A panic while holding the lock leaves counts, never a broken map: keep going.
-        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.pending)
     }
 
     /// Puts counts back (a failed write), merged with any recorded meanwhile.
@@ -108,7 +108,7 @@ struct Batched {
 
 impl Batched {
     fn stop_flusher(&self) {
-        if let Some(task) = self.flusher.lock().unwrap_or_else(PoisonError::into_inner).take() {
+        if let Some(task) = lock(&self.flusher).take() {
             task.abort();
         }
     }
@@ -155,12 +155,16 @@ impl UsageRecorder {
         Self { db, batch: None, closed: AtomicBool::new(false) }
     }
 
-    /// Uses counted in memory and written every `interval` by a background task (spawned on
-    /// the current tokio runtime).
-    pub(crate) fn batched(db: DatabaseConnection, interval: Duration) -> Self {
+    /// Uses counted in memory and written every `interval` by a background task on
+    /// `runtime`.
+    pub(crate) fn batched(
+        db: DatabaseConnection,
+        interval: Duration,
+        runtime: &tokio::runtime::Handle,
+    ) -> Self {
         let counts = Arc::new(Batch::default());
-        let task = spawn_flusher(Arc::downgrade(&counts), db.clone(), interval);
-        let batch = Batched { counts, flusher: Mutex::new(task) };
+        let task = spawn_flusher(runtime, Arc::downgrade(&counts), db.clone(), interval);
+        let batch = Batched { counts, flusher: Mutex::new(Some(task)) };
         Self { db, batch: Some(batch), closed: AtomicBool::new(false) }
     }
 
@@ -217,12 +221,12 @@ impl Drop for UsageRecorder {
 
 /// Flushes `batch` every `interval` until the recorder is dropped or shut down.
 fn spawn_flusher(
+    runtime: &tokio::runtime::Handle,
     batch: Weak<Batch>,
     db: DatabaseConnection,
     interval: Duration,
-) -> Option<JoinHandle<()>> {
-    let handle = tokio::runtime::Handle::try_current().ok()?;
-    Some(handle.spawn(async move {
+) -> JoinHandle<()> {
+    runtime.spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await; // the first tick is immediate
@@ -233,5 +237,5 @@ fn spawn_flusher(
                 tracing::warn!(error = %e, "usage flush failed; the counts are kept for the next one");
             }
         }
-    }))
+    })
 }

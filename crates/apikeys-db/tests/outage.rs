@@ -7,6 +7,8 @@
 //! (`APIKEYS_OUTAGE_POSTGRES_CTL` / `APIKEYS_OUTAGE_MYSQL_CTL`) in which `{}` is replaced by
 //! `stop` or `start`. `scripts/test-all` starts such servers and sets all four.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+// Servers only: with neither server feature there is no test here.
+#![cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code, unused_imports))]
 
 #[path = "suite/common/mod.rs"]
 #[allow(dead_code, unused_imports, unused_macros)]
@@ -25,11 +27,13 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 const BOUND: Duration = Duration::from_secs(2 * 2 + 6);
 const LOAD_TASKS: usize = 8;
 
+#[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_outage() {
     outage("POSTGRES").await;
 }
 
+#[cfg(feature = "mysql")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mysql_outage() {
     outage("MYSQL").await;
@@ -76,14 +80,12 @@ async fn outage(kind: &str) {
         std::env::var(format!("APIKEYS_OUTAGE_{kind}_URL")),
         std::env::var(format!("APIKEYS_OUTAGE_{kind}_CTL")),
     ) else {
+        // Skipping needs saying so: this test stops servers, so it runs only where
+        // scripts/test-all started ones for it.
         assert!(
-            std::env::var("APIKEYS_REQUIRE_ALL_BACKENDS").as_deref() != Ok("1"),
-            "APIKEYS_OUTAGE_{kind}_URL/_CTL are unset but APIKEYS_REQUIRE_ALL_BACKENDS=1"
-        );
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n*** apikeys: {kind} outage test NOT RUN: APIKEYS_OUTAGE_{kind}_URL is unset ***\n"
+            std::env::var("APIKEYS_SKIP_OUTAGE").as_deref() == Ok("1"),
+            "APIKEYS_OUTAGE_{kind}_URL/_CTL are unset: run scripts/test-all, or set \
+             APIKEYS_SKIP_OUTAGE=1 to skip the outage test"
         );
         return;
     };
@@ -103,7 +105,7 @@ async fn outage(kind: &str) {
         builder(&url).usage_flush_interval(Duration::from_secs(3600)).build().await.unwrap();
     let counted = client.create_key(org.id, NewKey::new("batched")).await.unwrap();
     for _ in 0..2 {
-        batched.verify_key(counted.key.expose_secret(), Default::default()).await.unwrap();
+        batched.verify_key(counted.key.expose_secret(), &Default::default()).await.unwrap();
     }
     let keys_before =
         client.list_org_keys(org.id, StatusFilter::All, Page::default()).await.unwrap();
@@ -121,7 +123,7 @@ async fn outage(kind: &str) {
                 loop {
                     let result = tokio::time::timeout(
                         BOUND,
-                        client.validate_key(&key, ValidateOptions::new()),
+                        client.validate_key(&key, &ValidateOptions::new()),
                     )
                     .await
                     .expect("a call hung during the outage");
@@ -143,8 +145,8 @@ async fn outage(kind: &str) {
     ctl(&command, "stop").await;
     let verify = apikeys_db::VerifyOptions::new();
     let waits = [
-        unavailable("verify_key", client.verify_key(&key, verify)).await,
-        unavailable("validate_key", client.validate_key(&key, ValidateOptions::new())).await,
+        unavailable("verify_key", client.verify_key(&key, &verify)).await,
+        unavailable("validate_key", client.validate_key(&key, &ValidateOptions::new())).await,
         unavailable("create_key", client.create_key(org.id, NewKey::new("during outage"))).await,
         unavailable("get_or_create_organization", client.get_or_create_organization("globex"))
             .await,
@@ -168,7 +170,7 @@ async fn outage(kind: &str) {
     ctl(&command, "start").await;
     back.store(true, Ordering::SeqCst);
     // The same client, no restart: the first call after the server is back succeeds.
-    client.verify_key(&key, apikeys_db::VerifyOptions::new()).await.unwrap();
+    client.verify_key(&key, &apikeys_db::VerifyOptions::new()).await.unwrap();
     let (again, created) = client.get_or_create_organization("acme").await.unwrap();
     assert_eq!((again.id, created), (org.id, false));
     for task in load {

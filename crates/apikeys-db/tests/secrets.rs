@@ -104,27 +104,31 @@ mod flow {
         debug_output.push(format!("{issued:?} {legacy:?} {}", issued.record.hint));
         let keys = [issued.key.expose_secret().to_owned(), legacy.key.expose_secret().to_owned()];
 
-        client.verify_key(&keys[1], VerifyOptions::new()).await.unwrap();
+        client.verify_key(&keys[1], &VerifyOptions::new()).await.unwrap();
         let main = &keys[0];
-        let full = ValidateOptions::new().for_product(product.id).require_scopes(["read"]);
-        client.validate_key(main, full.clone()).await.unwrap();
-        local.validate_key(main, full.clone()).await.unwrap();
+        let full = ValidateOptions::new().for_product(product.id).require_scopes(["read"]).unwrap();
+        client.validate_key(main, &full.clone()).await.unwrap();
+        local.validate_key(main, &full.clone()).await.unwrap();
         let mut push = |r: Result<apikeys_db::ApiKey, Error>| errors.push(r.unwrap_err());
-        push(client.validate_key(main, ValidateOptions::new().require_scopes(["admin"])).await);
-        push(client.validate_key(main, ValidateOptions::new().for_product(other.id)).await);
-        client.validate_key(main, full.clone()).await.unwrap();
-        push(client.validate_key(main, full.clone()).await); // over the limit: Quota
-        local.validate_key(main, full.clone()).await.unwrap();
-        push(local.validate_key(main, full).await); // over the local limit: Quota
+        push(
+            client
+                .validate_key(main, &ValidateOptions::new().require_scopes(["admin"]).unwrap())
+                .await,
+        );
+        push(client.validate_key(main, &ValidateOptions::new().for_product(other.id)).await);
+        client.validate_key(main, &full.clone()).await.unwrap();
+        push(client.validate_key(main, &full.clone()).await); // over the limit: Quota
+        local.validate_key(main, &full.clone()).await.unwrap();
+        push(local.validate_key(main, &full).await); // over the local limit: Quota
         // Malformed and near-miss keys: the presented string must not be echoed either.
         let near_miss = format!("{}x", &main[..main.len() - 1]);
-        push(client.verify_key(&near_miss, VerifyOptions::new()).await);
-        push(client.verify_key(&format!("{main}\n"), VerifyOptions::new()).await);
+        push(client.verify_key(&near_miss, &VerifyOptions::new()).await);
+        push(client.verify_key(&format!("{main}\n"), &VerifyOptions::new()).await);
         client.update_key(issued.record.id, KeyUpdate::new().with_rate_limit(None)).await.unwrap();
         client.revoke_key(issued.record.id).await.unwrap();
-        push(client.verify_key(main, VerifyOptions::new()).await);
+        push(client.verify_key(main, &VerifyOptions::new()).await);
         client.delete_key(issued.record.id).await.unwrap();
-        push(client.verify_key(main, VerifyOptions::new()).await);
+        push(client.verify_key(main, &VerifyOptions::new()).await);
         // Configuration errors carry no secret either.
         for builder in [
             db.builder().signing_secret("short-secret"),

@@ -1,4 +1,4 @@
-use apikeys_db::{Entity, Error, OrgId};
+use apikeys_db::{Error, OrgId, ProductId, RecordId, RecordKind};
 
 use crate::common::TestDb;
 
@@ -13,10 +13,11 @@ pub async fn organization_get_or_create_is_idempotent(db: TestDb) {
     assert_eq!(client.find_organization("acme").await.unwrap(), Some(a.clone()));
     assert_eq!(client.find_organization("nope").await.unwrap(), None);
     assert_eq!(client.list_organizations().await.unwrap(), vec![a]);
-    assert!(matches!(
-        client.get_organization(OrgId::new()).await,
-        Err(Error::NotFound { entity: Entity::Organization })
-    ));
+    let missing = OrgId::new();
+    match client.get_organization(missing).await {
+        Err(Error::NotFound { id }) => assert_eq!(id, RecordId::Organization(missing)),
+        other => panic!("{other:?}"),
+    }
     // create_tables is safe to run again.
     client.create_tables().await.unwrap();
     assert_eq!(db.count(&client, "organizations").await, 1);
@@ -26,22 +27,25 @@ pub async fn create_duplicate_reports_existing_id(db: TestDb) {
     let client = db.client().await;
     let org = client.create_organization("acme").await.unwrap();
     match client.create_organization("acme").await {
-        Err(Error::AlreadyExists { entity: Entity::Organization, existing_id }) => {
-            assert_eq!(existing_id, org.id.as_uuid());
+        Err(Error::AlreadyExists { existing }) => {
+            assert_eq!(existing, RecordId::Organization(org.id));
+            assert_eq!(existing.kind(), RecordKind::Organization);
         }
         other => panic!("{other:?}"),
     }
     let project = client.create_project(org.id, "v1").await.unwrap();
     match client.create_project(org.id, "v1").await {
-        Err(Error::AlreadyExists { entity: Entity::Project, existing_id }) => {
-            assert_eq!(existing_id, project.id.as_uuid());
+        Err(Error::AlreadyExists { existing }) => {
+            assert_eq!(existing, RecordId::Project(project.id));
+            assert_eq!(existing.kind(), RecordKind::Project);
         }
         other => panic!("{other:?}"),
     }
     let product = client.create_product(org.id, "api").await.unwrap();
     match client.create_product(org.id, "api").await {
-        Err(Error::AlreadyExists { entity: Entity::Product, existing_id }) => {
-            assert_eq!(existing_id, product.id.as_uuid());
+        Err(Error::AlreadyExists { existing }) => {
+            assert_eq!(existing, RecordId::Product(product.id));
+            assert_eq!(existing.kind(), RecordKind::Product);
         }
         other => panic!("{other:?}"),
     }
@@ -77,13 +81,14 @@ pub async fn projects_and_products(db: TestDb) {
 
     // Unknown organization: typed error, nothing written.
     let before = db.counts(&client).await;
+    let missing = OrgId::new();
     assert!(matches!(
-        client.get_or_create_project(OrgId::new(), "x").await,
-        Err(Error::NotFound { entity: Entity::Organization })
+        client.get_or_create_project(missing, "x").await,
+        Err(Error::NotFound { id: RecordId::Organization(o) }) if o == missing
     ));
     assert!(matches!(
-        client.create_product(OrgId::new(), "x").await,
-        Err(Error::NotFound { entity: Entity::Organization })
+        client.create_product(missing, "x").await,
+        Err(Error::NotFound { id: RecordId::Organization(o) }) if o == missing
     ));
     assert_eq!(db.counts(&client).await, before);
 }
@@ -133,9 +138,10 @@ pub async fn product_links(db: TestDb) {
         client.add_product_to_project(foreign.id, v1.id).await,
         Err(Error::InvalidInput { field: "product_id", .. })
     ));
+    let missing = ProductId::new();
     assert!(matches!(
-        client.add_product_to_project(apikeys_db::ProductId::new(), v1.id).await,
-        Err(Error::NotFound { entity: Entity::Product })
+        client.add_product_to_project(missing, v1.id).await,
+        Err(Error::NotFound { id: RecordId::Product(p) }) if p == missing
     ));
     assert_eq!(db.counts(&client).await, before);
     assert!(client.remove_product_from_project(billing.id, v1.id).await.unwrap());

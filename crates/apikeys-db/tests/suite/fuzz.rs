@@ -63,8 +63,8 @@ pub async fn verify_arbitrary_input(db: TestDb) {
             let (verified, validated) = handle.block_on(async {
                 let options = VerifyOptions::new();
                 (
-                    client.verify_key(&key, options).await,
-                    client.validate_key(&key, ValidateOptions::new()).await,
+                    client.verify_key(&key, &options).await,
+                    client.validate_key(&key, &ValidateOptions::new()).await,
                 )
             });
             for result in [verified, validated] {

@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use apikeys_db::sea_orm::{ConnectionTrait, Statement};
 use apikeys_db::{
-    ApiKeyClient, Entity, Error, KeyId, KeyStatus, KeyUpdate, NewKey, OrgId, Page, RateLimit,
+    ApiKeyClient, Error, KeyId, KeyStatus, KeyUpdate, NewKey, OrgId, Page, RateLimit, RecordId,
     StatusFilter, ValidateOptions, VerifyOptions,
 };
 use chrono::TimeDelta;
@@ -34,7 +34,7 @@ pub async fn create_and_verify(db: TestDb) {
     assert_eq!(issued.record.status(chrono::Utc::now()), KeyStatus::Active);
     assert_eq!(client.get_key(issued.record.id).await.unwrap(), issued.record);
 
-    let verified = client.verify_key(&plaintext, no_tracking()).await.unwrap();
+    let verified = client.verify_key(&plaintext, &no_tracking()).await.unwrap();
     assert_eq!(verified, issued.record);
 
     // Only the HMAC is stored: the raw row holds neither the key nor its secret part.
@@ -57,7 +57,7 @@ pub async fn create_and_verify(db: TestDb) {
     let second = client.create_key(org, NewKey::new("second")).await.unwrap();
     assert_ne!(second.key.expose_secret(), plaintext);
     assert_eq!(
-        client.verify_key(second.key.expose_secret(), no_tracking()).await.unwrap().id,
+        client.verify_key(second.key.expose_secret(), &no_tracking()).await.unwrap().id,
         second.record.id
     );
 }
@@ -70,13 +70,13 @@ pub async fn usage_tracking(db: TestDb) {
     let key = issued.key.expose_secret();
     for i in 1..=3u64 {
         clock.advance(TimeDelta::seconds(1));
-        let k = client.verify_key(key, VerifyOptions::new()).await.unwrap();
+        let k = client.verify_key(key, &VerifyOptions::new()).await.unwrap();
         assert_eq!(k.use_count, i);
         assert_eq!(k.last_used_at, Some(clock.now()));
     }
-    client.verify_key(key, no_tracking()).await.unwrap();
-    client.validate_key(key, ValidateOptions::new().track_usage(false)).await.unwrap();
-    client.validate_key(key, ValidateOptions::new()).await.unwrap();
+    client.verify_key(key, &no_tracking()).await.unwrap();
+    client.validate_key(key, &ValidateOptions::new().track_usage(false)).await.unwrap();
+    client.validate_key(key, &ValidateOptions::new()).await.unwrap();
     let stored = client.get_key(issued.record.id).await.unwrap();
     assert_eq!(stored.use_count, 4);
     assert_eq!(stored.last_used_at, Some(clock.now()));
@@ -85,8 +85,9 @@ pub async fn usage_tracking(db: TestDb) {
     for _ in 0..20 {
         let client = client.clone();
         let key = key.to_owned();
-        handles
-            .push(tokio::spawn(async move { client.verify_key(&key, VerifyOptions::new()).await }));
+        handles.push(tokio::spawn(
+            async move { client.verify_key(&key, &VerifyOptions::new()).await },
+        ));
     }
     for h in handles {
         h.await.unwrap().unwrap();
@@ -125,17 +126,17 @@ pub async fn invalid_keys(db: TestDb) {
     let before = db.counts(&client).await;
     for case in &cases {
         assert!(
-            matches!(client.verify_key(case, VerifyOptions::new()).await, Err(Error::InvalidKey)),
+            matches!(client.verify_key(case, &VerifyOptions::new()).await, Err(Error::InvalidKey)),
             "{case:?}"
         );
         assert!(matches!(
-            client.validate_key(case, ValidateOptions::new()).await,
+            client.validate_key(case, &ValidateOptions::new()).await,
             Err(Error::InvalidKey)
         ));
     }
     // A client of another environment does not accept this one's keys.
     assert!(matches!(
-        other_env.verify_key(good, VerifyOptions::new()).await,
+        other_env.verify_key(good, &VerifyOptions::new()).await,
         Err(Error::InvalidKey)
     ));
     // A client with another secret cannot find the key.
@@ -145,7 +146,7 @@ pub async fn invalid_keys(db: TestDb) {
         })
         .await;
     assert!(matches!(
-        other_secret.verify_key(good, VerifyOptions::new()).await,
+        other_secret.verify_key(good, &VerifyOptions::new()).await,
         Err(Error::InvalidKey)
     ));
     assert_eq!(db.counts(&client).await, before);
@@ -165,12 +166,12 @@ pub async fn revoke_and_delete(db: TestDb) {
     clock.advance(TimeDelta::hours(1));
     // Revoking again keeps the first time.
     assert_eq!(client.revoke_key(issued.record.id).await.unwrap().revoked_at, Some(revoked_at));
-    match client.verify_key(key, VerifyOptions::new()).await {
+    match client.verify_key(key, &VerifyOptions::new()).await {
         Err(Error::Revoked { revoked_at: t }) => assert_eq!(t, revoked_at),
         other => panic!("{other:?}"),
     }
     assert!(matches!(
-        client.validate_key(key, ValidateOptions::new()).await,
+        client.validate_key(key, &ValidateOptions::new()).await,
         Err(Error::Revoked { .. })
     ));
     assert_eq!(client.get_key(issued.record.id).await.unwrap().use_count, 0);
@@ -178,17 +179,17 @@ pub async fn revoke_and_delete(db: TestDb) {
     client.delete_key(issued.record.id).await.unwrap();
     assert!(matches!(
         client.get_key(issued.record.id).await,
-        Err(Error::NotFound { entity: Entity::Key })
+        Err(Error::NotFound { id: RecordId::Key(k) }) if k == issued.record.id
     ));
     assert!(matches!(
         client.delete_key(issued.record.id).await,
-        Err(Error::NotFound { entity: Entity::Key })
+        Err(Error::NotFound { id: RecordId::Key(_) })
     ));
     assert!(matches!(
         client.revoke_key(issued.record.id).await,
-        Err(Error::NotFound { entity: Entity::Key })
+        Err(Error::NotFound { id: RecordId::Key(_) })
     ));
-    assert!(matches!(client.verify_key(key, VerifyOptions::new()).await, Err(Error::InvalidKey)));
+    assert!(matches!(client.verify_key(key, &VerifyOptions::new()).await, Err(Error::InvalidKey)));
     assert_eq!(db.count(&client, "api_keys").await, 0);
 }
 
@@ -203,9 +204,9 @@ pub async fn expiry(db: TestDb) {
     assert_eq!(issued.record.expires_at, Some(expires_at));
     assert_eq!(client.get_key(issued.record.id).await.unwrap().expires_at, Some(expires_at));
     clock.set(expires_at - TimeDelta::microseconds(1));
-    client.verify_key(key, VerifyOptions::new()).await.unwrap();
+    client.verify_key(key, &VerifyOptions::new()).await.unwrap();
     clock.set(expires_at);
-    match client.verify_key(key, VerifyOptions::new()).await {
+    match client.verify_key(key, &VerifyOptions::new()).await {
         Err(Error::Expired { expired_at }) => assert_eq!(expired_at, expires_at),
         other => panic!("{other:?}"),
     }
@@ -243,7 +244,7 @@ pub async fn product_rule(db: TestDb) {
         let client = client.clone();
         let key = key.key.expose_secret().to_owned();
         async move {
-            match client.validate_key(&key, ValidateOptions::new().for_product(product)).await {
+            match client.validate_key(&key, &ValidateOptions::new().for_product(product)).await {
                 Ok(_) => true,
                 Err(Error::ProductNotAllowed { product_id }) => {
                     assert_eq!(product_id, product);
@@ -269,7 +270,7 @@ pub async fn product_rule(db: TestDb) {
     for product in [g_api.id, apikeys_db::ProductId::new()] {
         let options = ValidateOptions::new().for_product(product);
         assert!(matches!(
-            client.validate_key(org_wide.key.expose_secret(), options).await,
+            client.validate_key(org_wide.key.expose_secret(), &options).await,
             Err(Error::Revoked { .. })
         ));
     }
@@ -283,13 +284,22 @@ pub async fn scopes(db: TestDb) {
         .await
         .unwrap();
     let key = issued.key.expose_secret();
-    client.validate_key(key, ValidateOptions::new().require_scopes(["read"])).await.unwrap();
     client
-        .validate_key(key, ValidateOptions::new().require_scopes(["billing:write", "read"]))
+        .validate_key(key, &ValidateOptions::new().require_scopes(["read"]).unwrap())
+        .await
+        .unwrap();
+    client
+        .validate_key(
+            key,
+            &ValidateOptions::new().require_scopes(["billing:write", "read"]).unwrap(),
+        )
         .await
         .unwrap();
     match client
-        .validate_key(key, ValidateOptions::new().require_scopes(["read", "admin", "delete"]))
+        .validate_key(
+            key,
+            &ValidateOptions::new().require_scopes(["read", "admin", "delete"]).unwrap(),
+        )
         .await
     {
         Err(Error::InsufficientScope { missing }) => {
@@ -297,8 +307,9 @@ pub async fn scopes(db: TestDb) {
         }
         other => panic!("{other:?}"),
     }
+    // A malformed requirement is refused when the options are built, before any call.
     assert!(matches!(
-        client.validate_key(key, ValidateOptions::new().require_scopes(["bad scope"])).await,
+        ValidateOptions::new().require_scopes(["bad scope"]),
         Err(Error::InvalidInput { field: "scopes", .. })
     ));
     // Failed validations are not counted as uses.
@@ -332,7 +343,10 @@ pub async fn update_metadata(db: TestDb) {
     assert_eq!(client.get_key(issued.record.id).await.unwrap(), updated);
     // The same plaintext still works, with the new scopes.
     client
-        .validate_key(issued.key.expose_secret(), ValidateOptions::new().require_scopes(["write"]))
+        .validate_key(
+            issued.key.expose_secret(),
+            &ValidateOptions::new().require_scopes(["write"]).unwrap(),
+        )
         .await
         .unwrap();
     // Partial update leaves other fields; removing the rate limit.
@@ -355,7 +369,7 @@ pub async fn update_metadata(db: TestDb) {
     assert_eq!(client.get_key(issued.record.id).await.unwrap(), before);
     assert!(matches!(
         client.update_key(KeyId::new(), KeyUpdate::new().with_name("x")).await,
-        Err(Error::NotFound { entity: Entity::Key })
+        Err(Error::NotFound { id: RecordId::Key(_) })
     ));
 }
 
@@ -395,7 +409,7 @@ pub async fn listing_and_pagination(db: TestDb) {
     let (v2, _) = client.get_or_create_project(acme, "v2").await.unwrap();
     assert_eq!(
         client
-            .list_project_keys(v1.id, StatusFilter::All, Page::first(10))
+            .list_project_keys(v1.id, StatusFilter::All, Page::first(10).unwrap())
             .await
             .unwrap()
             .items
@@ -419,29 +433,31 @@ pub async fn listing_and_pagination(db: TestDb) {
 
     // Pages of 3 over 7 keys: 3, 3, 1; exactly-full last page has no cursor.
     let mut seen = Vec::new();
-    let mut page = Page::first(3);
+    let mut page = Page::first(3).unwrap();
     let mut sizes = Vec::new();
     loop {
         let p = client.list_project_keys(v1.id, StatusFilter::All, page).await.unwrap();
         sizes.push(p.items.len());
         seen.extend(p.items.iter().map(|k| k.id));
         match p.next {
-            Some(cursor) => page = Page::first(3).after(cursor),
+            Some(cursor) => page = Page::first(3).unwrap().after(cursor),
             None => break,
         }
     }
     assert_eq!(sizes, [3, 3, 1]);
     assert_eq!(seen, v1_keys);
-    let exact = client.list_project_keys(v1.id, StatusFilter::All, Page::first(7)).await.unwrap();
+    let exact =
+        client.list_project_keys(v1.id, StatusFilter::All, Page::first(7).unwrap()).await.unwrap();
     assert_eq!((exact.items.len(), exact.next), (7, None));
-    let short = client.list_project_keys(v1.id, StatusFilter::All, Page::first(6)).await.unwrap();
+    let short =
+        client.list_project_keys(v1.id, StatusFilter::All, Page::first(6).unwrap()).await.unwrap();
     assert_eq!(short.next, Some(v1_keys[5]));
 
     let ids = |f| {
         let client = client.clone();
         async move {
             client
-                .list_project_keys(v1.id, f, Page::first(100))
+                .list_project_keys(v1.id, f, Page::first(100).unwrap())
                 .await
                 .unwrap()
                 .items
@@ -456,18 +472,17 @@ pub async fn listing_and_pagination(db: TestDb) {
         v1_keys.iter().copied().filter(|k| *k != v1_keys[2] && *k != v1_keys[5]).collect();
     assert_eq!(ids(StatusFilter::Active).await, active);
 
-    let org_keys = client.list_org_keys(acme, StatusFilter::All, Page::first(100)).await.unwrap();
+    let org_keys =
+        client.list_org_keys(acme, StatusFilter::All, Page::first(100).unwrap()).await.unwrap();
     assert_eq!(org_keys.items.len(), 9);
     assert!(org_keys.items.iter().all(|k| k.org_id == acme), "no other tenant's keys");
     assert_eq!(
         client.list_org_keys(globex, StatusFilter::All, Page::default()).await.unwrap().items.len(),
         1
     );
+    // Checked when the page is built, so a listing cannot fail for it.
     for bad in [0, 1001] {
-        assert!(matches!(
-            client.list_org_keys(acme, StatusFilter::All, Page::first(bad)).await,
-            Err(Error::InvalidInput { field: "page.limit", .. })
-        ));
+        assert!(matches!(Page::first(bad), Err(Error::InvalidInput { field: "page.limit", .. })));
     }
 }
 
@@ -481,7 +496,7 @@ pub async fn secret_rotation(db: TestDb) {
 
     // Only the new secret: the old key is not found.
     let v2_only = db.client_with(|b| b.signing_secret(V2).signing_secret_version(2)).await;
-    assert!(matches!(v2_only.verify_key(key, VerifyOptions::new()).await, Err(Error::InvalidKey)));
+    assert!(matches!(v2_only.verify_key(key, &VerifyOptions::new()).await, Err(Error::InvalidKey)));
 
     // New + previous: found; a check that does not track usage writes nothing (the key
     // stays under v1, so the old-only client still finds it), a tracked one re-hashes to v2.
@@ -490,13 +505,13 @@ pub async fn secret_rotation(db: TestDb) {
             b.signing_secret(V2).signing_secret_version(2).previous_signing_secret(1, V1)
         })
         .await;
-    rotating.verify_key(key, no_tracking()).await.unwrap();
-    v1_client.verify_key(key, no_tracking()).await.unwrap();
-    rotating.verify_key(key, VerifyOptions::new()).await.unwrap();
+    rotating.verify_key(key, &no_tracking()).await.unwrap();
+    v1_client.verify_key(key, &no_tracking()).await.unwrap();
+    rotating.verify_key(key, &VerifyOptions::new()).await.unwrap();
     // Now the new secret alone finds it, and so does a replica still on the old one (the
     // old hash is kept beside the new one while the rotation runs).
-    v2_only.verify_key(key, VerifyOptions::new()).await.unwrap();
-    v1_client.verify_key(key, VerifyOptions::new()).await.unwrap();
+    v2_only.verify_key(key, &VerifyOptions::new()).await.unwrap();
+    v1_client.verify_key(key, &VerifyOptions::new()).await.unwrap();
     let conn = v2_only.connection();
     let row = conn
         .query_one_raw(Statement::from_string(

@@ -51,7 +51,7 @@ pub async fn admin_calls_racing_the_hot_path(db: TestDb) {
     // Every key is gone.
     for k in keys.iter() {
         assert!(matches!(
-            admin.verify_key(k, VerifyOptions::new()).await,
+            admin.verify_key(k, &VerifyOptions::new()).await,
             Err(apikeys_db::Error::InvalidKey)
         ));
     }

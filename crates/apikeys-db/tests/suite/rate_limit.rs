@@ -62,7 +62,7 @@ pub async fn window_rollover_by_database_clock(db: TestDb) {
     let first = db_now_ms(&client).await / 1000;
     let (mut ok, mut limited) = (0, 0);
     for _ in 0..20_000 {
-        match quota(client.validate_key(&key, ValidateOptions::new()).await) {
+        match quota(client.validate_key(&key, &ValidateOptions::new()).await) {
             None => ok += 1,
             Some(retry) => {
                 assert!(retry > Duration::ZERO && retry <= Duration::from_secs(1), "{retry:?}");
@@ -94,9 +94,9 @@ pub async fn window_rollover_by_database_clock(db: TestDb) {
 pub async fn purge_keeps_windows_that_can_still_be_counted(db: TestDb) {
     let client = db.client().await;
     let key = key_with(&client, Some(RateLimit::per_minute(5).unwrap())).await;
-    client.validate_key(&key, ValidateOptions::new()).await.unwrap();
+    client.validate_key(&key, &ValidateOptions::new()).await.unwrap();
     let id = client
-        .verify_key(&key, apikeys_db::VerifyOptions::new().track_usage(false))
+        .verify_key(&key, &apikeys_db::VerifyOptions::new().track_usage(false))
         .await
         .unwrap()
         .id;
@@ -164,7 +164,7 @@ pub async fn skewed_clocks_share_one_window(db: TestDb) {
                     while n < 30 || (window == Window::Second && std::time::Instant::now() < until)
                     {
                         n += 1;
-                        if quota(client.validate_key(&key, ValidateOptions::new()).await).is_none()
+                        if quota(client.validate_key(&key, &ValidateOptions::new()).await).is_none()
                         {
                             ok += 1;
                         }
@@ -214,30 +214,30 @@ pub async fn keys_and_calls_are_independent(db: TestDb) {
     leave_room(&client, Window::Minute, Duration::from_secs(20)).await;
     let unlimited = key_with(&client, None).await;
     for _ in 0..2 {
-        assert_eq!(quota(client.validate_key(&a, ValidateOptions::new()).await), None);
+        assert_eq!(quota(client.validate_key(&a, &ValidateOptions::new()).await), None);
     }
-    assert!(quota(client.validate_key(&a, ValidateOptions::new()).await).is_some());
+    assert!(quota(client.validate_key(&a, &ValidateOptions::new()).await).is_some());
     // Another key has its own counter.
-    assert_eq!(quota(client.validate_key(&b, ValidateOptions::new()).await), None);
+    assert_eq!(quota(client.validate_key(&b, &ValidateOptions::new()).await), None);
     // No rate limit: unlimited.
     for _ in 0..50 {
-        assert_eq!(quota(client.validate_key(&unlimited, ValidateOptions::new()).await), None);
+        assert_eq!(quota(client.validate_key(&unlimited, &ValidateOptions::new()).await), None);
     }
     // Disabled per call: admitted and not counted.
     for _ in 0..5 {
-        client.validate_key(&a, ValidateOptions::new().check_rate_limit(false)).await.unwrap();
-        client.validate_key(&b, ValidateOptions::new().check_rate_limit(false)).await.unwrap();
+        client.validate_key(&a, &ValidateOptions::new().check_rate_limit(false)).await.unwrap();
+        client.validate_key(&b, &ValidateOptions::new().check_rate_limit(false)).await.unwrap();
     }
-    assert_eq!(quota(client.validate_key(&b, ValidateOptions::new()).await), None);
+    assert_eq!(quota(client.validate_key(&b, &ValidateOptions::new()).await), None);
     // A request rejected for scopes uses no quota; verify_key never counts.
-    let need_admin = ValidateOptions::new().require_scopes(["admin"]);
+    let need_admin = ValidateOptions::new().require_scopes(["admin"]).unwrap();
     for _ in 0..5 {
         assert!(matches!(
-            client.validate_key(&b, need_admin.clone()).await,
+            client.validate_key(&b, &need_admin.clone()).await,
             Err(Error::InsufficientScope { .. })
         ));
     }
-    assert!(quota(client.validate_key(&b, ValidateOptions::new()).await).is_some());
+    assert!(quota(client.validate_key(&b, &ValidateOptions::new()).await).is_some());
 }
 
 /// The limit in force is the key's current one: raised mid-window it admits up to the new
@@ -248,14 +248,14 @@ pub async fn update_takes_effect_on_next_check(db: TestDb) {
     let key = key_with(&client, Some(RateLimit::per_hour(1).unwrap())).await;
     leave_room(&client, Window::Hour, Duration::from_secs(30)).await;
     let id = client
-        .verify_key(&key, apikeys_db::VerifyOptions::new().track_usage(false))
+        .verify_key(&key, &apikeys_db::VerifyOptions::new().track_usage(false))
         .await
         .unwrap()
         .id;
-    assert_eq!(quota(client.validate_key(&key, ValidateOptions::new()).await), None);
+    assert_eq!(quota(client.validate_key(&key, &ValidateOptions::new()).await), None);
     for _ in 0..3 {
-        assert!(quota(client.validate_key(&key, ValidateOptions::new()).await).is_some());
-        assert!(quota(other.validate_key(&key, ValidateOptions::new()).await).is_some());
+        assert!(quota(client.validate_key(&key, &ValidateOptions::new()).await).is_some());
+        assert!(quota(other.validate_key(&key, &ValidateOptions::new()).await).is_some());
     }
     // Raised through another replica: both admit up to the new limit at once, although
     // this client had the key in its over-limit shortcut.
@@ -264,19 +264,19 @@ pub async fn update_takes_effect_on_next_check(db: TestDb) {
         .await
         .unwrap();
     for c in [&client, &other, &client, &other] {
-        assert_eq!(quota(c.validate_key(&key, ValidateOptions::new()).await), None);
+        assert_eq!(quota(c.validate_key(&key, &ValidateOptions::new()).await), None);
     }
-    assert!(quota(client.validate_key(&key, ValidateOptions::new()).await).is_some());
+    assert!(quota(client.validate_key(&key, &ValidateOptions::new()).await).is_some());
     assert_eq!(window_rows(&client).await.iter().map(|r| r.1).sum::<i64>(), 5);
     // Lowered: refused at once, on both.
     client
         .update_key(id, KeyUpdate::new().with_rate_limit(Some(RateLimit::per_hour(2).unwrap())))
         .await
         .unwrap();
-    assert!(quota(client.validate_key(&key, ValidateOptions::new()).await).is_some());
-    assert!(quota(other.validate_key(&key, ValidateOptions::new()).await).is_some());
+    assert!(quota(client.validate_key(&key, &ValidateOptions::new()).await).is_some());
+    assert!(quota(other.validate_key(&key, &ValidateOptions::new()).await).is_some());
     client.update_key(id, KeyUpdate::new().with_rate_limit(None)).await.unwrap();
-    assert_eq!(quota(client.validate_key(&key, ValidateOptions::new()).await), None);
+    assert_eq!(quota(client.validate_key(&key, &ValidateOptions::new()).await), None);
 }
 
 pub async fn local_mode(db: TestDb) {
@@ -285,14 +285,14 @@ pub async fn local_mode(db: TestDb) {
         db.client_with(|b| b.clock(clock.as_fn()).rate_limit_mode(RateLimitMode::Local)).await;
     let key = key_with(&client, Some(RateLimit::per_minute(3).unwrap())).await;
     for _ in 0..3 {
-        assert_eq!(quota(client.validate_key(&key, ValidateOptions::new()).await), None);
+        assert_eq!(quota(client.validate_key(&key, &ValidateOptions::new()).await), None);
     }
     // GCRA: the burst is used up; one request frees every 20 s.
-    let wait = quota(client.validate_key(&key, ValidateOptions::new()).await).unwrap();
+    let wait = quota(client.validate_key(&key, &ValidateOptions::new()).await).unwrap();
     assert!(wait > Duration::from_secs(19) && wait <= Duration::from_secs(20), "{wait:?}");
     clock.advance(TimeDelta::seconds(20));
-    assert_eq!(quota(client.validate_key(&key, ValidateOptions::new()).await), None);
-    assert!(quota(client.validate_key(&key, ValidateOptions::new()).await).is_some());
+    assert_eq!(quota(client.validate_key(&key, &ValidateOptions::new()).await), None);
+    assert!(quota(client.validate_key(&key, &ValidateOptions::new()).await).is_some());
     // No database counters in local mode.
     assert_eq!(db.count(&client, "rate_limit_windows").await, 0);
 }

@@ -11,7 +11,7 @@ const V2: &str = "second-signing-secret-0123456789-abcdefg";
 async fn all_verify(client: &ApiKeyClient, keys: &[String], who: &str) {
     for k in keys {
         // Untracked: the check itself must not move anything.
-        let r = client.verify_key(k, VerifyOptions::new().track_usage(false)).await;
+        let r = client.verify_key(k, &VerifyOptions::new().track_usage(false)).await;
         assert!(r.is_ok(), "{who}: {r:?}");
     }
 }
@@ -36,8 +36,8 @@ pub async fn rolling_rotation_and_rollback(db: TestDb) {
     all_verify(&old, &keys, "old beside rotating").await;
     all_verify(&rotating, &keys, "rotating").await;
     assert_eq!(rotating.keys_per_secret_version().await.unwrap(), vec![(1, 4), (2, 1)]);
-    rotating.verify_key(&keys[0], VerifyOptions::new()).await.unwrap();
-    old.verify_key(&keys[0], VerifyOptions::new()).await.unwrap();
+    rotating.verify_key(&keys[0], &VerifyOptions::new()).await.unwrap();
+    old.verify_key(&keys[0], &VerifyOptions::new()).await.unwrap();
     assert_eq!(rotating.keys_per_secret_version().await.unwrap(), vec![(1, 4), (2, 2)]);
     all_verify(&old, &keys, "old after re-hashes").await;
     // Rolled back: the old configuration alone keeps every key, including those the rotating
@@ -52,12 +52,12 @@ pub async fn rolling_rotation_and_rollback(db: TestDb) {
     all_verify(&new, &keys[..1], "new, used while rotating").await;
     all_verify(&new, &keys[2..3], "new, issued while rotating").await;
     for k in [&keys[1], &keys[3], &keys[4]] {
-        assert!(matches!(new.verify_key(k, VerifyOptions::new()).await, Err(Error::InvalidKey)));
+        assert!(matches!(new.verify_key(k, &VerifyOptions::new()).await, Err(Error::InvalidKey)));
     }
     // Presented once more to a rotating replica, they move, and the new secret alone takes
     // every key.
     for k in &keys {
-        rotating.verify_key(k, VerifyOptions::new()).await.unwrap();
+        rotating.verify_key(k, &VerifyOptions::new()).await.unwrap();
     }
     assert_eq!(new.keys_per_secret_version().await.unwrap(), vec![(1, 5), (2, 5)]);
     all_verify(&new, &keys, "new").await;
@@ -84,12 +84,12 @@ pub async fn failed_rehash_never_fails_the_check(db: TestDb) {
         })
         .await;
     let (other, txn) = crate::common::hold_key_rows(&db).await;
-    let checked = step2.verify_key(key, VerifyOptions::new()).await.unwrap();
+    let checked = step2.verify_key(key, &VerifyOptions::new()).await.unwrap();
     assert_eq!((checked.id, checked.use_count), (issued.record.id, 1));
     txn.rollback().await.unwrap();
     other.close().await.unwrap();
     assert_eq!(step2.keys_per_secret_version().await.unwrap(), vec![(1, 1)], "not re-hashed");
-    step2.verify_key(key, VerifyOptions::new()).await.unwrap();
+    step2.verify_key(key, &VerifyOptions::new()).await.unwrap();
     assert_eq!(step2.keys_per_secret_version().await.unwrap(), vec![(1, 1), (2, 1)], "retried");
     assert_eq!(step2.shutdown().await.unwrap(), 1);
     assert_eq!(step2.get_key(issued.record.id).await.unwrap().use_count, 2);
@@ -114,14 +114,14 @@ pub async fn schema_upgrade_keeps_keys(db: TestDb) {
         migration::Migrator::get_pending_migrations(old.connection()).await.unwrap().is_empty()
     );
     let key = issued.key.expose_secret();
-    let found = old.verify_key(key, VerifyOptions::new()).await.unwrap();
+    let found = old.verify_key(key, &VerifyOptions::new()).await.unwrap();
     assert_eq!(found.id, issued.record.id);
     let rotating = db
         .client_with(|b| {
             b.signing_secret(V2).signing_secret_version(2).previous_signing_secret(1, V1)
         })
         .await;
-    rotating.verify_key(key, VerifyOptions::new()).await.unwrap();
-    old.verify_key(key, VerifyOptions::new()).await.unwrap();
+    rotating.verify_key(key, &VerifyOptions::new()).await.unwrap();
+    old.verify_key(key, &VerifyOptions::new()).await.unwrap();
     assert_eq!(old.keys_per_secret_version().await.unwrap(), vec![(1, 1), (2, 1)]);
 }

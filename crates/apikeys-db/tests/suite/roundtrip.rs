@@ -3,7 +3,8 @@
 //! validators), or stored and read back identical. Cases per backend: a tenth of
 //! `APIKEYS_FUZZ_CASES` (default 100 000), at least 100.
 
-use apikeys_db::{Error, NewKey, validate_custom, validate_label, validate_name};
+use apikeys_db::core::hazmat::{validate_custom, validate_label, validate_name};
+use apikeys_db::{Error, NewKey};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::{Map, Value};

@@ -42,7 +42,7 @@ async fn issue(client: &ApiKeyClient, t: &mut Tenant) {
 
 async fn allowed(client: &ApiKeyClient, key: &IssuedKey, product: &Product) -> bool {
     let options = ValidateOptions::new().for_product(product.id);
-    match client.validate_key(key.key.expose_secret(), options).await {
+    match client.validate_key(key.key.expose_secret(), &options).await {
         Ok(record) => {
             assert_eq!(record.id, key.record.id);
             true
@@ -57,12 +57,12 @@ async fn allowed(client: &ApiKeyClient, key: &IssuedKey, product: &Product) -> b
 
 /// Every key id of `org` in pages of 2, for `status`.
 async fn listed(client: &ApiKeyClient, org: OrgId, status: StatusFilter) -> Vec<KeyId> {
-    let (mut out, mut page) = (Vec::new(), Page::first(2));
+    let (mut out, mut page) = (Vec::new(), Page::first(2).unwrap());
     loop {
         let p = client.list_org_keys(org, status, page).await.unwrap();
         out.extend(p.items.iter().map(|k| k.id));
         match p.next {
-            Some(cursor) => page = Page::first(2).after(cursor),
+            Some(cursor) => page = Page::first(2).unwrap().after(cursor),
             None => return out,
         }
     }
@@ -122,12 +122,16 @@ pub async fn cross_tenant_isolation(db: TestDb) {
         assert_eq!(listed(&client, own.org, StatusFilter::All).await.len(), own.keys.len());
         let foreign_cursor = other.keys[0].record.id;
         let page = client
-            .list_org_keys(own.org, StatusFilter::All, Page::first(100).after(foreign_cursor))
+            .list_org_keys(
+                own.org,
+                StatusFilter::All,
+                Page::first(100).unwrap().after(foreign_cursor),
+            )
             .await
             .unwrap();
         assert!(page.items.iter().all(|k| k.org_id == own.org));
         let project_keys = client
-            .list_project_keys(own.web.id, StatusFilter::All, Page::first(100))
+            .list_project_keys(own.web.id, StatusFilter::All, Page::first(100).unwrap())
             .await
             .unwrap();
         assert_eq!(project_keys.items.len(), 3);

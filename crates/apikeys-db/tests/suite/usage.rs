@@ -35,7 +35,8 @@ pub async fn batched_counts_are_exact(db: TestDb) {
         keys.push(client.create_key(org.id, NewKey::new(format!("k{i}"))).await.unwrap());
     }
     // The record a check returns counts its own use; the database does not have it yet.
-    let first = client.verify_key(keys[0].key.expose_secret(), VerifyOptions::new()).await.unwrap();
+    let first =
+        client.verify_key(keys[0].key.expose_secret(), &VerifyOptions::new()).await.unwrap();
     assert_eq!((first.use_count, first.last_used_at), (1, Some(clock.now())));
     assert_eq!(use_count(&client, keys[0].record.id).await, 0);
 
@@ -48,7 +49,7 @@ pub async fn batched_counts_are_exact(db: TestDb) {
             tokio::spawn(async move {
                 for i in 0..30 {
                     let key = &keys[[0, 1, 1, 2, 2, 2][i % 6]];
-                    client.validate_key(key, ValidateOptions::new()).await.unwrap();
+                    client.validate_key(key, &ValidateOptions::new()).await.unwrap();
                 }
             })
         })
@@ -58,7 +59,7 @@ pub async fn batched_counts_are_exact(db: TestDb) {
     }
     // Checks with tracking off are not counted at all.
     client
-        .verify_key(keys[2].key.expose_secret(), VerifyOptions::new().track_usage(false))
+        .verify_key(keys[2].key.expose_secret(), &VerifyOptions::new().track_usage(false))
         .await
         .unwrap();
     assert_eq!(client.flush_usage().await.unwrap(), 3, "three keys written");
@@ -82,8 +83,8 @@ pub async fn batched_counts_are_exact(db: TestDb) {
         .await;
     let new_only = db.client_with(|b| b.signing_secret(NEW).signing_secret_version(2)).await;
     let key = keys[0].key.expose_secret();
-    rotating.verify_key(key, VerifyOptions::new()).await.unwrap();
-    new_only.verify_key(key, VerifyOptions::new().track_usage(false)).await.unwrap();
+    rotating.verify_key(key, &VerifyOptions::new()).await.unwrap();
+    new_only.verify_key(key, &VerifyOptions::new().track_usage(false)).await.unwrap();
     assert_eq!(use_count(&client, keys[0].record.id).await, expected[0]);
     rotating.flush_usage().await.unwrap();
     assert_eq!(use_count(&client, keys[0].record.id).await, expected[0] + 1);
@@ -98,25 +99,25 @@ pub async fn batched_flushes_on_interval_and_shutdown(db: TestDb) {
     // A short interval: the background flush writes without being asked.
     let ticking = db.client_with(|b| b.usage_flush_interval(Duration::from_millis(20))).await;
     for _ in 0..3 {
-        ticking.verify_key(key, VerifyOptions::new()).await.unwrap();
+        ticking.verify_key(key, &VerifyOptions::new()).await.unwrap();
     }
     eventually_count(&client, issued.record.id, 3).await;
 
     // A long interval: shutdown() writes what is held, and later uses are written at once.
     let closing = db.client_with(|b| b.usage_flush_interval(NEVER)).await;
     for _ in 0..4 {
-        closing.verify_key(key, VerifyOptions::new()).await.unwrap();
+        closing.verify_key(key, &VerifyOptions::new()).await.unwrap();
     }
     assert_eq!(use_count(&client, issued.record.id).await, 3);
     assert_eq!(closing.shutdown().await.unwrap(), 1);
     assert_eq!(use_count(&client, issued.record.id).await, 7);
-    closing.verify_key(key, VerifyOptions::new()).await.unwrap();
+    closing.verify_key(key, &VerifyOptions::new()).await.unwrap();
     assert_eq!(use_count(&client, issued.record.id).await, 8);
 
     // Dropping the last clone writes nothing: it cannot wait for the database (it logs what
     // is lost instead of pretending).
     let dropped = db.client_with(|b| b.usage_flush_interval(NEVER)).await;
-    dropped.verify_key(key, VerifyOptions::new()).await.unwrap();
+    dropped.verify_key(key, &VerifyOptions::new()).await.unwrap();
     drop(dropped);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(use_count(&client, issued.record.id).await, 8);
@@ -138,15 +139,15 @@ pub async fn last_used_only_moves_forward(db: TestDb) {
     let (key, id) = (issued.key.expose_secret(), issued.record.id);
     let a = db.client_with(|b| b.clock(late.as_fn()).usage_flush_interval(NEVER)).await;
     let b = db.client_with(|b| b.clock(early.as_fn()).usage_flush_interval(NEVER)).await;
-    a.verify_key(key, VerifyOptions::new()).await.unwrap();
-    b.verify_key(key, VerifyOptions::new()).await.unwrap();
+    a.verify_key(key, &VerifyOptions::new()).await.unwrap();
+    b.verify_key(key, &VerifyOptions::new()).await.unwrap();
     a.flush_usage().await.unwrap();
     b.flush_usage().await.unwrap();
     let stored = client.get_key(id).await.unwrap();
     assert_eq!((stored.use_count, stored.last_used_at), (2, Some(late.now())));
     // Immediate tracking from a replica whose clock is behind.
     let behind = db.client_with(|b| b.clock(early.as_fn())).await;
-    behind.verify_key(key, VerifyOptions::new()).await.unwrap();
+    behind.verify_key(key, &VerifyOptions::new()).await.unwrap();
     let stored = client.get_key(id).await.unwrap();
     assert_eq!((stored.use_count, stored.last_used_at), (3, Some(late.now())));
 }

@@ -1,0 +1,336 @@
+//! [`ClientBuilder`]: what a client is configured with, checked when it is built.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use apikeys_core::hazmat::KeyHasher;
+use apikeys_core::{Error, KeyFormat, Result, SigningSecret};
+use chrono::{DateTime, Utc};
+use sea_orm::DatabaseConnection;
+
+use crate::client::{ApiKeyClient, Clock, Inner};
+use crate::id::IdMinter;
+use crate::lookup::LookupSql;
+use crate::rate_limit::{RateLimitMode, RateLimiter};
+use crate::usage::UsageRecorder;
+
+/// The defaults of the connection settings that apply when connecting by URL.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Builds an [`ApiKeyClient`]: a database (URL or existing connection) and a signing secret are
+/// required; everything else has a default.
+#[must_use = "call .build().await to get a client"]
+pub struct ClientBuilder {
+    url: Option<String>,
+    connection: Option<DatabaseConnection>,
+    secret: Option<Result<SigningSecret>>,
+    secret_version: Option<u32>,
+    previous: Vec<Result<SigningSecret>>,
+    prefix: String,
+    environment: Option<String>,
+    default_lifetime: Option<Duration>,
+    /// Settings of the pool the client opens from a URL; `None` until set, so that
+    /// [`connection`](ClientBuilder::connection) can refuse them.
+    max_connections: Option<u32>,
+    connect_timeout: Option<Duration>,
+    acquire_timeout: Option<Duration>,
+    statement_timeout: Option<Duration>,
+    log_statements: Option<bool>,
+    clock: Option<Clock>,
+    rate_limit_mode: RateLimitMode,
+    usage_flush_interval: Option<Duration>,
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        Self {
+            url: None,
+            connection: None,
+            secret: None,
+            secret_version: None,
+            previous: Vec::new(),
+            prefix: "sk".to_owned(),
+            environment: None,
+            default_lifetime: None,
+            max_connections: None,
+            connect_timeout: None,
+            acquire_timeout: None,
+            statement_timeout: None,
+            log_statements: None,
+            clock: None,
+            rate_limit_mode: RateLimitMode::default(),
+            usage_flush_interval: None,
+        }
+    }
+}
+
+impl fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("url", &self.url.as_ref().map(|_| "[set]"))
+            .field("connection", &self.connection.is_some())
+            .field("secret", &self.secret.as_ref().map(|_| "[redacted]"))
+            .field("previous_secrets", &self.previous.len())
+            .field("prefix", &self.prefix)
+            .field("environment", &self.environment)
+            .field("default_lifetime", &self.default_lifetime)
+            .field("rate_limit_mode", &self.rate_limit_mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientBuilder {
+    /// Connect to this database URL: `sqlite://apikeys.db` (created if missing),
+    /// `sqlite::memory:`, `postgres://user:pass@host/db` or `mysql://user:pass@host/db`.
+    pub fn database_url(mut self, url: impl Into<String>) -> Self {
+        self.url = Some(url.into());
+        self
+    }
+
+    /// Use an existing SeaORM connection (the host application's pool) instead of a URL.
+    ///
+    /// The pool is the host's, configured by the host: combining this with a pool setting
+    /// ([`max_connections`](Self::max_connections), the three timeouts,
+    /// [`log_statements`](Self::log_statements)) is refused by [`build`](Self::build) rather
+    /// than silently ignored. On a SQLite file, give the pool at least two connections and
+    /// foreign keys on (`PRAGMA foreign_keys = ON`), as a URL would get.
+    pub fn connection(mut self, db: DatabaseConnection) -> Self {
+        self.connection = Some(db);
+        self
+    }
+
+    /// The signing secret keys are hashed with (required, at least 32 bytes; version 1 unless
+    /// [`signing_secret_version`](Self::signing_secret_version) says otherwise). Pass an owned
+    /// `String` or `Vec<u8>` so no copy is left behind; it is zeroed when the client drops.
+    pub fn signing_secret(mut self, secret: impl Into<Vec<u8>>) -> Self {
+        self.secret = Some(SigningSecret::new(secret));
+        self
+    }
+
+    /// The version number of the current signing secret (default 1).
+    pub fn signing_secret_version(mut self, version: u32) -> Self {
+        self.secret_version = Some(version);
+        self
+    }
+
+    /// An older signing secret, for a rotation (README, "Secret rotation"): keys hashed
+    /// under it still verify, and move to the current secret on their next successful check
+    /// that tracks usage. While it is configured, every key this client creates or moves
+    /// also keeps its hash under the first previous secret, so replicas still running with
+    /// that secret alone find every key, and rolling this deploy back loses none.
+    pub fn previous_signing_secret(mut self, version: u32, secret: impl Into<Vec<u8>>) -> Self {
+        self.previous.push(SigningSecret::new(secret).map(|s| s.with_version(version)));
+        self
+    }
+
+    /// The key prefix (default `sk`): 1 to 16 lowercase letters or digits, starting with a
+    /// letter.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The environment segment (for instance `live` or `test`); none by default.
+    pub fn environment(mut self, environment: impl Into<String>) -> Self {
+        self.environment = Some(environment.into());
+        self
+    }
+
+    /// The lifetime of keys created without an explicit expiry (default: they never expire).
+    pub fn default_key_lifetime(mut self, lifetime: Duration) -> Self {
+        self.default_lifetime = Some(lifetime);
+        self
+    }
+
+    /// The pool size when connecting by URL (default: sea-orm's for PostgreSQL and MySQL, 8
+    /// for a SQLite file, 1 for in-memory SQLite).
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = Some(n);
+        self
+    }
+
+    /// How long to wait for a new database connection (default 5 s) before failing with
+    /// [`Error::Unavailable`].
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = Some(timeout);
+        self
+    }
+
+    /// How long a call waits for a pooled connection before failing with
+    /// [`Error::Unavailable`] (default 5 s). Bounds how long calls hang while the database is
+    /// down.
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = Some(timeout);
+        self
+    }
+
+    /// The longest a statement may run on the server (default 5 s) before the call fails
+    /// with [`Error::Unavailable`]: PostgreSQL `statement_timeout`, MariaDB
+    /// `max_statement_time` (MySQL: `max_execution_time`, which covers reads only), SQLite's
+    /// busy timeout (how long a write waits for another process's write lock). Applies when
+    /// connecting by URL (refused with [`connection`](Self::connection), whose pool keeps the
+    /// host's settings).
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = Some(timeout);
+        self
+    }
+
+    /// Whether every SQL statement is logged (`tracing`, target `sqlx::query`, level DEBUG)
+    /// when connecting by URL; off by default (refused with
+    /// [`connection`](Self::connection)). Statements carry key hashes, never a plaintext
+    /// key or the signing secret.
+    pub fn log_statements(mut self, on: bool) -> Self {
+        self.log_statements = Some(on);
+        self
+    }
+
+    /// Where the client reads the time (default [`Utc::now`]): expiry, `created_at`,
+    /// `last_used_at`, and [`RateLimitMode::Local`] windows. Shared rate-limit windows never
+    /// use it: they come from the database's clock, so that replicas whose clocks differ
+    /// still count in the same window.
+    pub fn clock(mut self, clock: impl Fn() -> DateTime<Utc> + Send + Sync + 'static) -> Self {
+        self.clock = Some(Arc::new(clock));
+        self
+    }
+
+    /// How per-key rate limits are counted (default [`RateLimitMode::Shared`]).
+    pub fn rate_limit_mode(mut self, mode: RateLimitMode) -> Self {
+        self.rate_limit_mode = mode;
+        self
+    }
+
+    /// Batched usage tracking: successful checks add to counts held in memory, and every
+    /// `interval` one statement per 500 keys writes them (`use_count`, `last_used_at`),
+    /// instead of one `UPDATE` per check. A busy key then costs one write per interval.
+    ///
+    /// The price: stored counts lag by up to `interval` (the record a check returns includes
+    /// its own use), and counts not yet written are lost if the process dies. A failed flush
+    /// keeps its counts for the next one; call [`ApiKeyClient::shutdown`] on graceful
+    /// shutdown (dropping the client writes nothing). Off by default (every check writes at
+    /// once).
+    pub fn usage_flush_interval(mut self, interval: Duration) -> Self {
+        self.usage_flush_interval = Some(interval);
+        self
+    }
+
+    /// Validates the configuration and connects.
+    ///
+    /// The client runs its background work (batched usage flushes, purges of ended
+    /// rate-limit windows) on the tokio runtime `build` is called on.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] if the signing secret is missing or shorter than 32 bytes, a
+    /// secret version is used twice or does not fit the database's column (at most
+    /// 2147483647), the prefix or environment is invalid, the URL does not parse or names a
+    /// database other than `sqlite:`, `postgres:`/`postgresql:` or `mysql:` (or one whose
+    /// cargo feature is not enabled), neither (or both) of a URL and a connection is given,
+    /// a pool setting is combined with [`connection`](Self::connection), a duration is zero,
+    /// or `build` runs outside a tokio runtime; [`Error::Unavailable`] or [`Error::Storage`]
+    /// if connecting fails. No error contains the URL's password.
+    pub async fn build(self) -> Result<ApiKeyClient> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::configuration("ApiKeyClient needs a tokio runtime: build it inside one")
+        })?;
+        let secret = self.secret.ok_or_else(|| {
+            Error::configuration("a signing secret is required (ClientBuilder::signing_secret)")
+        })??;
+        let secret = match self.secret_version {
+            Some(v) => secret.with_version(v),
+            None => secret,
+        };
+        let mut hasher = KeyHasher::new(secret)?;
+        for previous in self.previous {
+            hasher = hasher.with_previous(previous?)?;
+        }
+        if hasher.versions().any(|v| i32::try_from(v).is_err()) {
+            return Err(Error::configuration("signing secret versions must be at most 2147483647"));
+        }
+        let format = KeyFormat::new(&self.prefix, self.environment.as_deref())
+            .map_err(|e| Error::configuration(e.to_string()))?;
+        let positive = [
+            ("the default key lifetime", self.default_lifetime),
+            ("the usage flush interval", self.usage_flush_interval),
+            ("the statement timeout", self.statement_timeout),
+            ("the connect timeout", self.connect_timeout),
+            ("the acquire timeout", self.acquire_timeout),
+        ];
+        if let Some((what, _)) = positive.iter().find(|(_, d)| d.is_some_and(|d| d.is_zero())) {
+            return Err(Error::configuration(format!("{what} must be positive")));
+        }
+        if self.max_connections == Some(0) {
+            return Err(Error::configuration("max_connections must be positive"));
+        }
+        let (db, writer) = match (self.url, self.connection) {
+            (Some(url), None) => {
+                let settings = Settings {
+                    max_connections: self.max_connections,
+                    connect_timeout: self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+                    acquire_timeout: self.acquire_timeout.unwrap_or(DEFAULT_ACQUIRE_TIMEOUT),
+                    statement_timeout: self.statement_timeout.unwrap_or(DEFAULT_STATEMENT_TIMEOUT),
+                    log_statements: self.log_statements.unwrap_or(false),
+                };
+                crate::connect::open(&url, &settings).await?
+            }
+            (None, Some(db)) => {
+                let pool_settings = [
+                    ("max_connections", self.max_connections.is_some()),
+                    ("connect_timeout", self.connect_timeout.is_some()),
+                    ("acquire_timeout", self.acquire_timeout.is_some()),
+                    ("statement_timeout", self.statement_timeout.is_some()),
+                    ("log_statements", self.log_statements.is_some()),
+                ];
+                if let Some((name, _)) = pool_settings.iter().find(|(_, set)| *set) {
+                    return Err(Error::configuration(format!(
+                        "{name} applies to a pool the client opens from a database url; \
+                         configure it on the connection you pass instead"
+                    )));
+                }
+                crate::connect::check_compiled_in(db.get_database_backend())?;
+                (db.clone(), db)
+            }
+            _ => {
+                return Err(Error::configuration(
+                    "give exactly one of a database url and a connection",
+                ));
+            }
+        };
+        let clock: Clock = self.clock.unwrap_or_else(|| Arc::new(Utc::now));
+        let limiter = RateLimiter::new(
+            writer.clone(),
+            self.rate_limit_mode,
+            Arc::clone(&clock),
+            runtime.clone(),
+        );
+        let usage = match self.usage_flush_interval {
+            Some(interval) => UsageRecorder::batched(writer.clone(), interval, &runtime),
+            None => UsageRecorder::immediate(writer.clone()),
+        };
+        let lookup = LookupSql::new(db.get_database_backend(), hasher.versions().count())?;
+        let inner = Arc::new(Inner {
+            lookup,
+            db,
+            writer,
+            hasher,
+            format,
+            default_lifetime: self.default_lifetime,
+            clock,
+            ids: IdMinter::default(),
+            limiter,
+            usage,
+        });
+        Ok(ApiKeyClient { inner })
+    }
+}
+
+/// How to open the pools when connecting by URL.
+#[derive(Debug)]
+pub(crate) struct Settings {
+    pub(crate) max_connections: Option<u32>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) acquire_timeout: Duration,
+    pub(crate) statement_timeout: Duration,
+    pub(crate) log_statements: bool,
+}

@@ -1,0 +1,437 @@
+//! Key administration: create, read, update, revoke, delete, list.
+//!
+//! Each write is written once, over any connection (`*_on`): the client runs it in a
+//! transaction of its own, [`InTransaction`](crate::InTransaction) in a savepoint of the
+//! host's transaction.
+
+use apikeys_core::hazmat::ValidKeyUpdate;
+use apikeys_core::{
+    ApiKey, Error, IssuedKey, KeyId, KeyPage, KeyUpdate, NewKey, OrgId, Page, PlaintextKey,
+    ProductId, ProjectId, RecordId, Result, StatusFilter,
+};
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ColumnTrait, Condition, ConnectionTrait, EntityTrait, IntoActiveModel, QueryFilter, QueryOrder,
+    QuerySelect,
+};
+use uuid::Uuid;
+
+use crate::client::{ApiKeyClient, finish};
+use crate::convert::{
+    api_key_from_model, naive, rate_limit_columns, scopes_to_json, to_micros, version_column,
+};
+use crate::entity::{api_key, product, project};
+use crate::error::{corrupt, missing_parent, retry_conflicts, storage};
+
+/// A key checked, generated and ready to insert.
+pub(crate) struct PreparedKey {
+    plaintext: PlaintextKey,
+    row: api_key::Model,
+    project_id: Option<ProjectId>,
+    product_id: Option<ProductId>,
+}
+
+/// Checks that a referenced project or product (its `org_id`, if it exists) belongs to `org`.
+fn owned_by(found_org: Option<Uuid>, org: OrgId, id: RecordId, field: &'static str) -> Result<()> {
+    match found_org {
+        None => Err(Error::NotFound { id }),
+        Some(o) if o != org.as_uuid() => Err(Error::invalid_input(
+            field,
+            format!("{} belongs to another organization", id.kind()),
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+impl ApiKeyClient {
+    /// Creates a key in `org`. The plaintext is in the result, once; only its HMAC and a short
+    /// hint are stored.
+    ///
+    /// # Examples
+    /// ```
+    /// # use apikeys_db::{ApiKeyClient, NewKey, RateLimit};
+    /// # use std::time::Duration;
+    /// # #[tokio::main]
+    /// # async fn main() -> apikeys_db::Result<()> {
+    /// # let client = ApiKeyClient::builder().database_url("sqlite::memory:")
+    /// #     .signing_secret("a-signing-secret-of-at-least-32-bytes!!").build().await?;
+    /// # client.create_tables().await?;
+    /// # let (org, _) = client.get_or_create_organization("acme").await?;
+    /// let new = NewKey::new("ci")
+    ///     .with_scopes(["read", "write"])
+    ///     .with_rate_limit(RateLimit::per_minute(600)?)
+    ///     .with_custom(serde_json::json!({ "plan": "pro" }))
+    ///     .expires_after(Duration::from_secs(90 * 86_400));
+    /// let issued = client.create_key(org.id, new).await?;
+    /// let show_once = issued.key.expose_secret(); // to the customer, once
+    /// assert!(show_once.starts_with("sk_") && issued.record.expires_at.is_some());
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the field (`name`, `scopes`, `custom`, `expires_at`,
+    /// `project_id`, `product_id`) — nothing is written then; [`Error::NotFound`] if the
+    /// organization, project or product does not exist; [`Error::Entropy`];
+    /// [`Error::Storage`].
+    pub async fn create_key(&self, org: OrgId, new_key: NewKey) -> Result<IssuedKey> {
+        let prepared = self.prepare_key(org, new_key)?;
+        let txn = self.begin_write().await?;
+        let result = self.insert_key_on(&txn, org, prepared).await;
+        let issued = finish(txn, result).await?;
+        tracing::debug!(key_id = %issued.record.id, org_id = %org, "api key created");
+        Ok(issued)
+    }
+
+    /// The first half of [`create_key`](Self::create_key), before any I/O: checks the input,
+    /// generates the key and builds its row.
+    pub(crate) fn prepare_key(&self, org: OrgId, new_key: NewKey) -> Result<PreparedKey> {
+        let now = self.now();
+        let v = new_key.validate(now, self.inner.default_lifetime)?;
+        let plaintext = self.inner.format.generate()?;
+        let hasher = &self.inner.hasher;
+        let hash = hasher.hash(plaintext.expose_secret());
+        let alt = match hasher.alternate(plaintext.expose_secret()) {
+            Some((version, h)) => Some((version_column(version)?, h)),
+            None => None,
+        };
+        let (rl_requests, rl_window) = rate_limit_columns(v.rate_limit);
+        let row = api_key::Model {
+            id: self.new_id(now),
+            org_id: org.as_uuid(),
+            project_id: v.project_id.map(|p| p.as_uuid()),
+            product_id: v.product_id.map(|p| p.as_uuid()),
+            key_hash: hash.as_bytes().to_vec(),
+            secret_version: version_column(hasher.current_version())?,
+            alt_key_hash: alt.map(|(_, h)| h.as_bytes().to_vec()),
+            alt_secret_version: alt.map(|(v, _)| v),
+            hint: plaintext.hint(),
+            name: v.name,
+            scopes: scopes_to_json(&v.scopes),
+            rate_limit_requests: rl_requests,
+            rate_limit_window: rl_window,
+            custom: sea_orm::JsonValue::Object(v.custom),
+            created_at: naive(now),
+            updated_at: naive(now),
+            expires_at: v.expires_at.map(|t| naive(to_micros(t))),
+            revoked_at: None,
+            last_used_at: None,
+            use_count: 0,
+        };
+        Ok(PreparedKey { plaintext, row, project_id: v.project_id, product_id: v.product_id })
+    }
+
+    /// The second half of [`create_key`](Self::create_key), on `conn` (inside a
+    /// transaction): checks the references and inserts.
+    pub(crate) async fn insert_key_on<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        org: OrgId,
+        key: PreparedKey,
+    ) -> Result<IssuedKey> {
+        let PreparedKey { plaintext, row, project_id, product_id } = key;
+        // A missing organization is caught by the foreign key on insert (mapped to NotFound).
+        if let Some(p) = project_id {
+            let found =
+                project::Entity::find_by_id(p.as_uuid()).one(conn).await.map_err(storage)?;
+            owned_by(found.map(|m| m.org_id), org, p.into(), "project_id")?;
+        }
+        if let Some(p) = product_id {
+            let found =
+                product::Entity::find_by_id(p.as_uuid()).one(conn).await.map_err(storage)?;
+            owned_by(found.map(|m| m.org_id), org, p.into(), "product_id")?;
+        }
+        api_key::Entity::insert(row.clone().into_active_model())
+            .exec_without_returning(conn)
+            .await
+            .map_err(|e| missing_parent(e, org))?;
+        Ok(IssuedKey { key: plaintext, record: api_key_from_model(row)? })
+    }
+
+    /// How many keys can be found under each signing-secret version, lowest version first:
+    /// the progress of a rotation. A key counts under the version of its main hash and,
+    /// during a rotation, under that of its alternate hash too. Before removing a secret,
+    /// check that the count under the new version covers every key you still want.
+    ///
+    /// Keys move to the current secret on their first tracked success while the old secret
+    /// is configured as previous; an HMAC cannot be re-keyed without the plaintext, so a key
+    /// never presented during the rotation stays under its old version only.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`]; [`Error::Storage`].
+    pub async fn keys_per_secret_version(&self) -> Result<Vec<(u32, u64)>> {
+        use api_key::Column as C;
+        let mut counts = std::collections::BTreeMap::<u32, u64>::new();
+        for (column, hash) in [(C::SecretVersion, C::KeyHash), (C::AltSecretVersion, C::AltKeyHash)]
+        {
+            let rows: Vec<(Option<i32>, i64)> = api_key::Entity::find()
+                .select_only()
+                .column(column)
+                .column_as(C::Id.count(), "keys")
+                .filter(hash.is_not_null())
+                .group_by(column)
+                .into_tuple()
+                .all(self.db())
+                .await
+                .map_err(storage)?;
+            for (v, n) in rows {
+                let v = v
+                    .and_then(|v| u32::try_from(v).ok())
+                    .ok_or_else(|| corrupt("api_keys", "secret_version"))?;
+                *counts.entry(v).or_default() += u64::try_from(n).unwrap_or(0);
+            }
+        }
+        Ok(counts.into_iter().collect())
+    }
+
+    /// The key with this id.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`]; [`Error::Storage`].
+    pub async fn get_key(&self, id: KeyId) -> Result<ApiKey> {
+        get_key_on(self.db(), id).await
+    }
+
+    /// Changes a key's metadata in place (name, scopes, rate limit, custom JSON); the key
+    /// string stays the same. A new rate limit applies from the next check.
+    ///
+    /// # Examples
+    /// ```
+    /// # use apikeys_db::{ApiKeyClient, KeyUpdate, NewKey};
+    /// # #[tokio::main]
+    /// # async fn main() -> apikeys_db::Result<()> {
+    /// # let client = ApiKeyClient::builder().database_url("sqlite::memory:")
+    /// #     .signing_secret("a-signing-secret-of-at-least-32-bytes!!").build().await?;
+    /// # client.create_tables().await?;
+    /// # let (org, _) = client.get_or_create_organization("acme").await?;
+    /// # let id = client.create_key(org.id, NewKey::new("ci")).await?.record.id;
+    /// let key = client.update_key(id, KeyUpdate::new().with_scopes(["read"])).await?;
+    /// assert_eq!(key.scopes.len(), 1);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the field (nothing is written then);
+    /// [`Error::NotFound`]; [`Error::Storage`].
+    pub async fn update_key(&self, id: KeyId, update: KeyUpdate) -> Result<ApiKey> {
+        let update = update.validate()?;
+        let txn = self.begin_write().await?;
+        let result = self.update_key_on(&txn, id, update).await;
+        finish(txn, result).await
+    }
+
+    /// [`update_key`](Self::update_key) on `conn` (inside a transaction), with the update
+    /// already checked.
+    pub(crate) async fn update_key_on<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        id: KeyId,
+        v: ValidKeyUpdate,
+    ) -> Result<ApiKey> {
+        use api_key::Column as C;
+        let now = self.now();
+        let mut change = api_key::Entity::update_many()
+            .col_expr(C::UpdatedAt, Expr::value(naive(now)))
+            .filter(C::Id.eq(id.as_uuid()));
+        if let Some(name) = v.name {
+            change = change.col_expr(C::Name, Expr::value(name));
+        }
+        if let Some(scopes) = &v.scopes {
+            change = change.col_expr(C::Scopes, Expr::value(scopes_to_json(scopes)));
+        }
+        if let Some(limit) = v.rate_limit {
+            let (n, w) = rate_limit_columns(limit);
+            change = change
+                .col_expr(C::RateLimitRequests, Expr::value(n))
+                .col_expr(C::RateLimitWindow, Expr::value(w));
+        }
+        if let Some(custom) = v.custom {
+            change = change.col_expr(C::Custom, Expr::value(sea_orm::JsonValue::Object(custom)));
+        }
+        // One conditional UPDATE, then the read in the same transaction: a key deleted
+        // meanwhile is NotFound, whichever statement the deletion lands between.
+        let res = change.exec(conn).await.map_err(storage)?;
+        if res.rows_affected == 0 {
+            return Err(Error::NotFound { id: id.into() });
+        }
+        let key = get_key_on(conn, id).await?;
+        self.inner.limiter.forget(id);
+        Ok(key)
+    }
+
+    /// Revokes a key (soft delete: the record stays, later checks fail with
+    /// [`Error::Revoked`]). Revoking a revoked key keeps its first `revoked_at`.
+    ///
+    /// # Examples
+    /// ```
+    /// # use apikeys_db::{ApiKeyClient, Error, NewKey, VerifyOptions};
+    /// # #[tokio::main]
+    /// # async fn main() -> apikeys_db::Result<()> {
+    /// # let client = ApiKeyClient::builder().database_url("sqlite::memory:")
+    /// #     .signing_secret("a-signing-secret-of-at-least-32-bytes!!").build().await?;
+    /// # client.create_tables().await?;
+    /// # let (org, _) = client.get_or_create_organization("acme").await?;
+    /// let issued = client.create_key(org.id, NewKey::new("leaked")).await?;
+    /// client.revoke_key(issued.record.id).await?;
+    /// let check = client.verify_key(issued.key.expose_secret(), &VerifyOptions::new()).await;
+    /// assert!(matches!(check, Err(Error::Revoked { .. })));
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::NotFound`]; [`Error::Storage`].
+    pub async fn revoke_key(&self, id: KeyId) -> Result<ApiKey> {
+        let key = self.revoke_key_on(self.writer(), id).await?;
+        tracing::info!(key_id = %id, "api key revoked");
+        Ok(key)
+    }
+
+    /// [`revoke_key`](Self::revoke_key) on `conn`.
+    pub(crate) async fn revoke_key_on<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        id: KeyId,
+    ) -> Result<ApiKey> {
+        let now = self.now();
+        api_key::Entity::update_many()
+            .col_expr(api_key::Column::RevokedAt, Expr::value(naive(now)))
+            .col_expr(api_key::Column::UpdatedAt, Expr::value(naive(now)))
+            .filter(api_key::Column::Id.eq(id.as_uuid()))
+            .filter(api_key::Column::RevokedAt.is_null())
+            .exec(conn)
+            .await
+            .map_err(storage)?;
+        get_key_on(conn, id).await
+    }
+
+    /// Deletes a key for good (for erasure requests); its rate-limit counters go with it.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`]; [`Error::Storage`].
+    pub async fn delete_key(&self, id: KeyId) -> Result<()> {
+        let delete = || api_key::Entity::delete_by_id(id.as_uuid()).exec(self.writer());
+        let res = retry_conflicts(delete).await.map_err(storage)?;
+        self.deleted(id, res.rows_affected)
+    }
+
+    /// [`delete_key`](Self::delete_key) on `conn` (no retry: a conflict inside the host's
+    /// transaction aborts that transaction).
+    pub(crate) async fn delete_key_on<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        id: KeyId,
+    ) -> Result<()> {
+        let res = api_key::Entity::delete_by_id(id.as_uuid()).exec(conn).await.map_err(storage)?;
+        self.deleted(id, res.rows_affected)
+    }
+
+    fn deleted(&self, id: KeyId, rows: u64) -> Result<()> {
+        self.inner.limiter.forget(id);
+        if rows == 0 {
+            return Err(Error::NotFound { id: id.into() });
+        }
+        tracing::info!(key_id = %id, "api key deleted");
+        Ok(())
+    }
+
+    /// The keys of a project with the given status, oldest first, one page at a time.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`]; [`Error::Storage`].
+    pub async fn list_project_keys(
+        &self,
+        project: ProjectId,
+        status: StatusFilter,
+        page: Page,
+    ) -> Result<KeyPage<ApiKey>> {
+        self.list_keys(api_key::Column::ProjectId.eq(project.as_uuid()), status, page).await
+    }
+
+    /// The keys of an organization (org-wide and narrowed ones) with the given status, oldest
+    /// first, one page at a time.
+    ///
+    /// # Examples
+    /// ```
+    /// # use apikeys_db::{ApiKeyClient, NewKey, Page, StatusFilter};
+    /// # #[tokio::main]
+    /// # async fn main() -> apikeys_db::Result<()> {
+    /// # let client = ApiKeyClient::builder().database_url("sqlite::memory:")
+    /// #     .signing_secret("a-signing-secret-of-at-least-32-bytes!!").build().await?;
+    /// # client.create_tables().await?;
+    /// # let (org, _) = client.get_or_create_organization("acme").await?;
+    /// # for name in ["a", "b", "c"] { client.create_key(org.id, NewKey::new(name)).await?; }
+    /// let mut page = Page::first(2)?;
+    /// let mut names = Vec::new();
+    /// loop {
+    ///     let keys = client.list_org_keys(org.id, StatusFilter::Active, page).await?;
+    ///     names.extend(keys.items.into_iter().map(|k| k.name));
+    ///     match keys.next {
+    ///         Some(cursor) => page = page.after(cursor),
+    ///         None => break,
+    ///     }
+    /// }
+    /// assert_eq!(names, ["a", "b", "c"]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`]; [`Error::Storage`].
+    pub async fn list_org_keys(
+        &self,
+        org: OrgId,
+        status: StatusFilter,
+        page: Page,
+    ) -> Result<KeyPage<ApiKey>> {
+        self.list_keys(api_key::Column::OrgId.eq(org.as_uuid()), status, page).await
+    }
+
+    async fn list_keys(
+        &self,
+        owner: sea_orm::sea_query::SimpleExpr,
+        status: StatusFilter,
+        page: Page,
+    ) -> Result<KeyPage<ApiKey>> {
+        let limit = page.limit();
+        let now = self.now();
+        use api_key::Column as C;
+        // The SQL form of KeyStatus::at (revocation wins; expired from `now >= expires_at`).
+        let not_expired =
+            Condition::any().add(C::ExpiresAt.is_null()).add(C::ExpiresAt.gt(naive(now)));
+        let status_cond = match status {
+            StatusFilter::All => Condition::all(),
+            StatusFilter::Active => Condition::all().add(C::RevokedAt.is_null()).add(not_expired),
+            StatusFilter::Revoked => Condition::all().add(C::RevokedAt.is_not_null()),
+            StatusFilter::Expired => {
+                Condition::all().add(C::RevokedAt.is_null()).add(C::ExpiresAt.lte(naive(now)))
+            }
+        };
+        let mut query = api_key::Entity::find().filter(owner).filter(status_cond);
+        if let Some(cursor) = page.cursor() {
+            query = query.filter(C::Id.gt(cursor.as_uuid()));
+        }
+        let mut rows = query
+            .order_by_asc(C::Id)
+            .limit(u64::from(limit) + 1)
+            .all(self.db())
+            .await
+            .map_err(storage)?;
+        let more = rows.len() > limit as usize;
+        rows.truncate(limit as usize);
+        let items = rows.into_iter().map(api_key_from_model).collect::<Result<Vec<_>>>()?;
+        let next = if more { items.last().map(|k| k.id) } else { None };
+        Ok(KeyPage { items, next })
+    }
+}
+
+/// The key with this id, read on `conn`.
+async fn get_key_on<C: ConnectionTrait>(conn: &C, id: KeyId) -> Result<ApiKey> {
+    let model = api_key::Entity::find_by_id(id.as_uuid())
+        .one(conn)
+        .await
+        .map_err(storage)?
+        .ok_or(Error::NotFound { id: id.into() })?;
+    api_key_from_model(model)
+}

@@ -1,0 +1,206 @@
+//! [`InTransaction`]: the client's writes inside a transaction the host owns.
+
+use std::fmt;
+
+use apikeys_core::{
+    ApiKey, IssuedKey, KeyId, KeyUpdate, NewKey, OrgId, Organization, Product, ProductId, Project,
+    ProjectId, Result,
+};
+use sea_orm::{DatabaseTransaction, TransactionTrait};
+
+use crate::client::{ApiKeyClient, finish};
+use crate::error::storage;
+
+/// The client's writes inside a transaction the host owns, from
+/// [`ApiKeyClient::with`]. Nothing is visible to others until the host commits, and
+/// rolling the host's transaction back leaves nothing behind: no key, no organization.
+///
+/// Each call runs in a savepoint of the host's transaction: a call that fails (a taken
+/// name, a missing organization, a bad input) is undone alone, and the host's transaction
+/// stays usable, even on PostgreSQL, which would otherwise abort it on the first error.
+///
+/// What a call sees and how it waits is the isolation of the host's transaction (README,
+/// "Host transactions"): `get_or_create_*` finds rows other transactions committed before
+/// it runs on every backend; on PostgreSQL under `REPEATABLE READ` or `SERIALIZABLE` a row
+/// committed after the host's snapshot gives [`Error::Conflict`](crate::Error::Conflict)
+/// instead, and the host retries its transaction.
+///
+/// ```
+/// use apikeys_db::{ApiKeyClient, NewKey, VerifyOptions};
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let client = ApiKeyClient::builder().database_url("sqlite::memory:")
+/// #     .signing_secret("a-signing-secret-of-at-least-32-bytes!!").build().await?;
+/// # client.create_tables().await?;
+/// // Sign-up: the customer's organization and first key, all or nothing.
+/// let txn = client.begin().await?;
+/// let (org, _) = client.with(&txn).get_or_create_organization("new-customer").await?;
+/// let issued = client.with(&txn).create_key(org.id, NewKey::new("first key")).await?;
+/// // ... the host's own statements on `txn` ...
+/// txn.rollback().await?; // the sign-up failed
+///
+/// let gone = client.verify_key(issued.key.expose_secret(), &VerifyOptions::new()).await;
+/// assert!(gone.is_err() && client.find_organization("new-customer").await?.is_none());
+/// # Ok(())
+/// # }
+/// ```
+#[must_use]
+pub struct InTransaction<'a> {
+    client: &'a ApiKeyClient,
+    txn: &'a DatabaseTransaction,
+}
+
+impl fmt::Debug for InTransaction<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InTransaction").field("client", self.client).finish_non_exhaustive()
+    }
+}
+
+impl ApiKeyClient {
+    /// The client's writes inside `txn`, a transaction the host owns (from
+    /// [`begin`](Self::begin), or any transaction on the same database): see
+    /// [`InTransaction`].
+    pub fn with<'a>(&'a self, txn: &'a DatabaseTransaction) -> InTransaction<'a> {
+        InTransaction { client: self, txn }
+    }
+}
+
+impl InTransaction<'_> {
+    /// A savepoint in the host's transaction, for one call.
+    async fn savepoint(&self) -> Result<DatabaseTransaction> {
+        self.txn.begin().await.map_err(storage)
+    }
+
+    /// [`ApiKeyClient::get_or_create_organization`] in the host's transaction.
+    ///
+    /// # Errors
+    /// As `get_or_create_organization`, and [`Error::Conflict`](crate::Error::Conflict).
+    pub async fn get_or_create_organization(&self, name: &str) -> Result<(Organization, bool)> {
+        let sp = self.savepoint().await?;
+        let result = self.client.get_or_create_organization_on(&sp, name).await;
+        finish(sp, result).await
+    }
+
+    /// [`ApiKeyClient::create_organization`] in the host's transaction.
+    ///
+    /// # Errors
+    /// As `create_organization`.
+    pub async fn create_organization(&self, name: &str) -> Result<Organization> {
+        let sp = self.savepoint().await?;
+        let result = self.client.create_organization_on(&sp, name).await;
+        finish(sp, result).await
+    }
+
+    /// [`ApiKeyClient::get_or_create_project`] in the host's transaction.
+    ///
+    /// # Errors
+    /// As `get_or_create_project`, and [`Error::Conflict`](crate::Error::Conflict).
+    pub async fn get_or_create_project(&self, org: OrgId, name: &str) -> Result<(Project, bool)> {
+        let sp = self.savepoint().await?;
+        let result = self.client.get_or_create_child_on(&sp, org, name).await;
+        finish(sp, result).await
+    }
+
+    /// [`ApiKeyClient::get_or_create_product`] in the host's transaction.
+    ///
+    /// # Errors
+    /// As `get_or_create_product`, and [`Error::Conflict`](crate::Error::Conflict).
+    pub async fn get_or_create_product(&self, org: OrgId, name: &str) -> Result<(Product, bool)> {
+        let sp = self.savepoint().await?;
+        let result = self.client.get_or_create_child_on(&sp, org, name).await;
+        finish(sp, result).await
+    }
+
+    /// [`ApiKeyClient::create_project`] in the host's transaction.
+    ///
+    /// # Errors
+    /// As `create_project`.
+    pub async fn create_project(&self, org: OrgId, name: &str) -> Result<Project> {
+        let sp = self.savepoint().await?;
+        let result = self.client.create_child_on(&sp, org, name).await;
+        finish(sp, result).await
+    }
+
+    /// [`ApiKeyClient::create_product`] in the host's transaction.
+    ///
+    /// # Errors
+    /// As `create_product`.
+    pub async fn create_product(&self, org: OrgId, name: &str) -> Result<Product> {
+        let sp = self.savepoint().await?;
+        let result = self.client.create_child_on(&sp, org, name).await;
+        finish(sp, result).await
+    }
+
+    /// [`ApiKeyClient::add_product_to_project`] in the host's transaction.
+    ///
+    /// # Errors
+    /// As `add_product_to_project`.
+    pub async fn add_product_to_project(
+        &self,
+        product: ProductId,
+        project: ProjectId,
+    ) -> Result<bool> {
+        let sp = self.savepoint().await?;
+        let result = self.client.add_product_to_project_on(&sp, product, project).await;
+        finish(sp, result).await
+    }
+
+    /// [`ApiKeyClient::remove_product_from_project`] in the host's transaction.
+    ///
+    /// # Errors
+    /// As `remove_product_from_project`.
+    pub async fn remove_product_from_project(
+        &self,
+        product: ProductId,
+        project: ProjectId,
+    ) -> Result<bool> {
+        let sp = self.savepoint().await?;
+        let result = self.client.remove_product_from_project_on(&sp, product, project).await;
+        finish(sp, result).await
+    }
+
+    /// [`ApiKeyClient::create_key`] in the host's transaction: the key works once the host
+    /// commits, and never if it rolls back.
+    ///
+    /// # Errors
+    /// As `create_key`.
+    pub async fn create_key(&self, org: OrgId, new_key: NewKey) -> Result<IssuedKey> {
+        let prepared = self.client.prepare_key(org, new_key)?;
+        let sp = self.savepoint().await?;
+        let result = self.client.insert_key_on(&sp, org, prepared).await;
+        finish(sp, result).await
+    }
+
+    /// [`ApiKeyClient::update_key`] in the host's transaction.
+    ///
+    /// # Errors
+    /// As `update_key`.
+    pub async fn update_key(&self, id: KeyId, update: KeyUpdate) -> Result<ApiKey> {
+        let update = update.validate()?;
+        let sp = self.savepoint().await?;
+        let result = self.client.update_key_on(&sp, id, update).await;
+        finish(sp, result).await
+    }
+
+    /// [`ApiKeyClient::revoke_key`] in the host's transaction: checks keep succeeding until
+    /// the host commits.
+    ///
+    /// # Errors
+    /// As `revoke_key`.
+    pub async fn revoke_key(&self, id: KeyId) -> Result<ApiKey> {
+        let sp = self.savepoint().await?;
+        let result = self.client.revoke_key_on(&sp, id).await;
+        finish(sp, result).await
+    }
+
+    /// [`ApiKeyClient::delete_key`] in the host's transaction.
+    ///
+    /// # Errors
+    /// As `delete_key`.
+    pub async fn delete_key(&self, id: KeyId) -> Result<()> {
+        let sp = self.savepoint().await?;
+        let result = self.client.delete_key_on(&sp, id).await;
+        finish(sp, result).await
+    }
+}
