@@ -334,3 +334,26 @@ pub(crate) struct Settings {
     pub(crate) statement_timeout: Duration,
     pub(crate) log_statements: bool,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    #[test]
+    fn build_outside_a_runtime_is_a_configuration_error() {
+        let build = ApiKeyClient::builder()
+            .database_url("sqlite::memory:")
+            .signing_secret("a-signing-secret-of-at-least-32-bytes!!")
+            .build();
+        let mut build = std::pin::pin!(build);
+        // The first poll refuses before any I/O, so no runtime is needed to see it.
+        match build.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Err(Error::Configuration { reason })) => {
+                assert!(reason.contains("tokio runtime"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

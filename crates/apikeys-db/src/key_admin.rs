@@ -6,14 +6,11 @@
 
 use apikeys_core::hazmat::ValidKeyUpdate;
 use apikeys_core::{
-    ApiKey, Error, IssuedKey, KeyId, KeyPage, KeyUpdate, NewKey, OrgId, Page, PlaintextKey,
-    ProductId, ProjectId, RecordId, Result, StatusFilter,
+    ApiKey, Error, IssuedKey, KeyId, KeyUpdate, NewKey, OrgId, PlaintextKey, ProductId, ProjectId,
+    RecordId, Result,
 };
 use sea_orm::sea_query::Expr;
-use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, EntityTrait, IntoActiveModel, QueryFilter, QueryOrder,
-    QuerySelect,
-};
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel, QueryFilter};
 use uuid::Uuid;
 
 use crate::client::{ApiKeyClient, finish};
@@ -21,7 +18,7 @@ use crate::convert::{
     api_key_from_model, naive, rate_limit_columns, scopes_to_json, to_micros, version_column,
 };
 use crate::entity::{api_key, product, project};
-use crate::error::{corrupt, missing_parent, retry_conflicts, storage};
+use crate::error::{missing_parent, retry_conflicts, storage};
 
 /// A key checked, generated and ready to insert.
 pub(crate) struct PreparedKey {
@@ -146,42 +143,6 @@ impl ApiKeyClient {
             .await
             .map_err(|e| missing_parent(e, org))?;
         Ok(IssuedKey { key: plaintext, record: api_key_from_model(row)? })
-    }
-
-    /// How many keys can be found under each signing-secret version, lowest version first:
-    /// the progress of a rotation. A key counts under the version of its main hash and,
-    /// during a rotation, under that of its alternate hash too. Before removing a secret,
-    /// check that the count under the new version covers every key you still want.
-    ///
-    /// Keys move to the current secret on their first tracked success while the old secret
-    /// is configured as previous; an HMAC cannot be re-keyed without the plaintext, so a key
-    /// never presented during the rotation stays under its old version only.
-    ///
-    /// # Errors
-    /// [`Error::Unavailable`]; [`Error::Storage`].
-    pub async fn keys_per_secret_version(&self) -> Result<Vec<(u32, u64)>> {
-        use api_key::Column as C;
-        let mut counts = std::collections::BTreeMap::<u32, u64>::new();
-        for (column, hash) in [(C::SecretVersion, C::KeyHash), (C::AltSecretVersion, C::AltKeyHash)]
-        {
-            let rows: Vec<(Option<i32>, i64)> = api_key::Entity::find()
-                .select_only()
-                .column(column)
-                .column_as(C::Id.count(), "keys")
-                .filter(hash.is_not_null())
-                .group_by(column)
-                .into_tuple()
-                .all(self.db())
-                .await
-                .map_err(storage)?;
-            for (v, n) in rows {
-                let v = v
-                    .and_then(|v| u32::try_from(v).ok())
-                    .ok_or_else(|| corrupt("api_keys", "secret_version"))?;
-                *counts.entry(v).or_default() += u64::try_from(n).unwrap_or(0);
-            }
-        }
-        Ok(counts.into_iter().collect())
     }
 
     /// The key with this id.
@@ -334,95 +295,6 @@ impl ApiKeyClient {
         }
         tracing::info!(key_id = %id, "api key deleted");
         Ok(())
-    }
-
-    /// The keys of a project with the given status, oldest first, one page at a time.
-    ///
-    /// # Errors
-    /// [`Error::Unavailable`]; [`Error::Storage`].
-    pub async fn list_project_keys(
-        &self,
-        project: ProjectId,
-        status: StatusFilter,
-        page: Page,
-    ) -> Result<KeyPage<ApiKey>> {
-        self.list_keys(api_key::Column::ProjectId.eq(project.as_uuid()), status, page).await
-    }
-
-    /// The keys of an organization (org-wide and narrowed ones) with the given status, oldest
-    /// first, one page at a time.
-    ///
-    /// # Examples
-    /// ```
-    /// # use apikeys_db::{ApiKeyClient, NewKey, Page, StatusFilter};
-    /// # #[tokio::main]
-    /// # async fn main() -> apikeys_db::Result<()> {
-    /// # let client = ApiKeyClient::builder().database_url("sqlite::memory:")
-    /// #     .signing_secret("a-signing-secret-of-at-least-32-bytes!!").build().await?;
-    /// # client.create_tables().await?;
-    /// # let (org, _) = client.get_or_create_organization("acme").await?;
-    /// # for name in ["a", "b", "c"] { client.create_key(org.id, NewKey::new(name)).await?; }
-    /// let mut page = Page::first(2)?;
-    /// let mut names = Vec::new();
-    /// loop {
-    ///     let keys = client.list_org_keys(org.id, StatusFilter::Active, page).await?;
-    ///     names.extend(keys.items.into_iter().map(|k| k.name));
-    ///     match keys.next {
-    ///         Some(cursor) => page = page.after(cursor),
-    ///         None => break,
-    ///     }
-    /// }
-    /// assert_eq!(names, ["a", "b", "c"]);
-    /// # Ok(())
-    /// # }
-    /// ```
-    ///
-    /// # Errors
-    /// [`Error::Unavailable`]; [`Error::Storage`].
-    pub async fn list_org_keys(
-        &self,
-        org: OrgId,
-        status: StatusFilter,
-        page: Page,
-    ) -> Result<KeyPage<ApiKey>> {
-        self.list_keys(api_key::Column::OrgId.eq(org.as_uuid()), status, page).await
-    }
-
-    async fn list_keys(
-        &self,
-        owner: sea_orm::sea_query::SimpleExpr,
-        status: StatusFilter,
-        page: Page,
-    ) -> Result<KeyPage<ApiKey>> {
-        let limit = page.limit();
-        let now = self.now();
-        use api_key::Column as C;
-        // The SQL form of KeyStatus::at (revocation wins; expired from `now >= expires_at`).
-        let not_expired =
-            Condition::any().add(C::ExpiresAt.is_null()).add(C::ExpiresAt.gt(naive(now)));
-        let status_cond = match status {
-            StatusFilter::All => Condition::all(),
-            StatusFilter::Active => Condition::all().add(C::RevokedAt.is_null()).add(not_expired),
-            StatusFilter::Revoked => Condition::all().add(C::RevokedAt.is_not_null()),
-            StatusFilter::Expired => {
-                Condition::all().add(C::RevokedAt.is_null()).add(C::ExpiresAt.lte(naive(now)))
-            }
-        };
-        let mut query = api_key::Entity::find().filter(owner).filter(status_cond);
-        if let Some(cursor) = page.cursor() {
-            query = query.filter(C::Id.gt(cursor.as_uuid()));
-        }
-        let mut rows = query
-            .order_by_asc(C::Id)
-            .limit(u64::from(limit) + 1)
-            .all(self.db())
-            .await
-            .map_err(storage)?;
-        let more = rows.len() > limit as usize;
-        rows.truncate(limit as usize);
-        let items = rows.into_iter().map(api_key_from_model).collect::<Result<Vec<_>>>()?;
-        let next = if more { items.last().map(|k| k.id) } else { None };
-        Ok(KeyPage { items, next })
     }
 }
 

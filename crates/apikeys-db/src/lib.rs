@@ -39,6 +39,21 @@
 //! # }
 //! ```
 //!
+//! ## Cargo features
+//! One per database, in any combination: `sqlite` (default), `postgres`, `mysql`; and for
+//! the servers a TLS implementation, `tls-rustls` or `tls-native-tls` (none by default).
+//! Each backend feature pulls in only its own sqlx driver.
+//!
+//! ## In the host's transaction
+//! [`ApiKeyClient::with`] runs the writes of a sign-up or bootstrap inside a transaction the
+//! host owns ([`InTransaction`]), so that rolling it back leaves nothing behind.
+//!
+//! ## What is where
+//! The root has the types a user touches. [`core`] is the whole domain crate, with the input
+//! bounds in [`core::limits`] and the building blocks of a store of your own (hashing, the
+//! pure decision, validated inputs) fenced in [`core::hazmat`]. [`sea_orm`] is re-exported
+//! for host transactions and [`ClientBuilder::connection`].
+//!
 //! ## What is stored
 //! Only `HMAC-SHA256(signing secret, key)` and a short hint (`sk_live_Ab3x…`); the plaintext
 //! key is returned once by [`ApiKeyClient::create_key`]. Signing secrets and plaintext keys
@@ -56,8 +71,11 @@ mod entity;
 mod error;
 mod id;
 mod key_admin;
+mod key_list;
+mod link;
 mod lock;
 mod lookup;
+mod org_child;
 mod rate_limit;
 mod transaction;
 mod usage;

@@ -13,6 +13,7 @@ mod bad_input;
 mod bootstrap;
 mod concurrency;
 mod fuzz;
+mod key_admin;
 mod keys;
 mod races;
 mod rate_limit;
@@ -20,6 +21,7 @@ mod rotation;
 mod roundtrip;
 mod tenancy;
 mod timeout;
+mod transaction;
 mod usage;
 
 common::backend_tests! {
@@ -44,9 +46,18 @@ common::backend_tests! {
         scopes,
         update_metadata,
         metadata_round_trip,
+    ],
+    key_admin: [
         listing_and_pagination,
-        secret_rotation,
         default_lifetime,
+        ids_follow_the_client_clock,
+    ],
+    transaction: [
+        host_transaction_commit_and_rollback,
+        failed_calls_leave_the_host_transaction_usable,
+        key_changes_follow_the_host_transaction,
+        concurrent_host_transactions_create_one_row,
+        isolation_as_documented,
     ],
     concurrency: [
         concurrent_bootstrap,
@@ -55,6 +66,7 @@ common::backend_tests! {
         rolling_rotation_and_rollback,
         failed_rehash_never_fails_the_check,
         schema_upgrade_keeps_keys,
+        secret_rotation,
     ],
     races: [
         admin_calls_racing_the_hot_path,

@@ -1,9 +1,13 @@
 //! Signing-secret rotation as a rolling deploy runs it: old and new replicas side by side on
 //! one database, each step rolled out and rolled back.
 
+use std::time::Duration;
+
+use apikeys_db::sea_orm::{ConnectionTrait, Statement};
 use apikeys_db::{ApiKeyClient, Error, NewKey, VerifyOptions};
 
 use crate::common::TestDb;
+use crate::keys::{no_tracking, org};
 
 const V1: &str = "first-signing-secret-0123456789-abcdefgh";
 const V2: &str = "second-signing-secret-0123456789-abcdefg";
@@ -124,4 +128,71 @@ pub async fn schema_upgrade_keeps_keys(db: TestDb) {
     rotating.verify_key(key, &VerifyOptions::new()).await.unwrap();
     old.verify_key(key, &VerifyOptions::new()).await.unwrap();
     assert_eq!(old.keys_per_secret_version().await.unwrap(), vec![(1, 1), (2, 1)]);
+}
+
+pub async fn secret_rotation(db: TestDb) {
+    const V1: &str = "first-signing-secret-0123456789-abcdefgh";
+    const V2: &str = "second-signing-secret-0123456789-abcdefg";
+    let v1_client = db.client_with(|b| b.signing_secret(V1)).await;
+    let org = org(&v1_client, "acme").await;
+    let issued = v1_client.create_key(org, NewKey::new("k")).await.unwrap();
+    let key = issued.key.expose_secret();
+
+    // Only the new secret: the old key is not found.
+    let v2_only = db.client_with(|b| b.signing_secret(V2).signing_secret_version(2)).await;
+    assert!(matches!(v2_only.verify_key(key, &VerifyOptions::new()).await, Err(Error::InvalidKey)));
+
+    // New + previous: found; a check that does not track usage writes nothing (the key
+    // stays under v1, so the old-only client still finds it), a tracked one re-hashes to v2.
+    let rotating = db
+        .client_with(|b| {
+            b.signing_secret(V2).signing_secret_version(2).previous_signing_secret(1, V1)
+        })
+        .await;
+    rotating.verify_key(key, &no_tracking()).await.unwrap();
+    v1_client.verify_key(key, &no_tracking()).await.unwrap();
+    rotating.verify_key(key, &VerifyOptions::new()).await.unwrap();
+    // Now the new secret alone finds it, and so does a replica still on the old one (the
+    // old hash is kept beside the new one while the rotation runs).
+    v2_only.verify_key(key, &VerifyOptions::new()).await.unwrap();
+    v1_client.verify_key(key, &VerifyOptions::new()).await.unwrap();
+    let conn = v2_only.connection();
+    let row = conn
+        .query_one_raw(Statement::from_string(
+            conn.get_database_backend(),
+            "SELECT secret_version FROM api_keys".to_owned(),
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.try_get::<i32>("", "secret_version").unwrap(), 2);
+    // Configuration errors.
+    let conn = v2_only.connection().clone();
+    let shared = || apikeys_db::ApiKeyClient::builder().connection(conn.clone()).signing_secret(V1);
+    shared().build().await.expect("a connection without pool settings is fine");
+    for builder in [
+        shared().max_connections(4),
+        shared().connect_timeout(Duration::from_secs(1)),
+        shared().acquire_timeout(Duration::from_secs(1)),
+        shared().statement_timeout(Duration::from_secs(1)),
+        shared().log_statements(true),
+    ] {
+        match builder.build().await {
+            Err(Error::Configuration { reason }) => assert!(reason.contains("url"), "{reason}"),
+            other => panic!("a pool setting with .connection(db) must be refused: {other:?}"),
+        }
+    }
+    for builder in [
+        db.builder().signing_secret_version(u32::MAX),
+        db.builder().previous_signing_secret(1 << 31, V2),
+        db.builder().max_connections(0),
+        db.builder().acquire_timeout(Duration::ZERO),
+        db.builder().previous_signing_secret(1, V2),
+        apikeys_db::ApiKeyClient::builder().database_url(&db.url).signing_secret("short"),
+        apikeys_db::ApiKeyClient::builder().database_url(&db.url),
+        db.builder().key_prefix("Bad_Prefix"),
+        apikeys_db::ApiKeyClient::builder().signing_secret(V1),
+    ] {
+        assert!(matches!(builder.build().await, Err(Error::Configuration { .. })));
+    }
 }
