@@ -200,6 +200,17 @@ impl ApiKeyClient {
         self.inner.writer.begin_with_options(options).await.map_err(storage)
     }
 
+    /// Runs `op` in a write transaction of the client's own: committed when it succeeds,
+    /// rolled back when it fails.
+    pub(crate) async fn in_transaction<T>(
+        &self,
+        op: impl AsyncFnOnce(&DatabaseTransaction) -> Result<T>,
+    ) -> Result<T> {
+        let txn = self.begin_write().await?;
+        let result = op(&txn).await;
+        finish(txn, result).await
+    }
+
     /// Begins a transaction for the host application to own: run its own statements on it,
     /// the client's writes through [`with`](Self::with), then commit or roll back. It is a
     /// plain SeaORM [`DatabaseTransaction`] on the connection the client writes through; on

@@ -13,7 +13,7 @@ use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel, QueryFilter};
 use uuid::Uuid;
 
-use crate::client::{ApiKeyClient, finish};
+use crate::client::ApiKeyClient;
 use crate::convert::{
     api_key_from_model, naive, rate_limit_columns, scopes_to_json, to_micros, version_column,
 };
@@ -73,9 +73,9 @@ impl ApiKeyClient {
     /// [`Error::Storage`].
     pub async fn create_key(&self, org: OrgId, new_key: NewKey) -> Result<IssuedKey> {
         let prepared = self.prepare_key(org, new_key)?;
-        let txn = self.begin_write().await?;
-        let result = self.insert_key_on(&txn, org, prepared).await;
-        let issued = finish(txn, result).await?;
+        let issued = self
+            .in_transaction(async move |txn| self.insert_key_on(txn, org, prepared).await)
+            .await?;
         tracing::debug!(key_id = %issued.record.id, org_id = %org, "api key created");
         Ok(issued)
     }
@@ -177,9 +177,7 @@ impl ApiKeyClient {
     /// [`Error::NotFound`]; [`Error::Storage`].
     pub async fn update_key(&self, id: KeyId, update: KeyUpdate) -> Result<ApiKey> {
         let update = update.validate()?;
-        let txn = self.begin_write().await?;
-        let result = self.update_key_on(&txn, id, update).await;
-        finish(txn, result).await
+        self.in_transaction(async move |txn| self.update_key_on(txn, id, update).await).await
     }
 
     /// [`update_key`](Self::update_key) on `conn` (inside a transaction), with the update

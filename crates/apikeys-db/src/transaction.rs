@@ -67,9 +67,15 @@ impl ApiKeyClient {
 }
 
 impl InTransaction<'_> {
-    /// A savepoint in the host's transaction, for one call.
-    async fn savepoint(&self) -> Result<DatabaseTransaction> {
-        self.txn.begin().await.map_err(storage)
+    /// Runs `op` in a savepoint of the host's transaction: released when it succeeds,
+    /// rolled back alone when it fails.
+    async fn in_savepoint<T>(
+        &self,
+        op: impl AsyncFnOnce(&DatabaseTransaction) -> Result<T>,
+    ) -> Result<T> {
+        let sp = self.txn.begin().await.map_err(storage)?;
+        let result = op(&sp).await;
+        finish(sp, result).await
     }
 
     /// [`ApiKeyClient::get_or_create_organization`] in the host's transaction.
@@ -77,9 +83,8 @@ impl InTransaction<'_> {
     /// # Errors
     /// As `get_or_create_organization`, and [`Error::Conflict`](crate::Error::Conflict).
     pub async fn get_or_create_organization(&self, name: &str) -> Result<(Organization, bool)> {
-        let sp = self.savepoint().await?;
-        let result = self.client.get_or_create_organization_on(&sp, name).await;
-        finish(sp, result).await
+        self.in_savepoint(async |sp| self.client.get_or_create_organization_on(sp, name).await)
+            .await
     }
 
     /// [`ApiKeyClient::create_organization`] in the host's transaction.
@@ -87,9 +92,7 @@ impl InTransaction<'_> {
     /// # Errors
     /// As `create_organization`.
     pub async fn create_organization(&self, name: &str) -> Result<Organization> {
-        let sp = self.savepoint().await?;
-        let result = self.client.create_organization_on(&sp, name).await;
-        finish(sp, result).await
+        self.in_savepoint(async |sp| self.client.create_organization_on(sp, name).await).await
     }
 
     /// [`ApiKeyClient::get_or_create_project`] in the host's transaction.
@@ -97,9 +100,7 @@ impl InTransaction<'_> {
     /// # Errors
     /// As `get_or_create_project`, and [`Error::Conflict`](crate::Error::Conflict).
     pub async fn get_or_create_project(&self, org: OrgId, name: &str) -> Result<(Project, bool)> {
-        let sp = self.savepoint().await?;
-        let result = self.client.get_or_create_child_on(&sp, org, name).await;
-        finish(sp, result).await
+        self.in_savepoint(async |sp| self.client.get_or_create_child_on(sp, org, name).await).await
     }
 
     /// [`ApiKeyClient::get_or_create_product`] in the host's transaction.
@@ -107,9 +108,7 @@ impl InTransaction<'_> {
     /// # Errors
     /// As `get_or_create_product`, and [`Error::Conflict`](crate::Error::Conflict).
     pub async fn get_or_create_product(&self, org: OrgId, name: &str) -> Result<(Product, bool)> {
-        let sp = self.savepoint().await?;
-        let result = self.client.get_or_create_child_on(&sp, org, name).await;
-        finish(sp, result).await
+        self.in_savepoint(async |sp| self.client.get_or_create_child_on(sp, org, name).await).await
     }
 
     /// [`ApiKeyClient::create_project`] in the host's transaction.
@@ -117,9 +116,7 @@ impl InTransaction<'_> {
     /// # Errors
     /// As `create_project`.
     pub async fn create_project(&self, org: OrgId, name: &str) -> Result<Project> {
-        let sp = self.savepoint().await?;
-        let result = self.client.create_child_on(&sp, org, name).await;
-        finish(sp, result).await
+        self.in_savepoint(async |sp| self.client.create_child_on(sp, org, name).await).await
     }
 
     /// [`ApiKeyClient::create_product`] in the host's transaction.
@@ -127,9 +124,7 @@ impl InTransaction<'_> {
     /// # Errors
     /// As `create_product`.
     pub async fn create_product(&self, org: OrgId, name: &str) -> Result<Product> {
-        let sp = self.savepoint().await?;
-        let result = self.client.create_child_on(&sp, org, name).await;
-        finish(sp, result).await
+        self.in_savepoint(async |sp| self.client.create_child_on(sp, org, name).await).await
     }
 
     /// [`ApiKeyClient::add_product_to_project`] in the host's transaction.
@@ -141,9 +136,10 @@ impl InTransaction<'_> {
         product: ProductId,
         project: ProjectId,
     ) -> Result<bool> {
-        let sp = self.savepoint().await?;
-        let result = self.client.add_product_to_project_on(&sp, product, project).await;
-        finish(sp, result).await
+        self.in_savepoint(async |sp| {
+            self.client.add_product_to_project_on(sp, product, project).await
+        })
+        .await
     }
 
     /// [`ApiKeyClient::remove_product_from_project`] in the host's transaction.
@@ -155,9 +151,10 @@ impl InTransaction<'_> {
         product: ProductId,
         project: ProjectId,
     ) -> Result<bool> {
-        let sp = self.savepoint().await?;
-        let result = self.client.remove_product_from_project_on(&sp, product, project).await;
-        finish(sp, result).await
+        self.in_savepoint(async |sp| {
+            self.client.remove_product_from_project_on(sp, product, project).await
+        })
+        .await
     }
 
     /// [`ApiKeyClient::create_key`] in the host's transaction: the key works once the host
@@ -167,9 +164,7 @@ impl InTransaction<'_> {
     /// As `create_key`.
     pub async fn create_key(&self, org: OrgId, new_key: NewKey) -> Result<IssuedKey> {
         let prepared = self.client.prepare_key(org, new_key)?;
-        let sp = self.savepoint().await?;
-        let result = self.client.insert_key_on(&sp, org, prepared).await;
-        finish(sp, result).await
+        self.in_savepoint(async move |sp| self.client.insert_key_on(sp, org, prepared).await).await
     }
 
     /// [`ApiKeyClient::update_key`] in the host's transaction.
@@ -178,9 +173,7 @@ impl InTransaction<'_> {
     /// As `update_key`.
     pub async fn update_key(&self, id: KeyId, update: KeyUpdate) -> Result<ApiKey> {
         let update = update.validate()?;
-        let sp = self.savepoint().await?;
-        let result = self.client.update_key_on(&sp, id, update).await;
-        finish(sp, result).await
+        self.in_savepoint(async move |sp| self.client.update_key_on(sp, id, update).await).await
     }
 
     /// [`ApiKeyClient::revoke_key`] in the host's transaction: checks keep succeeding until
@@ -189,9 +182,7 @@ impl InTransaction<'_> {
     /// # Errors
     /// As `revoke_key`.
     pub async fn revoke_key(&self, id: KeyId) -> Result<ApiKey> {
-        let sp = self.savepoint().await?;
-        let result = self.client.revoke_key_on(&sp, id).await;
-        finish(sp, result).await
+        self.in_savepoint(async |sp| self.client.revoke_key_on(sp, id).await).await
     }
 
     /// [`ApiKeyClient::delete_key`] in the host's transaction.
@@ -199,8 +190,6 @@ impl InTransaction<'_> {
     /// # Errors
     /// As `delete_key`.
     pub async fn delete_key(&self, id: KeyId) -> Result<()> {
-        let sp = self.savepoint().await?;
-        let result = self.client.delete_key_on(&sp, id).await;
-        finish(sp, result).await
+        self.in_savepoint(async |sp| self.client.delete_key_on(sp, id).await).await
     }
 }
