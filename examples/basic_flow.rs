@@ -1,8 +1,9 @@
 //! Every SDK feature end to end: bootstrap, issue, validate, scopes, products, rate limits,
 //! usage tracking, update, revoke, listing and delete.
 //!
-//! Runs on a SQLite file by default; set `DATABASE_URL` for PostgreSQL or MySQL:
-//! `cargo run --example basic_flow`.
+//! Runs on a SQLite file by default: `cargo run --example basic_flow`. For PostgreSQL or
+//! MySQL compile that backend in and set `DATABASE_URL`:
+//! `DATABASE_URL=postgres://… cargo run --features postgres --example basic_flow`.
 #![allow(clippy::print_stdout)]
 
 use apikeys_db::{

@@ -1,7 +1,8 @@
 //! The deploy-time setup a backend runs on every start: tables, organizations, projects,
 //! products and their links. Idempotent: a second run creates nothing and says so.
 //!
-//! `cargo run --example bootstrap` (SQLite file `apikeys.db`), or set `DATABASE_URL`.
+//! `cargo run --example bootstrap` (SQLite file `apikeys.db`), or set `DATABASE_URL` and
+//! add `--features postgres` or `--features mysql`.
 //! Several copies may run at once against one database (as replicas do).
 #![allow(clippy::print_stdout)]
 

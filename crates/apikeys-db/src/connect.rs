@@ -292,3 +292,29 @@ mod tests {
         assert_eq!(t.password.map(|p| p.0).as_deref(), Some("a&b=c+d"));
     }
 }
+
+/// In every build, whatever its features: a URL of a backend that is not compiled in is a
+/// configuration error naming the feature to enable.
+#[cfg(test)]
+mod feature_tests {
+    use super::*;
+
+    #[test]
+    fn backends_not_compiled_in_are_refused_naming_the_feature() {
+        let cases = [
+            ("sqlite::memory:", "sqlite", cfg!(feature = "sqlite")),
+            ("postgres://u:pw@h/db", "postgres", cfg!(feature = "postgres")),
+            ("mysql://u:pw@h/db", "mysql", cfg!(feature = "mysql")),
+        ];
+        for (url, feature, compiled_in) in cases {
+            match inspect(url) {
+                Ok(_) => assert!(compiled_in, "{url} accepted without the `{feature}` feature"),
+                Err(Error::Configuration { reason }) => {
+                    assert!(!compiled_in, "{url} refused with the `{feature}` feature: {reason}");
+                    assert!(reason.contains(&format!("`{feature}` cargo feature")), "{reason}");
+                }
+                Err(e) => panic!("{url}: {e:?}"),
+            }
+        }
+    }
+}
