@@ -66,6 +66,8 @@ pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 /// [`Error::Unavailable`] when the database cannot be reached, after at most the builder's
 /// connect timeout plus acquire timeout (5 s each by default), or when a statement runs past
 /// the statement timeout (5 s); the client reconnects by itself once the database is back.
+/// A call the database aborts for a deadlock or a serialization failure (after the client's
+/// own retries, where it has any) fails with [`Error::Conflict`], which is retryable.
 ///
 /// The client is a composition of parts, each with its own connection handle: the key
 /// lookup (format, HMAC, one indexed read), the rate limiter (database clock, one conditional
