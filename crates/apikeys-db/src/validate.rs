@@ -5,6 +5,9 @@
 //! re-hash. Nothing here parses the caller's requirements: [`ValidateOptions`] did that when
 //! it was built.
 
+use std::future::Future;
+use std::time::Instant;
+
 use apikeys_core::hazmat::{KeyHasher, ProductAccess, Requirements, decide};
 use apikeys_core::{ApiKey, Error, KeyId, OrgId, ProductId, Result, Scopes};
 use chrono::{DateTime, Utc};
@@ -12,6 +15,7 @@ use sea_orm::sea_query::Expr;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter, QueryResult,
 };
+use tracing::Instrument;
 
 use crate::client::ApiKeyClient;
 use crate::convert::{api_key_from_model, naive, version_column};
@@ -212,7 +216,12 @@ impl ApiKeyClient {
             old_version,
             new_hash: candidates[0].1.as_bytes().to_vec(),
         });
-        Ok(Found { key: api_key_from_model(model)?, rehash, product })
+        let key = api_key_from_model(model)?;
+        // The check's span (see `observe`) names the key found, whatever the outcome.
+        tracing::Span::current()
+            .record("key_id", tracing::field::display(key.id))
+            .record("org_id", tracing::field::display(key.org_id));
+        Ok(Found { key, rehash, product })
     }
 
     /// After a successful check: count the use (at once or in the batch), then move the
@@ -301,6 +310,10 @@ impl ApiKeyClient {
     /// # }
     /// ```
     pub async fn verify_key(&self, plaintext: &str, options: &VerifyOptions) -> Result<ApiKey> {
+        observe("verify", self.verify(plaintext, options)).await
+    }
+
+    async fn verify(&self, plaintext: &str, options: &VerifyOptions) -> Result<ApiKey> {
         let now = self.now();
         let mut found = self.find_by_plaintext(plaintext, None).await?;
         decide(&found.key, &Requirements::default(), now)?;
@@ -344,6 +357,10 @@ impl ApiKeyClient {
     /// # }
     /// ```
     pub async fn validate_key(&self, plaintext: &str, options: &ValidateOptions) -> Result<ApiKey> {
+        observe("validate", self.validate(plaintext, options)).await
+    }
+
+    async fn validate(&self, plaintext: &str, options: &ValidateOptions) -> Result<ApiKey> {
         let now = self.now();
         let mut found = self.find_by_plaintext(plaintext, options.product).await?;
         let requirements = Requirements { product: found.product.take(), scopes: &options.scopes };
@@ -355,5 +372,43 @@ impl ApiKeyClient {
         }
         self.record_success(&mut found, options.track_usage, now).await?;
         Ok(found.key)
+    }
+}
+
+/// The metric counting checks, labelled `op` (`verify`, `validate`) and `outcome`.
+pub(crate) const CHECKS_METRIC: &str = "apikeys_checks_total";
+/// The metric timing checks (seconds), labelled `op`.
+pub(crate) const DURATION_METRIC: &str = "apikeys_check_duration_seconds";
+
+/// Runs one check in a `tracing` span (`apikeys.check`, with `op` and, once the key is found,
+/// `key_id` and `org_id`: never key material), then counts its outcome and records its
+/// duration through the `metrics` facade (a no-op until the host installs a recorder).
+async fn observe(op: &'static str, check: impl Future<Output = Result<ApiKey>>) -> Result<ApiKey> {
+    let span = tracing::info_span!(
+        "apikeys.check",
+        op,
+        key_id = tracing::field::Empty,
+        org_id = tracing::field::Empty
+    );
+    let started = Instant::now();
+    let result = check.instrument(span).await;
+    metrics::counter!(CHECKS_METRIC, "op" => op, "outcome" => outcome(&result)).increment(1);
+    metrics::histogram!(DURATION_METRIC, "op" => op).record(started.elapsed().as_secs_f64());
+    result
+}
+
+/// A check's outcome as the `outcome` label names it.
+fn outcome(result: &Result<ApiKey>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(Error::InvalidKey) => "invalid",
+        Err(Error::Expired { .. }) => "expired",
+        Err(Error::Revoked { .. }) => "revoked",
+        Err(Error::ProductNotAllowed { .. }) => "product",
+        Err(Error::InsufficientScope { .. }) => "scope",
+        Err(Error::Quota { .. }) => "quota",
+        Err(Error::Unavailable { .. }) => "unavailable",
+        Err(Error::Conflict { .. }) => "conflict",
+        Err(_) => "storage",
     }
 }

@@ -142,6 +142,9 @@ mod flow {
         let mut haystack = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
         assert!(haystack.contains("api_keys"), "the subscriber captured the SQL statements");
         assert!(haystack.contains("api key revoked"), "and our own events");
+        // Events inside a check carry its span, with the key's id (not secret) once found.
+        let span = format!("apikeys.check{{op=\"validate\" key_id={}", issued.record.id);
+        assert!(haystack.contains(&span), "the check's span names the key it found");
         for e in &errors {
             haystack.push_str(&format!("\n{e}\n{e:?}"));
             let mut source = std::error::Error::source(e);
