@@ -6,7 +6,7 @@ use apikeys_core::hazmat::validate_name;
 use apikeys_core::{Error, OrgId, Product, ProductId, Project, ProjectId, RecordId, Result};
 use chrono::NaiveDateTime;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
+    ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel, QueryFilter, QueryOrder,
 };
 use uuid::Uuid;
 
@@ -17,9 +17,11 @@ use crate::entity::{product, project};
 use crate::error::{Vanished, missing_parent, storage};
 
 /// A record that belongs to one organization and whose name is unique in it.
-pub(crate) trait OrgChild: From<<Self::Table as EntityTrait>::Model> {
+pub(crate) trait OrgChild: From<Self::Row> {
     /// Its table.
-    type Table: EntityTrait;
+    type Table: EntityTrait<Model = Self::Row>;
+    /// Its table's row.
+    type Row: Clone + IntoActiveModel<<Self::Table as EntityTrait>::ActiveModel>;
     /// Its typed id.
     type Id: Copy + Into<RecordId> + From<Uuid>;
     /// What it is called in messages.
@@ -31,18 +33,14 @@ pub(crate) trait OrgChild: From<<Self::Table as EntityTrait>::Model> {
     /// The table's `name` column.
     fn name_column() -> <Self::Table as EntityTrait>::Column;
     /// A new row.
-    fn row(
-        id: Uuid,
-        org: OrgId,
-        name: &str,
-        created_at: NaiveDateTime,
-    ) -> <Self::Table as EntityTrait>::ActiveModel;
+    fn row(id: Uuid, org: OrgId, name: &str, created_at: NaiveDateTime) -> Self::Row;
     /// The record's id.
     fn id(&self) -> Self::Id;
 }
 
 impl OrgChild for Project {
     type Table = project::Entity;
+    type Row = project::Model;
     type Id = ProjectId;
     const LABEL: &'static str = "project";
     fn id_column() -> project::Column {
@@ -54,13 +52,8 @@ impl OrgChild for Project {
     fn name_column() -> project::Column {
         project::Column::Name
     }
-    fn row(id: Uuid, org: OrgId, name: &str, created_at: NaiveDateTime) -> project::ActiveModel {
-        project::ActiveModel {
-            id: Set(id),
-            org_id: Set(org.as_uuid()),
-            name: Set(name.to_owned()),
-            created_at: Set(created_at),
-        }
+    fn row(id: Uuid, org: OrgId, name: &str, created_at: NaiveDateTime) -> project::Model {
+        project::Model { id, org_id: org.as_uuid(), name: name.to_owned(), created_at }
     }
     fn id(&self) -> ProjectId {
         self.id
@@ -69,6 +62,7 @@ impl OrgChild for Project {
 
 impl OrgChild for Product {
     type Table = product::Entity;
+    type Row = product::Model;
     type Id = ProductId;
     const LABEL: &'static str = "product";
     fn id_column() -> product::Column {
@@ -80,13 +74,8 @@ impl OrgChild for Product {
     fn name_column() -> product::Column {
         product::Column::Name
     }
-    fn row(id: Uuid, org: OrgId, name: &str, created_at: NaiveDateTime) -> product::ActiveModel {
-        product::ActiveModel {
-            id: Set(id),
-            org_id: Set(org.as_uuid()),
-            name: Set(name.to_owned()),
-            created_at: Set(created_at),
-        }
+    fn row(id: Uuid, org: OrgId, name: &str, created_at: NaiveDateTime) -> product::Model {
+        product::Model { id, org_id: org.as_uuid(), name: name.to_owned(), created_at }
     }
     fn id(&self) -> ProductId {
         self.id
@@ -195,7 +184,7 @@ impl ApiKeyClient {
         for _ in 0..VANISHED_RETRIES {
             let now = self.now();
             let id = self.new_id(now);
-            T::Table::insert(T::row(id, org, name, naive(now)))
+            T::Table::insert(T::row(id, org, name, naive(now)).into_active_model())
                 .on_conflict_do_nothing_on([T::org_column(), T::name_column()])
                 .exec_without_returning(conn)
                 .await
@@ -218,13 +207,15 @@ impl ApiKeyClient {
         validate_name("name", name)?;
         let now = self.now();
         let id = self.new_id(now);
+        let row = T::row(id, org, name, naive(now));
         let unique = [T::org_column(), T::name_column()];
         let inserted =
-            insert_unique::<T::Table, _, _>(conn, T::row(id, org, name, naive(now)), unique)
+            insert_unique::<T::Table, _, _>(conn, row.clone().into_active_model(), unique)
                 .await
                 .map_err(|e| missing_parent(e, org))?;
         if inserted {
-            return get_child_on(conn, T::Id::from(id)).await;
+            // What was inserted is what a read would return: no second round trip.
+            return Ok(T::from(row));
         }
         match find_child_on::<T, C>(conn, org, name, Read::Latest).await? {
             Some(existing) => Err(Error::AlreadyExists { existing: existing.id().into() }),
