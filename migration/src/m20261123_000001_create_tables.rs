@@ -76,12 +76,12 @@ enum RateLimitWindows {
 }
 
 /// Column and table helpers that keep the types identical in behaviour on all three backends.
-struct Types(DbBackend);
+pub(crate) struct Types(pub(crate) DbBackend);
 
 impl Types {
     /// A UTC instant, stored without a zone, with microsecond precision and no 2038 limit:
     /// `timestamp` on PostgreSQL, `DATETIME(6)` on MySQL (never `TIMESTAMP`), text on SQLite.
-    fn time<T: IntoIden>(&self, col: T) -> ColumnDef {
+    pub(crate) fn time<T: IntoIden>(&self, col: T) -> ColumnDef {
         match self.0 {
             DbBackend::MySql => custom(col, Alias::new("DATETIME(6)")),
             _ => timestamp(col),
@@ -96,7 +96,7 @@ impl Types {
     }
 
     /// `CREATE TABLE` with the exact (binary) collation on MySQL.
-    fn table<T: IntoIden>(&self, name: T) -> TableCreateStatement {
+    pub(crate) fn table<T: IntoIden>(&self, name: T) -> TableCreateStatement {
         let mut t = Table::create();
         t.table(name);
         if self.0 == DbBackend::MySql {

@@ -9,6 +9,7 @@ use apikeys_core::{Error, KeyFormat, Result, SigningSecret};
 use chrono::{DateTime, Utc};
 use sea_orm::DatabaseConnection;
 
+use crate::cache::{CacheState, KeyCache, spawn_poller};
 use crate::client::{ApiKeyClient, Clock, Inner};
 use crate::id::IdMinter;
 use crate::lookup::LookupSql;
@@ -42,6 +43,7 @@ pub struct ClientBuilder {
     clock: Option<Clock>,
     rate_limit_mode: RateLimitMode,
     usage_flush_interval: Option<Duration>,
+    cache: Option<KeyCache>,
 }
 
 impl Default for ClientBuilder {
@@ -63,6 +65,7 @@ impl Default for ClientBuilder {
             clock: None,
             rate_limit_mode: RateLimitMode::default(),
             usage_flush_interval: None,
+            cache: None,
         }
     }
 }
@@ -78,6 +81,7 @@ impl fmt::Debug for ClientBuilder {
             .field("environment", &self.environment)
             .field("default_lifetime", &self.default_lifetime)
             .field("rate_limit_mode", &self.rate_limit_mode)
+            .field("cache", &self.cache)
             .finish_non_exhaustive()
     }
 }
@@ -216,6 +220,36 @@ impl ClientBuilder {
         self
     }
 
+    /// Turns on the verified-key cache (off by default): `verify_key` and `validate_key`
+    /// answer keys they have seen from memory, and every change made through any client
+    /// reaches this one within [`KeyCache::max_staleness`] (through this client: at once).
+    /// See README, "Verified-key cache".
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use apikeys_db::{ApiKeyClient, KeyCache};
+    /// # #[tokio::main]
+    /// # async fn main() -> apikeys_db::Result<()> {
+    /// let client = ApiKeyClient::builder()
+    ///     .database_url("sqlite::memory:")
+    ///     .signing_secret("a-signing-secret-of-at-least-32-bytes!!")
+    ///     .cache(KeyCache::new().max_keys(100_000).max_staleness(Duration::from_secs(1)))
+    ///     .build()
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// What a check returned from the cache does not show: `use_count` and `last_used_at`
+    /// of the returned record are those read when the key was cached (plus the check's own
+    /// use). Usage tracking and rate limits work as without the cache; for checks that
+    /// never wait for the database, batch usage
+    /// ([`usage_flush_interval`](Self::usage_flush_interval)) and lease rate limits.
+    pub fn cache(mut self, cache: KeyCache) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
     /// Validates the configuration and connects.
     ///
     /// The client runs its background work (batched usage flushes, purges of ended
@@ -227,6 +261,7 @@ impl ClientBuilder {
     /// 2147483647), the prefix or environment is invalid, the URL does not parse or names a
     /// database other than `sqlite:`, `postgres:`/`postgresql:` or `mysql:` (or one whose
     /// cargo feature is not enabled), neither (or both) of a URL and a connection is given,
+    /// the [`KeyCache`] settings are out of range,
     /// a pool setting is combined with [`connection`](Self::connection), a duration is zero,
     /// or `build` runs outside a tokio runtime; [`Error::Unavailable`] or [`Error::Storage`]
     /// if connecting fails. No error contains the URL's password.
@@ -259,6 +294,9 @@ impl ClientBuilder {
         ];
         if let Some((what, _)) = positive.iter().find(|(_, d)| d.is_some_and(|d| d.is_zero())) {
             return Err(Error::configuration(format!("{what} must be positive")));
+        }
+        if let Some(cache) = &self.cache {
+            cache.check()?;
         }
         if self.max_connections == Some(0) {
             return Err(Error::configuration("max_connections must be positive"));
@@ -309,6 +347,11 @@ impl ClientBuilder {
             None => UsageRecorder::immediate(writer.clone()),
         };
         let lookup = LookupSql::new(db.get_database_backend(), hasher.versions().count())?;
+        let miss_wait = self.acquire_timeout.unwrap_or(DEFAULT_ACQUIRE_TIMEOUT);
+        let cache = self.cache.map(|c| Arc::new(CacheState::new(c, miss_wait)));
+        if let Some(cache) = &cache {
+            spawn_poller(&runtime, Arc::downgrade(cache), db.clone(), writer.clone());
+        }
         let inner = Arc::new(Inner {
             lookup,
             db,
@@ -320,6 +363,7 @@ impl ClientBuilder {
             ids: IdMinter::default(),
             limiter,
             usage,
+            cache,
         });
         Ok(ApiKeyClient { inner })
     }

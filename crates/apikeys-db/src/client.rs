@@ -16,7 +16,10 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
+use crate::cache::{CacheState, CacheStats};
+use crate::convert::naive;
 use crate::error::storage;
+use crate::feed::{self, Change};
 use crate::id::IdMinter;
 use crate::lookup::LookupSql;
 use crate::rate_limit::RateLimiter;
@@ -94,6 +97,8 @@ pub(crate) struct Inner {
     /// The key lookup's SQL, rendered once.
     pub(crate) lookup: LookupSql,
     pub(crate) usage: UsageRecorder,
+    /// The verified-key cache, when the builder configured one.
+    pub(crate) cache: Option<Arc<CacheState>>,
 }
 
 impl fmt::Debug for ApiKeyClient {
@@ -105,6 +110,7 @@ impl fmt::Debug for ApiKeyClient {
             .field("default_lifetime", &self.inner.default_lifetime)
             .field("rate_limit_mode", &self.inner.limiter.mode())
             .field("batched_usage", &self.inner.usage.is_batched())
+            .field("cache", &self.inner.cache)
             .finish_non_exhaustive()
     }
 }
@@ -211,6 +217,39 @@ impl ApiKeyClient {
         let txn = self.begin_write().await?;
         let result = op(&txn).await;
         finish(txn, result).await
+    }
+
+    /// Runs `op`, which makes `change`, in a write transaction of the client's own that also
+    /// appends the change to the feed (first, see [`feed::record`]); once it has ended, the
+    /// client's own cache forgets what the change touched.
+    pub(crate) async fn change<T>(
+        &self,
+        change: Change,
+        op: impl AsyncFnOnce(&DatabaseTransaction) -> Result<T>,
+    ) -> Result<T> {
+        let now = naive(self.now());
+        let result = self
+            .in_transaction(async |txn| {
+                feed::record(txn, change, now).await?;
+                op(txn).await
+            })
+            .await;
+        self.forget(change);
+        result
+    }
+
+    /// What the verified-key cache has done so far (`None`: the client has no cache; see
+    /// [`ClientBuilder::cache`](crate::ClientBuilder::cache)).
+    #[must_use]
+    pub fn cache_stats(&self) -> Option<CacheStats> {
+        self.inner.cache.as_ref().map(|c| c.stats())
+    }
+
+    /// Drops what `change` touched from the client's own cache, if it has one.
+    pub(crate) fn forget(&self, change: Change) {
+        if let Some(cache) = &self.inner.cache {
+            cache.forget(change);
+        }
     }
 
     /// Begins a transaction for the host application to own: run its own statements on it,

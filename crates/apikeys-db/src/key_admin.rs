@@ -10,7 +10,9 @@ use apikeys_core::{
     RecordId, Result,
 };
 use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel, QueryFilter};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, IntoActiveModel, QueryFilter,
+};
 use uuid::Uuid;
 
 use crate::client::ApiKeyClient;
@@ -18,7 +20,8 @@ use crate::convert::{
     api_key_from_model, naive, rate_limit_columns, scopes_to_json, to_micros, version_column,
 };
 use crate::entity::{api_key, product, project};
-use crate::error::{missing_parent, retry_conflicts, storage};
+use crate::error::{missing_parent, storage};
+use crate::feed::Change;
 
 /// A key checked, generated and ready to insert.
 pub(crate) struct PreparedKey {
@@ -177,7 +180,8 @@ impl ApiKeyClient {
     /// [`Error::NotFound`]; [`Error::Storage`].
     pub async fn update_key(&self, id: KeyId, update: KeyUpdate) -> Result<ApiKey> {
         let update = update.validate()?;
-        self.in_transaction(async move |txn| self.update_key_on(txn, id, update).await).await
+        self.change(Change::Key(id), async move |txn| self.update_key_on(txn, id, update).await)
+            .await
     }
 
     /// [`update_key`](Self::update_key) on `conn` (inside a transaction), with the update
@@ -242,7 +246,8 @@ impl ApiKeyClient {
     /// # Errors
     /// [`Error::NotFound`]; [`Error::Storage`].
     pub async fn revoke_key(&self, id: KeyId) -> Result<ApiKey> {
-        let key = self.revoke_key_on(self.writer(), id).await?;
+        let key =
+            self.change(Change::Key(id), async |txn| self.revoke_key_on(txn, id).await).await?;
         tracing::info!(key_id = %id, "api key revoked");
         Ok(key)
     }
@@ -270,13 +275,21 @@ impl ApiKeyClient {
     /// # Errors
     /// [`Error::NotFound`]; [`Error::Storage`].
     pub async fn delete_key(&self, id: KeyId) -> Result<()> {
-        let delete = || api_key::Entity::delete_by_id(id.as_uuid()).exec(self.writer());
-        let res = retry_conflicts(delete).await.map_err(storage)?;
-        self.deleted(id, res.rows_affected)
+        // A delete cascading into rate-limit rows can deadlock with a check counting in one
+        // of them (PostgreSQL, MySQL): the database aborts one side, and the delete runs
+        // again.
+        let mut attempt = 1;
+        loop {
+            let delete = async |txn: &DatabaseTransaction| self.delete_key_on(txn, id).await;
+            match self.change(Change::Key(id), delete).await {
+                Err(Error::Conflict { .. }) if attempt < 3 => attempt += 1,
+                other => return other,
+            }
+        }
     }
 
-    /// [`delete_key`](Self::delete_key) on `conn` (no retry: a conflict inside the host's
-    /// transaction aborts that transaction).
+    /// [`delete_key`](Self::delete_key) on `conn` (no retry there: a conflict inside the
+    /// host's transaction aborts that transaction).
     pub(crate) async fn delete_key_on<C: ConnectionTrait>(
         &self,
         conn: &C,

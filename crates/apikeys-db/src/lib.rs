@@ -64,11 +64,13 @@ compile_error!("apikeys-db needs at least one database feature: sqlite, postgres
 
 mod bootstrap;
 mod builder;
+mod cache;
 mod client;
 mod connect;
 mod convert;
 mod entity;
 mod error;
+mod feed;
 mod id;
 mod key_admin;
 mod key_list;
@@ -82,6 +84,7 @@ mod usage;
 mod validate;
 
 pub use builder::ClientBuilder;
+pub use cache::{CacheStats, KeyCache};
 pub use client::{ApiKeyClient, Clock};
 pub use rate_limit::RateLimitMode;
 pub use transaction::InTransaction;

@@ -3,7 +3,8 @@
 
 use apikeys_core::{Error, Product, ProductId, Project, ProjectId, Result};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter,
+    QueryOrder,
 };
 
 use crate::bootstrap::insert_unique;
@@ -11,6 +12,7 @@ use crate::client::ApiKeyClient;
 use crate::convert::naive;
 use crate::entity::{product, project_product};
 use crate::error::{is_missing_parent, storage};
+use crate::feed::Change;
 use crate::org_child::get_child_on;
 
 impl ApiKeyClient {
@@ -25,7 +27,9 @@ impl ApiKeyClient {
         product: ProductId,
         project: ProjectId,
     ) -> Result<bool> {
-        self.add_product_to_project_on(self.writer(), product, project).await
+        let link = Change::Link { project, product };
+        self.change(link, async |txn| self.add_product_to_project_on(txn, product, project).await)
+            .await
     }
 
     /// [`add_product_to_project`](Self::add_product_to_project) on `conn`.
@@ -71,7 +75,11 @@ impl ApiKeyClient {
         product: ProductId,
         project: ProjectId,
     ) -> Result<bool> {
-        self.remove_product_from_project_on(self.writer(), product, project).await
+        let link = Change::Link { project, product };
+        let remove = async |txn: &DatabaseTransaction| {
+            self.remove_product_from_project_on(txn, product, project).await
+        };
+        self.change(link, remove).await
     }
 
     /// [`remove_product_from_project`](Self::remove_product_from_project) on `conn`.

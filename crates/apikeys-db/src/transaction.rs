@@ -9,7 +9,9 @@ use apikeys_core::{
 use sea_orm::{DatabaseTransaction, TransactionTrait};
 
 use crate::client::{ApiKeyClient, finish};
+use crate::convert::naive;
 use crate::error::storage;
+use crate::feed::{self, Change};
 
 /// The client's writes inside a transaction the host owns, from
 /// [`ApiKeyClient::with`]. Nothing is visible to others until the host commits, and
@@ -78,6 +80,27 @@ impl InTransaction<'_> {
         finish(sp, result).await
     }
 
+    /// Runs `op`, which makes `change`, in a savepoint that also appends the change to the
+    /// feed; the client's cache forgets what it touched at once and serves none of it again
+    /// until its poller has seen the change committed (or rolled back).
+    async fn change<T>(
+        &self,
+        change: Change,
+        op: impl AsyncFnOnce(&DatabaseTransaction) -> Result<T>,
+    ) -> Result<T> {
+        let now = naive(self.client.now());
+        let (seq, value) = self
+            .in_savepoint(async |sp| {
+                let seq = feed::record(sp, change, now).await?;
+                Ok((seq, op(sp).await?))
+            })
+            .await?;
+        if let Some(cache) = &self.client.inner.cache {
+            cache.forget_pending(change, seq);
+        }
+        Ok(value)
+    }
+
     /// [`ApiKeyClient::get_or_create_organization`] in the host's transaction.
     ///
     /// # Errors
@@ -136,7 +159,7 @@ impl InTransaction<'_> {
         product: ProductId,
         project: ProjectId,
     ) -> Result<bool> {
-        self.in_savepoint(async |sp| {
+        self.change(Change::Link { project, product }, async |sp| {
             self.client.add_product_to_project_on(sp, product, project).await
         })
         .await
@@ -151,7 +174,7 @@ impl InTransaction<'_> {
         product: ProductId,
         project: ProjectId,
     ) -> Result<bool> {
-        self.in_savepoint(async |sp| {
+        self.change(Change::Link { project, product }, async |sp| {
             self.client.remove_product_from_project_on(sp, product, project).await
         })
         .await
@@ -173,7 +196,10 @@ impl InTransaction<'_> {
     /// As `update_key`.
     pub async fn update_key(&self, id: KeyId, update: KeyUpdate) -> Result<ApiKey> {
         let update = update.validate()?;
-        self.in_savepoint(async move |sp| self.client.update_key_on(sp, id, update).await).await
+        self.change(Change::Key(id), async move |sp| {
+            self.client.update_key_on(sp, id, update).await
+        })
+        .await
     }
 
     /// [`ApiKeyClient::revoke_key`] in the host's transaction: checks keep succeeding until
@@ -182,7 +208,7 @@ impl InTransaction<'_> {
     /// # Errors
     /// As `revoke_key`.
     pub async fn revoke_key(&self, id: KeyId) -> Result<ApiKey> {
-        self.in_savepoint(async |sp| self.client.revoke_key_on(sp, id).await).await
+        self.change(Change::Key(id), async |sp| self.client.revoke_key_on(sp, id).await).await
     }
 
     /// [`ApiKeyClient::delete_key`] in the host's transaction.
@@ -190,6 +216,6 @@ impl InTransaction<'_> {
     /// # Errors
     /// As `delete_key`.
     pub async fn delete_key(&self, id: KeyId) -> Result<()> {
-        self.in_savepoint(async |sp| self.client.delete_key_on(sp, id).await).await
+        self.change(Change::Key(id), async |sp| self.client.delete_key_on(sp, id).await).await
     }
 }

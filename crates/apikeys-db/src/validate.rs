@@ -17,10 +17,12 @@ use sea_orm::{
 };
 use tracing::Instrument;
 
+use crate::cache::{CacheState, CachedKey, Lookup};
 use crate::client::ApiKeyClient;
 use crate::convert::{api_key_from_model, naive, version_column};
 use crate::entity::api_key;
 use crate::error::storage;
+use crate::feed::Change;
 use crate::lookup::HashColumn;
 
 /// Options of [`ApiKeyClient::verify_key`].
@@ -134,7 +136,8 @@ impl ValidateOptions {
 
 /// A stored hash to move to the current signing secret; the old one is kept as the
 /// alternate hash, for replicas still on that secret alone.
-struct Rehash {
+#[derive(Debug, Clone)]
+pub(crate) struct Rehash {
     version: u32,
     old_hash: Vec<u8>,
     old_version: u32,
@@ -170,17 +173,67 @@ impl FromQueryResult for KeyRow {
 }
 
 impl ApiKeyClient {
-    /// Parses, hashes and looks up a presented key: one indexed read (two for a key found
-    /// only by its alternate hash, or not found), which also reads what the decision needs
-    /// about `product` when one is given.
+    /// Parses, hashes and finds a presented key: in the verified-key cache when the client
+    /// has one, else (or on a miss) with one indexed read.
     async fn find_by_plaintext(
         &self,
         plaintext: &str,
         product: Option<ProductId>,
     ) -> Result<Found> {
         let parsed = self.inner.format.parse(plaintext)?;
+        let found = match &self.inner.cache {
+            None => self.find_in_db(parsed.as_str(), product).await?,
+            Some(cache) => self.find_cached(cache, parsed.as_str(), product).await?,
+        };
+        // The check's span (see `observe`) names the key found, whatever the outcome.
+        tracing::Span::current()
+            .record("key_id", tracing::field::display(found.key.id))
+            .record("org_id", tracing::field::display(found.key.org_id));
+        Ok(found)
+    }
+
+    /// The cache's answer, or the database's (which is then cached). Keys not in the cache
+    /// wait for a turn to read the database (see [`KeyCache::max_concurrent_misses`]).
+    ///
+    /// [`KeyCache::max_concurrent_misses`]: crate::KeyCache::max_concurrent_misses
+    async fn find_cached(
+        &self,
+        cache: &CacheState,
+        key: &str,
+        product: Option<ProductId>,
+    ) -> Result<Found> {
+        let hash = self.inner.hasher.hash(key);
+        match cache.lookup(&hash, product) {
+            Lookup::Hit(entry, access) => {
+                Ok(Found { key: entry.key.clone(), rehash: entry.rehash.clone(), product: access })
+            }
+            Lookup::Unknown => Err(Error::InvalidKey),
+            Lookup::Miss => {
+                let _turn = cache.miss_permit().await?;
+                let generation = cache.generation();
+                match self.find_in_db(key, product).await {
+                    Ok(found) => {
+                        let entry =
+                            CachedKey { key: found.key.clone(), rehash: found.rehash.clone() };
+                        cache.insert(&hash, entry, found.product, generation);
+                        Ok(found)
+                    }
+                    Err(Error::InvalidKey) => {
+                        cache.insert_unknown(&hash, generation);
+                        Err(Error::InvalidKey)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    /// Hashes and looks up a parsed key: one indexed read (two for a key found only by its
+    /// alternate hash, or not found), which also reads what the decision needs about
+    /// `product` when one is given.
+    async fn find_in_db(&self, key: &str, product: Option<ProductId>) -> Result<Found> {
         let hasher = &self.inner.hasher;
-        let candidates = hasher.candidates(parsed.as_str());
+        let candidates = hasher.candidates(key);
         let lookup = |column| {
             let statement = self.inner.lookup.statement(&candidates, product, column);
             async move { self.db().query_one_raw(statement).await.map_err(storage) }
@@ -217,10 +270,6 @@ impl ApiKeyClient {
             new_hash: candidates[0].1.as_bytes().to_vec(),
         });
         let key = api_key_from_model(model)?;
-        // The check's span (see `observe`) names the key found, whatever the outcome.
-        tracing::Span::current()
-            .record("key_id", tracing::field::display(key.id))
-            .record("org_id", tracing::field::display(key.org_id));
         Ok(Found { key, rehash, product })
     }
 
@@ -265,6 +314,11 @@ impl ApiKeyClient {
             .filter(api_key::Column::KeyHash.eq(rehash.old_hash))
             .exec(self.writer())
             .await;
+        // The cached entry says a re-hash is due: drop it either way, so the next check
+        // reads the row as it now is.
+        if let Some(cache) = &self.inner.cache {
+            cache.forget(Change::Key(id));
+        }
         match result {
             Ok(_) => {
                 tracing::info!(key_id = %id, version, "api key re-hashed to the current signing secret")

@@ -2,6 +2,7 @@
 //! `apikeys-migration` crate and the public API speaks in core types.
 
 pub(crate) mod api_key;
+pub(crate) mod key_change;
 pub(crate) mod organization;
 pub(crate) mod product;
 pub(crate) mod project;

@@ -1,8 +1,8 @@
 //! The integration suite, stamped out for SQLite, PostgreSQL and MySQL/MariaDB.
 //!
-//! PostgreSQL and MySQL run when `APIKEYS_TEST_POSTGRES_URL` / `APIKEYS_TEST_MYSQL_URL` are set
-//! (the user must be allowed to create databases); with `APIKEYS_REQUIRE_ALL_BACKENDS=1` a
-//! missing URL fails the run. Filter one backend with `cargo test -p apikeys-db --test suite
+//! PostgreSQL and MySQL are compiled in with their cargo features, and then need
+//! `APIKEYS_TEST_POSTGRES_URL` / `APIKEYS_TEST_MYSQL_URL` (the user must be allowed to create
+//! databases): a missing URL fails their tests. Filter one backend with `cargo test -p apikeys-db --test suite
 //! postgres::` (or `cargo nextest run -E 'test(/::mysql::/)'`).
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -11,6 +11,7 @@ mod common;
 
 mod bad_input;
 mod bootstrap;
+mod cache;
 mod concurrency;
 mod fuzz;
 mod key_admin;
@@ -58,6 +59,15 @@ common::backend_tests! {
         key_changes_follow_the_host_transaction,
         concurrent_host_transactions_create_one_row,
         isolation_as_documented,
+    ],
+    cache: [
+        checks_are_served_from_memory,
+        the_same_client_sees_its_changes_at_once,
+        other_clients_see_changes_within_the_bound,
+        unknown_keys_are_remembered_but_never_as_valid,
+        a_flood_of_unknown_keys_leaves_real_keys_working,
+        a_failing_feed_stops_the_cache,
+        rehash_refreshes_the_cached_entry,
     ],
     concurrency: [
         concurrent_bootstrap,
