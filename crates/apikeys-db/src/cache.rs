@@ -50,6 +50,9 @@ use crate::lock::lock;
 const FEED_PAGE: u64 = 500;
 /// How many polls run per `max_staleness`.
 const POLLS_PER_BOUND: u32 = 4;
+/// The longest time between two polls, whatever the bound (a failed first poll, before the
+/// tables exist, is retried that soon).
+const MAX_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// The shortest `max_staleness` accepted.
 const MIN_STALENESS: Duration = Duration::from_millis(20);
 /// The shortest feed retention accepted.
@@ -118,8 +121,8 @@ impl KeyCache {
     }
 
     /// The longest a change made through another client may go unseen (default 1 s, at
-    /// least 20 ms). The client polls the change feed four times per period: one indexed
-    /// read each.
+    /// least 20 ms). The client polls the change feed four times per period, and at least
+    /// once a second: one indexed read each.
     #[must_use]
     pub fn max_staleness(mut self, bound: Duration) -> Self {
         self.max_staleness = bound;
@@ -185,7 +188,7 @@ impl KeyCache {
     }
 
     fn poll_interval(&self) -> Duration {
-        self.max_staleness / POLLS_PER_BOUND
+        (self.max_staleness / POLLS_PER_BOUND).min(MAX_POLL_INTERVAL)
     }
 }
 
@@ -256,6 +259,7 @@ struct Counts {
     unknown: AtomicU64,
     bypassed: AtomicU64,
     lookups: AtomicU64,
+    failed_polls: AtomicU64,
 }
 
 /// What a client's verified-key cache has done since the client was built, from
@@ -274,6 +278,8 @@ pub struct CacheStats {
     pub bypassed: u64,
     /// Key lookups the cache sent to the database (misses and bypasses).
     pub lookups: u64,
+    /// Polls of the change feed that failed (the database could not be read).
+    pub failed_polls: u64,
     /// Keys held now.
     pub keys: u64,
     /// The last change-feed row applied (`None` before the first poll).
@@ -493,6 +499,7 @@ impl CacheState {
             unknown: c.unknown.load(Ordering::Relaxed),
             bypassed: c.bypassed.load(Ordering::Relaxed),
             lookups: c.lookups.load(Ordering::Relaxed),
+            failed_polls: c.failed_polls.load(Ordering::Relaxed),
             keys: self.keys.len() as u64,
             feed_position: (applied >= 0).then_some(applied),
         }
@@ -565,7 +572,12 @@ impl CacheState {
                 }
             }
             Err(e) => {
-                if !self.failing.swap(true, Ordering::Relaxed) {
+                self.counts.failed_polls.fetch_add(1, Ordering::Relaxed);
+                let first = self.last_ok.load(Ordering::Acquire) == 0;
+                if first {
+                    // Before the first success: most likely the tables are not created yet.
+                    tracing::debug!(error = %e, "key cache: the change feed is not readable yet");
+                } else if !self.failing.swap(true, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "key cache: reading the change feed failed; the cache stops serving once its bound has passed");
                 }
             }
