@@ -9,6 +9,7 @@ use apikeys_core::{Error, KeyFormat, Result, SigningSecret};
 use chrono::{DateTime, Utc};
 use sea_orm::DatabaseConnection;
 
+use crate::breaker::{Breaker, Db};
 use crate::cache::{CacheState, KeyCache, spawn_poller};
 use crate::client::{ApiKeyClient, Clock, Inner};
 use crate::id::IdMinter;
@@ -20,6 +21,8 @@ use crate::usage::UsageRecorder;
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a client whose database is unreachable tries it again, by default.
+const DEFAULT_RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Builds an [`ApiKeyClient`]: a database (URL or existing connection) and a signing secret are
 /// required; everything else has a default.
@@ -44,6 +47,7 @@ pub struct ClientBuilder {
     rate_limit_mode: RateLimitMode,
     usage_flush_interval: Option<Duration>,
     cache: Option<KeyCache>,
+    reconnect_interval: Option<Duration>,
 }
 
 impl Default for ClientBuilder {
@@ -66,6 +70,7 @@ impl Default for ClientBuilder {
             rate_limit_mode: RateLimitMode::default(),
             usage_flush_interval: None,
             cache: None,
+            reconnect_interval: None,
         }
     }
 }
@@ -220,6 +225,21 @@ impl ClientBuilder {
         self
     }
 
+    /// How long calls fail at once after the database was found unreachable (default 1 s),
+    /// and so how often a background probe tries it again.
+    ///
+    /// Once a statement fails to reach the database (no connection within the acquire
+    /// timeout, a refused or lost connection, a server shutting down), every call that needs
+    /// the database fails at once with [`Error::Unavailable`] instead of waiting for the
+    /// acquire timeout itself, while one probe (`SELECT 1`) runs every `interval`. The probe's
+    /// first success ends it: the client recovers within one interval of the database coming
+    /// back. A statement that merely runs past its time limit does not start it. Checks the
+    /// [verified-key cache](Self::cache) answers keep working meanwhile, within its bound.
+    pub fn reconnect_interval(mut self, interval: Duration) -> Self {
+        self.reconnect_interval = Some(interval);
+        self
+    }
+
     /// Turns on the verified-key cache (off by default): `verify_key` and `validate_key`
     /// answer keys they have seen from memory, and every change made through any client
     /// reaches this one within [`KeyCache::max_staleness`] (through this client: at once).
@@ -291,6 +311,7 @@ impl ClientBuilder {
             ("the statement timeout", self.statement_timeout),
             ("the connect timeout", self.connect_timeout),
             ("the acquire timeout", self.acquire_timeout),
+            ("the reconnect interval", self.reconnect_interval),
         ];
         if let Some((what, _)) = positive.iter().find(|(_, d)| d.is_some_and(|d| d.is_zero())) {
             return Err(Error::configuration(format!("{what} must be positive")));
@@ -335,6 +356,11 @@ impl ClientBuilder {
                 ));
             }
         };
+        let breaker = Breaker::new(
+            self.reconnect_interval.unwrap_or(DEFAULT_RECONNECT_INTERVAL),
+            runtime.clone(),
+        );
+        let (db, writer) = (Db::new(db, Arc::clone(&breaker)), Db::new(writer, breaker));
         let clock: Clock = self.clock.unwrap_or_else(|| Arc::new(Utc::now));
         let limiter = RateLimiter::new(
             writer.clone(),
@@ -346,7 +372,7 @@ impl ClientBuilder {
             Some(interval) => UsageRecorder::batched(writer.clone(), interval, &runtime),
             None => UsageRecorder::immediate(writer.clone()),
         };
-        let lookup = LookupSql::new(db.get_database_backend(), hasher.versions().count())?;
+        let lookup = LookupSql::new(db.raw().get_database_backend(), hasher.versions().count())?;
         let miss_wait = self.acquire_timeout.unwrap_or(DEFAULT_ACQUIRE_TIMEOUT);
         let cache = self.cache.map(|c| Arc::new(CacheState::new(c, miss_wait)));
         if let Some(cache) = &cache {

@@ -39,9 +39,9 @@ use apikeys_core::hazmat::{KeyHash, ProductAccess};
 use apikeys_core::{ApiKey, Error, OrgId, ProductId, ProjectId, Result};
 use chrono::Utc;
 use quick_cache::sync::Cache;
-use sea_orm::DatabaseConnection;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
+use crate::breaker::Db;
 use crate::convert::naive;
 use crate::feed::{self, Change};
 use crate::lock::lock;
@@ -516,7 +516,7 @@ impl CacheState {
     }
 
     /// Reads the feed rows after the last one applied and applies them, until none is left.
-    async fn catch_up(&self, db: &DatabaseConnection) -> Result<(), sea_orm::DbErr> {
+    async fn catch_up(&self, db: &Db) -> Result<(), sea_orm::DbErr> {
         let mut applied = self.applied.load(Ordering::Acquire);
         if applied < 0 {
             // First poll: whatever was cached before the head was read may be older than it.
@@ -562,7 +562,7 @@ impl CacheState {
     }
 
     /// One poll: catch up with the feed, then record when it started as the last success.
-    async fn poll(&self, db: &DatabaseConnection) {
+    async fn poll(&self, db: &Db) {
         let started = self.since_epoch().saturating_add(1);
         match self.catch_up(db).await {
             Ok(()) => {
@@ -600,8 +600,8 @@ struct MissQueueFull;
 pub(crate) fn spawn_poller(
     runtime: &tokio::runtime::Handle,
     state: Weak<CacheState>,
-    db: DatabaseConnection,
-    writer: DatabaseConnection,
+    db: Db,
+    writer: Db,
 ) {
     let Some(config) = state.upgrade().map(|s| s.config.clone()) else { return };
     runtime.spawn(async move {

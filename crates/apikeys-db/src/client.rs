@@ -12,10 +12,11 @@ use chrono::{DateTime, Utc};
 use migration::MigratorTrait;
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, SqliteTransactionMode,
-    Statement, TransactionOptions, TransactionTrait,
+    Statement, TransactionOptions,
 };
 use uuid::Uuid;
 
+use crate::breaker::Db;
 use crate::cache::{CacheState, CacheStats};
 use crate::convert::naive;
 use crate::error::storage;
@@ -82,12 +83,12 @@ pub struct ApiKeyClient {
 }
 
 pub(crate) struct Inner {
-    /// The pool reads go through.
-    pub(crate) db: DatabaseConnection,
+    /// The pool reads go through (behind the breaker, as is the writer).
+    pub(crate) db: Db,
     /// The pool writes go through: the same pool on PostgreSQL and MySQL; on a SQLite file,
     /// one connection of its own, so writers queue in the pool instead of sleeping in
     /// SQLite's busy handler.
-    pub(crate) writer: DatabaseConnection,
+    pub(crate) writer: Db,
     pub(crate) hasher: KeyHasher,
     pub(crate) format: KeyFormat,
     pub(crate) default_lifetime: Option<Duration>,
@@ -124,7 +125,7 @@ impl ApiKeyClient {
     /// The underlying SeaORM connection (shared pool), for the host application's own queries.
     #[must_use]
     pub fn connection(&self) -> &DatabaseConnection {
-        &self.inner.db
+        self.inner.db.raw()
     }
 
     /// The key format this client issues and accepts.
@@ -188,12 +189,12 @@ impl ApiKeyClient {
         self.inner.ids.mint(now)
     }
 
-    pub(crate) fn db(&self) -> &DatabaseConnection {
+    pub(crate) fn db(&self) -> &Db {
         &self.inner.db
     }
 
     /// The connection writes go through (see [`Inner::writer`]).
-    pub(crate) fn writer(&self) -> &DatabaseConnection {
+    pub(crate) fn writer(&self) -> &Db {
         &self.inner.writer
     }
 

@@ -24,6 +24,9 @@ pub(crate) fn storage(e: DbErr) -> Error {
 /// (`SQLITE_BUSY`, another process held the write lock too long).
 pub(crate) fn is_unavailable(e: &DbErr) -> bool {
     use sea_orm::sqlx::Error as Sqlx;
+    if crate::breaker::is_fail_fast(e) {
+        return true;
+    }
     let runtime = match e {
         DbErr::ConnectionAcquire(_) => return true,
         DbErr::Conn(r) | DbErr::Exec(r) | DbErr::Query(r) => r,

@@ -63,6 +63,7 @@
 compile_error!("apikeys-db needs at least one database feature: sqlite, postgres or mysql");
 
 mod bootstrap;
+mod breaker;
 mod builder;
 mod cache;
 mod client;

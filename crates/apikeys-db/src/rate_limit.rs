@@ -24,8 +24,9 @@ use governor::clock::Clock as GovernorClock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter as Gcra};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, SqlErr, Statement, Value};
+use sea_orm::{ConnectionTrait, DbBackend, DbErr, SqlErr, Statement, Value};
 
+use crate::breaker::Db;
 use crate::client::Clock;
 use crate::error::{retry_conflicts, storage};
 use crate::lock::lock;
@@ -118,7 +119,7 @@ struct Refusal {
 /// Counts requests against per-key limits. Owns its connection handle and clock; the client
 /// composes it.
 pub(crate) struct RateLimiter {
-    db: DatabaseConnection,
+    db: Db,
     mode: RateLimitMode,
     /// The client's clock: used by local mode only (shared mode uses the database's).
     clock: Clock,
@@ -166,7 +167,7 @@ fn since_epoch(t: DateTime<Utc>) -> Duration {
 
 impl RateLimiter {
     pub(crate) fn new(
-        db: DatabaseConnection,
+        db: Db,
         mode: RateLimitMode,
         clock: Clock,
         runtime: tokio::runtime::Handle,
@@ -308,7 +309,7 @@ fn left_ms(ms: i64) -> Duration {
 }
 
 /// The conditional upsert: one statement, the window from the database's clock.
-async fn count(db: &DatabaseConnection, key: KeyId, limit: RateLimit) -> Result<Count> {
+async fn count(db: &Db, key: KeyId, limit: RateLimit) -> Result<Count> {
     let backend = db.get_database_backend();
     let len = limit.window.seconds() * 1_000;
     let max = i64::from(limit.requests.get());
@@ -358,7 +359,7 @@ async fn count(db: &DatabaseConnection, key: KeyId, limit: RateLimit) -> Result<
 }
 
 /// Deletes window rows that ended [`PURGE_GRACE`] ago or earlier, by the database's clock.
-async fn purge(db: &DatabaseConnection) -> Result<u64, DbErr> {
+async fn purge(db: &Db) -> Result<u64, DbErr> {
     let backend = db.get_database_backend();
     let grace = millis(PURGE_GRACE);
     let stmt = match backend {

@@ -13,10 +13,11 @@ use std::time::Duration;
 use apikeys_core::{KeyId, Result};
 use chrono::NaiveDateTime;
 use sea_orm::sea_query::{CaseStatement, Condition, Expr, ExprTrait};
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use crate::breaker::Db;
 use crate::entity::api_key;
 use crate::error::{retry_conflicts, storage};
 use crate::lock::lock;
@@ -52,7 +53,7 @@ impl Batch {
 
     /// Writes every pending count. On failure nothing is lost: the unwritten counts go back
     /// into the batch for the next flush. Returns the number of keys written.
-    async fn flush(&self, db: &DatabaseConnection) -> Result<usize> {
+    async fn flush(&self, db: &Db) -> Result<usize> {
         let batch: Vec<(Uuid, Pending)> = self.lock().drain().collect();
         let mut written = 0;
         for (i, chunk) in batch.chunks(CHUNK).enumerate() {
@@ -79,7 +80,7 @@ fn earlier_than(at: NaiveDateTime) -> Condition {
 }
 
 /// One statement for a chunk of keys: `use_count + n` and `last_used_at` moved forward only.
-async fn update(db: &DatabaseConnection, chunk: &[(Uuid, Pending)]) -> Result<(), sea_orm::DbErr> {
+async fn update(db: &Db, chunk: &[(Uuid, Pending)]) -> Result<(), sea_orm::DbErr> {
     use api_key::Column::{Id, LastUsedAt, UseCount};
     let mut count = CaseStatement::new();
     let mut last = CaseStatement::new();
@@ -117,11 +118,7 @@ impl Batched {
 /// One use of one key, at once: `use_count + 1`, `last_used_at` moved forward only. Simpler
 /// than the batch statement's per-key `CASE` on `id`, which a database plans and runs more
 /// slowly on the hot path.
-async fn record_one(
-    db: &DatabaseConnection,
-    id: Uuid,
-    at: NaiveDateTime,
-) -> Result<(), sea_orm::DbErr> {
+async fn record_one(db: &Db, id: Uuid, at: NaiveDateTime) -> Result<(), sea_orm::DbErr> {
     use api_key::Column::{Id, LastUsedAt, UseCount};
     let last =
         CaseStatement::new().case(earlier_than(at), Expr::value(at)).finally(Expr::col(LastUsedAt));
@@ -136,7 +133,7 @@ async fn record_one(
 
 /// Records successful checks. Owns its connection handle; the client composes it.
 pub(crate) struct UsageRecorder {
-    db: DatabaseConnection,
+    db: Db,
     /// Batched mode.
     batch: Option<Batched>,
     /// Set by [`shutdown`](Self::shutdown): from then on every use is written at once.
@@ -151,17 +148,13 @@ impl std::fmt::Debug for UsageRecorder {
 
 impl UsageRecorder {
     /// One `UPDATE` per recorded use.
-    pub(crate) fn immediate(db: DatabaseConnection) -> Self {
+    pub(crate) fn immediate(db: Db) -> Self {
         Self { db, batch: None, closed: AtomicBool::new(false) }
     }
 
     /// Uses counted in memory and written every `interval` by a background task on
     /// `runtime`.
-    pub(crate) fn batched(
-        db: DatabaseConnection,
-        interval: Duration,
-        runtime: &tokio::runtime::Handle,
-    ) -> Self {
+    pub(crate) fn batched(db: Db, interval: Duration, runtime: &tokio::runtime::Handle) -> Self {
         let counts = Arc::new(Batch::default());
         let task = spawn_flusher(runtime, Arc::downgrade(&counts), db.clone(), interval);
         let batch = Batched { counts, flusher: Mutex::new(Some(task)) };
@@ -223,7 +216,7 @@ impl Drop for UsageRecorder {
 fn spawn_flusher(
     runtime: &tokio::runtime::Handle,
     batch: Weak<Batch>,
-    db: DatabaseConnection,
+    db: Db,
     interval: Duration,
 ) -> JoinHandle<()> {
     runtime.spawn(async move {
