@@ -268,8 +268,10 @@ impl ApiKeyClient {
         self.begin_write().await
     }
 
-    /// Graceful shutdown: stops the background usage flusher and writes the use counts held
-    /// in memory (batched usage tracking). Call it before the process exits; dropping the
+    /// Graceful shutdown: gives the units of current windows that
+    /// [`RateLimitMode::Leased`](crate::RateLimitMode::Leased) holds back to the database,
+    /// stops the background usage flusher and writes the use counts held in memory (batched
+    /// usage tracking). Call it before the process exits; dropping the
     /// last clone writes nothing (it only logs a warning with what was lost). The client
     /// stays usable afterwards, writing every later use at once. Returns the number of keys
     /// whose counts were written (0 without batching).
@@ -278,6 +280,12 @@ impl ApiKeyClient {
     /// [`Error::Unavailable`] or [`Error::Storage`]; the counts are then kept, and a later
     /// `shutdown` or [`flush_usage`](Self::flush_usage) tries again.
     pub async fn shutdown(&self) -> Result<usize> {
+        // Leased units first; failing to give them back only leaves them unspent.
+        match self.inner.limiter.release().await {
+            Ok(0) => {}
+            Ok(units) => tracing::debug!(units, "leased rate-limit units given back"),
+            Err(e) => tracing::warn!(error = %e, "giving leased rate-limit units back failed"),
+        }
         self.inner.usage.shutdown().await
     }
 

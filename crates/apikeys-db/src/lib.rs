@@ -75,6 +75,7 @@ mod feed;
 mod id;
 mod key_admin;
 mod key_list;
+mod lease;
 mod link;
 mod lock;
 mod lookup;

@@ -29,6 +29,7 @@ use sea_orm::{ConnectionTrait, DbBackend, DbErr, SqlErr, Statement, Value};
 use crate::breaker::Db;
 use crate::client::Clock;
 use crate::error::{retry_conflicts, storage};
+use crate::lease::Leases;
 use crate::lock::lock;
 
 /// How per-key rate limits are counted.
@@ -36,6 +37,7 @@ use crate::lock::lock;
 /// | mode | exact across replicas | cost per check | algorithm |
 /// |---|---|---|---|
 /// | `Shared` | yes, whatever the replicas' clocks say | one atomic upsert | fixed window, database clock |
+/// | `Leased` | yes (never more than the limit; see below) | one upsert per block of units | fixed window, database clock |
 /// | `Local` | no: each process counts alone | no I/O | GCRA (`governor`) |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -46,6 +48,19 @@ pub enum RateLimitMode {
     /// database's clock.
     #[default]
     Shared,
+    /// `Shared`, with units reserved ahead in blocks: one conditional upsert reserves a
+    /// block of the window's units, which this process then admits from memory. Across all
+    /// processes no window ever admits more than the limit. The block adapts to the key's
+    /// rate: a key checked about once a second still costs one write per check and leaves
+    /// nothing unspent; a hot key costs one write per block (at most `limit / 16` units,
+    /// and at most 1024).
+    ///
+    /// The trade-off: one process may refuse while another still holds units, so a window
+    /// can end with up to the sum of the blocks held by all processes unspent (each at most
+    /// `limit / 16`). Units held for the current window are given back by
+    /// [`ApiKeyClient::shutdown`](crate::ApiKeyClient::shutdown); those of a process that
+    /// dies are lost with it, until its window ends.
+    Leased,
     /// Counters in this process (`governor`, GCRA, on the client's clock): no database
     /// write, but N replicas admit up to N times the limit, and a burst of `requests` is
     /// followed by an even refill of one request every `window / requests`.
@@ -67,9 +82,9 @@ pub(crate) const PURGE_GRACE: Duration = Duration::from_secs(300);
 const REFUSED_TAG: u64 = 1 << 40;
 
 /// The database's clock in Unix milliseconds, as PostgreSQL computes it.
-const PG_NOW_MS: &str = "floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
+pub(crate) const PG_NOW_MS: &str = "floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
 /// The same for MySQL/MariaDB (`NOW(3)` is fixed for the whole statement).
-const MY_NOW_MS: &str = "FLOOR(UNIX_TIMESTAMP(NOW(3)) * 1000)";
+pub(crate) const MY_NOW_MS: &str = "FLOOR(UNIX_TIMESTAMP(NOW(3)) * 1000)";
 
 /// MySQL's counting statement. No RETURNING and no data-modifying CTE: LAST_INSERT_ID(expr)
 /// hands the outcome back in the OK packet of the same statement: 1 for a new window, the new
@@ -101,7 +116,7 @@ static PG_COUNT: LazyLock<String> = LazyLock::new(|| {
 
 /// What the counting statement decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Count {
+pub(crate) enum Count {
     /// Counted in the window.
     Admitted,
     /// Not counted: the window is full; this long until it ends (database clock).
@@ -131,6 +146,8 @@ pub(crate) struct RateLimiter {
     /// Local mode: one GCRA limiter per key, rebuilt when the key's limit changes, with the
     /// time (Unix ms) it was last used.
     local: Mutex<HashMap<KeyId, LocalEntry>>,
+    /// Leased mode: the units this process holds.
+    leases: Leases,
     /// Where background purges run: the runtime the client was built on.
     runtime: tokio::runtime::Handle,
 }
@@ -180,6 +197,7 @@ impl RateLimiter {
             over_limit: Mutex::new(HashMap::new()),
             checks: AtomicU64::new(0),
             local: Mutex::new(HashMap::new()),
+            leases: Leases::default(),
         }
     }
 
@@ -196,6 +214,12 @@ impl RateLimiter {
     pub(crate) fn forget(&self, key: KeyId) {
         lock(&self.over_limit).remove(&key);
         lock(&self.local).remove(&key);
+        self.leases.forget(key);
+    }
+
+    /// Gives the units leased for current windows back (leased mode); returns how many.
+    pub(crate) async fn release(&self) -> Result<u64> {
+        self.leases.release(&self.db).await
     }
 
     /// Counts one request of `key` against `limit`.
@@ -206,20 +230,28 @@ impl RateLimiter {
     /// [`Error::Storage`] when the database fails.
     pub(crate) async fn check(&self, key: KeyId, limit: RateLimit) -> Result<()> {
         match self.mode {
-            RateLimitMode::Shared => self.check_shared(key, limit).await,
+            RateLimitMode::Shared | RateLimitMode::Leased => self.check_shared(key, limit).await,
             RateLimitMode::Local => self.check_local(key, limit),
         }
     }
 
     async fn check_shared(&self, key: KeyId, limit: RateLimit) -> Result<()> {
         let asked = Instant::now();
+        let leased = self.mode == RateLimitMode::Leased;
+        if leased && self.leases.take(key, limit, asked) {
+            return Ok(());
+        }
         if let Some(r) = lock(&self.over_limit).get(&key).copied()
             && r.limit == limit
             && let Some(left) = r.until.checked_duration_since(asked).filter(|d| !d.is_zero())
         {
             return Err(Error::Quota { retry_after: left, limit });
         }
-        let counted = count(&self.db, key, limit).await;
+        let counted = if leased {
+            self.leases.check(&self.db, key, limit).await
+        } else {
+            count(&self.db, key, limit).await
+        };
         if self.sweep_due() {
             self.sweep_in_background(asked);
         }
@@ -238,6 +270,7 @@ impl RateLimiter {
     /// path, in a task on the client's runtime.
     fn sweep_in_background(&self, now: Instant) {
         lock(&self.over_limit).retain(|_, r| r.until > now);
+        self.leases.sweep(now);
         let db = self.db.clone();
         let purge = async move {
             if let Err(e) = purge(&db).await {
@@ -295,7 +328,7 @@ impl RateLimiter {
 }
 
 /// Milliseconds since the Unix epoch on this host's system clock: the clock of a SQLite file.
-fn host_millis() -> i64 {
+pub(crate) fn host_millis() -> i64 {
     Utc::now().timestamp_millis()
 }
 
@@ -303,7 +336,7 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-fn left_ms(ms: i64) -> Duration {
+pub(crate) fn left_ms(ms: i64) -> Duration {
     // A window always has time left when it is counted in; at least 1 ms for the caller.
     Duration::from_millis(u64::try_from(ms).unwrap_or(0).max(1))
 }

@@ -15,6 +15,10 @@
 //! - `rate_limit_seconds`: 4 processes whose clocks are 2 s and 1 s behind and ahead × 4
 //!   tasks hammer a key limited to 5 per second for 1.5 s, across window boundaries: no
 //!   window of the database's clock admits more than 5, and every admitted request is in one.
+//! - `leased`: the same 4 skewed processes × 8 tasks × 60 attempts on one key limited to
+//!   1000 per minute, with leased limits (`RateLimitMode::Leased`): never more than 1000
+//!   admitted, and at least 1000 minus the documented bound (the sum of the blocks the 4
+//!   processes may hold, `4 × 1000 / 16`).
 //! - `races`: 4 processes × 6 tasks check 60 keys (tracked, untracked, shared limit) while
 //!   each process also deletes, revokes and updates its quarter of them: every outcome is
 //!   `Ok`, `InvalidKey`, `Revoked` or `NotFound`, never `Storage`.
@@ -50,6 +54,7 @@ async fn main() {
         Ok("bootstrap") => return bootstrap_worker().await,
         Ok("rate_limit") => return rate_limit_worker().await,
         Ok("races") => return races_worker().await,
+        Ok("leased") => return leased_worker().await,
         Ok("rate_limit_seconds") => return rate_limit_seconds_worker().await,
         _ => {}
     }
@@ -59,6 +64,7 @@ async fn main() {
             ("bootstrap_across_processes", Scenario::Bootstrap),
             ("rate_limit_across_skewed_processes", Scenario::RateLimit),
             ("second_windows_across_skewed_processes", Scenario::RateLimitSeconds),
+            ("leased_limit_across_skewed_processes", Scenario::Leased),
             ("races_across_processes", Scenario::Races),
         ] {
             let db = TestDb::new(backend, "multiprocess").await;
@@ -90,6 +96,7 @@ enum Scenario {
     Bootstrap,
     RateLimit,
     RateLimitSeconds,
+    Leased,
     Races,
 }
 
@@ -100,6 +107,7 @@ impl Scenario {
             Scenario::RateLimit => rate_limit_across_processes(db).await,
             Scenario::Races => races_across_processes(db).await,
             Scenario::RateLimitSeconds => second_windows_across_processes(db).await,
+            Scenario::Leased => leased_across_processes(db).await,
         }
     }
 }
@@ -257,6 +265,52 @@ async fn rate_limit_worker() {
         async move {
             let (ok, limited) =
                 common::hammer(&client, &key, ATTEMPTS, Duration::from_secs(60)).await;
+            format!("admitted={ok} limited={limited}")
+        }
+    })
+    .await;
+}
+
+const LEASED_LIMIT: u32 = 1_000;
+const LEASED_ATTEMPTS: usize = 60;
+
+async fn leased_across_processes(db: TestDb) {
+    let client = db.client().await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let limit = RateLimit::per_minute(LEASED_LIMIT).unwrap();
+    let issued =
+        client.create_key(org.id, NewKey::new("hot").with_rate_limit(limit)).await.unwrap();
+    let key = issued.key.expose_secret().to_owned();
+    common::leave_room(&client, apikeys_db::Window::Minute, Duration::from_secs(25)).await;
+    let lines = run_workers("leased", &db, &[("APIKEYS_WORKER_KEY", key)]).await;
+    let (mut admitted, mut limited) = (0usize, 0usize);
+    for line in &lines {
+        let nums: Vec<usize> =
+            line.split(' ').map(|kv| kv.split('=').nth(1).unwrap().parse().unwrap()).collect();
+        admitted += nums[0];
+        limited += nums[1];
+    }
+    let bound = PROCESSES * (LEASED_LIMIT as usize / 16);
+    println!("leased across processes: {admitted} admitted of {LEASED_LIMIT}, bound {bound}");
+    assert!(admitted <= LEASED_LIMIT as usize, "never more than the limit: {admitted}");
+    assert!(admitted >= LEASED_LIMIT as usize - bound, "at most the bound unspent: {admitted}");
+    assert_eq!(admitted + limited, PROCESSES * RATE_TASKS * LEASED_ATTEMPTS);
+    assert_eq!(common::window_rows(&client).await.len(), 1, "one window, by the database's clock");
+}
+
+async fn leased_worker() {
+    let key = std::env::var("APIKEYS_WORKER_KEY").unwrap();
+    let skew = chrono::TimeDelta::milliseconds(SKEWS_MS[worker_index()]);
+    let client = worker_client_with(|b| {
+        b.clock(move || chrono::Utc::now() + skew)
+            .rate_limit_mode(apikeys_db::RateLimitMode::Leased)
+    })
+    .await;
+    run_tasks(client, RATE_TASKS, move |client| {
+        let key = key.clone();
+        async move {
+            let (ok, limited) =
+                common::hammer(&client, &key, LEASED_ATTEMPTS, Duration::from_secs(60)).await;
             format!("admitted={ok} limited={limited}")
         }
     })

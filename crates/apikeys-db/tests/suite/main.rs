@@ -106,5 +106,7 @@ common::backend_tests! {
         keys_and_calls_are_independent,
         update_takes_effect_on_next_check,
         local_mode,
+        leased_limit_is_exact_under_concurrency,
+        leased_units_are_given_back_on_shutdown,
     ],
 }
