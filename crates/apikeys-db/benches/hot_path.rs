@@ -22,6 +22,9 @@
 #[allow(dead_code, unused_imports, unused_macros)]
 mod common;
 
+#[path = "hot_path/cached.rs"]
+mod cached;
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -182,7 +185,7 @@ impl Fixture {
     }
 }
 
-fn bench_backend(c: &mut Criterion, rt: &Runtime, name: &str, f: &Fixture) {
+fn bench_backend(c: &mut Criterion, rt: &Runtime, name: &str, f: &Fixture, cc: &cached::Cached) {
     let mut g = c.benchmark_group(name);
     g.bench_function("floor: HMAC-SHA256", |b| b.iter(|| f.hasher.hash(black_box(&f.key))));
     let hash = f.hasher.hash(&f.key);
@@ -224,6 +227,7 @@ fn bench_backend(c: &mut Criterion, rt: &Runtime, name: &str, f: &Fixture) {
         })
     });
     throughput(&mut g, rt, f);
+    cached::bench(&mut g, rt, f, cc);
     g.finish();
 }
 
@@ -259,10 +263,14 @@ fn throughput(g: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, f: &Fixture) {
 }
 
 /// Interleaved rounds of every compared operation; returns µs per call of each.
-fn interleaved(rt: &Runtime, f: &Fixture) -> [f64; 8] {
+fn rounds() -> (usize, usize) {
     let default = if quick() { 2 } else { 30 };
     let rounds = std::env::var("APIKEYS_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok());
-    let (rounds, per_round) = (rounds.unwrap_or(default), if quick() { 10 } else { 200 });
+    (rounds.unwrap_or(default), if quick() { 10 } else { 200 })
+}
+
+fn interleaved(rt: &Runtime, f: &Fixture) -> [f64; 8] {
+    let (rounds, per_round) = rounds();
     let mut totals = [Duration::ZERO; 8];
     rt.block_on(async {
         let hash = f.hasher.hash(&f.key);
@@ -286,11 +294,11 @@ fn interleaved(rt: &Runtime, f: &Fixture) -> [f64; 8] {
             timed!(7, f.verify_batched().await);
         }
     });
-    let n = f64::from(rounds * per_round);
+    let n = (rounds * per_round) as f64;
     totals.map(|d| d.as_secs_f64() * 1e6 / n)
 }
 
-fn report(name: &str, us: [f64; 8]) {
+fn report(name: &str, us: [f64; 8], cc: &cached::Figures) {
     let [hmac, select, floor, update, verify_off, verify_on, local, batched] = us;
     println!("\n{name}: interleaved, same run (µs per call)");
     println!("  HMAC-SHA256                      {hmac:9.2}");
@@ -322,6 +330,7 @@ fn report(name: &str, us: [f64; 8]) {
         batched / verify_off,
         batched / verify_on
     );
+    cached::report(cc, verify_off);
 }
 
 fn main() {
@@ -337,13 +346,16 @@ fn main() {
     let mut ratios = Vec::new();
     for backend in Backend::compiled_in() {
         let f = rt.block_on(fixture(backend));
+        let cc = rt.block_on(cached::cached(&f));
         let name = format!("{backend:?}").to_lowercase();
-        bench_backend(&mut c, &rt, &name, &f);
-        ratios.push((name, interleaved(&rt, &f)));
+        bench_backend(&mut c, &rt, &name, &f, &cc);
+        let (rounds, per) = rounds();
+        let figures = cached::interleaved(&rt, &f, &cc, rounds, per);
+        ratios.push((name, interleaved(&rt, &f), figures));
         rt.block_on(f.db.cleanup());
     }
     c.final_summary();
-    for (name, us) in ratios {
-        report(&name, us);
+    for (name, us, cc) in ratios {
+        report(&name, us, &cc);
     }
 }

@@ -1,0 +1,302 @@
+//! The hot path with the verified-key cache on: cache hits against their floor (HMAC + map
+//! lookup + decide), leased limits, metrics and spans on and off, throughput, and memory per
+//! cached key. Part of `hot_path`, so its figures come from the same run as the rest.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use apikeys_db::core::hazmat::{KeyHasher, Requirements, decide};
+use apikeys_db::{
+    ApiKey, ApiKeyClient, KeyCache, RateLimitMode, SigningSecret, VerifyOptions,
+};
+use criterion::{BenchmarkGroup, Throughput, measurement::WallTime};
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+use tokio::runtime::Runtime;
+
+use super::{Fixture, common::SECRET, quick};
+
+/// The process's resident memory (bytes), from `/proc/self/statm` (0 where there is none).
+fn resident() -> i64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: i64 = statm.split(' ').nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    pages * 4096
+}
+
+/// The clients of the cached benchmarks.
+pub struct Cached {
+    /// Cache on, usage batched: every check answered from memory.
+    client: ApiKeyClient,
+    /// The same, with leased shared limits.
+    leased: ApiKeyClient,
+    /// The floor: the hasher and one key in a map of the same crate the cache uses.
+    hasher: KeyHasher,
+    map: quick_cache::sync::Cache<[u8; 32], Arc<ApiKey>>,
+}
+
+fn cache() -> KeyCache {
+    KeyCache::new().max_staleness(Duration::from_secs(1))
+}
+
+pub async fn cached(f: &Fixture) -> Cached {
+    let batched = |b: apikeys_db::ClientBuilder| {
+        b.cache(cache()).usage_flush_interval(Duration::from_millis(100))
+    };
+    let client = f.db.client_with(batched).await;
+    let leased = f.db.client_with(|b| batched(b).rate_limit_mode(RateLimitMode::Leased)).await;
+    let hasher = KeyHasher::new(SigningSecret::new(SECRET).unwrap()).unwrap();
+    let record = f.client.verify_key(&f.key, &VerifyOptions::new().track_usage(false)).await;
+    let map = quick_cache::sync::Cache::new(100_000);
+    map.insert(*hasher.hash(&f.key).as_bytes(), Arc::new(record.unwrap()));
+    let c = Cached { client, leased, hasher, map };
+    // Warm: the first poll has run and every key the benchmarks use is cached.
+    for _ in 0..1_000 {
+        c.verify(f).await;
+        c.validate(f).await;
+        c.leased_validate(f).await;
+        if c.client.cache_stats().unwrap().hits > 10 && c.leased.cache_stats().unwrap().hits > 10
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for key in &f.pool {
+        c.client.verify_key(key, &VerifyOptions::new()).await.unwrap();
+    }
+    c
+}
+
+impl Cached {
+    /// The floor of a cache hit: HMAC, one map lookup, the decision.
+    fn floor(&self, f: &Fixture) {
+        let hash = self.hasher.hash(black_box(&f.key));
+        let key = self.map.get(hash.as_bytes()).unwrap();
+        decide(&key, &Requirements::default(), chrono::Utc::now()).unwrap();
+    }
+
+    async fn verify(&self, f: &Fixture) {
+        let options = VerifyOptions::new().track_usage(false);
+        self.client.verify_key(&f.key, &options).await.unwrap();
+    }
+
+    async fn verify_batched(&self, f: &Fixture) {
+        self.client.verify_key(&f.key, &VerifyOptions::new()).await.unwrap();
+    }
+
+    async fn validate(&self, f: &Fixture) {
+        self.client.validate_key(&f.key, &f.full()).await.unwrap();
+    }
+
+    /// Scopes + product + a leased shared limit + batched usage, on a hot key.
+    async fn leased_validate(&self, f: &Fixture) {
+        let options = f.full().track_usage(true);
+        self.leased.validate_key(&f.limited, &options).await.unwrap();
+    }
+}
+
+pub fn bench(g: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, f: &Fixture, c: &Cached) {
+    g.bench_function("cached: floor (HMAC + map lookup + decide)", |b| b.iter(|| c.floor(f)));
+    g.bench_function("cached: verify_key hit, tracking off", |b| {
+        b.to_async(rt).iter(|| c.verify(f))
+    });
+    g.bench_function("cached: verify_key hit, tracking batched", |b| {
+        b.to_async(rt).iter(|| c.verify_batched(f))
+    });
+    g.bench_function("cached: validate_key hit, scopes + product", |b| {
+        b.to_async(rt).iter(|| c.validate(f))
+    });
+    g.bench_function("cached: validate_key hit, leased limit + batched usage", |b| {
+        b.to_async(rt).iter(|| c.leased_validate(f))
+    });
+    g.throughput(Throughput::Elements(1));
+    for tasks in [1usize, 8, 64] {
+        g.bench_function(format!("cached: throughput, {tasks} tasks"), |b| {
+            b.to_async(rt).iter_custom(|n| throughput(c, f, tasks, n))
+        });
+    }
+    g.throughput(Throughput::Elements(1));
+}
+
+/// `tasks` tasks verifying keys of the pool (tracking batched, all cached): the time of `n`.
+async fn throughput(c: &Cached, f: &Fixture, tasks: usize, n: u64) -> Duration {
+    let per_task = (n as usize).div_ceil(tasks);
+    let started = Instant::now();
+    let handles: Vec<_> = (0..tasks)
+        .map(|t| {
+            let client = c.client.clone();
+            let keys: Vec<String> = (0..per_task.min(f.pool.len()))
+                .map(|i| f.pool[(t * 7919 + i * 104_729) % f.pool.len()].clone())
+                .collect();
+            tokio::spawn(async move {
+                let options = VerifyOptions::new();
+                for i in 0..per_task {
+                    client.verify_key(&keys[i % keys.len()], &options).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await.unwrap();
+    }
+    started.elapsed().mul_f64(n as f64 / (per_task * tasks) as f64)
+}
+
+/// A recorder as a host's exporter keeps one: a handle per metric key, found in a map under a
+/// lock on every macro call, then updated atomically.
+#[derive(Default)]
+struct MapRecorder {
+    counters: Mutex<HashMap<Key, Arc<AtomicU64>>>,
+    histograms: Mutex<HashMap<Key, Arc<Summary>>>,
+}
+
+#[derive(Default)]
+struct Summary {
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+impl metrics::HistogramFn for Summary {
+    fn record(&self, value: f64) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add((value * 1e9) as u64, Ordering::Relaxed);
+    }
+}
+
+impl Recorder for MapRecorder {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        let mut map = self.counters.lock().unwrap();
+        Counter::from_arc(Arc::clone(map.entry(key.clone()).or_default()))
+    }
+    fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+        Gauge::noop()
+    }
+    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+        let mut map = self.histograms.lock().unwrap();
+        Histogram::from_arc(Arc::clone(map.entry(key.clone()).or_default()))
+    }
+}
+
+/// The interleaved figures of the cached path (µs per call, except where named).
+pub struct Figures {
+    pub floor: f64,
+    pub verify: f64,
+    pub verify_batched: f64,
+    pub validate: f64,
+    pub leased: f64,
+    /// A cache hit on a current-thread runtime, metrics and spans off, then on.
+    pub plain: f64,
+    pub observed: f64,
+    /// Verifies per second with 8 tasks.
+    pub per_second_8: f64,
+    /// Bytes held per cached key.
+    pub bytes_per_key: f64,
+}
+
+pub fn interleaved(rt: &Runtime, f: &Fixture, c: &Cached, rounds: usize, per: usize) -> Figures {
+    let mut t = [Duration::ZERO; 7];
+    let local = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let recorder = MapRecorder::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(std::io::sink)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let dispatch = tracing::Dispatch::new(subscriber);
+    let mut per_second = 0.0;
+    for _ in 0..rounds {
+        macro_rules! timed {
+            ($i:expr, $op:expr) => {{
+                let s = Instant::now();
+                for _ in 0..per {
+                    $op;
+                }
+                t[$i] += s.elapsed();
+            }};
+        }
+        timed!(0, c.floor(f));
+        rt.block_on(async {
+            timed!(1, c.verify(f).await);
+            timed!(2, c.verify_batched(f).await);
+            timed!(3, c.validate(f).await);
+            timed!(4, c.leased_validate(f).await);
+        });
+        local.block_on(async { timed!(5, c.verify(f).await) });
+        tracing::dispatcher::with_default(&dispatch, || {
+            metrics::with_local_recorder(&recorder, || {
+                local.block_on(async { timed!(6, c.verify(f).await) });
+            });
+        });
+        let n = (per * 40) as u64;
+        let took = rt.block_on(throughput(c, f, 8, n));
+        per_second += n as f64 / took.as_secs_f64();
+    }
+    let us = |d: Duration| d.as_secs_f64() * 1e6 / (rounds * per) as f64;
+    Figures {
+        floor: us(t[0]),
+        verify: us(t[1]),
+        verify_batched: us(t[2]),
+        validate: us(t[3]),
+        leased: us(t[4]),
+        plain: us(t[5]),
+        observed: us(t[6]),
+        per_second_8: per_second / rounds as f64,
+        bytes_per_key: rt.block_on(bytes_per_key(f)),
+    }
+}
+
+/// What a cache holds per key: how much the process's resident memory grows while a fresh
+/// client caches every key of the pool (10 000; 100 in quick mode, too few to mean much),
+/// over the number of keys.
+async fn bytes_per_key(f: &Fixture) -> f64 {
+    let client = f.db.client_with(|b| b.cache(cache())).await;
+    while client.cache_stats().unwrap().feed_position.is_none() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let options = VerifyOptions::new().track_usage(false);
+    client.verify_key(&f.pool[0], &options).await.unwrap();
+    let before = resident();
+    for key in &f.pool[1..] {
+        client.verify_key(key, &options).await.unwrap();
+    }
+    let held = resident() - before;
+    let cached = client.cache_stats().unwrap().keys.saturating_sub(1).max(1);
+    held as f64 / cached as f64
+}
+
+pub fn report(c: &Figures, verify_off_uncached: f64) {
+    let judged = !quick() && !cfg!(debug_assertions);
+    let check = |label: &str, value: f64, target: f64, unit: &str| {
+        let verdict = match (judged, value <= target) {
+            (false, _) => "no verdict: quick or debug run",
+            (true, true) => "ok",
+            (true, false) => "MISSED",
+        };
+        println!("  {label:<52} {value:8.2}{unit}  (target ≤ {target}{unit}: {verdict})");
+    };
+    println!("  cached: floor = HMAC + map lookup + decide     {:9.2}", c.floor);
+    println!("  cached: verify_key hit, tracking off           {:9.2}", c.verify);
+    println!("  cached: verify_key hit, tracking batched       {:9.2}", c.verify_batched);
+    println!("  cached: validate_key hit, scopes + product     {:9.2}", c.validate);
+    println!("  cached: validate_key hit, leased + batched     {:9.2}", c.leased);
+    check("cached: verify_key hit", c.verify, 5.0, " µs");
+    println!("  {:<52} {:8.2}×", "cached: verify_key hit / its floor", c.verify / c.floor);
+    println!(
+        "  {:<52} {:8.1}×",
+        "cached: verify_key hit speed-up over uncached",
+        verify_off_uncached / c.verify
+    );
+    check("cached: leased validate_key / cached verify_key", c.leased / c.verify, 2.0, "×");
+    check("cached: metrics + spans on / off (current thread)", c.observed / c.plain, 1.1, "×");
+    let k = c.per_second_8 / 1_000.0;
+    let verdict = match (judged, k >= 200.0) {
+        (false, _) => "no verdict: quick or debug run",
+        (true, true) => "ok",
+        (true, false) => "MISSED",
+    };
+    println!("  {:<52} {k:8.0}k/s (target ≥ 200k/s: {verdict})", "cached: verifies, 8 tasks");
+    println!("  {:<52} {:8.0} B", "cached: memory per cached key", c.bytes_per_key);
+}
