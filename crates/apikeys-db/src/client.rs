@@ -68,14 +68,19 @@ pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 ///
 /// Besides the errors each method lists, every call that reaches the database fails with
 /// [`Error::Unavailable`] when the database cannot be reached, after at most the builder's
-/// connect timeout plus acquire timeout (5 s each by default), or when a statement runs past
-/// the statement timeout (5 s); the client reconnects by itself once the database is back.
+/// connect timeout plus acquire timeout (5 s each by default) for the first such call and at
+/// once for the later ones (see
+/// [`ClientBuilder::reconnect_interval`](crate::ClientBuilder::reconnect_interval)), or when
+/// a statement runs past the statement timeout (5 s); the client reconnects by itself once
+/// the database is back.
 /// A call the database aborts for a deadlock or a serialization failure (after the client's
 /// own retries, where it has any) fails with [`Error::Conflict`], which is retryable.
 ///
 /// The client is a composition of parts, each with its own connection handle: the key
-/// lookup (format, HMAC, one indexed read), the rate limiter (database clock, one conditional
-/// upsert per check) and the usage recorder (immediate or batched). Call
+/// lookup (format, HMAC, one indexed read), the optional verified-key cache in front of it
+/// (with its change-feed poller), the rate limiter (database clock, one conditional upsert
+/// per check or per leased block) and the usage recorder (immediate or batched); all their
+/// connections share one breaker that fails calls fast while the database is unreachable. Call
 /// [`shutdown`](Self::shutdown) before the process exits when usage is batched.
 #[derive(Clone)]
 pub struct ApiKeyClient {

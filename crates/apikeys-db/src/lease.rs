@@ -28,13 +28,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-use apikeys_core::{Error, KeyId, RateLimit, Result};
-use sea_orm::{ConnectionTrait, DbBackend, DbErr, SqlErr, Statement, Value};
+use apikeys_core::{KeyId, RateLimit, Result};
+use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, Value};
 
 use crate::breaker::Db;
 use crate::error::{retry_conflicts, storage};
 use crate::lock::lock;
-use crate::rate_limit::{Count, MY_NOW_MS, PG_NOW_MS, host_millis, left_ms};
+use crate::rate_limit::{Count, MY_NOW_MS, PG_NOW_MS, counting_error, host_millis, left_ms};
 
 /// The largest block a process reserves at once.
 pub(crate) const MAX_BLOCK: u32 = 1_024;
@@ -330,11 +330,7 @@ async fn reserve(db: &Db, key: KeyId, limit: RateLimit, block: u32) -> Result<Gr
             })
         }
     };
-    result.map_err(|e| match e.sql_err() {
-        // The counter's row references the key: the key was deleted after it was read.
-        Some(SqlErr::ForeignKeyConstraintViolation(_)) => Error::InvalidKey,
-        _ => storage(e),
-    })
+    result.map_err(counting_error)
 }
 
 /// Gives `units` of `key`'s window back: the count, as every reader sees it (at most the
@@ -406,6 +402,9 @@ mod tests {
         assert_eq!(lease.next_block(l, t0 + Duration::from_secs(2)), 16);
         lease.block = 1;
         assert_eq!(lease.next_block(l, t0 + Duration::from_secs(2)), 1, "at least one");
+        // A key checked once a second: one unit per reservation, so one write per check and
+        // nothing left over.
+        assert_eq!(lease.next_block(l, t0 + Duration::from_secs(1)), 1);
         assert_eq!(lease.next_block(limit(10), t0), 1, "a new limit starts again");
         assert_eq!(cap(limit(1 << 30)), MAX_BLOCK);
     }

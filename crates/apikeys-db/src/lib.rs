@@ -79,6 +79,7 @@ mod lease;
 mod link;
 mod lock;
 mod lookup;
+mod observe;
 mod org_child;
 mod rate_limit;
 mod transaction;

@@ -24,11 +24,11 @@ use governor::clock::Clock as GovernorClock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter as Gcra};
-use sea_orm::{ConnectionTrait, DbBackend, DbErr, SqlErr, Statement, Value};
+use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, Value};
 
 use crate::breaker::Db;
 use crate::client::Clock;
-use crate::error::{retry_conflicts, storage};
+use crate::error::{is_missing_parent, retry_conflicts, storage};
 use crate::lease::Leases;
 use crate::lock::lock;
 
@@ -384,11 +384,13 @@ async fn count(db: &Db, key: KeyId, limit: RateLimit) -> Result<Count> {
             })
         }
     };
-    result.map_err(|e| match e.sql_err() {
-        // The counter's row references the key: the key was deleted after it was read.
-        Some(SqlErr::ForeignKeyConstraintViolation(_)) => Error::InvalidKey,
-        _ => storage(e),
-    })
+    result.map_err(counting_error)
+}
+
+/// A counting statement's failure: [`Error::InvalidKey`] when the counter's row could not
+/// reference its key (the key was deleted after it was read), else as [`storage`].
+pub(crate) fn counting_error(e: DbErr) -> Error {
+    if is_missing_parent(&e) { Error::InvalidKey } else { storage(e) }
 }
 
 /// Deletes window rows that ended [`PURGE_GRACE`] ago or earlier, by the database's clock.

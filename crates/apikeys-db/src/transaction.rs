@@ -181,7 +181,9 @@ impl InTransaction<'_> {
     }
 
     /// [`ApiKeyClient::create_key`] in the host's transaction: the key works once the host
-    /// commits, and never if it rolls back.
+    /// commits, and never if it rolls back. (With the verified-key cache on, a check of the
+    /// key *before* the commit finds no key and is remembered as unknown, for up to
+    /// `max_staleness`: check new keys after the commit.)
     ///
     /// # Errors
     /// As `create_key`.

@@ -5,9 +5,6 @@
 //! re-hash. Nothing here parses the caller's requirements: [`ValidateOptions`] did that when
 //! it was built.
 
-use std::future::Future;
-use std::time::Instant;
-
 use apikeys_core::hazmat::{KeyHasher, ProductAccess, Requirements, decide};
 use apikeys_core::{ApiKey, Error, KeyId, OrgId, ProductId, Result, Scopes};
 use chrono::{DateTime, Utc};
@@ -15,7 +12,6 @@ use sea_orm::sea_query::Expr;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter, QueryResult,
 };
-use tracing::Instrument;
 
 use crate::cache::{CacheState, CachedKey, Lookup};
 use crate::client::ApiKeyClient;
@@ -24,6 +20,7 @@ use crate::entity::api_key;
 use crate::error::storage;
 use crate::feed::Change;
 use crate::lookup::HashColumn;
+use crate::observe::{Op, observe};
 
 /// Options of [`ApiKeyClient::verify_key`].
 #[derive(Debug, Clone, Copy)]
@@ -364,7 +361,7 @@ impl ApiKeyClient {
     /// # }
     /// ```
     pub async fn verify_key(&self, plaintext: &str, options: &VerifyOptions) -> Result<ApiKey> {
-        observe("verify", self.verify(plaintext, options)).await
+        observe(Op::Verify, self.verify(plaintext, options)).await
     }
 
     async fn verify(&self, plaintext: &str, options: &VerifyOptions) -> Result<ApiKey> {
@@ -411,7 +408,7 @@ impl ApiKeyClient {
     /// # }
     /// ```
     pub async fn validate_key(&self, plaintext: &str, options: &ValidateOptions) -> Result<ApiKey> {
-        observe("validate", self.validate(plaintext, options)).await
+        observe(Op::Validate, self.validate(plaintext, options)).await
     }
 
     async fn validate(&self, plaintext: &str, options: &ValidateOptions) -> Result<ApiKey> {
@@ -426,43 +423,5 @@ impl ApiKeyClient {
         }
         self.record_success(&mut found, options.track_usage, now).await?;
         Ok(found.key)
-    }
-}
-
-/// The metric counting checks, labelled `op` (`verify`, `validate`) and `outcome`.
-pub(crate) const CHECKS_METRIC: &str = "apikeys_checks_total";
-/// The metric timing checks (seconds), labelled `op`.
-pub(crate) const DURATION_METRIC: &str = "apikeys_check_duration_seconds";
-
-/// Runs one check in a `tracing` span (`apikeys.check`, with `op` and, once the key is found,
-/// `key_id` and `org_id`: never key material), then counts its outcome and records its
-/// duration through the `metrics` facade (a no-op until the host installs a recorder).
-async fn observe(op: &'static str, check: impl Future<Output = Result<ApiKey>>) -> Result<ApiKey> {
-    let span = tracing::info_span!(
-        "apikeys.check",
-        op,
-        key_id = tracing::field::Empty,
-        org_id = tracing::field::Empty
-    );
-    let started = Instant::now();
-    let result = check.instrument(span).await;
-    metrics::counter!(CHECKS_METRIC, "op" => op, "outcome" => outcome(&result)).increment(1);
-    metrics::histogram!(DURATION_METRIC, "op" => op).record(started.elapsed().as_secs_f64());
-    result
-}
-
-/// A check's outcome as the `outcome` label names it.
-fn outcome(result: &Result<ApiKey>) -> &'static str {
-    match result {
-        Ok(_) => "ok",
-        Err(Error::InvalidKey) => "invalid",
-        Err(Error::Expired { .. }) => "expired",
-        Err(Error::Revoked { .. }) => "revoked",
-        Err(Error::ProductNotAllowed { .. }) => "product",
-        Err(Error::InsufficientScope { .. }) => "scope",
-        Err(Error::Quota { .. }) => "quota",
-        Err(Error::Unavailable { .. }) => "unavailable",
-        Err(Error::Conflict { .. }) => "conflict",
-        Err(_) => "storage",
     }
 }

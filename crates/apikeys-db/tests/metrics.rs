@@ -1,6 +1,7 @@
 //! Every `verify_key` / `validate_key` outcome is counted (`apikeys_checks_total`, labelled
 //! `op` and `outcome`) and timed (`apikeys_check_duration_seconds`, labelled `op`) through the
-//! `metrics` facade, on every compiled-in backend.
+//! `metrics` facade, on every compiled-in backend; with the cache on, its lookups are counted
+//! (`apikeys_cache_lookups_total`, labelled `result`) and its feed lag is a gauge.
 //!
 //! The recorder is global, so this binary is one test that goes through the backends in turn;
 //! each snapshot of the debugging recorder resets its counters, so each backend's counts are
@@ -12,18 +13,29 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
-use apikeys_db::{KeyUpdate, NewKey, RateLimit, ValidateOptions, VerifyOptions};
+use apikeys_db::{KeyCache, KeyUpdate, NewKey, RateLimit, ValidateOptions, VerifyOptions};
 use chrono::TimeDelta;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 
 use common::{Backend, TestClock, TestDb, at};
 
-/// Counter values by (op, outcome), and histogram sample counts by op.
-type Counts = (BTreeMap<(String, String), u64>, BTreeMap<String, usize>);
+/// What one snapshot holds.
+#[derive(Default)]
+struct Counts {
+    /// Check counters by (op, outcome).
+    checks: BTreeMap<(String, String), u64>,
+    /// Timing samples by op.
+    timings: BTreeMap<String, usize>,
+    /// Cache lookups by result.
+    cache: BTreeMap<String, u64>,
+    /// The feed-lag gauge, if set.
+    lag: Option<f64>,
+}
 
 fn take(snapshotter: &Snapshotter) -> Counts {
-    let (mut counters, mut timings) = (BTreeMap::new(), BTreeMap::new());
+    let mut counts = Counts::default();
     for (key, _, _, value) in snapshotter.snapshot().into_vec() {
         let key = key.key();
         let label = |name: &str| {
@@ -31,16 +43,23 @@ fn take(snapshotter: &Snapshotter) -> Counts {
         };
         match (key.name(), value) {
             ("apikeys_checks_total", DebugValue::Counter(n)) => {
-                *counters.entry((label("op"), label("outcome"))).or_default() += n;
+                *counts.checks.entry((label("op"), label("outcome"))).or_default() += n;
             }
             ("apikeys_check_duration_seconds", DebugValue::Histogram(samples)) => {
                 assert!(samples.iter().all(|s| s.into_inner() >= 0.0));
-                *timings.entry(label("op")).or_default() += samples.len();
+                *counts.timings.entry(label("op")).or_default() += samples.len();
             }
+            ("apikeys_cache_lookups_total", DebugValue::Counter(n)) => {
+                *counts.cache.entry(label("result")).or_default() += n;
+            }
+            ("apikeys_cache_feed_lag_seconds", DebugValue::Gauge(v)) => {
+                counts.lag = Some(v.into_inner());
+            }
+            ("apikeys_cache_feed_changes_total", DebugValue::Counter(_)) => {}
             (name, value) => panic!("unexpected metric {name}: {value:?}"),
         }
     }
-    (counters, timings)
+    counts
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,7 +101,7 @@ async fn every_outcome_is_counted_and_timed() {
         client.validate_key(limited.key.expose_secret(), &plain).await.unwrap_err();
         client.update_key(key.record.id, KeyUpdate::new().with_name("renamed")).await.unwrap();
 
-        let (counters, timings) = take(&snapshotter);
+        let Counts { checks: counters, timings, .. } = take(&snapshotter);
         let expected: BTreeMap<(String, String), u64> = [
             ("verify", "ok", 2),
             ("verify", "invalid", 1),
@@ -100,6 +119,53 @@ async fn every_outcome_is_counted_and_timed() {
         let expected_timings: BTreeMap<String, usize> =
             [("verify".to_owned(), 5), ("validate".to_owned(), 5)].into_iter().collect();
         assert_eq!(timings, expected_timings, "{backend:?}: one duration per check");
+
+        // The cache: hits, a miss, a key known not to exist; the feed's lag. The poller hands
+        // the cache's own counts to the metrics (at least once a second): every lookup the
+        // cache counted reaches the metric, under its result.
+        take(&snapshotter);
+        let cache = KeyCache::new().max_staleness(Duration::from_secs(30));
+        let cached = db.client_with(|b| b.cache(cache)).await;
+        let untracked = VerifyOptions::new().track_usage(false);
+        for _ in 0..1_000 {
+            cached.verify_key(k, &untracked).await.unwrap();
+            if cached.cache_stats().unwrap().hits > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        cached.verify_key(k, &untracked).await.unwrap();
+        let made_up = cached.key_format().generate().unwrap();
+        cached.verify_key(made_up.expose_secret(), &untracked).await.unwrap_err();
+        cached.verify_key(made_up.expose_secret(), &untracked).await.unwrap_err();
+        let stats = cached.cache_stats().unwrap();
+        assert!(stats.hits >= 2 && stats.misses >= 2 && stats.unknown == 1, "{stats:?}");
+        let expected: BTreeMap<String, u64> = [
+            ("hit", stats.hits),
+            ("miss", stats.misses),
+            ("unknown", stats.unknown),
+            ("bypass", stats.bypassed),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(r, n)| (r.to_owned(), n))
+        .collect();
+        let (mut cache_counts, mut lag) = (BTreeMap::new(), None);
+        for _ in 0..100 {
+            let counts = take(&snapshotter);
+            for (result, n) in counts.cache {
+                *cache_counts.entry(result).or_default() += n;
+            }
+            cache_counts.retain(|_, n| *n > 0);
+            lag = counts.lag.or(lag);
+            if cache_counts == expected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(cache_counts, expected, "{backend:?}");
+        let lag = lag.expect("the feed-lag gauge is set by every poll");
+        assert!((0.0..30.0).contains(&lag), "{backend:?}: lag {lag}");
         db.cleanup().await;
     }
 }

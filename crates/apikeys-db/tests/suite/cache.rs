@@ -320,3 +320,20 @@ pub async fn rehash_refreshes_the_cached_entry(db: TestDb) {
     warm(&rotating, &key, &untracked()).await;
     old.verify_key(&key, &VerifyOptions::new().track_usage(false)).await.unwrap();
 }
+
+pub async fn the_cache_holds_at_most_max_keys(db: TestDb) {
+    let client = db.client_with(|b| b.cache(counting_cache().max_keys(8))).await;
+    let org = org(&client, "acme").await;
+    let mut keys = Vec::new();
+    for i in 0..40 {
+        let issued = client.create_key(org, NewKey::new(format!("k{i}"))).await.unwrap();
+        keys.push(issued.key.expose_secret().to_owned());
+    }
+    warm(&client, &keys[0], &untracked()).await;
+    for _ in 0..3 {
+        for k in &keys {
+            client.validate_key(k, &untracked()).await.unwrap();
+            assert!(stats(&client).keys <= 8, "{:?}", stats(&client));
+        }
+    }
+}

@@ -68,6 +68,7 @@ common::backend_tests! {
         a_flood_of_unknown_keys_leaves_real_keys_working,
         a_failing_feed_stops_the_cache,
         rehash_refreshes_the_cached_entry,
+        the_cache_holds_at_most_max_keys,
     ],
     concurrency: [
         concurrent_bootstrap,
