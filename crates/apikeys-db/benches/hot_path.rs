@@ -334,6 +334,7 @@ fn report(name: &str, us: [f64; 8], cc: &cached::Figures) {
 }
 
 fn main() {
+    cached::install_recorder();
     let rt = Runtime::new().unwrap();
     let mut c = Criterion::default();
     if quick() {

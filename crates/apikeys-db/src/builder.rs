@@ -14,6 +14,7 @@ use crate::cache::{CacheState, KeyCache, spawn_poller};
 use crate::client::{ApiKeyClient, Clock, Inner};
 use crate::id::IdMinter;
 use crate::lookup::LookupSql;
+use crate::observe::CheckMetrics;
 use crate::rate_limit::{RateLimitMode, RateLimiter};
 use crate::usage::UsageRecorder;
 
@@ -390,6 +391,7 @@ impl ClientBuilder {
             limiter,
             usage,
             cache,
+            metrics: CheckMetrics::default(),
         });
         Ok(ApiKeyClient { inner })
     }

@@ -23,6 +23,7 @@ use crate::error::storage;
 use crate::feed::{self, Change};
 use crate::id::IdMinter;
 use crate::lookup::LookupSql;
+use crate::observe::CheckMetrics;
 use crate::rate_limit::RateLimiter;
 use crate::usage::UsageRecorder;
 
@@ -105,6 +106,8 @@ pub(crate) struct Inner {
     pub(crate) usage: UsageRecorder,
     /// The verified-key cache, when the builder configured one.
     pub(crate) cache: Option<Arc<CacheState>>,
+    /// The hot path's metric handles.
+    pub(crate) metrics: CheckMetrics,
 }
 
 impl fmt::Debug for ApiKeyClient {

@@ -7,11 +7,11 @@
 //! counted in the cache and handed to the metrics by its poller.
 
 use std::future::Future;
-use std::sync::LazyLock;
+use std::sync::{LazyLock, OnceLock};
 use std::time::Instant;
 
 use apikeys_core::{ApiKey, Error, Result};
-use metrics::{Key, Label, Level, Metadata};
+use metrics::{Counter, Histogram, Key, Label, Level, Metadata, Recorder};
 use tracing::Instrument;
 
 /// The metric counting checks, labelled `op` (`verify`, `validate`) and `outcome`.
@@ -71,11 +71,61 @@ static DURATION_KEYS: LazyLock<Vec<Key>> = LazyLock::new(|| {
     OPS.iter().map(|op| key(op)).collect()
 });
 
+/// The hot path's metric handles, registered once with the recorder in use at a client's
+/// first check and used for as long as that recorder stays the one in use (the usual case:
+/// the host installs its global recorder at start-up). A registration costs a lookup in the
+/// recorder's registry, a handle an atomic operation. Under any other recorder (one
+/// installed later, or a thread's local one) every check registers as the macros do.
+#[derive(Default)]
+pub(crate) struct CheckMetrics {
+    handles: OnceLock<Handles>,
+}
+
+struct Handles {
+    /// The address of the recorder the handles belong to.
+    recorder: usize,
+    checks: Vec<Counter>,
+    durations: Vec<Histogram>,
+}
+
+fn address(recorder: &dyn Recorder) -> usize {
+    std::ptr::from_ref(recorder).cast::<()>() as usize
+}
+
+impl CheckMetrics {
+    /// Counts one check of `op` with outcome number `outcome`, which took `seconds`.
+    fn record(&self, op: Op, outcome: usize, seconds: f64) {
+        let counter = op as usize * OUTCOMES.len() + outcome;
+        metrics::with_recorder(|r| {
+            let here = address(r);
+            let handles = self.handles.get_or_init(|| Handles {
+                recorder: here,
+                checks: CHECK_KEYS.iter().map(|k| r.register_counter(k, &METADATA)).collect(),
+                durations: DURATION_KEYS
+                    .iter()
+                    .map(|k| r.register_histogram(k, &METADATA))
+                    .collect(),
+            });
+            if handles.recorder == here {
+                handles.checks[counter].increment(1);
+                handles.durations[op as usize].record(seconds);
+            } else {
+                r.register_counter(&CHECK_KEYS[counter], &METADATA).increment(1);
+                r.register_histogram(&DURATION_KEYS[op as usize], &METADATA).record(seconds);
+            }
+        });
+    }
+}
+
 /// Runs one check in a `tracing` span (`apikeys.check`, with `op` and, once the key is found,
 /// `key_id` and `org_id`: never key material), then counts its outcome and records its
 /// duration. The span is at DEBUG level, as tower-http's per-request spans are: a host
 /// logging at INFO pays nothing for it on a check answered from memory.
-pub(crate) async fn observe(op: Op, check: impl Future<Output = Result<ApiKey>>) -> Result<ApiKey> {
+pub(crate) async fn observe(
+    metrics: &CheckMetrics,
+    op: Op,
+    check: impl Future<Output = Result<ApiKey>>,
+) -> Result<ApiKey> {
     let span = tracing::debug_span!(
         "apikeys.check",
         op = OPS[op as usize],
@@ -84,12 +134,7 @@ pub(crate) async fn observe(op: Op, check: impl Future<Output = Result<ApiKey>>)
     );
     let started = Instant::now();
     let result = check.instrument(span).await;
-    let counter = &CHECK_KEYS[op as usize * OUTCOMES.len() + outcome(&result)];
-    let duration = &DURATION_KEYS[op as usize];
-    metrics::with_recorder(|r| {
-        r.register_counter(counter, &METADATA).increment(1);
-        r.register_histogram(duration, &METADATA).record(started.elapsed().as_secs_f64());
-    });
+    metrics.record(op, outcome(&result), started.elapsed().as_secs_f64());
     result
 }
 

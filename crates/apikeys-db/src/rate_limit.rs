@@ -53,7 +53,7 @@ pub enum RateLimitMode {
     /// processes no window ever admits more than the limit. The block adapts to the key's
     /// rate: a key checked about once a second still costs one write per check and leaves
     /// nothing unspent; a hot key costs one write per block (at most `limit / 16` units,
-    /// and at most 1024).
+    /// and at most 16 384).
     ///
     /// The trade-off: one process may refuse while another still holds units, so a window
     /// can end with up to the sum of the blocks held by all processes unspent (each at most

@@ -361,7 +361,7 @@ impl ApiKeyClient {
     /// # }
     /// ```
     pub async fn verify_key(&self, plaintext: &str, options: &VerifyOptions) -> Result<ApiKey> {
-        observe(Op::Verify, self.verify(plaintext, options)).await
+        observe(&self.inner.metrics, Op::Verify, self.verify(plaintext, options)).await
     }
 
     async fn verify(&self, plaintext: &str, options: &VerifyOptions) -> Result<ApiKey> {
@@ -408,7 +408,7 @@ impl ApiKeyClient {
     /// # }
     /// ```
     pub async fn validate_key(&self, plaintext: &str, options: &ValidateOptions) -> Result<ApiKey> {
-        observe(Op::Validate, self.validate(plaintext, options)).await
+        observe(&self.inner.metrics, Op::Validate, self.validate(plaintext, options)).await
     }
 
     async fn validate(&self, plaintext: &str, options: &ValidateOptions) -> Result<ApiKey> {
