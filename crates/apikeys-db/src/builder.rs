@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use apikeys_core::hazmat::KeyHasher;
@@ -10,7 +11,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::DatabaseConnection;
 
 use crate::breaker::{Breaker, Db};
-use crate::cache::{CacheState, KeyCache, spawn_poller};
+use crate::cache::{CacheState, DEFAULT_RETENTION, KeyCache, spawn_poller};
 use crate::client::{ApiKeyClient, Clock, Inner};
 use crate::id::IdMinter;
 use crate::lookup::LookupSql;
@@ -375,9 +376,10 @@ impl ClientBuilder {
         };
         let lookup = LookupSql::new(db.raw().get_database_backend(), hasher.versions().count())?;
         let miss_wait = self.acquire_timeout.unwrap_or(DEFAULT_ACQUIRE_TIMEOUT);
+        let feed_retention = self.cache.as_ref().map_or(DEFAULT_RETENTION, |c| c.feed_retention);
         let cache = self.cache.map(|c| Arc::new(CacheState::new(c, miss_wait)));
         if let Some(cache) = &cache {
-            spawn_poller(&runtime, Arc::downgrade(cache), db.clone(), writer.clone());
+            spawn_poller(&runtime, Arc::downgrade(cache), db.clone());
         }
         let inner = Arc::new(Inner {
             lookup,
@@ -392,6 +394,9 @@ impl ClientBuilder {
             usage,
             cache,
             metrics: CheckMetrics::default(),
+            feed_retention,
+            changes: AtomicU64::new(0),
+            runtime,
         });
         Ok(ApiKeyClient { inner })
     }

@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use apikeys_core::hazmat::KeyHasher;
@@ -108,7 +109,16 @@ pub(crate) struct Inner {
     pub(crate) cache: Option<Arc<CacheState>>,
     /// The hot path's metric handles.
     pub(crate) metrics: CheckMetrics,
+    /// How long change-feed rows are kept (the cache's setting, or an hour).
+    pub(crate) feed_retention: Duration,
+    /// Changes this client has made (every [`PURGE_FEED_EVERY`] it purges the feed).
+    pub(crate) changes: AtomicU64,
+    /// Where background work runs: the runtime the client was built on.
+    pub(crate) runtime: tokio::runtime::Handle,
 }
+
+/// Every this many changes a client makes, it deletes old change-feed rows in the background.
+const PURGE_FEED_EVERY: u64 = 256;
 
 impl fmt::Debug for ApiKeyClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -244,7 +254,37 @@ impl ApiKeyClient {
             })
             .await;
         self.forget(change);
+        self.count_change();
         result
+    }
+
+    /// Counts a change written to the feed; every [`PURGE_FEED_EVERY`] changes, purges the
+    /// feed in the background.
+    pub(crate) fn count_change(&self) {
+        let n = self.inner.changes.fetch_add(1, Ordering::Relaxed);
+        if n % PURGE_FEED_EVERY == PURGE_FEED_EVERY - 1 {
+            let client = self.clone();
+            self.inner.runtime.spawn(async move {
+                if let Err(e) = client.purge_change_feed().await {
+                    tracing::warn!(error = %e, "purging old change-feed rows failed");
+                }
+            });
+        }
+    }
+
+    /// Deletes the change-feed rows older than the retention (by this client's clock; see
+    /// [`KeyCache::feed_retention`](crate::KeyCache::feed_retention), an hour by default),
+    /// except the newest, which tells a caching client whether it missed rows. Every client
+    /// does this in the background once every 256 changes it makes; call it from a
+    /// maintenance job for a guaranteed bound. Returns the number of rows deleted.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] or [`Error::Storage`] if the database fails.
+    pub async fn purge_change_feed(&self) -> Result<u64> {
+        let retention = chrono::Duration::from_std(self.inner.feed_retention)
+            .map_err(|_| Error::configuration("feed retention out of range"))?;
+        let before = self.now().checked_sub_signed(retention).unwrap_or(DateTime::<Utc>::MIN_UTC);
+        feed::purge(self.writer(), naive(before)).await
     }
 
     /// What the verified-key cache has done so far (`None`: the client has no cache; see

@@ -98,6 +98,7 @@ impl InTransaction<'_> {
         if let Some(cache) = &self.client.inner.cache {
             cache.forget_pending(change, seq);
         }
+        self.client.count_change();
         Ok(value)
     }
 

@@ -35,9 +35,12 @@ pub struct KeyCache {
     pub(super) max_keys: usize,
     pub(super) max_staleness: Duration,
     pub(super) stale_if_error: Option<Duration>,
-    pub(super) feed_retention: Duration,
+    pub(crate) feed_retention: Duration,
     pub(super) max_concurrent_misses: usize,
 }
+
+/// How long change-feed rows are kept, unless a cache says otherwise.
+pub(crate) const DEFAULT_RETENTION: Duration = Duration::from_secs(3_600);
 
 impl Default for KeyCache {
     fn default() -> Self {
@@ -45,7 +48,7 @@ impl Default for KeyCache {
             max_keys: 100_000,
             max_staleness: Duration::from_secs(1),
             stale_if_error: None,
-            feed_retention: Duration::from_secs(3_600),
+            feed_retention: DEFAULT_RETENTION,
             max_concurrent_misses: 4,
         }
     }
@@ -93,9 +96,11 @@ impl KeyCache {
         self
     }
 
-    /// How long change-feed rows are kept (default 1 h, at least 1 min). Every client
-    /// deletes older rows once a minute. A client that falls further behind than this (a
-    /// paused process) notices the rows it missed and empties its cache.
+    /// How long change-feed rows are kept (default 1 h, at least 1 min): every client
+    /// deletes older rows (by its clock) in the background once every 256 changes it makes,
+    /// and [`ApiKeyClient::purge_change_feed`](crate::ApiKeyClient::purge_change_feed) on
+    /// demand. A client that falls further behind than this (a paused process) notices the
+    /// rows it missed and empties its cache.
     #[must_use]
     pub fn feed_retention(mut self, retention: Duration) -> Self {
         self.feed_retention = retention;

@@ -40,12 +40,14 @@ use std::time::{Duration, Instant};
 
 use apikeys_core::hazmat::{KeyHash, ProductAccess};
 use apikeys_core::{ApiKey, Error, OrgId, ProductId, ProjectId, Result};
-use quick_cache::sync::Cache;
+use quick_cache::sync::{Cache, DefaultLifecycle};
+use quick_cache::{DefaultHashBuilder, OptionsBuilder, UnitWeighter};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::feed::Change;
 use crate::lock::lock;
 use config::Counts;
+pub(crate) use config::DEFAULT_RETENTION;
 pub use config::{CacheStats, KeyCache};
 pub(crate) use poll::spawn_poller;
 
@@ -123,11 +125,11 @@ impl CacheState {
     pub(crate) fn new(config: KeyCache, miss_wait: Duration) -> Self {
         let n = config.max_keys;
         Self {
-            keys: Cache::new(n),
+            keys: bounded(n),
             ids: Mutex::new(HashMap::new()),
-            unknown: Cache::new(n),
-            products: Cache::new(n),
-            links: Cache::new(n),
+            unknown: bounded(n),
+            products: bounded(n),
+            links: bounded(n),
             generation: AtomicU64::new(0),
             epoch: Instant::now(),
             last_ok: AtomicU64::new(0),
@@ -334,6 +336,37 @@ impl CacheState {
         self.unknown.clear();
         self.products.clear();
         self.links.clear();
+    }
+}
+
+/// A cache that never holds more than `n` entries. quick_cache splits its capacity into
+/// shards and rounds each shard's share up (so `Cache::new(250)` may hold 256): the capacity
+/// given is `n` rounded down to a multiple of the shard count, which is chosen here the way
+/// quick_cache would (8, halved while a shard would hold fewer than 32 items).
+fn bounded<K, V>(n: usize) -> Cache<K, V>
+where
+    K: Eq + std::hash::Hash,
+    V: Clone,
+{
+    let mut shards: usize = 8;
+    while shards > 1 && n.div_ceil(shards) < 32 {
+        shards /= 2;
+    }
+    let capacity = (n / shards * shards).max(1);
+    let options = OptionsBuilder::new()
+        .shards(shards)
+        .estimated_items_capacity(n)
+        .weight_capacity(capacity as u64)
+        .build();
+    match options {
+        Ok(options) => Cache::with_options(
+            options,
+            UnitWeighter,
+            DefaultHashBuilder::default(),
+            DefaultLifecycle::default(),
+        ),
+        // Every option above is in range; quick_cache's own sizing is the fallback.
+        Err(_) => Cache::new(capacity),
     }
 }
 

@@ -3,21 +3,16 @@
 
 use std::sync::Weak;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
-
-use chrono::Utc;
+use std::time::Duration;
 
 use super::CacheState;
 use crate::breaker::Db;
-use crate::convert::naive;
 use crate::feed::{self, Change};
 use crate::lock::lock;
 use crate::observe;
 
 /// Feed rows read per statement while catching up.
 const FEED_PAGE: u64 = 500;
-/// How often a client deletes feed rows older than the retention.
-const PURGE_EVERY: Duration = Duration::from_secs(60);
 
 impl CacheState {
     /// Reads the feed rows after the last one applied and applies them, until none is left.
@@ -107,32 +102,19 @@ impl CacheState {
     }
 }
 
-/// Polls the change feed every `max_staleness / 4` and purges old feed rows once a minute,
-/// on `runtime`, until the cache is dropped.
-pub(crate) fn spawn_poller(
-    runtime: &tokio::runtime::Handle,
-    state: Weak<CacheState>,
-    db: Db,
-    writer: Db,
-) {
-    let Some(config) = state.upgrade().map(|s| s.config.clone()) else { return };
+/// Polls the change feed every `max_staleness / 4` (at least once a second) on `runtime`,
+/// until the cache is dropped.
+pub(crate) fn spawn_poller(runtime: &tokio::runtime::Handle, state: Weak<CacheState>, db: Db) {
+    let Some(interval) = state.upgrade().map(|s| s.config.poll_interval()) else { return };
     runtime.spawn(async move {
-        let mut tick = tokio::time::interval(config.poll_interval());
+        let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_purge = Instant::now();
         let mut published = [0; 4];
         loop {
             tick.tick().await;
             let Some(state) = state.upgrade() else { return };
             state.poll(&db).await;
             state.publish(&mut published);
-            if last_purge.elapsed() >= PURGE_EVERY {
-                last_purge = Instant::now();
-                let before = Utc::now() - config.feed_retention;
-                if let Err(e) = feed::purge(&writer, naive(before)).await {
-                    tracing::warn!(error = %e, "purging old change-feed rows failed");
-                }
-            }
         }
     });
 }

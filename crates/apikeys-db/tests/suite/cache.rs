@@ -337,3 +337,45 @@ pub async fn the_cache_holds_at_most_max_keys(db: TestDb) {
         }
     }
 }
+
+pub async fn a_client_behind_the_purged_feed_empties_its_cache(db: TestDb) {
+    let admin = db.client().await;
+    let replica = db.client_with(|b| b.cache(counting_cache())).await;
+    let org = org(&admin, "acme").await;
+    let k1 = admin.create_key(org, NewKey::new("k1")).await.unwrap();
+    let k2 = admin.create_key(org, NewKey::new("k2")).await.unwrap();
+    warm(&replica, k1.key.expose_secret(), &untracked()).await;
+    // Two changes whose feed rows are purged before the replica reads them, as when it was
+    // paused for longer than the retention: it finds only the newest row, after a gap.
+    let txn = admin.begin().await.unwrap();
+    admin.with(&txn).revoke_key(k1.record.id).await.unwrap();
+    admin.with(&txn).update_key(k2.record.id, KeyUpdate::new().with_name("b")).await.unwrap();
+    let purge =
+        "DELETE FROM key_changes WHERE seq < (SELECT seq FROM key_changes_head WHERE id = 1)";
+    txn.execute_unprepared(purge).await.unwrap();
+    txn.commit().await.unwrap();
+    // The replica notices the gap and empties its cache: the revoked key is read again.
+    for _ in 0..2_000 {
+        match replica.validate_key(k1.key.expose_secret(), &untracked()).await {
+            Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err(Error::Revoked { .. }) => return,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    panic!("the replica kept serving a key revoked behind a gap: {:?}", stats(&replica));
+}
+
+pub async fn purge_change_feed_keeps_the_newest_row(db: TestDb) {
+    let clock = TestClock::at(chrono::Utc::now());
+    let admin = db.client_with(|b| b.clock(clock.as_fn())).await;
+    let org = org(&admin, "acme").await;
+    let id = admin.create_key(org, NewKey::new("k")).await.unwrap().record.id;
+    for name in ["a", "b", "c"] {
+        admin.update_key(id, KeyUpdate::new().with_name(name)).await.unwrap();
+    }
+    assert_eq!(db.count(&admin, "key_changes").await, 3);
+    assert_eq!(admin.purge_change_feed().await.unwrap(), 0, "nothing an hour old yet");
+    clock.advance(TimeDelta::hours(2));
+    assert_eq!(admin.purge_change_feed().await.unwrap(), 2);
+    assert_eq!(db.count(&admin, "key_changes").await, 1, "the newest row stays");
+}

@@ -69,6 +69,8 @@ common::backend_tests! {
         a_failing_feed_stops_the_cache,
         rehash_refreshes_the_cached_entry,
         the_cache_holds_at_most_max_keys,
+        a_client_behind_the_purged_feed_empties_its_cache,
+        purge_change_feed_keeps_the_newest_row,
     ],
     concurrency: [
         concurrent_bootstrap,
