@@ -25,6 +25,8 @@ use sea_orm::{
     QueryResult, RuntimeErr, Statement, TransactionOptions, TransactionTrait,
 };
 
+use crate::error::is_unreachable;
+
 /// The message of the error a statement fails with while the breaker is open.
 pub(crate) const FAIL_FAST: &str = "the database was unreachable at the last attempt; failing fast until a background probe reconnects";
 
@@ -101,31 +103,6 @@ async fn probe(breaker: Arc<Breaker>, conn: DatabaseConnection) {
         if !breaker.is_open() || breaker.probing.swap(true, Ordering::AcqRel) {
             return;
         }
-    }
-}
-
-/// Whether `e` says the database could not be reached (as opposed to a statement it
-/// refused or cut short).
-fn is_unreachable(e: &DbErr) -> bool {
-    use sea_orm::sqlx::Error as Sqlx;
-    let runtime = match e {
-        DbErr::ConnectionAcquire(_) => return true,
-        DbErr::Conn(r) | DbErr::Exec(r) | DbErr::Query(r) => r,
-        _ => return false,
-    };
-    let RuntimeErr::SqlxError(sqlx) = runtime else { return false };
-    match &**sqlx {
-        Sqlx::Io(_)
-        | Sqlx::Tls(_)
-        | Sqlx::PoolTimedOut
-        | Sqlx::PoolClosed
-        | Sqlx::WorkerCrashed => true,
-        // Connection exceptions (08...), and PostgreSQL's admin shutdown, crash shutdown and
-        // "cannot connect now" (57P01-57P03); not 57014, a statement cancelled by its timeout.
-        Sqlx::Database(db) => db.code().is_some_and(|c| {
-            c.starts_with("08") || matches!(c.as_ref(), "57P01" | "57P02" | "57P03")
-        }),
-        _ => false,
     }
 }
 

@@ -16,59 +16,72 @@ pub(crate) fn storage(e: DbErr) -> Error {
     }
 }
 
-/// Connection-level failures and time-outs: pool timeout, refused or lost connection, the
-/// SQLSTATE classes 08 (connection exception; MySQL reports its shutdown as 08S01) and 57
-/// (operator intervention: PostgreSQL shutting down, starting up, or cancelling a statement
-/// that ran past `statement_timeout`), MariaDB's `max_statement_time` (1969), MySQL's
-/// `max_execution_time` (3024), a lock wait time-out (1205), and SQLite's busy time-out
-/// (`SQLITE_BUSY`, another process held the write lock too long).
-pub(crate) fn is_unavailable(e: &DbErr) -> bool {
+/// The sqlx error inside `e`, if there is one.
+fn sqlx_error(e: &DbErr) -> Option<&sea_orm::sqlx::Error> {
+    match e {
+        DbErr::Conn(RuntimeErr::SqlxError(sqlx))
+        | DbErr::Exec(RuntimeErr::SqlxError(sqlx))
+        | DbErr::Query(RuntimeErr::SqlxError(sqlx)) => Some(sqlx),
+        _ => None,
+    }
+}
+
+/// Whether the database could not be reached (what opens the client's breaker): no pooled
+/// connection within the acquire timeout, a refused or lost connection, TLS, the SQLSTATE
+/// class 08 (connection exception; MySQL reports its shutdown as 08S01), and PostgreSQL's
+/// admin shutdown, crash shutdown and "cannot connect now" (57P01-57P03).
+pub(crate) fn is_unreachable(e: &DbErr) -> bool {
     use sea_orm::sqlx::Error as Sqlx;
-    if crate::breaker::is_fail_fast(e) {
+    if matches!(e, DbErr::ConnectionAcquire(_)) {
         return true;
     }
-    let runtime = match e {
-        DbErr::ConnectionAcquire(_) => return true,
-        DbErr::Conn(r) | DbErr::Exec(r) | DbErr::Query(r) => r,
-        _ => return false,
-    };
-    let RuntimeErr::SqlxError(sqlx) = runtime else { return false };
-    match &**sqlx {
-        Sqlx::Io(_)
-        | Sqlx::Tls(_)
-        | Sqlx::PoolTimedOut
-        | Sqlx::PoolClosed
-        | Sqlx::WorkerCrashed => true,
-        Sqlx::Database(db) => {
-            #[cfg(feature = "mysql")]
-            if let Some(my) = db.try_downcast_ref::<sea_orm::sqlx::mysql::MySqlDatabaseError>() {
-                return matches!(my.number(), 1969 | 3024 | 1205)
-                    || db.code().is_some_and(|c| c.starts_with("08"));
-            }
-            #[cfg(feature = "sqlite")]
-            if db.try_downcast_ref::<sea_orm::sqlx::sqlite::SqliteError>().is_some() {
-                // Primary result code SQLITE_BUSY (5), with any extended code.
-                return db
-                    .code()
-                    .and_then(|c| c.parse::<i32>().ok())
-                    .is_some_and(|c| c & 0xff == 5);
-            }
-            db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57"))
-        }
+    match sqlx_error(e) {
+        Some(
+            Sqlx::Io(_)
+            | Sqlx::Tls(_)
+            | Sqlx::PoolTimedOut
+            | Sqlx::PoolClosed
+            | Sqlx::WorkerCrashed,
+        ) => true,
+        Some(Sqlx::Database(db)) => db.code().is_some_and(|c| {
+            c.starts_with("08") || matches!(c.as_ref(), "57P01" | "57P02" | "57P03")
+        }),
         _ => false,
     }
+}
+
+/// Whether the database cut a statement short or it waited too long (the database is up):
+/// PostgreSQL's class 57 (a statement cancelled past `statement_timeout`), MariaDB's
+/// `max_statement_time` (1969), MySQL's `max_execution_time` (3024), a lock wait time-out
+/// (1205), and SQLite's busy time-out (`SQLITE_BUSY`, another process held the write lock
+/// too long).
+fn is_timed_out(e: &DbErr) -> bool {
+    let Some(sea_orm::sqlx::Error::Database(db)) = sqlx_error(e) else { return false };
+    #[cfg(feature = "mysql")]
+    if let Some(my) = db.try_downcast_ref::<sea_orm::sqlx::mysql::MySqlDatabaseError>() {
+        return matches!(my.number(), 1969 | 3024 | 1205);
+    }
+    #[cfg(feature = "sqlite")]
+    if db.try_downcast_ref::<sea_orm::sqlx::sqlite::SqliteError>().is_some() {
+        // Primary result code SQLITE_BUSY (5), with any extended code.
+        return db.code().and_then(|c| c.parse::<i32>().ok()).is_some_and(|c| c & 0xff == 5);
+    }
+    db.code().is_some_and(|c| c.starts_with("57"))
+}
+
+/// [`Error::Unavailable`]'s failures: the database unreachable (or the breaker failing fast
+/// because it was), or a statement timed out.
+pub(crate) fn is_unavailable(e: &DbErr) -> bool {
+    crate::breaker::is_fail_fast(e) || is_unreachable(e) || is_timed_out(e)
 }
 
 /// A deadlock or serialization failure: the database rolled the statement back and it can
 /// simply run again (PostgreSQL 40P01/40001, MySQL 1213/1020 under SQLSTATE 40001).
 pub(crate) fn is_retryable(e: &DbErr) -> bool {
-    use sea_orm::sqlx::Error as Sqlx;
-    let (DbErr::Exec(RuntimeErr::SqlxError(sqlx)) | DbErr::Query(RuntimeErr::SqlxError(sqlx))) = e
-    else {
-        return false;
-    };
-    match &**sqlx {
-        Sqlx::Database(db) => db.code().is_some_and(|c| c == "40001" || c == "40P01"),
+    match sqlx_error(e) {
+        Some(sea_orm::sqlx::Error::Database(db)) => {
+            db.code().is_some_and(|c| c == "40001" || c == "40P01")
+        }
         _ => false,
     }
 }

@@ -24,7 +24,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use apikeys_db::{ApiKeyClient, Error, KeyCache, KeyUpdate, NewKey, ProductId, ValidateOptions};
-use common::{Backend, SECRET, TestDb};
+use common::{SECRET, TestDb};
 
 /// B's staleness bound.
 const BOUND: Duration = Duration::from_millis(500);
@@ -38,29 +38,8 @@ async fn main() {
     if std::env::var("APIKEYS_CACHE_WORKER").is_ok() {
         return worker().await;
     }
-    let (mut passed, mut failed) = (0, 0);
-    for backend in Backend::compiled_in() {
-        let db = TestDb::new(backend, "cache_processes").await;
-        let result = tokio::spawn(across_processes(db.clone())).await;
-        db.cleanup().await;
-        match result {
-            Ok(()) => {
-                println!("test {backend:?}::cache_staleness_across_processes ... ok");
-                passed += 1;
-            }
-            Err(e) => {
-                println!("test {backend:?}::cache_staleness_across_processes ... FAILED: {e}");
-                failed += 1;
-            }
-        }
-    }
-    println!(
-        "\ntest result: {}. {passed} passed; {failed} failed",
-        if failed == 0 { "ok" } else { "FAILED" }
-    );
-    if failed > 0 || passed == 0 {
-        std::process::exit(1);
-    }
+    let cases = [("cache_staleness_across_processes", ())];
+    common::run_cases("cache_processes", &cases, |(), db| across_processes(db)).await;
 }
 
 fn wall_ms() -> i64 {

@@ -144,7 +144,7 @@ async fn every_outcome_is_counted_and_timed() {
         cached.verify_key(made_up.expose_secret(), &untracked).await.unwrap_err();
         cached.verify_key(made_up.expose_secret(), &untracked).await.unwrap_err();
         let stats = cached.cache_stats().unwrap();
-        assert!(stats.hits >= 2 && stats.misses >= 2 && stats.unknown == 1, "{stats:?}");
+        assert!(stats.hits >= 2 && stats.misses >= 1 && stats.unknown == 1, "{stats:?}");
         let expected: BTreeMap<String, u64> = [
             ("hit", stats.hits),
             ("miss", stats.misses),

@@ -33,7 +33,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use apikeys_db::{ApiKeyClient, NewKey, RateLimit};
-use common::{Backend, SECRET, TestDb};
+use common::{SECRET, TestDb};
 
 const PROCESSES: usize = 4;
 const BOOTSTRAP_TASKS: usize = 16;
@@ -54,41 +54,17 @@ async fn main() {
         Ok("bootstrap") => return bootstrap_worker().await,
         Ok("rate_limit") => return rate_limit_worker().await,
         Ok("races") => return races_worker().await,
-        Ok("leased") => return leased_worker().await,
         Ok("rate_limit_seconds") => return rate_limit_seconds_worker().await,
         _ => {}
     }
-    let (mut passed, mut failed) = (0, 0);
-    for backend in Backend::compiled_in() {
-        for (name, scenario) in [
-            ("bootstrap_across_processes", Scenario::Bootstrap),
-            ("rate_limit_across_skewed_processes", Scenario::RateLimit),
-            ("second_windows_across_skewed_processes", Scenario::RateLimitSeconds),
-            ("leased_limit_across_skewed_processes", Scenario::Leased),
-            ("races_across_processes", Scenario::Races),
-        ] {
-            let db = TestDb::new(backend, "multiprocess").await;
-            let result = tokio::spawn(scenario.run(db.clone())).await;
-            db.cleanup().await;
-            match result {
-                Ok(()) => {
-                    println!("test {backend:?}::{name} ... ok");
-                    passed += 1;
-                }
-                Err(e) => {
-                    println!("test {backend:?}::{name} ... FAILED: {e}");
-                    failed += 1;
-                }
-            }
-        }
-    }
-    println!(
-        "\ntest result: {}. {passed} passed; {failed} failed",
-        if failed == 0 { "ok" } else { "FAILED" }
-    );
-    if failed > 0 || passed == 0 {
-        std::process::exit(1);
-    }
+    let cases = [
+        ("bootstrap_across_processes", Scenario::Bootstrap),
+        ("rate_limit_across_skewed_processes", Scenario::RateLimit),
+        ("second_windows_across_skewed_processes", Scenario::RateLimitSeconds),
+        ("leased_limit_across_skewed_processes", Scenario::Leased),
+        ("races_across_processes", Scenario::Races),
+    ];
+    common::run_cases("multiprocess", &cases, Scenario::run).await;
 }
 
 #[derive(Clone, Copy)]
@@ -229,21 +205,27 @@ async fn bootstrap_worker() {
     .await;
 }
 
-async fn rate_limit_across_processes(db: TestDb) {
+/// One key limited to `limit` per minute, hammered by the skewed workers (`attempts` each
+/// per task, in `mode`) inside one minute of the database's clock: (admitted, refused).
+async fn hammer_across_processes(
+    db: &TestDb,
+    mode: &str,
+    limit: u32,
+    attempts: usize,
+) -> (usize, usize) {
     let client = db.client().await;
     let (org, _) = client.get_or_create_organization("acme").await.unwrap();
-    let issued = client
-        .create_key(
-            org.id,
-            NewKey::new("hammered").with_rate_limit(RateLimit::per_minute(LIMIT).unwrap()),
-        )
-        .await
-        .unwrap();
-    let key = issued.key.expose_secret().to_owned();
-    // Workers start 2 s from now and take well under a second: leave them 20 s of the
+    let new = NewKey::new("hammered").with_rate_limit(RateLimit::per_minute(limit).unwrap());
+    let key = client.create_key(org.id, new).await.unwrap().key.expose_secret().to_owned();
+    // Workers start 2 s from now and take a few seconds at most: leave them 25 s of the
     // database's current minute, so exactly one window is in play.
-    common::leave_room(&client, apikeys_db::Window::Minute, Duration::from_secs(22)).await;
-    let lines = run_workers("rate_limit", &db, &[("APIKEYS_WORKER_KEY", key)]).await;
+    common::leave_room(&client, apikeys_db::Window::Minute, Duration::from_secs(25)).await;
+    let env = [
+        ("APIKEYS_WORKER_KEY", key),
+        ("APIKEYS_WORKER_MODE", mode.to_owned()),
+        ("APIKEYS_WORKER_ATTEMPTS", attempts.to_string()),
+    ];
+    let lines = run_workers("rate_limit", db, &env).await;
     let (mut admitted, mut limited) = (0usize, 0usize);
     for line in &lines {
         let nums: Vec<usize> =
@@ -251,66 +233,44 @@ async fn rate_limit_across_processes(db: TestDb) {
         admitted += nums[0];
         limited += nums[1];
     }
-    assert_eq!(admitted, LIMIT as usize, "exactly the limit is admitted across skewed processes");
     assert_eq!(common::window_rows(&client).await.len(), 1, "one window, by the database's clock");
-    assert_eq!(admitted + limited, PROCESSES * RATE_TASKS * ATTEMPTS);
+    assert_eq!(admitted + limited, PROCESSES * RATE_TASKS * attempts);
+    (admitted, limited)
 }
 
-async fn rate_limit_worker() {
-    let key = std::env::var("APIKEYS_WORKER_KEY").unwrap();
-    let skew = chrono::TimeDelta::milliseconds(SKEWS_MS[worker_index()]);
-    let client = worker_client_with(|b| b.clock(move || chrono::Utc::now() + skew)).await;
-    run_tasks(client, RATE_TASKS, move |client| {
-        let key = key.clone();
-        async move {
-            let (ok, limited) =
-                common::hammer(&client, &key, ATTEMPTS, Duration::from_secs(60)).await;
-            format!("admitted={ok} limited={limited}")
-        }
-    })
-    .await;
+async fn rate_limit_across_processes(db: TestDb) {
+    let (admitted, _) = hammer_across_processes(&db, "shared", LIMIT, ATTEMPTS).await;
+    assert_eq!(admitted, LIMIT as usize, "exactly the limit is admitted across skewed processes");
 }
 
 const LEASED_LIMIT: u32 = 1_000;
 const LEASED_ATTEMPTS: usize = 60;
 
 async fn leased_across_processes(db: TestDb) {
-    let client = db.client().await;
-    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
-    let limit = RateLimit::per_minute(LEASED_LIMIT).unwrap();
-    let issued =
-        client.create_key(org.id, NewKey::new("hot").with_rate_limit(limit)).await.unwrap();
-    let key = issued.key.expose_secret().to_owned();
-    common::leave_room(&client, apikeys_db::Window::Minute, Duration::from_secs(25)).await;
-    let lines = run_workers("leased", &db, &[("APIKEYS_WORKER_KEY", key)]).await;
-    let (mut admitted, mut limited) = (0usize, 0usize);
-    for line in &lines {
-        let nums: Vec<usize> =
-            line.split(' ').map(|kv| kv.split('=').nth(1).unwrap().parse().unwrap()).collect();
-        admitted += nums[0];
-        limited += nums[1];
-    }
+    let (admitted, _) = hammer_across_processes(&db, "leased", LEASED_LIMIT, LEASED_ATTEMPTS).await;
     let bound = PROCESSES * (LEASED_LIMIT as usize / 16);
     println!("leased across processes: {admitted} admitted of {LEASED_LIMIT}, bound {bound}");
     assert!(admitted <= LEASED_LIMIT as usize, "never more than the limit: {admitted}");
     assert!(admitted >= LEASED_LIMIT as usize - bound, "at most the bound unspent: {admitted}");
-    assert_eq!(admitted + limited, PROCESSES * RATE_TASKS * LEASED_ATTEMPTS);
-    assert_eq!(common::window_rows(&client).await.len(), 1, "one window, by the database's clock");
 }
 
-async fn leased_worker() {
+/// A worker of `hammer_across_processes`: its clock skewed, its tasks hammering the key.
+async fn rate_limit_worker() {
     let key = std::env::var("APIKEYS_WORKER_KEY").unwrap();
+    let attempts: usize = std::env::var("APIKEYS_WORKER_ATTEMPTS").unwrap().parse().unwrap();
+    let mode = match std::env::var("APIKEYS_WORKER_MODE").as_deref() {
+        Ok("leased") => apikeys_db::RateLimitMode::Leased,
+        _ => apikeys_db::RateLimitMode::Shared,
+    };
     let skew = chrono::TimeDelta::milliseconds(SKEWS_MS[worker_index()]);
-    let client = worker_client_with(|b| {
-        b.clock(move || chrono::Utc::now() + skew)
-            .rate_limit_mode(apikeys_db::RateLimitMode::Leased)
-    })
-    .await;
+    let client =
+        worker_client_with(|b| b.clock(move || chrono::Utc::now() + skew).rate_limit_mode(mode))
+            .await;
     run_tasks(client, RATE_TASKS, move |client| {
         let key = key.clone();
         async move {
             let (ok, limited) =
-                common::hammer(&client, &key, LEASED_ATTEMPTS, Duration::from_secs(60)).await;
+                common::hammer(&client, &key, attempts, Duration::from_secs(60)).await;
             format!("admitted={ok} limited={limited}")
         }
     })

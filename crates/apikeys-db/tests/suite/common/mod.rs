@@ -395,3 +395,40 @@ pub async fn admin_races(client: &ApiKeyClient, ids: &[apikeys_db::KeyId]) -> Ve
     }
     wrong
 }
+
+/// For the test binaries that are their own harness (they spawn copies of themselves as
+/// worker processes): runs every case on a fresh database of each compiled-in backend,
+/// prints libtest-style lines, and exits with 1 if any case failed (or none ran).
+#[allow(clippy::print_stdout, dead_code)] // dead in the suite, which has libtest
+pub async fn run_cases<C, F, Fut>(test: &str, cases: &[(&str, C)], run: F)
+where
+    C: Copy,
+    F: Fn(C, TestDb) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (mut passed, mut failed) = (0, 0);
+    for backend in Backend::compiled_in() {
+        for (name, case) in cases {
+            let db = TestDb::new(backend, test).await;
+            let result = tokio::spawn(run(*case, db.clone())).await;
+            db.cleanup().await;
+            match result {
+                Ok(()) => {
+                    println!("test {backend:?}::{name} ... ok");
+                    passed += 1;
+                }
+                Err(e) => {
+                    println!("test {backend:?}::{name} ... FAILED: {e}");
+                    failed += 1;
+                }
+            }
+        }
+    }
+    println!(
+        "\ntest result: {}. {passed} passed; {failed} failed",
+        if failed == 0 { "ok" } else { "FAILED" }
+    );
+    if failed > 0 || passed == 0 {
+        std::process::exit(1);
+    }
+}
