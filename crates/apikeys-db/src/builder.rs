@@ -324,12 +324,13 @@ impl ClientBuilder {
         if self.max_connections == Some(0) {
             return Err(Error::configuration("max_connections must be positive"));
         }
+        let acquire_timeout = self.acquire_timeout.unwrap_or(DEFAULT_ACQUIRE_TIMEOUT);
         let (db, writer) = match (self.url, self.connection) {
             (Some(url), None) => {
                 let settings = Settings {
                     max_connections: self.max_connections,
                     connect_timeout: self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
-                    acquire_timeout: self.acquire_timeout.unwrap_or(DEFAULT_ACQUIRE_TIMEOUT),
+                    acquire_timeout,
                     statement_timeout: self.statement_timeout.unwrap_or(DEFAULT_STATEMENT_TIMEOUT),
                     log_statements: self.log_statements.unwrap_or(false),
                 };
@@ -375,9 +376,8 @@ impl ClientBuilder {
             None => UsageRecorder::immediate(writer.clone()),
         };
         let lookup = LookupSql::new(db.raw().get_database_backend(), hasher.versions().count())?;
-        let miss_wait = self.acquire_timeout.unwrap_or(DEFAULT_ACQUIRE_TIMEOUT);
         let feed_retention = self.cache.as_ref().map_or(DEFAULT_RETENTION, |c| c.feed_retention);
-        let cache = self.cache.map(|c| Arc::new(CacheState::new(c, miss_wait)));
+        let cache = self.cache.map(|c| Arc::new(CacheState::new(c, acquire_timeout)));
         if let Some(cache) = &cache {
             spawn_poller(&runtime, Arc::downgrade(cache), db.clone());
         }

@@ -246,16 +246,23 @@ impl ApiKeyClient {
         change: Change,
         op: impl AsyncFnOnce(&DatabaseTransaction) -> Result<T>,
     ) -> Result<T> {
-        let now = naive(self.now());
-        let result = self
-            .in_transaction(async |txn| {
-                feed::record(txn, change, now).await?;
-                op(txn).await
-            })
-            .await;
+        let result =
+            self.in_transaction(async |txn| Ok(self.recorded(txn, change, op).await?.1)).await;
         self.forget(change);
         self.count_change();
         result
+    }
+
+    /// Appends `change` to the feed on `txn`, before anything `op` does there (see
+    /// [`feed::record`]), then runs `op`; returns the change's number and `op`'s result.
+    pub(crate) async fn recorded<T>(
+        &self,
+        txn: &DatabaseTransaction,
+        change: Change,
+        op: impl AsyncFnOnce(&DatabaseTransaction) -> Result<T>,
+    ) -> Result<(i64, T)> {
+        let seq = feed::record(txn, change, naive(self.now())).await?;
+        Ok((seq, op(txn).await?))
     }
 
     /// Counts a change written to the feed; every [`PURGE_FEED_EVERY`] changes, purges the

@@ -107,12 +107,9 @@ impl Leases {
         }
     }
 
-    /// Counts one request of `key` against `limit`: from the lease, else by reserving a
-    /// block (one statement).
+    /// Counts one request of `key` against `limit` by reserving a block (one statement), for
+    /// a caller whose [`take`](Self::take) found no unit.
     pub(crate) async fn check(&self, db: &Db, key: KeyId, limit: RateLimit) -> Result<Count> {
-        if self.take(key, limit, Instant::now()) {
-            return Ok(Count::Admitted);
-        }
         let reserving = {
             let mut map = lock(&self.map);
             let entry = map.entry(key).or_insert_with(|| Lease::empty(limit));

@@ -9,9 +9,8 @@ use apikeys_core::{
 use sea_orm::{DatabaseTransaction, TransactionTrait};
 
 use crate::client::{ApiKeyClient, finish};
-use crate::convert::naive;
 use crate::error::storage;
-use crate::feed::{self, Change};
+use crate::feed::Change;
 
 /// The client's writes inside a transaction the host owns, from
 /// [`ApiKeyClient::with`]. Nothing is visible to others until the host commits, and
@@ -88,13 +87,8 @@ impl InTransaction<'_> {
         change: Change,
         op: impl AsyncFnOnce(&DatabaseTransaction) -> Result<T>,
     ) -> Result<T> {
-        let now = naive(self.client.now());
-        let (seq, value) = self
-            .in_savepoint(async |sp| {
-                let seq = feed::record(sp, change, now).await?;
-                Ok((seq, op(sp).await?))
-            })
-            .await?;
+        let (seq, value) =
+            self.in_savepoint(async |sp| self.client.recorded(sp, change, op).await).await?;
         if let Some(cache) = &self.client.inner.cache {
             cache.forget_pending(change, seq);
         }

@@ -266,8 +266,7 @@ impl ApiKeyClient {
             old_version,
             new_hash: candidates[0].1.as_bytes().to_vec(),
         });
-        let key = api_key_from_model(model)?;
-        Ok(Found { key, rehash, product })
+        Ok(Found { key: api_key_from_model(model)?, rehash, product })
     }
 
     /// After a successful check: count the use (at once or in the batch), then move the

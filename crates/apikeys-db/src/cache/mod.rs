@@ -148,14 +148,16 @@ impl CacheState {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
+    /// How long ago the last poll that caught up started (`None`: none has yet).
+    fn since_last_ok(&self) -> Option<Duration> {
+        let ok = self.last_ok.load(Ordering::Acquire);
+        (ok > 0).then(|| Duration::from_nanos(self.since_epoch().saturating_sub(ok - 1)))
+    }
+
     /// Whether entries may be served now: the last poll that caught up started less than
     /// `max_staleness` ago (or, while polls fail, less than `stale_if_error`).
     pub(crate) fn serving(&self) -> bool {
-        let ok = self.last_ok.load(Ordering::Acquire);
-        if ok == 0 {
-            return false;
-        }
-        let age = Duration::from_nanos(self.since_epoch().saturating_sub(ok - 1));
+        let Some(age) = self.since_last_ok() else { return false };
         age < self.config.max_staleness
             || (self.failing.load(Ordering::Relaxed)
                 && self.config.stale_if_error.is_some_and(|b| age < b))

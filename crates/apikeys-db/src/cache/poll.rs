@@ -3,7 +3,6 @@
 
 use std::sync::Weak;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use super::CacheState;
 use crate::breaker::Db;
@@ -94,9 +93,7 @@ impl CacheState {
                 }
             }
         }
-        let ok = self.last_ok.load(Ordering::Acquire);
-        if ok > 0 {
-            let lag = Duration::from_nanos(self.since_epoch().saturating_sub(ok - 1));
+        if let Some(lag) = self.since_last_ok() {
             observe::feed(0, Some(lag.as_secs_f64()));
         }
     }
