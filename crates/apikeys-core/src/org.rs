@@ -71,6 +71,7 @@ pub fn validate_name(field: &'static str, name: &str) -> Result<()> {
 
 /// A tenant: the customer of the SaaS backend. Its name is unique.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub struct Organization {
     /// Its id.
     pub id: OrgId,
@@ -82,6 +83,7 @@ pub struct Organization {
 
 /// A group of keys inside an organization ("v1", "mobile"); unique by (organization, name).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub struct Project {
     /// Its id.
     pub id: ProjectId,
@@ -95,6 +97,7 @@ pub struct Project {
 
 /// An API surface of the SaaS backend, linked to projects; unique by (organization, name).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub struct Product {
     /// Its id.
     pub id: ProductId,

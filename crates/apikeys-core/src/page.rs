@@ -87,6 +87,7 @@ impl Page {
 
 /// One page of a listing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub struct KeyPage<T> {
     /// The items, oldest first.
     pub items: Vec<T>,

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 /// The length of a rate-limit window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub enum Window {
     /// One second.
     Second,
@@ -110,8 +111,10 @@ impl FromStr for Window {
 
 /// At most `requests` requests per `window`, per key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub struct RateLimit {
     /// Requests admitted per window (at least 1).
+    #[cfg_attr(feature = "utoipa", schema(value_type = u32, minimum = 1))]
     pub requests: NonZeroU32,
     /// The window length.
     pub window: Window,

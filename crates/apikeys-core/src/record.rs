@@ -12,6 +12,7 @@ use crate::status::KeyStatus;
 
 /// A key as stored: everything but the secret (only its HMAC is stored, and not shown here).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub struct ApiKey {
     /// The key's id (not secret; use it to manage the key).
     pub id: KeyId,
@@ -30,6 +31,7 @@ pub struct ApiKey {
     /// The key's rate limit, if any.
     pub rate_limit: Option<RateLimit>,
     /// Custom metadata (always a JSON object).
+    #[cfg_attr(feature = "utoipa", schema(value_type = Object))]
     pub custom: Map<String, Value>,
     /// When the key was created.
     pub created_at: DateTime<Utc>,

@@ -17,6 +17,7 @@ pub const MAX_SCOPES: usize = 256;
 /// 1 to 128 ASCII characters from `A-Z a-z 0-9 _ - . : / *`; no whitespace.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema), schema(value_type = String, example = "billing:read"))]
 pub struct Scope(String);
 
 impl Scope {
@@ -84,6 +85,7 @@ impl From<Scope> for String {
 /// A set of scopes (sorted, no duplicates).
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "Vec<String>", into = "Vec<String>")]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema), schema(value_type = Vec<String>))]
 pub struct Scopes(BTreeSet<Scope>);
 
 impl Scopes {

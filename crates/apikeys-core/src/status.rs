@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 /// Where a key is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub enum KeyStatus {
     /// Usable.
     Active,
@@ -49,6 +50,7 @@ impl fmt::Display for KeyStatus {
 /// Which keys a listing returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub enum StatusFilter {
     /// Only active keys.
     Active,

@@ -1,0 +1,633 @@
+//! The management API: keys, organizations, projects and products over HTTP, with its
+//! OpenAPI document.
+
+use std::time::Duration;
+
+use apikeys_db::{
+    ApiKey, ApiKeyClient, Error, KeyId, KeyPage, KeyUpdate, NewKey, OrgId, Organization, Page,
+    Product, ProductId, Project, ProjectId, RateLimit, StatusFilter,
+};
+use apikeys_http::{ErrorMapper, Problem};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::Route;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+use tower::{Layer, Service};
+use utoipa::openapi::OpenApi;
+use utoipa::openapi::server::Server;
+use utoipa::{IntoParams, OpenApi as _, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::auth::problem_response;
+
+/// The management API as an axum [`Router`], to mount behind the host's own admin
+/// authentication: [`authorized_by`](Self::authorized_by) takes a tower layer and
+/// [`authorized_by_fn`](Self::authorized_by_fn) a check, and there is no way to get the
+/// router without one of them.
+///
+/// | method and path | what it does |
+/// |---|---|
+/// | `POST /orgs`, `GET /orgs`, `GET /orgs/{org_id}` | create, list, get organizations |
+/// | `POST /orgs/{org_id}/projects`, `GET /orgs/{org_id}/projects`, `GET /projects/{project_id}` | projects |
+/// | `POST /orgs/{org_id}/products`, `GET /orgs/{org_id}/products`, `GET /products/{product_id}` | products |
+/// | `PUT`, `DELETE /projects/{project_id}/products/{product_id}`, `GET /projects/{project_id}/products` | link, unlink, list a project's products |
+/// | `POST /orgs/{org_id}/keys` | create a key: the plaintext is in this answer only |
+/// | `GET /orgs/{org_id}/keys`, `GET /projects/{project_id}/keys` | list keys: `?status=active\|revoked\|expired\|all&limit=100&after={key_id}` |
+/// | `GET`, `PATCH`, `DELETE /keys/{key_id}`, `POST /keys/{key_id}/revoke` | get, update, delete, revoke a key |
+///
+/// Errors are RFC 9457 problems ([`apikeys_http`]): 404 for an unknown id, 409 for a name
+/// taken, 422 for a rejected value (with the field), 400 for a request that does not
+/// parse, 503 when the database is unreachable. Answers that hold a plaintext key carry
+/// `Cache-Control: no-store`.
+///
+/// ```
+/// use apikeys_axum::ManagementApi;
+/// # async fn demo(client: apikeys_db::ApiKeyClient) {
+/// let admin_token = std::env::var("ADMIN_TOKEN").unwrap_or_default();
+/// let admin = ManagementApi::new(client)
+///     .openapi_at("/openapi.json")
+///     .authorized_by_fn(move |parts| {
+///         // Your admin authentication; compare secrets in constant time in real code.
+///         parts.headers.get("x-admin-token").is_some_and(|t| !admin_token.is_empty() && t == admin_token.as_str())
+///     });
+/// let app: axum::Router = axum::Router::new().nest("/admin", admin);
+/// # }
+/// ```
+///
+/// Without authorization it does not compile:
+/// ```compile_fail
+/// # fn demo(client: apikeys_db::ApiKeyClient) {
+/// let app: axum::Router = axum::Router::new().nest("/admin", apikeys_axum::ManagementApi::new(client));
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use = "a ManagementApi does nothing until it is turned into a router with authorized_by"]
+pub struct ManagementApi {
+    client: ApiKeyClient,
+    openapi_path: Option<String>,
+    base_path: Option<String>,
+}
+
+impl ManagementApi {
+    /// The management API of `client`'s store.
+    pub fn new(client: ApiKeyClient) -> Self {
+        Self { client, openapi_path: None, base_path: None }
+    }
+
+    /// Also serves the OpenAPI document (JSON) at `path`, inside the router and so behind
+    /// the same admin authorization. To serve it elsewhere, use [`openapi`](Self::openapi).
+    pub fn openapi_at(mut self, path: impl Into<String>) -> Self {
+        self.openapi_path = Some(path.into());
+        self
+    }
+
+    /// The path the host nests the router at (`/admin`), written into the OpenAPI
+    /// document's `servers` so that its paths resolve.
+    pub fn nested_at(mut self, path: impl Into<String>) -> Self {
+        self.base_path = Some(path.into());
+        self
+    }
+
+    /// The OpenAPI 3.1 document of the management API.
+    #[must_use]
+    pub fn openapi(&self) -> OpenApi {
+        self.split().1
+    }
+
+    fn split(&self) -> (Router<ApiKeyClient>, OpenApi) {
+        let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+            .routes(routes!(create_org, list_orgs))
+            .routes(routes!(get_org))
+            .routes(routes!(create_project, list_projects))
+            .routes(routes!(get_project))
+            .routes(routes!(create_product, list_products))
+            .routes(routes!(get_product))
+            .routes(routes!(link_product, unlink_product))
+            .routes(routes!(list_project_products))
+            .routes(routes!(create_key, list_org_keys))
+            .routes(routes!(list_project_keys))
+            .routes(routes!(get_key, update_key, delete_key))
+            .routes(routes!(revoke_key))
+            .split_for_parts();
+        if let Some(base) = &self.base_path {
+            doc.servers = Some(vec![Server::new(base.clone())]);
+        }
+        (router, doc)
+    }
+
+    /// The router, with every route behind `admin`: the host's authentication layer (an
+    /// axum `middleware::from_fn`, tower-http's `ValidateRequestHeaderLayer`, axum-login's
+    /// guard, ...). Requests it turns away never reach the store.
+    pub fn authorized_by<L>(self, admin: L) -> Router
+    where
+        L: Layer<Route> + Clone + Send + Sync + 'static,
+        L::Service: Service<Request> + Clone + Send + Sync + 'static,
+        <L::Service as Service<Request>>::Response: IntoResponse + 'static,
+        <L::Service as Service<Request>>::Error: Into<std::convert::Infallible> + 'static,
+        <L::Service as Service<Request>>::Future: Send + 'static,
+    {
+        let (mut router, doc) = self.split();
+        if let Some(path) = &self.openapi_path {
+            router = router.route(path, axum::routing::get(move || async move { Json(doc) }));
+        }
+        router.layer(admin).with_state(self.client)
+    }
+
+    /// The router, with every route behind `check`: a request for which it returns false
+    /// is answered 403 (an RFC 9457 problem, code `forbidden`) and never reaches the store.
+    pub fn authorized_by_fn<F>(self, check: F) -> Router
+    where
+        F: Fn(&Parts) -> bool + Clone + Send + Sync + 'static,
+    {
+        self.authorized_by(middleware::from_fn(move |request: Request, next: Next| {
+            let allowed = {
+                let (parts, body) = request.into_parts();
+                let allowed = check(&parts);
+                (allowed, Request::from_parts(parts, body))
+            };
+            async move {
+                match allowed {
+                    (true, request) => next.run(request).await,
+                    (false, _) => problem_response(ErrorMapper::new().forbidden()),
+                }
+            }
+        }))
+    }
+}
+
+/// A store error as the management API's answer (logged at `ERROR` when it is a 5xx).
+struct ApiError(Error);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        Self(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let answer = ErrorMapper::new().response(&self.0);
+        if answer.status.is_server_error() {
+            tracing::error!(
+                error = &self.0 as &dyn std::error::Error,
+                "management api call failed"
+            );
+        }
+        problem_response(answer)
+    }
+}
+
+/// A request that does not parse, as a 400 (or 413, 415, 422) problem.
+struct BadRequest(Response);
+
+impl IntoResponse for BadRequest {
+    fn into_response(self) -> Response {
+        self.0
+    }
+}
+
+macro_rules! bad_request_from {
+    ($($rejection:ty),*) => {$(
+        impl From<$rejection> for BadRequest {
+            fn from(r: $rejection) -> Self {
+                Self(problem_response(ErrorMapper::new().bad_request(r.status(), r.body_text())))
+            }
+        }
+    )*};
+}
+bad_request_from!(JsonRejection, PathRejection, QueryRejection);
+
+/// axum's `Json`, `Path` and `Query`, answering a request that does not parse with a problem.
+struct ApiJson<T>(T);
+struct ApiPath<T>(T);
+struct ApiQuery<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = BadRequest;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, BadRequest> {
+        Ok(Self(Json::<T>::from_request(req, state).await?.0))
+    }
+}
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = BadRequest;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, BadRequest> {
+        Ok(Self(axum::extract::Path::<T>::from_request_parts(parts, state).await?.0))
+    }
+}
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = BadRequest;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, BadRequest> {
+        Ok(Self(axum::extract::Query::<T>::from_request_parts(parts, state).await?.0))
+    }
+}
+
+type Answer<T> = Result<T, ApiError>;
+
+/// A name, to create an organization, a project or a product.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NameBody {
+    /// The unique name (within the organization, for projects and products).
+    pub name: String,
+}
+
+/// A key to create. Give at most one of `expires_at`, `expires_in_seconds` and
+/// `never_expires`; with none, the client's default lifetime applies.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKeyBody {
+    /// The key's display name.
+    pub name: String,
+    /// Narrows the key to a project of the organization.
+    #[serde(default)]
+    pub project_id: Option<ProjectId>,
+    /// Narrows the key to a product of the organization.
+    #[serde(default)]
+    pub product_id: Option<ProductId>,
+    /// The scopes the key holds.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// The key's rate limit.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+    /// Custom metadata: a JSON object.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub custom: Option<Value>,
+    /// When the key expires.
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// How long after creation the key expires.
+    #[serde(default)]
+    #[schema(minimum = 1)]
+    pub expires_in_seconds: Option<u64>,
+    /// The key never expires.
+    #[serde(default)]
+    pub never_expires: bool,
+}
+
+impl CreateKeyBody {
+    fn into_new_key(self) -> Result<NewKey, Error> {
+        let mut key = NewKey::new(self.name).with_scopes(self.scopes);
+        if let Some(project) = self.project_id {
+            key = key.with_project(project);
+        }
+        if let Some(product) = self.product_id {
+            key = key.with_product(product);
+        }
+        if let Some(limit) = self.rate_limit {
+            key = key.with_rate_limit(limit);
+        }
+        if let Some(custom) = self.custom {
+            key = key.with_custom(custom);
+        }
+        match (self.expires_at, self.expires_in_seconds, self.never_expires) {
+            (None, None, false) => Ok(key),
+            (Some(at), None, false) => Ok(key.expires_at(at)),
+            (None, Some(seconds), false) => Ok(key.expires_after(Duration::from_secs(seconds))),
+            (None, None, true) => Ok(key.never_expires()),
+            _ => Err(Error::invalid_input(
+                "expires_at",
+                "give at most one of expires_at, expires_in_seconds and never_expires",
+            )),
+        }
+    }
+}
+
+/// A newly created key: the plaintext, shown in this answer only, and the stored record.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedKey {
+    /// The plaintext key. It is not stored and cannot be shown again.
+    pub key: String,
+    /// What was stored.
+    pub record: ApiKey,
+}
+
+/// Changes to a key; absent members stay as they are.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateKeyBody {
+    /// A new display name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// A new set of scopes (replacing the old one).
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
+    /// A new rate limit; `null` removes the limit.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<RateLimit>)]
+    pub rate_limit: Option<Option<RateLimit>>,
+    /// New custom metadata (a JSON object, replacing the old one).
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub custom: Option<Value>,
+}
+
+/// A member that is present, `null` included (`Some(None)`); absent is `None`.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+impl UpdateKeyBody {
+    fn into_update(self) -> KeyUpdate {
+        let mut update = KeyUpdate::new();
+        if let Some(name) = self.name {
+            update = update.with_name(name);
+        }
+        if let Some(scopes) = self.scopes {
+            update = update.with_scopes(scopes);
+        }
+        if let Some(limit) = self.rate_limit {
+            update = update.with_rate_limit(limit);
+        }
+        if let Some(custom) = self.custom {
+            update = update.with_custom(custom);
+        }
+        update
+    }
+}
+
+/// Which keys, and which page of them.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only keys with this status (all by default).
+    #[serde(default)]
+    pub status: StatusFilter,
+    /// Keys per page, 1 to 1000 (100 by default).
+    #[serde(default)]
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
+    /// The `next` cursor of the previous page.
+    #[serde(default)]
+    pub after: Option<KeyId>,
+}
+
+impl ListQuery {
+    fn page(&self) -> Result<Page, Error> {
+        let page = match self.limit {
+            Some(limit) => Page::first(limit)?,
+            None => Page::default(),
+        };
+        Ok(match self.after {
+            Some(cursor) => page.after(cursor),
+            None => page,
+        })
+    }
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "apikeys management API",
+        description = "Issue, list, update, revoke and delete API keys; manage organizations, projects and products."
+    ),
+    components(schemas(Problem))
+)]
+struct ApiDoc;
+
+/// Error answers every route can give.
+#[derive(utoipa::IntoResponses)]
+#[expect(dead_code, reason = "only its OpenAPI description is used")]
+enum Failures {
+    /// The request does not parse.
+    #[response(status = 400, content_type = "application/problem+json")]
+    BadRequest(#[to_schema] Problem),
+    /// The host's admin check refused the request.
+    #[response(status = 403, content_type = "application/problem+json")]
+    Forbidden(Problem),
+    /// The record (or one the request refers to) does not exist.
+    #[response(status = 404, content_type = "application/problem+json")]
+    NotFound(Problem),
+    /// A value was rejected; `field` names it.
+    #[response(status = 422, content_type = "application/problem+json")]
+    Invalid(Problem),
+    /// The database is unreachable; retry after `Retry-After` seconds.
+    #[response(status = 503, content_type = "application/problem+json")]
+    Unavailable(Problem),
+}
+
+/// Creates an organization.
+#[utoipa::path(post, path = "/orgs", tag = "organizations", request_body = NameBody,
+    responses((status = 201, body = Organization), (status = 409, description = "The name is taken", body = Problem, content_type = "application/problem+json"), Failures))]
+async fn create_org(
+    State(c): State<ApiKeyClient>,
+    ApiJson(body): ApiJson<NameBody>,
+) -> Answer<(StatusCode, Json<Organization>)> {
+    Ok((StatusCode::CREATED, Json(c.create_organization(&body.name).await?)))
+}
+
+/// Lists every organization.
+#[utoipa::path(get, path = "/orgs", tag = "organizations", responses((status = 200, body = Vec<Organization>), Failures))]
+async fn list_orgs(State(c): State<ApiKeyClient>) -> Answer<Json<Vec<Organization>>> {
+    Ok(Json(c.list_organizations().await?))
+}
+
+/// One organization.
+#[utoipa::path(get, path = "/orgs/{org_id}", tag = "organizations", params(("org_id" = OrgId, Path)),
+    responses((status = 200, body = Organization), Failures))]
+async fn get_org(
+    State(c): State<ApiKeyClient>,
+    ApiPath(id): ApiPath<OrgId>,
+) -> Answer<Json<Organization>> {
+    Ok(Json(c.get_organization(id).await?))
+}
+
+/// Creates a project in an organization.
+#[utoipa::path(post, path = "/orgs/{org_id}/projects", tag = "projects", params(("org_id" = OrgId, Path)), request_body = NameBody,
+    responses((status = 201, body = Project), (status = 409, description = "The name is taken", body = Problem, content_type = "application/problem+json"), Failures))]
+async fn create_project(
+    State(c): State<ApiKeyClient>,
+    ApiPath(org): ApiPath<OrgId>,
+    ApiJson(body): ApiJson<NameBody>,
+) -> Answer<(StatusCode, Json<Project>)> {
+    Ok((StatusCode::CREATED, Json(c.create_project(org, &body.name).await?)))
+}
+
+/// The projects of an organization.
+#[utoipa::path(get, path = "/orgs/{org_id}/projects", tag = "projects", params(("org_id" = OrgId, Path)),
+    responses((status = 200, body = Vec<Project>), Failures))]
+async fn list_projects(
+    State(c): State<ApiKeyClient>,
+    ApiPath(org): ApiPath<OrgId>,
+) -> Answer<Json<Vec<Project>>> {
+    c.get_organization(org).await?;
+    Ok(Json(c.list_projects(org).await?))
+}
+
+/// One project.
+#[utoipa::path(get, path = "/projects/{project_id}", tag = "projects", params(("project_id" = ProjectId, Path)),
+    responses((status = 200, body = Project), Failures))]
+async fn get_project(
+    State(c): State<ApiKeyClient>,
+    ApiPath(id): ApiPath<ProjectId>,
+) -> Answer<Json<Project>> {
+    Ok(Json(c.get_project(id).await?))
+}
+
+/// Creates a product in an organization.
+#[utoipa::path(post, path = "/orgs/{org_id}/products", tag = "products", params(("org_id" = OrgId, Path)), request_body = NameBody,
+    responses((status = 201, body = Product), (status = 409, description = "The name is taken", body = Problem, content_type = "application/problem+json"), Failures))]
+async fn create_product(
+    State(c): State<ApiKeyClient>,
+    ApiPath(org): ApiPath<OrgId>,
+    ApiJson(body): ApiJson<NameBody>,
+) -> Answer<(StatusCode, Json<Product>)> {
+    Ok((StatusCode::CREATED, Json(c.create_product(org, &body.name).await?)))
+}
+
+/// The products of an organization.
+#[utoipa::path(get, path = "/orgs/{org_id}/products", tag = "products", params(("org_id" = OrgId, Path)),
+    responses((status = 200, body = Vec<Product>), Failures))]
+async fn list_products(
+    State(c): State<ApiKeyClient>,
+    ApiPath(org): ApiPath<OrgId>,
+) -> Answer<Json<Vec<Product>>> {
+    c.get_organization(org).await?;
+    Ok(Json(c.list_products(org).await?))
+}
+
+/// One product.
+#[utoipa::path(get, path = "/products/{product_id}", tag = "products", params(("product_id" = ProductId, Path)),
+    responses((status = 200, body = Product), Failures))]
+async fn get_product(
+    State(c): State<ApiKeyClient>,
+    ApiPath(id): ApiPath<ProductId>,
+) -> Answer<Json<Product>> {
+    Ok(Json(c.get_product(id).await?))
+}
+
+/// Links a product to a project (idempotent): the project's keys become valid for it.
+#[utoipa::path(put, path = "/projects/{project_id}/products/{product_id}", tag = "projects",
+    params(("project_id" = ProjectId, Path), ("product_id" = ProductId, Path)),
+    responses((status = 204, description = "Linked"), Failures))]
+async fn link_product(
+    State(c): State<ApiKeyClient>,
+    ApiPath((project, product)): ApiPath<(ProjectId, ProductId)>,
+) -> Answer<StatusCode> {
+    c.add_product_to_project(product, project).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Unlinks a product from a project (idempotent).
+#[utoipa::path(delete, path = "/projects/{project_id}/products/{product_id}", tag = "projects",
+    params(("project_id" = ProjectId, Path), ("product_id" = ProductId, Path)),
+    responses((status = 204, description = "Unlinked"), Failures))]
+async fn unlink_product(
+    State(c): State<ApiKeyClient>,
+    ApiPath((project, product)): ApiPath<(ProjectId, ProductId)>,
+) -> Answer<StatusCode> {
+    c.remove_product_from_project(product, project).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The products linked to a project.
+#[utoipa::path(get, path = "/projects/{project_id}/products", tag = "projects", params(("project_id" = ProjectId, Path)),
+    responses((status = 200, body = Vec<Product>), Failures))]
+async fn list_project_products(
+    State(c): State<ApiKeyClient>,
+    ApiPath(project): ApiPath<ProjectId>,
+) -> Answer<Json<Vec<Product>>> {
+    c.get_project(project).await?;
+    Ok(Json(c.list_project_products(project).await?))
+}
+
+/// Creates a key. The answer holds the plaintext key, which is not stored and cannot be
+/// shown again; it is marked `Cache-Control: no-store`.
+#[utoipa::path(post, path = "/orgs/{org_id}/keys", tag = "keys", params(("org_id" = OrgId, Path)), request_body = CreateKeyBody,
+    responses((status = 201, body = CreatedKey), Failures))]
+async fn create_key(
+    State(c): State<ApiKeyClient>,
+    ApiPath(org): ApiPath<OrgId>,
+    ApiJson(body): ApiJson<CreateKeyBody>,
+) -> Answer<Response> {
+    let issued = c.create_key(org, body.into_new_key()?).await?;
+    let created = CreatedKey { key: issued.key.expose_secret().to_owned(), record: issued.record };
+    let mut response = (StatusCode::CREATED, Json(created)).into_response();
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}
+
+/// The keys of an organization, oldest first, a page at a time.
+#[utoipa::path(get, path = "/orgs/{org_id}/keys", tag = "keys", params(("org_id" = OrgId, Path), ListQuery),
+    responses((status = 200, body = KeyPage<ApiKey>), Failures))]
+async fn list_org_keys(
+    State(c): State<ApiKeyClient>,
+    ApiPath(org): ApiPath<OrgId>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Answer<Json<KeyPage<ApiKey>>> {
+    let page = q.page()?;
+    c.get_organization(org).await?;
+    Ok(Json(c.list_org_keys(org, q.status, page).await?))
+}
+
+/// The keys of a project, oldest first, a page at a time.
+#[utoipa::path(get, path = "/projects/{project_id}/keys", tag = "keys", params(("project_id" = ProjectId, Path), ListQuery),
+    responses((status = 200, body = KeyPage<ApiKey>), Failures))]
+async fn list_project_keys(
+    State(c): State<ApiKeyClient>,
+    ApiPath(project): ApiPath<ProjectId>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Answer<Json<KeyPage<ApiKey>>> {
+    let page = q.page()?;
+    c.get_project(project).await?;
+    Ok(Json(c.list_project_keys(project, q.status, page).await?))
+}
+
+/// One key (never its plaintext).
+#[utoipa::path(get, path = "/keys/{key_id}", tag = "keys", params(("key_id" = KeyId, Path)),
+    responses((status = 200, body = ApiKey), Failures))]
+async fn get_key(
+    State(c): State<ApiKeyClient>,
+    ApiPath(id): ApiPath<KeyId>,
+) -> Answer<Json<ApiKey>> {
+    Ok(Json(c.get_key(id).await?))
+}
+
+/// Updates a key's name, scopes, rate limit or custom metadata.
+#[utoipa::path(patch, path = "/keys/{key_id}", tag = "keys", params(("key_id" = KeyId, Path)), request_body = UpdateKeyBody,
+    responses((status = 200, body = ApiKey), Failures))]
+async fn update_key(
+    State(c): State<ApiKeyClient>,
+    ApiPath(id): ApiPath<KeyId>,
+    ApiJson(body): ApiJson<UpdateKeyBody>,
+) -> Answer<Json<ApiKey>> {
+    Ok(Json(c.update_key(id, body.into_update()).await?))
+}
+
+/// Revokes a key (the record is kept; revoking twice keeps the first time).
+#[utoipa::path(post, path = "/keys/{key_id}/revoke", tag = "keys", params(("key_id" = KeyId, Path)),
+    responses((status = 200, body = ApiKey), Failures))]
+async fn revoke_key(
+    State(c): State<ApiKeyClient>,
+    ApiPath(id): ApiPath<KeyId>,
+) -> Answer<Json<ApiKey>> {
+    Ok(Json(c.revoke_key(id).await?))
+}
+
+/// Deletes a key for good (for erasure); revoke it instead to keep the record.
+#[utoipa::path(delete, path = "/keys/{key_id}", tag = "keys", params(("key_id" = KeyId, Path)),
+    responses((status = 204, description = "Deleted"), Failures))]
+async fn delete_key(
+    State(c): State<ApiKeyClient>,
+    ApiPath(id): ApiPath<KeyId>,
+) -> Answer<StatusCode> {
+    c.delete_key(id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

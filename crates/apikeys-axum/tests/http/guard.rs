@@ -1,0 +1,345 @@
+//! The guard: layer and extractor, every rejection through real HTTP.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use apikeys_axum::{ApiKeyAuth, ManagementApi, Requirement, ValidKey};
+use apikeys_db::sea_orm::ConnectionTrait;
+use apikeys_db::{ApiKeyClient, KeyCache, NewKey, RateLimit, ValidateOptions};
+use axum::Router;
+use axum::routing::get;
+use chrono::TimeDelta;
+use serde_json::json;
+
+use crate::common::{TestClock, TestDb, at};
+use crate::support::{Answer, fetch, key, serve};
+
+/// What a handler sees of the key.
+async fn whoami(key: ValidKey) -> axum::Json<serde_json::Value> {
+    axum::Json(
+        json!({ "id": key.id, "org_id": key.org_id, "name": key.name, "custom": key.custom }),
+    )
+}
+
+#[derive(Clone)]
+struct AppState {
+    write: Arc<ValidateOptions>,
+}
+
+/// Requires `widgets:write`.
+struct Write;
+
+impl Requirement<AppState> for Write {
+    fn options<'a>(state: &'a AppState, _: &'a ApiKeyAuth) -> &'a ValidateOptions {
+        &state.write
+    }
+}
+
+async fn write_widget(key: ValidKey<Write>) -> String {
+    format!("written by {}", key.id)
+}
+
+async fn maybe(key: Option<ValidKey>) -> String {
+    key.map_or_else(|| "anonymous".to_owned(), |k| k.id.to_string())
+}
+
+/// `/whoami` behind the layer, `/read` behind a layer requiring `widgets:read`,
+/// `/write` with the typed extractor, `/maybe` with an optional key, `/plain` with the
+/// plain extractor and no layer.
+fn app(auth: ApiKeyAuth) -> Router {
+    let read = ValidateOptions::new().require_scopes(["widgets:read"]).unwrap();
+    let write = Arc::new(ValidateOptions::new().require_scopes(["widgets:write"]).unwrap());
+    Router::new()
+        .route("/whoami", get(whoami).route_layer(auth.require(ValidateOptions::new())))
+        .route("/read", get(whoami).route_layer(auth.require(read)))
+        .route("/write", get(write_widget))
+        .route("/maybe", get(maybe))
+        .route("/plain", get(whoami))
+        .layer(axum::Extension(auth))
+        .with_state(AppState { write })
+}
+
+pub async fn header_and_bearer_keys_reach_the_handler(db: TestDb) {
+    let client = db.client().await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let new = NewKey::new("ci").with_custom(json!({"plan": "pro"}));
+    let (plain, id) = key(&client, org.id, new).await;
+    let base = serve(app(ApiKeyAuth::new(client.clone()))).await;
+    for headers in [
+        [("x-api-key", plain.as_str())],
+        [("authorization", &format!("Bearer {plain}"))],
+        [("authorization", &format!("bearer {plain}"))],
+        [("X-Api-Key", &format!(" {plain} "))],
+    ] {
+        for path in ["/whoami", "/plain"] {
+            let a = fetch(&format!("{base}{path}"), &headers).await;
+            assert_eq!(a.status, 200, "{path} {headers:?}: {}", a.text);
+            assert_eq!(
+                a.body,
+                json!({"id": id, "org_id": org.id, "name": "ci", "custom": {"plan": "pro"}})
+            );
+        }
+    }
+    // The key header wins over a bearer token.
+    let a = fetch(
+        &format!("{base}/whoami"),
+        &[("x-api-key", &plain), ("authorization", "Bearer sk_wrong")],
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    // Nine successful checks above, each counted once.
+    assert_eq!(client.get_key(id).await.unwrap().use_count, 9);
+}
+
+pub async fn no_key_is_401_with_a_challenge(db: TestDb) {
+    let client = db.client().await;
+    let base = serve(app(ApiKeyAuth::new(client))).await;
+    for headers in [
+        &[][..],
+        &[("authorization", "Basic YWxhZGRpbjpvcGVuc2VzYW1l")][..],
+        &[("authorization", "Bearer ")][..],
+    ] {
+        for path in ["/whoami", "/plain", "/write"] {
+            let a = fetch(&format!("{base}{path}"), headers).await;
+            a.assert_problem(401, "missing_key", "");
+            assert_eq!(
+                a.all("www-authenticate"),
+                ["ApiKey realm=\"api\", header=\"x-api-key\"", "Bearer realm=\"api\""]
+            );
+            assert_eq!(a.header("cache-control"), "no-store");
+        }
+    }
+    // Without bearer tokens, a custom header and realm: the challenge says so.
+    let client = db.client().await;
+    let auth = ApiKeyAuth::new(client)
+        .bearer(false)
+        .key_header(http::HeaderName::from_static("x-widgets-key"))
+        .realm("widgets")
+        .unwrap();
+    let base = serve(app(auth)).await;
+    let a = fetch(&format!("{base}/whoami"), &[("authorization", "Bearer sk_x")]).await;
+    a.assert_problem(401, "missing_key", "");
+    assert_eq!(a.all("www-authenticate"), ["ApiKey realm=\"widgets\", header=\"x-widgets-key\""]);
+}
+
+pub async fn invalid_expired_and_revoked_keys_are_401(db: TestDb) {
+    let clock = TestClock::at(at("2026-03-01T10:00:00Z"));
+    let client = db.client_with(|b| b.clock(clock.as_fn())).await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let (expiring, expiring_id) =
+        key(&client, org.id, NewKey::new("e").expires_at(at("2026-03-01T11:00:00Z"))).await;
+    let (revoked, revoked_id) = key(&client, org.id, NewKey::new("r")).await;
+    let base = serve(app(ApiKeyAuth::new(client.clone()))).await;
+    let url = format!("{base}/whoami");
+
+    let mut forged = revoked.clone();
+    forged.pop();
+    forged.push(if revoked.ends_with('A') { 'B' } else { 'A' });
+    for bad in ["garbage", "sk_live_short", forged.as_str(), &"x".repeat(5000)] {
+        let a = fetch(&url, &[("x-api-key", bad)]).await;
+        a.assert_problem(401, "invalid_key", bad);
+        assert_eq!(
+            a.all("www-authenticate")[1],
+            "Bearer realm=\"api\", error=\"invalid_token\", error_description=\"invalid api key\""
+        );
+    }
+    // The key header sent twice is ambiguous: rejected, not guessed at.
+    let a = Answer::of(
+        reqwest::Client::new()
+            .get(&url)
+            .header("x-api-key", &expiring)
+            .header("x-api-key", &revoked)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    a.assert_problem(401, "invalid_key", &expiring);
+
+    assert_eq!(fetch(&url, &[("x-api-key", &expiring)]).await.status, 200);
+    clock.advance(TimeDelta::hours(2));
+    let a = fetch(&url, &[("x-api-key", &expiring)]).await;
+    a.assert_problem(401, "expired", &expiring);
+    let expires_at = client.get_key(expiring_id).await.unwrap().expires_at.unwrap();
+    assert_eq!(a.body["expired_at"], json!(expires_at));
+
+    let record = client.revoke_key(revoked_id).await.unwrap();
+    let a = fetch(&url, &[("authorization", &format!("Bearer {revoked}"))]).await;
+    a.assert_problem(401, "revoked", &revoked);
+    assert_eq!(a.body["revoked_at"], json!(record.revoked_at.unwrap()));
+    assert!(a.all("www-authenticate")[1].contains("error=\"invalid_token\""));
+}
+
+pub async fn wrong_scope_and_wrong_product_are_403(db: TestDb) {
+    let client = db.client().await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let (billing, _) = client.get_or_create_product(org.id, "billing").await.unwrap();
+    let (search, _) = client.get_or_create_product(org.id, "search").await.unwrap();
+    let (reader, _) = key(&client, org.id, NewKey::new("r").with_scopes(["widgets:read"])).await;
+    let (writer, _) = key(&client, org.id, NewKey::new("w").with_scopes(["widgets:write"])).await;
+    let (search_key, _) = key(&client, org.id, NewKey::new("s").with_product(search.id)).await;
+    let auth = ApiKeyAuth::new(client.clone());
+    let billing_only = auth.require(ValidateOptions::new().for_product(billing.id));
+    let app = app(auth).route("/billing", get(|| async { "billed" }).route_layer(billing_only));
+    let base = serve(app).await;
+
+    assert_eq!(fetch(&format!("{base}/read"), &[("x-api-key", &reader)]).await.status, 200);
+    let a = fetch(&format!("{base}/read"), &[("authorization", &format!("Bearer {writer}"))]).await;
+    a.assert_problem(403, "insufficient_scope", &writer);
+    assert_eq!(a.body["missing_scopes"], json!(["widgets:read"]));
+    assert_eq!(
+        a.all("www-authenticate"),
+        ["Bearer realm=\"api\", error=\"insufficient_scope\", scope=\"widgets:read\""]
+    );
+    // The typed extractor, without a layer.
+    let a = fetch(&format!("{base}/write"), &[("x-api-key", &reader)]).await;
+    a.assert_problem(403, "insufficient_scope", &reader);
+    assert_eq!(a.body["missing_scopes"], json!(["widgets:write"]));
+    assert_eq!(fetch(&format!("{base}/write"), &[("x-api-key", &writer)]).await.status, 200);
+
+    let a = fetch(&format!("{base}/billing"), &[("x-api-key", &search_key)]).await;
+    a.assert_problem(403, "product_not_allowed", &search_key);
+    assert_eq!(a.body["product_id"], json!(billing.id));
+    // An org-wide key is valid for every product of its organization.
+    assert_eq!(fetch(&format!("{base}/billing"), &[("x-api-key", &reader)]).await.text, "billed");
+}
+
+pub async fn over_the_limit_is_429_with_retry_after_and_ratelimit_headers(db: TestDb) {
+    let client = db.client().await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let limit = RateLimit::per_minute(2).unwrap();
+    let (plain, _) = key(&client, org.id, NewKey::new("l").with_rate_limit(limit)).await;
+    crate::common::leave_room(&client, apikeys_db::Window::Minute, Duration::from_secs(10)).await;
+    let base = serve(app(ApiKeyAuth::new(client))).await;
+    let url = format!("{base}/whoami");
+    for _ in 0..2 {
+        assert_eq!(fetch(&url, &[("x-api-key", &plain)]).await.status, 200);
+    }
+    let a = fetch(&url, &[("x-api-key", &plain)]).await;
+    a.assert_problem(429, "quota_exceeded", &plain);
+    let wait: u64 = a.header("retry-after").parse().unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    assert_eq!(a.body["retry_after"], wait);
+    assert_eq!(a.body["limit"], json!({"requests": 2, "window": "minute"}));
+    assert_eq!(a.header("ratelimit-policy"), "\"key\";q=2;w=60");
+    assert_eq!(a.header("ratelimit"), format!("\"key\";r=0;t={wait}"));
+}
+
+pub async fn query_parameter_only_when_turned_on(db: TestDb) {
+    let client = db.client().await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let (plain, _) = key(&client, org.id, NewKey::new("q")).await;
+    let off = serve(app(ApiKeyAuth::new(client.clone()))).await;
+    let a = fetch(&format!("{off}/whoami?api_key={plain}"), &[]).await;
+    a.assert_problem(401, "missing_key", &plain);
+
+    let on = serve(app(ApiKeyAuth::new(client).query_param("api_key"))).await;
+    assert_eq!(fetch(&format!("{on}/whoami?x=1&api_key={plain}"), &[]).await.status, 200);
+    let a = fetch(&format!("{on}/whoami?api_key=nope"), &[]).await;
+    a.assert_problem(401, "invalid_key", "");
+    // Headers still come first.
+    let a = fetch(&format!("{on}/whoami?api_key=nope"), &[("x-api-key", &plain)]).await;
+    assert_eq!(a.status, 200);
+}
+
+pub async fn typed_requirements_and_optional_keys(db: TestDb) {
+    let client = db.client().await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let (plain, id) = key(&client, org.id, NewKey::new("o")).await;
+    let auth = ApiKeyAuth::new(client.clone())
+        .requirements(ValidateOptions::new().require_scopes(["profile"]).unwrap());
+    let base = serve(app(auth)).await;
+    assert_eq!(fetch(&format!("{base}/maybe"), &[]).await.text, "anonymous");
+    // A bad key on an optional route is rejected, never served as anonymous.
+    let a = fetch(&format!("{base}/maybe"), &[("x-api-key", "sk_bad")]).await;
+    a.assert_problem(401, "invalid_key", "");
+    // The guard's default requirements apply where no layer and no Requirement say more.
+    let a = fetch(&format!("{base}/maybe"), &[("x-api-key", &plain)]).await;
+    a.assert_problem(403, "insufficient_scope", &plain);
+    let a = fetch(&format!("{base}/plain"), &[("x-api-key", &plain)]).await;
+    a.assert_problem(403, "insufficient_scope", &plain);
+    // A layer's requirements replace the defaults on its routes.
+    assert_eq!(fetch(&format!("{base}/whoami"), &[("x-api-key", &plain)]).await.status, 200);
+    client.update_key(id, apikeys_db::KeyUpdate::new().with_scopes(["profile"])).await.unwrap();
+    assert_eq!(
+        fetch(&format!("{base}/maybe"), &[("x-api-key", &plain)]).await.text,
+        id.to_string()
+    );
+}
+
+pub async fn a_layer_and_an_extractor_count_a_request_once(db: TestDb) {
+    let client = db.client().await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let limit = RateLimit::per_minute(3).unwrap();
+    let new = NewKey::new("c").with_scopes(["widgets:write"]).with_rate_limit(limit);
+    let (plain, id) = key(&client, org.id, new).await;
+    crate::common::leave_room(&client, apikeys_db::Window::Minute, Duration::from_secs(10)).await;
+    let auth = ApiKeyAuth::new(client.clone());
+    // The layer validates (and counts); the typed extractor checks its scope again.
+    let write = Arc::new(ValidateOptions::new().require_scopes(["widgets:write"]).unwrap());
+    let state = AppState { write };
+    let app = Router::new()
+        .route("/write", get(write_widget).route_layer(auth.require(ValidateOptions::new())))
+        .with_state(state);
+    let base = serve(app).await;
+    for _ in 0..3 {
+        let a = fetch(&format!("{base}/write"), &[("x-api-key", &plain)]).await;
+        assert_eq!(a.text, format!("written by {id}"));
+    }
+    assert_eq!(client.get_key(id).await.unwrap().use_count, 3);
+    fetch(&format!("{base}/write"), &[("x-api-key", &plain)]).await.assert_problem(
+        429,
+        "quota_exceeded",
+        &plain,
+    );
+}
+
+pub async fn database_failures_are_503_and_500_without_details(db: TestDb) {
+    let client = db.client().await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let (plain, _) = key(&client, org.id, NewKey::new("d")).await;
+    let base = serve(app(ApiKeyAuth::new(client.clone()))).await;
+    // A table gone: a real storage failure, 500, its SQL kept out of the answer.
+    let db_conn = client.connection();
+    db_conn.execute_unprepared("ALTER TABLE api_keys RENAME TO api_keys_gone").await.unwrap();
+    let a = fetch(&format!("{base}/whoami"), &[("x-api-key", &plain)]).await;
+    a.assert_problem(500, "internal", &plain);
+    assert!(!a.text.contains("api_keys"), "{}", a.text);
+    assert!(a.headers.get("retry-after").is_none());
+    db_conn.execute_unprepared("ALTER TABLE api_keys_gone RENAME TO api_keys").await.unwrap();
+    assert_eq!(fetch(&format!("{base}/whoami"), &[("x-api-key", &plain)]).await.status, 200);
+    // The pool closed: the database is out of reach, 503 with Retry-After.
+    db_conn.close_by_ref().await.unwrap();
+    let a = fetch(&format!("{base}/whoami"), &[("x-api-key", &plain)]).await;
+    a.assert_problem(503, "unavailable", &plain);
+    assert_eq!(a.header("retry-after"), "1");
+    assert_eq!(a.body["retry_after"], 1);
+}
+
+pub async fn a_revoke_through_the_api_is_seen_by_a_caching_guard(db: TestDb) {
+    // Two replicas: one guards with the verified-key cache, the other serves the admin API.
+    let cache = KeyCache::new().max_staleness(Duration::from_millis(300));
+    let guard_client = db.client_with(|b| b.cache(cache)).await;
+    let admin_client: ApiKeyClient = db.client().await;
+    let (org, _) = admin_client.get_or_create_organization("acme").await.unwrap();
+    let (plain, id) = key(&admin_client, org.id, NewKey::new("c")).await;
+    let guard = serve(app(ApiKeyAuth::new(guard_client))).await;
+    let admin = serve(ManagementApi::new(admin_client).authorized_by_fn(|_| true)).await;
+    for _ in 0..3 {
+        assert_eq!(fetch(&format!("{guard}/whoami"), &[("x-api-key", &plain)]).await.status, 200);
+    }
+    let revoked =
+        reqwest::Client::new().post(format!("{admin}/keys/{id}/revoke")).send().await.unwrap();
+    assert_eq!(revoked.status(), 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let a = fetch(&format!("{guard}/whoami"), &[("x-api-key", &plain)]).await;
+        if a.status == 401 {
+            a.assert_problem(401, "revoked", &plain);
+            break;
+        }
+        assert_eq!(a.status, 200, "{}", a.text);
+        assert!(std::time::Instant::now() < deadline, "the guard kept serving a revoked key");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

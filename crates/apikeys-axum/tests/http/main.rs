@@ -1,0 +1,36 @@
+//! The guard and the management API through real HTTP: each app is served on a loopback
+//! socket and called with reqwest, on SQLite, PostgreSQL and MariaDB.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+// The database harness of apikeys-db's suite (one fresh database per test and backend).
+#[path = "../../../apikeys-db/tests/suite/common/mod.rs"]
+#[allow(dead_code, unused_imports)]
+mod common;
+mod guard;
+mod manage;
+mod support;
+
+common::backend_tests! {
+    guard: [
+        header_and_bearer_keys_reach_the_handler,
+        no_key_is_401_with_a_challenge,
+        invalid_expired_and_revoked_keys_are_401,
+        wrong_scope_and_wrong_product_are_403,
+        over_the_limit_is_429_with_retry_after_and_ratelimit_headers,
+        query_parameter_only_when_turned_on,
+        typed_requirements_and_optional_keys,
+        a_layer_and_an_extractor_count_a_request_once,
+        database_failures_are_503_and_500_without_details,
+        a_revoke_through_the_api_is_seen_by_a_caching_guard,
+    ],
+    manage: [
+        the_router_refuses_requests_its_admin_check_refuses,
+        organizations_projects_and_products_end_to_end,
+        keys_end_to_end,
+        listing_filters_by_status_and_pages,
+        bad_input_is_a_problem_and_changes_nothing,
+        the_openapi_document_describes_every_route,
+    ],
+}

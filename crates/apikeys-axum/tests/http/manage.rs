@@ -1,0 +1,422 @@
+//! The management API end to end through real HTTP.
+
+use apikeys_axum::{ApiKeyAuth, ManagementApi, ValidKey};
+use apikeys_db::{ApiKeyClient, ValidateOptions};
+use axum::Router;
+use axum::routing::get;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::common::TestDb;
+use crate::support::{Answer, fetch, serve};
+
+const TOKEN: &str = "admin-token-for-tests";
+
+/// The management API under `/admin` behind an `x-admin-token` check, and `/protected`
+/// guarded by the same store.
+async fn app(client: ApiKeyClient) -> String {
+    let admin = ManagementApi::new(client.clone())
+        .openapi_at("/openapi.json")
+        .nested_at("/admin")
+        .authorized_by_fn(|parts| parts.headers.get("x-admin-token").is_some_and(|t| t == TOKEN));
+    let auth = ApiKeyAuth::new(client);
+    let protected = get(|k: ValidKey| async move { k.name.clone() })
+        .route_layer(auth.require(ValidateOptions::new()));
+    serve(Router::new().nest("/admin", admin).route("/protected", protected)).await
+}
+
+async fn call(base: &str, method: Method, path: &str, body: Option<Value>) -> Answer {
+    let mut request = reqwest::Client::new()
+        .request(method, format!("{base}/admin{path}"))
+        .header("x-admin-token", TOKEN);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    Answer::of(request.send().await.unwrap()).await
+}
+
+pub async fn the_router_refuses_requests_its_admin_check_refuses(db: TestDb) {
+    let client = db.client().await;
+    let base = app(client.clone()).await;
+    let before = db.counts(&client).await;
+    for (method, path) in [
+        (Method::POST, "/orgs"),
+        (Method::GET, "/orgs"),
+        (Method::GET, "/openapi.json"),
+        (Method::DELETE, "/keys/0191a0a0-0000-7000-8000-000000000000"),
+    ] {
+        for token in [None, Some("wrong")] {
+            let mut request = reqwest::Client::new()
+                .request(method.clone(), format!("{base}/admin{path}"))
+                .json(&json!({"name": "evil"}));
+            if let Some(token) = token {
+                request = request.header("x-admin-token", token);
+            }
+            let a = Answer::of(request.send().await.unwrap()).await;
+            a.assert_problem(403, "forbidden", "");
+        }
+    }
+    assert_eq!(db.counts(&client).await, before);
+}
+
+pub async fn organizations_projects_and_products_end_to_end(db: TestDb) {
+    let client = db.client().await;
+    let base = app(client.clone()).await;
+    let org = call(&base, Method::POST, "/orgs", Some(json!({"name": "acme"}))).await;
+    assert_eq!(org.status, 201, "{}", org.text);
+    let org_id = org.body["id"].as_str().unwrap().to_owned();
+    let again = call(&base, Method::POST, "/orgs", Some(json!({"name": "acme"}))).await;
+    again.assert_problem(409, "already_exists", "");
+    assert_eq!(
+        (again.body["kind"].clone(), again.body["id"].clone()),
+        (json!("organization"), json!(org_id))
+    );
+    assert_eq!(call(&base, Method::GET, &format!("/orgs/{org_id}"), None).await.body, org.body);
+    assert_eq!(call(&base, Method::GET, "/orgs", None).await.body, json!([org.body]));
+
+    let project =
+        call(&base, Method::POST, &format!("/orgs/{org_id}/projects"), Some(json!({"name": "v1"})))
+            .await;
+    assert_eq!(project.status, 201, "{}", project.text);
+    let project_id = project.body["id"].as_str().unwrap().to_owned();
+    let product = call(
+        &base,
+        Method::POST,
+        &format!("/orgs/{org_id}/products"),
+        Some(json!({"name": "search"})),
+    )
+    .await;
+    assert_eq!(product.status, 201);
+    let product_id = product.body["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        call(&base, Method::GET, &format!("/projects/{project_id}"), None).await.body,
+        project.body
+    );
+    assert_eq!(
+        call(&base, Method::GET, &format!("/products/{product_id}"), None).await.body,
+        product.body
+    );
+    assert_eq!(
+        call(&base, Method::GET, &format!("/orgs/{org_id}/projects"), None).await.body,
+        json!([project.body])
+    );
+    assert_eq!(
+        call(&base, Method::GET, &format!("/orgs/{org_id}/products"), None).await.body,
+        json!([product.body])
+    );
+
+    let link = format!("/projects/{project_id}/products/{product_id}");
+    for _ in 0..2 {
+        assert_eq!(call(&base, Method::PUT, &link, None).await.status, 204);
+    }
+    let linked = call(&base, Method::GET, &format!("/projects/{project_id}/products"), None).await;
+    assert_eq!(linked.body, json!([product.body]));
+    assert_eq!(call(&base, Method::DELETE, &link, None).await.status, 204);
+    let linked = call(&base, Method::GET, &format!("/projects/{project_id}/products"), None).await;
+    assert_eq!(linked.body, json!([]));
+
+    let unknown = "0191a0a0-0000-7000-8000-000000000000";
+    for path in [
+        format!("/orgs/{unknown}"),
+        format!("/orgs/{unknown}/projects"),
+        format!("/orgs/{unknown}/keys"),
+        format!("/projects/{unknown}"),
+        format!("/products/{unknown}"),
+        format!("/projects/{unknown}/keys"),
+        format!("/keys/{unknown}"),
+    ] {
+        let a = call(&base, Method::GET, &path, None).await;
+        a.assert_problem(404, "not_found", "");
+        assert_eq!(a.body["id"], unknown, "{path}");
+    }
+    let a =
+        call(&base, Method::PUT, &format!("/projects/{project_id}/products/{unknown}"), None).await;
+    a.assert_problem(404, "not_found", "");
+    assert_eq!(a.body["kind"], "product");
+}
+
+pub async fn keys_end_to_end(db: TestDb) {
+    let client = db.client().await;
+    let base = app(client.clone()).await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let body = json!({
+        "name": "ci", "scopes": ["read", "write"], "custom": {"plan": "pro"},
+        "rate_limit": {"requests": 100, "window": "minute"}, "expires_in_seconds": 3600
+    });
+    let created = call(&base, Method::POST, &format!("/orgs/{}/keys", org.id), Some(body)).await;
+    assert_eq!(created.status, 201, "{}", created.text);
+    assert_eq!(created.header("cache-control"), "no-store");
+    let plain = created.body["key"].as_str().unwrap().to_owned();
+    let record = created.body["record"].clone();
+    let id = record["id"].as_str().unwrap().to_owned();
+    assert_eq!(record["scopes"], json!(["read", "write"]));
+    assert_eq!(record["custom"], json!({"plan": "pro"}));
+    assert_eq!(record["rate_limit"], json!({"requests": 100, "window": "minute"}));
+    assert!(record["expires_at"].is_string());
+    assert!(!record.to_string().contains(&plain));
+
+    // The key works at once on a guarded route.
+    let a = fetch(&format!("{base}/protected"), &[("x-api-key", &plain)]).await;
+    assert_eq!(a.text, "ci");
+    let got = call(&base, Method::GET, &format!("/keys/{id}"), None).await;
+    assert_eq!(got.body["id"], id);
+    assert_eq!(got.body["use_count"], 1);
+    assert!(!got.text.contains(&plain));
+
+    let patch = json!({"name": "renamed", "scopes": ["read"], "rate_limit": null});
+    let updated = call(&base, Method::PATCH, &format!("/keys/{id}"), Some(patch)).await;
+    assert_eq!(updated.status, 200, "{}", updated.text);
+    assert_eq!(updated.body["name"], "renamed");
+    assert_eq!(updated.body["scopes"], json!(["read"]));
+    assert_eq!(updated.body["rate_limit"], Value::Null);
+    assert_eq!(updated.body["custom"], json!({"plan": "pro"}), "absent members stay");
+    assert_eq!(fetch(&format!("{base}/protected"), &[("x-api-key", &plain)]).await.text, "renamed");
+
+    let revoked = call(&base, Method::POST, &format!("/keys/{id}/revoke"), None).await;
+    assert_eq!(revoked.status, 200);
+    assert!(revoked.body["revoked_at"].is_string());
+    fetch(&format!("{base}/protected"), &[("x-api-key", &plain)])
+        .await
+        .assert_problem(401, "revoked", &plain);
+
+    assert_eq!(call(&base, Method::DELETE, &format!("/keys/{id}"), None).await.status, 204);
+    call(&base, Method::GET, &format!("/keys/{id}"), None).await.assert_problem(
+        404,
+        "not_found",
+        "",
+    );
+    call(&base, Method::DELETE, &format!("/keys/{id}"), None).await.assert_problem(
+        404,
+        "not_found",
+        "",
+    );
+    fetch(&format!("{base}/protected"), &[("x-api-key", &plain)]).await.assert_problem(
+        401,
+        "invalid_key",
+        &plain,
+    );
+
+    // A key narrowed to a project and a product, never expiring.
+    let (project, _) = client.get_or_create_project(org.id, "v1").await.unwrap();
+    let (product, _) = client.get_or_create_product(org.id, "search").await.unwrap();
+    let body = json!({"name": "narrow", "project_id": project.id, "product_id": product.id, "never_expires": true});
+    let created = call(&base, Method::POST, &format!("/orgs/{}/keys", org.id), Some(body)).await;
+    assert_eq!(created.status, 201, "{}", created.text);
+    assert_eq!(created.body["record"]["project_id"], json!(project.id));
+    assert_eq!(created.body["record"]["expires_at"], Value::Null);
+}
+
+pub async fn listing_filters_by_status_and_pages(db: TestDb) {
+    let client = db.client().await;
+    let base = app(client.clone()).await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let (project, _) = client.get_or_create_project(org.id, "v1").await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let mut new = apikeys_db::NewKey::new(format!("k{i}"));
+        if i % 2 == 0 {
+            new = new.with_project(project.id);
+        }
+        ids.push(client.create_key(org.id, new).await.unwrap().record.id);
+    }
+    client.revoke_key(ids[1]).await.unwrap();
+    client.revoke_key(ids[2]).await.unwrap();
+
+    let names = |a: &Answer| -> Vec<String> {
+        a.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let all = call(&base, Method::GET, &format!("/orgs/{}/keys", org.id), None).await;
+    assert_eq!(names(&all), ["k0", "k1", "k2", "k3", "k4"]);
+    assert_eq!(all.body["next"], Value::Null);
+    let active =
+        call(&base, Method::GET, &format!("/orgs/{}/keys?status=active", org.id), None).await;
+    assert_eq!(names(&active), ["k0", "k3", "k4"]);
+    let revoked =
+        call(&base, Method::GET, &format!("/orgs/{}/keys?status=revoked", org.id), None).await;
+    assert_eq!(names(&revoked), ["k1", "k2"]);
+    let in_project =
+        call(&base, Method::GET, &format!("/projects/{}/keys?status=active", project.id), None)
+            .await;
+    assert_eq!(names(&in_project), ["k0", "k4"]);
+
+    let mut seen = Vec::new();
+    let mut path = format!("/orgs/{}/keys?limit=2", org.id);
+    loop {
+        let page = call(&base, Method::GET, &path, None).await;
+        assert_eq!(page.status, 200, "{}", page.text);
+        assert!(names(&page).len() <= 2);
+        seen.extend(names(&page));
+        match page.body["next"].as_str() {
+            Some(next) => path = format!("/orgs/{}/keys?limit=2&after={next}", org.id),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["k0", "k1", "k2", "k3", "k4"]);
+}
+
+pub async fn bad_input_is_a_problem_and_changes_nothing(db: TestDb) {
+    let client = db.client().await;
+    let base = app(client.clone()).await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let key = client.create_key(org.id, apikeys_db::NewKey::new("k")).await.unwrap().record;
+    let keys = format!("/orgs/{}/keys", org.id);
+    let before = db.counts(&client).await;
+
+    // Requests that do not parse: 400-class problems, code bad_request.
+    let raw = Answer::of(
+        reqwest::Client::new()
+            .post(format!("{base}/admin{keys}"))
+            .header("x-admin-token", TOKEN)
+            .header("content-type", "application/json")
+            .body("{not json")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    raw.assert_problem(400, "bad_request", "");
+    let no_type = Answer::of(
+        reqwest::Client::new()
+            .post(format!("{base}/admin{keys}"))
+            .header("x-admin-token", TOKEN)
+            .body("{}")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    no_type.assert_problem(415, "bad_request", "");
+    for (method, path, body, status) in [
+        (Method::POST, keys.clone(), Some(json!({"name": "x", "admin": true})), 422),
+        (
+            Method::POST,
+            keys.clone(),
+            Some(json!({"name": "x", "rate_limit": {"requests": 0, "window": "minute"}})),
+            422,
+        ),
+        (
+            Method::POST,
+            keys.clone(),
+            Some(json!({"name": "x", "rate_limit": {"requests": 1, "window": "fortnight"}})),
+            422,
+        ),
+        (Method::GET, "/keys/not-a-uuid".to_owned(), None, 400),
+        (Method::GET, format!("{keys}?status=lost"), None, 400),
+        (Method::GET, format!("{keys}?after=nope"), None, 400),
+        (Method::PATCH, format!("/keys/{}", key.id), Some(json!({"name": 5})), 422),
+    ] {
+        let a = call(&base, method, &path, body).await;
+        a.assert_problem(status, "bad_request", "");
+    }
+
+    // Values the store rejects: 422 naming the field.
+    for (method, path, body, field) in [
+        (Method::POST, keys.clone(), json!({"name": ""}), "name"),
+        (Method::POST, keys.clone(), json!({"name": "x", "scopes": ["no spaces"]}), "scopes"),
+        (Method::POST, keys.clone(), json!({"name": "x", "custom": [1, 2]}), "custom"),
+        (
+            Method::POST,
+            keys.clone(),
+            json!({"name": "x", "expires_at": "2001-01-01T00:00:00Z"}),
+            "expires_at",
+        ),
+        (Method::POST, keys.clone(), json!({"name": "x", "expires_in_seconds": 0}), "expires_at"),
+        (
+            Method::POST,
+            keys.clone(),
+            json!({"name": "x", "never_expires": true, "expires_in_seconds": 5}),
+            "expires_at",
+        ),
+        (Method::POST, "/orgs".to_owned(), json!({"name": "  "}), "name"),
+        (Method::PATCH, format!("/keys/{}", key.id), json!({"custom": "text"}), "custom"),
+        (Method::PATCH, format!("/keys/{}", key.id), json!({"scopes": ["a", "a"]}), "scopes"),
+    ] {
+        let a = call(&base, method, &path, Some(body.clone())).await;
+        a.assert_problem(422, "invalid_input", "");
+        assert_eq!(a.body["field"], field, "{body}: {}", a.text);
+    }
+    let a = call(&base, Method::GET, &format!("{keys}?limit=0"), None).await;
+    a.assert_problem(422, "invalid_input", "");
+    assert_eq!(a.body["field"], "page.limit");
+    let a = call(&base, Method::GET, &format!("{keys}?limit=1001"), None).await;
+    assert_eq!(a.body["field"], "page.limit");
+    // A key narrowed to a project of another organization: not found, nothing created.
+    let (other, _) = client.get_or_create_organization("other").await.unwrap();
+    let (foreign, _) = client.get_or_create_project(other.id, "theirs").await.unwrap();
+    let before = [before, db.counts(&client).await].concat();
+    let a = call(&base, Method::POST, &keys, Some(json!({"name": "x", "project_id": foreign.id})))
+        .await;
+    assert!(a.status == 404 || a.status == 422, "{}", a.text);
+    assert_eq!([before[..6].to_vec(), db.counts(&client).await].concat(), before);
+    assert_eq!(client.get_key(key.id).await.unwrap(), key);
+}
+
+pub async fn the_openapi_document_describes_every_route(db: TestDb) {
+    let client = db.client().await;
+    let base = app(client.clone()).await;
+    let doc = call(&base, Method::GET, "/openapi.json", None).await;
+    assert_eq!(doc.status, 200);
+    assert_eq!(doc.body["openapi"], "3.1.0");
+    assert_eq!(doc.body["servers"], json!([{"url": "/admin"}]));
+    let paths = doc.body["paths"].as_object().unwrap();
+    let mut routes: Vec<String> = paths
+        .iter()
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .unwrap()
+                .keys()
+                .map(move |method| format!("{} {path}", method.to_uppercase()))
+        })
+        .collect();
+    routes.sort();
+    assert_eq!(
+        routes,
+        [
+            "DELETE /keys/{key_id}",
+            "DELETE /projects/{project_id}/products/{product_id}",
+            "GET /keys/{key_id}",
+            "GET /orgs",
+            "GET /orgs/{org_id}",
+            "GET /orgs/{org_id}/keys",
+            "GET /orgs/{org_id}/products",
+            "GET /orgs/{org_id}/projects",
+            "GET /products/{product_id}",
+            "GET /projects/{project_id}",
+            "GET /projects/{project_id}/keys",
+            "GET /projects/{project_id}/products",
+            "PATCH /keys/{key_id}",
+            "POST /keys/{key_id}/revoke",
+            "POST /orgs",
+            "POST /orgs/{org_id}/keys",
+            "POST /orgs/{org_id}/products",
+            "POST /orgs/{org_id}/projects",
+            "PUT /projects/{project_id}/products/{product_id}",
+        ]
+    );
+    let schemas = doc.body["components"]["schemas"].as_object().unwrap();
+    for name in [
+        "ApiKey",
+        "Problem",
+        "CreateKeyBody",
+        "CreatedKey",
+        "UpdateKeyBody",
+        "RateLimit",
+        "Organization",
+    ] {
+        assert!(schemas.contains_key(name), "no schema {name}: {:?}", schemas.keys());
+    }
+    assert_eq!(
+        doc.body["paths"]["/orgs/{org_id}/keys"]["post"]["responses"]["201"]["content"]["application/json"]
+            ["schema"]["$ref"],
+        "#/components/schemas/CreatedKey"
+    );
+    // The document served equals the one the host can take for its own.
+    let own =
+        serde_json::to_value(ManagementApi::new(client).nested_at("/admin").openapi()).unwrap();
+    assert_eq!(own, doc.body);
+}
