@@ -649,3 +649,8 @@ mod tests {
         assert_eq!(back, answer.problem);
     }
 }
+
+/// This crate's README, whose example runs as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

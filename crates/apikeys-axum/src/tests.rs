@@ -1,0 +1,84 @@
+//! The guard driven with `tower::ServiceExt::oneshot`, no socket: what the HTTP tests
+//! cannot see from outside.
+
+use apikeys_db::{ApiKeyClient, NewKey, ValidateOptions};
+use axum::Router;
+use axum::body::{Body, to_bytes};
+use axum::routing::get;
+use http::{HeaderMap, Request, StatusCode};
+use tower::ServiceExt;
+
+use crate::{ApiKeyAuth, ValidKey};
+
+async fn client_and_key() -> (ApiKeyClient, String) {
+    let client = ApiKeyClient::builder()
+        .database_url("sqlite::memory:")
+        .signing_secret("a-signing-secret-of-at-least-32-bytes!!")
+        .build()
+        .await
+        .unwrap();
+    client.create_tables().await.unwrap();
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let issued = client.create_key(org.id, NewKey::new("k")).await.unwrap();
+    (client, issued.key.expose_secret().to_owned())
+}
+
+async fn call(app: Router, request: Request<Body>) -> (StatusCode, String) {
+    let response = app.oneshot(request).await.unwrap();
+    let status = response.status();
+    let body = to_bytes(response.into_body(), 1 << 20).await.unwrap();
+    (status, String::from_utf8(body.to_vec()).unwrap())
+}
+
+#[tokio::test]
+async fn the_key_headers_reach_handlers_marked_sensitive() {
+    let (client, key) = client_and_key().await;
+    let auth = ApiKeyAuth::new(client);
+    let app = Router::new()
+        .route("/", get(|headers: HeaderMap| async move { format!("{headers:?}") }))
+        .route_layer(auth.require(ValidateOptions::new()));
+    for (name, value) in [("x-api-key", key.clone()), ("authorization", format!("Bearer {key}"))] {
+        let request = Request::get("/").header(name, value).body(Body::empty()).unwrap();
+        let (status, debug) = call(app.clone(), request).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(!debug.contains(&key), "{debug}");
+        assert!(debug.contains("Sensitive"), "{debug}");
+    }
+}
+
+#[tokio::test]
+async fn an_extractor_without_its_guard_is_a_500_not_a_pass() {
+    let (_, key) = client_and_key().await;
+    let app = Router::new().route("/", get(|k: ValidKey| async move { k.name.clone() }));
+    let request = Request::get("/").header("x-api-key", &key).body(Body::empty()).unwrap();
+    let (status, body) = call(app, request).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(body.contains("\"code\":\"internal\""), "{body}");
+    assert!(!body.contains(&key));
+}
+
+#[tokio::test]
+async fn a_guard_layer_rejects_before_the_handler_runs() {
+    let (client, key) = client_and_key().await;
+    let auth = ApiKeyAuth::new(client);
+    let ran = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = ran.clone();
+    let handler = move || {
+        let counter = counter.clone();
+        async move {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            "ran"
+        }
+    };
+    let read = ValidateOptions::new().require_scopes(["read"]).unwrap();
+    let app = Router::new().route("/", get(handler)).layer(auth.require(read));
+    for request in [
+        Request::get("/").body(Body::empty()).unwrap(),
+        Request::get("/").header("x-api-key", "sk_nope").body(Body::empty()).unwrap(),
+        Request::get("/").header("x-api-key", &key).body(Body::empty()).unwrap(),
+    ] {
+        let (status, _) = call(app.clone(), request).await;
+        assert!(status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN);
+    }
+    assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
