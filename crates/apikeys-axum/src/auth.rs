@@ -25,7 +25,9 @@ use crate::layer::{RequireKey, RequireKeyLayer};
 ///
 /// The first of those present is the one validated; a header sent twice is rejected as an
 /// invalid key. Before the check, the key header's and `Authorization`'s values are
-/// marked sensitive, so that `Debug` output and tower-http's tracing leave them out.
+/// marked sensitive, so that the `Debug` output of handlers and of layers inside the guard
+/// leaves them out. A trace layer outside the guard sees the request before that: if it logs
+/// headers, put tower-http's `SetSensitiveRequestHeadersLayer` outermost.
 ///
 /// ```
 /// use apikeys_axum::ApiKeyAuth;
