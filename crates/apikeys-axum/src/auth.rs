@@ -45,9 +45,8 @@ pub struct ApiKeyAuth {
 #[derive(Debug, Clone)]
 struct Inner {
     client: ApiKeyClient,
-    key_header: HeaderName,
-    bearer: bool,
     query_param: Option<String>,
+    /// The answers, and where keys are read from (the key header, bearer tokens or not).
     mapper: ErrorMapper,
     defaults: ValidateOptions,
 }
@@ -61,8 +60,6 @@ impl ApiKeyAuth {
         Self {
             inner: Arc::new(Inner {
                 client,
-                key_header: apikeys_http::DEFAULT_KEY_HEADER,
-                bearer: true,
                 query_param: None,
                 mapper: ErrorMapper::new(),
                 defaults: ValidateOptions::new(),
@@ -78,19 +75,13 @@ impl ApiKeyAuth {
     /// Reads keys from this header instead of `X-API-Key`.
     #[must_use]
     pub fn key_header(self, name: HeaderName) -> Self {
-        self.edit(|i| {
-            i.mapper = i.mapper.clone().with_key_header(name.clone());
-            i.key_header = name;
-        })
+        self.edit(|i| i.mapper = i.mapper.clone().with_key_header(name))
     }
 
     /// Whether keys are also read from `Authorization: Bearer` (on by default).
     #[must_use]
     pub fn bearer(self, on: bool) -> Self {
-        self.edit(|i| {
-            i.mapper = i.mapper.clone().with_bearer(on);
-            i.bearer = on;
-        })
+        self.edit(|i| i.mapper = i.mapper.clone().with_bearer(on))
     }
 
     /// Also reads keys from this query parameter (`?api_key=...`). Off by default: a key in
@@ -180,8 +171,9 @@ impl ApiKeyAuth {
     /// visible ASCII (no key of ours is).
     pub fn find_key(&self, parts: &mut Parts) -> Result<Option<String>, Rejection> {
         let inner = &*self.inner;
-        mark_sensitive(&mut parts.headers, &inner.key_header);
-        let mut sent = parts.headers.get_all(&inner.key_header).iter();
+        let key_header = inner.mapper.key_header();
+        mark_sensitive(&mut parts.headers, key_header);
+        let mut sent = parts.headers.get_all(key_header).iter();
         if let Some(value) = sent.next() {
             if sent.next().is_some() {
                 return Err(self.reject(Error::InvalidKey));
@@ -191,7 +183,7 @@ impl ApiKeyAuth {
                 Err(_) => Err(self.reject(Error::InvalidKey)),
             };
         }
-        if inner.bearer
+        if inner.mapper.accepts_bearer()
             && let Some(token) =
                 parts.headers.get(AUTHORIZATION).and_then(|v| bearer_token(v.as_bytes()))
         {

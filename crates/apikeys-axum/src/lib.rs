@@ -44,8 +44,6 @@ mod auth;
 mod extract;
 mod layer;
 mod manage;
-#[cfg(test)]
-mod tests;
 
 pub use auth::{ApiKeyAuth, Rejection, problem_response};
 pub use extract::{Defaults, Requirement, ValidKey};

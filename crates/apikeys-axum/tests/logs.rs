@@ -3,11 +3,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use apikeys_axum::ApiKeyAuth;
-use apikeys_db::{ApiKeyClient, NewKey, ValidateOptions};
+use apikeys_db::ValidateOptions;
+
+mod in_memory;
 use axum::Router;
 use axum::body::Body;
 use axum::routing::get;
 use http::{Request, StatusCode};
+use in_memory::client_and_key;
 use tower::ServiceExt;
 
 /// Log lines written by the test's subscriber.
@@ -40,16 +43,7 @@ async fn server_failures_are_logged_at_error_and_rejections_at_debug_without_the
         .with_max_level(tracing::Level::DEBUG)
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
-    let client = ApiKeyClient::builder()
-        .database_url("sqlite::memory:")
-        .signing_secret("a-signing-secret-of-at-least-32-bytes!!")
-        .build()
-        .await
-        .unwrap();
-    client.create_tables().await.unwrap();
-    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
-    let issued = client.create_key(org.id, NewKey::new("k")).await.unwrap();
-    let key = issued.key.expose_secret().to_owned();
+    let (client, key) = client_and_key().await;
     let auth = ApiKeyAuth::new(client.clone());
     let app = Router::new()
         .route("/", get(|| async { "ok" }))

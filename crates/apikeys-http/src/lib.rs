@@ -45,7 +45,7 @@ use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use apikeys_core::{Error, RateLimit, RecordKind};
+use apikeys_core::{Error, RateLimit};
 use chrono::{DateTime, Utc};
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -295,6 +295,18 @@ impl ErrorMapper {
         &self.realm
     }
 
+    /// The header keys are read from.
+    #[must_use]
+    pub fn key_header(&self) -> &HeaderName {
+        &self.key_header
+    }
+
+    /// Whether keys are accepted as bearer tokens.
+    #[must_use]
+    pub fn accepts_bearer(&self) -> bool {
+        self.bearer
+    }
+
     /// The answer to a request that carried no key: 401 with the challenge.
     #[must_use]
     pub fn missing_key(&self) -> ErrorResponse {
@@ -384,7 +396,7 @@ impl ErrorMapper {
                     _ => (StatusCode::CONFLICT, ProblemCode::AlreadyExists),
                 };
                 let mut p = problem(status, code);
-                p.kind = Some(kind_name(id.kind()).to_owned());
+                p.kind = Some(id.kind().to_string());
                 p.id = Some(id.as_uuid());
                 ErrorResponse::new(p)
             }
@@ -434,15 +446,6 @@ impl ErrorMapper {
 #[must_use]
 pub fn error_response(error: &Error) -> ErrorResponse {
     ErrorMapper::new().response(error)
-}
-
-fn kind_name(kind: RecordKind) -> &'static str {
-    match kind {
-        RecordKind::Organization => "organization",
-        RecordKind::Project => "project",
-        RecordKind::Product => "product",
-        _ => "key",
-    }
 }
 
 /// Appends a header built from our own text; a value that is not a valid header value

@@ -1,27 +1,18 @@
 //! The guard driven with `tower::ServiceExt::oneshot`, no socket: what the HTTP tests
 //! cannot see from outside.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use apikeys_db::{ApiKeyClient, NewKey, ValidateOptions};
+use apikeys_db::ValidateOptions;
 use axum::Router;
 use axum::body::{Body, to_bytes};
 use axum::routing::get;
 use http::{HeaderMap, Request, StatusCode};
 use tower::ServiceExt;
 
-use crate::{ApiKeyAuth, ValidKey};
+use apikeys_axum::{ApiKeyAuth, ValidKey};
 
-async fn client_and_key() -> (ApiKeyClient, String) {
-    let client = ApiKeyClient::builder()
-        .database_url("sqlite::memory:")
-        .signing_secret("a-signing-secret-of-at-least-32-bytes!!")
-        .build()
-        .await
-        .unwrap();
-    client.create_tables().await.unwrap();
-    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
-    let issued = client.create_key(org.id, NewKey::new("k")).await.unwrap();
-    (client, issued.key.expose_secret().to_owned())
-}
+mod in_memory;
+use in_memory::client_and_key;
 
 async fn call(app: Router, request: Request<Body>) -> (StatusCode, String) {
     let response = app.oneshot(request).await.unwrap();
