@@ -4,6 +4,7 @@ use std::any::TypeId;
 use std::fmt;
 use std::marker::PhantomData;
 use std::ops::Deref;
+use std::sync::Arc;
 
 use apikeys_db::{ApiKey, ValidateOptions};
 use axum::extract::{FromRequestParts, OptionalFromRequestParts};
@@ -85,7 +86,8 @@ impl<S> Requirement<S> for Defaults {
 /// it, the request is answered 500 and the mistake logged at `ERROR`, the way axum-login's
 /// session extractor reports a missing layer.
 pub struct ValidKey<R = Defaults> {
-    key: ApiKey,
+    /// Shared, so that handing it on (extensions, later extractors) copies no metadata.
+    key: Arc<ApiKey>,
     /// The requirement the key was validated against (`None`: a guard layer's).
     by: Option<TypeId>,
     _requirement: PhantomData<fn() -> R>,
@@ -93,13 +95,13 @@ pub struct ValidKey<R = Defaults> {
 
 impl<R> ValidKey<R> {
     pub(crate) fn validated(key: ApiKey) -> Self {
-        Self { key, by: None, _requirement: PhantomData }
+        Self { key: Arc::new(key), by: None, _requirement: PhantomData }
     }
 
-    /// The stored key.
+    /// The stored key (a copy only if the request still holds it elsewhere).
     #[must_use]
     pub fn into_inner(self) -> ApiKey {
-        self.key
+        Arc::unwrap_or_clone(self.key)
     }
 }
 
@@ -181,12 +183,12 @@ async fn extract<S, R: Requirement<S>>(
     let key = if counted {
         // Counted once already: check R's requirements without counting again.
         let options = R::options(state, auth).clone().track_usage(false).check_rate_limit(false);
-        auth.validate(&presented, &options).await?
+        Arc::new(auth.validate(&presented, &options).await?)
     } else {
-        let key = auth.validate(&presented, R::options(state, auth)).await?;
+        let key = Arc::new(auth.validate(&presented, R::options(state, auth)).await?);
         let by = Some(requirement);
         parts.extensions.insert(ValidKey::<Defaults> {
-            key: key.clone(),
+            key: Arc::clone(&key),
             by,
             _requirement: PhantomData,
         });
