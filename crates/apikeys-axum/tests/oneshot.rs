@@ -73,3 +73,19 @@ async fn a_guard_layer_rejects_before_the_handler_runs() {
     }
     assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
+
+#[tokio::test]
+async fn a_key_header_that_is_not_ascii_is_an_invalid_key() {
+    let (client, key) = client_and_key().await;
+    let auth = ApiKeyAuth::new(client);
+    let app = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .route_layer(auth.require(ValidateOptions::new()));
+    let mut bytes = key.into_bytes();
+    bytes[10] = 0xFF;
+    let value = http::HeaderValue::from_bytes(&bytes).unwrap();
+    let request = Request::get("/").header("x-api-key", value).body(Body::empty()).unwrap();
+    let (status, body) = call(app, request).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body.contains("\"code\":\"invalid_key\""), "{body}");
+}

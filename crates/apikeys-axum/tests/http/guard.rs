@@ -343,3 +343,85 @@ pub async fn a_revoke_through_the_api_is_seen_by_a_caching_guard(db: TestDb) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+pub async fn admin_calls_racing_guarded_requests_end_in_documented_answers(db: TestDb) {
+    // One process serves both, as a replica would; eight callers hammer 24 keys while the
+    // management API deletes, revokes, and updates-while-deleting them over HTTP.
+    let client = db.client().await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let mut keys = Vec::new();
+    for i in 0..24 {
+        keys.push(key(&client, org.id, NewKey::new(format!("k{i}"))).await);
+    }
+    let admin = ManagementApi::new(client.clone()).authorized_by_fn(|_| true);
+    let base = serve(app(ApiKeyAuth::new(client)).nest("/admin", admin)).await;
+    let plains: Arc<Vec<String>> = Arc::new(keys.iter().map(|(p, _)| p.clone()).collect());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = (0..8)
+        .map(|seed| {
+            let (base, plains, stop) = (base.clone(), plains.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut seen, mut wrong) = (0, Vec::new());
+                let mut i = seed;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let a = fetch(
+                        &format!("{base}/whoami"),
+                        &[("x-api-key", &plains[i % plains.len()])],
+                    )
+                    .await;
+                    let code = a.body["code"].as_str().unwrap_or("");
+                    if !(a.status == 200
+                        || (a.status == 401 && (code == "invalid_key" || code == "revoked")))
+                    {
+                        wrong.push(format!("{} {}", a.status, a.text));
+                    }
+                    seen += 1;
+                    i += 7;
+                }
+                (seen, wrong)
+            })
+        })
+        .collect();
+    let http = reqwest::Client::new();
+    let mut admin_wrong = Vec::new();
+    for (i, (_, id)) in keys.iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let url = format!("{base}/admin/keys/{id}");
+        let statuses: Vec<u16> = match i % 3 {
+            0 => vec![http.delete(&url).send().await.unwrap().status().as_u16()],
+            1 => {
+                let revoke = http.post(format!("{url}/revoke")).send();
+                let delete = http.delete(&url).send();
+                let (r, d) = tokio::join!(revoke, delete);
+                vec![r.unwrap().status().as_u16(), d.unwrap().status().as_u16()]
+            }
+            _ => {
+                let update = http.patch(&url).json(&json!({"name": "renamed", "rate_limit": {"requests": 5000, "window": "hour"}})).send();
+                let delete = http.delete(&url).send();
+                let (u, d) = tokio::join!(update, delete);
+                vec![u.unwrap().status().as_u16(), d.unwrap().status().as_u16()]
+            }
+        };
+        // Deletes succeed (204); a revoke or update racing a delete is done (200) or finds
+        // the key gone (404): never a 5xx.
+        if !statuses.iter().all(|s| [200, 204, 404].contains(s)) || statuses.last() != Some(&204) {
+            admin_wrong.push(format!("key {i}: {statuses:?}"));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for caller in callers {
+        let (seen, wrong) = caller.await.unwrap();
+        total += seen;
+        assert!(wrong.is_empty(), "guard answers outside 200/401: {wrong:?}");
+    }
+    assert!(admin_wrong.is_empty(), "{admin_wrong:?}");
+    assert!(total > 24, "the callers ran alongside the admin calls ({total} requests)");
+    for plain in plains.iter() {
+        fetch(&format!("{base}/whoami"), &[("x-api-key", plain)]).await.assert_problem(
+            401,
+            "invalid_key",
+            plain,
+        );
+    }
+}

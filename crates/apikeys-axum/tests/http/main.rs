@@ -24,6 +24,7 @@ common::backend_tests! {
         a_layer_and_an_extractor_count_a_request_once,
         database_failures_are_503_and_500_without_details,
         a_revoke_through_the_api_is_seen_by_a_caching_guard,
+        admin_calls_racing_guarded_requests_end_in_documented_answers,
     ],
     manage: [
         the_router_refuses_requests_its_admin_check_refuses,
