@@ -73,11 +73,15 @@ mod flow {
                     .log_statements(true)
             })
             .await;
+        // Local limits run on the client's clock: a fixed one here, so that a step of the
+        // host's clock between two checks (seen on CI machines) cannot refill the limit.
+        let frozen = crate::common::TestClock::at(chrono::Utc::now());
         let local = db
             .client_with(|b| {
                 b.signing_secret(SECRET)
                     .environment("live")
                     .rate_limit_mode(RateLimitMode::Local)
+                    .clock(frozen.as_fn())
                     .log_statements(true)
             })
             .await;
