@@ -9,7 +9,7 @@ use apikeys_core::{Error, Result};
 use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbBackend, DbErr};
 
 use crate::builder::Settings;
-use crate::error::is_unavailable;
+use crate::error::{is_timed_out, is_unavailable};
 
 /// The kind of database a URL names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,7 +180,22 @@ pub(crate) async fn open(
             Kind::MySql => mysql_options(&mut options, password.clone(), timeout),
         }
         let secrets = &secrets;
-        async move { Database::connect(options).await.map_err(|e| secrets.scrub(e)) }
+        let patience = settings.connect_timeout;
+        async move {
+            // Opening a SQLite file sets its journal mode to WAL, which takes the file's
+            // lock; while other processes open or migrate the same file at that moment, the
+            // open can fail with SQLITE_BUSY before any busy handler is installed. Try again
+            // until the connect timeout has passed (servers never answer this way).
+            let deadline = std::time::Instant::now() + patience;
+            loop {
+                match Database::connect(options.clone()).await {
+                    Err(e) if is_timed_out(&e) && std::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(25)).await;
+                    }
+                    result => return result.map_err(|e| secrets.scrub(e)),
+                }
+            }
+        }
     };
     match kind {
         // Every connection to an in-memory database is a database of its own: one only.

@@ -55,7 +55,7 @@ pub(crate) fn is_unreachable(e: &DbErr) -> bool {
 /// `max_statement_time` (1969), MySQL's `max_execution_time` (3024), a lock wait time-out
 /// (1205), and SQLite's busy time-out (`SQLITE_BUSY`, another process held the write lock
 /// too long).
-fn is_timed_out(e: &DbErr) -> bool {
+pub(crate) fn is_timed_out(e: &DbErr) -> bool {
     let Some(sea_orm::sqlx::Error::Database(db)) = sqlx_error(e) else { return false };
     #[cfg(feature = "mysql")]
     if let Some(my) = db.try_downcast_ref::<sea_orm::sqlx::mysql::MySqlDatabaseError>() {
