@@ -147,7 +147,7 @@ impl ApiKeyAuth {
     ) -> Result<ApiKey, Rejection> {
         match self.find_key(parts)? {
             Some(key) => self.validate(&key, options).await,
-            None => Err(Rejection::new(self.inner.mapper.missing_key(), None)),
+            None => Err(self.missing()),
         }
     }
 
@@ -157,6 +157,11 @@ impl ApiKeyAuth {
         options: &ValidateOptions,
     ) -> Result<ApiKey, Rejection> {
         self.inner.client.validate_key(key, options).await.map_err(|e| self.reject(e))
+    }
+
+    /// The rejection of a request that carries no key.
+    pub(crate) fn missing(&self) -> Rejection {
+        Rejection::new(self.inner.mapper.missing_key(), None)
     }
 
     pub(crate) fn reject(&self, error: Error) -> Rejection {

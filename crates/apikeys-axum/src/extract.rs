@@ -136,7 +136,7 @@ where
         let auth = auth_of(parts)?;
         match extract::<S, R>(&auth, parts, state).await? {
             Some(key) => Ok(key),
-            None => Err(Rejection::new(auth.errors().missing_key(), None)),
+            None => Err(auth.missing()),
         }
     }
 }
