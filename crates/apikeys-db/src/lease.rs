@@ -34,7 +34,9 @@ use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, Value};
 use crate::breaker::Db;
 use crate::error::{retry_conflicts, storage};
 use crate::lock::lock;
-use crate::rate_limit::{Count, MY_NOW_MS, PG_NOW_MS, counting_error, host_millis, left_ms};
+use crate::rate_limit::{
+    Count, MY_NOW_MS, PG_NOW_MS, counting_error, host_millis, left_ms, window_ends,
+};
 
 /// The largest block a process reserves at once. Blocks only grow while each is spent within
 /// [`FAST`], so a block this large means one key checked over 300 000 times a second in one
@@ -133,8 +135,8 @@ impl Leases {
                 let lease = map.entry(key).or_insert_with(|| Lease::empty(limit));
                 lease.limit = limit;
                 lease.window = window;
-                // The database measured `left` after `asked`: the window ends no earlier.
-                lease.until = asked + left;
+                // Units of this window are not spent after it ends.
+                lease.until = window_ends(asked, left);
                 lease.remaining = granted - 1;
                 lease.block = block;
                 lease.reserved_at = asked;

@@ -124,11 +124,13 @@ pub(crate) enum Count {
 }
 
 /// A key known to be over its limit: refused without a round trip until `until` (this
-/// process's monotonic clock), as long as its limit is still `limit`.
+/// process's monotonic clock, never after the window's end), as long as its limit is still
+/// `limit`; such a refusal's `retry_after` runs to `retry_at` (never before the end).
 #[derive(Debug, Clone, Copy)]
 struct Refusal {
     limit: RateLimit,
     until: Instant,
+    retry_at: Instant,
 }
 
 /// Counts requests against per-key limits. Owns its connection handle and clock; the client
@@ -243,9 +245,10 @@ impl RateLimiter {
         }
         if let Some(r) = lock(&self.over_limit).get(&key).copied()
             && r.limit == limit
-            && let Some(left) = r.until.checked_duration_since(asked).filter(|d| !d.is_zero())
+            && r.until > asked
         {
-            return Err(Error::Quota { retry_after: left, limit });
+            let retry_after = r.retry_at.saturating_duration_since(asked);
+            return Err(Error::Quota { retry_after, limit });
         }
         let counted = if leased {
             self.leases.check(&self.db, key, limit).await
@@ -258,9 +261,10 @@ impl RateLimiter {
         match counted? {
             Count::Admitted => Ok(()),
             Count::Refused(left) => {
-                // The database measured `left` at some moment after `asked`, so the window
-                // ends no earlier than `asked + left` on this process's monotonic clock.
-                lock(&self.over_limit).insert(key, Refusal { limit, until: asked + left });
+                // The database read its clock between `asked` and now.
+                let until = window_ends(asked, left);
+                let refusal = Refusal { limit, until, retry_at: Instant::now() + left };
+                lock(&self.over_limit).insert(key, refusal);
                 Err(Error::Quota { retry_after: left, limit })
             }
         }
@@ -334,6 +338,18 @@ pub(crate) fn host_millis() -> i64 {
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// When, on this process's monotonic clock, a window whose time left a counting statement
+/// reported as `left` has surely ended, for a statement issued at `asked`.
+///
+/// The clocks read (`clock_timestamp()`, `NOW(3)`, the host's) are floored to whole
+/// milliseconds, so `left` may exceed the true time left by up to a millisecond: right for
+/// a `retry_after` (a caller waiting that long finds the window over), but a memo of the
+/// refusal or a lease of the window's units must end no later than the window. The clock was
+/// read after `asked`, so `asked + left - 1 ms` is never after the window's end.
+pub(crate) fn window_ends(asked: Instant, left: Duration) -> Instant {
+    asked + left.saturating_sub(Duration::from_millis(1))
 }
 
 pub(crate) fn left_ms(ms: i64) -> Duration {
