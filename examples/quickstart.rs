@@ -33,6 +33,10 @@ fn main() -> apikeys_db::Result<()> {
         revoked_at: None,
         last_used_at: None,
         use_count: 0,
+        owner_id: None,
+        credits: None,
+        rolled_from: None,
+        rolled_to: None,
     };
     let write = Scopes::parse(["write"])?;
     let need_write = Requirements { product: None, scopes: &write };

@@ -34,6 +34,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261123_000001_create_tables;
 mod m20261124_000001_alt_key_hash;
 mod m20261125_000001_key_changes;
+mod m20261126_000001_key_lifecycle;
 
 /// Runs the apikeys migrations in order.
 #[derive(Debug)]
@@ -46,6 +47,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000001_create_tables::Migration),
             Box::new(m20261124_000001_alt_key_hash::Migration),
             Box::new(m20261125_000001_key_changes::Migration),
+            Box::new(m20261126_000001_key_lifecycle::Migration),
         ]
     }
 }

@@ -182,7 +182,11 @@ async fn extract<S, R: Requirement<S>>(
     let Some(presented) = auth.find_key(parts)? else { return Ok(None) };
     let key = if counted {
         // Counted once already: check R's requirements without counting again.
-        let options = R::options(state, auth).clone().track_usage(false).check_rate_limit(false);
+        let options = R::options(state, auth)
+            .clone()
+            .track_usage(false)
+            .check_rate_limit(false)
+            .credit_cost(0);
         Arc::new(auth.validate(&presented, &options).await?)
     } else {
         let key = Arc::new(auth.validate(&presented, R::options(state, auth)).await?);

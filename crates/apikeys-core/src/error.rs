@@ -111,7 +111,7 @@ impl From<KeyId> for RecordId {
 ///
 /// Match on the variant to decide what to answer a caller (for an HTTP service: `InvalidKey`,
 /// `Expired` and `Revoked` are 401, `ProductNotAllowed` and `InsufficientScope` 403, `Quota` 429
-/// with a `Retry-After` header, `InvalidInput` 400 or 422, `NotFound` 404, `AlreadyExists` 409,
+/// with a `Retry-After` header, `UsageExhausted` 429 (with a distinct code), `InvalidInput` 400 or 422, `NotFound` 404, `AlreadyExists` 409,
 /// `Unavailable` 503, `Conflict` 503 or a retry, the rest 500).
 ///
 /// No variant ever carries a plaintext key or a signing secret, and the messages never say
@@ -159,6 +159,15 @@ pub enum Error {
         retry_after: Duration,
         /// The limit that was hit.
         limit: RateLimit,
+    },
+
+    /// The key's usage credits are spent (see [`Credits`](crate::Credits)). Not the rate
+    /// limit: nothing frees up with time unless the credits refill.
+    #[error("api key has no usage credits left")]
+    UsageExhausted {
+        /// When the balance refills, if it has a refill rule (the start of the next period
+        /// by the client's clock).
+        refill_at: Option<DateTime<Utc>>,
     },
 
     /// A record with the same unique name already exists.

@@ -38,6 +38,7 @@ mod error;
 mod hash;
 mod id;
 mod key;
+mod lifecycle;
 mod metadata;
 mod org;
 mod page;
@@ -51,6 +52,7 @@ pub use error::{Error, RecordId, RecordKind, Result};
 pub use hash::SigningSecret;
 pub use id::{KeyId, OrgId, ProductId, ProjectId};
 pub use key::{KeyFormat, PlaintextKey};
+pub use lifecycle::{Credits, KeyAction, KeyEvent, Refill, RefillInterval};
 pub use metadata::{Expiry, KeyUpdate, NewKey};
 pub use org::{Organization, Product, Project};
 pub use page::{KeyPage, Page};
@@ -63,6 +65,7 @@ pub use status::{KeyStatus, StatusFilter};
 pub mod limits {
     pub use crate::custom::{MAX_CUSTOM_BYTES, MAX_CUSTOM_DEPTH};
     pub use crate::key::{CHECKSUM_LEN, MAX_SEGMENT_LEN, SECRET_LEN};
+    pub use crate::lifecycle::MAX_CREDITS;
     pub use crate::metadata::MAX_EXPIRES_AT;
     pub use crate::org::MAX_NAME_CHARS;
     pub use crate::page::MAX_PAGE_SIZE;
@@ -82,6 +85,7 @@ pub mod hazmat {
     pub use crate::custom::validate_custom;
     pub use crate::hash::{KeyHash, KeyHasher};
     pub use crate::key::ParsedKey;
+    pub use crate::lifecycle::{validate_actor, validate_owner};
     pub use crate::metadata::{ValidKeyUpdate, ValidNewKey};
     pub use crate::org::{validate_label, validate_name};
     pub use crate::verify::{ProductAccess, Requirements, decide};
@@ -125,6 +129,10 @@ mod redaction_tests {
             revoked_at: None,
             last_used_at: None,
             use_count: 0,
+            owner_id: None,
+            credits: None,
+            rolled_from: None,
+            rolled_to: None,
         };
         let mut rendered = vec![
             format!("{hasher:?}"),

@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 use crate::custom::validate_custom;
 use crate::error::{Error, Result};
 use crate::id::{ProductId, ProjectId};
+use crate::lifecycle::{Credits, validate_owner};
 use crate::org::validate_label;
 use crate::rate_limit::RateLimit;
 use crate::scope::Scopes;
@@ -93,6 +94,8 @@ pub struct NewKey {
     pub(crate) rate_limit: Option<RateLimit>,
     pub(crate) custom: Option<Value>,
     pub(crate) expiry: Expiry,
+    pub(crate) owner_id: Option<String>,
+    pub(crate) credits: Option<Credits>,
 }
 
 /// A [`NewKey`] whose every value passed validation.
@@ -112,6 +115,10 @@ pub struct ValidNewKey {
     pub custom: Map<String, Value>,
     /// When it expires.
     pub expires_at: Option<DateTime<Utc>>,
+    /// Its owner.
+    pub owner_id: Option<String>,
+    /// Its usage credits.
+    pub credits: Option<Credits>,
 }
 
 impl NewKey {
@@ -161,6 +168,23 @@ impl NewKey {
         self
     }
 
+    /// The host's id of the user or customer the key belongs to (an opaque string, compared
+    /// exactly; see [`validate_owner`](crate::hazmat::validate_owner)), for listing, revoking
+    /// or rolling all of one owner's keys.
+    #[must_use]
+    pub fn with_owner(mut self, owner: impl Into<String>) -> Self {
+        self.owner_id = Some(owner.into());
+        self
+    }
+
+    /// Usage credits: the key allows this many successful validations (refilled by the
+    /// credits' rule, if any).
+    #[must_use]
+    pub fn with_credits(mut self, credits: Credits) -> Self {
+        self.credits = Some(credits);
+        self
+    }
+
     /// Expires at this instant.
     #[must_use]
     pub fn expires_at(mut self, at: DateTime<Utc>) -> Self {
@@ -185,8 +209,8 @@ impl NewKey {
     /// Validates every value for a key created at `now`.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] naming the first bad field: `name`, `scopes`, `custom` or
-    /// `expires_at`.
+    /// [`Error::InvalidInput`] naming the first bad field: `name`, `scopes`, `custom`,
+    /// `expires_at`, `owner_id` or `credits`.
     pub fn validate(
         self,
         now: DateTime<Utc>,
@@ -199,7 +223,13 @@ impl NewKey {
             None => Map::new(),
         };
         let expires_at = self.expiry.resolve(now, default_lifetime)?;
+        if let Some(owner) = &self.owner_id {
+            validate_owner(owner)?;
+        }
+        let credits = self.credits.map(Credits::validate).transpose()?;
         Ok(ValidNewKey {
+            owner_id: self.owner_id,
+            credits,
             name: self.name,
             project_id: self.project_id,
             product_id: self.product_id,
@@ -218,6 +248,8 @@ pub struct KeyUpdate {
     scopes: Option<Vec<String>>,
     rate_limit: Option<Option<RateLimit>>,
     custom: Option<Value>,
+    owner_id: Option<Option<String>>,
+    credits: Option<Option<Credits>>,
 }
 
 /// A [`KeyUpdate`] whose every value passed validation.
@@ -231,6 +263,10 @@ pub struct ValidKeyUpdate {
     pub rate_limit: Option<Option<RateLimit>>,
     /// New custom metadata (replaces the old object).
     pub custom: Option<Map<String, Value>>,
+    /// New owner (`Some(None)` removes it).
+    pub owner_id: Option<Option<String>>,
+    /// New credits (`Some(None)` removes them: the key becomes unlimited).
+    pub credits: Option<Option<Credits>>,
 }
 
 impl KeyUpdate {
@@ -272,19 +308,44 @@ impl KeyUpdate {
         self
     }
 
+    /// Sets (`Some`) or removes (`None`) the key's owner.
+    #[must_use]
+    pub fn with_owner(mut self, owner: Option<String>) -> Self {
+        self.owner_id = Some(owner);
+        self
+    }
+
+    /// Sets (`Some`: the balance and the refill rule, both replaced) or removes (`None`:
+    /// unlimited) the key's usage credits.
+    #[must_use]
+    pub fn with_credits(mut self, credits: Option<Credits>) -> Self {
+        self.credits = Some(credits);
+        self
+    }
+
     /// Validates every value.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] naming the first bad field: `name`, `scopes` or `custom`.
+    /// [`Error::InvalidInput`] naming the first bad field: `name`, `scopes`, `custom`,
+    /// `owner_id` or `credits`.
     pub fn validate(self) -> Result<ValidKeyUpdate> {
         if let Some(name) = &self.name {
             validate_label("name", name)?;
         }
+        if let Some(Some(owner)) = &self.owner_id {
+            validate_owner(owner)?;
+        }
+        let credits = match self.credits {
+            Some(Some(c)) => Some(Some(c.validate()?)),
+            other => other,
+        };
         Ok(ValidKeyUpdate {
             name: self.name,
             scopes: self.scopes.map(Scopes::parse).transpose()?,
             rate_limit: self.rate_limit,
             custom: self.custom.map(validate_custom).transpose()?,
+            owner_id: self.owner_id,
+            credits,
         })
     }
 }

@@ -6,6 +6,7 @@ use serde_json::{Map, Value};
 
 use crate::id::{KeyId, OrgId, ProductId, ProjectId};
 use crate::key::PlaintextKey;
+use crate::lifecycle::Credits;
 use crate::rate_limit::RateLimit;
 use crate::scope::Scopes;
 use crate::status::KeyStatus;
@@ -45,6 +46,16 @@ pub struct ApiKey {
     pub last_used_at: Option<DateTime<Utc>>,
     /// How many successful verifications with usage tracking on.
     pub use_count: u64,
+    /// The host's id of the user or customer the key belongs to, if any.
+    pub owner_id: Option<String>,
+    /// The key's usage credits, if it has any (`None`: unlimited). After a successful
+    /// validation that spent a credit, `remaining` is the balance right after it.
+    pub credits: Option<Credits>,
+    /// The key this one was rolled from (this key replaced it).
+    pub rolled_from: Option<KeyId>,
+    /// The key this one was rolled to (it replaces this key, which expires at the end of
+    /// the grace period).
+    pub rolled_to: Option<KeyId>,
 }
 
 impl ApiKey {

@@ -98,6 +98,10 @@ mod tests {
             revoked_at: None,
             last_used_at: None,
             use_count: 0,
+            owner_id: None,
+            credits: None,
+            rolled_from: None,
+            rolled_to: None,
         }
     }
 

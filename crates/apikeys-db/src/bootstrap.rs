@@ -2,12 +2,13 @@
 //! reads; and the two helpers every idempotent insert uses (here, `org_child` and `link`).
 
 use apikeys_core::hazmat::validate_name;
-use apikeys_core::{Error, OrgId, Organization, Result};
+use apikeys_core::{Error, KeyAction, OrgId, Organization, Result};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter,
     QueryOrder, QuerySelect, Select, TryInsertResult,
 };
 
+use crate::audit::Subject;
 use crate::client::ApiKeyClient;
 use crate::convert::naive;
 use crate::entity::organization;
@@ -95,7 +96,8 @@ impl ApiKeyClient {
     /// # Errors
     /// [`Error::InvalidInput`] (field `name`) for a bad name; [`Error::Storage`].
     pub async fn get_or_create_organization(&self, name: &str) -> Result<(Organization, bool)> {
-        self.get_or_create_organization_on(self.writer(), name).await
+        validate_name("name", name)?;
+        self.in_transaction(async |txn| self.get_or_create_organization_on(txn, name).await).await
     }
 
     /// [`get_or_create_organization`](Self::get_or_create_organization) on `conn`.
@@ -120,6 +122,10 @@ impl ApiKeyClient {
                 .map_err(storage)?;
             if let Some(found) = find_organization_on(conn, name, Read::Latest).await? {
                 let created = found.id.as_uuid() == id;
+                if created {
+                    self.audit(conn, KeyAction::OrganizationCreated, Subject::org(found.id))
+                        .await?;
+                }
                 return Ok((found, created));
             }
         }
@@ -132,7 +138,8 @@ impl ApiKeyClient {
     /// [`Error::AlreadyExists`] with the existing organization's id if the name is taken;
     /// [`Error::InvalidInput`] (field `name`); [`Error::Storage`].
     pub async fn create_organization(&self, name: &str) -> Result<Organization> {
-        self.create_organization_on(self.writer(), name).await
+        validate_name("name", name)?;
+        self.in_transaction(async |txn| self.create_organization_on(txn, name).await).await
     }
 
     /// [`create_organization`](Self::create_organization) on `conn`.
@@ -154,7 +161,9 @@ impl ApiKeyClient {
             .await
             .map_err(storage)?
         {
-            return Ok(row.into());
+            let org = Organization::from(row);
+            self.audit(conn, KeyAction::OrganizationCreated, Subject::org(org.id)).await?;
+            return Ok(org);
         }
         match find_organization_on(conn, name, Read::Latest).await? {
             Some(existing) => Err(Error::AlreadyExists { existing: existing.id.into() }),

@@ -398,7 +398,7 @@ impl ClientBuilder {
             changes: AtomicU64::new(0),
             runtime,
         });
-        Ok(ApiKeyClient { inner })
+        Ok(ApiKeyClient { inner, actor: None })
     }
 }
 

@@ -87,6 +87,8 @@ pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 #[derive(Clone)]
 pub struct ApiKeyClient {
     pub(crate) inner: Arc<Inner>,
+    /// Who the audit trail names for this handle's changes (see [`acting_as`](Self::acting_as)).
+    pub(crate) actor: Option<Arc<str>>,
 }
 
 pub(crate) struct Inner {
@@ -130,6 +132,7 @@ impl fmt::Debug for ApiKeyClient {
             .field("rate_limit_mode", &self.inner.limiter.mode())
             .field("batched_usage", &self.inner.usage.is_batched())
             .field("cache", &self.inner.cache)
+            .field("actor", &self.actor)
             .finish_non_exhaustive()
     }
 }
@@ -250,6 +253,29 @@ impl ApiKeyClient {
             self.in_transaction(async |txn| Ok(self.recorded(txn, change, op).await?.1)).await;
         self.forget(change);
         self.count_change();
+        result
+    }
+
+    /// [`change`](Self::change) for several changes at once: all appended to the feed
+    /// first, then `op`, in one transaction.
+    pub(crate) async fn change_all<T>(
+        &self,
+        changes: &[Change],
+        op: impl AsyncFnOnce(&DatabaseTransaction) -> Result<T>,
+    ) -> Result<T> {
+        let now = naive(self.now());
+        let result = self
+            .in_transaction(async |txn| {
+                for change in changes {
+                    feed::record(txn, *change, now).await?;
+                }
+                op(txn).await
+            })
+            .await;
+        for change in changes {
+            self.forget(*change);
+            self.count_change();
+        }
         result
     }
 

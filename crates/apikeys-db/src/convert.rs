@@ -1,8 +1,8 @@
 //! Conversions between database rows and core types.
 
 use apikeys_core::{
-    ApiKey, Error, KeyId, OrgId, Organization, Product, ProductId, Project, ProjectId, RateLimit,
-    Result, Scopes, Window,
+    ApiKey, Credits, Error, KeyId, OrgId, Organization, Product, ProductId, Project, ProjectId,
+    RateLimit, Refill, RefillInterval, Result, Scopes, Window,
 };
 use chrono::{DateTime, NaiveDateTime, SubsecRound, Utc};
 use sea_orm::JsonValue;
@@ -73,9 +73,45 @@ pub(crate) fn rate_limit_columns(limit: Option<RateLimit>) -> (Option<i64>, Opti
     }
 }
 
+/// The credit columns of `credits`: remaining, refill amount, refill interval.
+pub(crate) fn credit_columns(
+    credits: Option<Credits>,
+) -> (Option<i64>, Option<i64>, Option<String>) {
+    let count = |n: u64| i64::try_from(n).ok();
+    match credits {
+        None => (None, None, None),
+        Some(c) => (
+            count(c.remaining),
+            c.refill.and_then(|r| count(r.amount)),
+            c.refill.map(|r| r.interval.as_str().to_owned()),
+        ),
+    }
+}
+
+/// The credits an `api_keys` row holds.
+fn credits_from_columns(m: &api_key::Model) -> Result<Option<Credits>> {
+    const T: &str = "api_keys";
+    let count = |n: i64, field| u64::try_from(n).map_err(|_| corrupt(T, field));
+    let refill = match (m.refill_amount, m.refill_interval.as_deref()) {
+        (Some(amount), Some(interval)) => Some(Refill {
+            amount: count(amount, "refill_amount")?,
+            interval: RefillInterval::from_name(interval)
+                .ok_or_else(|| corrupt(T, "refill_interval"))?,
+        }),
+        (None, None) => None,
+        _ => return Err(corrupt(T, "refill_amount")),
+    };
+    match m.remaining {
+        Some(n) => Ok(Some(Credits { remaining: count(n, "remaining")?, refill })),
+        None if refill.is_none() => Ok(None),
+        None => Err(corrupt(T, "remaining")),
+    }
+}
+
 /// Reads an `api_keys` row back into the core view.
 pub(crate) fn api_key_from_model(m: api_key::Model) -> Result<ApiKey> {
     const T: &str = "api_keys";
+    let credits = credits_from_columns(&m)?;
     let scopes = match m.scopes {
         JsonValue::Array(items) => Scopes::parse(items.into_iter().map(|v| match v {
             JsonValue::String(s) => s,
@@ -111,5 +147,9 @@ pub(crate) fn api_key_from_model(m: api_key::Model) -> Result<ApiKey> {
         revoked_at: m.revoked_at.map(|t| t.and_utc()),
         last_used_at: m.last_used_at.map(|t| t.and_utc()),
         use_count: u64::try_from(m.use_count).unwrap_or(0),
+        owner_id: m.owner_id,
+        credits,
+        rolled_from: m.rolled_from.map(KeyId::from_uuid),
+        rolled_to: m.rolled_to.map(KeyId::from_uuid),
     })
 }

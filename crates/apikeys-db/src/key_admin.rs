@@ -6,8 +6,8 @@
 
 use apikeys_core::hazmat::ValidKeyUpdate;
 use apikeys_core::{
-    ApiKey, Error, IssuedKey, KeyId, KeyUpdate, NewKey, OrgId, PlaintextKey, ProductId, ProjectId,
-    RecordId, Result,
+    ApiKey, Error, IssuedKey, KeyAction, KeyId, KeyUpdate, NewKey, OrgId, PlaintextKey, ProductId,
+    ProjectId, RecordId, Result,
 };
 use sea_orm::sea_query::Expr;
 use sea_orm::{
@@ -15,9 +15,11 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
+use crate::audit::Subject;
 use crate::client::ApiKeyClient;
 use crate::convert::{
-    api_key_from_model, naive, rate_limit_columns, scopes_to_json, to_micros, version_column,
+    api_key_from_model, credit_columns, naive, rate_limit_columns, scopes_to_json, to_micros,
+    version_column,
 };
 use crate::entity::{api_key, product, project};
 use crate::error::{missing_parent, storage};
@@ -25,10 +27,18 @@ use crate::feed::Change;
 
 /// A key checked, generated and ready to insert.
 pub(crate) struct PreparedKey {
-    plaintext: PlaintextKey,
-    row: api_key::Model,
-    project_id: Option<ProjectId>,
-    product_id: Option<ProductId>,
+    pub(crate) plaintext: PlaintextKey,
+    pub(crate) row: api_key::Model,
+    pub(crate) project_id: Option<ProjectId>,
+    pub(crate) product_id: Option<ProductId>,
+}
+
+/// A freshly generated key and its hashes (under the current secret, and the alternate).
+pub(crate) struct NewSecret {
+    pub(crate) plaintext: PlaintextKey,
+    pub(crate) hash: Vec<u8>,
+    pub(crate) version: i32,
+    pub(crate) alt: Option<(i32, Vec<u8>)>,
 }
 
 /// Checks that a referenced project or product (its `org_id`, if it exists) belongs to `org`.
@@ -88,23 +98,20 @@ impl ApiKeyClient {
     pub(crate) fn prepare_key(&self, org: OrgId, new_key: NewKey) -> Result<PreparedKey> {
         let now = self.now();
         let v = new_key.validate(now, self.inner.default_lifetime)?;
-        let plaintext = self.inner.format.generate()?;
-        let hasher = &self.inner.hasher;
-        let hash = hasher.hash(plaintext.expose_secret());
-        let alt = match hasher.alternate(plaintext.expose_secret()) {
-            Some((version, h)) => Some((version_column(version)?, h)),
-            None => None,
-        };
+        let NewSecret { plaintext, hash, version, alt } = self.new_secret()?;
         let (rl_requests, rl_window) = rate_limit_columns(v.rate_limit);
+        let (remaining, refill_amount, refill_interval) = credit_columns(v.credits);
+        // The period the balance was last set in: now (a refill starts with the next one).
+        let refilled_period = v.credits.and_then(|c| c.refill).map(|r| r.interval.period(now));
         let row = api_key::Model {
             id: self.new_id(now),
             org_id: org.as_uuid(),
             project_id: v.project_id.map(|p| p.as_uuid()),
             product_id: v.product_id.map(|p| p.as_uuid()),
-            key_hash: hash.as_bytes().to_vec(),
-            secret_version: version_column(hasher.current_version())?,
-            alt_key_hash: alt.map(|(_, h)| h.as_bytes().to_vec()),
-            alt_secret_version: alt.map(|(v, _)| v),
+            key_hash: hash,
+            secret_version: version,
+            alt_secret_version: alt.as_ref().map(|(v, _)| *v),
+            alt_key_hash: alt.map(|(_, h)| h),
             hint: plaintext.hint(),
             name: v.name,
             scopes: scopes_to_json(&v.scopes),
@@ -117,8 +124,28 @@ impl ApiKeyClient {
             revoked_at: None,
             last_used_at: None,
             use_count: 0,
+            owner_id: v.owner_id,
+            remaining,
+            refill_amount,
+            refill_interval,
+            refilled_period,
+            rolled_from: None,
+            rolled_to: None,
         };
         Ok(PreparedKey { plaintext, row, project_id: v.project_id, product_id: v.product_id })
+    }
+
+    /// Generates a key and hashes it under the current secret (and the alternate one during
+    /// a rotation).
+    pub(crate) fn new_secret(&self) -> Result<NewSecret> {
+        let plaintext = self.inner.format.generate()?;
+        let hasher = &self.inner.hasher;
+        let hash = hasher.hash(plaintext.expose_secret()).as_bytes().to_vec();
+        let alt = match hasher.alternate(plaintext.expose_secret()) {
+            Some((version, h)) => Some((version_column(version)?, h.as_bytes().to_vec())),
+            None => None,
+        };
+        Ok(NewSecret { plaintext, hash, version: version_column(hasher.current_version())?, alt })
     }
 
     /// The second half of [`create_key`](Self::create_key), on `conn` (inside a
@@ -145,7 +172,14 @@ impl ApiKeyClient {
             .exec_without_returning(conn)
             .await
             .map_err(|e| missing_parent(e, org))?;
-        Ok(IssuedKey { key: plaintext, record: api_key_from_model(row)? })
+        let record = api_key_from_model(row)?;
+        let subject = Subject::key(&record);
+        let subject = match record.rolled_from {
+            Some(old) => subject.related(old),
+            None => subject,
+        };
+        self.audit(conn, KeyAction::Created, subject).await?;
+        Ok(IssuedKey { key: plaintext, record })
     }
 
     /// The key with this id.
@@ -212,6 +246,18 @@ impl ApiKeyClient {
         if let Some(custom) = v.custom {
             change = change.col_expr(C::Custom, Expr::value(sea_orm::JsonValue::Object(custom)));
         }
+        if let Some(owner) = v.owner_id {
+            change = change.col_expr(C::OwnerId, Expr::value(owner));
+        }
+        if let Some(credits) = v.credits {
+            let (remaining, amount, interval) = credit_columns(credits);
+            let period = credits.and_then(|c| c.refill).map(|r| r.interval.period(now));
+            change = change
+                .col_expr(C::Remaining, Expr::value(remaining))
+                .col_expr(C::RefillAmount, Expr::value(amount))
+                .col_expr(C::RefillInterval, Expr::value(interval))
+                .col_expr(C::RefilledPeriod, Expr::value(period));
+        }
         // One conditional UPDATE, then the read in the same transaction: a key deleted
         // meanwhile is NotFound, whichever statement the deletion lands between.
         let res = change.exec(conn).await.map_err(storage)?;
@@ -219,6 +265,7 @@ impl ApiKeyClient {
             return Err(Error::NotFound { id: id.into() });
         }
         let key = get_key_on(conn, id).await?;
+        self.audit(conn, KeyAction::Updated, Subject::key(&key)).await?;
         self.inner.limiter.forget(id);
         Ok(key)
     }
@@ -259,7 +306,7 @@ impl ApiKeyClient {
         id: KeyId,
     ) -> Result<ApiKey> {
         let now = self.now();
-        api_key::Entity::update_many()
+        let res = api_key::Entity::update_many()
             .col_expr(api_key::Column::RevokedAt, Expr::value(naive(now)))
             .col_expr(api_key::Column::UpdatedAt, Expr::value(naive(now)))
             .filter(api_key::Column::Id.eq(id.as_uuid()))
@@ -267,7 +314,11 @@ impl ApiKeyClient {
             .exec(conn)
             .await
             .map_err(storage)?;
-        get_key_on(conn, id).await
+        let key = get_key_on(conn, id).await?;
+        if res.rows_affected == 1 {
+            self.audit(conn, KeyAction::Revoked, Subject::key(&key)).await?;
+        }
+        Ok(key)
     }
 
     /// Deletes a key for good (for erasure requests); its rate-limit counters go with it.
@@ -295,7 +346,13 @@ impl ApiKeyClient {
         conn: &C,
         id: KeyId,
     ) -> Result<()> {
+        let Some(key) = find_key_on(conn, id).await? else {
+            return self.deleted(id, 0);
+        };
         let res = api_key::Entity::delete_by_id(id.as_uuid()).exec(conn).await.map_err(storage)?;
+        if res.rows_affected == 1 {
+            self.audit(conn, KeyAction::Deleted, Subject::key(&key)).await?;
+        }
         self.deleted(id, res.rows_affected)
     }
 
@@ -310,11 +367,12 @@ impl ApiKeyClient {
 }
 
 /// The key with this id, read on `conn`.
-async fn get_key_on<C: ConnectionTrait>(conn: &C, id: KeyId) -> Result<ApiKey> {
-    let model = api_key::Entity::find_by_id(id.as_uuid())
-        .one(conn)
-        .await
-        .map_err(storage)?
-        .ok_or(Error::NotFound { id: id.into() })?;
-    api_key_from_model(model)
+pub(crate) async fn get_key_on<C: ConnectionTrait>(conn: &C, id: KeyId) -> Result<ApiKey> {
+    find_key_on(conn, id).await?.ok_or(Error::NotFound { id: id.into() })
+}
+
+/// The key with this id, if it exists, read on `conn`.
+pub(crate) async fn find_key_on<C: ConnectionTrait>(conn: &C, id: KeyId) -> Result<Option<ApiKey>> {
+    let model = api_key::Entity::find_by_id(id.as_uuid()).one(conn).await.map_err(storage)?;
+    model.map(api_key_from_model).transpose()
 }

@@ -98,7 +98,7 @@ impl ApiKeyClient {
         self.list_keys(api_key::Column::OrgId.eq(org.as_uuid()), status, page).await
     }
 
-    async fn list_keys(
+    pub(crate) async fn list_keys(
         &self,
         owner: sea_orm::sea_query::SimpleExpr,
         status: StatusFilter,

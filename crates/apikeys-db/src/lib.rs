@@ -62,6 +62,7 @@
 #[cfg(not(any(feature = "sqlite", feature = "postgres", feature = "mysql")))]
 compile_error!("apikeys-db needs at least one database feature: sqlite, postgres or mysql");
 
+mod audit;
 mod bootstrap;
 mod breaker;
 mod builder;
@@ -69,6 +70,7 @@ mod cache;
 mod client;
 mod connect;
 mod convert;
+mod credits;
 mod entity;
 mod error;
 mod feed;
@@ -76,6 +78,7 @@ mod id;
 mod key_admin;
 mod key_list;
 mod lease;
+mod lifecycle;
 mod link;
 mod lock;
 mod lookup;
@@ -89,15 +92,17 @@ mod validate;
 pub use builder::ClientBuilder;
 pub use cache::{CacheStats, KeyCache};
 pub use client::{ApiKeyClient, Clock};
+pub use lifecycle::MAX_GRACE;
 pub use rate_limit::RateLimitMode;
 pub use transaction::InTransaction;
 pub use validate::{ValidateOptions, VerifyOptions};
 
 #[doc(inline)]
 pub use apikeys_core::{
-    ApiKey, Error, Expiry, IssuedKey, KeyFormat, KeyId, KeyPage, KeyStatus, KeyUpdate, NewKey,
-    OrgId, Organization, Page, PlaintextKey, Product, ProductId, Project, ProjectId, RateLimit,
-    RecordId, RecordKind, Result, Scope, Scopes, SigningSecret, StatusFilter, Window,
+    ApiKey, Credits, Error, Expiry, IssuedKey, KeyAction, KeyEvent, KeyFormat, KeyId, KeyPage,
+    KeyStatus, KeyUpdate, NewKey, OrgId, Organization, Page, PlaintextKey, Product, ProductId,
+    Project, ProjectId, RateLimit, RecordId, RecordKind, Refill, RefillInterval, Result, Scope,
+    Scopes, SigningSecret, StatusFilter, Window,
 };
 
 /// The domain crate, `apikeys-core`, whole: input bounds ([`core::limits`]) and the building

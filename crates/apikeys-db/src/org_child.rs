@@ -3,13 +3,16 @@
 //! public method is a plain one-line call.
 
 use apikeys_core::hazmat::validate_name;
-use apikeys_core::{Error, OrgId, Product, ProductId, Project, ProjectId, RecordId, Result};
+use apikeys_core::{
+    Error, KeyAction, OrgId, Product, ProductId, Project, ProjectId, RecordId, Result,
+};
 use chrono::NaiveDateTime;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel, QueryFilter, QueryOrder,
 };
 use uuid::Uuid;
 
+use crate::audit::Subject;
 use crate::bootstrap::{Read, VANISHED_RETRIES, insert_unique};
 use crate::client::ApiKeyClient;
 use crate::convert::naive;
@@ -36,6 +39,8 @@ pub(crate) trait OrgChild: From<Self::Row> {
     fn row(id: Uuid, org: OrgId, name: &str, created_at: NaiveDateTime) -> Self::Row;
     /// The record's id.
     fn id(&self) -> Self::Id;
+    /// The audit event of its creation.
+    fn created(&self, org: OrgId) -> (KeyAction, Subject);
 }
 
 impl OrgChild for Project {
@@ -57,6 +62,10 @@ impl OrgChild for Project {
     }
     fn id(&self) -> ProjectId {
         self.id
+    }
+    fn created(&self, org: OrgId) -> (KeyAction, Subject) {
+        let subject = Subject { project: Some(self.id), ..Subject::org(org) };
+        (KeyAction::ProjectCreated, subject)
     }
 }
 
@@ -80,6 +89,10 @@ impl OrgChild for Product {
     fn id(&self) -> ProductId {
         self.id
     }
+    fn created(&self, org: OrgId) -> (KeyAction, Subject) {
+        let subject = Subject { product: Some(self.id), ..Subject::org(org) };
+        (KeyAction::ProductCreated, subject)
+    }
 }
 
 impl ApiKeyClient {
@@ -91,7 +104,8 @@ impl ApiKeyClient {
     /// [`Error::InvalidInput`] (field `name`); [`Error::NotFound`] if the organization does
     /// not exist; [`Error::Storage`].
     pub async fn get_or_create_project(&self, org: OrgId, name: &str) -> Result<(Project, bool)> {
-        self.get_or_create_child_on(self.writer(), org, name).await
+        validate_name("name", name)?;
+        self.in_transaction(async |txn| self.get_or_create_child_on(txn, org, name).await).await
     }
 
     /// Returns the product named `name` in `org`, creating it if it does not exist; the flag
@@ -102,7 +116,8 @@ impl ApiKeyClient {
     /// [`Error::InvalidInput`] (field `name`); [`Error::NotFound`] if the organization does
     /// not exist; [`Error::Storage`].
     pub async fn get_or_create_product(&self, org: OrgId, name: &str) -> Result<(Product, bool)> {
-        self.get_or_create_child_on(self.writer(), org, name).await
+        validate_name("name", name)?;
+        self.in_transaction(async |txn| self.get_or_create_child_on(txn, org, name).await).await
     }
 
     /// Creates a project in `org`.
@@ -112,7 +127,8 @@ impl ApiKeyClient {
     /// organization; [`Error::InvalidInput`] (field `name`); [`Error::NotFound`] if the
     /// organization does not exist; [`Error::Storage`].
     pub async fn create_project(&self, org: OrgId, name: &str) -> Result<Project> {
-        self.create_child_on(self.writer(), org, name).await
+        validate_name("name", name)?;
+        self.in_transaction(async |txn| self.create_child_on(txn, org, name).await).await
     }
 
     /// Creates a product in `org`.
@@ -122,7 +138,8 @@ impl ApiKeyClient {
     /// organization; [`Error::InvalidInput`] (field `name`); [`Error::NotFound`] if the
     /// organization does not exist; [`Error::Storage`].
     pub async fn create_product(&self, org: OrgId, name: &str) -> Result<Product> {
-        self.create_child_on(self.writer(), org, name).await
+        validate_name("name", name)?;
+        self.in_transaction(async |txn| self.create_child_on(txn, org, name).await).await
     }
 
     /// The project with this id.
@@ -191,6 +208,10 @@ impl ApiKeyClient {
                 .map_err(|e| missing_parent(e, org))?;
             if let Some(found) = find_child_on::<T, C>(conn, org, name, Read::Latest).await? {
                 let created = found.id().into().as_uuid() == id;
+                if created {
+                    let (action, subject) = found.created(org);
+                    self.audit(conn, action, subject).await?;
+                }
                 return Ok((found, created));
             }
         }
@@ -215,7 +236,10 @@ impl ApiKeyClient {
                 .map_err(|e| missing_parent(e, org))?;
         if inserted {
             // What was inserted is what a read would return: no second round trip.
-            return Ok(T::from(row));
+            let child = T::from(row);
+            let (action, subject) = child.created(org);
+            self.audit(conn, action, subject).await?;
+            return Ok(child);
         }
         match find_child_on::<T, C>(conn, org, name, Read::Latest).await? {
             Some(existing) => Err(Error::AlreadyExists { existing: existing.id().into() }),

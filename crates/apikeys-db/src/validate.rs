@@ -71,11 +71,18 @@ pub struct ValidateOptions {
     scopes: Scopes,
     track_usage: bool,
     check_rate_limit: bool,
+    credit_cost: u32,
 }
 
 impl Default for ValidateOptions {
     fn default() -> Self {
-        Self { product: None, scopes: Scopes::new(), track_usage: true, check_rate_limit: true }
+        Self {
+            product: None,
+            scopes: Scopes::new(),
+            track_usage: true,
+            check_rate_limit: true,
+            credit_cost: 1,
+        }
     }
 }
 
@@ -119,6 +126,15 @@ impl ValidateOptions {
     #[must_use]
     pub fn track_usage(mut self, on: bool) -> Self {
         self.track_usage = on;
+        self
+    }
+
+    /// How many usage credits a successful validation spends, for keys that have credits
+    /// (default 1). Zero spends none and does not check the balance: for a second check of
+    /// a request that was already counted.
+    #[must_use]
+    pub fn credit_cost(mut self, cost: u32) -> Self {
+        self.credit_cost = cost;
         self
     }
 
@@ -372,8 +388,16 @@ impl ApiKeyClient {
     }
 
     /// [`verify_key`](Self::verify_key) plus the request's requirements, in this order:
-    /// revoked, expired, product, scopes, then the key's rate limit (so a request rejected
-    /// for any reason, the rate limit included, never uses up quota).
+    /// revoked, expired, product, scopes, the key's rate limit, then its usage credits. A
+    /// request rejected for any reason before the rate limit (the rate limit included) uses
+    /// up no quota and spends no credit; one refused for exhausted credits has counted
+    /// against the rate limit.
+    ///
+    /// A key with usage credits spends [`ValidateOptions::credit_cost`] of them (one by
+    /// default) in one atomic statement in the database, whether or not the client caches
+    /// keys: every replica sees the same balance, and a key with none left is refused with
+    /// [`Error::UsageExhausted`] at once, everywhere. `verify_key` neither spends nor checks
+    /// credits.
     ///
     /// A key deleted while the call runs gives [`Error::InvalidKey`] (or `Ok`, when the
     /// deletion lands after the call's last read); never [`Error::Storage`].
@@ -381,7 +405,7 @@ impl ApiKeyClient {
     /// # Errors
     /// Those of `verify_key`, and [`Error::ProductNotAllowed`],
     /// [`Error::InsufficientScope`] (with the missing scopes), [`Error::Quota`] (with
-    /// `retry_after`).
+    /// `retry_after`), [`Error::UsageExhausted`] (with the next refill, if any).
     ///
     /// # Examples
     /// ```
@@ -419,6 +443,9 @@ impl ApiKeyClient {
             && let Some(limit) = found.key.rate_limit
         {
             self.inner.limiter.check(found.key.id, limit).await?;
+        }
+        if options.credit_cost > 0 && found.key.credits.is_some() {
+            self.spend_credits(&mut found.key, options.credit_cost).await?;
         }
         self.record_success(&mut found, options.track_usage, now).await?;
         Ok(found.key)

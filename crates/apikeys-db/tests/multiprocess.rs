@@ -19,6 +19,8 @@
 //!   1000 per minute, with leased limits (`RateLimitMode::Leased`): never more than 1000
 //!   admitted, and at least 1000 minus the documented bound (the sum of the blocks the 4
 //!   processes may hold, `4 × 1000 / 16`).
+//! - `credits`: 4 processes (two caching keys) × 8 tasks × 5 attempts on one key with 100
+//!   usage credits: exactly 100 pass.
 //! - `races`: 4 processes × 6 tasks check 60 keys (tracked, untracked, shared limit) while
 //!   each process also deletes, revokes and updates its quarter of them: every outcome is
 //!   `Ok`, `InvalidKey`, `Revoked` or `NotFound`, never `Storage`.
@@ -55,6 +57,7 @@ async fn main() {
         Ok("rate_limit") => return rate_limit_worker().await,
         Ok("races") => return races_worker().await,
         Ok("rate_limit_seconds") => return rate_limit_seconds_worker().await,
+        Ok("credits") => return credits_worker().await,
         _ => {}
     }
     let cases = [
@@ -63,6 +66,7 @@ async fn main() {
         ("second_windows_across_skewed_processes", Scenario::RateLimitSeconds),
         ("leased_limit_across_skewed_processes", Scenario::Leased),
         ("races_across_processes", Scenario::Races),
+        ("credits_across_processes", Scenario::Credits),
     ];
     common::run_cases("multiprocess", &cases, Scenario::run).await;
 }
@@ -74,6 +78,7 @@ enum Scenario {
     RateLimitSeconds,
     Leased,
     Races,
+    Credits,
 }
 
 impl Scenario {
@@ -84,6 +89,7 @@ impl Scenario {
             Scenario::Races => races_across_processes(db).await,
             Scenario::RateLimitSeconds => second_windows_across_processes(db).await,
             Scenario::Leased => leased_across_processes(db).await,
+            Scenario::Credits => credits_across_processes(db).await,
         }
     }
 }
@@ -272,6 +278,48 @@ async fn rate_limit_worker() {
             let (ok, limited) =
                 common::hammer(&client, &key, attempts, Duration::from_secs(60)).await;
             format!("admitted={ok} limited={limited}")
+        }
+    })
+    .await;
+}
+
+/// 4 processes (two with the verified-key cache) × 8 tasks × 5 attempts on one key with 100
+/// usage credits: exactly 100 pass, the other 60 are `UsageExhausted`, and none is `Quota`.
+async fn credits_across_processes(db: TestDb) {
+    let client = db.client().await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let nk = NewKey::new("trial").with_credits(apikeys_db::Credits::new(100));
+    let issued = client.create_key(org.id, nk).await.unwrap();
+    let key = issued.key.expose_secret().to_owned();
+    let lines = run_workers("credits", &db, &[("APIKEYS_WORKER_KEY", key)]).await;
+    let (mut ok, mut spent) = (0, 0);
+    for line in &lines {
+        let (o, s) = line.split_once(' ').unwrap();
+        ok += o.parse::<usize>().unwrap();
+        spent += s.parse::<usize>().unwrap();
+    }
+    assert_eq!((ok, spent), (100, PROCESSES * RATE_TASKS * 5 - 100));
+    let left = client.get_key(issued.record.id).await.unwrap().credits.unwrap().remaining;
+    assert_eq!(left, 0);
+}
+
+async fn credits_worker() {
+    let key = std::env::var("APIKEYS_WORKER_KEY").unwrap();
+    let cached = worker_index() % 2 == 1;
+    let client =
+        worker_client_with(|b| if cached { b.cache(apikeys_db::KeyCache::new()) } else { b }).await;
+    run_tasks(client, RATE_TASKS, move |client| {
+        let key = key.clone();
+        async move {
+            let (mut ok, mut spent) = (0, 0);
+            for _ in 0..5 {
+                match client.validate_key(&key, &apikeys_db::ValidateOptions::new()).await {
+                    Ok(_) => ok += 1,
+                    Err(apikeys_db::Error::UsageExhausted { .. }) => spent += 1,
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+            format!("{ok} {spent}")
         }
     })
     .await;

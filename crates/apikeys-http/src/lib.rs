@@ -31,6 +31,7 @@
 //! | [`Error::ProductNotAllowed`] | 403 | | `product_id` |
 //! | [`Error::InsufficientScope`] | 403 | `WWW-Authenticate` (bearer only) | `missing_scopes` |
 //! | [`Error::Quota`] | 429 | `Retry-After`, `RateLimit`, `RateLimit-Policy` | `retry_after`, `limit` |
+//! | [`Error::UsageExhausted`] | 429 | `Retry-After` (when the credits refill) | `refill_at` |
 //! | [`Error::InvalidInput`] | 422 | | `field` |
 //! | [`Error::NotFound`] | 404 | | `kind`, `id` |
 //! | [`Error::AlreadyExists`] | 409 | | `kind`, `id` |
@@ -86,6 +87,8 @@ pub enum ProblemCode {
     InsufficientScope,
     /// The key's rate limit is used up for now.
     QuotaExceeded,
+    /// The key's usage credits are spent (not the rate limit).
+    UsageExhausted,
     /// The host's own check (such as the admin authentication in front of the management
     /// API) refused the request.
     Forbidden,
@@ -139,6 +142,9 @@ pub struct Problem {
     /// The rate limit that was hit ([`ProblemCode::QuotaExceeded`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<RateLimit>,
+    /// When the key's credits refill ([`ProblemCode::UsageExhausted`]), if they do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refill_at: Option<DateTime<Utc>>,
     /// The rejected field ([`ProblemCode::InvalidInput`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
@@ -166,6 +172,7 @@ impl Problem {
             missing_scopes: Vec::new(),
             retry_after: None,
             limit: None,
+            refill_at: None,
             field: None,
             kind: None,
             id: None,
@@ -385,6 +392,15 @@ impl ErrorMapper {
                 append(&mut answer.headers, HeaderName::from_static("ratelimit"), state);
                 answer
             }
+            Error::UsageExhausted { refill_at } => {
+                let mut p = problem(StatusCode::TOO_MANY_REQUESTS, ProblemCode::UsageExhausted);
+                p.refill_at = *refill_at;
+                let answer = ErrorResponse::new(p);
+                match refill_at.and_then(|at| (at - Utc::now()).to_std().ok()) {
+                    Some(wait) => answer.retry_after(wait.max(Duration::from_millis(1))),
+                    None => answer,
+                }
+            }
             Error::InvalidInput { field, .. } => {
                 let mut p = problem(StatusCode::UNPROCESSABLE_ENTITY, ProblemCode::InvalidInput);
                 p.field = Some((*field).to_owned());
@@ -565,6 +581,23 @@ mod tests {
             challenges(&s),
             ["Bearer realm=\"api\", error=\"insufficient_scope\", scope=\"billing:read write\""]
         );
+    }
+
+    #[test]
+    fn usage_exhausted_is_429_without_rate_limit_headers() {
+        let at = Utc::now() + chrono::TimeDelta::seconds(90);
+        let e = error_response(&Error::UsageExhausted { refill_at: Some(at) });
+        assert_eq!(e.status, 429);
+        assert_eq!(json(&e)["code"], "usage_exhausted");
+        let wait: u64 = e.headers[RETRY_AFTER].to_str().unwrap().parse().unwrap();
+        assert!((89..=90).contains(&wait), "{wait}");
+        assert!(
+            !e.headers.contains_key("ratelimit") && !e.headers.contains_key("ratelimit-policy")
+        );
+        let never = error_response(&Error::UsageExhausted { refill_at: None });
+        assert_eq!(never.status, 429);
+        assert!(!never.headers.contains_key(RETRY_AFTER));
+        assert!(json(&never).get("refill_at").is_none());
     }
 
     #[test]

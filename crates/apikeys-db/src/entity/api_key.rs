@@ -24,6 +24,13 @@ pub struct Model {
     pub revoked_at: Option<DateTime>,
     pub last_used_at: Option<DateTime>,
     pub use_count: i64,
+    pub owner_id: Option<String>,
+    pub remaining: Option<i64>,
+    pub refill_amount: Option<i64>,
+    pub refill_interval: Option<String>,
+    pub refilled_period: Option<i64>,
+    pub rolled_from: Option<Uuid>,
+    pub rolled_to: Option<Uuid>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -3,6 +3,7 @@
 
 pub(crate) mod api_key;
 pub(crate) mod key_change;
+pub(crate) mod key_event;
 pub(crate) mod organization;
 pub(crate) mod product;
 pub(crate) mod project;

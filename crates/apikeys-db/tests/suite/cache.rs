@@ -15,9 +15,9 @@ use crate::common::{TestClock, TestDb};
 use crate::keys::org;
 
 /// The staleness bound of these tests.
-const BOUND: Duration = Duration::from_millis(300);
+pub const BOUND: Duration = Duration::from_millis(300);
 
-fn cache() -> KeyCache {
+pub fn cache() -> KeyCache {
     KeyCache::new().max_staleness(BOUND)
 }
 
@@ -130,7 +130,7 @@ pub async fn the_same_client_sees_its_changes_at_once(db: TestDb) {
 /// Checks `key` until it is refused; every check that starts after `changed + BOUND` must be
 /// refused (the cache's guarantee, whatever the machine's load). Returns the refusal and how
 /// long after `changed` it came.
-async fn refused_within_bound(
+pub async fn refused_within_bound(
     client: &ApiKeyClient,
     key: &str,
     options: &ValidateOptions,

@@ -16,6 +16,7 @@ mod concurrency;
 mod fuzz;
 mod key_admin;
 mod keys;
+mod lifecycle;
 mod races;
 mod rate_limit;
 mod rotation;
@@ -83,6 +84,16 @@ common::backend_tests! {
     ],
     races: [
         admin_calls_racing_the_hot_path,
+    ],
+    lifecycle: [
+        roll_keeps_the_old_key_for_its_grace,
+        other_replicas_refuse_rolled_revoked_and_spent_keys,
+        credits_are_spent_and_refilled_once_per_period,
+        credits_are_exact_under_concurrency,
+        owners_and_expiring_keys,
+        renew_and_extend,
+        audit_trail,
+        upgrade_to_the_lifecycle_schema,
     ],
     timeout: [
         stuck_statement_is_unavailable,

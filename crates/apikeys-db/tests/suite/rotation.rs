@@ -108,10 +108,11 @@ pub async fn schema_upgrade_keeps_keys(db: TestDb) {
     let (org, _) = old.get_or_create_organization("acme").await.unwrap();
     let issued = old.create_key(org.id, NewKey::new("k")).await.unwrap();
     // Back to the first schema (this drops the new columns), as a database made before.
-    migration::Migrator::down(old.connection(), Some(1)).await.unwrap();
+    let later = u32::try_from(migration::Migrator::migrations().len() - 1).unwrap();
+    migration::Migrator::down(old.connection(), Some(later)).await.unwrap();
     assert_eq!(
         migration::Migrator::get_pending_migrations(old.connection()).await.unwrap().len(),
-        1
+        later as usize
     );
     old.create_tables().await.unwrap();
     assert!(

@@ -1,0 +1,310 @@
+//! The key lifecycle: roll with a grace period, renew or extend, the keys of an owner, the
+//! keys about to expire.
+
+use std::time::Duration;
+
+use apikeys_core::hazmat::validate_owner;
+use apikeys_core::limits::MAX_EXPIRES_AT;
+use apikeys_core::{
+    ApiKey, Error, IssuedKey, KeyAction, KeyId, KeyPage, Page, Result, StatusFilter,
+};
+use chrono::{DateTime, TimeDelta, Utc};
+use sea_orm::sea_query::Expr;
+use sea_orm::{ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QuerySelect};
+
+use crate::audit::Subject;
+use crate::client::ApiKeyClient;
+use crate::convert::{api_key_from_model, naive, to_micros};
+use crate::entity::api_key;
+use crate::error::storage;
+use crate::feed::Change;
+use crate::key_admin::{NewSecret, PreparedKey, get_key_on};
+
+/// The longest grace period a roll accepts (a year).
+pub const MAX_GRACE: Duration = Duration::from_secs(366 * 86_400);
+
+impl ApiKeyClient {
+    /// Replaces a key with a new one, for a customer whose key leaked or who rotates keys.
+    ///
+    /// The new key has the old one's organization, project, product, name, scopes, rate
+    /// limit, custom metadata, owner and expiry, and takes over its usage credits (balance
+    /// and refill rule). The old key keeps working for `grace` (zero: it stops at once), then
+    /// fails with [`Error::Expired`]; while it works, it spends the new key's credits, so the
+    /// two never spend more than one balance. The records link to each other (`rolled_to`,
+    /// `rolled_from`), the audit trail gets `rolled` (old key) and `created` (new key), and
+    /// all of it is one transaction. Other replicas' caches learn of the roll through the
+    /// change feed, within their staleness bound.
+    ///
+    /// ```
+    /// # use apikeys_db::{ApiKeyClient, Error, NewKey, VerifyOptions};
+    /// # use std::time::Duration;
+    /// # #[tokio::main]
+    /// # async fn main() -> apikeys_db::Result<()> {
+    /// # let client = ApiKeyClient::builder().database_url("sqlite::memory:")
+    /// #     .signing_secret("a-signing-secret-of-at-least-32-bytes!!").build().await?;
+    /// # client.create_tables().await?;
+    /// # let (org, _) = client.get_or_create_organization("acme").await?;
+    /// let old = client.create_key(org.id, NewKey::new("ci")).await?;
+    /// let new = client.roll_key(old.record.id, Duration::ZERO).await?;
+    /// assert_eq!(new.record.rolled_from, Some(old.record.id));
+    /// let check = client.verify_key(old.key.expose_secret(), &VerifyOptions::new()).await;
+    /// assert!(matches!(check, Err(Error::Expired { .. })));
+    /// client.verify_key(new.key.expose_secret(), &VerifyOptions::new()).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] (field `grace`) for a grace above [`MAX_GRACE`];
+    /// [`Error::NotFound`]; [`Error::Revoked`] for a revoked key and [`Error::Expired`] for an
+    /// expired one (nothing is written); [`Error::AlreadyExists`] naming the key it was
+    /// already rolled to (roll that one instead); [`Error::Entropy`]; [`Error::Storage`].
+    pub async fn roll_key(&self, id: KeyId, grace: Duration) -> Result<IssuedKey> {
+        if grace > MAX_GRACE {
+            return Err(Error::invalid_input("grace", "must be at most 366 days"));
+        }
+        let grace = TimeDelta::from_std(grace)
+            .map_err(|_| Error::invalid_input("grace", "must be at most 366 days"))?;
+        let secret = self.new_secret()?;
+        let issued = self
+            .change(Change::Key(id), async move |txn| {
+                self.roll_key_on(txn, id, grace, secret).await
+            })
+            .await?;
+        tracing::info!(key_id = %id, new_key_id = %issued.record.id, "api key rolled");
+        Ok(issued)
+    }
+
+    async fn roll_key_on<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        id: KeyId,
+        grace: TimeDelta,
+        secret: NewSecret,
+    ) -> Result<IssuedKey> {
+        use api_key::Column as Col;
+        let now = self.now();
+        let old = locked_row(conn, id).await?;
+        let record = api_key_from_model(old.clone())?;
+        if let Some(revoked_at) = record.revoked_at {
+            return Err(Error::Revoked { revoked_at });
+        }
+        if let Some(to) = record.rolled_to {
+            return Err(Error::AlreadyExists { existing: to.into() });
+        }
+        if let Some(expired_at) = record.expires_at.filter(|e| now >= *e) {
+            return Err(Error::Expired { expired_at });
+        }
+        let new_id = self.new_id(now);
+        let end = to_micros(now + grace);
+        let old_ends = record.expires_at.map_or(end, |e| e.min(end));
+        let mut change = api_key::Entity::update_many()
+            .col_expr(Col::ExpiresAt, Expr::value(naive(old_ends)))
+            .col_expr(Col::RolledTo, Expr::value(new_id))
+            .col_expr(Col::UpdatedAt, Expr::value(naive(now)))
+            .filter(Col::Id.eq(id.as_uuid()));
+        if old.remaining.is_some() {
+            // The balance moves to the new key; the old one spends from there (see
+            // `spend_credits`).
+            change = change
+                .col_expr(Col::Remaining, Expr::value(0_i64))
+                .col_expr(Col::RefillAmount, Expr::value(Option::<i64>::None))
+                .col_expr(Col::RefillInterval, Expr::value(Option::<String>::None))
+                .col_expr(Col::RefilledPeriod, Expr::value(Option::<i64>::None));
+        }
+        change.exec(conn).await.map_err(storage)?;
+        let row = api_key::Model {
+            id: new_id,
+            key_hash: secret.hash,
+            secret_version: secret.version,
+            alt_key_hash: secret.alt.as_ref().map(|(_, h)| h.clone()),
+            alt_secret_version: secret.alt.as_ref().map(|(v, _)| *v),
+            hint: secret.plaintext.hint(),
+            created_at: naive(now),
+            updated_at: naive(now),
+            last_used_at: None,
+            use_count: 0,
+            rolled_from: Some(id.as_uuid()),
+            rolled_to: None,
+            ..old
+        };
+        let prepared = PreparedKey {
+            plaintext: secret.plaintext,
+            row,
+            project_id: record.project_id,
+            product_id: record.product_id,
+        };
+        let issued = self.insert_key_on(conn, record.org_id, prepared).await?;
+        let subject = Subject::key(&record).related(issued.record.id);
+        self.audit(conn, KeyAction::Rolled, subject).await?;
+        Ok(issued)
+    }
+
+    /// Moves a key's expiry to `expires_at` (later or earlier, but in the future); a rolled
+    /// key's grace period moves with it.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] (field `expires_at`) for a time not in the future or after
+    /// [`MAX_EXPIRES_AT`]; [`Error::NotFound`]; [`Error::Revoked`] for a revoked key
+    /// (nothing is written); [`Error::Storage`].
+    pub async fn renew_key(&self, id: KeyId, expires_at: DateTime<Utc>) -> Result<ApiKey> {
+        let at = to_micros(expires_at);
+        check_expiry(at, self.now())?;
+        self.change(Change::Key(id), async move |txn| self.set_expiry_on(txn, id, |_| Ok(at)).await)
+            .await
+    }
+
+    /// Moves a key's expiry `by` later.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] (field `expires_at`) for a key that never expires, a zero
+    /// duration, or a result still in the past or after [`MAX_EXPIRES_AT`];
+    /// [`Error::NotFound`]; [`Error::Revoked`] (nothing is written); [`Error::Storage`].
+    pub async fn extend_key(&self, id: KeyId, by: Duration) -> Result<ApiKey> {
+        let by = TimeDelta::from_std(by)
+            .ok()
+            .filter(|d| *d > TimeDelta::zero())
+            .ok_or_else(|| Error::invalid_input("expires_at", "the extension must be positive"))?;
+        self.change(Change::Key(id), async move |txn| {
+            self.set_expiry_on(txn, id, |current| {
+                let base = current
+                    .ok_or_else(|| Error::invalid_input("expires_at", "the key never expires"))?;
+                base.checked_add_signed(by).ok_or_else(|| {
+                    Error::invalid_input("expires_at", "must be in or before year 9999")
+                })
+            })
+            .await
+        })
+        .await
+    }
+
+    async fn set_expiry_on<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        id: KeyId,
+        new: impl FnOnce(Option<DateTime<Utc>>) -> Result<DateTime<Utc>>,
+    ) -> Result<ApiKey> {
+        let now = self.now();
+        let record = api_key_from_model(locked_row(conn, id).await?)?;
+        if let Some(revoked_at) = record.revoked_at {
+            return Err(Error::Revoked { revoked_at });
+        }
+        let at = to_micros(new(record.expires_at)?);
+        check_expiry(at, now)?;
+        api_key::Entity::update_many()
+            .col_expr(api_key::Column::ExpiresAt, Expr::value(naive(at)))
+            .col_expr(api_key::Column::UpdatedAt, Expr::value(naive(now)))
+            .filter(api_key::Column::Id.eq(id.as_uuid()))
+            .exec(conn)
+            .await
+            .map_err(storage)?;
+        let key = get_key_on(conn, id).await?;
+        self.audit(conn, KeyAction::Renewed, Subject::key(&key)).await?;
+        Ok(key)
+    }
+
+    /// The keys of one owner (see [`NewKey::with_owner`](crate::NewKey::with_owner)) with the
+    /// given status, oldest first, one page at a time. The owner id is compared exactly.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] (field `owner_id`) for an id no key can have;
+    /// [`Error::Unavailable`]; [`Error::Storage`].
+    pub async fn list_owner_keys(
+        &self,
+        owner: &str,
+        status: StatusFilter,
+        page: Page,
+    ) -> Result<KeyPage<ApiKey>> {
+        validate_owner(owner)?;
+        self.list_keys(api_key::Column::OwnerId.eq(owner), status, page).await
+    }
+
+    /// Revokes every key of one owner that is not revoked yet, in one transaction (each
+    /// gets a `revoked` event). Returns the ids of the keys it revoked. A key created for the
+    /// owner while this runs may be left out: call it again after the owner's access is
+    /// closed.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] (field `owner_id`); [`Error::Unavailable`];
+    /// [`Error::Storage`].
+    pub async fn revoke_owner_keys(&self, owner: &str) -> Result<Vec<KeyId>> {
+        use api_key::Column as Col;
+        validate_owner(owner)?;
+        let ids: Vec<uuid::Uuid> = api_key::Entity::find()
+            .select_only()
+            .column(Col::Id)
+            .filter(Col::OwnerId.eq(owner))
+            .filter(Col::RevokedAt.is_null())
+            .into_tuple()
+            .all(self.db())
+            .await
+            .map_err(storage)?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let changes: Vec<Change> = ids.iter().map(|u| Change::Key(KeyId::from_uuid(*u))).collect();
+        let revoked = self
+            .change_all(&changes, async |txn| {
+                let mut revoked = Vec::new();
+                for id in &ids {
+                    let id = KeyId::from_uuid(*id);
+                    let before = get_key_on(txn, id).await;
+                    match before {
+                        // Still this owner's and not revoked (it may have changed since).
+                        Ok(k) if k.revoked_at.is_none() && k.owner_id.as_deref() == Some(owner) => {
+                            self.revoke_key_on(txn, id).await?;
+                            revoked.push(id);
+                        }
+                        Ok(_) | Err(Error::NotFound { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(revoked)
+            })
+            .await?;
+        tracing::info!(keys = revoked.len(), "api keys of one owner revoked");
+        Ok(revoked)
+    }
+
+    /// Active keys that expire within `within` from now, oldest first, one page at a time:
+    /// to warn their owners before the keys stop working.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] (field `within`) for a duration too large to add to now;
+    /// [`Error::Unavailable`]; [`Error::Storage`].
+    pub async fn list_expiring_keys(
+        &self,
+        within: Duration,
+        page: Page,
+    ) -> Result<KeyPage<ApiKey>> {
+        let horizon = TimeDelta::from_std(within)
+            .ok()
+            .and_then(|d| self.now().checked_add_signed(d))
+            .map(|t| t.min(MAX_EXPIRES_AT))
+            .ok_or_else(|| Error::invalid_input("within", "too large"))?;
+        let cond = api_key::Column::ExpiresAt.lte(naive(horizon));
+        self.list_keys(cond, StatusFilter::Active, page).await
+    }
+}
+
+/// Reads a key's row, locked for the rest of the transaction (PostgreSQL, MySQL; a SQLite
+/// write transaction holds the whole database already).
+async fn locked_row<C: ConnectionTrait>(conn: &C, id: KeyId) -> Result<api_key::Model> {
+    let select = api_key::Entity::find_by_id(id.as_uuid());
+    let select = if conn.get_database_backend() == DbBackend::Sqlite {
+        select
+    } else {
+        select.lock_exclusive()
+    };
+    select.one(conn).await.map_err(storage)?.ok_or(Error::NotFound { id: id.into() })
+}
+
+fn check_expiry(at: DateTime<Utc>, now: DateTime<Utc>) -> Result<()> {
+    if at <= now {
+        return Err(Error::invalid_input("expires_at", "must be in the future"));
+    }
+    if at > MAX_EXPIRES_AT {
+        return Err(Error::invalid_input("expires_at", "must be in or before year 9999"));
+    }
+    Ok(())
+}
