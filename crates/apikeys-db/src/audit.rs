@@ -108,13 +108,7 @@ impl ApiKeyClient {
     /// # Errors
     /// [`Error::Unavailable`]; [`Error::Storage`].
     pub async fn list_key_events(&self, key: KeyId) -> Result<Vec<KeyEvent>> {
-        let rows = key_event::Entity::find()
-            .filter(key_event::Column::KeyId.eq(key.as_uuid()))
-            .order_by_asc(key_event::Column::Id)
-            .all(self.db())
-            .await
-            .map_err(storage)?;
-        rows.into_iter().map(event_from_row).collect()
+        self.events_where(key_event::Column::KeyId.eq(key.as_uuid())).await
     }
 
     /// The events of an organization, oldest first: its creation, its projects' and
@@ -123,8 +117,16 @@ impl ApiKeyClient {
     /// # Errors
     /// [`Error::Unavailable`]; [`Error::Storage`].
     pub async fn list_org_events(&self, org: OrgId) -> Result<Vec<KeyEvent>> {
+        self.events_where(key_event::Column::OrgId.eq(org.as_uuid())).await
+    }
+
+    /// The events matching `condition`, oldest first (ids are time-ordered).
+    async fn events_where(
+        &self,
+        condition: sea_orm::sea_query::SimpleExpr,
+    ) -> Result<Vec<KeyEvent>> {
         let rows = key_event::Entity::find()
-            .filter(key_event::Column::OrgId.eq(org.as_uuid()))
+            .filter(condition)
             .order_by_asc(key_event::Column::Id)
             .all(self.db())
             .await
