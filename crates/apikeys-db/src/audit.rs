@@ -68,7 +68,7 @@ impl ApiKeyClient {
     /// ```
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] (field `actor`): 1 to 255 characters, no leading or trailing
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) (field `actor`): 1 to 255 characters, no leading or trailing
     /// whitespace, no control or invisible format characters.
     pub fn acting_as(&self, actor: &str) -> Result<ApiKeyClient> {
         validate_actor(actor)?;
@@ -106,7 +106,7 @@ impl ApiKeyClient {
     /// has none.
     ///
     /// # Errors
-    /// [`Error::Unavailable`]; [`Error::Storage`].
+    /// [`Error::Unavailable`](crate::Error::Unavailable); [`Error::Storage`](crate::Error::Storage).
     pub async fn list_key_events(&self, key: KeyId) -> Result<Vec<KeyEvent>> {
         self.events_where(key_event::Column::KeyId.eq(key.as_uuid())).await
     }
@@ -115,7 +115,7 @@ impl ApiKeyClient {
     /// products' and its keys' events.
     ///
     /// # Errors
-    /// [`Error::Unavailable`]; [`Error::Storage`].
+    /// [`Error::Unavailable`](crate::Error::Unavailable); [`Error::Storage`](crate::Error::Storage).
     pub async fn list_org_events(&self, org: OrgId) -> Result<Vec<KeyEvent>> {
         self.events_where(key_event::Column::OrgId.eq(org.as_uuid())).await
     }
