@@ -249,15 +249,12 @@ impl ApiKeyClient {
         change: Change,
         op: impl AsyncFnOnce(&DatabaseTransaction) -> Result<T>,
     ) -> Result<T> {
-        let result =
-            self.in_transaction(async |txn| Ok(self.recorded(txn, change, op).await?.1)).await;
-        self.forget(change);
-        self.count_change();
-        result
+        self.change_all(&[change], op).await
     }
 
     /// [`change`](Self::change) for several changes at once: all appended to the feed
-    /// first, then `op`, in one transaction.
+    /// first (see [`feed::record`]), then `op`, in one transaction; once it has ended, the
+    /// client's own cache forgets what each touched.
     pub(crate) async fn change_all<T>(
         &self,
         changes: &[Change],

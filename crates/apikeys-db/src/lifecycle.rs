@@ -6,7 +6,7 @@ use std::time::Duration;
 use apikeys_core::hazmat::validate_owner;
 use apikeys_core::limits::MAX_EXPIRES_AT;
 use apikeys_core::{
-    ApiKey, Error, IssuedKey, KeyAction, KeyId, KeyPage, Page, Result, StatusFilter,
+    ApiKey, Error, Expiry, IssuedKey, KeyAction, KeyId, KeyPage, Page, Result, StatusFilter,
 };
 use chrono::{DateTime, TimeDelta, Utc};
 use sea_orm::sea_query::Expr;
@@ -60,11 +60,10 @@ impl ApiKeyClient {
     /// expired one (nothing is written); [`Error::AlreadyExists`] naming the key it was
     /// already rolled to (roll that one instead); [`Error::Entropy`]; [`Error::Storage`].
     pub async fn roll_key(&self, id: KeyId, grace: Duration) -> Result<IssuedKey> {
-        if grace > MAX_GRACE {
-            return Err(Error::invalid_input("grace", "must be at most 366 days"));
-        }
         let grace = TimeDelta::from_std(grace)
-            .map_err(|_| Error::invalid_input("grace", "must be at most 366 days"))?;
+            .ok()
+            .filter(|_| grace <= MAX_GRACE)
+            .ok_or_else(|| Error::invalid_input("grace", "must be at most 366 days"))?;
         let secret = self.new_secret()?;
         let issued = self
             .change(Change::Key(id), async move |txn| {
@@ -299,12 +298,8 @@ async fn locked_row<C: ConnectionTrait>(conn: &C, id: KeyId) -> Result<api_key::
     select.one(conn).await.map_err(storage)?.ok_or(Error::NotFound { id: id.into() })
 }
 
+/// The rules of a new key's expiry (core's `Expiry::resolve`): after `now`, no later than
+/// [`MAX_EXPIRES_AT`].
 fn check_expiry(at: DateTime<Utc>, now: DateTime<Utc>) -> Result<()> {
-    if at <= now {
-        return Err(Error::invalid_input("expires_at", "must be in the future"));
-    }
-    if at > MAX_EXPIRES_AT {
-        return Err(Error::invalid_input("expires_at", "must be in or before year 9999"));
-    }
-    Ok(())
+    Expiry::At(at).resolve(now, None).map(|_| ())
 }
