@@ -44,6 +44,7 @@ mod org;
 mod page;
 mod rate_limit;
 mod record;
+mod redact;
 mod scope;
 mod status;
 mod verify;
@@ -58,6 +59,7 @@ pub use org::{Organization, Product, Project};
 pub use page::{KeyPage, Page};
 pub use rate_limit::{RateLimit, Window};
 pub use record::{ApiKey, IssuedKey};
+pub use redact::{find_keys, redact_keys};
 pub use scope::{Scope, Scopes};
 pub use status::{KeyStatus, StatusFilter};
 

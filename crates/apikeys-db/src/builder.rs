@@ -20,8 +20,8 @@ use crate::rate_limit::{RateLimitMode, RateLimiter};
 use crate::usage::UsageRecorder;
 
 /// The defaults of the connection settings that apply when connecting by URL.
-const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a client whose database is unreachable tries it again, by default.
 const DEFAULT_RECONNECT_INTERVAL: Duration = Duration::from_secs(1);

@@ -10,10 +10,9 @@ use std::time::Duration;
 use apikeys_core::hazmat::KeyHasher;
 use apikeys_core::{Error, KeyFormat, Result};
 use chrono::{DateTime, Utc};
-use migration::MigratorTrait;
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, SqliteTransactionMode,
-    Statement, TransactionOptions,
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, SqliteTransactionMode,
+    TransactionOptions,
 };
 use uuid::Uuid;
 
@@ -27,17 +26,6 @@ use crate::lookup::LookupSql;
 use crate::observe::CheckMetrics;
 use crate::rate_limit::RateLimiter;
 use crate::usage::UsageRecorder;
-
-/// Key of the PostgreSQL advisory lock that serializes [`ApiKeyClient::create_tables`]
-/// (the ASCII bytes of "apikeys\0" as a big-endian integer).
-const MIGRATION_LOCK_ID: i64 = 0x6170_696b_6579_7300;
-/// Name of the MySQL lock that serializes [`ApiKeyClient::create_tables`].
-const MIGRATION_LOCK_NAME: &str = "apikeys_migrations";
-
-/// Another process held the migration lock for longer than we wait.
-#[derive(Debug, thiserror::Error)]
-#[error("timed out waiting for the apikeys migration lock held by another process")]
-struct MigrationLockTimeout;
 
 /// A source of the current time. The default is [`Utc::now`]; tests inject their own.
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
@@ -165,38 +153,7 @@ impl ApiKeyClient {
     /// [`Error::Storage`] if a migration fails or the lock cannot be taken.
     pub async fn create_tables(&self) -> Result<()> {
         let txn = self.begin_write().await?;
-        let backend = txn.get_database_backend();
-        match backend {
-            DbBackend::Postgres => {
-                txn.execute_unprepared(&format!(
-                    "SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})"
-                ))
-                .await
-                .map_err(storage)?;
-            }
-            DbBackend::MySql => {
-                // MySQL commits DDL implicitly, so the transaction only pins one connection;
-                // the named lock belongs to that session until released (or disconnected).
-                let sql = format!("SELECT GET_LOCK('{MIGRATION_LOCK_NAME}', 60) AS got");
-                let row = txn
-                    .query_one_raw(Statement::from_string(backend, sql))
-                    .await
-                    .map_err(storage)?;
-                let got = row.and_then(|r| r.try_get::<Option<i64>>("", "got").ok()).flatten();
-                if got != Some(1) {
-                    return Err(Error::storage(MigrationLockTimeout));
-                }
-            }
-            // BEGIN IMMEDIATE already holds the database's write lock.
-            _ => {}
-        }
-        let result = migration::Migrator::up(&txn, None).await.map_err(storage);
-        if backend == DbBackend::MySql {
-            let sql = format!("SELECT RELEASE_LOCK('{MIGRATION_LOCK_NAME}')");
-            txn.execute_unprepared(&sql).await.map_err(storage)?;
-        }
-        result?;
-        txn.commit().await.map_err(storage)
+        crate::schema::migrate_locked(txn).await.map(drop)
     }
 
     /// The current time from the client's clock, truncated to what every database stores.

@@ -2,7 +2,10 @@
 //! count of keys per signing-secret version.
 
 use apikeys_core::{ApiKey, KeyPage, OrgId, Page, ProjectId, Result, StatusFilter};
-use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm::sea_query::IntoCondition;
+use sea_orm::{
+    ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+};
 
 use crate::client::ApiKeyClient;
 use crate::convert::{api_key_from_model, naive};
@@ -44,6 +47,51 @@ impl ApiKeyClient {
             }
         }
         Ok(counts.into_iter().collect())
+    }
+
+    /// The keys that have no hash under the client's current signing secret, in the given
+    /// status, oldest first, one page at a time: during a rotation, the keys not yet moved.
+    ///
+    /// They verify only on replicas that still hold the secret they are under, and move to
+    /// the current one on their next tracked success while that secret is configured as
+    /// previous. An HMAC cannot be re-keyed without the plaintext, which is never stored, so
+    /// no offline pass can move them: once the old secret is removed they stop verifying.
+    /// Revoke (and reissue) the ones you still want before then, or keep the previous secret
+    /// longer. The `apikeys keys rehash` command walks this list.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`](crate::Error::Unavailable); [`Error::Storage`](crate::Error::Storage).
+    pub async fn list_unrotated_keys(
+        &self,
+        status: StatusFilter,
+        page: Page,
+    ) -> Result<KeyPage<ApiKey>> {
+        self.list_keys(self.unrotated(), status, page).await
+    }
+
+    /// How many keys [`list_unrotated_keys`](Self::list_unrotated_keys) would list in all.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`](crate::Error::Unavailable); [`Error::Storage`](crate::Error::Storage).
+    pub async fn count_unrotated_keys(&self, status: StatusFilter) -> Result<u64> {
+        api_key::Entity::find()
+            .filter(self.unrotated())
+            .filter(status_condition(status, self.now()))
+            .count(self.db())
+            .await
+            .map_err(storage)
+    }
+
+    /// Neither the main nor the alternate hash is under the current secret.
+    fn unrotated(&self) -> Condition {
+        use api_key::Column as C;
+        let current = i32::try_from(self.inner.hasher.current_version()).unwrap_or(i32::MAX);
+        Condition::all().add(C::SecretVersion.ne(current)).add(
+            Condition::any()
+                .add(C::AltKeyHash.is_null())
+                .add(C::AltSecretVersion.is_null())
+                .add(C::AltSecretVersion.ne(current)),
+        )
     }
 
     /// The keys of a project with the given status, oldest first, one page at a time.
@@ -100,25 +148,14 @@ impl ApiKeyClient {
 
     pub(crate) async fn list_keys(
         &self,
-        owner: sea_orm::sea_query::SimpleExpr,
+        owner: impl IntoCondition,
         status: StatusFilter,
         page: Page,
     ) -> Result<KeyPage<ApiKey>> {
         let limit = page.limit();
-        let now = self.now();
         use api_key::Column as C;
-        // The SQL form of KeyStatus::at (revocation wins; expired from `now >= expires_at`).
-        let not_expired =
-            Condition::any().add(C::ExpiresAt.is_null()).add(C::ExpiresAt.gt(naive(now)));
-        let status_cond = match status {
-            StatusFilter::All => Condition::all(),
-            StatusFilter::Active => Condition::all().add(C::RevokedAt.is_null()).add(not_expired),
-            StatusFilter::Revoked => Condition::all().add(C::RevokedAt.is_not_null()),
-            StatusFilter::Expired => {
-                Condition::all().add(C::RevokedAt.is_null()).add(C::ExpiresAt.lte(naive(now)))
-            }
-        };
-        let mut query = api_key::Entity::find().filter(owner).filter(status_cond);
+        let mut query =
+            api_key::Entity::find().filter(owner).filter(status_condition(status, self.now()));
         if let Some(cursor) = page.cursor() {
             query = query.filter(C::Id.gt(cursor.as_uuid()));
         }
@@ -133,5 +170,19 @@ impl ApiKeyClient {
         let items = rows.into_iter().map(api_key_from_model).collect::<Result<Vec<_>>>()?;
         let next = if more { items.last().map(|k| k.id) } else { None };
         Ok(KeyPage { items, next })
+    }
+}
+
+/// The SQL form of `KeyStatus::at` (revocation wins; expired from `now >= expires_at`).
+fn status_condition(status: StatusFilter, now: chrono::DateTime<chrono::Utc>) -> Condition {
+    use api_key::Column as C;
+    let not_expired = Condition::any().add(C::ExpiresAt.is_null()).add(C::ExpiresAt.gt(naive(now)));
+    match status {
+        StatusFilter::All => Condition::all(),
+        StatusFilter::Active => Condition::all().add(C::RevokedAt.is_null()).add(not_expired),
+        StatusFilter::Revoked => Condition::all().add(C::RevokedAt.is_not_null()),
+        StatusFilter::Expired => {
+            Condition::all().add(C::RevokedAt.is_null()).add(C::ExpiresAt.lte(naive(now)))
+        }
     }
 }

@@ -85,6 +85,7 @@ mod lookup;
 mod observe;
 mod org_child;
 mod rate_limit;
+mod schema;
 mod transaction;
 mod usage;
 mod validate;
@@ -94,6 +95,7 @@ pub use cache::{CacheStats, KeyCache};
 pub use client::{ApiKeyClient, Clock};
 pub use lifecycle::MAX_GRACE;
 pub use rate_limit::RateLimitMode;
+pub use schema::{Migration, Schema};
 pub use transaction::InTransaction;
 pub use validate::{ValidateOptions, VerifyOptions};
 

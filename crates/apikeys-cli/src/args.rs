@@ -1,0 +1,474 @@
+//! The command line, as clap parses it: every command, flag and help text.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use apikeys_db::{RateLimit, StatusFilter, Window};
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+const ENVIRONMENT_HELP: &str = "\
+Environment:
+  DATABASE_URL                      the database (or --database-url): sqlite://PATH,
+                                    postgres://USER:PASSWORD@HOST/DB, mysql://USER:PASSWORD@HOST/DB
+  APIKEYS_SIGNING_SECRET            the signing secret (at least 32 bytes), or a file with
+                                    --signing-secret-file / APIKEYS_SIGNING_SECRET_FILE; never a flag
+  APIKEYS_PREVIOUS_SIGNING_SECRET   during a rotation, the previous secret (or its file with
+                                    --previous-signing-secret-file), with its version
+
+Every command but `migrate` and `redact` needs the signing secret your service uses, and the
+same key prefix and environment: keys are stored as HMACs under that secret.
+
+Exit status:
+  0  success
+  1  usage or configuration error (bad flag, missing DATABASE_URL or secret)
+  2  not found or invalid: no such record, invalid input, a key that does not verify
+  3  database error: unreachable, timed out, or a failed statement
+
+Errors are one line on standard error. Output is a table for people, or JSON with --json.";
+
+/// Manage API keys stored by apikeys: migrations, bootstrap, keys, organizations.
+#[derive(Debug, Parser)]
+#[command(name = "apikeys", version, about, long_about = None, after_long_help = ENVIRONMENT_HELP)]
+#[command(after_help = "Run `apikeys --help` for the environment and the exit codes.")]
+pub struct Cli {
+    /// Where and how to connect.
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+
+    /// Print JSON (one document on standard output) instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Connection and key-format settings, shared by every command.
+#[derive(Debug, Args)]
+pub struct ConnectionArgs {
+    /// The database URL. Prefer the environment variable: a flag is visible to other users
+    /// of the machine in the process list.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true, value_name = "URL")]
+    pub database_url: Option<String>,
+
+    /// A file holding the signing secret (one trailing newline is ignored), instead of
+    /// APIKEYS_SIGNING_SECRET.
+    #[arg(long, env = "APIKEYS_SIGNING_SECRET_FILE", global = true, value_name = "PATH")]
+    pub signing_secret_file: Option<PathBuf>,
+
+    /// The signing secret's version (as your service configures it).
+    #[arg(long, env = "APIKEYS_SIGNING_SECRET_VERSION", global = true, value_name = "N")]
+    pub signing_secret_version: Option<u32>,
+
+    /// During a rotation: a file holding the previous signing secret, instead of
+    /// APIKEYS_PREVIOUS_SIGNING_SECRET.
+    #[arg(long, env = "APIKEYS_PREVIOUS_SIGNING_SECRET_FILE", global = true, value_name = "PATH")]
+    pub previous_signing_secret_file: Option<PathBuf>,
+
+    /// The previous signing secret's version (required with a previous secret).
+    #[arg(long, env = "APIKEYS_PREVIOUS_SIGNING_SECRET_VERSION", global = true, value_name = "N")]
+    pub previous_signing_secret_version: Option<u32>,
+
+    /// The key prefix your service uses.
+    #[arg(long, env = "APIKEYS_KEY_PREFIX", default_value = "sk", global = true)]
+    pub key_prefix: String,
+
+    /// The key environment segment your service uses, if any (for instance `live`).
+    #[arg(long, env = "APIKEYS_ENVIRONMENT", global = true, value_name = "NAME")]
+    pub environment: Option<String>,
+
+    /// Who is acting, as recorded in the audit trail (default: cli:$USER).
+    #[arg(long, env = "APIKEYS_ACTOR", global = true, value_name = "NAME")]
+    pub actor: Option<String>,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply or inspect the schema's migrations (needs no signing secret).
+    Migrate {
+        /// What to do (default: up).
+        #[command(subcommand)]
+        action: Option<MigrateAction>,
+    },
+    /// Make sure the organizations, projects, products and links in a TOML file exist.
+    ///
+    /// Idempotent: run it on every deploy. It creates what is missing, prints what it
+    /// created, and says "no changes" when everything was there. It never deletes or renames.
+    /// See examples/bootstrap.toml for the format.
+    Bootstrap {
+        /// The TOML file.
+        file: PathBuf,
+        /// Print what would be created, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Create, inspect, change and verify keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Organizations.
+    #[command(subcommand)]
+    Orgs(OrgsCommand),
+    /// Projects.
+    #[command(subcommand)]
+    Projects(ProjectsCommand),
+    /// Products.
+    #[command(subcommand)]
+    Products(ProductsCommand),
+    /// Mask anything shaped like an apikeys key in standard input (needs no database).
+    ///
+    /// Reads standard input line by line and writes it to standard output with every key of
+    /// any prefix and environment replaced by its hint and `[redacted]` (for instance
+    /// `sk_live_Ab3x…[redacted]`). A key is recognised by its shape and its checksum, so
+    /// other long tokens are left alone. For log pipelines and support tickets.
+    Redact {
+        /// Replace keys by `[redacted]` alone, without their hint.
+        #[arg(long)]
+        no_hint: bool,
+    },
+}
+
+/// `migrate` actions.
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum MigrateAction {
+    /// Apply the pending migrations (under a lock: safe from many deploy jobs at once).
+    Up,
+    /// List the migrations and whether each is applied.
+    Status,
+}
+
+/// `orgs` commands.
+#[derive(Debug, Subcommand)]
+pub enum OrgsCommand {
+    /// List the organizations.
+    List,
+}
+
+/// `projects` commands.
+#[derive(Debug, Subcommand)]
+pub enum ProjectsCommand {
+    /// List projects: of one organization, or of all.
+    List {
+        /// Only this organization's (name or id).
+        #[arg(long)]
+        org: Option<String>,
+    },
+}
+
+/// `products` commands.
+#[derive(Debug, Subcommand)]
+pub enum ProductsCommand {
+    /// List products: of one organization or project, or of all.
+    List {
+        /// Only this organization's (name or id).
+        #[arg(long)]
+        org: Option<String>,
+        /// Only those linked to this project (name or id; needs --org).
+        #[arg(long, requires = "org")]
+        project: Option<String>,
+    },
+}
+
+/// `keys` commands.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Issue a key and print it once (on standard output; the rest goes to standard error).
+    Create(CreateArgs),
+    /// List keys, oldest first.
+    List(ListArgs),
+    /// Show one key.
+    Show {
+        /// The key's id.
+        id: String,
+    },
+    /// Revoke a key, or every key of an owner. Revoking is final.
+    Revoke {
+        /// The key's id.
+        #[arg(required_unless_present = "owner", conflicts_with = "owner")]
+        id: Option<String>,
+        /// Revoke every key of this owner instead (for instance a departed user).
+        #[arg(long)]
+        owner: Option<String>,
+    },
+    /// Delete a key. Its audit events stay.
+    Delete {
+        /// The key's id.
+        id: String,
+    },
+    /// Check a key read from standard input (never from the command line). Counts no use.
+    ///
+    /// Exits 0 if the key is valid (and meets --product and --scope), 2 if not, with the
+    /// reason on standard error: invalid, expired, revoked, wrong product, missing scope.
+    Verify(VerifyArgs),
+    /// Change a key's name, scopes, rate limit, metadata, owner or credits.
+    Update(UpdateArgs),
+    /// Replace a key by a new one (printed once); the old one keeps working for a grace period.
+    ///
+    /// The new key has the old one's organization, project, product, name, scopes, rate
+    /// limit, metadata, owner and expiry; the credits move to it.
+    Roll {
+        /// The key's id.
+        id: String,
+        /// How long the old key keeps working, for instance 24h or 7d (0s: not at all).
+        #[arg(long, value_parser = parse_duration, default_value = "24h")]
+        grace: Duration,
+    },
+    /// Move a key's expiry: to an instant, or later by a duration.
+    Renew(RenewArgs),
+    /// A key's audit trail, oldest first.
+    Events {
+        /// The key's id.
+        id: String,
+    },
+    /// The signing-secret rotation pass: find the keys not yet under the current secret.
+    ///
+    /// During a rotation (the new secret current, the old one previous), keys move to the
+    /// new secret on their next tracked success. An HMAC cannot be re-keyed without the
+    /// plaintext, which is never stored, so no offline pass can move the others: they stop
+    /// verifying once the previous secret is removed. This pass lists them, in batches, with
+    /// a progress bar; --revoke revokes them (reissue the ones still wanted). It is
+    /// resumable: run it again and it goes on with what is left.
+    Rehash(RehashArgs),
+}
+
+/// `keys create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The organization (name or id).
+    #[arg(long)]
+    pub org: String,
+    /// Narrow the key to a project of the organization (name or id).
+    #[arg(long)]
+    pub project: Option<String>,
+    /// Narrow the key to a product of the organization (name or id).
+    #[arg(long)]
+    pub product: Option<String>,
+    /// A display name.
+    #[arg(long)]
+    pub name: String,
+    /// A scope the key grants (repeat, or separate with commas).
+    #[arg(long = "scope", value_delimiter = ',')]
+    pub scopes: Vec<String>,
+    /// A rate limit, as N/second, N/minute, N/hour or N/day.
+    #[arg(long, value_parser = parse_rate_limit, value_name = "N/WINDOW")]
+    pub rate_limit: Option<RateLimit>,
+    /// When it expires, as a duration from now (30d, 12h, 1y); default: never.
+    #[arg(long, value_parser = parse_duration, conflicts_with = "expires_at")]
+    pub expires_in: Option<Duration>,
+    /// When it expires, as an RFC 3339 instant (2027-01-31T00:00:00Z).
+    #[arg(long, value_parser = parse_instant)]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Custom metadata: key=value (a string) or key:=JSON (a number, object, …). Repeat.
+    #[arg(long = "meta", value_name = "KEY=VALUE")]
+    pub meta: Vec<String>,
+    /// The owner (an opaque id of yours: a user, a team).
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// Usage credits: each validation spends one; none left answers 429.
+    #[arg(long)]
+    pub credits: Option<u64>,
+    /// Refill the credits every period, as daily:N or monthly:N (needs --credits).
+    #[arg(long, value_parser = parse_refill, requires = "credits", value_name = "PERIOD:N")]
+    pub refill: Option<apikeys_db::Refill>,
+}
+
+/// `keys list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// The keys of this organization (name or id).
+    #[arg(long, required_unless_present_any = ["owner", "expiring_within"])]
+    pub org: Option<String>,
+    /// Only the keys of this project of the organization (name or id).
+    #[arg(long, requires = "org")]
+    pub project: Option<String>,
+    /// The keys of this owner, in any organization.
+    #[arg(long, conflicts_with_all = ["org", "expiring_within"])]
+    pub owner: Option<String>,
+    /// Active keys that expire within this long (7d), in any organization.
+    #[arg(long, value_parser = parse_duration, conflicts_with = "org")]
+    pub expiring_within: Option<Duration>,
+    /// Which keys.
+    #[arg(long, value_enum, default_value = "active")]
+    pub status: StatusArg,
+    /// At most this many keys per page (1 to 1000).
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+    /// Start after this key id (the `next` of an earlier page).
+    #[arg(long)]
+    pub after: Option<String>,
+    /// Every page, not just the first.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// Which keys a listing shows.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum StatusArg {
+    /// Usable now.
+    Active,
+    /// Revoked.
+    Revoked,
+    /// Past their expiry (and not revoked).
+    Expired,
+    /// Every key.
+    All,
+}
+
+impl From<StatusArg> for StatusFilter {
+    fn from(s: StatusArg) -> Self {
+        match s {
+            StatusArg::Active => StatusFilter::Active,
+            StatusArg::Revoked => StatusFilter::Revoked,
+            StatusArg::Expired => StatusFilter::Expired,
+            StatusArg::All => StatusFilter::All,
+        }
+    }
+}
+
+/// `keys verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The key must be allowed this product (name or id; needs --org).
+    #[arg(long, requires = "org")]
+    pub product: Option<String>,
+    /// The organization of --product (name or id).
+    #[arg(long)]
+    pub org: Option<String>,
+    /// A scope the key must grant (repeat, or separate with commas).
+    #[arg(long = "scope", value_delimiter = ',')]
+    pub scopes: Vec<String>,
+}
+
+/// `keys update`.
+#[derive(Debug, Args)]
+pub struct UpdateArgs {
+    /// The key's id.
+    pub id: String,
+    /// A new display name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Replace the scopes by these (repeat, or separate with commas).
+    #[arg(long = "scope", value_delimiter = ',', conflicts_with = "clear_scopes")]
+    pub scopes: Vec<String>,
+    /// Remove every scope.
+    #[arg(long)]
+    pub clear_scopes: bool,
+    /// A new rate limit (N/second, N/minute, N/hour, N/day).
+    #[arg(long, value_parser = parse_rate_limit, value_name = "N/WINDOW", conflicts_with = "no_rate_limit")]
+    pub rate_limit: Option<RateLimit>,
+    /// Remove the rate limit.
+    #[arg(long)]
+    pub no_rate_limit: bool,
+    /// Replace the custom metadata by these key=value / key:=JSON pairs.
+    #[arg(long = "meta", value_name = "KEY=VALUE", conflicts_with = "clear_meta")]
+    pub meta: Vec<String>,
+    /// Remove all custom metadata.
+    #[arg(long)]
+    pub clear_meta: bool,
+    /// A new owner.
+    #[arg(long, conflicts_with = "no_owner")]
+    pub owner: Option<String>,
+    /// Remove the owner.
+    #[arg(long)]
+    pub no_owner: bool,
+    /// Set the credits to this balance.
+    #[arg(long, conflicts_with = "no_credits")]
+    pub credits: Option<u64>,
+    /// With --credits: refill every period, as daily:N or monthly:N.
+    #[arg(long, value_parser = parse_refill, requires = "credits", value_name = "PERIOD:N")]
+    pub refill: Option<apikeys_db::Refill>,
+    /// Remove the credits (unlimited use).
+    #[arg(long)]
+    pub no_credits: bool,
+}
+
+/// `keys renew`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("when").required(true).args(["expires_at", "expires_in", "extend_by"])))]
+pub struct RenewArgs {
+    /// The key's id.
+    pub id: String,
+    /// The new expiry, as an RFC 3339 instant.
+    #[arg(long, value_parser = parse_instant)]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The new expiry, as a duration from now (30d).
+    #[arg(long, value_parser = parse_duration)]
+    pub expires_in: Option<Duration>,
+    /// Move the current expiry later by this much (30d).
+    #[arg(long, value_parser = parse_duration)]
+    pub extend_by: Option<Duration>,
+}
+
+/// `keys rehash`.
+#[derive(Debug, Args)]
+pub struct RehashArgs {
+    /// Revoke the active keys not under the current secret (they are audited as revoked by
+    /// the actor).
+    #[arg(long)]
+    pub revoke: bool,
+    /// Keys per batch (1 to 1000).
+    #[arg(long, default_value_t = 500)]
+    pub batch: u32,
+}
+
+/// `30d`, `24h`, `1h30m`, `90s`: a duration.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (for instance 30d, 24h, 90s)"))
+}
+
+/// An RFC 3339 instant.
+pub fn parse_instant(s: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("{e} (for instance 2027-01-31T00:00:00Z)"))
+}
+
+/// `100/minute`: a rate limit.
+pub fn parse_rate_limit(s: &str) -> Result<RateLimit, String> {
+    let usage = "expected N/second, N/minute, N/hour or N/day, for instance 100/minute";
+    let (n, window) = s.split_once('/').ok_or(usage)?;
+    let window: Window = window.trim().parse().map_err(|_| usage.to_owned())?;
+    let n: i64 = n.trim().parse().map_err(|_| usage.to_owned())?;
+    RateLimit::try_new(n, window).map_err(|_| format!("the count must be 1 to 4294967295; {usage}"))
+}
+
+/// `daily:1000` or `monthly:50000`: a refill rule.
+pub fn parse_refill(s: &str) -> Result<apikeys_db::Refill, String> {
+    let usage = "expected daily:N or monthly:N, for instance monthly:10000";
+    let (period, n) = s.split_once(':').ok_or(usage)?;
+    let n: u64 = n.trim().parse().map_err(|_| usage.to_owned())?;
+    match period.trim() {
+        "daily" => Ok(apikeys_db::Refill::daily(n)),
+        "monthly" => Ok(apikeys_db::Refill::monthly(n)),
+        _ => Err(usage.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn values_parse() {
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert!(parse_duration("soon").is_err());
+        let limit = parse_rate_limit("100/minute").unwrap();
+        assert_eq!((limit.requests.get(), limit.window), (100, Window::Minute));
+        for bad in ["100", "0/minute", "-1/second", "10/week", "x/day", "99999999999/day"] {
+            assert!(parse_rate_limit(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_refill("daily:5"), Ok(apikeys_db::Refill::daily(5)));
+        assert!(parse_refill("weekly:5").is_err());
+        assert!(parse_instant("2027-01-31T00:00:00Z").is_ok());
+        assert!(parse_instant("tomorrow").is_err());
+    }
+}

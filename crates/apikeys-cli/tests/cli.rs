@@ -1,0 +1,535 @@
+//! The built `apikeys` binary, run as an operator runs it, against a fresh database on each
+//! backend compiled in: SQLite always, PostgreSQL and MariaDB with the `postgres` and `mysql`
+//! features (their server URLs in `APIKEYS_TEST_POSTGRES_URL` / `APIKEYS_TEST_MYSQL_URL`, as
+//! `scripts/test-all` sets them; an unset URL fails the test, nothing is skipped).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use apikeys_db::sea_orm::{ConnectionTrait, Database};
+use serde_json::Value;
+
+const SECRET: &str = "cli-test-signing-secret-0123456789-abcdefgh";
+const NEW_SECRET: &str = "cli-test-signing-secret-rotated-9876543210";
+
+const BOOTSTRAP: &str = r#"
+[[organizations]]
+name = "acme"
+products = ["search", "maps"]
+
+[[organizations.projects]]
+name = "web"
+products = ["search", "maps"]
+
+[[organizations.projects]]
+name = "mobile"
+products = ["search"]
+
+[[organizations]]
+name = "globex"
+"#;
+
+/// A database of its own and a directory for files, and the binary pointed at them.
+struct Cli {
+    url: String,
+    dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+}
+
+impl Cli {
+    async fn new(backend: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = match backend {
+            "sqlite" => format!("sqlite://{}", dir.path().join("cli.db").display()),
+            _ => {
+                let var = format!("APIKEYS_TEST_{}_URL", backend.to_uppercase());
+                let admin_url = std::env::var(&var).unwrap_or_else(|_| {
+                    panic!("{var} is unset, but the {backend} feature is on: set it (scripts/test-all does)")
+                });
+                let name =
+                    format!("apikeys_cli_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+                let admin = Database::connect(&admin_url).await.expect("connect as admin");
+                let sql = if backend == "postgres" {
+                    format!("CREATE DATABASE \"{name}\"")
+                } else {
+                    format!("CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+                };
+                admin.execute_unprepared(&sql).await.expect("create database");
+                admin.close().await.ok();
+                let base = admin_url.rsplit_once('/').map_or(admin_url.as_str(), |(b, _)| b);
+                format!("{base}/{name}")
+            }
+        };
+        let env = vec![
+            ("DATABASE_URL".to_owned(), url.clone()),
+            ("APIKEYS_SIGNING_SECRET".to_owned(), SECRET.to_owned()),
+        ];
+        Self { url, dir, env }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Runs `apikeys ARGS` with this test's environment only, `stdin` as its input.
+    fn run_with(&self, env: &[(&str, &str)], args: &[&str], stdin: &str) -> Output {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_apikeys"));
+        command.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        for (k, v) in &self.env {
+            command.env(k, v);
+        }
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn apikeys");
+        child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("write stdin");
+        child.wait_with_output().expect("run apikeys")
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.run_with(&[], args, "")
+    }
+
+    /// Runs and expects exit code 0; returns standard output.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert_eq!(code(&out), 0, "apikeys {args:?} failed: {}", stderr(&out));
+        stdout(&out)
+    }
+
+    /// Runs with `--json`, expects success, parses standard output.
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let text = self.ok(&all);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {text}"))
+    }
+
+    fn verify(&self, key: &str, extra: &[&str]) -> Output {
+        let mut args = vec!["keys", "verify"];
+        args.extend_from_slice(extra);
+        self.run_with(&[], &args, key)
+    }
+}
+
+fn code(out: &Output) -> i32 {
+    out.status.code().expect("exited")
+}
+fn stdout(out: &Output) -> String {
+    String::from_utf8(out.stdout.clone()).expect("utf-8 stdout")
+}
+fn stderr(out: &Output) -> String {
+    String::from_utf8(out.stderr.clone()).expect("utf-8 stderr")
+}
+
+/// A failure: the expected exit code and exactly one line on standard error, no panic.
+fn assert_fails(out: &Output, expected: i32, what: &str) -> String {
+    let err = stderr(out);
+    assert_eq!(code(out), expected, "{what}: exit code (stderr: {err})");
+    assert_eq!(err.lines().count(), 1, "{what}: one line expected: {err}");
+    assert!(err.starts_with("apikeys: error: "), "{what}: {err}");
+    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{what}: {err}");
+    err
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).expect("write file");
+}
+
+async fn bootstrap_twice(backend: &str) {
+    let cli = Cli::new(backend).await;
+    let status = cli.json(&["migrate", "status"]);
+    assert!(status.as_array().unwrap().iter().all(|m| m["applied"] == false));
+    assert!(cli.ok(&["migrate", "up"]).contains("applied m20261123_000001_create_tables"));
+    assert_eq!(cli.ok(&["migrate"]), "no changes: the schema is up to date\n");
+    assert!(
+        cli.json(&["migrate", "status"]).as_array().unwrap().iter().all(|m| m["applied"] == true)
+    );
+
+    let file = cli.path("bootstrap.toml");
+    write(&file, BOOTSTRAP);
+    let file = file.to_str().unwrap();
+    // A dry run first: it says what it would do and writes nothing.
+    let planned = cli.json(&["bootstrap", file, "--dry-run"]);
+    assert_eq!(planned["changes"].as_array().unwrap().len(), 9, "{planned}");
+    assert_eq!(cli.json(&["orgs", "list"]), serde_json::json!([]));
+
+    let first = cli.ok(&["bootstrap", file]);
+    assert!(first.contains("created organization \"acme\""), "{first}");
+    assert!(first.contains("created link of product \"maps\" to project \"web\""), "{first}");
+    assert_eq!(first.lines().count(), 9, "{first}");
+    // The second run changes nothing and says so, also as a dry run and as JSON.
+    assert_eq!(cli.ok(&["bootstrap", file]), "no changes\n");
+    assert_eq!(cli.ok(&["bootstrap", file, "--dry-run"]), "no changes\n");
+    let again = cli.json(&["bootstrap", file]);
+    assert_eq!(again["changes"], serde_json::json!([]));
+
+    let orgs = cli.json(&["orgs", "list"]);
+    let names: Vec<&str> =
+        orgs.as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 2, "{orgs}");
+    assert!(names.contains(&"acme") && names.contains(&"globex"));
+    let web = cli.json(&["products", "list", "--org", "acme", "--project", "web"]);
+    assert_eq!(web.as_array().unwrap().len(), 2, "{web}");
+    let projects = cli.json(&["projects", "list"]);
+    assert_eq!(projects.as_array().unwrap().len(), 2, "{projects}");
+
+    // A file that grows: only the new parts are created.
+    write(Path::new(file), &format!("{BOOTSTRAP}products = [\"billing\"]\n"));
+    let grown = cli.json(&["bootstrap", file]);
+    assert_eq!(
+        grown["changes"],
+        serde_json::json!([{ "action": "create_product", "organization": "globex", "product": "billing" }])
+    );
+
+    // A bad file is refused whole, before anything is written.
+    let bad = cli.path("bad.toml");
+    write(
+        &bad,
+        "[[organizations]]\nname = \"initech\"\nproducts = [\"a\"]\n[[organizations.projects]]\nname = \"p\"\nproducts = [\"b\"]\n",
+    );
+    let out = cli.run(&["bootstrap", bad.to_str().unwrap()]);
+    let err = assert_fails(&out, 2, "undeclared product");
+    assert!(err.contains("\"b\""), "{err}");
+    write(&bad, "[[organizations]]\nnam = \"x\"\n");
+    let err = assert_fails(&cli.run(&["bootstrap", bad.to_str().unwrap()]), 2, "unknown field");
+    assert!(err.contains("bad.toml:2:1"), "{err}");
+    assert_eq!(cli.json(&["orgs", "list"]).as_array().unwrap().len(), 2);
+
+    // The README's example file applies, then has nothing left to do.
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/bootstrap.toml");
+    // (acme and globex exist already: only what the example adds is created.)
+    assert!(cli.ok(&["bootstrap", example]).contains("created project \"internal\""));
+    assert_eq!(cli.ok(&["bootstrap", example]), "no changes\n");
+}
+
+async fn key_lifecycle(backend: &str) {
+    let cli = Cli::new(backend).await;
+    cli.ok(&["migrate", "up"]);
+    let file = cli.path("bootstrap.toml");
+    write(&file, BOOTSTRAP);
+    cli.ok(&["bootstrap", file.to_str().unwrap()]);
+
+    let out = cli.run(&[
+        "keys",
+        "create",
+        "--org",
+        "acme",
+        "--project",
+        "web",
+        "--product",
+        "search",
+        "--name",
+        "deploy bot",
+        "--scope",
+        "read",
+        "--scope",
+        "write",
+        "--rate-limit",
+        "100/minute",
+        "--expires-in",
+        "30d",
+        "--meta",
+        "tier=gold",
+        "--meta",
+        "seats:=5",
+        "--owner",
+        "user-1",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    // The plaintext alone on standard output, once; the note on standard error.
+    let key = stdout(&out).trim_end().to_owned();
+    assert_eq!(stdout(&out).lines().count(), 1);
+    assert_eq!(apikeys_db::core::find_keys(key.as_bytes()).len(), 1, "a key: {key}");
+    assert!(stderr(&out).contains("shown only once") && !stderr(&out).contains(&key));
+
+    // Verify through standard input: valid, with the scopes and product it has.
+    let ok = cli.verify(&key, &[]);
+    assert_eq!(code(&ok), 0, "{}", stderr(&ok));
+    assert!(!stdout(&ok).contains(&key));
+    let ok = cli
+        .verify(&format!("{key}\n"), &["--org", "acme", "--product", "search", "--scope", "read"]);
+    assert_eq!(code(&ok), 0, "{}", stderr(&ok));
+    let err = assert_fails(&cli.verify(&key, &["--scope", "admin"]), 2, "missing scope");
+    assert!(err.contains("admin") && !err.contains(&key), "{err}");
+    let err = assert_fails(
+        &cli.verify(&key, &["--org", "acme", "--product", "maps"]),
+        2,
+        "wrong product",
+    );
+    assert!(!err.contains(&key));
+
+    let listed = cli.json(&["keys", "list", "--org", "acme"]);
+    let items = listed["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{listed}");
+    let id = items[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(items[0]["status"], "active");
+    assert_eq!(items[0]["custom"], serde_json::json!({ "tier": "gold", "seats": 5 }));
+    assert_eq!(items[0]["rate_limit"]["window"], "minute");
+    assert!(!listed.to_string().contains(&key));
+    let by_owner = cli.json(&["keys", "list", "--owner", "user-1"]);
+    assert_eq!(by_owner["items"][0]["id"], id.as_str());
+    let table = cli.ok(&["keys", "list", "--org", "acme", "--project", "web"]);
+    assert!(table.contains(&id) && table.contains("deploy bot"), "{table}");
+
+    let updated = cli.json(&["keys", "update", &id, "--name", "renamed", "--no-rate-limit"]);
+    assert_eq!(
+        (updated["name"].as_str(), updated["rate_limit"].is_null()),
+        (Some("renamed"), true)
+    );
+    let renewed = cli.json(&["keys", "renew", &id, "--expires-at", "2099-01-01T00:00:00Z"]);
+    assert_eq!(renewed["expires_at"], "2099-01-01T00:00:00Z");
+
+    // Roll with a grace: both keys work; the new one was printed once.
+    let rolled = cli.json(&["keys", "roll", &id, "--grace", "1h"]);
+    let new_key = rolled["key"].as_str().unwrap().to_owned();
+    let new_id = rolled["id"].as_str().unwrap().to_owned();
+    assert_eq!(rolled["rolled_from"], id.as_str());
+    assert_eq!(code(&cli.verify(&new_key, &[])), 0);
+    assert_eq!(code(&cli.verify(&key, &[])), 0);
+
+    // Revoke: the key fails with exit code 2 and a one-line reason.
+    let revoked = cli.json(&["keys", "revoke", &id]);
+    assert_eq!(revoked["status"], "revoked");
+    let err = assert_fails(&cli.verify(&key, &[]), 2, "revoked key");
+    assert!(err.contains("revoked") && !err.contains(&key), "{err}");
+    assert_eq!(code(&cli.verify(&new_key, &[])), 0);
+
+    let events = cli.json(&["keys", "events", &id]);
+    let actions: Vec<&str> =
+        events.as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["created", "updated", "renewed", "rolled", "revoked"]);
+    assert!(events.as_array().unwrap().iter().all(|e| e["actor"] == "cli"), "{events}");
+
+    let shown = cli.json(&["keys", "show", &new_id]);
+    assert_eq!(shown["name"], "renamed");
+    cli.ok(&["keys", "delete", &new_id]);
+    assert_fails(&cli.run(&["keys", "show", &new_id]), 2, "deleted key");
+    assert_fails(&cli.verify(&new_key, &[]), 2, "deleted key verifies no more");
+}
+
+async fn errors_and_exit_codes(backend: &str) {
+    let cli = Cli::new(backend).await;
+    cli.ok(&["migrate", "up"]);
+    // Usage: a bad flag value, a missing argument, no secret, no database (exit 1).
+    let bad_limit =
+        cli.run(&["keys", "create", "--org", "a", "--name", "n", "--rate-limit", "5/week"]);
+    assert_eq!(code(&bad_limit), 1);
+    assert_eq!(code(&cli.run(&["keys", "show"])), 1);
+    let no_secret = cli.run_with(&[("APIKEYS_SIGNING_SECRET", "")], &["orgs", "list"], "");
+    assert!(assert_fails(&no_secret, 1, "no secret").contains("APIKEYS_SIGNING_SECRET"));
+    let no_db = cli.run_with(&[("DATABASE_URL", "")], &["orgs", "list"], "");
+    assert!(assert_fails(&no_db, 1, "no database").contains("DATABASE_URL"));
+    let short = cli.run_with(&[("APIKEYS_SIGNING_SECRET", "short")], &["orgs", "list"], "");
+    let err = assert_fails(&short, 1, "short secret");
+    assert!(!err.contains("short\n") && !err.contains(": short"), "{err}");
+    assert_fails(&cli.verify("", &[]), 1, "empty stdin");
+    // Not found or invalid (exit 2).
+    let unknown = uuid::Uuid::new_v4().to_string();
+    assert_fails(&cli.run(&["keys", "show", &unknown]), 2, "unknown key id");
+    assert_fails(&cli.run(&["keys", "list", "--org", "nobody"]), 2, "unknown org");
+    assert_fails(&cli.verify("sk_not_a_key", &[]), 2, "malformed key");
+    let err = assert_fails(
+        &cli.run(&["keys", "create", "--org", "nobody", "--name", "x"]),
+        2,
+        "create in unknown org",
+    );
+    assert!(err.contains("nobody"), "{err}");
+    // Database failures (exit 3), with no password in the line.
+    let down = cli.run_with(
+        &[("DATABASE_URL", "postgres://admin:hunter2secret@127.0.0.1:1/none")],
+        &["migrate", "status"],
+        "",
+    );
+    if cfg!(feature = "postgres") {
+        let err = assert_fails(&down, 3, "unreachable database");
+        assert!(!err.contains("hunter2secret"), "{err}");
+    } else {
+        // Without the postgres feature the URL is a configuration error (exit 1).
+        let err = assert_fails(&down, 1, "backend not compiled in");
+        assert!(!err.contains("hunter2secret"), "{err}");
+    }
+    // The secret file form, and the refusal of both forms at once.
+    let secret_file = cli.path("secret");
+    write(&secret_file, &format!("{SECRET}\n"));
+    let path = secret_file.to_str().unwrap();
+    let from_file = cli.run_with(
+        &[("APIKEYS_SIGNING_SECRET", "")],
+        &["--signing-secret-file", path, "orgs", "list"],
+        "",
+    );
+    assert_eq!(code(&from_file), 0, "{}", stderr(&from_file));
+    assert_fails(&cli.run(&["--signing-secret-file", path, "orgs", "list"]), 1, "two secrets");
+    let _ = &cli.url;
+}
+
+async fn rehash_pass(backend: &str) {
+    let cli = Cli::new(backend).await;
+    cli.ok(&["migrate", "up"]);
+    cli.ok(&[
+        "bootstrap",
+        {
+            let f = cli.path("b.toml");
+            write(&f, BOOTSTRAP);
+            f.to_str().unwrap().to_owned()
+        }
+        .as_str(),
+    ]);
+    let mut old_keys = Vec::new();
+    for name in ["a", "b", "c"] {
+        let key = cli.ok(&["keys", "create", "--org", "acme", "--name", name]);
+        old_keys.push(key.trim_end().to_owned());
+    }
+    // Secret rotation: v2 current, v1 previous. The three keys are not under v2 yet.
+    let rotating = [
+        ("APIKEYS_SIGNING_SECRET", NEW_SECRET),
+        ("APIKEYS_SIGNING_SECRET_VERSION", "2"),
+        ("APIKEYS_PREVIOUS_SIGNING_SECRET", SECRET),
+        ("APIKEYS_PREVIOUS_SIGNING_SECRET_VERSION", "1"),
+    ];
+    let rotated_key = {
+        let out =
+            cli.run_with(&rotating, &["keys", "create", "--org", "acme", "--name", "new"], "");
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        stdout(&out).trim_end().to_owned()
+    };
+    let listed = cli.run_with(&rotating, &["keys", "rehash", "--json", "--batch", "2"], "");
+    assert_eq!(code(&listed), 0, "{}", stderr(&listed));
+    let listed: Value = serde_json::from_str(&stdout(&listed)).expect("json");
+    let names: Vec<&str> =
+        listed["items"].as_array().unwrap().iter().map(|k| k["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["a", "b", "c"], "{listed}");
+    // Every key still verifies under the rotating configuration.
+    for key in old_keys.iter().chain([&rotated_key]) {
+        assert_eq!(code(&cli.run_with(&rotating, &["keys", "verify"], key)), 0);
+    }
+    let revoked =
+        cli.run_with(&rotating, &["keys", "rehash", "--revoke", "--json", "--batch", "2"], "");
+    assert_eq!(code(&revoked), 0, "{}", stderr(&revoked));
+    let revoked: Value = serde_json::from_str(&stdout(&revoked)).expect("json");
+    assert_eq!(revoked["revoked"].as_array().unwrap().len(), 3, "{revoked}");
+    // Resumable: a second pass finds nothing left.
+    let again = cli.run_with(&rotating, &["keys", "rehash", "--revoke", "--json"], "");
+    let again: Value = serde_json::from_str(&stdout(&again)).expect("json");
+    assert_eq!(again["revoked"], serde_json::json!([]));
+    let err =
+        assert_fails(&cli.run_with(&rotating, &["keys", "verify"], &old_keys[0]), 2, "revoked");
+    assert!(err.contains("revoked"), "{err}");
+    assert_eq!(code(&cli.run_with(&rotating, &["keys", "verify"], &rotated_key)), 0);
+}
+
+macro_rules! backend_tests {
+    ($backend:ident, $feature:literal) => {
+        #[cfg(feature = $feature)]
+        mod $backend {
+            #[tokio::test]
+            async fn bootstrap_twice() {
+                super::bootstrap_twice($feature).await;
+            }
+            #[tokio::test]
+            async fn key_lifecycle() {
+                super::key_lifecycle($feature).await;
+            }
+            #[tokio::test]
+            async fn errors_and_exit_codes() {
+                super::errors_and_exit_codes($feature).await;
+            }
+            #[tokio::test]
+            async fn rehash_pass() {
+                super::rehash_pass($feature).await;
+            }
+        }
+    };
+}
+
+backend_tests!(sqlite, "sqlite");
+backend_tests!(postgres, "postgres");
+backend_tests!(mysql, "mysql");
+
+/// `redact` needs no database: keys in, hints out, the rest untouched.
+#[test]
+fn redact_masks_keys_on_stdin() {
+    let key = apikeys_db::KeyFormat::new("sk", Some("live")).unwrap().generate().unwrap();
+    let k = key.expose_secret();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_apikeys"))
+        .env_clear()
+        .arg("redact")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = format!("GET /x?key={k} 200\nno key here sk_live_tooshort\n");
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        text,
+        format!("GET /x?key={}[redacted] 200\nno key here sk_live_tooshort\n", key.hint())
+    );
+}
+
+/// The help of the binary and of every subcommand is complete: usage, and a description
+/// for each flag; `--help` adds the environment and the exit codes.
+#[test]
+fn every_command_has_help() {
+    let commands: &[&[&str]] = &[
+        &[],
+        &["migrate"],
+        &["migrate", "up"],
+        &["migrate", "status"],
+        &["bootstrap"],
+        &["keys"],
+        &["keys", "create"],
+        &["keys", "list"],
+        &["keys", "show"],
+        &["keys", "revoke"],
+        &["keys", "delete"],
+        &["keys", "verify"],
+        &["keys", "update"],
+        &["keys", "roll"],
+        &["keys", "renew"],
+        &["keys", "events"],
+        &["keys", "rehash"],
+        &["orgs", "list"],
+        &["projects", "list"],
+        &["products", "list"],
+        &["redact"],
+    ];
+    for command in commands {
+        let out = Command::new(env!("CARGO_BIN_EXE_apikeys"))
+            .env_clear()
+            .args(command.iter().copied())
+            .arg("-h")
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(out.status.success(), "{command:?} --help");
+        assert!(text.contains("Usage: apikeys"), "{command:?}: {text}");
+        // Every flag and argument clap lists has a description after it.
+        // Every flag has a description: after it on its line, or on the next, indented deeper.
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate().filter(|(_, l)| l.trim_start().starts_with("--"))
+        {
+            let indent = line.len() - line.trim_start().len();
+            let same_line = line.trim().split_once("  ").is_some_and(|(_, d)| !d.trim().is_empty());
+            let next_line = lines.get(i + 1).is_some_and(|next| {
+                let deeper = next.len() - next.trim_start().len() > indent;
+                deeper && !next.trim().is_empty() && !next.trim_start().starts_with('-')
+            });
+            assert!(same_line || next_line, "{command:?}: undocumented: {line}");
+        }
+    }
+    let top = Command::new(env!("CARGO_BIN_EXE_apikeys")).arg("--help").output().unwrap();
+    let top = String::from_utf8(top.stdout).unwrap();
+    for needle in ["Exit status", "DATABASE_URL", "APIKEYS_SIGNING_SECRET", "3  database error"] {
+        assert!(top.contains(needle), "--help lacks {needle}");
+    }
+}
