@@ -3,6 +3,8 @@
 //! features (their server URLs in `APIKEYS_TEST_POSTGRES_URL` / `APIKEYS_TEST_MYSQL_URL`, as
 //! `scripts/test-all` sets them; an unset URL fails the test, nothing is skipped).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test: failing loudly is the point
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -210,6 +212,42 @@ async fn bootstrap_twice(backend: &str) {
     assert_eq!(cli.ok(&["bootstrap", example]), "no changes\n");
 }
 
+/// Several deploy jobs at once: `migrate up` and `bootstrap` from four processes each on a
+/// fresh database. All succeed, each change is made exactly once, and a later run has none.
+async fn concurrent_deploys(backend: &str) {
+    let cli = Cli::new(backend).await;
+    let file = cli.path("bootstrap.toml");
+    write(&file, BOOTSTRAP);
+    let file = file.to_str().unwrap().to_owned();
+    let spawn = |args: Vec<String>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_apikeys"));
+        command.env_clear().envs(cli.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        command.args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    };
+    let migrations: Vec<_> = (0..4).map(|_| spawn(vec!["migrate".into(), "up".into()])).collect();
+    let mut applied = 0;
+    for child in migrations {
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        applied += stdout(&out).lines().filter(|l| l.starts_with("applied ")).count();
+    }
+    assert_eq!(applied, cli.json(&["migrate", "status"]).as_array().unwrap().len());
+    let jobs: Vec<_> =
+        (0..4).map(|_| spawn(vec!["bootstrap".into(), file.clone(), "--json".into()])).collect();
+    let mut changes = Vec::new();
+    for child in jobs {
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let report: Value = serde_json::from_str(&stdout(&out)).unwrap();
+        changes.extend(report["changes"].as_array().unwrap().iter().map(Value::to_string));
+    }
+    changes.sort();
+    let before = changes.len();
+    changes.dedup();
+    assert_eq!((before, changes.len()), (9, 9), "each change made once: {changes:?}");
+    assert_eq!(cli.ok(&["bootstrap", &file]), "no changes\n");
+}
+
 async fn key_lifecycle(backend: &str) {
     let cli = Cli::new(backend).await;
     cli.ok(&["migrate", "up"]);
@@ -233,7 +271,9 @@ async fn key_lifecycle(backend: &str) {
         "--scope",
         "write",
         "--rate-limit",
-        "100/minute",
+        "1/minute",
+        "--credits",
+        "2",
         "--expires-in",
         "30d",
         "--meta",
@@ -266,11 +306,24 @@ async fn key_lifecycle(backend: &str) {
     );
     assert!(!err.contains(&key));
 
+    // Verifying counts no use and spends no rate-limit unit (1 per minute) and no credit.
+    for _ in 0..3 {
+        let again = cli.verify(&key, &["--scope", "read"]);
+        assert_eq!(code(&again), 0, "{}", stderr(&again));
+    }
+    // A key passed where an id belongs is refused without being echoed.
+    let err = assert_fails(&cli.run(&["keys", "show", &key]), 2, "key as id");
+    assert!(!err.contains(&key) && err.contains("standard input"), "{err}");
+
     let listed = cli.json(&["keys", "list", "--org", "acme"]);
     let items = listed["items"].as_array().unwrap();
     assert_eq!(items.len(), 1, "{listed}");
     let id = items[0]["id"].as_str().unwrap().to_owned();
     assert_eq!(items[0]["status"], "active");
+    assert_eq!(
+        (items[0]["use_count"].as_u64(), items[0]["credits"]["remaining"].as_u64()),
+        (Some(0), Some(2))
+    );
     assert_eq!(items[0]["custom"], serde_json::json!({ "tier": "gold", "seats": 5 }));
     assert_eq!(items[0]["rate_limit"]["window"], "minute");
     assert!(!listed.to_string().contains(&key));
@@ -368,6 +421,19 @@ async fn errors_and_exit_codes(backend: &str) {
     assert_eq!(code(&from_file), 0, "{}", stderr(&from_file));
     assert_fails(&cli.run(&["--signing-secret-file", path, "orgs", "list"]), 1, "two secrets");
     let _ = &cli.url;
+    // The audit trail's actor: --actor, else cli:$USER.
+    write(&cli.path("b.toml"), BOOTSTRAP);
+    cli.ok(&["bootstrap", cli.path("b.toml").to_str().unwrap()]);
+    for (env, args, actor) in [
+        (vec![("USER", "ops")], vec![], "cli:ops"),
+        (vec![("USER", "ops")], vec!["--actor", "deploy-bot"], "deploy-bot"),
+    ] {
+        let mut all = vec!["keys", "create", "--org", "acme", "--name", "audited", "--json"];
+        all.extend(args);
+        let created: Value = serde_json::from_str(&stdout(&cli.run_with(&env, &all, ""))).unwrap();
+        let events = cli.json(&["keys", "events", created["id"].as_str().unwrap()]);
+        assert_eq!(events[0]["actor"], actor, "{events}");
+    }
 }
 
 async fn rehash_pass(backend: &str) {
@@ -432,6 +498,10 @@ macro_rules! backend_tests {
             #[tokio::test]
             async fn bootstrap_twice() {
                 super::bootstrap_twice($feature).await;
+            }
+            #[tokio::test]
+            async fn concurrent_deploys() {
+                super::concurrent_deploys($feature).await;
             }
             #[tokio::test]
             async fn key_lifecycle() {

@@ -27,7 +27,7 @@ const TAIL_LEN: usize = SECRET_LEN + CHECKSUM_LEN;
 /// let key = KeyFormat::new("sk", Some("live")).unwrap().generate().unwrap();
 /// let line = format!("GET /v1/things key={} 200", key.expose_secret());
 /// let found = find_keys(line.as_bytes());
-/// assert_eq!(found, [17..17 + key.expose_secret().len()]);
+/// assert_eq!(found, [19..19 + key.expose_secret().len()]);
 /// assert!(find_keys(b"sk_live_notakeybutlongenoughtolookalittlelikeonemaybe1234").is_empty());
 /// ```
 #[must_use]
