@@ -191,6 +191,16 @@ impl KeyHasher {
         self.all().map(|k| k.version)
     }
 
+    /// Each secret's fingerprint with its version, current first: the HMAC under the secret
+    /// of a fixed message. It reveals nothing of the secret, and tells whether two deploys
+    /// that label a secret with the same version hold the same secret (a store keeps the first
+    /// fingerprint seen per version and refuses a secret that does not match it).
+    #[must_use]
+    pub fn fingerprints(&self) -> Vec<(u32, [u8; 32])> {
+        const MESSAGE: &[u8] = b"apikeys signing-secret fingerprint v1";
+        self.all().map(|k| (k.version, *k.hash(MESSAGE).as_bytes())).collect()
+    }
+
     /// The hash of `key` under the current secret.
     #[must_use]
     pub fn hash(&self, key: &str) -> KeyHash {

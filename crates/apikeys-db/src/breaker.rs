@@ -9,9 +9,13 @@
 //! probe's first success (or any statement that was already under way and succeeds) closes
 //! it again.
 //!
-//! Only failures to *reach* the database open it (no connection within the acquire
-//! timeout, a refused or lost connection, a server shutting down); a statement that runs
-//! past its time limit or waits for a lock does not: the database is up then.
+//! Only failures to *reach* the database open it: a refused or lost connection, a server
+//! shutting down. A pool that gives no connection within the acquire timeout may mean the
+//! database is down or only that every connection is busy (a burst, a host transaction held
+//! open, a pool sized too small), so the breaker first tries a connection of its own, outside
+//! the pool: it opens only if that fails too. A statement that runs past its time limit or
+//! waits for a lock does not open it either: the database is up then. The probe that closes
+//! it again also connects on its own, never through the pool.
 //!
 //! [`Error::Unavailable`]: apikeys_core::Error::Unavailable
 
@@ -25,7 +29,7 @@ use sea_orm::{
     QueryResult, RuntimeErr, Statement, TransactionOptions, TransactionTrait,
 };
 
-use crate::error::is_unreachable;
+use crate::error::{is_connection_failure, is_pool_exhausted};
 
 /// The message of the error a statement fails with while the breaker is open.
 pub(crate) const FAIL_FAST: &str = "the database was unreachable at the last attempt; failing fast until a background probe reconnects";
@@ -34,7 +38,11 @@ pub(crate) const FAIL_FAST: &str = "the database was unreachable at the last att
 pub(crate) struct Breaker {
     open: AtomicBool,
     probing: AtomicBool,
+    /// Set while a caller checks whether an exhausted pool means an unreachable database.
+    checking: AtomicBool,
     interval: Duration,
+    /// How long a connection of the breaker's own may take to open and answer.
+    patience: Duration,
     runtime: tokio::runtime::Handle,
 }
 
@@ -48,13 +56,41 @@ impl fmt::Debug for Breaker {
 }
 
 impl Breaker {
-    pub(crate) fn new(interval: Duration, runtime: tokio::runtime::Handle) -> Arc<Self> {
+    /// A closed breaker that probes every `interval`, giving each of its own connections
+    /// `patience` to open and answer.
+    pub(crate) fn new(
+        interval: Duration,
+        patience: Duration,
+        runtime: tokio::runtime::Handle,
+    ) -> Arc<Self> {
         Arc::new(Self {
             open: AtomicBool::new(false),
             probing: AtomicBool::new(false),
+            checking: AtomicBool::new(false),
             interval,
+            patience,
             runtime,
         })
+    }
+
+    /// After the pool gave no connection in time: opens the breaker only if a connection of
+    /// its own cannot reach the database either. One caller checks at a time; the others
+    /// go on (their own calls have failed with `Unavailable` already).
+    async fn check_exhausted(self: &Arc<Self>, conn: &DatabaseConnection, error: &DbErr) {
+        if self.is_open() || self.checking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        match reach(conn, self.patience).await {
+            Ok(()) => tracing::debug!(
+                error = %error,
+                "no pooled connection in time, but the database answers: the pool is busy, not the database down"
+            ),
+            Err(e) => {
+                tracing::debug!(error = %e, "no pooled connection in time, and no connection of its own either");
+                self.trip(conn, error);
+            }
+        }
+        self.checking.store(false, Ordering::Release);
     }
 
     /// Opens the breaker (if it was closed) and makes sure a probe runs.
@@ -84,6 +120,45 @@ impl Breaker {
     }
 }
 
+/// Whether the database answers on a new connection of its own (not one of the pool's,
+/// which may all be busy or broken), opened, pinged and closed within `patience`.
+async fn reach(conn: &DatabaseConnection, patience: Duration) -> Result<(), String> {
+    #[allow(unused_imports)] // with no backend feature, no arm below uses them
+    use sea_orm::sqlx::{ConnectOptions, Connection};
+    let attempt = async {
+        match conn.get_database_backend() {
+            #[cfg(feature = "postgres")]
+            DbBackend::Postgres => {
+                let options = conn.get_postgres_connection_pool().connect_options();
+                let mut own = options.connect().await?;
+                own.ping().await?;
+                own.close().await
+            }
+            #[cfg(feature = "mysql")]
+            DbBackend::MySql => {
+                let options = conn.get_mysql_connection_pool().connect_options();
+                let mut own = options.connect().await?;
+                own.ping().await?;
+                own.close().await
+            }
+            #[cfg(feature = "sqlite")]
+            DbBackend::Sqlite => {
+                let options = conn.get_sqlite_connection_pool().connect_options();
+                let mut own = options.connect().await?;
+                own.ping().await?;
+                own.close().await
+            }
+            #[allow(unreachable_patterns)] // a backend not compiled in is refused at build()
+            _ => Ok(()),
+        }
+    };
+    match tokio::time::timeout(patience, attempt).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no connection within {patience:?}")),
+    }
+}
+
 /// Tries the database every interval while the breaker is open; closes it on success.
 async fn probe(breaker: Arc<Breaker>, conn: DatabaseConnection) {
     loop {
@@ -92,8 +167,8 @@ async fn probe(breaker: Arc<Breaker>, conn: DatabaseConnection) {
             if !breaker.is_open() {
                 break;
             }
-            match conn.execute_unprepared("SELECT 1").await {
-                Ok(_) => breaker.close(),
+            match reach(&conn, breaker.patience).await {
+                Ok(()) => breaker.close(),
                 Err(e) => tracing::debug!(error = %e, "database probe failed"),
             }
         }
@@ -144,10 +219,11 @@ impl Db {
         if self.breaker.is_open() { Err(fail_fast()) } else { Ok(()) }
     }
 
-    fn observe<T>(&self, result: &Result<T, DbErr>) {
+    async fn observe<T>(&self, result: &Result<T, DbErr>) {
         match result {
             Ok(_) => self.breaker.close(),
-            Err(e) if is_unreachable(e) => self.breaker.trip(&self.conn, e),
+            Err(e) if is_connection_failure(e) => self.breaker.trip(&self.conn, e),
+            Err(e) if is_pool_exhausted(e) => self.breaker.check_exhausted(&self.conn, e).await,
             Err(_) => {}
         }
     }
@@ -155,7 +231,7 @@ impl Db {
     async fn guarded<T>(&self, op: impl Future<Output = Result<T, DbErr>>) -> Result<T, DbErr> {
         self.gate()?;
         let result = op.await;
-        self.observe(&result);
+        self.observe(&result).await;
         result
     }
 
@@ -200,10 +276,14 @@ mod tests {
 
     #[test]
     fn only_failures_to_reach_the_database_open_it() {
+        use crate::error::is_unreachable;
+        // Unavailable, but checked on a connection of the breaker's own before it opens.
+        assert!(is_pool_exhausted(&DbErr::ConnectionAcquire(ConnAcquireErr::Timeout)));
+        assert!(!is_connection_failure(&DbErr::ConnectionAcquire(ConnAcquireErr::Timeout)));
         assert!(is_unreachable(&DbErr::ConnectionAcquire(ConnAcquireErr::Timeout)));
-        assert!(is_unreachable(&DbErr::ConnectionAcquire(ConnAcquireErr::ConnectionClosed)));
+        assert!(is_connection_failure(&DbErr::ConnectionAcquire(ConnAcquireErr::ConnectionClosed)));
         let io = sea_orm::sqlx::Error::Io(std::io::Error::other("connection refused"));
-        assert!(is_unreachable(&DbErr::Conn(RuntimeErr::SqlxError(Arc::new(io)))));
+        assert!(is_connection_failure(&DbErr::Conn(RuntimeErr::SqlxError(Arc::new(io)))));
         assert!(!is_unreachable(&DbErr::RecordNotFound("x".into())));
         assert!(!is_unreachable(&DbErr::Custom("x".into())));
         // The breaker's own refusal is Unavailable, and does not count as a new failure.
@@ -214,9 +294,29 @@ mod tests {
 
     #[cfg(feature = "sqlite")]
     #[tokio::test]
+    async fn an_exhausted_pool_of_a_reachable_database_keeps_it_closed() {
+        let conn = sea_orm::Database::connect("sqlite::memory:").await.unwrap();
+        let breaker = Breaker::new(
+            Duration::from_millis(10),
+            Duration::from_secs(5),
+            tokio::runtime::Handle::current(),
+        );
+        let db = Db::new(conn.clone(), Arc::clone(&breaker));
+        let exhausted: Result<(), DbErr> = Err(DbErr::ConnectionAcquire(ConnAcquireErr::Timeout));
+        db.observe(&exhausted).await;
+        assert!(!breaker.is_open(), "a busy pool of a database that answers opened the breaker");
+        db.execute_unprepared("SELECT 1").await.unwrap();
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[tokio::test]
     async fn open_refuses_at_once_and_a_probe_closes_it() {
         let conn = sea_orm::Database::connect("sqlite::memory:").await.unwrap();
-        let breaker = Breaker::new(Duration::from_millis(10), tokio::runtime::Handle::current());
+        let breaker = Breaker::new(
+            Duration::from_millis(10),
+            Duration::from_secs(5),
+            tokio::runtime::Handle::current(),
+        );
         let db = Db::new(conn.clone(), Arc::clone(&breaker));
         db.execute_unprepared("SELECT 1").await.unwrap();
         breaker.trip(&conn, &DbErr::ConnectionAcquire(ConnAcquireErr::Timeout));

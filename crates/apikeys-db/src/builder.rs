@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Duration;
 
 use apikeys_core::hazmat::KeyHasher;
@@ -230,12 +230,15 @@ impl ClientBuilder {
     /// How long calls fail at once after the database was found unreachable (default 1 s),
     /// and so how often a background probe tries it again.
     ///
-    /// Once a statement fails to reach the database (no connection within the acquire
-    /// timeout, a refused or lost connection, a server shutting down), every call that needs
-    /// the database fails at once with [`Error::Unavailable`] instead of waiting for the
-    /// acquire timeout itself, while one probe (`SELECT 1`) runs every `interval`. The probe's
-    /// first success ends it: the client recovers within one interval of the database coming
-    /// back. A statement that merely runs past its time limit does not start it. Checks the
+    /// Once a statement fails to reach the database (a refused or lost connection, a server
+    /// shutting down, or no pooled connection within the acquire timeout *and* no connection
+    /// of the client's own, outside the pool, within the connect timeout), every call that
+    /// needs the database fails at once with [`Error::Unavailable`] instead of waiting for the
+    /// acquire timeout itself, while one probe (a connection of its own, pinged) runs every
+    /// `interval`. The probe's first success ends it: the client recovers within one interval
+    /// of the database coming back. A pool that is merely busy (every connection in use, say
+    /// by a long host transaction on SQLite) fails only the calls that waited for it, and a
+    /// statement that merely runs past its time limit does not start it. Checks the
     /// [verified-key cache](Self::cache) answers keep working meanwhile, within its bound.
     pub fn reconnect_interval(mut self, interval: Duration) -> Self {
         self.reconnect_interval = Some(interval);
@@ -361,6 +364,7 @@ impl ClientBuilder {
         };
         let breaker = Breaker::new(
             self.reconnect_interval.unwrap_or(DEFAULT_RECONNECT_INTERVAL),
+            self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
             runtime.clone(),
         );
         let (db, writer) = (Db::new(db, Arc::clone(&breaker)), Db::new(writer, breaker));
@@ -377,7 +381,10 @@ impl ClientBuilder {
         };
         let lookup = LookupSql::new(db.raw().get_database_backend(), hasher.versions().count())?;
         let feed_retention = self.cache.as_ref().map_or(DEFAULT_RETENTION, |c| c.feed_retention);
-        let cache = self.cache.map(|c| Arc::new(CacheState::new(c, acquire_timeout)));
+        let cache = match self.cache {
+            Some(c) => Some(Arc::new(CacheState::new(c, acquire_timeout)?)),
+            None => None,
+        };
         if let Some(cache) = &cache {
             spawn_poller(&runtime, Arc::downgrade(cache), db.clone());
         }
@@ -396,6 +403,7 @@ impl ClientBuilder {
             metrics: CheckMetrics::default(),
             feed_retention,
             changes: AtomicU64::new(0),
+            secrets_checked: AtomicBool::new(false),
             runtime,
         });
         Ok(ApiKeyClient { inner, actor: None })

@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use apikeys_core::hazmat::KeyHasher;
@@ -103,6 +103,9 @@ pub(crate) struct Inner {
     pub(crate) feed_retention: Duration,
     /// Changes this client has made (every [`PURGE_FEED_EVERY`] it purges the feed).
     pub(crate) changes: AtomicU64,
+    /// Set once the signing secrets' versions were checked against the database's registry
+    /// (see [`check_secret_versions`](ApiKeyClient::check_secret_versions)).
+    pub(crate) secrets_checked: AtomicBool,
     /// Where background work runs: the runtime the client was built on.
     pub(crate) runtime: tokio::runtime::Handle,
 }
@@ -149,11 +152,21 @@ impl ApiKeyClient {
     /// a database lock: a PostgreSQL transaction-scoped advisory lock, a MySQL named lock
     /// (`GET_LOCK`, waited for up to 60 s), SQLite's write lock (`BEGIN IMMEDIATE`).
     ///
+    /// It then registers the version of each signing secret the client holds with a
+    /// fingerprint of the secret (the first deploy to use a version registers it) and checks
+    /// each against the one registered: a secret labelled with another secret's version is
+    /// refused here, and before the client first stores a key's hash (creating, rolling or
+    /// re-hashing a key) or lists keys by version.
+    ///
     /// # Errors
-    /// [`Error::Storage`] if a migration fails or the lock cannot be taken.
+    /// [`Error::Storage`] if a migration fails or the lock cannot be taken;
+    /// [`Error::Configuration`] for a signing secret whose version is registered with another
+    /// secret.
     pub async fn create_tables(&self) -> Result<()> {
         let txn = self.begin_write().await?;
-        crate::schema::migrate_locked(txn).await.map(drop)
+        crate::schema::migrate_locked(txn).await?;
+        self.inner.secrets_checked.store(false, Ordering::Release);
+        self.check_secret_versions(self.writer()).await
     }
 
     /// The current time from the client's clock, truncated to what every database stores.
@@ -199,7 +212,7 @@ impl ApiKeyClient {
     }
 
     /// Runs `op`, which makes `change`, in a write transaction of the client's own that also
-    /// appends the change to the feed (first, see [`feed::record`]); once it has ended, the
+    /// appends the change to the feed (last, see [`feed::record`]); once it has ended, the
     /// client's own cache forgets what the change touched.
     pub(crate) async fn change<T>(
         &self,
@@ -209,9 +222,14 @@ impl ApiKeyClient {
         self.change_all(&[change], op).await
     }
 
-    /// [`change`](Self::change) for several changes at once: all appended to the feed
-    /// first (see [`feed::record`]), then `op`, in one transaction; once it has ended, the
-    /// client's own cache forgets what each touched.
+    /// [`change`](Self::change) for several changes at once: `op`, then every change appended
+    /// to the feed, in one transaction; once it has ended, the client's own cache forgets
+    /// what each touched.
+    ///
+    /// The feed's head row is locked last: it is what every writer of the feed waits for, so
+    /// it is held only for the feed rows' inserts and the commit, never while `op` works or
+    /// waits for a key's row. No transaction of the client's own waits for a row lock while
+    /// holding it, so they never deadlock on it.
     pub(crate) async fn change_all<T>(
         &self,
         changes: &[Change],
@@ -220,10 +238,11 @@ impl ApiKeyClient {
         let now = naive(self.now());
         let result = self
             .in_transaction(async |txn| {
+                let value = op(txn).await?;
                 for change in changes {
                     feed::record(txn, *change, now).await?;
                 }
-                op(txn).await
+                Ok(value)
             })
             .await;
         for change in changes {
@@ -233,16 +252,17 @@ impl ApiKeyClient {
         result
     }
 
-    /// Appends `change` to the feed on `txn`, before anything `op` does there (see
-    /// [`feed::record`]), then runs `op`; returns the change's number and `op`'s result.
+    /// Runs `op` on `txn`, then appends `change` to the feed there (last, as
+    /// [`change_all`](Self::change_all) does); returns the change's number and `op`'s result.
     pub(crate) async fn recorded<T>(
         &self,
         txn: &DatabaseTransaction,
         change: Change,
         op: impl AsyncFnOnce(&DatabaseTransaction) -> Result<T>,
     ) -> Result<(i64, T)> {
+        let value = op(txn).await?;
         let seq = feed::record(txn, change, naive(self.now())).await?;
-        Ok((seq, op(txn).await?))
+        Ok((seq, value))
     }
 
     /// Counts a change written to the feed; every [`PURGE_FEED_EVERY`] changes, purges the
@@ -261,7 +281,10 @@ impl ApiKeyClient {
 
     /// Deletes the change-feed rows older than the retention (by this client's clock; see
     /// [`KeyCache::feed_retention`](crate::KeyCache::feed_retention), an hour by default),
-    /// except the newest, which tells a caching client whether it missed rows. Every client
+    /// oldest first and never the newest, which tells a caching client whether it missed rows.
+    /// Only a prefix of the feed is ever deleted: a row stamped early by a writer whose clock
+    /// is behind stays while any row before it does, so no caching client misses a change
+    /// without noticing (one that had not yet read a purged row empties its cache). Every client
     /// does this in the background once every 256 changes it makes; call it from a
     /// maintenance job for a guaranteed bound. Returns the number of rows deleted.
     ///

@@ -26,23 +26,34 @@ fn sqlx_error(e: &DbErr) -> Option<&sea_orm::sqlx::Error> {
     }
 }
 
-/// Whether the database could not be reached (what opens the client's breaker): no pooled
-/// connection within the acquire timeout, a refused or lost connection, TLS, the SQLSTATE
-/// class 08 (connection exception; MySQL reports its shutdown as 08S01), and PostgreSQL's
-/// admin shutdown, crash shutdown and "cannot connect now" (57P01-57P03).
+/// Whether the database could not be reached, or no pooled connection came within the
+/// acquire timeout ([`Error::Unavailable`] either way; see [`is_connection_failure`] and
+/// [`is_pool_exhausted`] for what each means to the breaker).
 pub(crate) fn is_unreachable(e: &DbErr) -> bool {
+    is_connection_failure(e) || is_pool_exhausted(e)
+}
+
+/// Whether no pooled connection came within the acquire timeout: the database may be down
+/// (no new connection could be opened) or merely busy (every connection in use). The breaker
+/// tells the two apart on a connection of its own before it opens.
+pub(crate) fn is_pool_exhausted(e: &DbErr) -> bool {
+    use sea_orm::error::ConnAcquireErr;
+    matches!(e, DbErr::ConnectionAcquire(ConnAcquireErr::Timeout))
+        || matches!(sqlx_error(e), Some(sea_orm::sqlx::Error::PoolTimedOut))
+}
+
+/// Whether a connection to the database failed (what opens the client's breaker at once): a
+/// refused or lost connection, TLS, a closed pool, the SQLSTATE class 08 (connection
+/// exception; MySQL reports its shutdown as 08S01), and PostgreSQL's admin shutdown, crash
+/// shutdown and "cannot connect now" (57P01-57P03).
+pub(crate) fn is_connection_failure(e: &DbErr) -> bool {
     use sea_orm::sqlx::Error as Sqlx;
-    if matches!(e, DbErr::ConnectionAcquire(_)) {
+    if matches!(e, DbErr::ConnectionAcquire(c) if !matches!(c, sea_orm::error::ConnAcquireErr::Timeout))
+    {
         return true;
     }
     match sqlx_error(e) {
-        Some(
-            Sqlx::Io(_)
-            | Sqlx::Tls(_)
-            | Sqlx::PoolTimedOut
-            | Sqlx::PoolClosed
-            | Sqlx::WorkerCrashed,
-        ) => true,
+        Some(Sqlx::Io(_) | Sqlx::Tls(_) | Sqlx::PoolClosed | Sqlx::WorkerCrashed) => true,
         Some(Sqlx::Database(db)) => db.code().is_some_and(|c| {
             c.starts_with("08") || matches!(c.as_ref(), "57P01" | "57P02" | "57P03")
         }),

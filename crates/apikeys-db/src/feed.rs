@@ -2,12 +2,22 @@
 //! key could go stale on, read by every client's verified-key cache (see
 //! [`cache`](crate::cache)).
 //!
-//! Sequence numbers come from the one row of `key_changes_head`, which a writer increments
-//! before anything else it does in its transaction. The row's lock makes writers take turns
-//! until they commit or roll back, so the numbers are gapless (a rolled-back increment is
-//! given out again) and become visible in order: a reader that sees number `n` has seen
-//! every number below it. A reader can therefore tell when rows it never saw were purged:
-//! the first row it reads is not the one after its last.
+//! Sequence numbers come from the one row of `key_changes_head`, which a writer increments in
+//! its transaction. The row's lock makes writers take turns from then until they commit or
+//! roll back, so the numbers are gapless (a rolled-back increment is given out again) and
+//! become visible in order: a reader that sees number `n` has seen every number below it.
+//! The client's own transactions take that lock *last*, after the change's own statements,
+//! so it is held only for the feed row's insert and the commit; a change made in a
+//! transaction the host owns holds it until the host commits (see
+//! [`InTransaction`](crate::InTransaction)).
+//!
+//! A reader checks every row it reads: each must be numbered one more than the one before,
+//! and the row it applied last must still carry the random `token` it had. Old rows are purged
+//! as a prefix only (see [`purge`]), so a reader that fell behind the purge sees its next
+//! row missing; a feed whose numbers were given out again (a point-in-time restore, a failover
+//! to a replica that lost commits, the tables created afresh) shows up as a head below the
+//! reader's position or as a different token on the reader's last row. Either way the reader
+//! empties its cache and starts again at the head.
 
 use apikeys_core::{KeyId, ProductId, ProjectId, Result};
 use chrono::NaiveDateTime;
@@ -66,9 +76,9 @@ async fn next_seq<C: ConnectionTrait>(conn: &C) -> Result<i64> {
 }
 
 /// Appends `change` to the feed on `conn`, which must be inside the transaction that makes
-/// the change. Call it before the change's own statements: the head row is then always the
-/// first lock the transaction takes among the feed's writers, so two of them never wait for
-/// each other in a cycle. Returns the change's sequence number.
+/// the change. The client calls it after the change's own statements, so that the head row's
+/// lock, which every writer of the feed waits for, is held only until the commit. Returns the
+/// change's sequence number.
 pub(crate) async fn record<C: ConnectionTrait>(
     conn: &C,
     change: Change,
@@ -81,7 +91,9 @@ pub(crate) async fn record<C: ConnectionTrait>(
             (None, Some(project.as_uuid()), Some(product.as_uuid()))
         }
     };
-    let row = key_change::Model { seq, key_id, project_id, product_id, created_at: now };
+    // Random, so that a number given out twice (after a restore) is told apart.
+    let token = Some(uuid::Uuid::new_v4().as_u64_pair().0.cast_signed());
+    let row = key_change::Model { seq, key_id, project_id, product_id, created_at: now, token };
     key_change::Entity::insert(sea_orm::IntoActiveModel::into_active_model(row))
         .exec_without_returning(conn)
         .await
@@ -97,32 +109,53 @@ pub(crate) async fn head<C: ConnectionTrait>(conn: &C) -> Result<i64, DbErr> {
     row.ok_or_else(|| DbErr::RecordNotFound("key_changes_head".into()))?.try_get("", "seq")
 }
 
-/// Up to `limit` feed rows after `seq`, in order: one read of the primary key's range.
-pub(crate) async fn after<C: ConnectionTrait>(
+/// Up to `limit` feed rows from number `seq` on (that row included), in order: one read of
+/// the primary key's range.
+pub(crate) async fn from<C: ConnectionTrait>(
     conn: &C,
     seq: i64,
     limit: u64,
 ) -> Result<Vec<key_change::Model>, DbErr> {
     key_change::Entity::find()
-        .filter(key_change::Column::Seq.gt(seq))
+        .filter(key_change::Column::Seq.gte(seq))
         .order_by_asc(key_change::Column::Seq)
         .limit(limit)
         .all(conn)
         .await
 }
 
-/// Deletes feed rows written before `before`, except the newest row (which tells a reader
-/// whether it missed rows). Returns the number deleted.
+/// The token of row `seq`: `None` when there is no such row, `Some(None)` for a row written
+/// before rows had tokens.
+pub(crate) async fn token_at<C: ConnectionTrait>(
+    conn: &C,
+    seq: i64,
+) -> Result<Option<Option<i64>>, DbErr> {
+    let row = key_change::Entity::find_by_id(seq).one(conn).await?;
+    Ok(row.map(|r| r.token))
+}
+
+/// Deletes the feed rows written before `before` (by their writers' clocks) as a prefix: every
+/// row numbered below the first row written at or after `before`, and never the newest row
+/// (which tells a reader whether it missed rows). A row stamped early by a writer whose clock
+/// is behind is therefore kept as long as any row before it is, and the feed never gets a
+/// hole in the middle: a reader that had not read a purged row sees that its next row is
+/// missing. Returns the number deleted.
 pub(crate) async fn purge<C: ConnectionTrait>(conn: &C, before: NaiveDateTime) -> Result<u64> {
-    let backend = conn.get_database_backend();
-    let newest = "(SELECT seq FROM key_changes_head WHERE id = 1)";
-    let sql = match backend {
-        DbBackend::Postgres => {
-            format!("DELETE FROM key_changes WHERE created_at < $1 AND seq < {newest}")
-        }
-        _ => format!("DELETE FROM key_changes WHERE created_at < ? AND seq < {newest}"),
-    };
-    let stmt = Statement::from_sql_and_values(backend, sql, [before.into()]);
-    let res = conn.execute_raw(stmt).await.map_err(storage)?;
-    Ok(res.rows_affected())
+    let first_kept = key_change::Entity::find()
+        .select_only()
+        .column_as(key_change::Column::Seq.min(), "seq")
+        .filter(key_change::Column::CreatedAt.gte(before))
+        .into_tuple::<Option<i64>>()
+        .one(conn)
+        .await
+        .map_err(storage)?
+        .flatten();
+    let newest = head(conn).await.map_err(storage)?;
+    let cutoff = first_kept.map_or(newest, |seq| seq.min(newest));
+    let res = key_change::Entity::delete_many()
+        .filter(key_change::Column::Seq.lt(cutoff))
+        .exec(conn)
+        .await
+        .map_err(storage)?;
+    Ok(res.rows_affected)
 }

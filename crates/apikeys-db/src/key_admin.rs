@@ -156,6 +156,8 @@ impl ApiKeyClient {
         org: OrgId,
         key: PreparedKey,
     ) -> Result<IssuedKey> {
+        // Never store a hash under a version label that is another secret's.
+        self.check_secret_versions(conn).await?;
         let PreparedKey { plaintext, row, project_id, product_id } = key;
         // A missing organization is caught by the foreign key on insert (mapped to NotFound).
         if let Some(p) = project_id {

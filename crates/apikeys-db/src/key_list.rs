@@ -60,20 +60,26 @@ impl ApiKeyClient {
     /// longer. The `apikeys keys rehash` command walks this list.
     ///
     /// # Errors
-    /// [`Error::Unavailable`](crate::Error::Unavailable); [`Error::Storage`](crate::Error::Storage).
+    /// [`Error::Configuration`](crate::Error::Configuration) when a signing secret's version
+    /// is registered with another secret (see
+    /// [`create_tables`](Self::create_tables)); [`Error::Unavailable`](crate::Error::Unavailable);
+    /// [`Error::Storage`](crate::Error::Storage).
     pub async fn list_unrotated_keys(
         &self,
         status: StatusFilter,
         page: Page,
     ) -> Result<KeyPage<ApiKey>> {
+        // The list trusts the version labels: check them first.
+        self.check_secret_versions(self.db()).await?;
         self.list_keys(self.unrotated(), status, page).await
     }
 
     /// How many keys [`list_unrotated_keys`](Self::list_unrotated_keys) would list in all.
     ///
     /// # Errors
-    /// [`Error::Unavailable`](crate::Error::Unavailable); [`Error::Storage`](crate::Error::Storage).
+    /// As `list_unrotated_keys`.
     pub async fn count_unrotated_keys(&self, status: StatusFilter) -> Result<u64> {
+        self.check_secret_versions(self.db()).await?;
         api_key::Entity::find()
             .filter(self.unrotated())
             .filter(status_condition(status, self.now()))

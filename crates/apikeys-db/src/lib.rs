@@ -86,6 +86,7 @@ mod observe;
 mod org_child;
 mod rate_limit;
 mod schema;
+mod secret_version;
 mod transaction;
 mod usage;
 mod validate;

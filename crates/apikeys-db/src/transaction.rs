@@ -20,6 +20,18 @@ use crate::feed::Change;
 /// name, a missing organization, a bad input) is undone alone, and the host's transaction
 /// stays usable, even on PostgreSQL, which would otherwise abort it on the first error.
 ///
+/// **What a host transaction holds.** A call that changes what a cached key could go stale on
+/// ([`update_key`](Self::update_key), [`revoke_key`](Self::revoke_key),
+/// [`delete_key`](Self::delete_key), and linking or unlinking a product) appends a row to the
+/// change feed, and with it takes the lock of the feed's one head row, which stays held until
+/// the host commits or rolls back: meanwhile every other key change on the database, by any
+/// replica and for any organization, waits for it (and fails with
+/// [`Error::Unavailable`](crate::Error::Unavailable) once it has waited the statement
+/// timeout). Make such calls last in the host's transaction and commit soon after. Creating
+/// organizations, projects, products and keys appends nothing and takes no such lock, so a
+/// sign-up transaction that only creates holds up nobody's revocation. On SQLite every write
+/// transaction holds the database's write lock anyway.
+///
 /// What a call sees and how it waits is the isolation of the host's transaction (README,
 /// "Host transactions"): `get_or_create_*` finds rows other transactions committed before
 /// it runs on every backend; on PostgreSQL under `REPEATABLE READ` or `SERIALIZABLE` a row
@@ -79,8 +91,8 @@ impl InTransaction<'_> {
         finish(sp, result).await
     }
 
-    /// Runs `op`, which makes `change`, in a savepoint that also appends the change to the
-    /// feed; the client's cache forgets what it touched at once and serves none of it again
+    /// Runs `op`, which makes `change`, in a savepoint that then appends the change to the
+    /// feed (taking the feed's head lock until the host's transaction ends); the client's cache forgets what it touched at once and serves none of it again
     /// until its poller has seen the change committed (or rolled back).
     async fn change<T>(
         &self,

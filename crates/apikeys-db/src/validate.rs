@@ -5,7 +5,7 @@
 //! re-hash. Nothing here parses the caller's requirements: [`ValidateOptions`] did that when
 //! it was built.
 
-use apikeys_core::hazmat::{KeyHasher, ProductAccess, Requirements, decide};
+use apikeys_core::hazmat::{KeyHash, KeyHasher, ProductAccess, Requirements, decide};
 use apikeys_core::{ApiKey, Error, KeyId, OrgId, ProductId, Result, Scopes};
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::Expr;
@@ -206,7 +206,8 @@ impl ApiKeyClient {
     }
 
     /// The cache's answer, or the database's (which is then cached). Keys not in the cache
-    /// wait for a turn to read the database (see [`KeyCache::max_concurrent_misses`]).
+    /// wait for a turn to read the database (see [`KeyCache::max_concurrent_misses`]); keys in
+    /// it, while it is not serving, read the database without one.
     ///
     /// [`KeyCache::max_concurrent_misses`]: crate::KeyCache::max_concurrent_misses
     async fn find_cached(
@@ -223,21 +224,33 @@ impl ApiKeyClient {
             Lookup::Unknown => Err(Error::InvalidKey),
             Lookup::Miss => {
                 let _turn = cache.miss_permit().await?;
-                let generation = cache.generation();
-                match self.find_in_db(key, product).await {
-                    Ok(found) => {
-                        let entry =
-                            CachedKey { key: found.key.clone(), rehash: found.rehash.clone() };
-                        cache.insert(&hash, entry, found.product, generation);
-                        Ok(found)
-                    }
-                    Err(Error::InvalidKey) => {
-                        cache.insert_unknown(&hash, generation);
-                        Err(Error::InvalidKey)
-                    }
-                    Err(e) => Err(e),
-                }
+                self.find_and_cache(cache, &hash, key, product).await
             }
+            // A key the cache holds while it is not serving: read at once (the pool bounds it).
+            Lookup::Bypass => self.find_and_cache(cache, &hash, key, product).await,
+        }
+    }
+
+    /// Reads a key from the database and caches what was read (or that it does not exist).
+    async fn find_and_cache(
+        &self,
+        cache: &CacheState,
+        hash: &KeyHash,
+        key: &str,
+        product: Option<ProductId>,
+    ) -> Result<Found> {
+        let generation = cache.generation();
+        match self.find_in_db(key, product).await {
+            Ok(found) => {
+                let entry = CachedKey { key: found.key.clone(), rehash: found.rehash.clone() };
+                cache.insert(hash, entry, found.product, generation);
+                Ok(found)
+            }
+            Err(Error::InvalidKey) => {
+                cache.insert_unknown(hash, generation);
+                Err(Error::InvalidKey)
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -317,6 +330,10 @@ impl ApiKeyClient {
         else {
             return;
         };
+        if let Err(e) = self.check_secret_versions(self.writer()).await {
+            tracing::warn!(key_id = %id, error = %e, "not re-hashing an api key: the signing secrets' versions could not be checked");
+            return;
+        }
         let result = api_key::Entity::update_many()
             .col_expr(api_key::Column::KeyHash, Expr::value(rehash.new_hash))
             .col_expr(api_key::Column::SecretVersion, Expr::value(version))

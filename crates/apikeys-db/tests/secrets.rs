@@ -76,6 +76,7 @@ mod flow {
         let local = db
             .client_with(|b| {
                 b.signing_secret(SECRET)
+                    .signing_secret_version(2)
                     .environment("live")
                     .rate_limit_mode(RateLimitMode::Local)
                     .log_statements(true)

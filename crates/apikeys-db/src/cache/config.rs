@@ -85,7 +85,8 @@ impl KeyCache {
         self.max_staleness
     }
 
-    /// Keep serving cached keys while polls of the change feed *fail*, for up to `bound`
+    /// Keep serving cached keys while polls of the change feed *fail* (or one has been under
+    /// way for longer than `max_staleness`: a database that became slow), for up to `bound`
     /// after the last successful one (at least `max_staleness`). Off by default: a failing
     /// poll stops the cache after `max_staleness`, so that a partitioned replica never
     /// serves a revoked key for longer than the bound. With it on, that is the bound during
@@ -109,7 +110,8 @@ impl KeyCache {
 
     /// How many database lookups of keys that are not in the cache may run at once (default
     /// 4). Keys presented for the first time, and keys that do not exist, wait for one of
-    /// these; keys in the cache never do. This is what keeps a flood of made-up keys from
+    /// these; keys in the cache never do (while the cache is not serving, they are read from
+    /// the database at once, bounded by the pool). This is what keeps a flood of made-up keys from
     /// taking every pooled connection (SECURITY.md). A lookup that cannot start within the
     /// pool's acquire timeout fails with [`Error::Unavailable`].
     #[must_use]
@@ -153,6 +155,7 @@ pub(super) struct Counts {
     pub(super) bypassed: AtomicU64,
     pub(super) lookups: AtomicU64,
     pub(super) failed_polls: AtomicU64,
+    pub(super) restarts: AtomicU64,
 }
 
 /// What a client's verified-key cache has done since the client was built, from
@@ -173,6 +176,10 @@ pub struct CacheStats {
     pub lookups: u64,
     /// Polls of the change feed that failed (the database could not be read).
     pub failed_polls: u64,
+    /// Times the cache emptied itself because the change feed did not follow on from what it
+    /// had applied: rows purged while it was behind, or the database restored, failed over
+    /// or created afresh (its head went back, or a row it applied changed).
+    pub feed_restarts: u64,
     /// Keys held now.
     pub keys: u64,
     /// The last change-feed row applied (`None` before the first poll).

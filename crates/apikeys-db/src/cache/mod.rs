@@ -18,10 +18,27 @@
 //! max_staleness` and applied everything up to its snapshot), any change committed before
 //! `now - max_staleness` has been applied.
 //!
+//! The poller checks every row it reads against what it applied before (see
+//! [`feed`](crate::feed)): each row must be numbered one more than the last, the last row it
+//! applied must still carry the token it had, and the head must not be below it. A feed that
+//! fails these (rows purged while the client was behind, a point-in-time restore, a failover
+//! to a replica that lost commits, the tables created afresh) empties the cache, which goes on
+//! from the head; so does a row of a kind this version does not know.
+//!
 //! A lookup that misses reads the database and then inserts what it read. An invalidation
 //! racing it could land between the read and the insert; so every invalidation first bumps a
 //! generation counter, and an insert whose lookup began under an older generation removes
-//! itself again.
+//! itself again. Invalidations find an entry by the key's id through a map that holds exactly
+//! the cached keys: it changes under one lock together with the cache, and the entries an
+//! insert evicts leave it in the same step (quick_cache reports them to the insert), so no
+//! entry is ever cached that a change to its key cannot find, however fast keys churn.
+//!
+//! While the cache is not serving (its last successful poll is too old, or a poll has been
+//! under way for longer than the bound), keys it holds are read from the database at once,
+//! bounded by the pool; only keys it does not hold, which may be made up, wait for one of the
+//! [`max_concurrent_misses`](KeyCache::max_concurrent_misses) turns. With
+//! [`stale_if_error`](KeyCache::stale_if_error), a poll in flight past the bound counts as
+//! failing, so a slow database is treated as an unreachable one.
 //!
 //! Writes the client makes itself drop the entries they touch once they commit (the next
 //! call through this client sees the change). Writes in a transaction the host owns
@@ -65,8 +82,10 @@ pub(crate) enum Lookup {
     Hit(Arc<CachedKey>, Option<ProductAccess>),
     /// Known not to exist (recently).
     Unknown,
-    /// Not known: read the database.
+    /// Not known: read the database, after waiting for a miss turn.
     Miss,
+    /// Known, but the cache is not serving: read the database without a miss turn.
+    Bypass,
 }
 
 /// A product's organization (`None`: no such product), and when that was read.
@@ -87,9 +106,9 @@ struct Pending {
 /// The cache's state, shared by the client and its poller.
 pub(crate) struct CacheState {
     config: KeyCache,
-    keys: Cache<[u8; 32], Arc<CachedKey>>,
-    /// The hash each cached key is under, to drop it by id. May name hashes already
-    /// evicted; swept when it outgrows the cache.
+    keys: Cache<[u8; 32], Arc<CachedKey>, UnitWeighter, DefaultHashBuilder, Evictions>,
+    /// The hash each cached key is under, to drop it by id: exactly the entries of `keys`.
+    /// Changed only under its lock, together with `keys` (see [`insert`](Self::insert)).
     ids: Mutex<HashMap<apikeys_core::KeyId, [u8; 32]>>,
     unknown: Cache<[u8; 32], Instant>,
     products: Cache<ProductId, ProductFact>,
@@ -100,6 +119,8 @@ pub(crate) struct CacheState {
     /// When the last poll that caught up started (nanoseconds after `epoch`, plus one; 0:
     /// never).
     last_ok: AtomicU64,
+    /// When the poll under way started (as `last_ok`; 0: none is under way).
+    polling_since: AtomicU64,
     failing: AtomicBool,
     /// The last feed row applied (`-1`: none yet; the first poll starts at the head).
     applied: AtomicI64,
@@ -122,17 +143,18 @@ impl fmt::Debug for CacheState {
 
 impl CacheState {
     /// An empty cache; `miss_wait` is how long a miss waits to start its lookup.
-    pub(crate) fn new(config: KeyCache, miss_wait: Duration) -> Self {
+    pub(crate) fn new(config: KeyCache, miss_wait: Duration) -> Result<Self> {
         let n = config.max_keys;
-        Self {
-            keys: bounded(n),
+        Ok(Self {
+            keys: bounded(n, Evictions)?,
             ids: Mutex::new(HashMap::new()),
-            unknown: bounded(n),
-            products: bounded(n),
-            links: bounded(n),
+            unknown: bounded(n, DefaultLifecycle::default())?,
+            products: bounded(n, DefaultLifecycle::default())?,
+            links: bounded(n, DefaultLifecycle::default())?,
             generation: AtomicU64::new(0),
             epoch: Instant::now(),
             last_ok: AtomicU64::new(0),
+            polling_since: AtomicU64::new(0),
             failing: AtomicBool::new(false),
             applied: AtomicI64::new(-1),
             pending: Mutex::new(Vec::new()),
@@ -141,7 +163,7 @@ impl CacheState {
             miss_wait,
             counts: Counts::default(),
             config,
-        }
+        })
     }
 
     fn since_epoch(&self) -> u64 {
@@ -155,12 +177,24 @@ impl CacheState {
     }
 
     /// Whether entries may be served now: the last poll that caught up started less than
-    /// `max_staleness` ago (or, while polls fail, less than `stale_if_error`).
+    /// `max_staleness` ago, or, while polls fail, less than `stale_if_error` ago. A poll still
+    /// under way `max_staleness` after it started counts as failing: a database that has
+    /// become slow is treated as one that has become unreachable.
     pub(crate) fn serving(&self) -> bool {
         let Some(age) = self.since_last_ok() else { return false };
         age < self.config.max_staleness
-            || (self.failing.load(Ordering::Relaxed)
-                && self.config.stale_if_error.is_some_and(|b| age < b))
+            || (self.config.stale_if_error.is_some_and(|b| age < b) && self.is_failing())
+    }
+
+    /// Whether the last poll failed, or the one under way has run for `max_staleness`.
+    fn is_failing(&self) -> bool {
+        if self.failing.load(Ordering::Relaxed) {
+            return true;
+        }
+        let since = self.polling_since.load(Ordering::Acquire);
+        since > 0
+            && Duration::from_nanos(self.since_epoch().saturating_sub(since - 1))
+                >= self.config.max_staleness
     }
 
     /// The generation a lookup that misses must remember and pass to the inserts.
@@ -174,13 +208,19 @@ impl CacheState {
         // Counted here; the metrics get the counts from the poller (off the hot path).
         if !self.serving() {
             self.counts.bypassed.fetch_add(1, Ordering::Relaxed);
-            return Lookup::Miss;
+            // A key the cache holds is a real key: it goes to the database without waiting
+            // for a miss turn, which only keys never seen (possibly made up) need.
+            return if self.keys.contains_key(hash.as_bytes()) {
+                Lookup::Bypass
+            } else {
+                Lookup::Miss
+            };
         }
         let result = self.lookup_inner(hash, product);
         let count = match &result {
             Lookup::Hit(..) => &self.counts.hits,
             Lookup::Unknown => &self.counts.unknown,
-            Lookup::Miss => &self.counts.misses,
+            Lookup::Miss | Lookup::Bypass => &self.counts.misses,
         };
         count.fetch_add(1, Ordering::Relaxed);
         result
@@ -250,13 +290,21 @@ impl CacheState {
         let id = entry.key.id;
         let project = entry.key.project_id;
         {
+            // The id map and the keys change together under its lock, and every entry the
+            // insert evicts is dropped from the map here (quick_cache reports them through
+            // `Evictions`): the map is exactly the cached keys, so any change to a cached key
+            // finds its entry.
             let mut ids = lock(&self.ids);
-            if ids.len() >= self.config.max_keys.saturating_mul(2) {
-                ids.retain(|_, h| self.keys.contains_key(h));
+            let mut evicted = Vec::new();
+            self.keys.insert_with_lifecycle(*hash.as_bytes(), Arc::new(entry), &mut evicted);
+            for (evicted_id, evicted_hash) in evicted {
+                if ids.get(&evicted_id) == Some(&evicted_hash) {
+                    ids.remove(&evicted_id);
+                }
             }
+            // Last: quick_cache reports the value an insert replaces as evicted too.
             ids.insert(id, *hash.as_bytes());
         }
-        self.keys.insert(*hash.as_bytes(), Arc::new(entry));
         if let Some(access) = product {
             let org = (!access.org_id.as_uuid().is_nil()).then_some(access.org_id);
             let fact = ProductFact { org, read_at: Instant::now() };
@@ -267,7 +315,7 @@ impl CacheState {
         }
         if self.generation() != generation {
             // An invalidation ran while this lookup was reading: what it read may be older.
-            self.keys.remove(hash.as_bytes());
+            self.remove_key(id, hash.as_bytes());
             if let Some(access) = product {
                 self.products.remove(&access.product_id);
                 if let Some(project) = project {
@@ -275,6 +323,15 @@ impl CacheState {
                 }
             }
         }
+    }
+
+    /// Drops the entry of key `id` under `hash`, if it is still there.
+    fn remove_key(&self, id: apikeys_core::KeyId, hash: &[u8; 32]) {
+        let mut ids = lock(&self.ids);
+        if ids.get(&id) == Some(hash) {
+            ids.remove(&id);
+        }
+        self.keys.remove(hash);
     }
 
     /// Remembers that no key has this hash.
@@ -290,8 +347,8 @@ impl CacheState {
         self.generation.fetch_add(1, Ordering::SeqCst);
         match change {
             Change::Key(id) => {
-                let hash = lock(&self.ids).remove(&id);
-                if let Some(hash) = hash {
+                let mut ids = lock(&self.ids);
+                if let Some(hash) = ids.remove(&id) {
                     self.keys.remove(&hash);
                 }
             }
@@ -325,6 +382,7 @@ impl CacheState {
             bypassed: c.bypassed.load(Ordering::Relaxed),
             lookups: c.lookups.load(Ordering::Relaxed),
             failed_polls: c.failed_polls.load(Ordering::Relaxed),
+            feed_restarts: c.restarts.load(Ordering::Relaxed),
             keys: self.keys.len() as u64,
             feed_position: (applied >= 0).then_some(applied),
         }
@@ -333,8 +391,10 @@ impl CacheState {
     /// Empties the cache.
     fn clear(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
-        lock(&self.ids).clear();
+        let mut ids = lock(&self.ids);
+        ids.clear();
         self.keys.clear();
+        drop(ids);
         self.unknown.clear();
         self.products.clear();
         self.links.clear();
@@ -345,10 +405,14 @@ impl CacheState {
 /// shards and rounds each shard's share up (so `Cache::new(250)` may hold 256): the capacity
 /// given is `n` rounded down to a multiple of the shard count, which is chosen here the way
 /// quick_cache would (8, halved while a shard would hold fewer than 32 items).
-fn bounded<K, V>(n: usize) -> Cache<K, V>
+fn bounded<K, V, L>(
+    n: usize,
+    lifecycle: L,
+) -> Result<Cache<K, V, UnitWeighter, DefaultHashBuilder, L>>
 where
     K: Eq + std::hash::Hash,
     V: Clone,
+    L: quick_cache::Lifecycle<K, V> + Clone,
 {
     let mut shards: usize = 8;
     while shards > 1 && n.div_ceil(shards) < 32 {
@@ -359,16 +423,22 @@ where
         .shards(shards)
         .estimated_items_capacity(n)
         .weight_capacity(capacity as u64)
-        .build();
-    match options {
-        Ok(options) => Cache::with_options(
-            options,
-            UnitWeighter,
-            DefaultHashBuilder::default(),
-            DefaultLifecycle::default(),
-        ),
-        // Every option above is in range; quick_cache's own sizing is the fallback.
-        Err(_) => Cache::new(capacity),
+        .build()
+        // Refused only when a required option is missing; both are set above.
+        .map_err(|e| Error::configuration(format!("key cache: {e}")))?;
+    Ok(Cache::with_options(options, UnitWeighter, DefaultHashBuilder::default(), lifecycle))
+}
+
+/// Reports the keys quick_cache evicts from `keys` to the insert that evicted them, which
+/// drops them from the id map.
+#[derive(Clone, Copy, Debug, Default)]
+struct Evictions;
+
+impl quick_cache::Lifecycle<[u8; 32], Arc<CachedKey>> for Evictions {
+    type RequestState = Vec<(apikeys_core::KeyId, [u8; 32])>;
+
+    fn on_evict(&self, state: &mut Self::RequestState, hash: [u8; 32], entry: Arc<CachedKey>) {
+        state.push((entry.key.id, hash));
     }
 }
 
@@ -376,3 +446,131 @@ where
 #[derive(Debug, thiserror::Error)]
 #[error("too many concurrent lookups of uncached keys (KeyCache::max_concurrent_misses)")]
 struct MissQueueFull;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use apikeys_core::hazmat::KeyHasher;
+    use apikeys_core::{KeyId, Scopes, SigningSecret};
+
+    fn key(id: KeyId) -> CachedKey {
+        let now = chrono::Utc::now();
+        let key = ApiKey {
+            id,
+            org_id: OrgId::new(),
+            project_id: None,
+            product_id: None,
+            name: "k".into(),
+            hint: "sk_…".into(),
+            scopes: Scopes::new(),
+            rate_limit: None,
+            custom: serde_json::Map::new(),
+            created_at: now,
+            updated_at: now,
+            expires_at: None,
+            revoked_at: None,
+            last_used_at: None,
+            use_count: 0,
+            owner_id: None,
+            credits: None,
+            rolled_from: None,
+            rolled_to: None,
+        };
+        CachedKey { key, rehash: None }
+    }
+
+    fn hasher() -> KeyHasher {
+        KeyHasher::new(SigningSecret::new("a-signing-secret-of-at-least-32-bytes!!").unwrap())
+            .unwrap()
+    }
+
+    /// Keys inserted by many threads into a cache far smaller than them, so that every
+    /// insert evicts: afterwards every cached entry must be findable by its id (what every
+    /// revoke, update, delete and roll goes through). The id map once was swept apart from
+    /// the insert, and a sweep running between an insert's two steps dropped the mapping of
+    /// an entry then cached for good.
+    #[test]
+    fn churn_never_leaves_an_entry_its_id_cannot_find() {
+        let hasher = Arc::new(hasher());
+        // Rounds of 8 threads inserting keys each once into a cache of 32, each key then
+        // answered from the cache a few times (so keys in use stay): an entry whose mapping
+        // was lost stays lost until evicted, and the last ones lost are still cached when a
+        // round ends.
+        for round in 0..100 {
+            let cache =
+                Arc::new(CacheState::new(KeyCache::new().max_keys(32), Duration::ZERO).unwrap());
+            let start = Arc::new(std::sync::Barrier::new(8));
+            let threads: Vec<_> = (0..8)
+                .map(|t| {
+                    let (cache, hasher, start) = (cache.clone(), hasher.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        for i in 0..256_usize {
+                            let hash = hasher.hash(&format!("key-{round}-{t}-{i}"));
+                            cache.insert(&hash, key(KeyId::new()), None, cache.generation());
+                            // Checks answered from the cache: a key in use stays cached.
+                            for _ in 0..3 {
+                                cache.keys.get(hash.as_bytes());
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for thread in threads {
+                thread.join().unwrap();
+            }
+            let ids = lock(&cache.ids);
+            let mut cached = 0;
+            for (hash, entry) in cache.keys.iter() {
+                cached += 1;
+                assert_eq!(
+                    ids.get(&entry.key.id),
+                    Some(&hash),
+                    "round {round}: an entry its id does not find"
+                );
+            }
+            assert!(cached > 0 && cached <= 32);
+            assert_eq!(ids.len(), cached, "the id map holds exactly the cached keys");
+            drop(ids);
+            // And so a change to each cached key drops it.
+            let entries: Vec<_> = cache.keys.iter().map(|(_, e)| e.key.id).collect();
+            for id in entries {
+                cache.forget(Change::Key(id));
+            }
+            assert_eq!(cache.keys.len(), 0);
+        }
+    }
+
+    /// While the cache is not serving, a key it holds is read from the database without a
+    /// miss turn; a key it does not hold waits for one.
+    #[test]
+    fn known_keys_bypass_the_miss_limit_while_not_serving() {
+        let cache = CacheState::new(KeyCache::new(), Duration::ZERO).unwrap();
+        let hasher = hasher();
+        let (known, unknown) = (hasher.hash("known"), hasher.hash("unknown"));
+        cache.insert(&known, key(KeyId::new()), None, cache.generation());
+        assert!(!cache.serving(), "no poll has caught up yet");
+        assert!(matches!(cache.lookup(&known, None), Lookup::Bypass));
+        assert!(matches!(cache.lookup(&unknown, None), Lookup::Miss));
+        // Once a poll has caught up, it is served from memory.
+        cache.last_ok.store(cache.since_epoch() + 1, Ordering::Release);
+        assert!(matches!(cache.lookup(&known, None), Lookup::Hit(..)));
+    }
+
+    /// A poll still under way `max_staleness` after it started counts as failing: with
+    /// `stale_if_error`, the cache keeps serving through it; without, it stops.
+    #[test]
+    fn a_poll_in_flight_past_the_bound_counts_as_failing() {
+        let bound = Duration::from_millis(20);
+        let lenient = KeyCache::new().max_staleness(bound).stale_if_error(Duration::from_secs(60));
+        for (config, serves) in [(lenient, true), (KeyCache::new().max_staleness(bound), false)] {
+            let cache = CacheState::new(config, Duration::ZERO).unwrap();
+            let started = cache.since_epoch() + 1;
+            cache.last_ok.store(started, Ordering::Release);
+            cache.polling_since.store(started, Ordering::Release);
+            std::thread::sleep(bound * 2);
+            assert_eq!(cache.serving(), serves);
+        }
+    }
+}

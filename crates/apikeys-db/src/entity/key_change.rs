@@ -9,6 +9,8 @@ pub struct Model {
     pub project_id: Option<Uuid>,
     pub product_id: Option<Uuid>,
     pub created_at: DateTime,
+    /// A random number per row (`None`: written before the column existed).
+    pub token: Option<i64>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

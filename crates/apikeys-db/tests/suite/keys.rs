@@ -142,7 +142,9 @@ pub async fn invalid_keys(db: TestDb) {
     // A client with another secret cannot find the key.
     let other_secret = db
         .client_with(|b| {
-            b.signing_secret("another-secret-that-is-32-bytes-long!!").environment("live")
+            b.signing_secret("another-secret-that-is-32-bytes-long!!")
+                .signing_secret_version(2)
+                .environment("live")
         })
         .await;
     assert!(matches!(

@@ -456,10 +456,14 @@ pub async fn upgrade_to_the_lifecycle_schema(db: TestDb) {
         .create_key(org, NewKey::new("old").with_scopes(["read"]).with_custom(json!({"a": 1})))
         .await
         .unwrap();
-    migration::Migrator::down(client.connection(), Some(1)).await.unwrap();
+    // Back to the schema before the lifecycle step (undoing every later step too).
+    let all = migration::Migrator::migrations();
+    let step = all.iter().position(|m| m.name() == "m20261126_000001_key_lifecycle").unwrap();
+    let steps = u32::try_from(all.len() - step).unwrap();
+    migration::Migrator::down(client.connection(), Some(steps)).await.unwrap();
     assert_eq!(
         migration::Migrator::get_pending_migrations(client.connection()).await.unwrap().len(),
-        1
+        steps as usize
     );
     // Written on the old schema.
     let conn = client.connection();

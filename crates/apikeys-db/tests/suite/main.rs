@@ -19,6 +19,7 @@ mod keys;
 mod lifecycle;
 mod races;
 mod rate_limit;
+mod revocation;
 mod rotation;
 mod roundtrip;
 mod tenancy;
@@ -73,11 +74,20 @@ common::backend_tests! {
         a_client_behind_the_purged_feed_empties_its_cache,
         purge_change_feed_keeps_the_newest_row,
     ],
+    revocation: [
+        churn_never_loses_a_revocation,
+        a_feed_that_went_back_is_noticed,
+        a_writer_behind_and_a_purge_leave_no_hole,
+        a_slow_feed_with_stale_if_error_keeps_serving,
+        a_busy_pool_is_not_an_outage,
+        host_transactions_hold_what_is_documented,
+    ],
     concurrency: [
         concurrent_bootstrap,
     ],
     rotation: [
         rolling_rotation_and_rollback,
+        a_mislabelled_secret_is_refused,
         failed_rehash_never_fails_the_check,
         schema_upgrade_keeps_keys,
         secret_rotation,

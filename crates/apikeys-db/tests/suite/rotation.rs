@@ -197,3 +197,49 @@ pub async fn secret_rotation(db: TestDb) {
         assert!(matches!(builder.build().await, Err(Error::Configuration { .. })));
     }
 }
+
+/// A deploy whose new secret kept the old secret's version label is refused before it
+/// stores a hash under that label (and before `keys rehash` trusts the labels): by
+/// `create_tables`, by `create_key` (nothing written), by the unrotated-key listing. The same
+/// secret under a version of its own rotates as usual.
+pub async fn a_mislabelled_secret_is_refused(db: TestDb) {
+    use apikeys_db::{Page, StatusFilter};
+    let first = db.client_with(|b| b.signing_secret(V1)).await;
+    let org = org(&first, "acme").await;
+    let issued = first.create_key(org, NewKey::new("k")).await.unwrap();
+    let before = db.counts(&first).await;
+
+    let mislabelled = db.builder().signing_secret(V2).build().await.unwrap();
+    let configuration = |r: Result<(), Error>| match r {
+        Err(Error::Configuration { reason }) => assert!(reason.contains("version 1"), "{reason}"),
+        other => panic!("{other:?}"),
+    };
+    configuration(mislabelled.create_tables().await);
+    configuration(mislabelled.create_key(org, NewKey::new("x")).await.map(drop));
+    configuration(
+        mislabelled
+            .list_unrotated_keys(StatusFilter::Active, Page::first(10).unwrap())
+            .await
+            .map(drop),
+    );
+    configuration(mislabelled.count_unrotated_keys(StatusFilter::Active).await.map(drop));
+    assert_eq!(db.counts(&first).await, before, "nothing written");
+    // Rotated properly: the new secret under version 2, the old one as previous.
+    let rotated = db
+        .client_with(|b| {
+            b.signing_secret(V2).signing_secret_version(2).previous_signing_secret(1, V1)
+        })
+        .await;
+    rotated.create_key(org, NewKey::new("new")).await.unwrap();
+    rotated.verify_key(issued.key.expose_secret(), &no_tracking()).await.unwrap();
+    // A wrong previous secret under a registered version is refused too.
+    let wrong_previous = db
+        .builder()
+        .signing_secret(V2)
+        .signing_secret_version(2)
+        .previous_signing_secret(1, "not-the-first-secret-0123456789-abcdefg")
+        .build()
+        .await
+        .unwrap();
+    configuration(wrong_previous.create_tables().await);
+}
