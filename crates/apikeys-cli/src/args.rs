@@ -7,6 +7,8 @@ use apikeys_db::{RateLimit, StatusFilter, Window};
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::failure::Failure;
+
 const ENVIRONMENT_HELP: &str = "\
 Environment:
   DATABASE_URL                      the database (or --database-url): sqlite://PATH,
@@ -43,6 +45,27 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// Refuses what clap accepts but the command line does not: a key given as an argument
+    /// of `keys verify`, which reads it from standard input only (arguments stay in shell
+    /// history and are visible in the process list). The refusal does not repeat it.
+    ///
+    /// # Errors
+    /// A usage [`Failure`] (exit 1) telling to pipe the key in.
+    pub fn refuse_misuse(&self) -> Result<(), Failure> {
+        if let Command::Keys(KeysCommand::Verify(VerifyArgs { misplaced_key: Some(_), .. })) =
+            &self.command
+        {
+            return Err(Failure::usage(
+                "`keys verify` takes the key on standard input, never as an argument (arguments \
+                 stay in shell history and the process list): pipe it in, for instance \
+                 `printf %s \"$KEY\" | apikeys keys verify`",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Connection and key-format settings, shared by every command.
@@ -201,6 +224,7 @@ pub enum KeysCommand {
     ///
     /// Exits 0 if the key is valid (and meets --product and --scope), 2 if not, with the
     /// reason on standard error: invalid, expired, revoked, wrong product, missing scope.
+    /// A key given as an argument instead is refused (exit 1) without being repeated.
     Verify(VerifyArgs),
     /// Change a key's name, scopes, rate limit, metadata, owner or credits.
     Update(UpdateArgs),
@@ -330,6 +354,10 @@ impl From<StatusArg> for StatusFilter {
 /// `keys verify`.
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
+    /// Not accepted: caught here only to refuse it with a clear message instead of clap's,
+    /// which would quote it (it is most likely the key itself).
+    #[arg(hide = true, value_name = "KEY")]
+    pub misplaced_key: Option<String>,
     /// The key must be allowed this product (name or id; needs --org).
     #[arg(long, requires = "org")]
     pub product: Option<String>,

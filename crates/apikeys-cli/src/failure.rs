@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use apikeys_db::Error;
+use apikeys_db::core::{find_keys, redact_keys};
 
 /// Exit code of a usage or configuration error.
 pub const USAGE: u8 = 1;
@@ -39,10 +40,37 @@ impl Failure {
         self.code
     }
 
-    /// The message on one line: line breaks in causes become spaces.
+    /// The message on one line: line breaks in causes become spaces, and anything shaped
+    /// like a key (of any prefix) is masked to its hint, whatever the message quotes.
     pub fn one_line(&self) -> String {
-        self.message.split_whitespace().collect::<Vec<_>>().join(" ")
+        let line = self.message.split_whitespace().collect::<Vec<_>>().join(" ");
+        redact_keys(&line).into_owned()
     }
+}
+
+/// Refuses `text`, given on the command line where `what` belongs (`"a key id"`, `"an
+/// organization name or id"`), when it holds a key: the refusal says so without repeating
+/// it (someone pasted a key where its id or a name goes).
+///
+/// # Errors
+/// An invalid-input [`Failure`] (exit 2) when `text` holds a key.
+pub fn refuse_key(text: &str, what: &str) -> Result<(), Failure> {
+    if find_keys(text.as_bytes()).is_empty() {
+        return Ok(());
+    }
+    Err(Failure::invalid(format!(
+        "that is a key, not {what}: never pass keys on the command line (they stay in shell \
+         history); `keys verify` reads one from standard input"
+    )))
+}
+
+/// Clap's message for a command line it cannot parse, with anything shaped like a key
+/// masked to its hint: clap quotes the argument it refuses (an unexpected argument, an
+/// unknown subcommand, a flag's invalid value), and that argument may be a pasted key.
+/// Plain text, no colours: the escape codes around a quoted value would hide it from the
+/// key finder.
+pub fn parse_error_text(error: &clap::Error) -> String {
+    redact_keys(&error.render().to_string()).into_owned()
 }
 
 impl From<Error> for Failure {
@@ -86,5 +114,16 @@ mod tests {
         assert_eq!(Failure::from(Error::configuration("no secret")).exit_code(), USAGE);
         assert_eq!(Failure::from(Error::storage(std::io::Error::other("x"))).exit_code(), DATABASE);
         assert_eq!(Failure::usage("a\n  b").one_line(), "a b");
+    }
+
+    #[test]
+    fn keys_in_messages_are_masked() {
+        let key = apikeys_db::KeyFormat::new("acme", Some("live")).unwrap().generate().unwrap();
+        let k = key.expose_secret();
+        let line = Failure::usage(format!("--meta {k:?}: expected key=value")).one_line();
+        assert!(find_keys(line.as_bytes()).is_empty() && line.contains(&key.hint()), "{line}");
+        assert!(refuse_key(k, "a key id").is_err());
+        assert!(refuse_key(&format!("x {k} y"), "a name").is_err());
+        assert!(refuse_key("acme", "a name").is_ok());
     }
 }
