@@ -242,6 +242,39 @@ pub async fn query_parameter_only_when_turned_on(db: TestDb) {
     assert_eq!(a.status, 200);
 }
 
+/// Whatever a request presents, and however the guard turns it away, the answer never
+/// repeats a key: a key of another format, a key with something glued to it, two keys, a
+/// key under another scheme or in a query parameter the guard does not read, on routes
+/// behind the layer, with the plain extractor and with a typed one.
+pub async fn rejections_never_echo_what_was_presented(db: TestDb) {
+    let client = db.client().await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let (plain, _) = key(&client, org.id, NewKey::new("p")).await;
+    let foreign = apikeys_db::KeyFormat::new("acme", Some("live")).unwrap().generate().unwrap();
+    let foreign = foreign.expose_secret();
+    let base = serve(app(ApiKeyAuth::new(client.clone()))).await;
+    let with_query = serve(app(ApiKeyAuth::new(client).query_param("api_key"))).await;
+    for path in ["/whoami", "/plain", "/write", "/maybe"] {
+        for k in [plain.as_str(), foreign] {
+            for value in [format!("{k}x"), format!("{k} {k}"), format!("{k},{k}")] {
+                let a = fetch(&format!("{base}{path}"), &[("x-api-key", &value)]).await;
+                a.assert_problem(401, "invalid_key", k);
+            }
+            let a = fetch(&format!("{base}{path}"), &[("x-api-key", foreign)]).await;
+            a.assert_problem(401, "invalid_key", foreign);
+            let a = fetch(&format!("{with_query}{path}?api_key={foreign}"), &[]).await;
+            a.assert_problem(401, "invalid_key", foreign);
+            if path != "/maybe" {
+                let basic = format!("Basic {k}");
+                let a = fetch(&format!("{base}{path}"), &[("authorization", &basic)]).await;
+                a.assert_problem(401, "missing_key", k);
+                let a = fetch(&format!("{base}{path}?api_key={k}"), &[]).await;
+                a.assert_problem(401, "missing_key", k);
+            }
+        }
+    }
+}
+
 pub async fn typed_requirements_and_optional_keys(db: TestDb) {
     let client = db.client().await;
     let (org, _) = client.get_or_create_organization("acme").await.unwrap();
