@@ -496,12 +496,25 @@ impl CreateKeyBody {
 }
 
 /// A newly created key: the plaintext, shown in this answer only, and the stored record.
-#[derive(Debug, Serialize, ToSchema)]
+///
+/// The plaintext is in the JSON (that is what the answer is for) and nowhere else: `Debug`
+/// prints `[redacted]` in its place, whatever the string holds, and the record, whose
+/// `hint` tells which key it is.
+#[derive(Serialize, ToSchema)]
 pub struct CreatedKey {
     /// The plaintext key. It is not stored and cannot be shown again.
     pub key: String,
     /// What was stored.
     pub record: ApiKey,
+}
+
+impl std::fmt::Debug for CreatedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedKey")
+            .field("key", &format_args!("[redacted]"))
+            .field("record", &self.record)
+            .finish()
+    }
 }
 
 /// Changes to a key; absent members stay as they are.

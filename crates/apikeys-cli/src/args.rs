@@ -351,8 +351,8 @@ impl From<StatusArg> for StatusFilter {
     }
 }
 
-/// `keys verify`.
-#[derive(Debug, Args)]
+/// `keys verify`. Its `Debug` shows `[redacted]` for an argument given in place of stdin.
+#[derive(Args)]
 pub struct VerifyArgs {
     /// Not accepted: caught here only to refuse it with a clear message instead of clap's,
     /// which would quote it (it is most likely the key itself).
@@ -367,6 +367,17 @@ pub struct VerifyArgs {
     /// A scope the key must grant (repeat, or separate with commas).
     #[arg(long = "scope", value_delimiter = ',')]
     pub scopes: Vec<String>,
+}
+
+impl std::fmt::Debug for VerifyArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyArgs")
+            .field("misplaced_key", &self.misplaced_key.as_ref().map(|_| "[redacted]"))
+            .field("product", &self.product)
+            .field("org", &self.org)
+            .field("scopes", &self.scopes)
+            .finish()
+    }
 }
 
 /// `keys update`.
@@ -482,6 +493,19 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_key_given_to_verify_is_not_in_debug() {
+        let key = apikeys_db::KeyFormat::new("sk", Some("live")).unwrap().generate().unwrap();
+        let cli = Cli::try_parse_from(["apikeys", "keys", "verify", key.expose_secret()]).unwrap();
+        let Command::Keys(KeysCommand::Verify(args)) = &cli.command else { panic!("{cli:?}") };
+        assert!(args.misplaced_key.is_some());
+        assert!(cli.refuse_misuse().is_err());
+        for debug in [format!("{cli:?}"), format!("{cli:#?}")] {
+            assert!(apikeys_db::core::find_keys(debug.as_bytes()).is_empty(), "{debug}");
+            assert!(debug.contains("[redacted]"), "{debug}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! What went wrong, as one line and an exit code.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use apikeys_db::Error;
@@ -13,6 +14,10 @@ pub const INVALID: u8 = 2;
 pub const DATABASE: u8 = 3;
 
 /// A failed command: a message and the exit code it ends with.
+///
+/// The message never holds a key: anything shaped like one (of any prefix) is masked to its
+/// hint when the failure is made, whatever the message quotes (a `--meta` pair, a name, a
+/// cause), so neither the error line nor `Debug` can show one.
 #[derive(Debug)]
 pub struct Failure {
     message: String,
@@ -20,19 +25,27 @@ pub struct Failure {
 }
 
 impl Failure {
+    fn new(message: String, code: u8) -> Self {
+        let message = match redact_keys(&message) {
+            Cow::Borrowed(_) => message,
+            Cow::Owned(masked) => masked,
+        };
+        Self { message, code }
+    }
+
     /// A usage or configuration error (exit 1).
     pub fn usage(message: impl Into<String>) -> Self {
-        Self { message: message.into(), code: USAGE }
+        Self::new(message.into(), USAGE)
     }
 
     /// Not found or invalid (exit 2).
     pub fn invalid(message: impl Into<String>) -> Self {
-        Self { message: message.into(), code: INVALID }
+        Self::new(message.into(), INVALID)
     }
 
     /// A failure of the system around us: I/O, the runtime (exit 3).
     pub fn system(message: impl Into<String>) -> Self {
-        Self { message: message.into(), code: DATABASE }
+        Self::new(message.into(), DATABASE)
     }
 
     /// The exit code.
@@ -40,11 +53,9 @@ impl Failure {
         self.code
     }
 
-    /// The message on one line: line breaks in causes become spaces, and anything shaped
-    /// like a key (of any prefix) is masked to its hint, whatever the message quotes.
+    /// The message on one line: line breaks in causes become spaces.
     pub fn one_line(&self) -> String {
-        let line = self.message.split_whitespace().collect::<Vec<_>>().join(" ");
-        redact_keys(&line).into_owned()
+        self.message.split_whitespace().collect::<Vec<_>>().join(" ")
     }
 }
 
@@ -99,7 +110,7 @@ impl From<Error> for Failure {
             }
             source = cause.source();
         }
-        Self { message, code }
+        Self::new(message, code)
     }
 }
 
@@ -122,6 +133,9 @@ mod tests {
         let k = key.expose_secret();
         let line = Failure::usage(format!("--meta {k:?}: expected key=value")).one_line();
         assert!(find_keys(line.as_bytes()).is_empty() && line.contains(&key.hint()), "{line}");
+        let failure = Failure::invalid(format!("no organization {k:?}"));
+        let debug = format!("{failure:?}");
+        assert!(find_keys(debug.as_bytes()).is_empty(), "{debug}");
         assert!(refuse_key(k, "a key id").is_err());
         assert!(refuse_key(&format!("x {k} y"), "a name").is_err());
         assert!(refuse_key("acme", "a name").is_ok());
