@@ -327,6 +327,43 @@ pub async fn a_layer_and_an_extractor_count_a_request_once(db: TestDb) {
     );
 }
 
+async fn typed_then_plain(typed: ValidKey<Write>, plain: ValidKey) -> String {
+    format!("{} {}", typed.name, plain.name)
+}
+
+async fn plain_then_typed(plain: ValidKey, typed: ValidKey<Write>) -> String {
+    format!("{} {}", typed.name, plain.name)
+}
+
+/// On a route without a guard layer, a handler taking `ValidKey<R>` and a plain `ValidKey`
+/// gets a plain key that meets the guard's default requirements, in either order: the
+/// typed extractor's validation (against `R` alone) is never handed on as the defaults'
+/// one. Each request is still counted once.
+pub async fn a_plain_key_after_a_typed_one_still_meets_the_defaults(db: TestDb) {
+    let client = db.client().await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let (writer, _) = key(&client, org.id, NewKey::new("w").with_scopes(["widgets:write"])).await;
+    let both = NewKey::new("b").with_scopes(["widgets:write", "profile"]);
+    let (both, both_id) = key(&client, org.id, both).await;
+    let defaults = ValidateOptions::new().require_scopes(["profile"]).unwrap();
+    let auth = ApiKeyAuth::new(client.clone()).requirements(defaults);
+    let write = Arc::new(ValidateOptions::new().require_scopes(["widgets:write"]).unwrap());
+    let app = Router::new()
+        .route("/typed-then-plain", get(typed_then_plain))
+        .route("/plain-then-typed", get(plain_then_typed))
+        .layer(axum::Extension(auth))
+        .with_state(AppState { write });
+    let base = serve(app).await;
+    for path in ["/typed-then-plain", "/plain-then-typed"] {
+        let a = fetch(&format!("{base}{path}"), &[("x-api-key", &writer)]).await;
+        a.assert_problem(403, "insufficient_scope", &writer);
+        assert_eq!(a.body["missing_scopes"], json!(["profile"]), "{path}: {}", a.text);
+        let a = fetch(&format!("{base}{path}"), &[("x-api-key", &both)]).await;
+        assert_eq!((a.status, a.text.as_str()), (200, "b b"), "{path}");
+    }
+    assert_eq!(client.get_key(both_id).await.unwrap().use_count, 2, "one use per request");
+}
+
 pub async fn database_failures_are_503_and_500_without_details(db: TestDb) {
     let client = db.client().await;
     let (org, _) = client.get_or_create_organization("acme").await.unwrap();

@@ -23,6 +23,7 @@ common::backend_tests! {
         rejections_never_echo_what_was_presented,
         typed_requirements_and_optional_keys,
         a_layer_and_an_extractor_count_a_request_once,
+        a_plain_key_after_a_typed_one_still_meets_the_defaults,
         database_failures_are_503_and_500_without_details,
         a_revoke_through_the_api_is_seen_by_a_caching_guard,
         admin_calls_racing_guarded_requests_end_in_documented_answers,
