@@ -70,7 +70,9 @@ impl<S> Requirement<S> for Defaults {
 ///
 /// - `ValidKey` on a route behind a [`RequireKeyLayer`](crate::RequireKeyLayer) is the key
 ///   the layer validated (no second check). On a route without one, it validates the key
-///   itself against the guard's defaults.
+///   itself against the guard's defaults, also when a `ValidKey<R>` of the same handler
+///   validated it first: `R`'s check never stands for the defaults' (that second check
+///   counts no use, no request against the rate limit and no credit).
 /// - `ValidKey<R>` validates against the route's [`Requirement`] `R`. Behind a guard layer
 ///   that already validated (and counted) the request, the second check counts neither a
 ///   use nor a request against the rate limit.
@@ -88,7 +90,8 @@ impl<S> Requirement<S> for Defaults {
 pub struct ValidKey<R = Defaults> {
     /// Shared, so that handing it on (extensions, later extractors) copies no metadata.
     key: Arc<ApiKey>,
-    /// The requirement the key was validated against (`None`: a guard layer's).
+    /// The requirement the key was validated against: `None` for a guard layer's (which
+    /// stands for [`Defaults`] on its routes), else the [`Requirement`]'s type.
     by: Option<TypeId>,
     _requirement: PhantomData<fn() -> R>,
 }
@@ -164,8 +167,10 @@ fn auth_of(parts: &Parts) -> Result<ApiKeyAuth, Rejection> {
     })
 }
 
-/// The key of the request validated against `R`, reusing a validation of this request by
-/// a guard layer or an earlier extractor; `None` if the request carries no key.
+/// The key of the request validated against `R`, reusing a validation of this request
+/// against the same requirement (by an earlier extractor of `R`, or, for [`Defaults`], by
+/// a guard layer); `None` if the request carries no key. A validation against another
+/// requirement is not reused: `R` is checked again, without counting the request again.
 async fn extract<S, R: Requirement<S>>(
     auth: &ApiKeyAuth,
     parts: &mut Parts,
@@ -173,7 +178,7 @@ async fn extract<S, R: Requirement<S>>(
 ) -> Result<Option<ValidKey<R>>, Rejection> {
     let requirement = TypeId::of::<R>();
     let counted = match parts.extensions.get::<ValidKey>() {
-        Some(done) if requirement == TypeId::of::<Defaults>() || done.by == Some(requirement) => {
+        Some(done) if satisfies(done.by, requirement) => {
             let key = done.key.clone();
             return Ok(Some(ValidKey { key, by: done.by, _requirement: PhantomData }));
         }
@@ -199,4 +204,16 @@ async fn extract<S, R: Requirement<S>>(
         key
     };
     Ok(Some(ValidKey { key, by: Some(requirement), _requirement: PhantomData }))
+}
+
+/// Whether a validation against `by` (`None`: a guard layer's) is one against
+/// `requirement`: the same requirement, or a layer's for a plain [`ValidKey`] (on a layer's
+/// routes, the layer's options are the defaults). A validation against another
+/// [`Requirement`] never is, whatever it checked: nothing relates `R`'s options to the
+/// guard's defaults.
+fn satisfies(by: Option<TypeId>, requirement: TypeId) -> bool {
+    match by {
+        Some(by) => by == requirement,
+        None => requirement == TypeId::of::<Defaults>(),
+    }
 }

@@ -3,13 +3,15 @@
 
 use std::time::Duration;
 
+use apikeys_db::core::find_keys;
 use apikeys_db::{
     ApiKey, ApiKeyClient, Error, KeyId, KeyPage, KeyUpdate, NewKey, OrgId, Organization, Page,
     Product, ProductId, Project, ProjectId, RateLimit, StatusFilter,
 };
 use apikeys_http::{ErrorMapper, Problem};
+use axum::extract::path::ErrorKind as PathErrorKind;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, RawPathParams, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -45,8 +47,13 @@ use crate::auth::problem_response;
 ///
 /// Errors are RFC 9457 problems ([`apikeys_http`]): 404 for an unknown id, 409 for a name
 /// taken, 422 for a rejected value (with the field), 400 for a request that does not
-/// parse, 503 when the database is unreachable. Answers that hold a plaintext key carry
-/// `Cache-Control: no-store`.
+/// parse (422 for JSON of the wrong shape), 503 when the database is unreachable. Answers
+/// that hold a plaintext key carry `Cache-Control: no-store`.
+///
+/// A problem names the field, never the value: a path or query parameter or body member
+/// that does not parse is named in `field` (`key_id`, `after`, `rate_limit.window`), and
+/// nothing the request sent is repeated, so a key pasted where an id belongs
+/// (`GET /keys/sk_…`) is not echoed back into logs, proxies or the caller's error reports.
 ///
 /// ```
 /// use apikeys_axum::ManagementApi;
@@ -185,7 +192,13 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A request that does not parse, as a 400 (or 413, 415, 422) problem.
+/// A request that does not parse, as a 400 (or 413, 415, 422) problem: code `bad_request`,
+/// `field` naming the part that does not parse when it is known (a path or query parameter,
+/// a body member such as `rate_limit.window` or `scopes[1]`), and a detail that says what
+/// is wrong with it. Neither ever repeats a value of the request: the value given where an
+/// id belongs is most often a key pasted by mistake, and a member or parameter this API
+/// does not take is not named either (its name is the client's text too). axum's own
+/// rejection texts quote values, so they are never used.
 struct BadRequest(Response);
 
 impl IntoResponse for BadRequest {
@@ -194,18 +207,178 @@ impl IntoResponse for BadRequest {
     }
 }
 
-macro_rules! bad_request_from {
-    ($($rejection:ty),*) => {$(
-        impl From<$rejection> for BadRequest {
-            fn from(r: $rejection) -> Self {
-                Self(problem_response(ErrorMapper::new().bad_request(r.status(), r.body_text())))
+impl BadRequest {
+    fn new(status: StatusCode, field: Option<String>, detail: String) -> Self {
+        let mut answer = ErrorMapper::new().bad_request(status, detail);
+        answer.problem.field = field;
+        Self(problem_response(answer))
+    }
+
+    /// A path that does not parse; `names` are the route's parameter names, in order.
+    fn path(rejection: &PathRejection, names: &[String]) -> Self {
+        let status = rejection.status();
+        let name = match rejection {
+            PathRejection::FailedToDeserializePathParams(e) => match e.kind() {
+                PathErrorKind::ParseErrorAtKey { key, .. }
+                | PathErrorKind::DeserializeError { key, .. }
+                | PathErrorKind::InvalidUtf8InPathParam { key } => Some(key.clone()),
+                PathErrorKind::ParseErrorAtIndex { index, .. } => names.get(*index).cloned(),
+                PathErrorKind::ParseError { .. } if names.len() == 1 => names.first().cloned(),
+                _ => None,
+            },
+            _ => None,
+        };
+        match name {
+            Some(name) => {
+                let detail = format!("the path parameter `{name}` is not valid (ids are UUIDs)");
+                Self::new(status, Some(name), detail)
+            }
+            None if status.is_server_error() => {
+                tracing::error!(%status, "management api route cannot read its path parameters");
+                Self::new(status, None, "the route cannot read its path parameters".to_owned())
+            }
+            None => Self::new(status, None, "the path does not parse".to_owned()),
+        }
+    }
+
+    /// A query string that does not parse.
+    fn query(rejection: &QueryRejection) -> Self {
+        let status = rejection.status();
+        match deserialize_error::<serde_urlencoded::de::Error>(rejection).map(Member::of) {
+            Some(Member::Invalid(Some(name))) => {
+                let detail = format!("the query parameter `{name}` is not valid");
+                Self::new(status, Some(name), detail)
+            }
+            Some(Member::Missing(name)) => {
+                let detail = format!("the query parameter `{name}` is missing");
+                Self::new(status, Some(name), detail)
+            }
+            Some(Member::Unknown(_)) => Self::new(
+                status,
+                None,
+                "the query has a parameter this route does not take".to_owned(),
+            ),
+            Some(Member::Invalid(None)) | None => {
+                Self::new(status, None, "the query string does not parse".to_owned())
             }
         }
-    )*};
-}
-bad_request_from!(JsonRejection, PathRejection, QueryRejection);
+    }
 
-/// axum's `Json`, `Path` and `Query`, answering a request that does not parse with a problem.
+    /// A body that is not the expected JSON.
+    fn json(rejection: &JsonRejection) -> Self {
+        let status = rejection.status();
+        let found = deserialize_error::<serde_json::Error>(rejection);
+        let detail = match rejection {
+            JsonRejection::JsonDataError(_) => match found.map(Member::of) {
+                Some(Member::Invalid(Some(name))) => {
+                    let detail = format!("the body member `{name}` is not valid");
+                    return Self::new(status, Some(name), detail);
+                }
+                Some(Member::Missing(name)) => {
+                    let detail = format!("the body member `{name}` is missing");
+                    return Self::new(status, Some(name), detail);
+                }
+                Some(Member::Unknown(Some(parent))) => {
+                    let detail =
+                        format!("the body member `{parent}` has a member it does not take");
+                    return Self::new(status, Some(parent), detail);
+                }
+                Some(Member::Unknown(None)) => {
+                    "the body has a member this request does not take".to_owned()
+                }
+                Some(Member::Invalid(None)) | None => {
+                    "the body is not the JSON this request takes".to_owned()
+                }
+            },
+            JsonRejection::JsonSyntaxError(_) => match found {
+                Some(e) => format!(
+                    "the body is not valid JSON (line {}, column {})",
+                    e.inner().line(),
+                    e.inner().column()
+                ),
+                None => "the body is not valid JSON".to_owned(),
+            },
+            JsonRejection::MissingJsonContentType(_) => {
+                "the body must be JSON, sent with Content-Type: application/json".to_owned()
+            }
+            _ if status == StatusCode::PAYLOAD_TOO_LARGE => "the body is too large".to_owned(),
+            _ => "the body could not be read".to_owned(),
+        };
+        Self::new(status, None, detail)
+    }
+}
+
+/// The `serde_path_to_error` error behind an axum rejection (its `Json` and `Query`
+/// deserialize through it), found in the rejection's source chain.
+fn deserialize_error<'a, E: std::error::Error + 'static>(
+    rejection: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a serde_path_to_error::Error<E>> {
+    let mut next = Some(rejection);
+    while let Some(error) = next {
+        if let Some(found) = error.downcast_ref::<serde_path_to_error::Error<E>>() {
+            return Some(found);
+        }
+        next = error.source();
+    }
+    None
+}
+
+/// Which member of a query or body a deserialization error is about, by name only.
+enum Member {
+    /// This member's value is not valid (`None`: the whole query or body).
+    Invalid(Option<String>),
+    /// This member is required and absent.
+    Missing(String),
+    /// A member the type does not take, inside this one (`None`: at the top). The unknown
+    /// member itself is not named: its name is the client's text, not ours.
+    Unknown(Option<String>),
+}
+
+impl Member {
+    fn of<E: std::error::Error>(error: &serde_path_to_error::Error<E>) -> Self {
+        use serde_path_to_error::Segment;
+        let message = error.inner().to_string();
+        let mut segments: Vec<&Segment> = error.path().iter().collect();
+        // serde's messages for these two name a member: an unknown one (the client's text,
+        // also the path's last segment) or a missing one (the type's own field name).
+        let unknown = message.starts_with("unknown field `");
+        if unknown && matches!(segments.last(), Some(Segment::Map { .. })) {
+            segments.pop();
+        }
+        let missing = message
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split_once('`'))
+            .map(|(name, _)| name);
+        let mut path = String::new();
+        let push_name = |path: &mut String, name: &str| {
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(name);
+        };
+        for segment in segments {
+            match segment {
+                Segment::Seq { index } => path.push_str(&format!("[{index}]")),
+                Segment::Map { key } | Segment::Enum { variant: key } => push_name(&mut path, key),
+                Segment::Unknown => push_name(&mut path, "?"),
+            }
+        }
+        if let Some(name) = missing {
+            push_name(&mut path, name);
+        }
+        // The path holds the names of members the type took, never values; a key there
+        // would be the client's text all the same, so it is left out.
+        let path = Some(path).filter(|p| !p.is_empty() && find_keys(p.as_bytes()).is_empty());
+        match (unknown, missing, path) {
+            (true, _, parent) => Member::Unknown(parent),
+            (false, Some(_), Some(path)) => Member::Missing(path),
+            (false, _, path) => Member::Invalid(path),
+        }
+    }
+}
+
+/// axum's `Json`, `Path` and `Query`, answering a request that does not parse with a
+/// [`BadRequest`] problem.
 struct ApiJson<T>(T);
 struct ApiPath<T>(T);
 struct ApiQuery<T>(T);
@@ -214,7 +387,10 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<
     type Rejection = BadRequest;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, BadRequest> {
-        Ok(Self(Json::<T>::from_request(req, state).await?.0))
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(Self(value)),
+            Err(rejection) => Err(BadRequest::json(&rejection)),
+        }
     }
 }
 
@@ -222,7 +398,16 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> 
     type Rejection = BadRequest;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, BadRequest> {
-        Ok(Self(axum::extract::Path::<T>::from_request_parts(parts, state).await?.0))
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(path) => Ok(Self(path.0)),
+            Err(rejection) => {
+                let names = match RawPathParams::from_request_parts(parts, state).await {
+                    Ok(raw) => raw.iter().map(|(name, _)| name.to_owned()).collect(),
+                    Err(_) => Vec::new(),
+                };
+                Err(BadRequest::path(&rejection, &names))
+            }
+        }
     }
 }
 
@@ -230,7 +415,10 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Api
     type Rejection = BadRequest;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, BadRequest> {
-        Ok(Self(axum::extract::Query::<T>::from_request_parts(parts, state).await?.0))
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(query) => Ok(Self(query.0)),
+            Err(rejection) => Err(BadRequest::query(&rejection)),
+        }
     }
 }
 
@@ -308,12 +496,25 @@ impl CreateKeyBody {
 }
 
 /// A newly created key: the plaintext, shown in this answer only, and the stored record.
-#[derive(Debug, Serialize, ToSchema)]
+///
+/// The plaintext is in the JSON (that is what the answer is for) and nowhere else: `Debug`
+/// prints `[redacted]` in its place, whatever the string holds, and the record, whose
+/// `hint` tells which key it is.
+#[derive(Serialize, ToSchema)]
 pub struct CreatedKey {
     /// The plaintext key. It is not stored and cannot be shown again.
     pub key: String,
     /// What was stored.
     pub record: ApiKey,
+}
+
+impl std::fmt::Debug for CreatedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedKey")
+            .field("key", &format_args!("[redacted]"))
+            .field("record", &self.record)
+            .finish()
+    }
 }
 
 /// Changes to a key; absent members stay as they are.

@@ -1,5 +1,5 @@
 //! The guard driven with `tower::ServiceExt::oneshot`, no socket: what the HTTP tests
-//! cannot see from outside.
+//! cannot see from outside (and what the crate's types print in `Debug`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use apikeys_db::ValidateOptions;
@@ -9,7 +9,9 @@ use axum::routing::get;
 use http::{HeaderMap, Request, StatusCode};
 use tower::ServiceExt;
 
-use apikeys_axum::{ApiKeyAuth, ValidKey};
+use apikeys_axum::{ApiKeyAuth, CreatedKey, ValidKey};
+use apikeys_db::NewKey;
+use apikeys_db::core::find_keys;
 
 mod in_memory;
 use in_memory::client_and_key;
@@ -88,4 +90,28 @@ async fn a_key_header_that_is_not_ascii_is_an_invalid_key() {
     let (status, body) = call(app, request).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(body.contains("\"code\":\"invalid_key\""), "{body}");
+}
+
+/// `CreatedKey` (the management API's answer to a key creation) holds the plaintext for its
+/// JSON, which is the one place it is shown; its `Debug`, which ends up in logs, shows
+/// `[redacted]` and the record (with its hint) instead.
+#[tokio::test]
+async fn a_created_key_shows_no_key_in_debug() {
+    let (client, _) = client_and_key().await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let issued = client.create_key(org.id, NewKey::new("shown once")).await.unwrap();
+    let plain = issued.key.expose_secret().to_owned();
+    let hint = issued.key.hint();
+    let created = CreatedKey { key: plain.clone(), record: issued.record };
+    for debug in [format!("{created:?}"), format!("{created:#?}")] {
+        assert!(find_keys(debug.as_bytes()).is_empty(), "{debug}");
+        assert!(!debug.contains(&plain[hint.len()..]), "{debug}");
+        assert!(debug.contains("[redacted]") && debug.contains(hint.as_str()), "{debug}");
+        assert!(debug.contains("shown once"), "{debug}");
+    }
+    // Whatever the string holds, Debug does not show it.
+    let odd = CreatedKey { key: "not-key-shaped-secret".to_owned(), ..created };
+    assert!(!format!("{odd:?}").contains("not-key-shaped-secret"));
+    // The JSON answer still carries the key: that is what it is for.
+    assert_eq!(serde_json::to_value(&odd).unwrap()["key"], "not-key-shaped-secret");
 }

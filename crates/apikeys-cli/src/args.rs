@@ -7,6 +7,8 @@ use apikeys_db::{RateLimit, StatusFilter, Window};
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::failure::Failure;
+
 const ENVIRONMENT_HELP: &str = "\
 Environment:
   DATABASE_URL                      the database (or --database-url): sqlite://PATH,
@@ -43,6 +45,27 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// Refuses what clap accepts but the command line does not: a key given as an argument
+    /// of `keys verify`, which reads it from standard input only (arguments stay in shell
+    /// history and are visible in the process list). The refusal does not repeat it.
+    ///
+    /// # Errors
+    /// A usage [`Failure`] (exit 1) telling to pipe the key in.
+    pub fn refuse_misuse(&self) -> Result<(), Failure> {
+        if let Command::Keys(KeysCommand::Verify(VerifyArgs { misplaced_key: Some(_), .. })) =
+            &self.command
+        {
+            return Err(Failure::usage(
+                "`keys verify` takes the key on standard input, never as an argument (arguments \
+                 stay in shell history and the process list): pipe it in, for instance \
+                 `printf %s \"$KEY\" | apikeys keys verify`",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Connection and key-format settings, shared by every command.
@@ -201,6 +224,7 @@ pub enum KeysCommand {
     ///
     /// Exits 0 if the key is valid (and meets --product and --scope), 2 if not, with the
     /// reason on standard error: invalid, expired, revoked, wrong product, missing scope.
+    /// A key given as an argument instead is refused (exit 1) without being repeated.
     Verify(VerifyArgs),
     /// Change a key's name, scopes, rate limit, metadata, owner or credits.
     Update(UpdateArgs),
@@ -327,9 +351,13 @@ impl From<StatusArg> for StatusFilter {
     }
 }
 
-/// `keys verify`.
-#[derive(Debug, Args)]
+/// `keys verify`. Its `Debug` shows `[redacted]` for an argument given in place of stdin.
+#[derive(Args)]
 pub struct VerifyArgs {
+    /// Not accepted: caught here only to refuse it with a clear message instead of clap's,
+    /// which would quote it (it is most likely the key itself).
+    #[arg(hide = true, value_name = "KEY")]
+    pub misplaced_key: Option<String>,
     /// The key must be allowed this product (name or id; needs --org).
     #[arg(long, requires = "org")]
     pub product: Option<String>,
@@ -339,6 +367,17 @@ pub struct VerifyArgs {
     /// A scope the key must grant (repeat, or separate with commas).
     #[arg(long = "scope", value_delimiter = ',')]
     pub scopes: Vec<String>,
+}
+
+impl std::fmt::Debug for VerifyArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyArgs")
+            .field("misplaced_key", &self.misplaced_key.as_ref().map(|_| "[redacted]"))
+            .field("product", &self.product)
+            .field("org", &self.org)
+            .field("scopes", &self.scopes)
+            .finish()
+    }
 }
 
 /// `keys update`.
@@ -454,6 +493,19 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_key_given_to_verify_is_not_in_debug() {
+        let key = apikeys_db::KeyFormat::new("sk", Some("live")).unwrap().generate().unwrap();
+        let cli = Cli::try_parse_from(["apikeys", "keys", "verify", key.expose_secret()]).unwrap();
+        let Command::Keys(KeysCommand::Verify(args)) = &cli.command else { panic!("{cli:?}") };
+        assert!(args.misplaced_key.is_some());
+        assert!(cli.refuse_misuse().is_err());
+        for debug in [format!("{cli:?}"), format!("{cli:#?}")] {
+            assert!(apikeys_db::core::find_keys(debug.as_bytes()).is_empty(), "{debug}");
+            assert!(debug.contains("[redacted]"), "{debug}");
+        }
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! What went wrong, as one line and an exit code.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use apikeys_db::Error;
+use apikeys_db::core::{find_keys, redact_keys};
 
 /// Exit code of a usage or configuration error.
 pub const USAGE: u8 = 1;
@@ -12,6 +14,10 @@ pub const INVALID: u8 = 2;
 pub const DATABASE: u8 = 3;
 
 /// A failed command: a message and the exit code it ends with.
+///
+/// The message never holds a key: anything shaped like one (of any prefix) is masked to its
+/// hint when the failure is made, whatever the message quotes (a `--meta` pair, a name, a
+/// cause), so neither the error line nor `Debug` can show one.
 #[derive(Debug)]
 pub struct Failure {
     message: String,
@@ -19,19 +25,27 @@ pub struct Failure {
 }
 
 impl Failure {
+    fn new(message: String, code: u8) -> Self {
+        let message = match redact_keys(&message) {
+            Cow::Borrowed(_) => message,
+            Cow::Owned(masked) => masked,
+        };
+        Self { message, code }
+    }
+
     /// A usage or configuration error (exit 1).
     pub fn usage(message: impl Into<String>) -> Self {
-        Self { message: message.into(), code: USAGE }
+        Self::new(message.into(), USAGE)
     }
 
     /// Not found or invalid (exit 2).
     pub fn invalid(message: impl Into<String>) -> Self {
-        Self { message: message.into(), code: INVALID }
+        Self::new(message.into(), INVALID)
     }
 
     /// A failure of the system around us: I/O, the runtime (exit 3).
     pub fn system(message: impl Into<String>) -> Self {
-        Self { message: message.into(), code: DATABASE }
+        Self::new(message.into(), DATABASE)
     }
 
     /// The exit code.
@@ -43,6 +57,31 @@ impl Failure {
     pub fn one_line(&self) -> String {
         self.message.split_whitespace().collect::<Vec<_>>().join(" ")
     }
+}
+
+/// Refuses `text`, given on the command line where `what` belongs (`"a key id"`, `"an
+/// organization name or id"`), when it holds a key: the refusal says so without repeating
+/// it (someone pasted a key where its id or a name goes).
+///
+/// # Errors
+/// An invalid-input [`Failure`] (exit 2) when `text` holds a key.
+pub fn refuse_key(text: &str, what: &str) -> Result<(), Failure> {
+    if find_keys(text.as_bytes()).is_empty() {
+        return Ok(());
+    }
+    Err(Failure::invalid(format!(
+        "that is a key, not {what}: never pass keys on the command line (they stay in shell \
+         history); `keys verify` reads one from standard input"
+    )))
+}
+
+/// Clap's message for a command line it cannot parse, with anything shaped like a key
+/// masked to its hint: clap quotes the argument it refuses (an unexpected argument, an
+/// unknown subcommand, a flag's invalid value), and that argument may be a pasted key.
+/// Plain text, no colours: the escape codes around a quoted value would hide it from the
+/// key finder.
+pub fn parse_error_text(error: &clap::Error) -> String {
+    redact_keys(&error.render().to_string()).into_owned()
 }
 
 impl From<Error> for Failure {
@@ -71,7 +110,7 @@ impl From<Error> for Failure {
             }
             source = cause.source();
         }
-        Self { message, code }
+        Self::new(message, code)
     }
 }
 
@@ -86,5 +125,19 @@ mod tests {
         assert_eq!(Failure::from(Error::configuration("no secret")).exit_code(), USAGE);
         assert_eq!(Failure::from(Error::storage(std::io::Error::other("x"))).exit_code(), DATABASE);
         assert_eq!(Failure::usage("a\n  b").one_line(), "a b");
+    }
+
+    #[test]
+    fn keys_in_messages_are_masked() {
+        let key = apikeys_db::KeyFormat::new("acme", Some("live")).unwrap().generate().unwrap();
+        let k = key.expose_secret();
+        let line = Failure::usage(format!("--meta {k:?}: expected key=value")).one_line();
+        assert!(find_keys(line.as_bytes()).is_empty() && line.contains(&key.hint()), "{line}");
+        let failure = Failure::invalid(format!("no organization {k:?}"));
+        let debug = format!("{failure:?}");
+        assert!(find_keys(debug.as_bytes()).is_empty(), "{debug}");
+        assert!(refuse_key(k, "a key id").is_err());
+        assert!(refuse_key(&format!("x {k} y"), "a name").is_err());
+        assert!(refuse_key("acme", "a name").is_ok());
     }
 }

@@ -13,7 +13,7 @@ use serde_json::{Map, Value, json};
 use crate::args::{
     CreateArgs, KeysCommand, ListArgs, RehashArgs, RenewArgs, UpdateArgs, VerifyArgs,
 };
-use crate::failure::Failure;
+use crate::failure::{Failure, refuse_key};
 use crate::output::{Out, key_json, note, print_line};
 use crate::records;
 
@@ -64,16 +64,10 @@ pub async fn run(client: &ApiKeyClient, command: KeysCommand, out: &Out) -> Resu
 /// A key id from the command line. The text is not repeated in the error: someone may have
 /// pasted a key instead of its id.
 fn key_id(text: &str) -> Result<KeyId, Failure> {
-    text.trim().parse().map_err(|_| {
-        if apikeys_db::core::find_keys(text.as_bytes()).is_empty() {
-            Failure::invalid("that is not a key id (a UUID, as `keys list` shows)")
-        } else {
-            Failure::invalid(
-                "that is a key, not a key id: never pass keys on the command line (they stay in \
-                 shell history); `keys verify` reads one from standard input",
-            )
-        }
-    })
+    refuse_key(text, "a key id")?;
+    text.trim()
+        .parse()
+        .map_err(|_| Failure::invalid("that is not a key id (a UUID, as `keys list` shows)"))
 }
 
 /// Custom metadata from `key=value` (a string) and `key:=JSON` pairs.

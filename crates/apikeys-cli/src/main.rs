@@ -24,14 +24,18 @@ use crate::output::Out;
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => {
-            // Help and version are successes; every other parse error is a usage error (1).
-            let code = if e.use_stderr() { 1 } else { 0 };
+        // Help and version are successes, printed as clap prints them.
+        Err(e) if !e.use_stderr() => {
             let _ = e.print();
-            return ExitCode::from(code);
+            return ExitCode::SUCCESS;
+        }
+        // Every other parse error is a usage error (1), its message never showing a key.
+        Err(e) => {
+            let _ = std::io::stderr().lock().write_all(failure::parse_error_text(&e).as_bytes());
+            return ExitCode::from(failure::USAGE);
         }
     };
-    match run(cli) {
+    match cli.refuse_misuse().and_then(|()| run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
             let mut stderr = std::io::stderr().lock();

@@ -4,11 +4,13 @@ use apikeys_db::{ApiKeyClient, Organization, Product, Project};
 use serde_json::json;
 
 use crate::args::{OrgsCommand, ProductsCommand, ProjectsCommand};
-use crate::failure::Failure;
+use crate::failure::{Failure, refuse_key};
 use crate::output::{Out, table, when};
 
-/// The organization named `name_or_id` (by name first, then as an id).
+/// The organization named `name_or_id` (by name first, then as an id). A key given instead
+/// is refused without being looked up or repeated, here and in [`project`] and [`product`].
 pub async fn org(client: &ApiKeyClient, name_or_id: &str) -> Result<Organization, Failure> {
+    refuse_key(name_or_id, "an organization name or id")?;
     if let Some(org) = client.find_organization(name_or_id).await? {
         return Ok(org);
     }
@@ -24,6 +26,7 @@ pub async fn project(
     org: &Organization,
     name_or_id: &str,
 ) -> Result<Project, Failure> {
+    refuse_key(name_or_id, "a project name or id")?;
     if let Some(p) = client.find_project(org.id, name_or_id).await? {
         return Ok(p);
     }
@@ -46,6 +49,7 @@ pub async fn product(
     org: &Organization,
     name_or_id: &str,
 ) -> Result<Product, Failure> {
+    refuse_key(name_or_id, "a product name or id")?;
     if let Some(p) = client.find_product(org.id, name_or_id).await? {
         return Ok(p);
     }

@@ -491,6 +491,93 @@ async fn rehash_pass(backend: &str) {
     assert_eq!(code(&cli.run_with(&rotating, &["keys", "verify"], &rotated_key)), 0);
 }
 
+/// Nothing the binary prints on any path holds a key: a key given where an id, a name or a
+/// flag value belongs, as an unknown subcommand or an unexpected argument, or positionally
+/// to `keys verify`, is refused without being echoed, by our messages and by clap's alike.
+/// Both a key of this store and one of another format (any prefix is recognised) are tried.
+async fn keys_are_never_echoed(backend: &str) {
+    let cli = Cli::new(backend).await;
+    cli.ok(&["migrate", "up"]);
+    write(&cli.path("b.toml"), BOOTSTRAP);
+    cli.ok(&["bootstrap", cli.path("b.toml").to_str().unwrap()]);
+    let key = cli.ok(&["keys", "create", "--org", "acme", "--name", "k"]).trim_end().to_owned();
+    let listed = cli.json(&["keys", "list", "--org", "acme"]);
+    let id = listed["items"][0]["id"].as_str().unwrap().to_owned();
+    let foreign = apikeys_db::KeyFormat::new("acme", Some("live")).unwrap().generate().unwrap();
+    for k in [key.as_str(), foreign.expose_secret()] {
+        let (as_flag, as_flag_value) = (format!("--{k}"), format!("--{k}={k}"));
+        let cases: Vec<(Vec<&str>, i32)> = vec![
+            // The natural mistake: the key as an argument of `keys verify`.
+            (vec!["keys", "verify", k], 1),
+            (vec!["keys", "verify", "--scope", "read", k], 1),
+            (vec!["keys", "verify", k, "--json"], 1),
+            // A key where an id belongs, in every command that takes one.
+            (vec!["keys", "show", k], 2),
+            (vec!["keys", "revoke", k], 2),
+            (vec!["keys", "delete", k], 2),
+            (vec!["keys", "events", k], 2),
+            (vec!["keys", "roll", k], 2),
+            (vec!["keys", "renew", k, "--extend-by", "1d"], 2),
+            (vec!["keys", "update", k, "--name", "x"], 2),
+            (vec!["keys", "list", "--org", "acme", "--after", k], 2),
+            // A key where a name (or id) belongs.
+            (vec!["keys", "create", "--org", k, "--name", "x"], 2),
+            (vec!["keys", "create", "--org", "acme", "--project", k, "--name", "x"], 2),
+            (vec!["keys", "create", "--org", "acme", "--product", k, "--name", "x"], 2),
+            (vec!["keys", "list", "--org", k], 2),
+            (vec!["keys", "list", "--org", "acme", "--project", k], 2),
+            (vec!["keys", "verify", "--org", k, "--product", "search"], 2),
+            (vec!["keys", "verify", "--org", "acme", "--product", k], 2),
+            (vec!["projects", "list", "--org", k], 2),
+            (vec!["products", "list", "--org", "acme", "--project", k], 2),
+            // A key as a flag value clap checks, and as a metadata pair.
+            (vec!["keys", "list", "--org", "acme", "--status", k], 1),
+            (vec!["keys", "list", "--org", "acme", "--limit", k], 1),
+            (vec!["keys", "list", "--expiring-within", k], 1),
+            (vec!["keys", "create", "--org", "acme", "--name", "x", "--rate-limit", k], 1),
+            (vec!["keys", "create", "--org", "acme", "--name", "x", "--expires-in", k], 1),
+            (vec!["keys", "create", "--org", "acme", "--name", "x", "--expires-at", k], 1),
+            (vec!["keys", "create", "--org", "acme", "--name", "x", "--credits", k], 1),
+            (vec!["keys", "create", "--org", "acme", "--name", "x", "--meta", k], 1),
+            (vec!["keys", "roll", &id, "--grace", k], 1),
+            (vec!["keys", "renew", &id, "--expires-at", k], 1),
+            (vec!["keys", "rehash", "--batch", k], 1),
+            (vec!["--signing-secret-version", k, "orgs", "list"], 1),
+            // A key as a command, or as an argument where none is expected.
+            (vec![k], 1),
+            (vec!["keys", k], 1),
+            (vec!["keys", "show", &id, k], 1),
+            (vec!["orgs", "list", k], 1),
+            (vec!["migrate", k], 1),
+            (vec!["redact", k], 1),
+            (vec![&as_flag], 1),
+            (vec!["keys", "list", &as_flag_value], 1),
+        ];
+        // Every case is run, then every failure reported at once.
+        let mut failures = Vec::new();
+        for (args, expected) in cases {
+            let out = cli.run(&args);
+            let printed = [out.stdout.as_slice(), out.stderr.as_slice()].concat();
+            let printed_text = String::from_utf8_lossy(&printed);
+            if !apikeys_db::core::find_keys(&printed).is_empty() {
+                failures.push(format!("apikeys {args:?} echoes the key: {printed_text}"));
+            }
+            if code(&out) != expected || printed_text.contains("panicked") {
+                failures.push(format!("apikeys {args:?}: exit {}: {printed_text}", code(&out)));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+        // `keys verify KEY` says where the key goes instead, on one line.
+        let err = assert_fails(&cli.run(&["keys", "verify", k]), 1, "key as an argument");
+        assert!(err.contains("standard input") && err.contains("| apikeys keys verify"), "{err}");
+    }
+    // None of it changed the key: it is still the one active key, and verifies.
+    let after = cli.json(&["keys", "list", "--org", "acme", "--status", "all"]);
+    assert_eq!(after["items"].as_array().unwrap().len(), 1, "{after}");
+    assert_eq!(after["items"][0]["status"], "active", "{after}");
+    assert_eq!(code(&cli.verify(&key, &[])), 0);
+}
+
 macro_rules! backend_tests {
     ($backend:ident, $feature:literal) => {
         #[cfg(feature = $feature)]
@@ -514,6 +601,10 @@ macro_rules! backend_tests {
             #[tokio::test]
             async fn rehash_pass() {
                 super::rehash_pass($feature).await;
+            }
+            #[tokio::test]
+            async fn keys_are_never_echoed() {
+                super::keys_are_never_echoed($feature).await;
             }
         }
     };

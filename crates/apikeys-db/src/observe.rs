@@ -14,7 +14,8 @@ use apikeys_core::{ApiKey, Error, Result};
 use metrics::{Counter, Histogram, Key, Label, Level, Metadata, Recorder};
 use tracing::Instrument;
 
-/// The metric counting checks, labelled `op` (`verify`, `validate`) and `outcome`.
+/// The metric counting checks, labelled `op` (`verify`, `validate`) and `outcome` (one of
+/// [`OUTCOMES`]: `storage` is a real database failure only).
 pub(crate) const CHECKS_METRIC: &str = "apikeys_checks_total";
 /// The metric timing checks (seconds), labelled `op`.
 pub(crate) const DURATION_METRIC: &str = "apikeys_check_duration_seconds";
@@ -35,7 +36,12 @@ pub(crate) enum Op {
 }
 
 const OPS: [&str; 2] = ["verify", "validate"];
-const OUTCOMES: [&str; 10] = [
+/// The outcomes of a check, one per kind of answer a host may want to tell apart on a
+/// dashboard. `usage_exhausted` (credits spent) is the caller's, like `quota`; `storage` is
+/// [`Error::Storage`] alone, a database failure; `other` is any error that is none of these
+/// (an invalid argument, a configuration error, a failed random number generator, a kind of
+/// error added later), so that it never passes for a database failure.
+const OUTCOMES: [&str; 12] = [
     "ok",
     "invalid",
     "expired",
@@ -43,9 +49,11 @@ const OUTCOMES: [&str; 10] = [
     "product",
     "scope",
     "quota",
+    "usage_exhausted",
     "unavailable",
     "conflict",
     "storage",
+    "other",
 ];
 
 static METADATA: Metadata<'static> =
@@ -148,9 +156,11 @@ fn outcome(result: &Result<ApiKey>) -> usize {
         Err(Error::ProductNotAllowed { .. }) => 4,
         Err(Error::InsufficientScope { .. }) => 5,
         Err(Error::Quota { .. }) => 6,
-        Err(Error::Unavailable { .. }) => 7,
-        Err(Error::Conflict { .. }) => 8,
-        Err(_) => 9,
+        Err(Error::UsageExhausted { .. }) => 7,
+        Err(Error::Unavailable { .. }) => 8,
+        Err(Error::Conflict { .. }) => 9,
+        Err(Error::Storage { .. }) => 10,
+        Err(_) => 11,
     }
 }
 
@@ -170,5 +180,46 @@ pub(crate) fn feed(changes: u64, lag_seconds: Option<f64>) {
     }
     if let Some(lag) = lag_seconds {
         metrics::gauge!(FEED_LAG_METRIC).set(lag);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use apikeys_core::{ProductId, RateLimit};
+    use chrono::Utc;
+
+    use super::*;
+
+    fn name(error: Error) -> &'static str {
+        OUTCOMES[outcome(&Err(error))]
+    }
+
+    #[test]
+    fn each_error_has_its_outcome_and_only_a_database_failure_is_storage() {
+        let io = || std::io::Error::other("x");
+        let limit = RateLimit::per_minute(1).unwrap();
+        let cases = [
+            (Error::InvalidKey, "invalid"),
+            (Error::Expired { expired_at: Utc::now() }, "expired"),
+            (Error::Revoked { revoked_at: Utc::now() }, "revoked"),
+            (Error::ProductNotAllowed { product_id: ProductId::new() }, "product"),
+            (Error::InsufficientScope { missing: Vec::new() }, "scope"),
+            (Error::Quota { retry_after: Duration::from_secs(1), limit }, "quota"),
+            (Error::UsageExhausted { refill_at: None }, "usage_exhausted"),
+            (Error::UsageExhausted { refill_at: Some(Utc::now()) }, "usage_exhausted"),
+            (Error::unavailable(io()), "unavailable"),
+            (Error::conflict(io()), "conflict"),
+            (Error::storage(io()), "storage"),
+            (Error::invalid_input("scopes", "bad"), "other"),
+            (Error::configuration("no secret"), "other"),
+            (Error::Entropy, "other"),
+        ];
+        for (error, expected) in cases {
+            let shown = error.to_string();
+            assert_eq!(name(error), expected, "{shown}");
+        }
+        assert_eq!(CHECK_KEYS.len(), OPS.len() * OUTCOMES.len());
     }
 }

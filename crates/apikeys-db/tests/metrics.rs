@@ -15,7 +15,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use apikeys_db::{KeyCache, KeyUpdate, NewKey, RateLimit, ValidateOptions, VerifyOptions};
+use apikeys_db::{
+    Credits, Error, KeyCache, KeyUpdate, NewKey, RateLimit, ValidateOptions, VerifyOptions,
+};
 use chrono::TimeDelta;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 
@@ -86,6 +88,8 @@ async fn every_outcome_is_counted_and_timed() {
         let expiring = NewKey::new("e").expires_at(clock.now() + TimeDelta::seconds(1));
         let expiring = client.create_key(org.id, expiring).await.unwrap();
         let revoked = client.create_key(org.id, NewKey::new("r")).await.unwrap();
+        let one_credit = NewKey::new("c").with_credits(Credits::new(1));
+        let one_credit = client.create_key(org.id, one_credit).await.unwrap();
         client.revoke_key(revoked.record.id).await.unwrap();
         clock.advance(TimeDelta::seconds(2));
         take(&snapshotter); // from here on, only the checks below
@@ -104,6 +108,10 @@ async fn every_outcome_is_counted_and_timed() {
         client.validate_key(k, &admin).await.unwrap_err();
         client.validate_key(limited.key.expose_secret(), &plain).await.unwrap();
         client.validate_key(limited.key.expose_secret(), &plain).await.unwrap_err();
+        // Credits spent: a caller's outcome of its own (429), not a storage failure.
+        client.validate_key(one_credit.key.expose_secret(), &plain).await.unwrap();
+        let exhausted = client.validate_key(one_credit.key.expose_secret(), &plain).await;
+        assert!(matches!(exhausted, Err(Error::UsageExhausted { .. })), "{exhausted:?}");
         client.update_key(key.record.id, KeyUpdate::new().with_name("renamed")).await.unwrap();
 
         let Counts { checks: counters, timings, .. } = take(&snapshotter);
@@ -112,17 +120,18 @@ async fn every_outcome_is_counted_and_timed() {
             ("verify", "invalid", 1),
             ("verify", "expired", 1),
             ("verify", "revoked", 1),
-            ("validate", "ok", 2),
+            ("validate", "ok", 3),
             ("validate", "product", 1),
             ("validate", "scope", 1),
             ("validate", "quota", 1),
+            ("validate", "usage_exhausted", 1),
         ]
         .into_iter()
         .map(|(op, outcome, n)| ((op.to_owned(), outcome.to_owned()), n))
         .collect();
         assert_eq!(counters, expected, "{backend:?}");
         let expected_timings: BTreeMap<String, usize> =
-            [("verify".to_owned(), 5), ("validate".to_owned(), 5)].into_iter().collect();
+            [("verify".to_owned(), 5), ("validate".to_owned(), 7)].into_iter().collect();
         assert_eq!(timings, expected_timings, "{backend:?}: one duration per check");
 
         // The cache: hits, a miss, a key known not to exist; the feed's lag. The poller hands

@@ -145,7 +145,9 @@ pub struct Problem {
     /// When the key's credits refill ([`ProblemCode::UsageExhausted`]), if they do.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refill_at: Option<DateTime<Utc>>,
-    /// The rejected field ([`ProblemCode::InvalidInput`]).
+    /// The rejected field ([`ProblemCode::InvalidInput`]), or the part of a request that
+    /// does not parse ([`ProblemCode::BadRequest`], when the framework adapter knows it: a
+    /// path or query parameter, a body member). A name, never the value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
     /// The kind of record (`organization`, `project`, `product`, `key`) that is missing or

@@ -242,6 +242,39 @@ pub async fn query_parameter_only_when_turned_on(db: TestDb) {
     assert_eq!(a.status, 200);
 }
 
+/// Whatever a request presents, and however the guard turns it away, the answer never
+/// repeats a key: a key of another format, a key with something glued to it, two keys, a
+/// key under another scheme or in a query parameter the guard does not read, on routes
+/// behind the layer, with the plain extractor and with a typed one.
+pub async fn rejections_never_echo_what_was_presented(db: TestDb) {
+    let client = db.client().await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let (plain, _) = key(&client, org.id, NewKey::new("p")).await;
+    let foreign = apikeys_db::KeyFormat::new("acme", Some("live")).unwrap().generate().unwrap();
+    let foreign = foreign.expose_secret();
+    let base = serve(app(ApiKeyAuth::new(client.clone()))).await;
+    let with_query = serve(app(ApiKeyAuth::new(client).query_param("api_key"))).await;
+    for path in ["/whoami", "/plain", "/write", "/maybe"] {
+        for k in [plain.as_str(), foreign] {
+            for value in [format!("{k}x"), format!("{k} {k}"), format!("{k},{k}")] {
+                let a = fetch(&format!("{base}{path}"), &[("x-api-key", &value)]).await;
+                a.assert_problem(401, "invalid_key", k);
+            }
+            let a = fetch(&format!("{base}{path}"), &[("x-api-key", foreign)]).await;
+            a.assert_problem(401, "invalid_key", foreign);
+            let a = fetch(&format!("{with_query}{path}?api_key={foreign}"), &[]).await;
+            a.assert_problem(401, "invalid_key", foreign);
+            if path != "/maybe" {
+                let basic = format!("Basic {k}");
+                let a = fetch(&format!("{base}{path}"), &[("authorization", &basic)]).await;
+                a.assert_problem(401, "missing_key", k);
+                let a = fetch(&format!("{base}{path}?api_key={k}"), &[]).await;
+                a.assert_problem(401, "missing_key", k);
+            }
+        }
+    }
+}
+
 pub async fn typed_requirements_and_optional_keys(db: TestDb) {
     let client = db.client().await;
     let (org, _) = client.get_or_create_organization("acme").await.unwrap();
@@ -292,6 +325,43 @@ pub async fn a_layer_and_an_extractor_count_a_request_once(db: TestDb) {
         "quota_exceeded",
         &plain,
     );
+}
+
+async fn typed_then_plain(typed: ValidKey<Write>, plain: ValidKey) -> String {
+    format!("{} {}", typed.name, plain.name)
+}
+
+async fn plain_then_typed(plain: ValidKey, typed: ValidKey<Write>) -> String {
+    format!("{} {}", typed.name, plain.name)
+}
+
+/// On a route without a guard layer, a handler taking `ValidKey<R>` and a plain `ValidKey`
+/// gets a plain key that meets the guard's default requirements, in either order: the
+/// typed extractor's validation (against `R` alone) is never handed on as the defaults'
+/// one. Each request is still counted once.
+pub async fn a_plain_key_after_a_typed_one_still_meets_the_defaults(db: TestDb) {
+    let client = db.client().await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let (writer, _) = key(&client, org.id, NewKey::new("w").with_scopes(["widgets:write"])).await;
+    let both = NewKey::new("b").with_scopes(["widgets:write", "profile"]);
+    let (both, both_id) = key(&client, org.id, both).await;
+    let defaults = ValidateOptions::new().require_scopes(["profile"]).unwrap();
+    let auth = ApiKeyAuth::new(client.clone()).requirements(defaults);
+    let write = Arc::new(ValidateOptions::new().require_scopes(["widgets:write"]).unwrap());
+    let app = Router::new()
+        .route("/typed-then-plain", get(typed_then_plain))
+        .route("/plain-then-typed", get(plain_then_typed))
+        .layer(axum::Extension(auth))
+        .with_state(AppState { write });
+    let base = serve(app).await;
+    for path in ["/typed-then-plain", "/plain-then-typed"] {
+        let a = fetch(&format!("{base}{path}"), &[("x-api-key", &writer)]).await;
+        a.assert_problem(403, "insufficient_scope", &writer);
+        assert_eq!(a.body["missing_scopes"], json!(["profile"]), "{path}: {}", a.text);
+        let a = fetch(&format!("{base}{path}"), &[("x-api-key", &both)]).await;
+        assert_eq!((a.status, a.text.as_str()), (200, "b b"), "{path}");
+    }
+    assert_eq!(client.get_key(both_id).await.unwrap().use_count, 2, "one use per request");
 }
 
 pub async fn database_failures_are_503_and_500_without_details(db: TestDb) {

@@ -20,8 +20,10 @@ common::backend_tests! {
         wrong_scope_and_wrong_product_are_403,
         over_the_limit_is_429_with_retry_after_and_ratelimit_headers,
         query_parameter_only_when_turned_on,
+        rejections_never_echo_what_was_presented,
         typed_requirements_and_optional_keys,
         a_layer_and_an_extractor_count_a_request_once,
+        a_plain_key_after_a_typed_one_still_meets_the_defaults,
         database_failures_are_503_and_500_without_details,
         a_revoke_through_the_api_is_seen_by_a_caching_guard,
         admin_calls_racing_guarded_requests_end_in_documented_answers,
@@ -32,6 +34,7 @@ common::backend_tests! {
         keys_end_to_end,
         listing_filters_by_status_and_pages,
         bad_input_is_a_problem_and_changes_nothing,
+        values_that_do_not_parse_are_never_echoed,
         the_openapi_document_describes_every_route,
     ],
 }

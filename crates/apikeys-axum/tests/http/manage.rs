@@ -1,6 +1,7 @@
 //! The management API end to end through real HTTP.
 
 use apikeys_axum::{ApiKeyAuth, ManagementApi, ValidKey};
+use apikeys_db::core::find_keys;
 use apikeys_db::{ApiKeyClient, ValidateOptions};
 use axum::Router;
 use axum::routing::get;
@@ -343,6 +344,142 @@ pub async fn bad_input_is_a_problem_and_changes_nothing(db: TestDb) {
     assert!(a.status == 404 || a.status == 422, "{}", a.text);
     assert_eq!([before[..6].to_vec(), db.counts(&client).await].concat(), before);
     assert_eq!(client.get_key(key.id).await.unwrap(), key);
+}
+
+/// A request whose path, query or body does not parse is answered with a problem that
+/// names the part (`field`) and never repeats the value: not a key given where an id
+/// belongs (the natural mistake), not any other value. Every route taking an id is tried,
+/// in each of its id positions, with a key of this store, a key of another format and a
+/// plain marker value; then the query parameters and the body members.
+pub async fn values_that_do_not_parse_are_never_echoed(db: TestDb) {
+    let client = db.client().await;
+    let base = app(client.clone()).await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let (project, _) = client.get_or_create_project(org.id, "v1").await.unwrap();
+    let (product, _) = client.get_or_create_product(org.id, "search").await.unwrap();
+    let issued = client.create_key(org.id, apikeys_db::NewKey::new("k")).await.unwrap();
+    let key = issued.key.expose_secret().to_owned();
+    let foreign = apikeys_db::KeyFormat::new("acme", Some("live")).unwrap().generate().unwrap();
+    let before = db.counts(&client).await;
+    let body = || Some(json!({"name": "x"}));
+    let mut failures = Vec::new();
+    let mut check = |what: String, a: Answer, status: u16, field: Option<&str>, value: &str| {
+        let echoed = a.text.contains(value) || !find_keys(a.text.as_bytes()).is_empty();
+        let problem = a.status == status
+            && a.header("content-type") == "application/problem+json"
+            && a.body["code"] == "bad_request";
+        let named = a.body["field"].as_str() == field;
+        if echoed || !problem || !named {
+            failures.push(format!("{what}: {} {}", a.status, a.text));
+        }
+    };
+    for bad in [key.as_str(), foreign.expose_secret(), "marker-value-4242"] {
+        let (o, pj, pd, k) =
+            (org.id.to_string(), project.id.to_string(), product.id, issued.record.id);
+        let routes: Vec<(Method, String, Option<Value>, &str)> = vec![
+            (Method::GET, format!("/orgs/{bad}"), None, "org_id"),
+            (Method::GET, format!("/orgs/{bad}/projects"), None, "org_id"),
+            (Method::POST, format!("/orgs/{bad}/projects"), body(), "org_id"),
+            (Method::GET, format!("/orgs/{bad}/products"), None, "org_id"),
+            (Method::POST, format!("/orgs/{bad}/products"), body(), "org_id"),
+            (Method::GET, format!("/orgs/{bad}/keys"), None, "org_id"),
+            (Method::POST, format!("/orgs/{bad}/keys"), body(), "org_id"),
+            (Method::GET, format!("/projects/{bad}"), None, "project_id"),
+            (Method::GET, format!("/projects/{bad}/keys"), None, "project_id"),
+            (Method::GET, format!("/projects/{bad}/products"), None, "project_id"),
+            (Method::PUT, format!("/projects/{bad}/products/{pd}"), None, "project_id"),
+            (Method::DELETE, format!("/projects/{bad}/products/{pd}"), None, "project_id"),
+            (Method::PUT, format!("/projects/{pj}/products/{bad}"), None, "product_id"),
+            (Method::DELETE, format!("/projects/{pj}/products/{bad}"), None, "product_id"),
+            (Method::GET, format!("/products/{bad}"), None, "product_id"),
+            (Method::GET, format!("/keys/{bad}"), None, "key_id"),
+            (Method::PATCH, format!("/keys/{bad}"), body(), "key_id"),
+            (Method::DELETE, format!("/keys/{bad}"), None, "key_id"),
+            (Method::POST, format!("/keys/{bad}/revoke"), None, "key_id"),
+        ];
+        for (method, path, body, field) in routes {
+            let what = format!("{method} {path}");
+            check(what, call(&base, method, &path, body).await, 400, Some(field), bad);
+        }
+        // Query parameters.
+        for (query, field) in [
+            (format!("status={bad}"), Some("status")),
+            (format!("after={bad}"), Some("after")),
+            (format!("limit={bad}"), Some("limit")),
+            (format!("status=active&after={bad}"), Some("after")),
+            (format!("{bad}=1"), None),
+        ] {
+            for path in [format!("/orgs/{o}/keys?{query}"), format!("/projects/{pj}/keys?{query}")]
+            {
+                let a = call(&base, Method::GET, &path, None).await;
+                check(format!("GET {path}"), a, 400, field, bad);
+            }
+        }
+        // Body members (422: JSON that does not fit; 400: not JSON at all).
+        let keys = format!("/orgs/{o}/keys");
+        let patch = format!("/keys/{k}");
+        for (method, path, body, status, field) in [
+            (Method::POST, &keys, json!({"name": "x", "project_id": bad}), 422, Some("project_id")),
+            (Method::POST, &keys, json!({"name": "x", "product_id": bad}), 422, Some("product_id")),
+            (Method::POST, &keys, json!({"name": "x", "expires_at": bad}), 422, Some("expires_at")),
+            (
+                Method::POST,
+                &keys,
+                json!({"name": "x", "expires_in_seconds": bad}),
+                422,
+                Some("expires_in_seconds"),
+            ),
+            (
+                Method::POST,
+                &keys,
+                json!({"name": "x", "rate_limit": {"requests": 1, "window": bad}}),
+                422,
+                Some("rate_limit.window"),
+            ),
+            (
+                Method::POST,
+                &keys,
+                json!({"name": "x", "scopes": ["a", [bad]]}),
+                422,
+                Some("scopes[1]"),
+            ),
+            (Method::POST, &keys, json!({"name": "x", bad: true}), 422, None),
+            (Method::POST, &keys, json!({"name": [bad]}), 422, Some("name")),
+            (Method::POST, &"/orgs".to_owned(), json!({bad: "x"}), 422, None),
+            (Method::PATCH, &patch, json!({"rate_limit": bad}), 422, Some("rate_limit")),
+            (Method::PATCH, &patch, json!({"scopes": bad}), 422, Some("scopes")),
+        ] {
+            let what = format!("{method} {path} {body}");
+            check(what, call(&base, method, path, Some(body)).await, status, field, bad);
+        }
+        // (serde reads a member's name before its value: an unknown one is refused first.)
+        for (text, status) in [
+            (format!("{{\"name\": \"x\", \"custom\": {{\"{bad}\": tru}}}}"), 400),
+            (format!("{{\"name\": \"x\", \"{bad}\": }}"), 422),
+            (format!("{{\"name\": {bad}}}"), 400),
+        ] {
+            let a = reqwest::Client::new()
+                .post(format!("{base}/admin{keys}"))
+                .header("x-admin-token", TOKEN)
+                .header("content-type", "application/json")
+                .body(text.clone())
+                .send()
+                .await
+                .unwrap();
+            check(format!("POST {keys} {text}"), Answer::of(a).await, status, None, bad);
+        }
+    }
+    // A member that is missing is named (by the type's own field name).
+    let a = call(&base, Method::POST, "/orgs", Some(json!({}))).await;
+    a.assert_problem(422, "bad_request", "");
+    assert_eq!(
+        (a.body["field"].as_str(), a.body["detail"].as_str()),
+        (Some("name"), Some("the body member `name` is missing"))
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Nothing was written, and the key still works.
+    assert_eq!(db.counts(&client).await, before);
+    client.verify_key(&key, &apikeys_db::VerifyOptions::new()).await.unwrap();
 }
 
 pub async fn the_openapi_document_describes_every_route(db: TestDb) {

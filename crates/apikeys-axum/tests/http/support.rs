@@ -1,6 +1,7 @@
 //! Serving an app on loopback, and reading problem answers.
 
 use apikeys_db::ApiKeyClient;
+use apikeys_db::core::find_keys;
 use axum::Router;
 use reqwest::Response;
 use serde_json::Value;
@@ -38,13 +39,17 @@ impl Answer {
         self.headers.get_all(name).iter().map(|v| v.to_str().unwrap().to_owned()).collect()
     }
 
-    /// Asserts an RFC 9457 problem with this status and code that never mentions `key`.
+    /// Asserts an RFC 9457 problem with this status and code that never mentions `key`, nor
+    /// anything else shaped like a key (in its body or headers).
     pub fn assert_problem(&self, status: u16, code: &str, key: &str) {
         assert_eq!(self.status, status, "{}", self.text);
         assert_eq!(self.header("content-type"), "application/problem+json", "{}", self.text);
         assert_eq!(self.body["status"], status, "{}", self.text);
         assert_eq!(self.body["code"], code, "{}", self.text);
         assert!(self.body["title"].is_string() && self.body["detail"].is_string(), "{}", self.text);
+        assert!(find_keys(self.text.as_bytes()).is_empty(), "a key in the body: {}", self.text);
+        let headers = format!("{:?}", self.headers);
+        assert!(find_keys(headers.as_bytes()).is_empty(), "a key in a header: {headers}");
         if !key.is_empty() {
             assert!(!self.text.contains(key), "the body echoes the key: {}", self.text);
             assert!(!format!("{:?}", self.headers).contains(key), "a header echoes the key");
