@@ -499,3 +499,240 @@ pub async fn upgrade_to_the_lifecycle_schema(db: TestDb) {
         [KeyAction::Updated, KeyAction::Rolled]
     );
 }
+
+/// Validates `key` once on `client`: true if admitted, false if refused by the rate limit;
+/// any other outcome fails the test.
+async fn admitted(client: &apikeys_db::ApiKeyClient, key: &str) -> bool {
+    match client.validate_key(key, &plain().track_usage(false)).await {
+        Ok(_) => true,
+        Err(Error::Quota { .. }) => false,
+        Err(e) => panic!("{e:?}"),
+    }
+}
+
+/// A rolled key and its successors count against one rate limit (issue 23): whoever holds
+/// the old key during its grace gets no budget of its own. A key limited to 10 an hour is
+/// used 4 times, rolled, and the old and new keys are hammered together from two replicas;
+/// rolled again, all three are hammered: the lineage admits at most 10 in the window
+/// (exactly 10 in shared mode). With its newest key deleted, the others still share what
+/// is left (refused, never `InvalidKey`).
+pub async fn rolled_keys_share_one_rate_limit_budget(db: TestDb) {
+    use apikeys_db::{RateLimitMode, Window};
+    for mode in [RateLimitMode::Shared, RateLimitMode::Leased] {
+        let admin = db.client_with(|b| b.rate_limit_mode(mode)).await;
+        let replica = db.client_with(|b| b.rate_limit_mode(mode)).await;
+        let org = org(&admin, &format!("acme-{mode:?}")).await;
+        let limit = RateLimit::per_hour(10).unwrap();
+        let a = admin.create_key(org, NewKey::new("a").with_rate_limit(limit)).await.unwrap();
+        crate::common::leave_room(&admin, Window::Hour, Duration::from_secs(120)).await;
+        let mut ok = 0;
+        for c in [&admin, &replica, &admin, &replica] {
+            assert!(admitted(c, a.key.expose_secret()).await);
+            ok += 1;
+        }
+        let hammer = async |keys: Vec<String>| {
+            let mut tasks = Vec::new();
+            for client in [&admin, &replica] {
+                for key in &keys {
+                    let (client, key) = (client.clone(), key.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let mut ok = 0;
+                        for _ in 0..10 {
+                            ok += usize::from(admitted(&client, &key).await);
+                        }
+                        ok
+                    }));
+                }
+            }
+            let mut ok = 0;
+            for t in tasks {
+                ok += t.await.unwrap();
+            }
+            ok
+        };
+        let hour = Duration::from_secs(3600);
+        let b = admin.roll_key(a.record.id, hour).await.unwrap();
+        let keys = [&a, &b].map(|k| k.key.expose_secret().to_owned());
+        ok += hammer(keys.to_vec()).await;
+        let c = admin.roll_key(b.record.id, hour).await.unwrap();
+        let keys = [&a, &b, &c].map(|k| k.key.expose_secret().to_owned());
+        ok += hammer(keys.to_vec()).await;
+        assert!(ok <= 10, "{mode:?}: {ok} admitted in one window of a limit of 10");
+        if mode == RateLimitMode::Shared {
+            assert_eq!(ok, 10, "shared mode is exact");
+        }
+        admin.delete_key(c.record.id).await.unwrap();
+        for k in [&a, &b] {
+            for client in [&admin, &replica] {
+                assert!(!admitted(client, k.key.expose_secret()).await, "{mode:?}");
+            }
+        }
+    }
+}
+
+/// A roll with no grace is a revocation (issue 23): a replica whose clock is 30 s behind
+/// the one that rolled refuses the old key at once with `Revoked` (an expiry set to the
+/// roller's `now` would still be 30 s away for it), with the cache on and off.
+pub async fn zero_grace_roll_is_a_revocation(db: TestDb) {
+    for cached in [false, true] {
+        let admin = db.client().await;
+        let lagging = db
+            .client_with(|b| {
+                let b = b.clock(|| Utc::now() - TimeDelta::seconds(30));
+                if cached { b.cache(cache()) } else { b }
+            })
+            .await;
+        let org = org(&admin, "acme").await;
+        let old = admin.create_key(org, NewKey::new("leaked")).await.unwrap();
+        let key = old.key.expose_secret();
+        if cached {
+            warm(&lagging, key, &plain()).await;
+        } else {
+            lagging.validate_key(key, &plain()).await.unwrap();
+        }
+        let new = admin.roll_key(old.record.id, Duration::ZERO).await.unwrap();
+        let (e, _) = refused_within_bound(&lagging, key, &plain(), Instant::now()).await;
+        assert!(matches!(e, Error::Revoked { .. }), "{e:?}");
+        let v = lagging.verify_key(key, &VerifyOptions::new()).await;
+        assert!(matches!(v, Err(Error::Revoked { .. })), "{v:?}");
+        let o = admin.get_key(old.record.id).await.unwrap();
+        assert!(o.revoked_at.is_some() && o.rolled_to == Some(new.record.id), "{o:?}");
+        lagging.validate_key(new.key.expose_secret(), &plain()).await.unwrap();
+        assert_eq!(
+            actions(&admin.list_key_events(old.record.id).await.unwrap()),
+            [KeyAction::Created, KeyAction::Rolled, KeyAction::Revoked]
+        );
+    }
+}
+
+/// Owners are per organization (issue 23): two tenants use the same owner string; revoking
+/// one tenant's owner leaves the other's keys working, and listing shows one tenant's keys.
+pub async fn owners_are_per_organization(db: TestDb) {
+    let client = db.client().await;
+    let (one, two) = (org(&client, "tenant-one").await, org(&client, "tenant-two").await);
+    let mk = |name: &str| NewKey::new(name).with_owner("user-1");
+    let k1 = client.create_key(one, mk("k1")).await.unwrap();
+    let k2 = client.create_key(two, mk("k2")).await.unwrap();
+    let k3 = client.create_key(two, mk("k3")).await.unwrap();
+    let page = Page::first(10).unwrap();
+    let ids = |p: apikeys_db::KeyPage<apikeys_db::ApiKey>| {
+        p.items.iter().map(|k| k.id).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(client.list_owner_keys("user-1", StatusFilter::All, page).await.unwrap()),
+        [k1.record.id]
+    );
+    assert_eq!(client.revoke_owner_keys("user-1").await.unwrap(), [k1.record.id]);
+    for k in [&k2, &k3] {
+        client.validate_key(k.key.expose_secret(), &plain()).await.unwrap();
+    }
+    let r = client.validate_key(k1.key.expose_secret(), &plain()).await;
+    assert!(matches!(r, Err(Error::Revoked { .. })), "{r:?}");
+}
+
+/// A rolled (superseded) key is not renewed or extended, and is not listed as expiring
+/// (issue 23): its successor is the key to renew. The refusal is typed, names the successor
+/// and changes nothing.
+pub async fn rolled_keys_are_not_renewed_or_listed_as_expiring(db: TestDb) {
+    let clock = TestClock::at(Utc::now());
+    let client = db.client_with(|b| b.clock(clock.as_fn())).await;
+    let org = org(&client, "acme").await;
+    let day = Duration::from_secs(86_400);
+    let old = client.create_key(org, NewKey::new("k").expires_after(2 * day)).await.unwrap();
+    let new = client.roll_key(old.record.id, Duration::from_secs(3600)).await.unwrap();
+    let before = client.get_key(old.record.id).await.unwrap();
+    let later = clock.now() + TimeDelta::days(30);
+    let r = client.renew_key(old.record.id, later).await;
+    assert!(
+        matches!(r, Err(Error::AlreadyExists { existing }) if existing == new.record.id.into()),
+        "{r:?}"
+    );
+    let r = client.extend_key(old.record.id, day).await;
+    assert!(
+        matches!(r, Err(Error::AlreadyExists { existing }) if existing == new.record.id.into()),
+        "{r:?}"
+    );
+    assert_eq!(client.get_key(old.record.id).await.unwrap(), before, "nothing changed");
+    let page = Page::first(10).unwrap();
+    let expiring = client.list_expiring_keys(3 * day, page).await.unwrap();
+    assert_eq!(expiring.items.iter().map(|k| k.id).collect::<Vec<_>>(), [new.record.id]);
+    client.validate_key(old.key.expose_secret(), &plain()).await.unwrap();
+    client.renew_key(new.record.id, later).await.unwrap();
+}
+
+/// The start of the UTC day after `t`.
+fn next_day(t: chrono::DateTime<Utc>) -> chrono::DateTime<Utc> {
+    t.date_naive().succ_opt().unwrap().and_hms_opt(0, 0, 0).unwrap().and_utc()
+}
+
+/// A replica whose clock is a day ahead (or behind) cannot move the shared refill period
+/// (issue 23): spending, creating and updating credits from it neither refills early nor
+/// pushes the next refill out for the replicas with the right time.
+pub async fn a_skewed_clock_cannot_move_the_credit_period(db: TestDb) {
+    // The test reasons about "today": run it again if the UTC day changed meanwhile.
+    for _ in 0..2 {
+        let today = Utc::now().date_naive();
+        skewed_credit_case(&db).await;
+        if Utc::now().date_naive() == today {
+            return;
+        }
+    }
+    panic!("the UTC day changed twice during the test");
+}
+
+async fn skewed_credit_case(db: &TestDb) {
+    let normal = db.client().await;
+    let ahead = db.client_with(|b| b.clock(|| Utc::now() + TimeDelta::days(1))).await;
+    let behind = db.client_with(|b| b.clock(|| Utc::now() - TimeDelta::days(1))).await;
+    let org = org(&normal, "acme").await;
+    let tomorrow = next_day(Utc::now());
+    let daily = Credits::new(2).with_refill(Refill::daily(5));
+    let exhausted = |r: apikeys_db::Result<apikeys_db::ApiKey>| match r {
+        Err(Error::UsageExhausted { refill_at }) => refill_at,
+        other => panic!("{other:?}"),
+    };
+    let spend_all = async |client: &apikeys_db::ApiKeyClient, key: &str| {
+        let mut ok = 0;
+        loop {
+            match client.validate_key(key, &plain()).await {
+                Ok(_) => ok += 1,
+                Err(Error::UsageExhausted { .. }) => return ok,
+                Err(e) => panic!("{e:?}"),
+            }
+            assert!(ok <= 10, "never exhausted");
+        }
+    };
+
+    // Spent from a replica a day ahead: today's balance only, no early refill.
+    let k = normal.create_key(org, NewKey::new("spent-ahead").with_credits(daily)).await.unwrap();
+    let key = k.key.expose_secret();
+    assert_eq!(spend_all(&ahead, key).await, 2, "a clock ahead refilled early");
+    assert_eq!(exhausted(normal.validate_key(key, &plain()).await), Some(tomorrow));
+    assert_eq!(exhausted(ahead.validate_key(key, &plain()).await), Some(tomorrow));
+
+    // Created from a replica a day ahead: the first refill is still tomorrow.
+    let new =
+        NewKey::new("created-ahead").with_credits(Credits::new(1).with_refill(Refill::daily(5)));
+    let k = ahead.create_key(org, new).await.unwrap();
+    assert_eq!(spend_all(&normal, k.key.expose_secret()).await, 1);
+    assert_eq!(
+        exhausted(normal.validate_key(k.key.expose_secret(), &plain()).await),
+        Some(tomorrow)
+    );
+
+    // Created from a replica a day behind: no refill today on top of the balance.
+    let new =
+        NewKey::new("created-behind").with_credits(Credits::new(1).with_refill(Refill::daily(5)));
+    let k = behind.create_key(org, new).await.unwrap();
+    assert_eq!(spend_all(&normal, k.key.expose_secret()).await, 1, "a clock behind refilled");
+
+    // Credits set from a replica a day ahead: the next refill is still tomorrow.
+    let k = normal.create_key(org, NewKey::new("updated-ahead")).await.unwrap();
+    let credits = Credits::new(1).with_refill(Refill::daily(5));
+    ahead.update_key(k.record.id, KeyUpdate::new().with_credits(Some(credits))).await.unwrap();
+    assert_eq!(spend_all(&normal, k.key.expose_secret()).await, 1);
+    assert_eq!(
+        exhausted(normal.validate_key(k.key.expose_secret(), &plain()).await),
+        Some(tomorrow)
+    );
+}
