@@ -24,6 +24,7 @@ use crate::convert::{
 use crate::entity::{api_key, product, project};
 use crate::error::{missing_parent, storage};
 use crate::feed::Change;
+use crate::rate_limit::hand_over_lineage;
 
 /// A key checked, generated and ready to insert.
 pub(crate) struct PreparedKey {
@@ -131,6 +132,7 @@ impl ApiKeyClient {
             refilled_period,
             rolled_from: None,
             rolled_to: None,
+            lineage_head_id: None,
         };
         Ok(PreparedKey { plaintext, row, project_id: v.project_id, product_id: v.product_id })
     }
@@ -349,6 +351,7 @@ impl ApiKeyClient {
         let Some(key) = find_key_on(conn, id).await? else {
             return self.deleted(id, 0);
         };
+        hand_over_lineage(conn, id).await?;
         let res = api_key::Entity::delete_by_id(id.as_uuid()).exec(conn).await.map_err(storage)?;
         if res.rows_affected == 1 {
             self.audit(conn, KeyAction::Deleted, Subject::key(&key)).await?;

@@ -100,8 +100,8 @@ pub async fn roll_keeps_the_old_key_for_its_grace(db: TestDb) {
     assert_eq!(new_events[1].actor, None);
 }
 
-/// Another replica, with the cache on and off, refuses a key rolled away with no grace, a
-/// key revoked with its owner's, and a key whose credits another replica spent.
+/// Another replica, with the cache on and off, refuses a key rolled away with no grace (as
+/// revoked), a key revoked with its owner's, and a key whose credits another replica spent.
 pub async fn other_replicas_refuse_rolled_revoked_and_spent_keys(db: TestDb) {
     for cached in [false, true] {
         let admin = db.client().await;
@@ -125,8 +125,8 @@ pub async fn other_replicas_refuse_rolled_revoked_and_spent_keys(db: TestDb) {
         admin.roll_key(rolled.record.id, Duration::ZERO).await.unwrap();
         let (e, _) =
             refused_within_bound(&replica, rolled.key.expose_secret(), &free, Instant::now()).await;
-        assert!(matches!(e, Error::Expired { .. }), "{e:?}");
-        assert_eq!(admin.revoke_owner_keys(&owner).await.unwrap(), vec![owned.record.id]);
+        assert!(matches!(e, Error::Revoked { .. }), "{e:?}");
+        assert_eq!(admin.revoke_owner_keys(org, &owner).await.unwrap(), vec![owned.record.id]);
         let (e, _) =
             refused_within_bound(&replica, owned.key.expose_secret(), &free, Instant::now()).await;
         assert!(matches!(e, Error::Revoked { .. }), "{e:?}");
@@ -309,12 +309,15 @@ pub async fn owners_and_expiring_keys(db: TestDb) {
     };
     let page = Page::first(10).unwrap();
     assert_eq!(
-        ids(client.list_owner_keys("Alice", StatusFilter::All, page).await.unwrap()),
+        ids(client.list_owner_keys(org, "Alice", StatusFilter::All, page).await.unwrap()),
         [a1, a2]
     );
-    assert_eq!(ids(client.list_owner_keys("alice", StatusFilter::All, page).await.unwrap()), [b]);
+    assert_eq!(
+        ids(client.list_owner_keys(org, "alice", StatusFilter::All, page).await.unwrap()),
+        [b]
+    );
     for bad in [" Alice", "Alice ", "", "a\0b"] {
-        let r = client.list_owner_keys(bad, StatusFilter::All, page).await;
+        let r = client.list_owner_keys(org, bad, StatusFilter::All, page).await;
         assert!(matches!(r, Err(Error::InvalidInput { field: "owner_id", .. })), "{r:?}");
         let r = client.create_key(org, mk("x", Some(bad), None)).await;
         assert!(matches!(r, Err(Error::InvalidInput { field: "owner_id", .. })), "{r:?}");
@@ -322,16 +325,16 @@ pub async fn owners_and_expiring_keys(db: TestDb) {
     assert_eq!(ids(client.list_expiring_keys(3 * day, page).await.unwrap()), [a2, c]);
     assert_eq!(ids(client.list_expiring_keys(11 * day, page).await.unwrap()), [a2, c, d]);
 
-    let mut revoked = client.revoke_owner_keys("Alice").await.unwrap();
+    let mut revoked = client.revoke_owner_keys(org, "Alice").await.unwrap();
     revoked.sort();
     assert_eq!(revoked, [a1, a2]);
-    assert!(client.revoke_owner_keys("Alice").await.unwrap().is_empty());
+    assert!(client.revoke_owner_keys(org, "Alice").await.unwrap().is_empty());
     assert!(client.get_key(b).await.unwrap().revoked_at.is_none());
     assert_eq!(ids(client.list_expiring_keys(3 * day, page).await.unwrap()), [c]);
     let k = client.update_key(b, KeyUpdate::new().with_owner(Some("Alice".into()))).await.unwrap();
     assert_eq!(k.owner_id.as_deref(), Some("Alice"));
     assert_eq!(
-        ids(client.list_owner_keys("Alice", StatusFilter::Active, page).await.unwrap()),
+        ids(client.list_owner_keys(org, "Alice", StatusFilter::Active, page).await.unwrap()),
         [b]
     );
     let k = client.update_key(b, KeyUpdate::new().with_owner(None)).await.unwrap();
@@ -456,10 +459,11 @@ pub async fn upgrade_to_the_lifecycle_schema(db: TestDb) {
         .create_key(org, NewKey::new("old").with_scopes(["read"]).with_custom(json!({"a": 1})))
         .await
         .unwrap();
-    migration::Migrator::down(client.connection(), Some(1)).await.unwrap();
+    let steps = steps_from("m20261126_000001_key_lifecycle");
+    migration::Migrator::down(client.connection(), Some(steps)).await.unwrap();
     assert_eq!(
         migration::Migrator::get_pending_migrations(client.connection()).await.unwrap().len(),
-        1
+        steps as usize
     );
     // Written on the old schema.
     let conn = client.connection();
@@ -496,8 +500,17 @@ pub async fn upgrade_to_the_lifecycle_schema(db: TestDb) {
     assert_eq!(rolled.record.owner_id.as_deref(), Some("u"));
     assert_eq!(
         actions(&client.list_key_events(id).await.unwrap()),
-        [KeyAction::Updated, KeyAction::Rolled]
+        [KeyAction::Updated, KeyAction::Rolled, KeyAction::Revoked]
     );
+}
+
+/// How many migration steps there are from `name` (included) to the last: what
+/// `Migrator::down` takes to bring a database back to before `name`.
+fn steps_from(name: &str) -> u32 {
+    use migration::MigratorTrait;
+    let all = migration::Migrator::migrations();
+    let at = all.iter().position(|m| m.name() == name).unwrap();
+    u32::try_from(all.len() - at).unwrap()
 }
 
 /// Validates `key` once on `client`: true if admitted, false if refused by the rate limit;
@@ -618,16 +631,29 @@ pub async fn owners_are_per_organization(db: TestDb) {
     let ids = |p: apikeys_db::KeyPage<apikeys_db::ApiKey>| {
         p.items.iter().map(|k| k.id).collect::<Vec<_>>()
     };
-    assert_eq!(
-        ids(client.list_owner_keys("user-1", StatusFilter::All, page).await.unwrap()),
-        [k1.record.id]
-    );
-    assert_eq!(client.revoke_owner_keys("user-1").await.unwrap(), [k1.record.id]);
+    let list =
+        async |org, status| ids(client.list_owner_keys(org, "user-1", status, page).await.unwrap());
+    assert_eq!(list(one, StatusFilter::All).await, [k1.record.id]);
+    assert_eq!(list(two, StatusFilter::All).await, [k2.record.id, k3.record.id]);
+    assert_eq!(client.revoke_owner_keys(one, "user-1").await.unwrap(), [k1.record.id]);
+    assert!(client.revoke_owner_keys(one, "user-1").await.unwrap().is_empty());
     for k in [&k2, &k3] {
         client.validate_key(k.key.expose_secret(), &plain()).await.unwrap();
     }
     let r = client.validate_key(k1.key.expose_secret(), &plain()).await;
     assert!(matches!(r, Err(Error::Revoked { .. })), "{r:?}");
+    assert_eq!(list(two, StatusFilter::Active).await, [k2.record.id, k3.record.id]);
+    assert!(list(one, StatusFilter::Active).await.is_empty());
+    // An organization that does not exist has no keys, and revokes none.
+    let nowhere = apikeys_db::OrgId::new();
+    assert!(list(nowhere, StatusFilter::All).await.is_empty());
+    assert!(client.revoke_owner_keys(nowhere, "user-1").await.unwrap().is_empty());
+    // Bad input is refused before anything is read or written.
+    let r = client.revoke_owner_keys(two, " user-1").await;
+    assert!(matches!(r, Err(Error::InvalidInput { field: "owner_id", .. })), "{r:?}");
+    let r = client.list_owner_keys(two, "", StatusFilter::All, page).await;
+    assert!(matches!(r, Err(Error::InvalidInput { field: "owner_id", .. })), "{r:?}");
+    assert_eq!(client.revoke_owner_keys(two, "user-1").await.unwrap().len(), 2);
 }
 
 /// A rolled (superseded) key is not renewed or extended, and is not listed as expiring
@@ -735,4 +761,52 @@ async fn skewed_credit_case(db: &TestDb) {
         exhausted(normal.validate_key(k.key.expose_secret(), &plain()).await),
         Some(tomorrow)
     );
+}
+
+/// A database on the schema before owners were per organization and lineages were stored,
+/// with a rolled key and owners in two organizations, upgrades with `create_tables` (the
+/// Migrator `sea-orm-cli migrate up` runs): the owner index is per organization, and the
+/// rolled key still shares its successor's rate limit.
+pub async fn upgrade_to_per_organization_owners_and_lineage(db: TestDb) {
+    use apikeys_db::{RateLimitMode, Window};
+    use migration::MigratorTrait;
+    let client = db.client_with(|b| b.rate_limit_mode(RateLimitMode::Shared)).await;
+    let (one, two) = (org(&client, "one").await, org(&client, "two").await);
+    let limited = NewKey::new("a").with_owner("u").with_rate_limit(RateLimit::per_hour(4).unwrap());
+    let a = client.create_key(one, limited).await.unwrap();
+    let b = client.roll_key(a.record.id, Duration::from_secs(3600)).await.unwrap();
+    let x = client.create_key(two, NewKey::new("x").with_owner("u")).await.unwrap();
+    crate::common::leave_room(&client, Window::Hour, Duration::from_secs(60)).await;
+    assert!(admitted(&client, a.key.expose_secret()).await);
+    assert!(admitted(&client, b.key.expose_secret()).await);
+
+    let steps = steps_from("m20261205_000002_owners_and_lineage");
+    migration::Migrator::down(client.connection(), Some(steps)).await.unwrap();
+    let conn = client.connection();
+    assert_eq!(
+        migration::Migrator::get_pending_migrations(conn).await.unwrap().len(),
+        steps as usize
+    );
+    let manager = migration::SchemaManager::new(conn);
+    assert!(manager.has_index("api_keys", "ix_api_keys_owner").await.unwrap());
+    assert!(!manager.has_column("api_keys", "lineage_head_id").await.unwrap());
+    client.create_tables().await.unwrap();
+    assert!(migration::Migrator::get_pending_migrations(conn).await.unwrap().is_empty());
+    let manager = migration::SchemaManager::new(conn);
+    assert!(manager.has_index("api_keys", "ix_api_keys_org_owner").await.unwrap());
+    assert!(!manager.has_index("api_keys", "ix_api_keys_owner").await.unwrap());
+
+    // The rolled key's lineage was filled in: the two keys still share 4 an hour.
+    let mut ok = 2;
+    for k in [&a, &b, &a, &b, &a, &b] {
+        ok += usize::from(admitted(&client, k.key.expose_secret()).await);
+    }
+    assert_eq!(ok, 4);
+    let page = Page::first(10).unwrap();
+    let owned = client.list_owner_keys(two, "u", StatusFilter::All, page).await.unwrap();
+    assert_eq!(owned.items.iter().map(|k| k.id).collect::<Vec<_>>(), [x.record.id]);
+    let mut revoked = client.revoke_owner_keys(one, "u").await.unwrap();
+    revoked.sort();
+    assert_eq!(revoked, [a.record.id, b.record.id]);
+    client.validate_key(x.key.expose_secret(), &plain()).await.unwrap();
 }

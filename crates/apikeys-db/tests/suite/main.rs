@@ -99,6 +99,7 @@ common::backend_tests! {
         owners_are_per_organization,
         rolled_keys_are_not_renewed_or_listed_as_expiring,
         a_skewed_clock_cannot_move_the_credit_period,
+        upgrade_to_per_organization_owners_and_lineage,
     ],
     timeout: [
         stuck_statement_is_unavailable,
