@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio::sync::Barrier;
 
 use crate::cache::{cache, refused_within_bound, warm};
-use crate::common::{TestClock, TestDb, at};
+use crate::common::{TestClock, TestDb};
 use crate::keys::org;
 
 fn plain() -> ValidateOptions {
@@ -141,13 +141,49 @@ pub async fn other_replicas_refuse_rolled_revoked_and_spent_keys(db: TestDb) {
 }
 
 /// Credits: spent one (or the cost) per validation, refused when spent with the next
-/// refill's time, refilled once per period even by concurrent checks, never by a replica
-/// whose clock is behind; `verify_key` and cost 0 spend nothing; `update_key` sets and
-/// clears them.
+/// refill's time, refilled once per period even by concurrent checks, never early by a
+/// replica whose clock is behind; `verify_key` and cost 0 spend nothing; `update_key` sets
+/// and clears them. Periods follow the database's clock, so a new period is made by moving
+/// the key's stored period back (what the passing of a day does).
 pub async fn credits_are_spent_and_refilled_once_per_period(db: TestDb) {
-    let clock = TestClock::at(at("2026-11-25T23:59:00Z"));
-    let client = db.client_with(|b| b.clock(clock.as_fn())).await;
+    // The test reasons about "today": run it again if the UTC day changed meanwhile.
+    for _ in 0..2 {
+        let today = Utc::now().date_naive();
+        credits_case(&db).await;
+        if Utc::now().date_naive() == today {
+            return;
+        }
+    }
+    panic!("the UTC day changed twice during the test");
+}
+
+/// Moves key `id`'s stored refill period `periods` back: the database's clock now says a
+/// new period has begun since the last refill.
+async fn age_refill(client: &apikeys_db::ApiKeyClient, id: apikeys_db::KeyId, periods: i64) {
+    use apikeys_db::sea_orm::{ConnectionTrait, DbBackend, Statement};
+    let conn = client.connection();
+    let backend = conn.get_database_backend();
+    let sql = match backend {
+        DbBackend::Postgres => {
+            "UPDATE api_keys SET refilled_period = refilled_period - $1 WHERE id = $2"
+        }
+        _ => "UPDATE api_keys SET refilled_period = refilled_period - ? WHERE id = ?",
+    };
+    let values = [periods.into(), id.as_uuid().into()];
+    conn.execute_raw(Statement::from_sql_and_values(backend, sql, values)).await.unwrap();
+}
+
+/// The first instant of the UTC month after `t`'s.
+fn next_month(t: chrono::DateTime<Utc>) -> chrono::DateTime<Utc> {
+    use chrono::Datelike;
+    let (y, m) = if t.month() == 12 { (t.year() + 1, 1) } else { (t.year(), t.month() + 1) };
+    chrono::NaiveDate::from_ymd_opt(y, m, 1).unwrap().and_hms_opt(0, 0, 0).unwrap().and_utc()
+}
+
+async fn credits_case(db: &TestDb) {
+    let client = db.client().await;
     let org = org(&client, "acme").await;
+    let tomorrow = next_day(Utc::now());
     let credits = Credits::new(2).with_refill(Refill::daily(5));
     let issued = client.create_key(org, NewKey::new("trial").with_credits(credits)).await.unwrap();
     let (id, key) = (issued.record.id, issued.key.expose_secret().to_owned());
@@ -157,9 +193,7 @@ pub async fn credits_are_spent_and_refilled_once_per_period(db: TestDb) {
         assert_eq!(k.credits.unwrap().remaining, left);
     }
     match client.validate_key(&key, &plain()).await {
-        Err(Error::UsageExhausted { refill_at }) => {
-            assert_eq!(refill_at, Some(at("2026-11-26T00:00:00Z")));
-        }
+        Err(Error::UsageExhausted { refill_at }) => assert_eq!(refill_at, Some(tomorrow)),
         other => panic!("{other:?}"),
     }
     client.verify_key(&key, &VerifyOptions::new()).await.unwrap();
@@ -167,7 +201,7 @@ pub async fn credits_are_spent_and_refilled_once_per_period(db: TestDb) {
     assert_eq!(client.get_key(id).await.unwrap().credits.unwrap().remaining, 0);
 
     // A new day: 16 concurrent checks, one refill to 5, exactly 5 admitted.
-    clock.set(at("2026-11-26T00:00:01Z"));
+    age_refill(&client, id, 1).await;
     let barrier = Arc::new(Barrier::new(16));
     let tasks: Vec<_> = (0..16)
         .map(|_| {
@@ -182,20 +216,18 @@ pub async fn credits_are_spent_and_refilled_once_per_period(db: TestDb) {
     for t in tasks {
         match t.await.unwrap() {
             Ok(_) => ok += 1,
-            Err(Error::UsageExhausted { refill_at }) => {
-                assert_eq!(refill_at, Some(at("2026-11-27T00:00:00Z")));
-            }
+            Err(Error::UsageExhausted { refill_at }) => assert_eq!(refill_at, Some(tomorrow)),
             Err(e) => panic!("{e:?}"),
         }
     }
     assert_eq!(ok, 5);
-    // A replica whose clock still says the 25th finds the balance refilled already.
-    let behind = db.client_with(|b| b.clock(|| at("2026-11-25T23:59:30Z"))).await;
+    // A replica whose clock still says yesterday finds the balance refilled already.
+    let behind = db.client_with(|b| b.clock(|| Utc::now() - TimeDelta::days(1))).await;
     let late = behind.validate_key(&key, &plain()).await;
     assert!(matches!(late, Err(Error::UsageExhausted { .. })), "{late:?}");
 
     // A cost above one; a cost above the balance spends nothing.
-    clock.set(at("2026-11-27T08:00:00Z"));
+    age_refill(&client, id, 1).await;
     let k = client.validate_key(&key, &plain().credit_cost(3)).await.unwrap();
     assert_eq!(k.credits.unwrap().remaining, 2);
     let over = client.validate_key(&key, &plain().credit_cost(3)).await;
@@ -219,11 +251,11 @@ pub async fn credits_are_spent_and_refilled_once_per_period(db: TestDb) {
     client.update_key(id, KeyUpdate::new().with_credits(Some(m))).await.unwrap();
     match client.validate_key(&key, &plain()).await {
         Err(Error::UsageExhausted { refill_at }) => {
-            assert_eq!(refill_at, Some(at("2026-12-01T00:00:00Z")));
+            assert_eq!(refill_at, Some(next_month(Utc::now())));
         }
         other => panic!("{other:?}"),
     }
-    clock.set(at("2026-12-01T00:00:00Z"));
+    age_refill(&client, id, 1).await;
     let k = client.validate_key(&key, &plain()).await.unwrap();
     assert_eq!(k.credits.unwrap().remaining, 6);
     // Bad input changes nothing.
