@@ -36,6 +36,7 @@ mod m20261124_000001_alt_key_hash;
 mod m20261125_000001_key_changes;
 mod m20261126_000001_key_lifecycle;
 mod m20261205_000001_feed_token;
+mod m20261205_000002_owners_and_lineage;
 
 /// Runs the apikeys migrations in order.
 #[derive(Debug)]
@@ -50,6 +51,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000001_key_changes::Migration),
             Box::new(m20261126_000001_key_lifecycle::Migration),
             Box::new(m20261205_000001_feed_token::Migration),
+            Box::new(m20261205_000002_owners_and_lineage::Migration),
         ]
     }
 }

@@ -206,14 +206,17 @@ pub enum KeysCommand {
         /// The key's id.
         id: String,
     },
-    /// Revoke a key, or every key of an owner. Revoking is final.
+    /// Revoke a key, or every key of an owner in an organization. Revoking is final.
     Revoke {
         /// The key's id.
         #[arg(required_unless_present = "owner", conflicts_with = "owner")]
         id: Option<String>,
-        /// Revoke every key of this owner instead (for instance a departed user).
-        #[arg(long)]
+        /// Revoke every key of this owner in --org instead (for instance a departed user).
+        #[arg(long, requires = "org")]
         owner: Option<String>,
+        /// The organization of --owner (name or id): owner ids are per organization.
+        #[arg(long, requires = "owner")]
+        org: Option<String>,
     },
     /// Delete a key. Its audit events stay.
     Delete {
@@ -302,13 +305,13 @@ pub struct CreateArgs {
 #[derive(Debug, Args)]
 pub struct ListArgs {
     /// The keys of this organization (name or id).
-    #[arg(long, required_unless_present_any = ["owner", "expiring_within"])]
+    #[arg(long, required_unless_present = "expiring_within")]
     pub org: Option<String>,
     /// Only the keys of this project of the organization (name or id).
     #[arg(long, requires = "org")]
     pub project: Option<String>,
-    /// The keys of this owner, in any organization.
-    #[arg(long, conflicts_with_all = ["org", "expiring_within"])]
+    /// The keys of this owner in --org (owner ids are per organization).
+    #[arg(long, requires = "org", conflicts_with_all = ["project", "expiring_within"])]
     pub owner: Option<String>,
     /// Active keys that expire within this long (7d), in any organization.
     #[arg(long, value_parser = parse_duration, conflicts_with = "org")]

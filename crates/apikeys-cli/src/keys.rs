@@ -29,8 +29,9 @@ pub async fn run(client: &ApiKeyClient, command: KeysCommand, out: &Out) -> Resu
         KeysCommand::Revoke { id: Some(id), .. } => {
             out.key(&client.revoke_key(key_id(&id)?).await?)
         }
-        KeysCommand::Revoke { owner: Some(owner), .. } => {
-            let revoked = client.revoke_owner_keys(&owner).await?;
+        KeysCommand::Revoke { owner: Some(owner), org: Some(org), .. } => {
+            let org = records::org(client, &org).await?;
+            let revoked = client.revoke_owner_keys(org.id, &owner).await?;
             if out.json {
                 return out.json_value(&json!({ "revoked": revoked }));
             }
@@ -40,7 +41,7 @@ pub async fn run(client: &ApiKeyClient, command: KeysCommand, out: &Out) -> Resu
             note(&format!("revoked {} key(s) of that owner", revoked.len()));
             Ok(())
         }
-        KeysCommand::Revoke { .. } => Err(Failure::usage("give a key id or --owner")),
+        KeysCommand::Revoke { .. } => Err(Failure::usage("give a key id, or --owner and --org")),
         KeysCommand::Delete { id } => {
             let id = key_id(&id)?;
             client.delete_key(id).await?;
@@ -151,12 +152,15 @@ async fn list(client: &ApiKeyClient, a: ListArgs, out: &Out) -> Result<(), Failu
     let mut keys: Vec<ApiKey> = Vec::new();
     loop {
         let KeyPage { items, next } = match (&a.owner, a.expiring_within, &project, &org) {
-            (Some(owner), ..) => client.list_owner_keys(owner, status, page).await?,
+            (Some(owner), _, _, Some(o)) => {
+                client.list_owner_keys(o.id, owner, status, page).await?
+            }
+            (Some(_), _, _, None) => return Err(Failure::usage("--owner needs --org")),
             (None, Some(within), ..) => client.list_expiring_keys(within, page).await?,
             (None, None, Some(p), _) => client.list_project_keys(p.id, status, page).await?,
             (None, None, None, Some(o)) => client.list_org_keys(o.id, status, page).await?,
             (None, None, None, None) => {
-                return Err(Failure::usage("give --org, --owner or --expiring-within"));
+                return Err(Failure::usage("give --org (with --owner) or --expiring-within"));
             }
         };
         keys.extend(items);

@@ -327,8 +327,14 @@ async fn key_lifecycle(backend: &str) {
     assert_eq!(items[0]["custom"], serde_json::json!({ "tier": "gold", "seats": 5 }));
     assert_eq!(items[0]["rate_limit"]["window"], "minute");
     assert!(!listed.to_string().contains(&key));
-    let by_owner = cli.json(&["keys", "list", "--owner", "user-1"]);
+    let by_owner = cli.json(&["keys", "list", "--org", "acme", "--owner", "user-1"]);
     assert_eq!(by_owner["items"][0]["id"], id.as_str());
+    // Owners are per organization: --owner needs --org, and another one has none of them.
+    for args in [&["keys", "list", "--owner", "user-1"], &["keys", "revoke", "--owner", "user-1"]] {
+        let out = cli.run(args);
+        assert_eq!(code(&out), 1, "{args:?} needs --org: {}", stderr(&out));
+        assert!(stderr(&out).contains("--org"), "{}", stderr(&out));
+    }
     let table = cli.ok(&["keys", "list", "--org", "acme", "--project", "web"]);
     assert!(table.contains(&id) && table.contains("deploy bot"), "{table}");
 
@@ -354,6 +360,12 @@ async fn key_lifecycle(backend: &str) {
     let err = assert_fails(&cli.verify(&key, &[]), 2, "revoked key");
     assert!(err.contains("revoked") && !err.contains(&key), "{err}");
     assert_eq!(code(&cli.verify(&new_key, &[])), 0);
+    // Revoke by owner, in one organization: the rolled key is user-1's in acme.
+    let none = cli.json(&["keys", "revoke", "--owner", "user-2", "--org", "acme"]);
+    assert_eq!(none["revoked"], serde_json::json!([]));
+    let by_owner = cli.json(&["keys", "revoke", "--owner", "user-1", "--org", "acme"]);
+    assert_eq!(by_owner["revoked"], serde_json::json!([new_id]));
+    assert_fails(&cli.verify(&new_key, &[]), 2, "revoked with its owner");
 
     let events = cli.json(&["keys", "events", &id]);
     let actions: Vec<&str> =

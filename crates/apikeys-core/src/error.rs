@@ -166,7 +166,7 @@ pub enum Error {
     #[error("api key has no usage credits left")]
     UsageExhausted {
         /// When the balance refills, if it has a refill rule (the start of the next period
-        /// by the client's clock).
+        /// by the database's clock).
         refill_at: Option<DateTime<Utc>>,
     },
 

@@ -62,8 +62,9 @@ impl Credits {
 }
 
 /// How a credit balance refills: at the first validation in each new period (a UTC day or
-/// calendar month, by the clock of the client that validates), the balance is **set** to
-/// `amount` (not added to), once per period whatever the number of replicas.
+/// calendar month, by the database's clock: no replica's own clock moves the period), the
+/// balance is **set** to `amount` (not added to), once per period whatever the number of
+/// replicas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub struct Refill {

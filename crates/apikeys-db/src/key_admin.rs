@@ -21,9 +21,11 @@ use crate::convert::{
     api_key_from_model, credit_columns, naive, rate_limit_columns, scopes_to_json, to_micros,
     version_column,
 };
+use crate::credits::{period_sql, stamp_refill_period};
 use crate::entity::{api_key, product, project};
 use crate::error::{missing_parent, storage};
 use crate::feed::Change;
+use crate::rate_limit::hand_over_lineage;
 
 /// A key checked, generated and ready to insert.
 pub(crate) struct PreparedKey {
@@ -101,8 +103,8 @@ impl ApiKeyClient {
         let NewSecret { plaintext, hash, version, alt } = self.new_secret()?;
         let (rl_requests, rl_window) = rate_limit_columns(v.rate_limit);
         let (remaining, refill_amount, refill_interval) = credit_columns(v.credits);
-        // The period the balance was last set in: now (a refill starts with the next one).
-        let refilled_period = v.credits.and_then(|c| c.refill).map(|r| r.interval.period(now));
+        // The period the balance was set in is the database's current one, stamped by
+        // `insert_key_on` (a refill starts with the next period).
         let row = api_key::Model {
             id: self.new_id(now),
             org_id: org.as_uuid(),
@@ -128,9 +130,10 @@ impl ApiKeyClient {
             remaining,
             refill_amount,
             refill_interval,
-            refilled_period,
+            refilled_period: None,
             rolled_from: None,
             rolled_to: None,
+            lineage_head_id: None,
         };
         Ok(PreparedKey { plaintext, row, project_id: v.project_id, product_id: v.product_id })
     }
@@ -174,7 +177,14 @@ impl ApiKeyClient {
             .exec_without_returning(conn)
             .await
             .map_err(|e| missing_parent(e, org))?;
-        let record = api_key_from_model(row)?;
+        let record = api_key_from_model(row.clone())?;
+        // A new balance with a refill rule: set in the database's current period (a rolled
+        // key's keeps its predecessor's).
+        if let Some(refill) = record.credits.and_then(|c| c.refill)
+            && row.refilled_period.is_none()
+        {
+            stamp_refill_period(conn, record.id, refill.interval).await?;
+        }
         let subject = Subject::key(&record);
         let subject = match record.rolled_from {
             Some(old) => subject.related(old),
@@ -253,12 +263,16 @@ impl ApiKeyClient {
         }
         if let Some(credits) = v.credits {
             let (remaining, amount, interval) = credit_columns(credits);
-            let period = credits.and_then(|c| c.refill).map(|r| r.interval.period(now));
+            // Set in the database's current period (a refill starts with the next one).
+            let period = match credits.and_then(|c| c.refill) {
+                Some(r) => Expr::cust(period_sql(conn.get_database_backend(), r.interval)),
+                None => Expr::value(Option::<i64>::None),
+            };
             change = change
                 .col_expr(C::Remaining, Expr::value(remaining))
                 .col_expr(C::RefillAmount, Expr::value(amount))
                 .col_expr(C::RefillInterval, Expr::value(interval))
-                .col_expr(C::RefilledPeriod, Expr::value(period));
+                .col_expr(C::RefilledPeriod, period);
         }
         // One conditional UPDATE, then the read in the same transaction: a key deleted
         // meanwhile is NotFound, whichever statement the deletion lands between.
@@ -351,6 +365,7 @@ impl ApiKeyClient {
         let Some(key) = find_key_on(conn, id).await? else {
             return self.deleted(id, 0);
         };
+        hand_over_lineage(conn, id).await?;
         let res = api_key::Entity::delete_by_id(id.as_uuid()).exec(conn).await.map_err(storage)?;
         if res.rows_affected == 1 {
             self.audit(conn, KeyAction::Deleted, Subject::key(&key)).await?;

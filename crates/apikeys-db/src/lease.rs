@@ -23,6 +23,16 @@
 //! given back on [`ApiKeyClient::shutdown`](crate::ApiKeyClient::shutdown). Meanwhile, one
 //! process can be refused while another still holds units: the window may end with at most
 //! the sum of the blocks held across processes unspent.
+//!
+//! # Giving back
+//! A lease remembers exactly what its reservations added to the window's count: the units
+//! granted to it, and (PostgreSQL and SQLite) what a reservation added past the limit and
+//! did not grant. A give-back subtracts the granted units it has not spent and that excess,
+//! and nothing else: never an amount worked out from a limit, which may have changed since
+//! the lease was taken (a limit raised from 160 to 1 600 between a lease and a shutdown, with
+//! the count clamped to the old limit, let a window admit about 3 000). So the count never
+//! falls below what was admitted, and a window never admits more than its current limit
+//! across processes, whatever happens to the limit in between.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
@@ -71,7 +81,14 @@ enum WindowRef {
 /// What a reservation got.
 #[derive(Debug, Clone, Copy)]
 enum Grant {
-    Units { granted: u32, left: Duration, window: WindowRef },
+    /// `granted` units for this lease; the statement added `added` (at least `granted`) to
+    /// the window's count.
+    Units {
+        granted: u32,
+        added: u32,
+        left: Duration,
+        window: WindowRef,
+    },
     Refused(Duration),
 }
 
@@ -82,6 +99,10 @@ struct Lease {
     /// When the window ends, at the latest, on this process's monotonic clock.
     until: Instant,
     remaining: u32,
+    /// What this lease's reservations added to `window`'s count past what they granted
+    /// (PostgreSQL and SQLite add a whole block and grant what fits under the limit): given
+    /// back with the unspent units.
+    excess: u32,
     /// The size of the next block.
     block: u32,
     /// When the current block was reserved.
@@ -130,9 +151,13 @@ impl Leases {
         };
         match reserve(db, key, limit, block).await? {
             Grant::Refused(left) => Ok(Count::Refused(left)),
-            Grant::Units { granted, left, window } => {
+            Grant::Units { granted, added, left, window } => {
                 let mut map = lock(&self.map);
                 let lease = map.entry(key).or_insert_with(|| Lease::empty(limit));
+                if lease.window != window {
+                    lease.excess = 0;
+                }
+                lease.excess = lease.excess.saturating_add(added.saturating_sub(granted));
                 lease.limit = limit;
                 lease.window = window;
                 // Units of this window are not spent after it ends.
@@ -155,22 +180,27 @@ impl Leases {
         lock(&self.map).retain(|_, l| l.until > now || Arc::strong_count(&l.reserving) > 1);
     }
 
-    /// Gives the units held for current windows back to the database. Returns how many.
+    /// Gives back to the database what this process's leases added to current windows and
+    /// did not admit: the granted units not spent, and the excess of a reservation past the
+    /// limit. Returns how many granted units went back.
     pub(crate) async fn release(&self, db: &Db) -> Result<u64> {
         let now = Instant::now();
-        let held: Vec<(KeyId, RateLimit, WindowRef, u32)> = {
+        let held: Vec<(KeyId, RateLimit, WindowRef, u32, u32)> = {
             let mut map = lock(&self.map);
             let held = map
                 .iter_mut()
-                .filter(|(_, l)| l.remaining > 0 && l.until > now)
-                .map(|(k, l)| (*k, l.limit, l.window, std::mem::take(&mut l.remaining)))
+                .filter(|(_, l)| (l.remaining > 0 || l.excess > 0) && l.until > now)
+                .map(|(k, l)| {
+                    let units = std::mem::take(&mut l.remaining);
+                    (*k, l.limit, l.window, units, std::mem::take(&mut l.excess))
+                })
                 .collect();
             map.clear();
             held
         };
         let mut released = 0;
-        for (key, limit, window, units) in held {
-            give_back(db, key, limit, window, units).await?;
+        for (key, limit, window, units, excess) in held {
+            give_back(db, key, limit.window, window, units.saturating_add(excess)).await?;
             released += u64::from(units);
         }
         Ok(released)
@@ -185,6 +215,7 @@ impl Lease {
             window: WindowRef::Start(0),
             until: now,
             remaining: 0,
+            excess: 0,
             block: 0,
             reserved_at: now,
             reserving: Arc::new(tokio::sync::Mutex::new(())),
@@ -274,6 +305,7 @@ async fn reserve(db: &Db, key: KeyId, limit: RateLimit, block: u32) -> Result<Gr
                 Ok(match new.map(grant_from_count) {
                     Some(granted) if granted > 0 => Grant::Units {
                         granted,
+                        added: block,
                         left: left_ms(left),
                         window: WindowRef::Start(start),
                     },
@@ -302,9 +334,13 @@ async fn reserve(db: &Db, key: KeyId, limit: RateLimit, block: u32) -> Result<Gr
                 let index = i64::try_from(v >> MY_INDEX_SHIFT).unwrap_or(0);
                 match granted {
                     0 => Grant::Refused(left(v)),
-                    granted => {
-                        Grant::Units { granted, left: left(v), window: WindowRef::Index(index) }
-                    }
+                    // MySQL adds the grant itself.
+                    granted => Grant::Units {
+                        granted,
+                        added: granted,
+                        left: left(v),
+                        window: WindowRef::Index(index),
+                    },
                 }
             })
         }
@@ -323,9 +359,12 @@ async fn reserve(db: &Db, key: KeyId, limit: RateLimit, block: u32) -> Result<Gr
                     None => None,
                 };
                 Ok(match new.map(grant_from_count) {
-                    Some(granted) if granted > 0 => {
-                        Grant::Units { granted, left, window: WindowRef::Start(start) }
-                    }
+                    Some(granted) if granted > 0 => Grant::Units {
+                        granted,
+                        added: block,
+                        left,
+                        window: WindowRef::Start(start),
+                    },
                     _ => Grant::Refused(left),
                 })
             })
@@ -334,41 +373,45 @@ async fn reserve(db: &Db, key: KeyId, limit: RateLimit, block: u32) -> Result<Gr
     result.map_err(counting_error)
 }
 
-/// Gives `units` of `key`'s window back: the count, as every reader sees it (at most the
-/// limit), less the units.
+/// Takes `units` that this process added to `key`'s window (and did not admit) off the
+/// window's count. Only what the lease itself added is subtracted, so the count never falls
+/// below what was admitted; no limit is involved (the key's may have changed since). A
+/// window that has ended (or whose row is gone) is left alone.
 async fn give_back(
     db: &Db,
     key: KeyId,
-    limit: RateLimit,
+    length: apikeys_core::Window,
     window: WindowRef,
     units: u32,
 ) -> Result<()> {
+    if units == 0 {
+        return Ok(());
+    }
     let backend = db.get_database_backend();
-    let len = limit.window.seconds() * 1_000;
-    let max = i64::from(limit.requests.get());
+    let len = length.seconds() * 1_000;
     let n = i64::from(units);
     let id = Value::from(key.as_uuid());
     let stmt = match (backend, window) {
         (DbBackend::Postgres, WindowRef::Start(start)) => Statement::from_sql_and_values(
             backend,
-            "UPDATE rate_limit_windows SET count = LEAST(count, $3) - $4 \
-             WHERE key_id = $1 AND window_start = $2 AND LEAST(count, $3) >= $4",
-            [id, start.into(), max.into(), n.into()],
+            "UPDATE rate_limit_windows SET count = count - $3 \
+             WHERE key_id = $1 AND window_start = $2 AND count >= $3",
+            [id, start.into(), n.into()],
         ),
         (DbBackend::MySql, WindowRef::Index(index)) => Statement::from_sql_and_values(
             backend,
             format!(
-                "UPDATE rate_limit_windows SET count = LEAST(count, ?) - ? \
+                "UPDATE rate_limit_windows SET count = count - ? \
                  WHERE key_id = ? AND expires_at > {MY_NOW_MS} AND expires_at - window_start = ? \
-                 AND MOD(FLOOR(window_start / ?), {MY_INDEX_MOD}) = ? AND LEAST(count, ?) >= ?"
+                 AND MOD(FLOOR(window_start / ?), {MY_INDEX_MOD}) = ? AND count >= ?"
             ),
-            [max.into(), n.into(), id, len.into(), len.into(), index.into(), max.into(), n.into()],
+            [n.into(), id, len.into(), len.into(), index.into(), n.into()],
         ),
         (_, WindowRef::Start(start)) => Statement::from_sql_and_values(
             backend,
-            "UPDATE rate_limit_windows SET count = MIN(count, ?) - ? \
-             WHERE key_id = ? AND window_start = ? AND MIN(count, ?) >= ?",
-            [max.into(), n.into(), id, start.into(), max.into(), n.into()],
+            "UPDATE rate_limit_windows SET count = count - ? \
+             WHERE key_id = ? AND window_start = ? AND count >= ?",
+            [n.into(), id, start.into(), n.into()],
         ),
         _ => return Ok(()),
     };

@@ -1,12 +1,12 @@
-//! The key lifecycle: roll with a grace period, renew or extend, the keys of an owner, the
-//! keys about to expire.
+//! The key lifecycle: roll with a grace period, renew or extend, the keys of an owner (in an
+//! organization), the keys about to expire.
 
 use std::time::Duration;
 
 use apikeys_core::hazmat::validate_owner;
 use apikeys_core::limits::MAX_EXPIRES_AT;
 use apikeys_core::{
-    ApiKey, Error, Expiry, IssuedKey, KeyAction, KeyId, KeyPage, Page, Result, StatusFilter,
+    ApiKey, Error, Expiry, IssuedKey, KeyAction, KeyId, KeyPage, OrgId, Page, Result, StatusFilter,
 };
 use chrono::{DateTime, TimeDelta, Utc};
 use sea_orm::sea_query::Expr;
@@ -19,6 +19,7 @@ use crate::entity::api_key;
 use crate::error::storage;
 use crate::feed::Change;
 use crate::key_admin::{NewSecret, PreparedKey, get_key_on};
+use crate::rate_limit::merge_windows;
 
 /// The longest grace period a roll accepts (a year).
 pub const MAX_GRACE: Duration = Duration::from_secs(366 * 86_400);
@@ -28,12 +29,19 @@ impl ApiKeyClient {
     ///
     /// The new key has the old one's organization, project, product, name, scopes, rate
     /// limit, custom metadata, owner and expiry, and takes over its usage credits (balance
-    /// and refill rule). The old key keeps working for `grace` (zero: it stops at once), then
-    /// fails with [`Error::Expired`]; while it works, it spends the new key's credits, so the
-    /// two never spend more than one balance. The records link to each other (`rolled_to`,
-    /// `rolled_from`), the audit trail gets `rolled` (old key) and `created` (new key), and
-    /// all of it is one transaction. Other replicas' caches learn of the roll through the
-    /// change feed, within their staleness bound.
+    /// and refill rule). The old key keeps working for `grace`, then fails with
+    /// [`Error::Expired`]; while it works, it spends the new key's credits and counts against
+    /// the new key's rate limit (the window's count so far goes with it), so the two never
+    /// spend more than one balance or admit more than one limit, however often the lineage
+    /// is rolled. The records link to each other (`rolled_to`, `rolled_from`), the audit
+    /// trail gets `rolled` (old key) and `created` (new key), and all of it is one
+    /// transaction. Other replicas' caches learn of the roll through the change feed, within
+    /// their staleness bound.
+    ///
+    /// A zero `grace` is a revocation: the old key is revoked in the roll's transaction (it
+    /// also gets a `revoked` event) and every replica refuses it with [`Error::Revoked`],
+    /// whatever its clock says (an expiry at the roller's `now` would still be ahead for a
+    /// replica whose clock is behind).
     ///
     /// ```
     /// # use apikeys_db::{ApiKeyClient, Error, NewKey, VerifyOptions};
@@ -48,7 +56,7 @@ impl ApiKeyClient {
     /// let new = client.roll_key(old.record.id, Duration::ZERO).await?;
     /// assert_eq!(new.record.rolled_from, Some(old.record.id));
     /// let check = client.verify_key(old.key.expose_secret(), &VerifyOptions::new()).await;
-    /// assert!(matches!(check, Err(Error::Expired { .. })));
+    /// assert!(matches!(check, Err(Error::Revoked { .. })));
     /// client.verify_key(new.key.expose_secret(), &VerifyOptions::new()).await?;
     /// # Ok(())
     /// # }
@@ -95,13 +103,20 @@ impl ApiKeyClient {
             return Err(Error::Expired { expired_at });
         }
         let new_id = self.new_id(now);
-        let end = to_micros(now + grace);
-        let old_ends = record.expires_at.map_or(end, |e| e.min(end));
+        let revoke = grace.is_zero();
         let mut change = api_key::Entity::update_many()
-            .col_expr(Col::ExpiresAt, Expr::value(naive(old_ends)))
             .col_expr(Col::RolledTo, Expr::value(new_id))
+            .col_expr(Col::LineageHeadId, Expr::value(new_id))
             .col_expr(Col::UpdatedAt, Expr::value(naive(now)))
             .filter(Col::Id.eq(id.as_uuid()));
+        change = if revoke {
+            // Revoked, not expired at `now`: an expiry is judged by each replica's clock.
+            change.col_expr(Col::RevokedAt, Expr::value(naive(now)))
+        } else {
+            let end = to_micros(now + grace);
+            let old_ends = record.expires_at.map_or(end, |e| e.min(end));
+            change.col_expr(Col::ExpiresAt, Expr::value(naive(old_ends)))
+        };
         if old.remaining.is_some() {
             // The balance moves to the new key; the old one spends from there (see
             // `spend_credits`).
@@ -125,6 +140,7 @@ impl ApiKeyClient {
             use_count: 0,
             rolled_from: Some(id.as_uuid()),
             rolled_to: None,
+            lineage_head_id: None,
             ..old
         };
         let prepared = PreparedKey {
@@ -134,18 +150,36 @@ impl ApiKeyClient {
             product_id: record.product_id,
         };
         let issued = self.insert_key_on(conn, record.org_id, prepared).await?;
+        // One rate-limit budget for the lineage: the keys that counted in the old key's
+        // windows (the old key, and any it had replaced) now count in the new key's, which
+        // start from the old key's counts.
+        api_key::Entity::update_many()
+            .col_expr(Col::LineageHeadId, Expr::value(new_id))
+            .filter(Col::LineageHeadId.eq(id.as_uuid()))
+            .exec(conn)
+            .await
+            .map_err(storage)?;
+        merge_windows(conn, id, issued.record.id).await?;
         let subject = Subject::key(&record).related(issued.record.id);
         self.audit(conn, KeyAction::Rolled, subject).await?;
+        if revoke {
+            let old = get_key_on(conn, id).await?;
+            self.audit(conn, KeyAction::Revoked, Subject::key(&old)).await?;
+        }
         Ok(issued)
     }
 
-    /// Moves a key's expiry to `expires_at` (later or earlier, but in the future); a rolled
-    /// key's grace period moves with it.
+    /// Moves a key's expiry to `expires_at` (later or earlier, but in the future).
+    ///
+    /// A rolled key is refused: it was superseded, and its grace period is not to be
+    /// stretched into a second life beside its successor (renew the successor instead; end
+    /// the grace at once with [`revoke_key`](Self::revoke_key)).
     ///
     /// # Errors
     /// [`Error::InvalidInput`] (field `expires_at`) for a time not in the future or after
-    /// [`MAX_EXPIRES_AT`]; [`Error::NotFound`]; [`Error::Revoked`] for a revoked key
-    /// (nothing is written); [`Error::Storage`].
+    /// [`MAX_EXPIRES_AT`]; [`Error::NotFound`]; [`Error::Revoked`] for a revoked key;
+    /// [`Error::AlreadyExists`] naming the key a rolled key was rolled to (as
+    /// [`roll_key`](Self::roll_key) refuses it); nothing is written then; [`Error::Storage`].
     pub async fn renew_key(&self, id: KeyId, expires_at: DateTime<Utc>) -> Result<ApiKey> {
         let at = to_micros(expires_at);
         check_expiry(at, self.now())?;
@@ -153,12 +187,14 @@ impl ApiKeyClient {
             .await
     }
 
-    /// Moves a key's expiry `by` later.
+    /// Moves a key's expiry `by` later. A rolled key is refused, as by
+    /// [`renew_key`](Self::renew_key).
     ///
     /// # Errors
     /// [`Error::InvalidInput`] (field `expires_at`) for a key that never expires, a zero
     /// duration, or a result still in the past or after [`MAX_EXPIRES_AT`];
-    /// [`Error::NotFound`]; [`Error::Revoked`] (nothing is written); [`Error::Storage`].
+    /// [`Error::NotFound`]; [`Error::Revoked`]; [`Error::AlreadyExists`] naming the key a
+    /// rolled key was rolled to; nothing is written then; [`Error::Storage`].
     pub async fn extend_key(&self, id: KeyId, by: Duration) -> Result<ApiKey> {
         let by = TimeDelta::from_std(by)
             .ok()
@@ -188,6 +224,9 @@ impl ApiKeyClient {
         if let Some(revoked_at) = record.revoked_at {
             return Err(Error::Revoked { revoked_at });
         }
+        if let Some(to) = record.rolled_to {
+            return Err(Error::AlreadyExists { existing: to.into() });
+        }
         let at = to_micros(new(record.expires_at)?);
         check_expiry(at, now)?;
         api_key::Entity::update_many()
@@ -202,37 +241,42 @@ impl ApiKeyClient {
         Ok(key)
     }
 
-    /// The keys of one owner (see [`NewKey::with_owner`](crate::NewKey::with_owner)) with the
-    /// given status, oldest first, one page at a time. The owner id is compared exactly.
+    /// The keys of one owner (see [`NewKey::with_owner`](crate::NewKey::with_owner)) in
+    /// organization `org`, with the given status, oldest first, one page at a time. The owner
+    /// id is compared exactly. Owner ids are the host's and only mean something within one
+    /// organization: another organization's keys with the same owner id are never listed.
+    /// An organization that does not exist has no keys (an empty page).
     ///
     /// # Errors
     /// [`Error::InvalidInput`] (field `owner_id`) for an id no key can have;
     /// [`Error::Unavailable`]; [`Error::Storage`].
     pub async fn list_owner_keys(
         &self,
+        org: OrgId,
         owner: &str,
         status: StatusFilter,
         page: Page,
     ) -> Result<KeyPage<ApiKey>> {
         validate_owner(owner)?;
-        self.list_keys(api_key::Column::OwnerId.eq(owner), status, page).await
+        self.list_keys(owner_condition(org, owner), status, page).await
     }
 
-    /// Revokes every key of one owner that is not revoked yet, in one transaction (each
-    /// gets a `revoked` event). Returns the ids of the keys it revoked. A key created for the
-    /// owner while this runs may be left out: call it again after the owner's access is
+    /// Revokes every key of one owner in organization `org` that is not revoked yet, in one
+    /// transaction (each gets a `revoked` event). Returns the ids of the keys it revoked. Keys
+    /// of other organizations with the same owner id are never touched. A key created for
+    /// the owner while this runs may be left out: call it again after the owner's access is
     /// closed.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] (field `owner_id`); [`Error::Unavailable`];
     /// [`Error::Storage`].
-    pub async fn revoke_owner_keys(&self, owner: &str) -> Result<Vec<KeyId>> {
+    pub async fn revoke_owner_keys(&self, org: OrgId, owner: &str) -> Result<Vec<KeyId>> {
         use api_key::Column as Col;
         validate_owner(owner)?;
         let ids: Vec<uuid::Uuid> = api_key::Entity::find()
             .select_only()
             .column(Col::Id)
-            .filter(Col::OwnerId.eq(owner))
+            .filter(owner_condition(org, owner))
             .filter(Col::RevokedAt.is_null())
             .into_tuple()
             .all(self.db())
@@ -250,7 +294,11 @@ impl ApiKeyClient {
                     let before = get_key_on(txn, id).await;
                     match before {
                         // Still this owner's and not revoked (it may have changed since).
-                        Ok(k) if k.revoked_at.is_none() && k.owner_id.as_deref() == Some(owner) => {
+                        Ok(k)
+                            if k.revoked_at.is_none()
+                                && k.org_id == org
+                                && k.owner_id.as_deref() == Some(owner) =>
+                        {
                             self.revoke_key_on(txn, id).await?;
                             revoked.push(id);
                         }
@@ -261,12 +309,14 @@ impl ApiKeyClient {
                 Ok(revoked)
             })
             .await?;
-        tracing::info!(keys = revoked.len(), "api keys of one owner revoked");
+        tracing::info!(org_id = %org, keys = revoked.len(), "api keys of one owner revoked");
         Ok(revoked)
     }
 
     /// Active keys that expire within `within` from now, oldest first, one page at a time:
-    /// to warn their owners before the keys stop working.
+    /// to warn their owners before the keys stop working. Rolled keys are not listed: they
+    /// were superseded, and their successor (listed when it expires soon) is the key to
+    /// renew.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] (field `within`) for a duration too large to add to now;
@@ -281,9 +331,18 @@ impl ApiKeyClient {
             .and_then(|d| self.now().checked_add_signed(d))
             .map(|t| t.min(MAX_EXPIRES_AT))
             .ok_or_else(|| Error::invalid_input("within", "too large"))?;
-        let cond = api_key::Column::ExpiresAt.lte(naive(horizon));
+        let cond = sea_orm::Condition::all()
+            .add(api_key::Column::ExpiresAt.lte(naive(horizon)))
+            .add(api_key::Column::RolledTo.is_null());
         self.list_keys(cond, StatusFilter::Active, page).await
     }
+}
+
+/// The keys of `owner` in `org` (the index `ix_api_keys_org_owner`).
+fn owner_condition(org: OrgId, owner: &str) -> sea_orm::Condition {
+    sea_orm::Condition::all()
+        .add(api_key::Column::OrgId.eq(org.as_uuid()))
+        .add(api_key::Column::OwnerId.eq(owner))
 }
 
 /// Reads a key's row, locked for the rest of the transaction (PostgreSQL, MySQL; a SQLite

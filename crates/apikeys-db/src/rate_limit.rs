@@ -12,22 +12,41 @@
 //! one only while the count is below the key's *current* limit. A refused request changes
 //! nothing, a limit raised mid-window admits up to the new limit at once, and a lowered one
 //! refuses at once.
+//!
+//! # One budget per lineage
+//! A rolled key keeps working for its grace period beside the key it was rolled to; the two
+//! (and any later successor) share one budget. A key's requests count in the windows of its
+//! lineage's newest key: its own for a key never rolled; for a rolled key, the key stored
+//! in its `lineage_head_id` (read with one more indexed read per check, in the shared and
+//! leased modes). A roll copies the old key's window counts to the new key, in the roll's
+//! transaction, so the lineage's window goes on from where it was; the delete of a lineage's
+//! newest key hands its counts and its place to the newest key left. So whoever holds a
+//! leaked key after a roll shares the new key's budget, never gets one of its own. Bounds:
+//! checks of the old key in flight during the roll (and, with the verified-key cache, those
+//! a replica makes before its cache learns of the roll, within the cache's staleness bound)
+//! count in the old key's own window. [`RateLimitMode::Local`] does no I/O, so there a
+//! rolled key counts in the limiter of the key it was rolled to.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-use apikeys_core::{Error, KeyId, RateLimit, Result};
+use apikeys_core::{ApiKey, Error, KeyId, RateLimit, Result};
 use chrono::{DateTime, Utc};
 use governor::clock::Clock as GovernorClock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter as Gcra};
-use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, Value};
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, Statement, Value,
+};
 
 use crate::breaker::Db;
 use crate::client::Clock;
+use crate::entity::api_key;
 use crate::error::{is_missing_parent, retry_conflicts, storage};
 use crate::lease::Leases;
 use crate::lock::lock;
@@ -224,16 +243,51 @@ impl RateLimiter {
         self.leases.release(&self.db).await
     }
 
-    /// Counts one request of `key` against `limit`.
+    /// Counts one request of `key` against `limit`, in the windows of its lineage (see the
+    /// module docs: a rolled key shares its successors' budget).
     ///
     /// # Errors
     /// [`Error::Quota`] when the window is full (nothing is counted then);
     /// [`Error::InvalidKey`] when the key was deleted meanwhile; [`Error::Unavailable`] or
     /// [`Error::Storage`] when the database fails.
-    pub(crate) async fn check(&self, key: KeyId, limit: RateLimit) -> Result<()> {
+    pub(crate) async fn check(&self, key: &ApiKey, limit: RateLimit) -> Result<()> {
         match self.mode {
-            RateLimitMode::Shared | RateLimitMode::Leased => self.check_shared(key, limit).await,
-            RateLimitMode::Local => self.check_local(key, limit),
+            RateLimitMode::Shared | RateLimitMode::Leased => {
+                let head = self.lineage_head(key).await?;
+                match self.check_shared(head, limit).await {
+                    // The lineage's newest key was deleted after it was read (its keys were
+                    // handed to another in the same transaction): count this one alone.
+                    Err(Error::InvalidKey) if head != key.id => {
+                        self.check_shared(key.id, limit).await
+                    }
+                    other => other,
+                }
+            }
+            RateLimitMode::Local => self.check_local(key.rolled_to.unwrap_or(key.id), limit),
+        }
+    }
+
+    /// The key whose windows `key`'s requests count in: its own id, or for a rolled key the
+    /// newest key of its lineage (one indexed read; a key rolled by a version before the
+    /// lineage was stored counts in the key it was rolled to).
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`] when the key was deleted meanwhile; [`Error::Unavailable`] or
+    /// [`Error::Storage`] when the database fails.
+    async fn lineage_head(&self, key: &ApiKey) -> Result<KeyId> {
+        let Some(next) = key.rolled_to else {
+            return Ok(key.id);
+        };
+        let head: Option<Option<uuid::Uuid>> = api_key::Entity::find_by_id(key.id.as_uuid())
+            .select_only()
+            .column(api_key::Column::LineageHeadId)
+            .into_tuple()
+            .one(&self.db)
+            .await
+            .map_err(storage)?;
+        match head {
+            None => Err(Error::InvalidKey),
+            Some(head) => Ok(head.map_or(next, KeyId::from_uuid)),
         }
     }
 
@@ -401,6 +455,72 @@ async fn count(db: &Db, key: KeyId, limit: RateLimit) -> Result<Count> {
         }
     };
     result.map_err(counting_error)
+}
+
+/// Adds the counts of `from`'s rate-limit windows to `to`'s (creating `to`'s rows as
+/// needed), on `conn`: a roll hands the old key's windows to the new one, and the delete of a
+/// lineage's newest key hands them to the newest key left. `from`'s rows stay (a check that
+/// read the key before the change still counts in them).
+pub(crate) async fn merge_windows<C: ConnectionTrait>(
+    conn: &C,
+    from: KeyId,
+    to: KeyId,
+) -> Result<()> {
+    let backend = conn.get_database_backend();
+    let (to, from) = (Value::from(to.as_uuid()), Value::from(from.as_uuid()));
+    let sql = match backend {
+        DbBackend::Postgres => {
+            "INSERT INTO rate_limit_windows (key_id, window_start, count, expires_at) \
+             SELECT $1, window_start, count, expires_at FROM rate_limit_windows \
+             WHERE key_id = $2 ON CONFLICT (key_id, window_start) \
+             DO UPDATE SET count = rate_limit_windows.count + excluded.count"
+        }
+        DbBackend::MySql => {
+            "INSERT INTO rate_limit_windows (key_id, window_start, count, expires_at) \
+             SELECT ?, w.window_start, w.count, w.expires_at FROM rate_limit_windows w \
+             WHERE w.key_id = ? \
+             ON DUPLICATE KEY UPDATE count = rate_limit_windows.count + VALUES(count)"
+        }
+        _ => {
+            "INSERT INTO rate_limit_windows (key_id, window_start, count, expires_at) \
+             SELECT ?, window_start, count, expires_at FROM rate_limit_windows \
+             WHERE key_id = ? ON CONFLICT (key_id, window_start) \
+             DO UPDATE SET count = rate_limit_windows.count + excluded.count"
+        }
+    };
+    conn.execute_raw(Statement::from_sql_and_values(backend, sql, [to, from]))
+        .await
+        .map_err(storage)?;
+    Ok(())
+}
+
+/// Before `id` is deleted: if it is the newest key of a lineage whose rolled keys are still
+/// around, the newest of those becomes the lineage's newest key, and gets `id`'s rate-limit
+/// window counts (so the keys left keep sharing one budget, from where it was).
+pub(crate) async fn hand_over_lineage<C: ConnectionTrait>(conn: &C, id: KeyId) -> Result<()> {
+    use api_key::Column as Col;
+    let newest: Option<uuid::Uuid> = api_key::Entity::find()
+        .select_only()
+        .column(Col::Id)
+        .filter(Col::LineageHeadId.eq(id.as_uuid()))
+        .filter(Col::Id.ne(id.as_uuid()))
+        .order_by_desc(Col::Id)
+        .limit(1)
+        .into_tuple()
+        .one(conn)
+        .await
+        .map_err(storage)?;
+    let Some(newest) = newest else {
+        return Ok(());
+    };
+    merge_windows(conn, id, KeyId::from_uuid(newest)).await?;
+    api_key::Entity::update_many()
+        .col_expr(Col::LineageHeadId, Expr::value(newest))
+        .filter(Col::LineageHeadId.eq(id.as_uuid()))
+        .exec(conn)
+        .await
+        .map_err(storage)?;
+    Ok(())
 }
 
 /// A counting statement's failure: [`Error::InvalidKey`] when the counter's row could not

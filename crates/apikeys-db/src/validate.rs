@@ -459,7 +459,7 @@ impl ApiKeyClient {
         if options.check_rate_limit
             && let Some(limit) = found.key.rate_limit
         {
-            self.inner.limiter.check(found.key.id, limit).await?;
+            self.inner.limiter.check(&found.key, limit).await?;
         }
         if options.credit_cost > 0 && found.key.credits.is_some() {
             self.spend_credits(&mut found.key, options.credit_cost).await?;

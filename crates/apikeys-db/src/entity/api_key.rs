@@ -31,6 +31,8 @@ pub struct Model {
     pub refilled_period: Option<i64>,
     pub rolled_from: Option<Uuid>,
     pub rolled_to: Option<Uuid>,
+    /// On a rolled key: the newest key of its lineage, whose rate-limit windows it counts in.
+    pub lineage_head_id: Option<Uuid>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

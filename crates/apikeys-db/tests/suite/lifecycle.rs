@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio::sync::Barrier;
 
 use crate::cache::{cache, refused_within_bound, warm};
-use crate::common::{TestClock, TestDb, at};
+use crate::common::{TestClock, TestDb};
 use crate::keys::org;
 
 fn plain() -> ValidateOptions {
@@ -100,8 +100,8 @@ pub async fn roll_keeps_the_old_key_for_its_grace(db: TestDb) {
     assert_eq!(new_events[1].actor, None);
 }
 
-/// Another replica, with the cache on and off, refuses a key rolled away with no grace, a
-/// key revoked with its owner's, and a key whose credits another replica spent.
+/// Another replica, with the cache on and off, refuses a key rolled away with no grace (as
+/// revoked), a key revoked with its owner's, and a key whose credits another replica spent.
 pub async fn other_replicas_refuse_rolled_revoked_and_spent_keys(db: TestDb) {
     for cached in [false, true] {
         let admin = db.client().await;
@@ -125,8 +125,8 @@ pub async fn other_replicas_refuse_rolled_revoked_and_spent_keys(db: TestDb) {
         admin.roll_key(rolled.record.id, Duration::ZERO).await.unwrap();
         let (e, _) =
             refused_within_bound(&replica, rolled.key.expose_secret(), &free, Instant::now()).await;
-        assert!(matches!(e, Error::Expired { .. }), "{e:?}");
-        assert_eq!(admin.revoke_owner_keys(&owner).await.unwrap(), vec![owned.record.id]);
+        assert!(matches!(e, Error::Revoked { .. }), "{e:?}");
+        assert_eq!(admin.revoke_owner_keys(org, &owner).await.unwrap(), vec![owned.record.id]);
         let (e, _) =
             refused_within_bound(&replica, owned.key.expose_secret(), &free, Instant::now()).await;
         assert!(matches!(e, Error::Revoked { .. }), "{e:?}");
@@ -141,13 +141,49 @@ pub async fn other_replicas_refuse_rolled_revoked_and_spent_keys(db: TestDb) {
 }
 
 /// Credits: spent one (or the cost) per validation, refused when spent with the next
-/// refill's time, refilled once per period even by concurrent checks, never by a replica
-/// whose clock is behind; `verify_key` and cost 0 spend nothing; `update_key` sets and
-/// clears them.
+/// refill's time, refilled once per period even by concurrent checks, never early by a
+/// replica whose clock is behind; `verify_key` and cost 0 spend nothing; `update_key` sets
+/// and clears them. Periods follow the database's clock, so a new period is made by moving
+/// the key's stored period back (what the passing of a day does).
 pub async fn credits_are_spent_and_refilled_once_per_period(db: TestDb) {
-    let clock = TestClock::at(at("2026-11-25T23:59:00Z"));
-    let client = db.client_with(|b| b.clock(clock.as_fn())).await;
+    // The test reasons about "today": run it again if the UTC day changed meanwhile.
+    for _ in 0..2 {
+        let today = Utc::now().date_naive();
+        credits_case(&db).await;
+        if Utc::now().date_naive() == today {
+            return;
+        }
+    }
+    panic!("the UTC day changed twice during the test");
+}
+
+/// Moves key `id`'s stored refill period `periods` back: the database's clock now says a
+/// new period has begun since the last refill.
+async fn age_refill(client: &apikeys_db::ApiKeyClient, id: apikeys_db::KeyId, periods: i64) {
+    use apikeys_db::sea_orm::{ConnectionTrait, DbBackend, Statement};
+    let conn = client.connection();
+    let backend = conn.get_database_backend();
+    let sql = match backend {
+        DbBackend::Postgres => {
+            "UPDATE api_keys SET refilled_period = refilled_period - $1 WHERE id = $2"
+        }
+        _ => "UPDATE api_keys SET refilled_period = refilled_period - ? WHERE id = ?",
+    };
+    let values = [periods.into(), id.as_uuid().into()];
+    conn.execute_raw(Statement::from_sql_and_values(backend, sql, values)).await.unwrap();
+}
+
+/// The first instant of the UTC month after `t`'s.
+fn next_month(t: chrono::DateTime<Utc>) -> chrono::DateTime<Utc> {
+    use chrono::Datelike;
+    let (y, m) = if t.month() == 12 { (t.year() + 1, 1) } else { (t.year(), t.month() + 1) };
+    chrono::NaiveDate::from_ymd_opt(y, m, 1).unwrap().and_hms_opt(0, 0, 0).unwrap().and_utc()
+}
+
+async fn credits_case(db: &TestDb) {
+    let client = db.client().await;
     let org = org(&client, "acme").await;
+    let tomorrow = next_day(Utc::now());
     let credits = Credits::new(2).with_refill(Refill::daily(5));
     let issued = client.create_key(org, NewKey::new("trial").with_credits(credits)).await.unwrap();
     let (id, key) = (issued.record.id, issued.key.expose_secret().to_owned());
@@ -157,9 +193,7 @@ pub async fn credits_are_spent_and_refilled_once_per_period(db: TestDb) {
         assert_eq!(k.credits.unwrap().remaining, left);
     }
     match client.validate_key(&key, &plain()).await {
-        Err(Error::UsageExhausted { refill_at }) => {
-            assert_eq!(refill_at, Some(at("2026-11-26T00:00:00Z")));
-        }
+        Err(Error::UsageExhausted { refill_at }) => assert_eq!(refill_at, Some(tomorrow)),
         other => panic!("{other:?}"),
     }
     client.verify_key(&key, &VerifyOptions::new()).await.unwrap();
@@ -167,7 +201,7 @@ pub async fn credits_are_spent_and_refilled_once_per_period(db: TestDb) {
     assert_eq!(client.get_key(id).await.unwrap().credits.unwrap().remaining, 0);
 
     // A new day: 16 concurrent checks, one refill to 5, exactly 5 admitted.
-    clock.set(at("2026-11-26T00:00:01Z"));
+    age_refill(&client, id, 1).await;
     let barrier = Arc::new(Barrier::new(16));
     let tasks: Vec<_> = (0..16)
         .map(|_| {
@@ -182,20 +216,18 @@ pub async fn credits_are_spent_and_refilled_once_per_period(db: TestDb) {
     for t in tasks {
         match t.await.unwrap() {
             Ok(_) => ok += 1,
-            Err(Error::UsageExhausted { refill_at }) => {
-                assert_eq!(refill_at, Some(at("2026-11-27T00:00:00Z")));
-            }
+            Err(Error::UsageExhausted { refill_at }) => assert_eq!(refill_at, Some(tomorrow)),
             Err(e) => panic!("{e:?}"),
         }
     }
     assert_eq!(ok, 5);
-    // A replica whose clock still says the 25th finds the balance refilled already.
-    let behind = db.client_with(|b| b.clock(|| at("2026-11-25T23:59:30Z"))).await;
+    // A replica whose clock still says yesterday finds the balance refilled already.
+    let behind = db.client_with(|b| b.clock(|| Utc::now() - TimeDelta::days(1))).await;
     let late = behind.validate_key(&key, &plain()).await;
     assert!(matches!(late, Err(Error::UsageExhausted { .. })), "{late:?}");
 
     // A cost above one; a cost above the balance spends nothing.
-    clock.set(at("2026-11-27T08:00:00Z"));
+    age_refill(&client, id, 1).await;
     let k = client.validate_key(&key, &plain().credit_cost(3)).await.unwrap();
     assert_eq!(k.credits.unwrap().remaining, 2);
     let over = client.validate_key(&key, &plain().credit_cost(3)).await;
@@ -219,11 +251,11 @@ pub async fn credits_are_spent_and_refilled_once_per_period(db: TestDb) {
     client.update_key(id, KeyUpdate::new().with_credits(Some(m))).await.unwrap();
     match client.validate_key(&key, &plain()).await {
         Err(Error::UsageExhausted { refill_at }) => {
-            assert_eq!(refill_at, Some(at("2026-12-01T00:00:00Z")));
+            assert_eq!(refill_at, Some(next_month(Utc::now())));
         }
         other => panic!("{other:?}"),
     }
-    clock.set(at("2026-12-01T00:00:00Z"));
+    age_refill(&client, id, 1).await;
     let k = client.validate_key(&key, &plain()).await.unwrap();
     assert_eq!(k.credits.unwrap().remaining, 6);
     // Bad input changes nothing.
@@ -309,12 +341,15 @@ pub async fn owners_and_expiring_keys(db: TestDb) {
     };
     let page = Page::first(10).unwrap();
     assert_eq!(
-        ids(client.list_owner_keys("Alice", StatusFilter::All, page).await.unwrap()),
+        ids(client.list_owner_keys(org, "Alice", StatusFilter::All, page).await.unwrap()),
         [a1, a2]
     );
-    assert_eq!(ids(client.list_owner_keys("alice", StatusFilter::All, page).await.unwrap()), [b]);
+    assert_eq!(
+        ids(client.list_owner_keys(org, "alice", StatusFilter::All, page).await.unwrap()),
+        [b]
+    );
     for bad in [" Alice", "Alice ", "", "a\0b"] {
-        let r = client.list_owner_keys(bad, StatusFilter::All, page).await;
+        let r = client.list_owner_keys(org, bad, StatusFilter::All, page).await;
         assert!(matches!(r, Err(Error::InvalidInput { field: "owner_id", .. })), "{r:?}");
         let r = client.create_key(org, mk("x", Some(bad), None)).await;
         assert!(matches!(r, Err(Error::InvalidInput { field: "owner_id", .. })), "{r:?}");
@@ -322,16 +357,16 @@ pub async fn owners_and_expiring_keys(db: TestDb) {
     assert_eq!(ids(client.list_expiring_keys(3 * day, page).await.unwrap()), [a2, c]);
     assert_eq!(ids(client.list_expiring_keys(11 * day, page).await.unwrap()), [a2, c, d]);
 
-    let mut revoked = client.revoke_owner_keys("Alice").await.unwrap();
+    let mut revoked = client.revoke_owner_keys(org, "Alice").await.unwrap();
     revoked.sort();
     assert_eq!(revoked, [a1, a2]);
-    assert!(client.revoke_owner_keys("Alice").await.unwrap().is_empty());
+    assert!(client.revoke_owner_keys(org, "Alice").await.unwrap().is_empty());
     assert!(client.get_key(b).await.unwrap().revoked_at.is_none());
     assert_eq!(ids(client.list_expiring_keys(3 * day, page).await.unwrap()), [c]);
     let k = client.update_key(b, KeyUpdate::new().with_owner(Some("Alice".into()))).await.unwrap();
     assert_eq!(k.owner_id.as_deref(), Some("Alice"));
     assert_eq!(
-        ids(client.list_owner_keys("Alice", StatusFilter::Active, page).await.unwrap()),
+        ids(client.list_owner_keys(org, "Alice", StatusFilter::Active, page).await.unwrap()),
         [b]
     );
     let k = client.update_key(b, KeyUpdate::new().with_owner(None)).await.unwrap();
@@ -456,10 +491,7 @@ pub async fn upgrade_to_the_lifecycle_schema(db: TestDb) {
         .create_key(org, NewKey::new("old").with_scopes(["read"]).with_custom(json!({"a": 1})))
         .await
         .unwrap();
-    // Back to the schema before the lifecycle step (undoing every later step too).
-    let all = migration::Migrator::migrations();
-    let step = all.iter().position(|m| m.name() == "m20261126_000001_key_lifecycle").unwrap();
-    let steps = u32::try_from(all.len() - step).unwrap();
+    let steps = steps_from("m20261126_000001_key_lifecycle");
     migration::Migrator::down(client.connection(), Some(steps)).await.unwrap();
     assert_eq!(
         migration::Migrator::get_pending_migrations(client.connection()).await.unwrap().len(),
@@ -500,6 +532,313 @@ pub async fn upgrade_to_the_lifecycle_schema(db: TestDb) {
     assert_eq!(rolled.record.owner_id.as_deref(), Some("u"));
     assert_eq!(
         actions(&client.list_key_events(id).await.unwrap()),
-        [KeyAction::Updated, KeyAction::Rolled]
+        [KeyAction::Updated, KeyAction::Rolled, KeyAction::Revoked]
     );
+}
+
+/// How many migration steps there are from `name` (included) to the last: what
+/// `Migrator::down` takes to bring a database back to before `name`.
+fn steps_from(name: &str) -> u32 {
+    use migration::MigratorTrait;
+    let all = migration::Migrator::migrations();
+    let at = all.iter().position(|m| m.name() == name).unwrap();
+    u32::try_from(all.len() - at).unwrap()
+}
+
+/// Validates `key` once on `client`: true if admitted, false if refused by the rate limit;
+/// any other outcome fails the test.
+async fn admitted(client: &apikeys_db::ApiKeyClient, key: &str) -> bool {
+    match client.validate_key(key, &plain().track_usage(false)).await {
+        Ok(_) => true,
+        Err(Error::Quota { .. }) => false,
+        Err(e) => panic!("{e:?}"),
+    }
+}
+
+/// A rolled key and its successors count against one rate limit (issue 23): whoever holds
+/// the old key during its grace gets no budget of its own. A key limited to 10 an hour is
+/// used 4 times, rolled, and the old and new keys are hammered together from two replicas;
+/// rolled again, all three are hammered: the lineage admits at most 10 in the window
+/// (exactly 10 in shared mode). With its newest key deleted, the others still share what
+/// is left (refused, never `InvalidKey`).
+pub async fn rolled_keys_share_one_rate_limit_budget(db: TestDb) {
+    use apikeys_db::{RateLimitMode, Window};
+    for mode in [RateLimitMode::Shared, RateLimitMode::Leased] {
+        let admin = db.client_with(|b| b.rate_limit_mode(mode)).await;
+        let replica = db.client_with(|b| b.rate_limit_mode(mode)).await;
+        let org = org(&admin, &format!("acme-{mode:?}")).await;
+        let limit = RateLimit::per_hour(10).unwrap();
+        let a = admin.create_key(org, NewKey::new("a").with_rate_limit(limit)).await.unwrap();
+        crate::common::leave_room(&admin, Window::Hour, Duration::from_secs(120)).await;
+        let mut ok = 0;
+        for c in [&admin, &replica, &admin, &replica] {
+            assert!(admitted(c, a.key.expose_secret()).await);
+            ok += 1;
+        }
+        let hammer = async |keys: Vec<String>| {
+            let mut tasks = Vec::new();
+            for client in [&admin, &replica] {
+                for key in &keys {
+                    let (client, key) = (client.clone(), key.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let mut ok = 0;
+                        for _ in 0..10 {
+                            ok += usize::from(admitted(&client, &key).await);
+                        }
+                        ok
+                    }));
+                }
+            }
+            let mut ok = 0;
+            for t in tasks {
+                ok += t.await.unwrap();
+            }
+            ok
+        };
+        let hour = Duration::from_secs(3600);
+        let b = admin.roll_key(a.record.id, hour).await.unwrap();
+        let keys = [&a, &b].map(|k| k.key.expose_secret().to_owned());
+        ok += hammer(keys.to_vec()).await;
+        let c = admin.roll_key(b.record.id, hour).await.unwrap();
+        let keys = [&a, &b, &c].map(|k| k.key.expose_secret().to_owned());
+        ok += hammer(keys.to_vec()).await;
+        assert!(ok <= 10, "{mode:?}: {ok} admitted in one window of a limit of 10");
+        if mode == RateLimitMode::Shared {
+            assert_eq!(ok, 10, "shared mode is exact");
+        }
+        admin.delete_key(c.record.id).await.unwrap();
+        for k in [&a, &b] {
+            for client in [&admin, &replica] {
+                assert!(!admitted(client, k.key.expose_secret()).await, "{mode:?}");
+            }
+        }
+    }
+}
+
+/// A roll with no grace is a revocation (issue 23): a replica whose clock is 30 s behind
+/// the one that rolled refuses the old key at once with `Revoked` (an expiry set to the
+/// roller's `now` would still be 30 s away for it), with the cache on and off.
+pub async fn zero_grace_roll_is_a_revocation(db: TestDb) {
+    for cached in [false, true] {
+        let admin = db.client().await;
+        let lagging = db
+            .client_with(|b| {
+                let b = b.clock(|| Utc::now() - TimeDelta::seconds(30));
+                if cached { b.cache(cache()) } else { b }
+            })
+            .await;
+        let org = org(&admin, "acme").await;
+        let old = admin.create_key(org, NewKey::new("leaked")).await.unwrap();
+        let key = old.key.expose_secret();
+        if cached {
+            warm(&lagging, key, &plain()).await;
+        } else {
+            lagging.validate_key(key, &plain()).await.unwrap();
+        }
+        let new = admin.roll_key(old.record.id, Duration::ZERO).await.unwrap();
+        let (e, _) = refused_within_bound(&lagging, key, &plain(), Instant::now()).await;
+        assert!(matches!(e, Error::Revoked { .. }), "{e:?}");
+        let v = lagging.verify_key(key, &VerifyOptions::new()).await;
+        assert!(matches!(v, Err(Error::Revoked { .. })), "{v:?}");
+        let o = admin.get_key(old.record.id).await.unwrap();
+        assert!(o.revoked_at.is_some() && o.rolled_to == Some(new.record.id), "{o:?}");
+        lagging.validate_key(new.key.expose_secret(), &plain()).await.unwrap();
+        assert_eq!(
+            actions(&admin.list_key_events(old.record.id).await.unwrap()),
+            [KeyAction::Created, KeyAction::Rolled, KeyAction::Revoked]
+        );
+    }
+}
+
+/// Owners are per organization (issue 23): two tenants use the same owner string; revoking
+/// one tenant's owner leaves the other's keys working, and listing shows one tenant's keys.
+pub async fn owners_are_per_organization(db: TestDb) {
+    let client = db.client().await;
+    let (one, two) = (org(&client, "tenant-one").await, org(&client, "tenant-two").await);
+    let mk = |name: &str| NewKey::new(name).with_owner("user-1");
+    let k1 = client.create_key(one, mk("k1")).await.unwrap();
+    let k2 = client.create_key(two, mk("k2")).await.unwrap();
+    let k3 = client.create_key(two, mk("k3")).await.unwrap();
+    let page = Page::first(10).unwrap();
+    let ids = |p: apikeys_db::KeyPage<apikeys_db::ApiKey>| {
+        p.items.iter().map(|k| k.id).collect::<Vec<_>>()
+    };
+    let list =
+        async |org, status| ids(client.list_owner_keys(org, "user-1", status, page).await.unwrap());
+    assert_eq!(list(one, StatusFilter::All).await, [k1.record.id]);
+    assert_eq!(list(two, StatusFilter::All).await, [k2.record.id, k3.record.id]);
+    assert_eq!(client.revoke_owner_keys(one, "user-1").await.unwrap(), [k1.record.id]);
+    assert!(client.revoke_owner_keys(one, "user-1").await.unwrap().is_empty());
+    for k in [&k2, &k3] {
+        client.validate_key(k.key.expose_secret(), &plain()).await.unwrap();
+    }
+    let r = client.validate_key(k1.key.expose_secret(), &plain()).await;
+    assert!(matches!(r, Err(Error::Revoked { .. })), "{r:?}");
+    assert_eq!(list(two, StatusFilter::Active).await, [k2.record.id, k3.record.id]);
+    assert!(list(one, StatusFilter::Active).await.is_empty());
+    // An organization that does not exist has no keys, and revokes none.
+    let nowhere = apikeys_db::OrgId::new();
+    assert!(list(nowhere, StatusFilter::All).await.is_empty());
+    assert!(client.revoke_owner_keys(nowhere, "user-1").await.unwrap().is_empty());
+    // Bad input is refused before anything is read or written.
+    let r = client.revoke_owner_keys(two, " user-1").await;
+    assert!(matches!(r, Err(Error::InvalidInput { field: "owner_id", .. })), "{r:?}");
+    let r = client.list_owner_keys(two, "", StatusFilter::All, page).await;
+    assert!(matches!(r, Err(Error::InvalidInput { field: "owner_id", .. })), "{r:?}");
+    assert_eq!(client.revoke_owner_keys(two, "user-1").await.unwrap().len(), 2);
+}
+
+/// A rolled (superseded) key is not renewed or extended, and is not listed as expiring
+/// (issue 23): its successor is the key to renew. The refusal is typed, names the successor
+/// and changes nothing.
+pub async fn rolled_keys_are_not_renewed_or_listed_as_expiring(db: TestDb) {
+    let clock = TestClock::at(Utc::now());
+    let client = db.client_with(|b| b.clock(clock.as_fn())).await;
+    let org = org(&client, "acme").await;
+    let day = Duration::from_secs(86_400);
+    let old = client.create_key(org, NewKey::new("k").expires_after(2 * day)).await.unwrap();
+    let new = client.roll_key(old.record.id, Duration::from_secs(3600)).await.unwrap();
+    let before = client.get_key(old.record.id).await.unwrap();
+    let later = clock.now() + TimeDelta::days(30);
+    let r = client.renew_key(old.record.id, later).await;
+    assert!(
+        matches!(r, Err(Error::AlreadyExists { existing }) if existing == new.record.id.into()),
+        "{r:?}"
+    );
+    let r = client.extend_key(old.record.id, day).await;
+    assert!(
+        matches!(r, Err(Error::AlreadyExists { existing }) if existing == new.record.id.into()),
+        "{r:?}"
+    );
+    assert_eq!(client.get_key(old.record.id).await.unwrap(), before, "nothing changed");
+    let page = Page::first(10).unwrap();
+    let expiring = client.list_expiring_keys(3 * day, page).await.unwrap();
+    assert_eq!(expiring.items.iter().map(|k| k.id).collect::<Vec<_>>(), [new.record.id]);
+    client.validate_key(old.key.expose_secret(), &plain()).await.unwrap();
+    client.renew_key(new.record.id, later).await.unwrap();
+}
+
+/// The start of the UTC day after `t`.
+fn next_day(t: chrono::DateTime<Utc>) -> chrono::DateTime<Utc> {
+    t.date_naive().succ_opt().unwrap().and_hms_opt(0, 0, 0).unwrap().and_utc()
+}
+
+/// A replica whose clock is a day ahead (or behind) cannot move the shared refill period
+/// (issue 23): spending, creating and updating credits from it neither refills early nor
+/// pushes the next refill out for the replicas with the right time.
+pub async fn a_skewed_clock_cannot_move_the_credit_period(db: TestDb) {
+    // The test reasons about "today": run it again if the UTC day changed meanwhile.
+    for _ in 0..2 {
+        let today = Utc::now().date_naive();
+        skewed_credit_case(&db).await;
+        if Utc::now().date_naive() == today {
+            return;
+        }
+    }
+    panic!("the UTC day changed twice during the test");
+}
+
+async fn skewed_credit_case(db: &TestDb) {
+    let normal = db.client().await;
+    let ahead = db.client_with(|b| b.clock(|| Utc::now() + TimeDelta::days(1))).await;
+    let behind = db.client_with(|b| b.clock(|| Utc::now() - TimeDelta::days(1))).await;
+    let org = org(&normal, "acme").await;
+    let tomorrow = next_day(Utc::now());
+    let daily = Credits::new(2).with_refill(Refill::daily(5));
+    let exhausted = |r: apikeys_db::Result<apikeys_db::ApiKey>| match r {
+        Err(Error::UsageExhausted { refill_at }) => refill_at,
+        other => panic!("{other:?}"),
+    };
+    let spend_all = async |client: &apikeys_db::ApiKeyClient, key: &str| {
+        let mut ok = 0;
+        loop {
+            match client.validate_key(key, &plain()).await {
+                Ok(_) => ok += 1,
+                Err(Error::UsageExhausted { .. }) => return ok,
+                Err(e) => panic!("{e:?}"),
+            }
+            assert!(ok <= 10, "never exhausted");
+        }
+    };
+
+    // Spent from a replica a day ahead: today's balance only, no early refill.
+    let k = normal.create_key(org, NewKey::new("spent-ahead").with_credits(daily)).await.unwrap();
+    let key = k.key.expose_secret();
+    assert_eq!(spend_all(&ahead, key).await, 2, "a clock ahead refilled early");
+    assert_eq!(exhausted(normal.validate_key(key, &plain()).await), Some(tomorrow));
+    assert_eq!(exhausted(ahead.validate_key(key, &plain()).await), Some(tomorrow));
+
+    // Created from a replica a day ahead: the first refill is still tomorrow.
+    let new =
+        NewKey::new("created-ahead").with_credits(Credits::new(1).with_refill(Refill::daily(5)));
+    let k = ahead.create_key(org, new).await.unwrap();
+    assert_eq!(spend_all(&normal, k.key.expose_secret()).await, 1);
+    assert_eq!(
+        exhausted(normal.validate_key(k.key.expose_secret(), &plain()).await),
+        Some(tomorrow)
+    );
+
+    // Created from a replica a day behind: no refill today on top of the balance.
+    let new =
+        NewKey::new("created-behind").with_credits(Credits::new(1).with_refill(Refill::daily(5)));
+    let k = behind.create_key(org, new).await.unwrap();
+    assert_eq!(spend_all(&normal, k.key.expose_secret()).await, 1, "a clock behind refilled");
+
+    // Credits set from a replica a day ahead: the next refill is still tomorrow.
+    let k = normal.create_key(org, NewKey::new("updated-ahead")).await.unwrap();
+    let credits = Credits::new(1).with_refill(Refill::daily(5));
+    ahead.update_key(k.record.id, KeyUpdate::new().with_credits(Some(credits))).await.unwrap();
+    assert_eq!(spend_all(&normal, k.key.expose_secret()).await, 1);
+    assert_eq!(
+        exhausted(normal.validate_key(k.key.expose_secret(), &plain()).await),
+        Some(tomorrow)
+    );
+}
+
+/// A database on the schema before owners were per organization and lineages were stored,
+/// with a rolled key and owners in two organizations, upgrades with `create_tables` (the
+/// Migrator `sea-orm-cli migrate up` runs): the owner index is per organization, and the
+/// rolled key still shares its successor's rate limit.
+pub async fn upgrade_to_per_organization_owners_and_lineage(db: TestDb) {
+    use apikeys_db::{RateLimitMode, Window};
+    use migration::MigratorTrait;
+    let client = db.client_with(|b| b.rate_limit_mode(RateLimitMode::Shared)).await;
+    let (one, two) = (org(&client, "one").await, org(&client, "two").await);
+    let limited = NewKey::new("a").with_owner("u").with_rate_limit(RateLimit::per_hour(4).unwrap());
+    let a = client.create_key(one, limited).await.unwrap();
+    let b = client.roll_key(a.record.id, Duration::from_secs(3600)).await.unwrap();
+    let x = client.create_key(two, NewKey::new("x").with_owner("u")).await.unwrap();
+    crate::common::leave_room(&client, Window::Hour, Duration::from_secs(60)).await;
+    assert!(admitted(&client, a.key.expose_secret()).await);
+    assert!(admitted(&client, b.key.expose_secret()).await);
+
+    let steps = steps_from("m20261205_000002_owners_and_lineage");
+    migration::Migrator::down(client.connection(), Some(steps)).await.unwrap();
+    let conn = client.connection();
+    assert_eq!(
+        migration::Migrator::get_pending_migrations(conn).await.unwrap().len(),
+        steps as usize
+    );
+    let manager = migration::SchemaManager::new(conn);
+    assert!(manager.has_index("api_keys", "ix_api_keys_owner").await.unwrap());
+    assert!(!manager.has_column("api_keys", "lineage_head_id").await.unwrap());
+    client.create_tables().await.unwrap();
+    assert!(migration::Migrator::get_pending_migrations(conn).await.unwrap().is_empty());
+    let manager = migration::SchemaManager::new(conn);
+    assert!(manager.has_index("api_keys", "ix_api_keys_org_owner").await.unwrap());
+    assert!(!manager.has_index("api_keys", "ix_api_keys_owner").await.unwrap());
+
+    // The rolled key's lineage was filled in: the two keys still share 4 an hour.
+    let mut ok = 2;
+    for k in [&a, &b, &a, &b, &a, &b] {
+        ok += usize::from(admitted(&client, k.key.expose_secret()).await);
+    }
+    assert_eq!(ok, 4);
+    let page = Page::first(10).unwrap();
+    let owned = client.list_owner_keys(two, "u", StatusFilter::All, page).await.unwrap();
+    assert_eq!(owned.items.iter().map(|k| k.id).collect::<Vec<_>>(), [x.record.id]);
+    let mut revoked = client.revoke_owner_keys(one, "u").await.unwrap();
+    revoked.sort();
+    assert_eq!(revoked, [a.record.id, b.record.id]);
+    client.validate_key(x.key.expose_secret(), &plain()).await.unwrap();
 }

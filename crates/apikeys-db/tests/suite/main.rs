@@ -104,6 +104,12 @@ common::backend_tests! {
         renew_and_extend,
         audit_trail,
         upgrade_to_the_lifecycle_schema,
+        rolled_keys_share_one_rate_limit_budget,
+        zero_grace_roll_is_a_revocation,
+        owners_are_per_organization,
+        rolled_keys_are_not_renewed_or_listed_as_expiring,
+        a_skewed_clock_cannot_move_the_credit_period,
+        upgrade_to_per_organization_owners_and_lineage,
     ],
     timeout: [
         stuck_statement_is_unavailable,
@@ -132,5 +138,6 @@ common::backend_tests! {
         local_mode,
         leased_limit_is_exact_under_concurrency,
         leased_units_are_given_back_on_shutdown,
+        leased_give_back_after_a_limit_raise_never_over_admits,
     ],
 }

@@ -373,3 +373,60 @@ pub async fn leased_units_are_given_back_on_shutdown(db: TestDb) {
     assert_eq!(hammer(&shared, &key, 100, Duration::from_secs(3600)).await, (left, 100 - left));
     assert!(quota(leased.validate_key(&key, &ValidateOptions::new()).await).is_some());
 }
+
+/// A limit raised between a lease and a shutdown (issue 23): a leased client holds units of
+/// a key limited to 160 an hour, the limit goes to 1 600, other clients use the window up,
+/// then the leased client shuts down and gives its units back, and more clients hammer the
+/// key. Across every client the window admits at most the new limit, and once every client
+/// has shut down its count is exactly what was admitted (never below it).
+pub async fn leased_give_back_after_a_limit_raise_never_over_admits(db: TestDb) {
+    let leased = db.client_with(|b| b.rate_limit_mode(RateLimitMode::Leased)).await;
+    let key = key_with(&leased, Some(RateLimit::per_hour(160).unwrap())).await;
+    let id = leased.verify_key(&key, &apikeys_db::VerifyOptions::new()).await.unwrap().id;
+    leave_room(&leased, Window::Hour, Duration::from_secs(120)).await;
+    // Quick checks grow the blocks: check until the client holds units it has not spent.
+    let mut admitted = 0;
+    while window_rows(&leased).await.first().is_none_or(|w| w.1 == admitted as i64) {
+        assert!(admitted < 100, "blocks never grew");
+        leased.validate_key(&key, &ValidateOptions::new()).await.unwrap();
+        admitted += 1;
+    }
+    // Raised on another replica: the leased client still holds its units.
+    let admin = db.client().await;
+    let raised = KeyUpdate::new().with_rate_limit(Some(RateLimit::per_hour(1_600).unwrap()));
+    admin.update_key(id, raised).await.unwrap();
+    // Other replicas (leased and shared) use the raised window up, concurrently.
+    let hammer_all = async |clients: Vec<ApiKeyClient>| {
+        let mut handles = Vec::new();
+        for client in clients {
+            for _ in 0..4 {
+                let (client, key) = (client.clone(), key.clone());
+                handles.push(tokio::spawn(async move {
+                    hammer(&client, &key, 450, Duration::from_secs(3600)).await.0
+                }));
+            }
+        }
+        let mut ok = 0;
+        for h in handles {
+            ok += h.await.unwrap();
+        }
+        ok
+    };
+    let others =
+        vec![db.client_with(|b| b.rate_limit_mode(RateLimitMode::Leased)).await, db.client().await];
+    admitted += hammer_all(others.clone()).await;
+    for c in &others {
+        c.shutdown().await.unwrap();
+    }
+    leased.shutdown().await.unwrap();
+    let later =
+        vec![db.client_with(|b| b.rate_limit_mode(RateLimitMode::Leased)).await, db.client().await];
+    admitted += hammer_all(later.clone()).await;
+    for c in &later {
+        c.shutdown().await.unwrap();
+    }
+    assert!(admitted <= 1_600, "{admitted} admitted in one window of a limit of 1 600");
+    // Every client has shut down and given back what it held: the count is exact.
+    let count = window_rows(&leased).await[0].1;
+    assert_eq!(count, admitted as i64, "the window's count against what was admitted");
+}
