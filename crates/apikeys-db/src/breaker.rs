@@ -80,6 +80,8 @@ impl Breaker {
         if self.is_open() || self.checking.swap(true, Ordering::AcqRel) {
             return;
         }
+        // Cleared however this ends: the caller's request may be dropped while it waits.
+        let _checking = ClearOnDrop(&self.checking);
         match reach(conn, self.patience).await {
             Ok(()) => tracing::debug!(
                 error = %error,
@@ -90,7 +92,6 @@ impl Breaker {
                 self.trip(conn, error);
             }
         }
-        self.checking.store(false, Ordering::Release);
     }
 
     /// Opens the breaker (if it was closed) and makes sure a probe runs.
@@ -120,8 +121,20 @@ impl Breaker {
     }
 }
 
+/// Clears a flag when dropped.
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// Whether the database answers on a new connection of its own (not one of the pool's,
-/// which may all be busy or broken), opened, pinged and closed within `patience`.
+/// which may all be busy or broken), opened, pinged and closed within `patience`. A server
+/// that answers with a refusal (PostgreSQL's "too many connections", MySQL's 1040, an
+/// authentication failure) is up: only an I/O or TLS failure, no answer in time, or a server
+/// shutting down (57P01-57P03, 08S01) count as unreachable.
 async fn reach(conn: &DatabaseConnection, patience: Duration) -> Result<(), String> {
     #[allow(unused_imports)] // with no backend feature, no arm below uses them
     use sea_orm::sqlx::{ConnectOptions, Connection};
@@ -154,6 +167,16 @@ async fn reach(conn: &DatabaseConnection, patience: Duration) -> Result<(), Stri
     };
     match tokio::time::timeout(patience, attempt).await {
         Ok(Ok(())) => Ok(()),
+        // The server answered, if only to refuse (too many connections, a bad password): it
+        // is up. Only a server shutting down counts as unreachable among its answers.
+        Ok(Err(sea_orm::sqlx::Error::Database(e)))
+            if !e
+                .code()
+                .is_some_and(|c| matches!(c.as_ref(), "57P01" | "57P02" | "57P03" | "08S01")) =>
+        {
+            tracing::debug!(error = %e, "the database refused a connection of the breaker's own, but answered");
+            Ok(())
+        }
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no connection within {patience:?}")),
     }
@@ -306,6 +329,50 @@ mod tests {
         db.observe(&exhausted).await;
         assert!(!breaker.is_open(), "a busy pool of a database that answers opened the breaker");
         db.execute_unprepared("SELECT 1").await.unwrap();
+    }
+
+    /// The caller checking an exhausted pool may be dropped mid-check (a request timeout, a
+    /// client gone): the next exhausted pool is still checked.
+    #[cfg(feature = "sqlite")]
+    #[tokio::test]
+    async fn a_dropped_check_lets_the_next_one_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("b.db").display());
+        let conn = sea_orm::Database::connect(&url).await.unwrap();
+        let breaker = Breaker::new(
+            Duration::from_millis(10),
+            Duration::from_secs(5),
+            tokio::runtime::Handle::current(),
+        );
+        let error = DbErr::ConnectionAcquire(ConnAcquireErr::Timeout);
+        {
+            let check = breaker.check_exhausted(&conn, &error);
+            let mut check = std::pin::pin!(check);
+            let waker = std::task::Waker::noop();
+            let _ = check.as_mut().poll(&mut std::task::Context::from_waker(waker));
+        }
+        assert!(!breaker.checking.load(Ordering::Acquire), "a dropped check left the flag set");
+    }
+
+    /// A server that answers a connection of the breaker's own with a refusal (here a wrong
+    /// password; in production, too many connections) is up; one that does not answer is not.
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn a_server_that_refuses_a_connection_is_up() {
+        let url = std::env::var("APIKEYS_TEST_POSTGRES_URL")
+            .expect("APIKEYS_TEST_POSTGRES_URL (scripts/test-all sets it)");
+        let wrong = url.replacen("apikeys:apikeys@", "apikeys:not-the-password@", 1);
+        assert_ne!(wrong, url);
+        let lazy = |u: &str| {
+            let mut options = sea_orm::ConnectOptions::new(u);
+            options.connect_lazy(true);
+            options
+        };
+        let refused = sea_orm::Database::connect(lazy(&wrong)).await.unwrap();
+        assert_eq!(reach(&refused, Duration::from_secs(5)).await, Ok(()));
+        let nobody =
+            sea_orm::Database::connect(lazy("postgres://u:p@127.0.0.1:1/none")).await.unwrap();
+        assert!(reach(&nobody, Duration::from_secs(5)).await.is_err());
     }
 
     #[cfg(feature = "sqlite")]

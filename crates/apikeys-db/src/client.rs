@@ -166,7 +166,7 @@ impl ApiKeyClient {
         let txn = self.begin_write().await?;
         crate::schema::migrate_locked(txn).await?;
         self.inner.secrets_checked.store(false, Ordering::Release);
-        self.check_secret_versions(self.writer()).await
+        self.check_secret_versions().await
     }
 
     /// The current time from the client's clock, truncated to what every database stores.
@@ -212,7 +212,7 @@ impl ApiKeyClient {
     }
 
     /// Runs `op`, which makes `change`, in a write transaction of the client's own that also
-    /// appends the change to the feed (last, see [`feed::record`]); once it has ended, the
+    /// appends the change to the feed (first, see [`feed::record`]); once it has ended, the
     /// client's own cache forgets what the change touched.
     pub(crate) async fn change<T>(
         &self,
@@ -222,29 +222,38 @@ impl ApiKeyClient {
         self.change_all(&[change], op).await
     }
 
-    /// [`change`](Self::change) for several changes at once: `op`, then every change appended
-    /// to the feed, in one transaction; once it has ended, the client's own cache forgets
-    /// what each touched.
+    /// [`change`](Self::change) for several changes at once: all appended to the feed
+    /// first (see [`feed::record`]), then `op`, in one transaction; once it has ended, the
+    /// client's own cache forgets what each touched.
     ///
-    /// The feed's head row is locked last: it is what every writer of the feed waits for, so
-    /// it is held only for the feed rows' inserts and the commit, never while `op` works or
-    /// waits for a key's row. No transaction of the client's own waits for a row lock while
-    /// holding it, so they never deadlock on it.
+    /// A change to a key the database does not have (`op` fails with
+    /// [`Error::NotFound`]) is still appended to the feed, in a transaction of its own: a
+    /// cache may hold that key from rows the database has since lost (a point-in-time restore
+    /// or a failover that lost its creation, which writes no feed row), and revoking or
+    /// deleting it by id is then the way to make every replica drop it.
     pub(crate) async fn change_all<T>(
         &self,
         changes: &[Change],
         op: impl AsyncFnOnce(&DatabaseTransaction) -> Result<T>,
     ) -> Result<T> {
         let now = naive(self.now());
+        let record_all = async |txn: &DatabaseTransaction| {
+            for change in changes {
+                feed::record(txn, *change, now).await?;
+            }
+            Ok(())
+        };
         let result = self
             .in_transaction(async |txn| {
-                let value = op(txn).await?;
-                for change in changes {
-                    feed::record(txn, *change, now).await?;
-                }
-                Ok(value)
+                record_all(txn).await?;
+                op(txn).await
             })
             .await;
+        if matches!(result, Err(Error::NotFound { .. }))
+            && let Err(e) = self.in_transaction(record_all).await
+        {
+            tracing::warn!(error = %e, "appending the change of a key not found to the change feed failed");
+        }
         for change in changes {
             self.forget(*change);
             self.count_change();
@@ -252,17 +261,16 @@ impl ApiKeyClient {
         result
     }
 
-    /// Runs `op` on `txn`, then appends `change` to the feed there (last, as
-    /// [`change_all`](Self::change_all) does); returns the change's number and `op`'s result.
+    /// Appends `change` to the feed on `txn`, before anything `op` does there (see
+    /// [`feed::record`]), then runs `op`; returns the change's number and `op`'s result.
     pub(crate) async fn recorded<T>(
         &self,
         txn: &DatabaseTransaction,
         change: Change,
         op: impl AsyncFnOnce(&DatabaseTransaction) -> Result<T>,
     ) -> Result<(i64, T)> {
-        let value = op(txn).await?;
         let seq = feed::record(txn, change, naive(self.now())).await?;
-        Ok((seq, value))
+        Ok((seq, op(txn).await?))
     }
 
     /// Counts a change written to the feed; every [`PURGE_FEED_EVERY`] changes, purges the

@@ -258,7 +258,8 @@ fn mysql_options(options: &mut ConnectOptions, password: Option<Password>, timeo
 fn mysql_options(_: &mut ConnectOptions, _: Option<Password>, _: Duration) {}
 
 /// Sets the session's statement time limit: MariaDB's `max_statement_time` (seconds, every
-/// statement), else MySQL's `max_execution_time` (milliseconds, reads only).
+/// statement), else MySQL's `max_execution_time` (milliseconds, reads only) with
+/// `innodb_lock_wait_timeout` (whole seconds) for writes waiting for a row lock.
 #[cfg(feature = "mysql")]
 async fn mysql_statement_timeout(
     conn: &mut sea_orm::sqlx::MySqlConnection,
@@ -270,7 +271,11 @@ async fn mysql_statement_timeout(
         return Ok(());
     }
     let mysql = format!("SET SESSION max_execution_time = {}", timeout.as_millis());
-    conn.execute(sea_orm::sqlx::AssertSqlSafe(mysql)).await.map(|_| ())
+    conn.execute(sea_orm::sqlx::AssertSqlSafe(mysql)).await?;
+    // MySQL's limit covers reads only: bound waits for a row lock (writes) too, in whole
+    // seconds (at least one).
+    let locks = format!("SET SESSION innodb_lock_wait_timeout = {}", timeout.as_secs().max(1));
+    conn.execute(sea_orm::sqlx::AssertSqlSafe(locks)).await.map(|_| ())
 }
 
 #[cfg(all(test, feature = "sqlite", feature = "postgres", feature = "mysql"))]

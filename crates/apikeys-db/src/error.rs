@@ -44,8 +44,9 @@ pub(crate) fn is_pool_exhausted(e: &DbErr) -> bool {
 
 /// Whether a connection to the database failed (what opens the client's breaker at once): a
 /// refused or lost connection, TLS, a closed pool, the SQLSTATE class 08 (connection
-/// exception; MySQL reports its shutdown as 08S01), and PostgreSQL's admin shutdown, crash
-/// shutdown and "cannot connect now" (57P01-57P03).
+/// exception; MySQL reports its shutdown as 08S01) except 08004 (the server rejecting a
+/// connection, say for too many: it is up), and PostgreSQL's admin shutdown, crash shutdown
+/// and "cannot connect now" (57P01-57P03).
 pub(crate) fn is_connection_failure(e: &DbErr) -> bool {
     use sea_orm::sqlx::Error as Sqlx;
     if matches!(e, DbErr::ConnectionAcquire(c) if !matches!(c, sea_orm::error::ConnAcquireErr::Timeout))
@@ -54,8 +55,11 @@ pub(crate) fn is_connection_failure(e: &DbErr) -> bool {
     }
     match sqlx_error(e) {
         Some(Sqlx::Io(_) | Sqlx::Tls(_) | Sqlx::PoolClosed | Sqlx::WorkerCrashed) => true,
+        // 08004 is the server rejecting a connection (MySQL's "too many connections"): it is
+        // up, and answering.
         Some(Sqlx::Database(db)) => db.code().is_some_and(|c| {
-            c.starts_with("08") || matches!(c.as_ref(), "57P01" | "57P02" | "57P03")
+            (c.starts_with("08") && c != "08004")
+                || matches!(c.as_ref(), "57P01" | "57P02" | "57P03")
         }),
         _ => false,
     }

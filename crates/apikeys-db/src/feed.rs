@@ -6,8 +6,9 @@
 //! its transaction. The row's lock makes writers take turns from then until they commit or
 //! roll back, so the numbers are gapless (a rolled-back increment is given out again) and
 //! become visible in order: a reader that sees number `n` has seen every number below it.
-//! The client's own transactions take that lock *last*, after the change's own statements,
-//! so it is held only for the feed row's insert and the commit; a change made in a
+//! A writer takes that lock *first* in its transaction, before any row of its own: it then
+//! waits for it holding nothing else (a key's row stays free for the checks that count its
+//! usage), and writers of the feed never wait for each other in a cycle. A change made in a
 //! transaction the host owns holds it until the host commits (see
 //! [`InTransaction`](crate::InTransaction)).
 //!
@@ -76,8 +77,9 @@ async fn next_seq<C: ConnectionTrait>(conn: &C) -> Result<i64> {
 }
 
 /// Appends `change` to the feed on `conn`, which must be inside the transaction that makes
-/// the change. The client calls it after the change's own statements, so that the head row's
-/// lock, which every writer of the feed waits for, is held only until the commit. Returns the
+/// the change. Call it before the change's own statements: the head row is then always the
+/// first lock the transaction takes among the feed's writers, so two of them never wait for
+/// each other in a cycle, and one waiting for it holds no key's row meanwhile. Returns the
 /// change's sequence number.
 pub(crate) async fn record<C: ConnectionTrait>(
     conn: &C,
@@ -135,8 +137,8 @@ pub(crate) async fn token_at<C: ConnectionTrait>(
 }
 
 /// Deletes the feed rows written before `before` (by their writers' clocks) as a prefix: every
-/// row numbered below the first row written at or after `before`, and never the newest row
-/// (which tells a reader whether it missed rows). A row stamped early by a writer whose clock
+/// row numbered below the one before the first row written at or after `before`, and never
+/// the newest row (which tells a reader whether it missed rows). A row stamped early by a writer whose clock
 /// is behind is therefore kept as long as any row before it is, and the feed never gets a
 /// hole in the middle: a reader that had not read a purged row sees that its next row is
 /// missing. Returns the number deleted.
@@ -151,7 +153,10 @@ pub(crate) async fn purge<C: ConnectionTrait>(conn: &C, before: NaiveDateTime) -
         .map_err(storage)?
         .flatten();
     let newest = head(conn).await.map_err(storage)?;
-    let cutoff = first_kept.map_or(newest, |seq| seq.min(newest));
+    // The row before the first one kept stays too: after a quiet spell longer than the
+    // retention it is the row every reader that was up to date sits on, and a reader that
+    // finds its row gone starts afresh.
+    let cutoff = first_kept.map_or(newest, |seq| (seq - 1).min(newest));
     let res = key_change::Entity::delete_many()
         .filter(key_change::Column::Seq.lt(cutoff))
         .exec(conn)

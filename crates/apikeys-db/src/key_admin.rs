@@ -88,6 +88,8 @@ impl ApiKeyClient {
     /// [`Error::Storage`].
     pub async fn create_key(&self, org: OrgId, new_key: NewKey) -> Result<IssuedKey> {
         let prepared = self.prepare_key(org, new_key)?;
+        // Never store a hash under a version label that is another secret's.
+        self.check_secret_versions().await?;
         let issued = self
             .in_transaction(async move |txn| self.insert_key_on(txn, org, prepared).await)
             .await?;
@@ -159,8 +161,6 @@ impl ApiKeyClient {
         org: OrgId,
         key: PreparedKey,
     ) -> Result<IssuedKey> {
-        // Never store a hash under a version label that is another secret's.
-        self.check_secret_versions(conn).await?;
         let PreparedKey { plaintext, row, project_id, product_id } = key;
         // A missing organization is caught by the foreign key on insert (mapped to NotFound).
         if let Some(p) = project_id {

@@ -6,6 +6,8 @@
 //! version can verify, and `keys rehash --revoke`, which trusts the labels, would revoke the
 //! keys it takes for unrotated.
 
+use std::sync::atomic::Ordering;
+
 use apikeys_core::{Error, Result};
 use sea_orm::{ConnectionTrait, DbBackend, Statement, Value};
 
@@ -15,18 +17,36 @@ use crate::error::storage;
 
 impl ApiKeyClient {
     /// Registers the fingerprint of every signing secret this client holds under its version
-    /// (if that version has none yet) and checks each against the one registered, on `conn`.
-    /// Once it has passed, later calls return at once (the registry only ever grows, and a
-    /// version's fingerprint never changes).
+    /// (if that version has none yet) and checks each against the one registered, in
+    /// statements of the client's own. Once it has passed, later calls return at once (the
+    /// registry only ever grows, and a version's fingerprint never changes).
     ///
     /// # Errors
     /// [`Error::Configuration`] naming the version whose registered fingerprint is another
     /// secret's; [`Error::Unavailable`]; [`Error::Storage`].
-    pub(crate) async fn check_secret_versions<C: ConnectionTrait>(&self, conn: &C) -> Result<()> {
-        use std::sync::atomic::Ordering;
+    pub(crate) async fn check_secret_versions(&self) -> Result<()> {
         if self.inner.secrets_checked.load(Ordering::Acquire) {
             return Ok(());
         }
+        self.verify_secret_versions(self.writer()).await?;
+        self.inner.secrets_checked.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// [`check_secret_versions`](Self::check_secret_versions) on `conn`, a transaction the
+    /// host owns (on SQLite it holds the only writer connection): the check runs there, and
+    /// is not remembered, since the host may roll its registration back.
+    pub(crate) async fn check_secret_versions_in<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+    ) -> Result<()> {
+        if self.inner.secrets_checked.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.verify_secret_versions(conn).await
+    }
+
+    async fn verify_secret_versions<C: ConnectionTrait>(&self, conn: &C) -> Result<()> {
         let backend = conn.get_database_backend();
         let insert = match backend {
             DbBackend::MySql => {
@@ -48,12 +68,18 @@ impl ApiKeyClient {
             fingerprints.push((version_column(version)?, fingerprint));
         }
         for (version, fingerprint) in &fingerprints {
-            let version = *version;
-            let values: [Value; 3] = [version.into(), fingerprint.to_vec().into(), now.into()];
+            let values: [Value; 3] = [(*version).into(), fingerprint.to_vec().into(), now.into()];
             let stmt = Statement::from_sql_and_values(backend, insert, values);
             conn.execute_raw(stmt).await.map_err(storage)?;
         }
-        let select = "SELECT version, fingerprint FROM signing_secret_versions";
+        // On MySQL a locking read: inside a host's REPEATABLE READ transaction a plain one
+        // would not see a row another replica registered after the transaction's snapshot.
+        let select = match backend {
+            DbBackend::MySql => {
+                "SELECT version, fingerprint FROM signing_secret_versions LOCK IN SHARE MODE"
+            }
+            _ => "SELECT version, fingerprint FROM signing_secret_versions",
+        };
         let rows =
             conn.query_all_raw(Statement::from_string(backend, select)).await.map_err(storage)?;
         for row in rows {
@@ -68,7 +94,6 @@ impl ApiKeyClient {
                 )));
             }
         }
-        self.inner.secrets_checked.store(true, Ordering::Release);
         Ok(())
     }
 }

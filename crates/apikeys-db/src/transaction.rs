@@ -91,7 +91,7 @@ impl InTransaction<'_> {
         finish(sp, result).await
     }
 
-    /// Runs `op`, which makes `change`, in a savepoint that then appends the change to the
+    /// Runs `op`, which makes `change`, in a savepoint that first appends the change to the
     /// feed (taking the feed's head lock until the host's transaction ends); the client's cache forgets what it touched at once and serves none of it again
     /// until its poller has seen the change committed (or rolled back).
     async fn change<T>(
@@ -196,7 +196,11 @@ impl InTransaction<'_> {
     /// As `create_key`.
     pub async fn create_key(&self, org: OrgId, new_key: NewKey) -> Result<IssuedKey> {
         let prepared = self.client.prepare_key(org, new_key)?;
-        self.in_savepoint(async move |sp| self.client.insert_key_on(sp, org, prepared).await).await
+        self.in_savepoint(async move |sp| {
+            self.client.check_secret_versions_in(sp).await?;
+            self.client.insert_key_on(sp, org, prepared).await
+        })
+        .await
     }
 
     /// [`ApiKeyClient::update_key`] in the host's transaction.

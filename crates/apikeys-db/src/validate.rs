@@ -330,7 +330,7 @@ impl ApiKeyClient {
         else {
             return;
         };
-        if let Err(e) = self.check_secret_versions(self.writer()).await {
+        if let Err(e) = self.check_secret_versions().await {
             tracing::warn!(key_id = %id, error = %e, "not re-hashing an api key: the signing secrets' versions could not be checked");
             return;
         }

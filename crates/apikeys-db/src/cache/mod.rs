@@ -209,11 +209,13 @@ impl CacheState {
         if !self.serving() {
             self.counts.bypassed.fetch_add(1, Ordering::Relaxed);
             // A key the cache holds is a real key: it goes to the database without waiting
-            // for a miss turn, which only keys never seen (possibly made up) need.
-            return if self.keys.contains_key(hash.as_bytes()) {
-                Lookup::Bypass
-            } else {
-                Lookup::Miss
+            // for a miss turn, which only keys never seen (possibly made up) need. One it
+            // holds as revoked stays refused (revocation is final) without a read, so a leaked
+            // key revoked long ago cannot take the pool's connections either.
+            return match self.keys.peek(hash.as_bytes()) {
+                Some(cached) if cached.key.revoked_at.is_some() => Lookup::Hit(cached, None),
+                Some(_) => Lookup::Bypass,
+                None => Lookup::Miss,
             };
         }
         let result = self.lookup_inner(hash, product);
@@ -543,7 +545,8 @@ mod tests {
     }
 
     /// While the cache is not serving, a key it holds is read from the database without a
-    /// miss turn; a key it does not hold waits for one.
+    /// miss turn, one it holds as revoked is refused from memory, and a key it does not hold
+    /// waits for a turn.
     #[test]
     fn known_keys_bypass_the_miss_limit_while_not_serving() {
         let cache = CacheState::new(KeyCache::new(), Duration::ZERO).unwrap();
@@ -553,6 +556,14 @@ mod tests {
         assert!(!cache.serving(), "no poll has caught up yet");
         assert!(matches!(cache.lookup(&known, None), Lookup::Bypass));
         assert!(matches!(cache.lookup(&unknown, None), Lookup::Miss));
+        // A key held as revoked is refused from memory: no read, no miss turn.
+        let revoked = hasher.hash("revoked");
+        let mut entry = key(KeyId::new());
+        entry.key.revoked_at = Some(chrono::Utc::now());
+        cache.insert(&revoked, entry, None, cache.generation());
+        assert!(
+            matches!(cache.lookup(&revoked, None), Lookup::Hit(hit, None) if hit.key.revoked_at.is_some())
+        );
         // Once a poll has caught up, it is served from memory.
         cache.last_ok.store(cache.since_epoch() + 1, Ordering::Release);
         assert!(matches!(cache.lookup(&known, None), Lookup::Hit(..)));

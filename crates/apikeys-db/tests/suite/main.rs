@@ -81,6 +81,9 @@ common::backend_tests! {
         a_slow_feed_with_stale_if_error_keeps_serving,
         a_busy_pool_is_not_an_outage,
         host_transactions_hold_what_is_documented,
+        a_feed_row_of_an_unknown_kind_empties_the_cache,
+        a_key_the_database_lost_can_still_be_revoked,
+        a_purge_after_a_quiet_spell_keeps_readers_in_place,
     ],
     concurrency: [
         concurrent_bootstrap,

@@ -332,3 +332,83 @@ pub async fn host_transactions_hold_what_is_documented(db: TestDb) {
     let key = other.revoke_key(in_b[1]).await.unwrap();
     assert!(key.revoked_at.is_some());
 }
+
+/// A feed row of a kind this version does not know (written by a newer version during a
+/// rolling deploy) may touch any cached entry: the cache empties itself instead of skipping
+/// it. Here the row stands for a revocation this version cannot read: the key is revoked in
+/// SQL and only such a row announces it.
+pub async fn a_feed_row_of_an_unknown_kind_empties_the_cache(db: TestDb) {
+    let admin = db.client().await;
+    let replica = db.client_with(|b| b.cache(cache())).await;
+    let org = org(&admin, "acme").await;
+    let issued = admin.create_key(org, NewKey::new("k")).await.unwrap();
+    let key = issued.key.expose_secret().to_owned();
+    warm(&replica, &key, &untracked()).await;
+    caught_up(&replica).await;
+    let next = head(&admin).await + 1;
+    let txn = admin.begin().await.unwrap();
+    exec(&txn, "UPDATE api_keys SET revoked_at = '2020-01-01 00:00:00'").await;
+    exec(&txn, &format!("UPDATE key_changes_head SET seq = {next} WHERE id = 1")).await;
+    exec(
+        &txn,
+        &format!(
+            "INSERT INTO key_changes (seq, created_at, token) \
+             VALUES ({next}, '2026-01-01 00:00:00', 7)"
+        ),
+    )
+    .await;
+    txn.commit().await.unwrap();
+    let e = refused(&replica, &key, Instant::now(), BOUND).await;
+    assert!(matches!(e, Error::Revoked { .. }), "{e:?}");
+}
+
+/// A key cached from rows a restore then lost (its creation writes no feed row, so the feed
+/// shows nothing): revoking or deleting it by id finds no row, and still tells every cache
+/// to drop it, so the operator can end a key the database no longer knows.
+pub async fn a_key_the_database_lost_can_still_be_revoked(db: TestDb) {
+    let admin = db.client().await;
+    let replica = db.client_with(|b| b.cache(cache())).await;
+    let org = org(&admin, "acme").await;
+    let mut lost = Vec::new();
+    for name in ["revoked", "deleted"] {
+        let issued = admin.create_key(org, NewKey::new(name)).await.unwrap();
+        warm(&replica, issued.key.expose_secret(), &untracked()).await;
+        lost.push((issued.record.id, issued.key.expose_secret().to_owned()));
+    }
+    // The restore: the keys' rows are gone, and no feed row says so.
+    exec(admin.connection(), "DELETE FROM api_keys").await;
+    replica.validate_key(&lost[0].1, &untracked()).await.unwrap();
+    let r = admin.revoke_key(lost[0].0).await;
+    assert!(matches!(r, Err(Error::NotFound { .. })), "{r:?}");
+    let r = admin.delete_key(lost[1].0).await;
+    assert!(matches!(r, Err(Error::NotFound { .. })), "{r:?}");
+    for (_, key) in &lost {
+        let e = refused(&replica, key, Instant::now(), BOUND).await;
+        assert!(matches!(e, Error::InvalidKey), "{e:?}");
+    }
+}
+
+/// After a quiet spell longer than the feed's retention, a change and the purge right after
+/// it (the client purges in the background after its changes) keep the row every up-to-date
+/// reader sits on: none of them finds its row gone and empties its cache for nothing.
+pub async fn a_purge_after_a_quiet_spell_keeps_readers_in_place(db: TestDb) {
+    let clock = crate::common::TestClock::at(Utc::now());
+    let admin = db.client_with(|b| b.clock(clock.as_fn())).await;
+    let replica = db.client_with(|b| b.cache(cache())).await;
+    let org = org(&admin, "acme").await;
+    let id = admin.create_key(org, NewKey::new("k")).await.unwrap().record.id;
+    admin.update_key(id, KeyUpdate::new().with_name("a")).await.unwrap();
+    caught_up(&replica).await;
+    let restarts = replica.cache_stats().unwrap().feed_restarts;
+    clock.advance(TimeDelta::hours(2));
+    admin.update_key(id, KeyUpdate::new().with_name("b")).await.unwrap();
+    admin.purge_change_feed().await.unwrap();
+    caught_up(&replica).await;
+    assert_eq!(
+        replica.cache_stats().unwrap().feed_restarts,
+        restarts,
+        "{:?}",
+        replica.cache_stats()
+    );
+    assert_eq!(db.count(&admin, "key_changes").await, 2, "the row before the fresh one stays");
+}
