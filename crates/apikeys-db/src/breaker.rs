@@ -136,31 +136,14 @@ impl Drop for ClearOnDrop<'_> {
 /// authentication failure) is up: only an I/O or TLS failure, no answer in time, or a server
 /// shutting down (57P01-57P03, 08S01) count as unreachable.
 async fn reach(conn: &DatabaseConnection, patience: Duration) -> Result<(), String> {
-    #[allow(unused_imports)] // with no backend feature, no arm below uses them
-    use sea_orm::sqlx::{ConnectOptions, Connection};
     let attempt = async {
         match conn.get_database_backend() {
             #[cfg(feature = "postgres")]
-            DbBackend::Postgres => {
-                let options = conn.get_postgres_connection_pool().connect_options();
-                let mut own = options.connect().await?;
-                own.ping().await?;
-                own.close().await
-            }
+            DbBackend::Postgres => connect_own(conn.get_postgres_connection_pool()).await,
             #[cfg(feature = "mysql")]
-            DbBackend::MySql => {
-                let options = conn.get_mysql_connection_pool().connect_options();
-                let mut own = options.connect().await?;
-                own.ping().await?;
-                own.close().await
-            }
+            DbBackend::MySql => connect_own(conn.get_mysql_connection_pool()).await,
             #[cfg(feature = "sqlite")]
-            DbBackend::Sqlite => {
-                let options = conn.get_sqlite_connection_pool().connect_options();
-                let mut own = options.connect().await?;
-                own.ping().await?;
-                own.close().await
-            }
+            DbBackend::Sqlite => connect_own(conn.get_sqlite_connection_pool()).await,
             #[allow(unreachable_patterns)] // a backend not compiled in is refused at build()
             _ => Ok(()),
         }
@@ -180,6 +163,17 @@ async fn reach(conn: &DatabaseConnection, patience: Duration) -> Result<(), Stri
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no connection within {patience:?}")),
     }
+}
+
+/// Opens a connection with `pool`'s settings but outside it, pings it and closes it.
+#[allow(dead_code)] // unused only when no backend feature is on
+async fn connect_own<DB: sea_orm::sqlx::Database>(
+    pool: &sea_orm::sqlx::Pool<DB>,
+) -> Result<(), sea_orm::sqlx::Error> {
+    use sea_orm::sqlx::{ConnectOptions, Connection};
+    let mut own = pool.connect_options().connect().await?;
+    own.ping().await?;
+    own.close().await
 }
 
 /// Tries the database every interval while the breaker is open; closes it on success.
