@@ -291,6 +291,16 @@ mod tests {
     use super::*;
     use sea_orm::error::ConnAcquireErr;
 
+    /// A breaker probing every 10 ms, with 5 s for a connection of its own.
+    #[cfg(feature = "sqlite")]
+    fn test_breaker() -> Arc<Breaker> {
+        Breaker::new(
+            Duration::from_millis(10),
+            Duration::from_secs(5),
+            tokio::runtime::Handle::current(),
+        )
+    }
+
     #[test]
     fn only_failures_to_reach_the_database_open_it() {
         use crate::error::is_unreachable;
@@ -313,11 +323,7 @@ mod tests {
     #[tokio::test]
     async fn an_exhausted_pool_of_a_reachable_database_keeps_it_closed() {
         let conn = sea_orm::Database::connect("sqlite::memory:").await.unwrap();
-        let breaker = Breaker::new(
-            Duration::from_millis(10),
-            Duration::from_secs(5),
-            tokio::runtime::Handle::current(),
-        );
+        let breaker = test_breaker();
         let db = Db::new(conn.clone(), Arc::clone(&breaker));
         let exhausted: Result<(), DbErr> = Err(DbErr::ConnectionAcquire(ConnAcquireErr::Timeout));
         db.observe(&exhausted).await;
@@ -333,11 +339,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("b.db").display());
         let conn = sea_orm::Database::connect(&url).await.unwrap();
-        let breaker = Breaker::new(
-            Duration::from_millis(10),
-            Duration::from_secs(5),
-            tokio::runtime::Handle::current(),
-        );
+        let breaker = test_breaker();
         let error = DbErr::ConnectionAcquire(ConnAcquireErr::Timeout);
         {
             let check = breaker.check_exhausted(&conn, &error);
@@ -373,11 +375,7 @@ mod tests {
     #[tokio::test]
     async fn open_refuses_at_once_and_a_probe_closes_it() {
         let conn = sea_orm::Database::connect("sqlite::memory:").await.unwrap();
-        let breaker = Breaker::new(
-            Duration::from_millis(10),
-            Duration::from_secs(5),
-            tokio::runtime::Handle::current(),
-        );
+        let breaker = test_breaker();
         let db = Db::new(conn.clone(), Arc::clone(&breaker));
         db.execute_unprepared("SELECT 1").await.unwrap();
         breaker.trip(&conn, &DbErr::ConnectionAcquire(ConnAcquireErr::Timeout));

@@ -172,8 +172,14 @@ impl CacheState {
 
     /// How long ago the last poll that caught up started (`None`: none has yet).
     fn since_last_ok(&self) -> Option<Duration> {
-        let ok = self.last_ok.load(Ordering::Acquire);
-        (ok > 0).then(|| Duration::from_nanos(self.since_epoch().saturating_sub(ok - 1)))
+        self.since(&self.last_ok)
+    }
+
+    /// How long ago the instant stored in `stamp` was (`None`: none is stored). Stamps are
+    /// nanoseconds after `epoch`, plus one, so that 0 can mean none.
+    fn since(&self, stamp: &AtomicU64) -> Option<Duration> {
+        let at = stamp.load(Ordering::Acquire);
+        (at > 0).then(|| Duration::from_nanos(self.since_epoch().saturating_sub(at - 1)))
     }
 
     /// Whether entries may be served now: the last poll that caught up started less than
@@ -191,10 +197,7 @@ impl CacheState {
         if self.failing.load(Ordering::Relaxed) {
             return true;
         }
-        let since = self.polling_since.load(Ordering::Acquire);
-        since > 0
-            && Duration::from_nanos(self.since_epoch().saturating_sub(since - 1))
-                >= self.config.max_staleness
+        self.since(&self.polling_since).is_some_and(|age| age >= self.config.max_staleness)
     }
 
     /// The generation a lookup that misses must remember and pass to the inserts.
