@@ -77,7 +77,9 @@ async fn main() -> apikeys_db::Result<()> {
     }
 
     // 4. Typos and forgeries are rejected offline.
-    let typo = format!("{}x", &key[..key.len() - 1]);
+    // (The last character changed, to one it is not: a key may end in 'x' already.)
+    let last = if key.ends_with('x') { 'y' } else { 'x' };
+    let typo = format!("{}{last}", &key[..key.len() - 1]);
     assert!(matches!(
         client.verify_key(&typo, &VerifyOptions::new()).await,
         Err(Error::InvalidKey)
