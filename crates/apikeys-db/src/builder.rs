@@ -2,7 +2,6 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Duration;
 
 use apikeys_core::hazmat::KeyHasher;
@@ -11,18 +10,21 @@ use chrono::{DateTime, Utc};
 use sea_orm::DatabaseConnection;
 
 use crate::breaker::{Breaker, Db};
-use crate::cache::{CacheState, DEFAULT_RETENTION, KeyCache, spawn_poller};
-use crate::client::{ApiKeyClient, Clock, Inner};
+use crate::cache::{CacheState, CachedLookup, DEFAULT_RETENTION, KeyCache, spawn_poller};
+use crate::client::{ApiKeyClient, Inner};
+use crate::clock::Clock;
+use crate::connect::{
+    DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_STATEMENT_TIMEOUT, Settings,
+};
+use crate::credits::{CreditMode, CreditSpender};
+use crate::feed::{ChangeFeed, ChangeListener};
 use crate::id::IdMinter;
-use crate::lookup::LookupSql;
+use crate::lookup::KeyLookup;
 use crate::observe::CheckMetrics;
 use crate::rate_limit::{RateLimitMode, RateLimiter};
+use crate::secret_version::SecretRegistry;
 use crate::usage::UsageRecorder;
 
-/// The defaults of the connection settings that apply when connecting by URL.
-pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-pub(crate) const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
-const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a client whose database is unreachable tries it again, by default.
 const DEFAULT_RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -47,6 +49,7 @@ pub struct ClientBuilder {
     log_statements: Option<bool>,
     clock: Option<Clock>,
     rate_limit_mode: RateLimitMode,
+    credit_mode: CreditMode,
     usage_flush_interval: Option<Duration>,
     cache: Option<KeyCache>,
     reconnect_interval: Option<Duration>,
@@ -70,6 +73,7 @@ impl Default for ClientBuilder {
             log_statements: None,
             clock: None,
             rate_limit_mode: RateLimitMode::default(),
+            credit_mode: CreditMode::default(),
             usage_flush_interval: None,
             cache: None,
             reconnect_interval: None,
@@ -210,6 +214,15 @@ impl ClientBuilder {
     /// How per-key rate limits are counted (default [`RateLimitMode::Shared`]).
     pub fn rate_limit_mode(mut self, mode: RateLimitMode) -> Self {
         self.rate_limit_mode = mode;
+        self
+    }
+
+    /// How usage credits are spent (default [`CreditMode::Exact`]: one conditional `UPDATE`
+    /// per check). [`CreditMode::Leased`] reserves blocks of a balance ahead and spends
+    /// them in memory, never more than the balance across replicas; call
+    /// [`ApiKeyClient::shutdown`] before the process exits to give back what it holds.
+    pub fn credit_mode(mut self, mode: CreditMode) -> Self {
+        self.credit_mode = mode;
         self
     }
 
@@ -379,7 +392,16 @@ impl ClientBuilder {
             Some(interval) => UsageRecorder::batched(writer.clone(), interval, &runtime),
             None => UsageRecorder::immediate(writer.clone()),
         };
-        let lookup = LookupSql::new(db.raw().get_database_backend(), hasher.versions().count())?;
+        let hasher = Arc::new(hasher);
+        let secrets =
+            Arc::new(SecretRegistry::new(writer.clone(), Arc::clone(&hasher), Arc::clone(&clock)));
+        let lookup = KeyLookup::new(
+            db.clone(),
+            writer.clone(),
+            Arc::clone(&hasher),
+            format.clone(),
+            Arc::clone(&secrets),
+        )?;
         let feed_retention = self.cache.as_ref().map_or(DEFAULT_RETENTION, |c| c.feed_retention);
         let cache = match self.cache {
             Some(c) => Some(Arc::new(CacheState::new(c, acquire_timeout)?)),
@@ -388,8 +410,17 @@ impl ClientBuilder {
         if let Some(cache) = &cache {
             spawn_poller(&runtime, Arc::downgrade(cache), db.clone());
         }
+        let listener = cache.clone().map(|c| c as Arc<dyn ChangeListener>);
+        let feed = Arc::new(ChangeFeed::new(
+            writer.clone(),
+            Arc::clone(&clock),
+            listener,
+            feed_retention,
+            runtime.clone(),
+        ));
         let inner = Arc::new(Inner {
-            lookup,
+            keys: CachedLookup::new(lookup, cache),
+            credits: CreditSpender::new(writer.clone(), self.credit_mode, runtime.clone()),
             db,
             writer,
             hasher,
@@ -399,25 +430,12 @@ impl ClientBuilder {
             ids: IdMinter::default(),
             limiter,
             usage,
-            cache,
+            feed,
+            secrets,
             metrics: CheckMetrics::default(),
-            feed_retention,
-            changes: AtomicU64::new(0),
-            secrets_checked: AtomicBool::new(false),
-            runtime,
         });
         Ok(ApiKeyClient { inner, actor: None })
     }
-}
-
-/// How to open the pools when connecting by URL.
-#[derive(Debug)]
-pub(crate) struct Settings {
-    pub(crate) max_connections: Option<u32>,
-    pub(crate) connect_timeout: Duration,
-    pub(crate) acquire_timeout: Duration,
-    pub(crate) statement_timeout: Duration,
-    pub(crate) log_statements: bool,
 }
 
 #[cfg(test)]

@@ -4,7 +4,6 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use apikeys_core::hazmat::KeyHasher;
@@ -17,18 +16,16 @@ use sea_orm::{
 use uuid::Uuid;
 
 use crate::breaker::Db;
-use crate::cache::{CacheState, CacheStats};
-use crate::convert::naive;
+use crate::cache::{CacheStats, CachedLookup};
+use crate::clock::Clock;
+use crate::credits::CreditSpender;
 use crate::error::storage;
-use crate::feed::{self, Change};
+use crate::feed::{Change, ChangeFeed};
 use crate::id::IdMinter;
-use crate::lookup::LookupSql;
 use crate::observe::CheckMetrics;
 use crate::rate_limit::RateLimiter;
+use crate::secret_version::SecretRegistry;
 use crate::usage::UsageRecorder;
-
-/// A source of the current time. The default is [`Utc::now`]; tests inject their own.
-pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 
 /// The client a backend holds: issues, checks and manages API keys in one database.
 ///
@@ -86,32 +83,23 @@ pub(crate) struct Inner {
     /// one connection of its own, so writers queue in the pool instead of sleeping in
     /// SQLite's busy handler.
     pub(crate) writer: Db,
-    pub(crate) hasher: KeyHasher,
+    pub(crate) hasher: Arc<KeyHasher>,
     pub(crate) format: KeyFormat,
     pub(crate) default_lifetime: Option<Duration>,
     pub(crate) clock: Clock,
     pub(crate) ids: IdMinter,
+    /// The hot path's parts, in the order a check runs them.
+    pub(crate) keys: CachedLookup,
     pub(crate) limiter: RateLimiter,
-    /// The key lookup's SQL, rendered once.
-    pub(crate) lookup: LookupSql,
+    pub(crate) credits: CreditSpender,
     pub(crate) usage: UsageRecorder,
-    /// The verified-key cache, when the builder configured one.
-    pub(crate) cache: Option<Arc<CacheState>>,
+    /// The change feed: recorded with every change, heard by the cache.
+    pub(crate) feed: Arc<ChangeFeed>,
+    /// The signing secrets' versions, checked against the database's registry.
+    pub(crate) secrets: Arc<SecretRegistry>,
     /// The hot path's metric handles.
     pub(crate) metrics: CheckMetrics,
-    /// How long change-feed rows are kept (the cache's setting, or an hour).
-    pub(crate) feed_retention: Duration,
-    /// Changes this client has made (every [`PURGE_FEED_EVERY`] it purges the feed).
-    pub(crate) changes: AtomicU64,
-    /// Set once the signing secrets' versions were checked against the database's registry
-    /// (see [`check_secret_versions`](ApiKeyClient::check_secret_versions)).
-    pub(crate) secrets_checked: AtomicBool,
-    /// Where background work runs: the runtime the client was built on.
-    pub(crate) runtime: tokio::runtime::Handle,
 }
-
-/// Every this many changes a client makes, it deletes old change-feed rows in the background.
-const PURGE_FEED_EVERY: u64 = 256;
 
 impl fmt::Debug for ApiKeyClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -121,8 +109,9 @@ impl fmt::Debug for ApiKeyClient {
             .field("hasher", &self.inner.hasher)
             .field("default_lifetime", &self.inner.default_lifetime)
             .field("rate_limit_mode", &self.inner.limiter.mode())
+            .field("credit_mode", &self.inner.credits.mode())
             .field("batched_usage", &self.inner.usage.is_batched())
-            .field("cache", &self.inner.cache)
+            .field("cache", &self.inner.keys.cache())
             .field("actor", &self.actor)
             .finish_non_exhaustive()
     }
@@ -165,13 +154,13 @@ impl ApiKeyClient {
     pub async fn create_tables(&self) -> Result<()> {
         let txn = self.begin_write().await?;
         crate::schema::migrate_locked(txn).await?;
-        self.inner.secrets_checked.store(false, Ordering::Release);
-        self.check_secret_versions().await
+        self.inner.secrets.reset();
+        self.inner.secrets.check().await
     }
 
     /// The current time from the client's clock, truncated to what every database stores.
     pub(crate) fn now(&self) -> DateTime<Utc> {
-        crate::convert::to_micros((self.inner.clock)())
+        crate::clock::now(&self.inner.clock)
     }
 
     /// A new time-ordered id stamped with `now` (the client's clock), so that ids and
@@ -182,11 +171,6 @@ impl ApiKeyClient {
 
     pub(crate) fn db(&self) -> &Db {
         &self.inner.db
-    }
-
-    /// The connection writes go through (see [`Inner::writer`]).
-    pub(crate) fn writer(&self) -> &Db {
-        &self.inner.writer
     }
 
     /// Begins a read-write transaction on the writer. On SQLite it takes the write lock at
@@ -236,10 +220,10 @@ impl ApiKeyClient {
         changes: &[Change],
         op: impl AsyncFnOnce(&DatabaseTransaction) -> Result<T>,
     ) -> Result<T> {
-        let now = naive(self.now());
+        let feed = &self.inner.feed;
         let record_all = async |txn: &DatabaseTransaction| {
             for change in changes {
-                feed::record(txn, *change, now).await?;
+                feed.record(txn, *change).await?;
             }
             Ok(())
         };
@@ -255,36 +239,22 @@ impl ApiKeyClient {
             tracing::warn!(error = %e, "appending the change of a key not found to the change feed failed");
         }
         for change in changes {
-            self.forget(*change);
-            self.count_change();
+            feed.after_commit(*change);
         }
         result
     }
 
     /// Appends `change` to the feed on `txn`, before anything `op` does there (see
-    /// [`feed::record`]), then runs `op`; returns the change's number and `op`'s result.
+    /// [`feed::record`](crate::feed::record)), then runs `op`; returns the change's number and
+    /// `op`'s result.
     pub(crate) async fn recorded<T>(
         &self,
         txn: &DatabaseTransaction,
         change: Change,
         op: impl AsyncFnOnce(&DatabaseTransaction) -> Result<T>,
     ) -> Result<(i64, T)> {
-        let seq = feed::record(txn, change, naive(self.now())).await?;
+        let seq = self.inner.feed.record(txn, change).await?;
         Ok((seq, op(txn).await?))
-    }
-
-    /// Counts a change written to the feed; every [`PURGE_FEED_EVERY`] changes, purges the
-    /// feed in the background.
-    pub(crate) fn count_change(&self) {
-        let n = self.inner.changes.fetch_add(1, Ordering::Relaxed);
-        if n % PURGE_FEED_EVERY == PURGE_FEED_EVERY - 1 {
-            let client = self.clone();
-            self.inner.runtime.spawn(async move {
-                if let Err(e) = client.purge_change_feed().await {
-                    tracing::warn!(error = %e, "purging old change-feed rows failed");
-                }
-            });
-        }
     }
 
     /// Deletes the change-feed rows older than the retention (by this client's clock; see
@@ -299,24 +269,14 @@ impl ApiKeyClient {
     /// # Errors
     /// [`Error::Unavailable`] or [`Error::Storage`] if the database fails.
     pub async fn purge_change_feed(&self) -> Result<u64> {
-        let retention = chrono::Duration::from_std(self.inner.feed_retention)
-            .map_err(|_| Error::configuration("feed retention out of range"))?;
-        let before = self.now().checked_sub_signed(retention).unwrap_or(DateTime::<Utc>::MIN_UTC);
-        feed::purge(self.writer(), naive(before)).await
+        self.inner.feed.purge().await
     }
 
     /// What the verified-key cache has done so far (`None`: the client has no cache; see
     /// [`ClientBuilder::cache`](crate::ClientBuilder::cache)).
     #[must_use]
     pub fn cache_stats(&self) -> Option<CacheStats> {
-        self.inner.cache.as_ref().map(|c| c.stats())
-    }
-
-    /// Drops what `change` touched from the client's own cache, if it has one.
-    pub(crate) fn forget(&self, change: Change) {
-        if let Some(cache) = &self.inner.cache {
-            cache.forget(change);
-        }
+        self.inner.keys.cache().map(|c| c.stats())
     }
 
     /// Begins a transaction for the host application to own: run its own statements on it,
@@ -346,11 +306,16 @@ impl ApiKeyClient {
     /// [`Error::Unavailable`] or [`Error::Storage`]; the counts are then kept, and a later
     /// `shutdown` or [`flush_usage`](Self::flush_usage) tries again.
     pub async fn shutdown(&self) -> Result<usize> {
-        // Leased units first; failing to give them back only leaves them unspent.
+        // Leased units and credits first; failing to give them back only leaves them unspent.
         match self.inner.limiter.release().await {
             Ok(0) => {}
             Ok(units) => tracing::debug!(units, "leased rate-limit units given back"),
             Err(e) => tracing::warn!(error = %e, "giving leased rate-limit units back failed"),
+        }
+        match self.inner.credits.release().await {
+            Ok(0) => {}
+            Ok(credits) => tracing::debug!(credits, "leased credits given back"),
+            Err(e) => tracing::warn!(error = %e, "giving leased credits back failed"),
         }
         self.inner.usage.shutdown().await
     }

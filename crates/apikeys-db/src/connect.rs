@@ -8,8 +8,22 @@ use std::time::Duration;
 use apikeys_core::{Error, Result};
 use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbBackend, DbErr};
 
-use crate::builder::Settings;
 use crate::error::{is_timed_out, is_unavailable};
+
+/// The defaults of the connection settings that apply when connecting by URL.
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How to open the pools when connecting by URL.
+#[derive(Debug)]
+pub(crate) struct Settings {
+    pub(crate) max_connections: Option<u32>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) acquire_timeout: Duration,
+    pub(crate) statement_timeout: Duration,
+    pub(crate) log_statements: bool,
+}
 
 /// The kind of database a URL names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,13 +20,20 @@
 //! reader's position or as a different token on the reader's last row. Either way the reader
 //! empties its cache and starts again at the head.
 
-use apikeys_core::{KeyId, ProductId, ProjectId, Result};
-use chrono::NaiveDateTime;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use apikeys_core::{Error, KeyId, ProductId, ProjectId, Result};
+use chrono::{DateTime, NaiveDateTime, Utc};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder,
     QuerySelect, Statement,
 };
 
+use crate::breaker::Db;
+use crate::clock::Clock;
+use crate::convert::naive;
 use crate::entity::key_change;
 use crate::error::{corrupt, storage};
 
@@ -163,4 +170,90 @@ pub(crate) async fn purge<C: ConnectionTrait>(conn: &C, before: NaiveDateTime) -
         .await
         .map_err(storage)?;
     Ok(res.rows_affected)
+}
+
+/// Every this many changes a client makes, it deletes old change-feed rows in the background.
+const PURGE_EVERY: u64 = 256;
+
+/// Who hears of the changes the feed records in this process: the client's cache.
+pub(crate) trait ChangeListener: Send + Sync {
+    /// `change` was made (its transaction has ended): drop what it may have made stale.
+    fn changed(&self, change: Change);
+    /// `change`, numbered `seq`, was recorded in a transaction the host owns: drop what it
+    /// may have made stale now, and do not serve it again until the feed shows `seq`.
+    fn changed_pending(&self, change: Change, seq: i64);
+}
+
+/// The change feed as a part of the client: records changes in a transaction, tells the
+/// client's own cache once they have ended (or, for a transaction the host owns, at once and
+/// until the poller has seen them), and purges old rows. Its own connection handle (the
+/// writer) and clock.
+pub(crate) struct ChangeFeed {
+    writer: Db,
+    clock: Clock,
+    listener: Option<Arc<dyn ChangeListener>>,
+    /// How long rows are kept (the cache's setting, or an hour).
+    retention: Duration,
+    /// Changes recorded so far (every [`PURGE_EVERY`] it purges in the background).
+    changes: AtomicU64,
+    runtime: tokio::runtime::Handle,
+}
+
+impl ChangeFeed {
+    pub(crate) fn new(
+        writer: Db,
+        clock: Clock,
+        listener: Option<Arc<dyn ChangeListener>>,
+        retention: Duration,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        Self { writer, clock, listener, retention, changes: AtomicU64::new(0), runtime }
+    }
+
+    /// Appends `change` on `txn` (see [`record`]), stamped by the client's clock; returns its
+    /// number.
+    pub(crate) async fn record<C: ConnectionTrait>(&self, txn: &C, change: Change) -> Result<i64> {
+        record(txn, change, naive(crate::clock::now(&self.clock))).await
+    }
+
+    /// After a transaction of the client's own that recorded `change` has ended (committed
+    /// or not): the client's cache forgets what it touched.
+    pub(crate) fn after_commit(self: &Arc<Self>, change: Change) {
+        if let Some(listener) = &self.listener {
+            listener.changed(change);
+        }
+        self.count();
+    }
+
+    /// After `change`, numbered `seq`, was recorded in a transaction the host owns: the
+    /// cache forgets what it touched now, and does not serve it until the poller has seen
+    /// `seq`.
+    pub(crate) fn pending(self: &Arc<Self>, change: Change, seq: i64) {
+        if let Some(listener) = &self.listener {
+            listener.changed_pending(change, seq);
+        }
+        self.count();
+    }
+
+    /// Counts a recorded change; every [`PURGE_EVERY`] changes, purges in the background.
+    fn count(self: &Arc<Self>) {
+        let n = self.changes.fetch_add(1, Ordering::Relaxed);
+        if n % PURGE_EVERY == PURGE_EVERY - 1 {
+            let feed = Arc::clone(self);
+            self.runtime.spawn(async move {
+                if let Err(e) = feed.purge().await {
+                    tracing::warn!(error = %e, "purging old change-feed rows failed");
+                }
+            });
+        }
+    }
+
+    /// Deletes the rows older than the retention by the client's clock (see [`purge`]).
+    pub(crate) async fn purge(&self) -> Result<u64> {
+        let retention = chrono::Duration::from_std(self.retention)
+            .map_err(|_| Error::configuration("feed retention out of range"))?;
+        let now = crate::clock::now(&self.clock);
+        let before = now.checked_sub_signed(retention).unwrap_or(DateTime::<Utc>::MIN_UTC);
+        purge(&self.writer, naive(before)).await
+    }
 }

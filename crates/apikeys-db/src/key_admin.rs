@@ -89,7 +89,7 @@ impl ApiKeyClient {
     pub async fn create_key(&self, org: OrgId, new_key: NewKey) -> Result<IssuedKey> {
         let prepared = self.prepare_key(org, new_key)?;
         // Never store a hash under a version label that is another secret's.
-        self.check_secret_versions().await?;
+        self.inner.secrets.check().await?;
         let issued = self
             .in_transaction(async move |txn| self.insert_key_on(txn, org, prepared).await)
             .await?;
@@ -283,6 +283,7 @@ impl ApiKeyClient {
         let key = get_key_on(conn, id).await?;
         self.audit(conn, KeyAction::Updated, Subject::key(&key)).await?;
         self.inner.limiter.forget(id);
+        self.inner.credits.forget(id);
         Ok(key)
     }
 
@@ -375,6 +376,7 @@ impl ApiKeyClient {
 
     fn deleted(&self, id: KeyId, rows: u64) -> Result<()> {
         self.inner.limiter.forget(id);
+        self.inner.credits.forget(id);
         if rows == 0 {
             return Err(Error::NotFound { id: id.into() });
         }

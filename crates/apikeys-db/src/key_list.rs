@@ -70,7 +70,7 @@ impl ApiKeyClient {
         page: Page,
     ) -> Result<KeyPage<ApiKey>> {
         // The list trusts the version labels: check them first.
-        self.check_secret_versions().await?;
+        self.inner.secrets.check().await?;
         self.list_keys(self.unrotated(), status, page).await
     }
 
@@ -79,7 +79,7 @@ impl ApiKeyClient {
     /// # Errors
     /// As `list_unrotated_keys`.
     pub async fn count_unrotated_keys(&self, status: StatusFilter) -> Result<u64> {
-        self.check_secret_versions().await?;
+        self.inner.secrets.check().await?;
         api_key::Entity::find()
             .filter(self.unrotated())
             .filter(status_condition(status, self.now()))

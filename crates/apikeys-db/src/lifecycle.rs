@@ -74,7 +74,7 @@ impl ApiKeyClient {
             .ok_or_else(|| Error::invalid_input("grace", "must be at most 366 days"))?;
         let secret = self.new_secret()?;
         // Never store a hash under a version label that is another secret's.
-        self.check_secret_versions().await?;
+        self.inner.secrets.check().await?;
         let issued = self
             .change(Change::Key(id), async move |txn| {
                 self.roll_key_on(txn, id, grace, secret).await

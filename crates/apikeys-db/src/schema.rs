@@ -12,7 +12,7 @@ use sea_orm::{
     Statement, TransactionOptions, TransactionTrait,
 };
 
-use crate::builder::Settings;
+use crate::connect::{DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, Settings};
 use crate::error::storage;
 
 /// Key of the PostgreSQL advisory lock that serializes migrations
@@ -124,8 +124,8 @@ impl Schema {
     pub async fn connect(url: &str) -> Result<Self> {
         let settings = Settings {
             max_connections: Some(1),
-            connect_timeout: crate::builder::DEFAULT_CONNECT_TIMEOUT,
-            acquire_timeout: crate::builder::DEFAULT_ACQUIRE_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT,
             statement_timeout: SCHEMA_STATEMENT_TIMEOUT,
             log_statements: false,
         };

@@ -6,16 +6,38 @@
 //! version can verify, and `keys rehash --revoke`, which trusts the labels, would revoke the
 //! keys it takes for unrotated.
 
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use apikeys_core::hazmat::KeyHasher;
 use apikeys_core::{Error, Result};
 use sea_orm::{ConnectionTrait, DbBackend, Statement, Value};
 
-use crate::client::ApiKeyClient;
+use crate::breaker::Db;
+use crate::clock::{self, Clock};
 use crate::convert::{naive, version_column};
 use crate::error::storage;
 
-impl ApiKeyClient {
+/// The client's part that checks its signing secrets against the registry: its own
+/// connection handle (the writer), the hasher's fingerprints, and whether the check passed.
+pub(crate) struct SecretRegistry {
+    writer: Db,
+    hasher: Arc<KeyHasher>,
+    clock: Clock,
+    /// Set once the check passed on a connection of the registry's own.
+    checked: AtomicBool,
+}
+
+impl SecretRegistry {
+    pub(crate) fn new(writer: Db, hasher: Arc<KeyHasher>, clock: Clock) -> Self {
+        Self { writer, hasher, clock, checked: AtomicBool::new(false) }
+    }
+
+    /// Forgets that the check passed (the tables were just created or migrated).
+    pub(crate) fn reset(&self) {
+        self.checked.store(false, Ordering::Release);
+    }
+
     /// Registers the fingerprint of every signing secret this client holds under its version
     /// (if that version has none yet) and checks each against the one registered, in
     /// statements of the client's own. Once it has passed, later calls return at once (the
@@ -24,29 +46,26 @@ impl ApiKeyClient {
     /// # Errors
     /// [`Error::Configuration`] naming the version whose registered fingerprint is another
     /// secret's; [`Error::Unavailable`]; [`Error::Storage`].
-    pub(crate) async fn check_secret_versions(&self) -> Result<()> {
-        if self.inner.secrets_checked.load(Ordering::Acquire) {
+    pub(crate) async fn check(&self) -> Result<()> {
+        if self.checked.load(Ordering::Acquire) {
             return Ok(());
         }
-        self.verify_secret_versions(self.writer()).await?;
-        self.inner.secrets_checked.store(true, Ordering::Release);
+        self.verify(&self.writer).await?;
+        self.checked.store(true, Ordering::Release);
         Ok(())
     }
 
-    /// [`check_secret_versions`](Self::check_secret_versions) on `conn`, a transaction the
+    /// [`check`](Self::check) on `conn`, a transaction the
     /// host owns (on SQLite it holds the only writer connection): the check runs there, and
     /// is not remembered, since the host may roll its registration back.
-    pub(crate) async fn check_secret_versions_in<C: ConnectionTrait>(
-        &self,
-        conn: &C,
-    ) -> Result<()> {
-        if self.inner.secrets_checked.load(Ordering::Acquire) {
+    pub(crate) async fn check_in<C: ConnectionTrait>(&self, conn: &C) -> Result<()> {
+        if self.checked.load(Ordering::Acquire) {
             return Ok(());
         }
-        self.verify_secret_versions(conn).await
+        self.verify(conn).await
     }
 
-    async fn verify_secret_versions<C: ConnectionTrait>(&self, conn: &C) -> Result<()> {
+    async fn verify<C: ConnectionTrait>(&self, conn: &C) -> Result<()> {
         let backend = conn.get_database_backend();
         let insert = match backend {
             DbBackend::MySql => {
@@ -62,9 +81,9 @@ impl ApiKeyClient {
                  VALUES (?, ?, ?) ON CONFLICT (version) DO NOTHING"
             }
         };
-        let now = naive(self.now());
+        let now = naive(clock::now(&self.clock));
         let mut fingerprints = Vec::new();
-        for (version, fingerprint) in self.inner.hasher.fingerprints() {
+        for (version, fingerprint) in self.hasher.fingerprints() {
             fingerprints.push((version_column(version)?, fingerprint));
         }
         for (version, fingerprint) in &fingerprints {

@@ -101,10 +101,7 @@ impl InTransaction<'_> {
     ) -> Result<T> {
         let (seq, value) =
             self.in_savepoint(async |sp| self.client.recorded(sp, change, op).await).await?;
-        if let Some(cache) = &self.client.inner.cache {
-            cache.forget_pending(change, seq);
-        }
-        self.client.count_change();
+        self.client.inner.feed.pending(change, seq);
         Ok(value)
     }
 
@@ -197,7 +194,7 @@ impl InTransaction<'_> {
     pub async fn create_key(&self, org: OrgId, new_key: NewKey) -> Result<IssuedKey> {
         let prepared = self.client.prepare_key(org, new_key)?;
         self.in_savepoint(async move |sp| {
-            self.client.check_secret_versions_in(sp).await?;
+            self.client.inner.secrets.check_in(sp).await?;
             self.client.insert_key_on(sp, org, prepared).await
         })
         .await

@@ -5,21 +5,15 @@
 //! re-hash. Nothing here parses the caller's requirements: [`ValidateOptions`] did that when
 //! it was built.
 
-use apikeys_core::hazmat::{KeyHash, KeyHasher, ProductAccess, Requirements, decide};
-use apikeys_core::{ApiKey, Error, KeyId, OrgId, ProductId, Result, Scopes};
-use chrono::{DateTime, Utc};
-use sea_orm::sea_query::Expr;
-use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter, QueryResult,
-};
+use std::sync::Arc;
 
-use crate::cache::{CacheState, CachedKey, Lookup};
+#[cfg(doc)]
+use apikeys_core::Error;
+use apikeys_core::hazmat::{Requirements, decide};
+use apikeys_core::{ApiKey, ProductId, Result, Scopes};
+
 use crate::client::ApiKeyClient;
-use crate::convert::{api_key_from_model, naive, version_column};
-use crate::entity::api_key;
-use crate::error::storage;
-use crate::feed::Change;
-use crate::lookup::HashColumn;
+use crate::convert::naive;
 use crate::observe::{Op, observe};
 
 /// Options of [`ApiKeyClient::verify_key`].
@@ -147,215 +141,58 @@ impl ValidateOptions {
     }
 }
 
-/// A stored hash to move to the current signing secret; the old one is kept as the
-/// alternate hash, for replicas still on that secret alone.
-#[derive(Debug, Clone)]
-pub(crate) struct Rehash {
-    version: u32,
-    old_hash: Vec<u8>,
-    old_version: u32,
-    new_hash: Vec<u8>,
-}
-
-/// A key found by its plaintext, with what is needed to finish the verification.
-struct Found {
-    key: ApiKey,
-    /// Set when the row holds a previous secret's hash.
-    rehash: Option<Rehash>,
-    /// What the decision needs to know about the requested product, if one was requested.
-    product: Option<ProductAccess>,
-}
-
-/// A key row read together with the two product facts of the lookup (see
-/// [`LookupSql`](crate::lookup::LookupSql)): the product's organization (`None`: no such
-/// product), and the key's project if that project is linked to the product.
-struct KeyRow {
-    model: api_key::Model,
-    product_org_id: Option<uuid::Uuid>,
-    linked_project_id: Option<uuid::Uuid>,
-}
-
-impl FromQueryResult for KeyRow {
-    fn from_query_result(res: &QueryResult, pre: &str) -> std::result::Result<Self, DbErr> {
-        Ok(Self {
-            model: api_key::Model::from_query_result(res, pre)?,
-            product_org_id: res.try_get(pre, "product_org_id")?,
-            linked_project_id: res.try_get(pre, "linked_project_id")?,
-        })
-    }
+/// What a check does after the decision, for the keys that get so far.
+struct Check<'a> {
+    /// Count this request against the key's rate limit.
+    rate_limit: bool,
+    /// Spend this many credits of a key that has them (0: none, balance unchecked).
+    credit_cost: u32,
+    /// Count the use.
+    track_usage: bool,
+    scopes: &'a Scopes,
 }
 
 impl ApiKeyClient {
-    /// Parses, hashes and finds a presented key: in the verified-key cache when the client
-    /// has one, else (or on a miss) with one indexed read.
-    async fn find_by_plaintext(
+    /// One check, as a short sequence of the client's parts: read the clock once, find the
+    /// key (cache or lookup), decide, rate limit, credits, usage, re-hash.
+    async fn check(
         &self,
         plaintext: &str,
         product: Option<ProductId>,
-    ) -> Result<Found> {
-        let parsed = self.inner.format.parse(plaintext)?;
-        let found = match &self.inner.cache {
-            None => self.find_in_db(parsed.as_str(), product).await?,
-            Some(cache) => self.find_cached(cache, parsed.as_str(), product).await?,
+        check: Check<'_>,
+    ) -> Result<ApiKey> {
+        let inner = &*self.inner;
+        let now = self.now();
+        let found = inner.keys.find(plaintext, product).await?;
+        let requirements = Requirements { product: found.product, scopes: check.scopes };
+        decide(&found.key, &requirements, now)?;
+        if check.rate_limit
+            && let Some(limit) = found.key.rate_limit
+        {
+            inner.limiter.check(&found.key, limit).await?;
+        }
+        let credits_left = match found.key.credits {
+            Some(_) if check.credit_cost > 0 => {
+                inner.credits.spend(&found.key, check.credit_cost).await?
+            }
+            _ => None,
         };
-        // The check's span (see `observe`) names the key found, whatever the outcome.
-        tracing::Span::current()
-            .record("key_id", tracing::field::display(found.key.id))
-            .record("org_id", tracing::field::display(found.key.org_id));
-        Ok(found)
-    }
-
-    /// The cache's answer, or the database's (which is then cached). Keys not in the cache
-    /// wait for a turn to read the database (see [`KeyCache::max_concurrent_misses`]); keys in
-    /// it, while it is not serving, read the database without one.
-    ///
-    /// [`KeyCache::max_concurrent_misses`]: crate::KeyCache::max_concurrent_misses
-    async fn find_cached(
-        &self,
-        cache: &CacheState,
-        key: &str,
-        product: Option<ProductId>,
-    ) -> Result<Found> {
-        let hash = self.inner.hasher.hash(key);
-        match cache.lookup(&hash, product) {
-            Lookup::Hit(entry, access) => {
-                Ok(Found { key: entry.key.clone(), rehash: entry.rehash.clone(), product: access })
-            }
-            Lookup::Unknown => Err(Error::InvalidKey),
-            Lookup::Miss => {
-                let _turn = cache.miss_permit().await?;
-                self.find_and_cache(cache, &hash, key, product).await
-            }
-            // A key the cache holds while it is not serving: read at once (the pool bounds it).
-            Lookup::Bypass => self.find_and_cache(cache, &hash, key, product).await,
+        if check.track_usage {
+            inner.usage.record(found.key.id, naive(now)).await?;
         }
-    }
-
-    /// Reads a key from the database and caches what was read (or that it does not exist).
-    async fn find_and_cache(
-        &self,
-        cache: &CacheState,
-        hash: &KeyHash,
-        key: &str,
-        product: Option<ProductId>,
-    ) -> Result<Found> {
-        let generation = cache.generation();
-        match self.find_in_db(key, product).await {
-            Ok(found) => {
-                let entry = CachedKey { key: found.key.clone(), rehash: found.rehash.clone() };
-                cache.insert(hash, entry, found.product, generation);
-                Ok(found)
-            }
-            Err(Error::InvalidKey) => {
-                cache.insert_unknown(hash, generation);
-                Err(Error::InvalidKey)
-            }
-            Err(e) => Err(e),
+        let mut key = Arc::unwrap_or_clone(found.key);
+        if let (Some(left), Some(credits)) = (credits_left, key.credits.as_mut()) {
+            credits.remaining = left;
         }
-    }
-
-    /// Hashes and looks up a parsed key: one indexed read (two for a key found only by its
-    /// alternate hash, or not found), which also reads what the decision needs about
-    /// `product` when one is given.
-    async fn find_in_db(&self, key: &str, product: Option<ProductId>) -> Result<Found> {
-        let hasher = &self.inner.hasher;
-        let candidates = hasher.candidates(key);
-        let lookup = |column| {
-            let statement = self.inner.lookup.statement(&candidates, product, column);
-            async move { self.db().query_one_raw(statement).await.map_err(storage) }
-        };
-        // The main hash first: outside a rotation every key is found there, in one probe.
-        let row = match lookup(HashColumn::Main).await? {
-            Some(row) => row,
-            None => lookup(HashColumn::Alternate).await?.ok_or(Error::InvalidKey)?,
-        };
-        let (model, product) = match product {
-            None => (api_key::Model::from_query_result(&row, "").map_err(storage)?, None),
-            Some(product_id) => {
-                let row = KeyRow::from_query_result(&row, "").map_err(storage)?;
-                // A product that does not exist is not allowed, like another organization's:
-                // the nil organization matches no key. The decision reports it after the
-                // key's own status, in the documented order.
-                let access = ProductAccess {
-                    product_id,
-                    org_id: OrgId::from_uuid(row.product_org_id.unwrap_or_default()),
-                    key_project_linked: row.linked_project_id.is_some(),
-                };
-                (row.model, Some(access))
-            }
-        };
-        // Found by its hash or its alternate hash; only the main hash is ever moved.
-        let main = KeyHasher::matching_version(&candidates, &model.key_hash);
-        let alt =
-            model.alt_key_hash.as_deref().and_then(|h| KeyHasher::matching_version(&candidates, h));
-        main.or(alt).ok_or(Error::InvalidKey)?;
-        let rehash = main.filter(|v| hasher.needs_rehash(*v)).map(|old_version| Rehash {
-            version: hasher.current_version(),
-            old_hash: model.key_hash.clone(),
-            old_version,
-            new_hash: candidates[0].1.as_bytes().to_vec(),
-        });
-        Ok(Found { key: api_key_from_model(model)?, rehash, product })
-    }
-
-    /// After a successful check: count the use (at once or in the batch), then move the
-    /// hash to the current secret if it is still under a previous one. Nothing at all is
-    /// written when `track` is off.
-    async fn record_success(
-        &self,
-        found: &mut Found,
-        track: bool,
-        now: DateTime<Utc>,
-    ) -> Result<()> {
-        if !track {
-            return Ok(());
-        }
-        self.inner.usage.record(found.key.id, naive(now)).await?;
-        found.key.use_count += 1;
-        found.key.last_used_at = Some(now);
-        if let Some(rehash) = found.rehash.take() {
-            self.rehash(found.key.id, rehash).await;
-        }
-        Ok(())
-    }
-
-    /// Moves a key's stored hash from a previous secret to the current one, keeping the old
-    /// hash as the alternate: a compare-and-set on the old hash, so it never overwrites
-    /// another change. Best effort: a failure is logged and the next successful check tries
-    /// again; the check itself has succeeded.
-    async fn rehash(&self, id: KeyId, rehash: Rehash) {
-        // Every version the hasher holds was checked to fit at build().
-        let (Ok(version), Ok(old_version)) =
-            (version_column(rehash.version), version_column(rehash.old_version))
-        else {
-            return;
-        };
-        if let Err(e) = self.check_secret_versions().await {
-            tracing::warn!(key_id = %id, error = %e, "not re-hashing an api key: the signing secrets' versions could not be checked");
-            return;
-        }
-        let result = api_key::Entity::update_many()
-            .col_expr(api_key::Column::KeyHash, Expr::value(rehash.new_hash))
-            .col_expr(api_key::Column::SecretVersion, Expr::value(version))
-            .col_expr(api_key::Column::AltKeyHash, Expr::value(rehash.old_hash.clone()))
-            .col_expr(api_key::Column::AltSecretVersion, Expr::value(old_version))
-            .filter(api_key::Column::Id.eq(id.as_uuid()))
-            .filter(api_key::Column::KeyHash.eq(rehash.old_hash))
-            .exec(self.writer())
-            .await;
-        // The cached entry says a re-hash is due: drop it either way, so the next check
-        // reads the row as it now is.
-        if let Some(cache) = &self.inner.cache {
-            cache.forget(Change::Key(id));
-        }
-        match result {
-            Ok(_) => {
-                tracing::info!(key_id = %id, version, "api key re-hashed to the current signing secret")
-            }
-            Err(e) => {
-                tracing::warn!(key_id = %id, error = %e, "re-hashing an api key failed; the next successful check retries")
+        // Nothing at all is written when tracking is off: no count, no re-hash.
+        if check.track_usage {
+            key.use_count += 1;
+            key.last_used_at = Some(now);
+            if let Some(rehash) = found.rehash {
+                inner.keys.rehash(key.id, rehash).await;
             }
         }
+        Ok(key)
     }
 
     /// Checks that `plaintext` is a live key: format and checksum (offline), HMAC, one indexed
@@ -397,11 +234,14 @@ impl ApiKeyClient {
     }
 
     async fn verify(&self, plaintext: &str, options: &VerifyOptions) -> Result<ApiKey> {
-        let now = self.now();
-        let mut found = self.find_by_plaintext(plaintext, None).await?;
-        decide(&found.key, &Requirements::default(), now)?;
-        self.record_success(&mut found, options.track_usage, now).await?;
-        Ok(found.key)
+        let scopes = Scopes::new();
+        let check = Check {
+            rate_limit: false,
+            credit_cost: 0,
+            track_usage: options.track_usage,
+            scopes: &scopes,
+        };
+        self.check(plaintext, None, check).await
     }
 
     /// [`verify_key`](Self::verify_key) plus the request's requirements, in this order:
@@ -411,10 +251,14 @@ impl ApiKeyClient {
     /// against the rate limit.
     ///
     /// A key with usage credits spends [`ValidateOptions::credit_cost`] of them (one by
-    /// default) in one atomic statement in the database, whether or not the client caches
-    /// keys: every replica sees the same balance, and a key with none left is refused with
-    /// [`Error::UsageExhausted`] at once, everywhere. `verify_key` neither spends nor checks
-    /// credits.
+    /// default). With [`CreditMode::Exact`](crate::CreditMode::Exact) (the default) that is
+    /// one atomic statement in the database, whether or not the client caches keys: every
+    /// replica sees the same balance, and a key with none left is refused with
+    /// [`Error::UsageExhausted`] at once, everywhere. With
+    /// [`CreditMode::Leased`](crate::CreditMode::Leased) the credits come from a block
+    /// reserved ahead, in memory: never more than the balance is spent across replicas, and
+    /// a replica refuses once the balance and the blocks it holds are spent. `verify_key`
+    /// neither spends nor checks credits.
     ///
     /// A key deleted while the call runs gives [`Error::InvalidKey`] (or `Ok`, when the
     /// deletion lands after the call's last read); never [`Error::Storage`].
@@ -452,19 +296,12 @@ impl ApiKeyClient {
     }
 
     async fn validate(&self, plaintext: &str, options: &ValidateOptions) -> Result<ApiKey> {
-        let now = self.now();
-        let mut found = self.find_by_plaintext(plaintext, options.product).await?;
-        let requirements = Requirements { product: found.product.take(), scopes: &options.scopes };
-        decide(&found.key, &requirements, now)?;
-        if options.check_rate_limit
-            && let Some(limit) = found.key.rate_limit
-        {
-            self.inner.limiter.check(&found.key, limit).await?;
-        }
-        if options.credit_cost > 0 && found.key.credits.is_some() {
-            self.spend_credits(&mut found.key, options.credit_cost).await?;
-        }
-        self.record_success(&mut found, options.track_usage, now).await?;
-        Ok(found.key)
+        let check = Check {
+            rate_limit: options.check_rate_limit,
+            credit_cost: options.credit_cost,
+            track_usage: options.track_usage,
+            scopes: &options.scopes,
+        };
+        self.check(plaintext, options.product, check).await
     }
 }

@@ -17,10 +17,16 @@
 //!   window of the database's clock admits more than 5, and every admitted request is in one.
 //! - `leased`: the same 4 skewed processes × 8 tasks × 60 attempts on one key limited to
 //!   1000 per minute, with leased limits (`RateLimitMode::Leased`): never more than 1000
-//!   admitted, and at least 1000 minus the documented bound (the sum of the blocks the 4
-//!   processes may hold, `4 × 1000 / 16`).
+//!   admitted, and at least 1000 minus the documented bound (what the 4 processes may hold
+//!   with refill-ahead: half a block left when the next block was reserved, plus that block,
+//!   `4 × 1.5 × 1000 / 16`).
 //! - `credits`: 4 processes (two caching keys) × 8 tasks × 5 attempts on one key with 100
 //!   usage credits: exactly 100 pass.
+//! - `leased_credits`: 4 processes with skewed clocks (two caching keys), each with leased
+//!   credits and leased limits, × 8 tasks: on a key with 300 credits each task checks until
+//!   `UsageExhausted`, and exactly 300 pass; on a key with 1 000 credits each task checks 5
+//!   times (160 pass); every worker then shuts down, giving back what it holds, and the stored
+//!   balances end at exactly 0 and 840.
 //! - `races`: 4 processes × 6 tasks check 60 keys (tracked, untracked, shared limit) while
 //!   each process also deletes, revokes and updates its quarter of them: every outcome is
 //!   `Ok`, `InvalidKey`, `Revoked` or `NotFound`, never `Storage`.
@@ -58,6 +64,7 @@ async fn main() {
         Ok("races") => return races_worker().await,
         Ok("rate_limit_seconds") => return rate_limit_seconds_worker().await,
         Ok("credits") => return credits_worker().await,
+        Ok("leased_credits") => return leased_credits_worker().await,
         _ => {}
     }
     let cases = [
@@ -67,6 +74,7 @@ async fn main() {
         ("leased_limit_across_skewed_processes", Scenario::Leased),
         ("races_across_processes", Scenario::Races),
         ("credits_across_processes", Scenario::Credits),
+        ("leased_credits_across_skewed_processes", Scenario::LeasedCredits),
     ];
     common::run_cases("multiprocess", &cases, Scenario::run).await;
 }
@@ -79,6 +87,7 @@ enum Scenario {
     Leased,
     Races,
     Credits,
+    LeasedCredits,
 }
 
 impl Scenario {
@@ -90,6 +99,7 @@ impl Scenario {
             Scenario::RateLimitSeconds => second_windows_across_processes(db).await,
             Scenario::Leased => leased_across_processes(db).await,
             Scenario::Credits => credits_across_processes(db).await,
+            Scenario::LeasedCredits => leased_credits_across_processes(db).await,
         }
     }
 }
@@ -254,7 +264,7 @@ const LEASED_ATTEMPTS: usize = 60;
 
 async fn leased_across_processes(db: TestDb) {
     let (admitted, _) = hammer_across_processes(&db, "leased", LEASED_LIMIT, LEASED_ATTEMPTS).await;
-    let bound = PROCESSES * (LEASED_LIMIT as usize / 16);
+    let bound = PROCESSES * (LEASED_LIMIT as usize / 16) * 3 / 2;
     println!("leased across processes: {admitted} admitted of {LEASED_LIMIT}, bound {bound}");
     assert!(admitted <= LEASED_LIMIT as usize, "never more than the limit: {admitted}");
     assert!(admitted >= LEASED_LIMIT as usize - bound, "at most the bound unspent: {admitted}");
@@ -323,6 +333,81 @@ async fn credits_worker() {
         }
     })
     .await;
+}
+
+/// See `leased_credits` in the module docs.
+async fn leased_credits_across_processes(db: TestDb) {
+    let client = db.client().await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let mut keys = Vec::new();
+    for credits in [300, 1_000] {
+        let nk = NewKey::new("plan")
+            .with_credits(apikeys_db::Credits::new(credits))
+            .with_rate_limit(RateLimit::per_hour(100_000).unwrap());
+        keys.push(client.create_key(org.id, nk).await.unwrap());
+    }
+    let plain: Vec<String> = keys.iter().map(|k| k.key.expose_secret().to_owned()).collect();
+    let lines =
+        run_workers("leased_credits", &db, &[("APIKEYS_WORKER_KEYS", plain.join(","))]).await;
+    let (mut until_out, mut five_each) = (0, 0);
+    for line in &lines {
+        let (a, b) = line.split_once(' ').unwrap();
+        until_out += a.parse::<u64>().unwrap();
+        five_each += b.parse::<u64>().unwrap();
+    }
+    let left = |i: usize| {
+        let id = keys[i].record.id;
+        let client = client.clone();
+        async move { client.get_key(id).await.unwrap().credits.unwrap().remaining }
+    };
+    println!("leased credits across processes: {until_out} of 300, {five_each} of 1000 spent");
+    assert_eq!(until_out, 300, "every credit spent, none twice");
+    assert_eq!(left(0).await, 0);
+    assert_eq!(five_each, (PROCESSES * RATE_TASKS * 5) as u64);
+    assert_eq!(left(1).await, 1_000 - five_each, "what the workers held went back");
+}
+
+async fn leased_credits_worker() {
+    let keys: Vec<String> =
+        std::env::var("APIKEYS_WORKER_KEYS").unwrap().split(',').map(str::to_owned).collect();
+    let skew = chrono::TimeDelta::milliseconds(SKEWS_MS[worker_index()]);
+    let cached = worker_index() % 2 == 1;
+    let client = worker_client_with(|b| {
+        let b = b
+            .clock(move || chrono::Utc::now() + skew)
+            .credit_mode(apikeys_db::CreditMode::Leased)
+            .rate_limit_mode(apikeys_db::RateLimitMode::Leased);
+        if cached { b.cache(apikeys_db::KeyCache::new()) } else { b }
+    })
+    .await;
+    let tasks: Vec<_> = (0..RATE_TASKS)
+        .map(|_| {
+            let (client, keys) = (client.clone(), keys.clone());
+            tokio::spawn(async move {
+                let opts = apikeys_db::ValidateOptions::new();
+                let mut until_out = 0;
+                for _ in 0..1_000 {
+                    match client.validate_key(&keys[0], &opts).await {
+                        Ok(_) => until_out += 1,
+                        Err(apikeys_db::Error::UsageExhausted { .. }) => break,
+                        Err(e) => panic!("{e:?}"),
+                    }
+                }
+                for _ in 0..5 {
+                    client.validate_key(&keys[1], &opts).await.unwrap();
+                }
+                format!("{until_out} 5")
+            })
+        })
+        .collect();
+    let mut lines = Vec::new();
+    for t in tasks {
+        lines.push(t.await.unwrap());
+    }
+    client.shutdown().await.unwrap();
+    for line in lines {
+        println!("result {line}");
+    }
 }
 
 async fn races_across_processes(db: TestDb) {

@@ -46,6 +46,7 @@
 //! are not served from the cache again until the poller has seen the change's feed row (or
 //! the row that took its number after a rollback).
 
+mod cached;
 mod config;
 mod poll;
 
@@ -58,22 +59,68 @@ use std::time::{Duration, Instant};
 use apikeys_core::hazmat::{KeyHash, ProductAccess};
 use apikeys_core::{ApiKey, Error, OrgId, ProductId, ProjectId, Result};
 use quick_cache::sync::{Cache, DefaultLifecycle};
-use quick_cache::{DefaultHashBuilder, OptionsBuilder, UnitWeighter};
+use quick_cache::{DefaultHashBuilder, OptionsBuilder, UnitWeighter, Weighter};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::feed::Change;
 use crate::lock::lock;
+pub(crate) use cached::CachedLookup;
 use config::Counts;
 pub(crate) use config::DEFAULT_RETENTION;
 pub use config::{CacheStats, KeyCache};
 pub(crate) use poll::spawn_poller;
 
-/// A key found, as cached.
+/// A key found, as cached: shared with every check it answers (no copy per hit).
 #[derive(Debug)]
 pub(crate) struct CachedKey {
-    pub(crate) key: ApiKey,
+    pub(crate) key: Arc<ApiKey>,
     /// Set when the stored hash is under a previous signing secret (a re-hash is due).
-    pub(crate) rehash: Option<crate::validate::Rehash>,
+    pub(crate) rehash: Option<crate::lookup::Rehash>,
+    /// The entry's weight in the cache's bound (see [`KeyCache::max_keys`]), worked out
+    /// once.
+    weight: u64,
+}
+
+/// What one unit of the cache's bound holds: a key whose record takes up to this many bytes
+/// weighs one; a larger one (long custom metadata) one more per this many bytes.
+pub(crate) const BYTES_PER_UNIT: usize = 1024;
+
+impl CachedKey {
+    pub(crate) fn new(key: Arc<ApiKey>, rehash: Option<crate::lookup::Rehash>) -> Self {
+        let weight = (record_bytes(&key).div_ceil(BYTES_PER_UNIT)).max(1) as u64;
+        Self { key, rehash, weight }
+    }
+}
+
+/// About how many bytes a cached record takes: the struct, its strings, its scopes and its
+/// custom metadata.
+fn record_bytes(key: &ApiKey) -> usize {
+    let strings = key.name.len() + key.hint.len() + key.owner_id.as_ref().map_or(0, String::len);
+    let scopes: usize = key.scopes.iter().map(|s| s.as_str().len() + 24).sum();
+    let custom: usize = key.custom.iter().map(|(k, v)| k.len() + 32 + json_bytes(v)).sum();
+    std::mem::size_of::<CachedKey>() + std::mem::size_of::<ApiKey>() + strings + scopes + custom
+}
+
+/// About how many bytes a JSON value takes in memory.
+fn json_bytes(v: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    std::mem::size_of::<Value>()
+        + match v {
+            Value::String(s) => s.len(),
+            Value::Array(a) => a.iter().map(json_bytes).sum(),
+            Value::Object(o) => o.iter().map(|(k, v)| k.len() + 32 + json_bytes(v)).sum(),
+            Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+        }
+}
+
+/// Weighs cached keys by the memory they take (see [`BYTES_PER_UNIT`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct ByMemory;
+
+impl Weighter<[u8; 32], Arc<CachedKey>> for ByMemory {
+    fn weight(&self, _: &[u8; 32], entry: &Arc<CachedKey>) -> u64 {
+        entry.weight
+    }
 }
 
 /// What the cache knows about a presented key.
@@ -106,7 +153,7 @@ struct Pending {
 /// The cache's state, shared by the client and its poller.
 pub(crate) struct CacheState {
     config: KeyCache,
-    keys: Cache<[u8; 32], Arc<CachedKey>, UnitWeighter, DefaultHashBuilder, Evictions>,
+    keys: Cache<[u8; 32], Arc<CachedKey>, ByMemory, DefaultHashBuilder, Evictions>,
     /// The hash each cached key is under, to drop it by id: exactly the entries of `keys`.
     /// Changed only under its lock, together with `keys` (see [`insert`](Self::insert)).
     ids: Mutex<HashMap<apikeys_core::KeyId, [u8; 32]>>,
@@ -146,11 +193,11 @@ impl CacheState {
     pub(crate) fn new(config: KeyCache, miss_wait: Duration) -> Result<Self> {
         let n = config.max_keys;
         Ok(Self {
-            keys: bounded(n, Evictions)?,
+            keys: bounded(n, ByMemory, Evictions)?,
             ids: Mutex::new(HashMap::new()),
-            unknown: bounded(n, DefaultLifecycle::default())?,
-            products: bounded(n, DefaultLifecycle::default())?,
-            links: bounded(n, DefaultLifecycle::default())?,
+            unknown: bounded(n, UnitWeighter, DefaultLifecycle::default())?,
+            products: bounded(n, UnitWeighter, DefaultLifecycle::default())?,
+            links: bounded(n, UnitWeighter, DefaultLifecycle::default())?,
             generation: AtomicU64::new(0),
             epoch: Instant::now(),
             last_ok: AtomicU64::new(0),
@@ -406,17 +453,30 @@ impl CacheState {
     }
 }
 
-/// A cache that never holds more than `n` entries. quick_cache splits its capacity into
-/// shards and rounds each shard's share up (so `Cache::new(250)` may hold 256): the capacity
-/// given is `n` rounded down to a multiple of the shard count, which is chosen here the way
-/// quick_cache would (8, halved while a shard would hold fewer than 32 items).
-fn bounded<K, V, L>(
+impl crate::feed::ChangeListener for CacheState {
+    fn changed(&self, change: Change) {
+        self.forget(change);
+    }
+
+    fn changed_pending(&self, change: Change, seq: i64) {
+        self.forget_pending(change, seq);
+    }
+}
+
+/// A cache whose entries never weigh more than `n` in all (with [`UnitWeighter`]: never more
+/// than `n` entries). quick_cache splits its capacity into shards and rounds each shard's
+/// share up (so `Cache::new(250)` may hold 256): the capacity given is `n` rounded down to a
+/// multiple of the shard count, which is chosen here the way quick_cache would (8, halved
+/// while a shard would hold fewer than 32 items).
+fn bounded<K, V, W, L>(
     n: usize,
+    weighter: W,
     lifecycle: L,
-) -> Result<Cache<K, V, UnitWeighter, DefaultHashBuilder, L>>
+) -> Result<Cache<K, V, W, DefaultHashBuilder, L>>
 where
     K: Eq + std::hash::Hash,
     V: Clone,
+    W: Weighter<K, V> + Clone,
     L: quick_cache::Lifecycle<K, V> + Clone,
 {
     let mut shards: usize = 8;
@@ -431,7 +491,7 @@ where
         .build()
         // Refused only when a required option is missing; both are set above.
         .map_err(|e| Error::configuration(format!("key cache: {e}")))?;
-    Ok(Cache::with_options(options, UnitWeighter, DefaultHashBuilder::default(), lifecycle))
+    Ok(Cache::with_options(options, weighter, DefaultHashBuilder::default(), lifecycle))
 }
 
 /// Reports the keys quick_cache evicts from `keys` to the insert that evicted them, which
@@ -460,8 +520,12 @@ mod tests {
     use apikeys_core::{KeyId, Scopes, SigningSecret};
 
     fn key(id: KeyId) -> CachedKey {
+        CachedKey::new(Arc::new(record(id)), None)
+    }
+
+    fn record(id: KeyId) -> ApiKey {
         let now = chrono::Utc::now();
-        let key = ApiKey {
+        ApiKey {
             id,
             org_id: OrgId::new(),
             project_id: None,
@@ -481,8 +545,7 @@ mod tests {
             credits: None,
             rolled_from: None,
             rolled_to: None,
-        };
-        CachedKey { key, rehash: None }
+        }
     }
 
     fn hasher() -> KeyHasher {
@@ -561,9 +624,9 @@ mod tests {
         assert!(matches!(cache.lookup(&unknown, None), Lookup::Miss));
         // A key held as revoked is refused from memory: no read, no miss turn.
         let revoked = hasher.hash("revoked");
-        let mut entry = key(KeyId::new());
-        entry.key.revoked_at = Some(chrono::Utc::now());
-        cache.insert(&revoked, entry, None, cache.generation());
+        let mut record = record(KeyId::new());
+        record.revoked_at = Some(chrono::Utc::now());
+        cache.insert(&revoked, CachedKey::new(Arc::new(record), None), None, cache.generation());
         assert!(
             matches!(cache.lookup(&revoked, None), Lookup::Hit(hit, None) if hit.key.revoked_at.is_some())
         );

@@ -16,6 +16,8 @@ mod concurrency;
 mod fuzz;
 mod key_admin;
 mod keys;
+mod leased_credits;
+mod leases;
 mod lifecycle;
 mod races;
 mod rate_limit;
@@ -142,5 +144,16 @@ common::backend_tests! {
         leased_limit_is_exact_under_concurrency,
         leased_units_are_given_back_on_shutdown,
         leased_give_back_after_a_limit_raise_never_over_admits,
+    ],
+    leased_credits: [
+        leased_credits_are_exact_across_clients,
+        leased_credits_go_back_on_shutdown,
+        a_balance_set_again_drops_the_blocks_held,
+        held_credits_never_go_back_into_a_new_period,
+    ],
+    leases: [
+        a_steady_key_is_answered_from_units_reserved_ahead,
+        the_next_window_is_reserved_ahead_for_an_active_key,
+        leased_shortfall_is_bounded,
     ],
 }

@@ -1,6 +1,7 @@
 //! Leased shared rate limits ([`RateLimitMode::Leased`](crate::RateLimitMode::Leased)): the
 //! shared window row of [`rate_limit`](crate::rate_limit), reserved a block of units at a
-//! time and spent in memory.
+//! time and spent in memory, with the next block reserved in the background before the
+//! current one runs out.
 //!
 //! # One statement per block, never more than the limit
 //! A reservation adds a block of `b` units to the window's count in one conditional upsert,
@@ -12,17 +13,29 @@
 //! non-leased shared mode) still adds one while below the limit, so the two modes can share
 //! a key during a rolling deploy.
 //!
+//! # Off the request path
+//! A check takes a unit of the block this process holds, in memory. When that leaves half
+//! of the block or less, the next block is reserved in the background (one reservation in
+//! flight per key and process) and added to what is held, so a key checked steadily never
+//! waits for the database. A key that used two units or more of a window gets its first
+//! block of the next window reserved in the background as soon as that window has surely
+//! begun by the database's clock. So only a key's first check after it was idle (or one that
+//! outran its refill) waits for a reservation.
+//!
 //! # Block size
-//! A key's next block doubles when its last one was spent within [`FAST`], and halves when
-//! it took longer than [`SLOW`]: a key checked once a second reserves one unit per check
-//! (one write each, nothing left over), a hot key one block per `FAST` or so. A block is at
-//! most `limit / 16` (at least 1) and at most [`MAX_BLOCK`] units.
+//! A block covers about [`COVER`] of the key's rate observed in this process and window
+//! (units taken over the time since its first, at least a second), at least 1, at most
+//! `limit / 16` and at most [`MAX_BLOCK`]: a key checked about once a second reserves one
+//! unit at a time, a hot key one block per `COVER` or so.
 //!
 //! # What may be left unspent
-//! Units reserved and not spent when a window ends are gone. Units of the current window are
-//! given back on [`ApiKeyClient::shutdown`](crate::ApiKeyClient::shutdown). Meanwhile, one
-//! process can be refused while another still holds units: the window may end with at most
-//! the sum of the blocks held across processes unspent.
+//! Units reserved and not spent when a window ends are gone; a process holds at most one
+//! block and a half of a key's window at any time (the half it had left when it reserved
+//! the next block, and that block). Units of the current window are given back on
+//! [`ApiKeyClient::shutdown`](crate::ApiKeyClient::shutdown), after any reservation in flight
+//! has landed. Meanwhile, one process can be refused while another still holds units: a
+//! window may end with at most the units held across processes unspent, each process at most
+//! `1.5 × limit / 16` (see `leased_shortfall_is_bounded` in the test suite).
 //!
 //! # Giving back
 //! A lease remembers exactly what its reservations added to the window's count: the units
@@ -41,21 +54,20 @@ use std::time::{Duration, Instant};
 use apikeys_core::{KeyId, RateLimit, Result};
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, Value};
 
+use super::window::{
+    Count, MY_NOW_MS, PG_NOW_MS, counting_error, host_millis, left_ms, window_ends,
+};
 use crate::breaker::Db;
 use crate::error::{retry_conflicts, storage};
 use crate::lock::lock;
-use crate::rate_limit::{
-    Count, MY_NOW_MS, PG_NOW_MS, counting_error, host_millis, left_ms, window_ends,
-};
 
-/// The largest block a process reserves at once. Blocks only grow while each is spent within
-/// [`FAST`], so a block this large means one key checked over 300 000 times a second in one
-/// process; for smaller limits `limit / 16` caps it first.
+/// The largest block a process reserves at once: one key checked over 65 000 times a
+/// second in one process; for smaller limits `limit / 16` caps it first.
 pub(crate) const MAX_BLOCK: u32 = 16_384;
-/// A block spent faster than this: the next one doubles.
-const FAST: Duration = Duration::from_millis(50);
-/// A block that took longer than this to spend: the next one halves.
-const SLOW: Duration = Duration::from_secs(1);
+/// How long a block should last at the key's observed rate.
+const COVER: Duration = Duration::from_millis(250);
+/// The shortest time a rate is observed over (a key's first units say little about it).
+const MIN_OBSERVED: Duration = Duration::from_secs(1);
 /// MySQL packs the outcome of a reservation in `LAST_INSERT_ID`: the milliseconds left in
 /// the window in bits 0-26, the units granted in bits 27-46, the window's number (modulo
 /// 2^15, to give units back to the right window) in bits 47-61, and bit 62 for a refusal.
@@ -96,78 +108,201 @@ enum Grant {
 struct Lease {
     limit: RateLimit,
     window: WindowRef,
-    /// When the window ends, at the latest, on this process's monotonic clock.
+    /// When the window ends, at the latest, on this process's monotonic clock: its units
+    /// are not spent after this.
     until: Instant,
+    /// When the window has surely ended (and the next begun) by the database's clock, on
+    /// this process's monotonic clock.
+    over_by: Instant,
     remaining: u32,
     /// What this lease's reservations added to `window`'s count past what they granted
     /// (PostgreSQL and SQLite add a whole block and grant what fits under the limit): given
     /// back with the unspent units.
     excess: u32,
-    /// The size of the next block.
+    /// The size of the last block reserved.
     block: u32,
-    /// When the current block was reserved.
-    reserved_at: Instant,
+    /// Units taken in this window, and when the first was reserved: the observed rate.
+    taken: u32,
+    first_at: Instant,
+    /// A background refill of this window is under way.
+    refilling: bool,
+    /// The next window's first block is scheduled to be reserved.
+    next_scheduled: bool,
     /// One reservation at a time per key in this process.
     reserving: Arc<tokio::sync::Mutex<()>>,
 }
 
-/// The leases of one client.
-#[derive(Default)]
+/// Why a reservation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// A check found no unit: it waits for this one.
+    Check,
+    /// Half the block is spent: the next one, in the background.
+    Refill,
+    /// The key was active in the window that has just ended: the new window's first block.
+    NextWindow(WindowRef),
+}
+
+/// What to reserve ahead after a unit was taken.
+#[derive(Debug, Clone, Copy)]
+struct Ahead {
+    /// Half the block is spent: the next one now.
+    refill: bool,
+    /// The key is active in this window: its next window's first block, once it has begun.
+    next_window: Option<(WindowRef, Instant)>,
+}
+
+/// The leases of one client: its connection handle, and where background reservations run.
 pub(crate) struct Leases {
+    db: Db,
+    runtime: tokio::runtime::Handle,
     map: Mutex<HashMap<KeyId, Lease>>,
 }
 
 impl Leases {
-    /// Takes one unit of `key`'s lease if it holds one for `limit` in a window not ended.
-    pub(crate) fn take(&self, key: KeyId, limit: RateLimit, now: Instant) -> bool {
-        let mut map = lock(&self.map);
-        match map.get_mut(&key) {
-            Some(l) if l.limit == limit && l.until > now && l.remaining > 0 => {
-                l.remaining -= 1;
-                true
+    pub(crate) fn new(db: Db, runtime: tokio::runtime::Handle) -> Self {
+        Self { db, runtime, map: Mutex::new(HashMap::new()) }
+    }
+
+    /// Takes one unit of `key`'s lease if it holds one for `limit` in a window not ended;
+    /// starts a background reservation when the lease runs low, and schedules the next
+    /// window's first block for a key active in this one.
+    pub(crate) fn take(self: &Arc<Self>, key: KeyId, limit: RateLimit, now: Instant) -> bool {
+        let ahead = {
+            let mut map = lock(&self.map);
+            let Some(l) = map.get_mut(&key) else { return false };
+            if l.limit != limit || l.until <= now || l.remaining == 0 {
+                return false;
             }
-            _ => false,
-        }
+            l.remaining -= 1;
+            l.took_one()
+        };
+        self.reserve_ahead(key, limit, ahead);
+        true
     }
 
     /// Counts one request of `key` against `limit` by reserving a block (one statement), for
-    /// a caller whose [`take`](Self::take) found no unit.
-    pub(crate) async fn check(&self, db: &Db, key: KeyId, limit: RateLimit) -> Result<Count> {
+    /// a caller whose [`take`](Self::take) found no unit. Waits for a reservation of this key
+    /// already under way in this process first (a background refill), then takes from it.
+    pub(crate) async fn check(self: &Arc<Self>, key: KeyId, limit: RateLimit) -> Result<Count> {
         let reserving = {
             let mut map = lock(&self.map);
             let entry = map.entry(key).or_insert_with(|| Lease::empty(limit));
             Arc::clone(&entry.reserving)
         };
         let _turn = reserving.lock().await;
-        // Another task may have reserved while this one waited.
-        let asked = Instant::now();
-        if self.take(key, limit, asked) {
+        if self.take(key, limit, Instant::now()) {
             return Ok(Count::Admitted);
         }
+        let asked = Instant::now();
         let block = {
             let mut map = lock(&self.map);
             let lease = map.entry(key).or_insert_with(|| Lease::empty(limit));
-            lease.next_block(limit, asked)
+            lease.next_block(limit, asked, Purpose::Check)
         };
-        match reserve(db, key, limit, block).await? {
+        match self.reserve_block(key, limit, block, asked, true).await? {
             Grant::Refused(left) => Ok(Count::Refused(left)),
-            Grant::Units { granted, added, left, window } => {
+            Grant::Units { .. } => Ok(Count::Admitted),
+        }
+    }
+
+    /// Starts what [`Lease::took_one`] asked for.
+    fn reserve_ahead(self: &Arc<Self>, key: KeyId, limit: RateLimit, ahead: Ahead) {
+        if ahead.refill {
+            self.spawn_reservation(key, limit, Purpose::Refill, None);
+        }
+        if let Some((window, over_by)) = ahead.next_window {
+            self.spawn_reservation(key, limit, Purpose::NextWindow(window), Some(over_by));
+        }
+    }
+
+    /// Reserves `block` units (the caller holds the key's reservation lock), asked at
+    /// `asked`, and adds the grant to the lease; with `take`, one unit of it is taken for the
+    /// caller.
+    async fn reserve_block(
+        self: &Arc<Self>,
+        key: KeyId,
+        limit: RateLimit,
+        block: u32,
+        asked: Instant,
+        take: bool,
+    ) -> Result<Grant> {
+        let grant = reserve(&self.db, key, limit, block).await?;
+        let answered = Instant::now();
+        if let Grant::Units { granted, added, left, window } = grant {
+            let ahead = {
                 let mut map = lock(&self.map);
                 let lease = map.entry(key).or_insert_with(|| Lease::empty(limit));
-                if lease.window != window {
+                if lease.window != window || lease.limit != limit {
+                    // A new window (or limit): what was held is no longer spendable.
+                    lease.window = window;
+                    lease.limit = limit;
+                    lease.remaining = 0;
                     lease.excess = 0;
+                    lease.taken = 0;
+                    lease.first_at = asked;
+                    lease.next_scheduled = false;
                 }
                 lease.excess = lease.excess.saturating_add(added.saturating_sub(granted));
-                lease.limit = limit;
-                lease.window = window;
                 // Units of this window are not spent after it ends.
                 lease.until = window_ends(asked, left);
-                lease.remaining = granted - 1;
+                lease.over_by = answered + left + Duration::from_millis(1);
+                lease.remaining = lease.remaining.saturating_add(granted);
                 lease.block = block;
-                lease.reserved_at = asked;
-                Ok(Count::Admitted)
+                if take {
+                    lease.remaining -= 1;
+                    Some(lease.took_one())
+                } else {
+                    None
+                }
+            };
+            if let Some(ahead) = ahead {
+                self.reserve_ahead(key, limit, ahead);
             }
         }
+        Ok(grant)
+    }
+
+    /// Runs a background reservation of `key`'s next block, after `at` if given.
+    fn spawn_reservation(
+        self: &Arc<Self>,
+        key: KeyId,
+        limit: RateLimit,
+        purpose: Purpose,
+        at: Option<Instant>,
+    ) {
+        let leases = Arc::clone(self);
+        self.runtime.spawn(async move {
+            if let Some(at) = at {
+                tokio::time::sleep_until(at.into()).await;
+            }
+            let reserving = {
+                let map = lock(&leases.map);
+                match map.get(&key) {
+                    Some(lease) => Arc::clone(&lease.reserving),
+                    None => return,
+                }
+            };
+            let _turn = reserving.lock().await;
+            let asked = Instant::now();
+            let block = {
+                let map = lock(&leases.map);
+                map.get(&key).and_then(|lease| lease.ahead_block(limit, asked, purpose))
+            };
+            let result = match block {
+                Some(block) => leases.reserve_block(key, limit, block, asked, false).await.map(drop),
+                None => Ok(()),
+            };
+            if purpose == Purpose::Refill
+                && let Some(lease) = lock(&leases.map).get_mut(&key)
+            {
+                lease.refilling = false;
+            }
+            if let Err(e) = result {
+                // The next check that finds no unit reserves (and reports) itself.
+                tracing::debug!(key_id = %key, error = %e, "reserving rate-limit units ahead failed");
+            }
+        });
     }
 
     /// Forgets `key`'s lease (its limit or its existence changed); its units are not used.
@@ -182,8 +317,15 @@ impl Leases {
 
     /// Gives back to the database what this process's leases added to current windows and
     /// did not admit: the granted units not spent, and the excess of a reservation past the
-    /// limit. Returns how many granted units went back.
-    pub(crate) async fn release(&self, db: &Db) -> Result<u64> {
+    /// limit. Reservations under way land first (each key's lock is taken in turn). Returns
+    /// how many granted units went back.
+    pub(crate) async fn release(&self) -> Result<u64> {
+        let locks: Vec<Arc<tokio::sync::Mutex<()>>> =
+            lock(&self.map).values().map(|l| Arc::clone(&l.reserving)).collect();
+        let mut turns = Vec::with_capacity(locks.len());
+        for l in &locks {
+            turns.push(l.lock().await);
+        }
         let now = Instant::now();
         let held: Vec<(KeyId, RateLimit, WindowRef, u32, u32)> = {
             let mut map = lock(&self.map);
@@ -198,9 +340,10 @@ impl Leases {
             map.clear();
             held
         };
+        drop(turns);
         let mut released = 0;
         for (key, limit, window, units, excess) in held {
-            give_back(db, key, limit.window, window, units.saturating_add(excess)).await?;
+            give_back(&self.db, key, limit.window, window, units.saturating_add(excess)).await?;
             released += u64::from(units);
         }
         Ok(released)
@@ -214,29 +357,53 @@ impl Lease {
             limit,
             window: WindowRef::Start(0),
             until: now,
+            over_by: now,
             remaining: 0,
             excess: 0,
             block: 0,
-            reserved_at: now,
+            taken: 0,
+            first_at: now,
+            refilling: false,
+            next_scheduled: false,
             reserving: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
-    /// The size of the next block: doubled when the last one went fast, halved when slow.
-    fn next_block(&self, limit: RateLimit, now: Instant) -> u32 {
+    /// Counts a unit just taken; says what to reserve ahead.
+    fn took_one(&mut self) -> Ahead {
+        self.taken = self.taken.saturating_add(1);
+        let refill = !self.refilling && self.remaining <= self.block / 2;
+        self.refilling |= refill;
+        let next_window =
+            (!self.next_scheduled && self.taken >= 2).then_some((self.window, self.over_by));
+        self.next_scheduled |= next_window.is_some();
+        Ahead { refill, next_window }
+    }
+
+    /// The block a background reservation for `purpose` should reserve, if it is still
+    /// needed: a refill while this window's units run low, the next window's first block
+    /// while no one has reserved in it yet.
+    fn ahead_block(&self, limit: RateLimit, now: Instant, purpose: Purpose) -> Option<u32> {
+        let needed = self.limit == limit
+            && match purpose {
+                Purpose::Check => true,
+                Purpose::Refill => self.until > now && self.remaining <= self.block / 2,
+                Purpose::NextWindow(ended) => self.window == ended,
+            };
+        needed.then(|| self.next_block(limit, now, purpose))
+    }
+
+    /// The size of the next block: about [`COVER`] at the rate observed in this window (for
+    /// the next window's first block, the rate of the window that ended), capped.
+    fn next_block(&self, limit: RateLimit, now: Instant, purpose: Purpose) -> u32 {
         let cap = cap(limit);
-        if self.block == 0 || self.limit != limit {
+        if self.limit != limit || (self.taken == 0 && purpose != Purpose::NextWindow(self.window)) {
             return 1;
         }
-        let spent_in = now.saturating_duration_since(self.reserved_at);
-        let next = if spent_in < FAST {
-            self.block.saturating_mul(2)
-        } else if spent_in > SLOW {
-            self.block / 2
-        } else {
-            self.block
-        };
-        next.clamp(1, cap)
+        let observed = now.saturating_duration_since(self.first_at).max(MIN_OBSERVED);
+        let per_cover = f64::from(self.taken) * COVER.as_secs_f64() / observed.as_secs_f64();
+        // Saturating float-to-int conversion; the clamp bounds it anyway.
+        (per_cover.ceil() as u32).clamp(1, cap)
     }
 }
 
@@ -432,24 +599,32 @@ mod tests {
     }
 
     #[test]
-    fn blocks_grow_when_spent_fast_and_shrink_when_slow() {
-        let l = limit(1_000);
+    fn blocks_cover_the_observed_rate() {
+        let l = limit(100_000);
         let mut lease = Lease::empty(l);
-        let t0 = Instant::now();
-        assert_eq!(lease.next_block(l, t0), 1, "a new lease starts at one unit");
-        lease.block = 1;
-        lease.reserved_at = t0;
-        assert_eq!(lease.next_block(l, t0 + Duration::from_millis(1)), 2);
-        lease.block = 32;
-        assert_eq!(lease.next_block(l, t0 + Duration::from_millis(1)), 62, "capped at limit/16");
-        assert_eq!(lease.next_block(l, t0 + Duration::from_millis(500)), 32);
-        assert_eq!(lease.next_block(l, t0 + Duration::from_secs(2)), 16);
-        lease.block = 1;
-        assert_eq!(lease.next_block(l, t0 + Duration::from_secs(2)), 1, "at least one");
-        // A key checked once a second: one unit per reservation, so one write per check and
-        // nothing left over.
-        assert_eq!(lease.next_block(l, t0 + Duration::from_secs(1)), 1);
-        assert_eq!(lease.next_block(limit(10), t0), 1, "a new limit starts again");
-        assert_eq!(cap(limit(1 << 30)), MAX_BLOCK);
+        let t0 = lease.first_at;
+        assert_eq!(lease.next_block(l, t0, Purpose::Check), 1, "a new lease starts at one unit");
+        // 4 000 units in 2 s: 2 000 a second, 500 per COVER.
+        lease.taken = 4_000;
+        assert_eq!(lease.next_block(l, t0 + Duration::from_secs(2), Purpose::Refill), 500);
+        // Observed over a second at least: 400 units in 10 ms count as 400 a second.
+        lease.taken = 400;
+        assert_eq!(lease.next_block(l, t0 + Duration::from_millis(10), Purpose::Refill), 100);
+        // A key checked about once a second: one unit at a time.
+        lease.taken = 3;
+        assert_eq!(lease.next_block(l, t0 + Duration::from_secs(3), Purpose::Refill), 1);
+        // Capped at limit / 16 and at MAX_BLOCK.
+        lease.taken = 1_000_000;
+        assert_eq!(lease.next_block(l, t0 + Duration::from_secs(1), Purpose::Refill), 6_250);
+        let huge = limit(1 << 30);
+        let mut hot = Lease::empty(huge);
+        hot.taken = u32::MAX;
+        assert_eq!(hot.next_block(huge, hot.first_at, Purpose::Refill), MAX_BLOCK);
+        // A new limit starts again.
+        assert_eq!(lease.next_block(limit(10), t0, Purpose::Refill), 1);
+        // The next window's first block uses the rate of the window that ended.
+        lease.taken = 4_000;
+        let next = Purpose::NextWindow(lease.window);
+        assert_eq!(lease.next_block(l, t0 + Duration::from_secs(2), next), 500);
     }
 }

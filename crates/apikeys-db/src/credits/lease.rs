@@ -1,0 +1,382 @@
+//! Leased credits ([`CreditMode::Leased`](super::CreditMode::Leased)): blocks of a key's
+//! balance reserved with the spend statement (so never more than the balance is taken,
+//! across every replica) and spent in memory, the next block reserved in the background
+//! once half of the current one is spent.
+//!
+//! # What a block is tied to
+//! A block is reserved from the balance of the key's own row (a rolled key's balance lives
+//! on its successor: its checks spend exactly, one statement each), in one period of its refill rule, under one version of the key's
+//! record. It is spent only while all three hold, as far as this process can tell: the
+//! record the check read has the `updated_at` the block was reserved under (a balance set by
+//! an admin changes it, and the old balance's block is dropped, counted as spent), and the
+//! period has not ended by the database's clock (read in the reservation; the block ends a
+//! second early, as the clock is read in whole seconds). A give-back (on shutdown) adds the
+//! unspent credits back only to the same row, in the same period, under the same record
+//! (`updated_at` unchanged): otherwise they stay spent. So a balance never grows past what
+//! it was set or refilled to.
+//!
+//! # Block size
+//! A block covers about [`COVER`] of the key's rate in this process (credits spent since its
+//! first block, over at least a second), at least the call's cost, at most an eighth of the
+//! balance the last statement left and at most [`MAX_BLOCK`]. When the balance is smaller
+//! than a block, checks spend exactly, one statement each, until it is refilled.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use apikeys_core::{ApiKey, KeyId, RefillInterval, Result};
+use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
+use sea_orm::{ConnectionTrait, DbBackend, Statement, Value};
+
+use super::{backend_index, spend_exact, statement};
+use crate::breaker::Db;
+use crate::error::storage;
+use crate::lock::lock;
+
+/// The most credits one block holds.
+const MAX_BLOCK: u64 = 16_384;
+/// How long a block should last at the key's observed rate.
+const COVER: Duration = Duration::from_millis(250);
+/// The shortest time a rate is observed over.
+const MIN_OBSERVED: Duration = Duration::from_secs(1);
+/// A block never takes more than this share of the balance the last statement left.
+const SHARE: u64 = 8;
+
+/// What a reservation records beside the balance left, per backend (PostgreSQL, MySQL,
+/// SQLite): the refill interval and period, the record's `updated_at`, and the database's
+/// clock in whole seconds.
+pub(super) const RECORDED: [&str; 3] = [
+    "refill_interval, refilled_period, updated_at, \
+     floor(extract(epoch FROM statement_timestamp()))::bigint AS now_s",
+    "refill_interval, refilled_period, updated_at, UNIX_TIMESTAMP() AS now_s",
+    "refill_interval, refilled_period, updated_at, CAST(strftime('%s', 'now') AS INTEGER) AS now_s",
+];
+
+/// A block reserved: from which row, under what, until when.
+#[derive(Debug, Clone, Copy)]
+struct Reserved {
+    /// The row the credits came from.
+    row: KeyId,
+    /// The balance the statement left.
+    left: u64,
+    /// The refill period the balance was in (`None`: it does not refill).
+    period: Option<i64>,
+    /// The row's `updated_at` when reserved: a give-back requires it unchanged.
+    row_updated_at: NaiveDateTime,
+    /// When the period ends, at the latest, on this process's monotonic clock.
+    until: Option<Instant>,
+}
+
+/// What one process holds of one key's balance.
+struct Lease {
+    /// The `updated_at` of the record the lease's checks read: a check that reads another
+    /// drops the lease.
+    record_updated_at: DateTime<Utc>,
+    held: u64,
+    /// What the last reservation recorded (`None`: none yet, or the balance was too small).
+    reserved: Option<Reserved>,
+    /// The balance the last statement left, as far as this process knows.
+    left: u64,
+    /// Credits spent from blocks, and since when: the observed rate.
+    spent: u64,
+    first_at: Instant,
+    /// The size of the last block.
+    block: u64,
+    refilling: bool,
+    reserving: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Lease {
+    fn new(record_updated_at: DateTime<Utc>) -> Self {
+        Self {
+            record_updated_at,
+            held: 0,
+            reserved: None,
+            left: 0,
+            spent: 0,
+            first_at: Instant::now(),
+            block: 0,
+            refilling: false,
+            reserving: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    /// Whether the held credits may still be spent at `now`.
+    fn spendable(&self, now: Instant) -> bool {
+        self.reserved.is_some_and(|r| r.until.is_none_or(|until| now < until))
+    }
+
+    /// The next block for a call costing `cost`: about [`COVER`] at the observed rate,
+    /// at least `cost`, at most [`MAX_BLOCK`] and an eighth of the balance last seen.
+    fn next_block(&self, cost: u64, now: Instant) -> u64 {
+        let observed = now.saturating_duration_since(self.first_at).max(MIN_OBSERVED);
+        let per_cover = self.spent as f64 * COVER.as_secs_f64() / observed.as_secs_f64();
+        // Saturating float-to-int conversion; the bounds below apply anyway.
+        let rate = (per_cover.ceil() as u64).min(MAX_BLOCK).min(self.left / SHARE);
+        rate.max(cost)
+    }
+}
+
+/// The credit leases of one client.
+pub(crate) struct CreditLeases {
+    db: Db,
+    runtime: tokio::runtime::Handle,
+    map: Mutex<HashMap<KeyId, Lease>>,
+}
+
+/// What a call got from the lease.
+enum Taken {
+    /// Spent from held credits; the balance as this process sees it.
+    Spent(u64),
+    /// Nothing held (or not for this record): reserve.
+    Empty,
+}
+
+impl CreditLeases {
+    pub(crate) fn new(db: Db, runtime: tokio::runtime::Handle) -> Self {
+        Self { db, runtime, map: Mutex::new(HashMap::new()) }
+    }
+
+    /// Spends `cost` credits of `key`: from the credits held when they suffice, else after
+    /// a reservation (or, for a balance smaller than a block, an exact spend).
+    pub(crate) async fn spend(self: &Arc<Self>, key: &ApiKey, cost: u32) -> Result<Option<u64>> {
+        let cost = u64::from(cost);
+        if let Taken::Spent(left) = self.take(key, cost) {
+            return Ok(Some(left));
+        }
+        let reserving = {
+            let mut map = lock(&self.map);
+            let lease = map.entry(key.id).or_insert_with(|| Lease::new(key.updated_at));
+            Arc::clone(&lease.reserving)
+        };
+        let _turn = reserving.lock().await;
+        // A reservation may have landed while this call waited.
+        if let Taken::Spent(left) = self.take(key, cost) {
+            return Ok(Some(left));
+        }
+        let block = {
+            let map = lock(&self.map);
+            map.get(&key.id).map_or(cost, |l| l.next_block(cost, Instant::now()))
+        };
+        if let Some(left) = Box::pin(self.reserve(key, block, cost)).await? {
+            return Ok(Some(left));
+        }
+        // A balance smaller than the block, a key with no balance of its own (rolled), or
+        // none at all: spend exactly, and remember what is left for the next block's size.
+        let cost_sql = i64::try_from(cost).unwrap_or(i64::MAX);
+        let left = Box::pin(spend_exact(&self.db, key, cost_sql)).await?;
+        if let Some(lease) = lock(&self.map).get_mut(&key.id) {
+            lease.spent = lease.spent.saturating_add(cost);
+            lease.left = left.unwrap_or(0);
+        }
+        Ok(left)
+    }
+
+    /// Takes `cost` from what is held for `key`, if the lease is for this record, its
+    /// period has not ended and it holds enough; starts the next block in the background
+    /// when half of this one is spent.
+    fn take(self: &Arc<Self>, key: &ApiKey, cost: u64) -> Taken {
+        let now = Instant::now();
+        let (seen, refill) = {
+            let mut map = lock(&self.map);
+            let Some(lease) = map.get_mut(&key.id) else { return Taken::Empty };
+            if lease.record_updated_at != key.updated_at {
+                // The key changed (a balance set, a roll): what is held is of the old one.
+                *lease = Lease::new(key.updated_at);
+                return Taken::Empty;
+            }
+            if !lease.spendable(now) {
+                lease.held = 0;
+            }
+            if lease.held < cost || lease.held == 0 {
+                return Taken::Empty;
+            }
+            lease.held -= cost;
+            lease.spent = lease.spent.saturating_add(cost);
+            let refill = !lease.refilling && lease.held <= lease.block / 2;
+            lease.refilling |= refill;
+            (lease.left.saturating_add(lease.held), refill.then(|| lease.next_block(cost, now)))
+        };
+        if let Some(block) = refill {
+            self.refill_in_background(key.clone(), block);
+        }
+        Taken::Spent(seen)
+    }
+
+    /// Reserves the next `block` of `key`'s balance off the request path.
+    fn refill_in_background(self: &Arc<Self>, key: ApiKey, block: u64) {
+        let leases = Arc::clone(self);
+        self.runtime.spawn(async move {
+            let reserving = match lock(&leases.map).get(&key.id) {
+                Some(lease) => Arc::clone(&lease.reserving),
+                None => return,
+            };
+            let _turn = reserving.lock().await;
+            let still_low = lock(&leases.map)
+                .get(&key.id)
+                .is_some_and(|l| l.record_updated_at == key.updated_at && l.held <= l.block / 2);
+            if still_low && let Err(e) = leases.reserve(&key, block, 0).await {
+                tracing::debug!(key_id = %key.id, error = %e, "reserving credits ahead failed");
+            }
+            if let Some(lease) = lock(&leases.map).get_mut(&key.id) {
+                lease.refilling = false;
+            }
+        });
+    }
+
+    /// Reserves `block` credits of `key`'s balance (the caller holds the key's reservation
+    /// lock) and takes `cost` of them. `None`: the balance is smaller than the block.
+    async fn reserve(self: &Arc<Self>, key: &ApiKey, block: u64, cost: u64) -> Result<Option<u64>> {
+        let asked = Instant::now();
+        let amount = i64::try_from(block).unwrap_or(i64::MAX);
+        // On the key's own row: a rolled key's balance lives on its successor, where the
+        // exact spend finds it.
+        let Some(reserved) = self.reserve_on(key.id, amount, asked).await? else {
+            return Ok(None);
+        };
+        let (seen, refill) = {
+            let mut map = lock(&self.map);
+            let lease = map.entry(key.id).or_insert_with(|| Lease::new(key.updated_at));
+            if lease.record_updated_at != key.updated_at {
+                *lease = Lease::new(key.updated_at);
+            }
+            // Credits of another period (or none spendable any more) are not carried over.
+            if !lease.spendable(asked)
+                || lease.reserved.is_some_and(|r| r.period != reserved.period)
+            {
+                lease.held = 0;
+            }
+            lease.held = lease.held.saturating_add(block).saturating_sub(cost);
+            lease.spent = lease.spent.saturating_add(cost);
+            lease.left = reserved.left;
+            lease.block = block;
+            lease.reserved = Some(reserved);
+            // A check that had to wait for this block starts the next one at once when it
+            // took half or more of it (a background refill never does: it runs once).
+            let refill = cost > 0 && !lease.refilling && lease.held <= lease.block / 2;
+            lease.refilling |= refill;
+            let next = refill.then(|| lease.next_block(cost, Instant::now()));
+            (reserved.left.saturating_add(lease.held), next)
+        };
+        if let Some(next) = refill {
+            self.refill_in_background(key.clone(), next);
+        }
+        Ok(Some(seen))
+    }
+
+    /// One reservation statement on `row`; `None`: refused.
+    async fn reserve_on(
+        &self,
+        row: KeyId,
+        amount: i64,
+        asked: Instant,
+    ) -> Result<Option<Reserved>> {
+        let backend = self.db.get_database_backend();
+        let stmt = statement(backend, row, amount, true);
+        let read = if backend == DbBackend::MySql {
+            // No RETURNING: the update and a read of what it recorded, in one transaction.
+            let options = sea_orm::TransactionOptions::default();
+            let txn = self.db.begin_with_options(options).await.map_err(storage)?;
+            let res = txn.execute_raw(stmt).await.map_err(storage)?;
+            let read = if res.rows_affected() == 1 {
+                let sql = format!(
+                    "SELECT remaining, {} FROM api_keys WHERE id = ?",
+                    RECORDED[backend_index(backend)]
+                );
+                let values: [Value; 1] = [row.as_uuid().into()];
+                txn.query_one_raw(Statement::from_sql_and_values(backend, sql, values))
+                    .await
+                    .map_err(storage)?
+            } else {
+                None
+            };
+            txn.commit().await.map_err(storage)?;
+            read
+        } else {
+            self.db.query_one_raw(stmt).await.map_err(storage)?
+        };
+        let Some(read) = read else { return Ok(None) };
+        let get = |e| storage(e);
+        let left: i64 = read.try_get("", "remaining").map_err(get)?;
+        let interval: Option<String> = read.try_get("", "refill_interval").map_err(get)?;
+        let period: Option<i64> = read.try_get("", "refilled_period").map_err(get)?;
+        let row_updated_at: NaiveDateTime = read.try_get("", "updated_at").map_err(get)?;
+        let now_s: i64 = read.try_get("", "now_s").map_err(get)?;
+        let interval = interval.as_deref().and_then(RefillInterval::from_name);
+        let until = match (interval, period) {
+            (Some(interval), Some(period)) => {
+                let end = interval.start(period.saturating_add(1));
+                let now = Utc.timestamp_opt(now_s, 0).single();
+                // The clock was read in whole seconds after `asked`: end a second early.
+                let left = end.zip(now).map(|(end, now)| end - now - chrono::Duration::seconds(1));
+                let left = left.and_then(|l| l.to_std().ok()).unwrap_or_default();
+                Some(asked + left)
+            }
+            _ => None,
+        };
+        Ok(Some(Reserved {
+            row,
+            left: u64::try_from(left).unwrap_or(0),
+            period: interval.and(period),
+            row_updated_at,
+            until,
+        }))
+    }
+
+    /// Forgets what is held for `key`: not spent, not given back.
+    pub(crate) fn forget(&self, key: KeyId) {
+        lock(&self.map).remove(&key);
+    }
+
+    /// Gives back what is held unspent, once reservations under way have landed: to the
+    /// row it came from, only while that row's record and period are those of the
+    /// reservation. Returns how many credits went back.
+    pub(crate) async fn release(&self) -> Result<u64> {
+        let locks: Vec<_> = lock(&self.map).values().map(|l| Arc::clone(&l.reserving)).collect();
+        let mut turns = Vec::with_capacity(locks.len());
+        for l in &locks {
+            turns.push(l.lock().await);
+        }
+        let now = Instant::now();
+        let held: Vec<(u64, Reserved)> = {
+            let mut map = lock(&self.map);
+            let held = map
+                .values()
+                .filter(|l| l.held > 0 && l.spendable(now))
+                .filter_map(|l| l.reserved.map(|r| (l.held, r)))
+                .collect();
+            map.clear();
+            held
+        };
+        drop(turns);
+        let mut released = 0;
+        for (credits, reserved) in held {
+            if give_back(&self.db, credits, &reserved).await? {
+                released += credits;
+            }
+        }
+        Ok(released)
+    }
+}
+
+/// Adds `credits` back to the row they were reserved from, if its record (`updated_at`) and
+/// refill period are still those of the reservation. Returns whether they went back.
+async fn give_back(db: &Db, credits: u64, reserved: &Reserved) -> Result<bool> {
+    let backend = db.get_database_backend();
+    let mut p = super::Params { backend, values: Vec::new() };
+    let n = p.p(i64::try_from(credits).unwrap_or(i64::MAX));
+    let id = p.p(reserved.row.as_uuid());
+    let updated = p.p(reserved.row_updated_at);
+    let period = match reserved.period {
+        // The same period, and none due since (`due()` reads the database's clock).
+        Some(period) => format!("refilled_period = {} AND NOT {}", p.p(period), p.due()),
+        None => "refill_amount IS NULL".to_owned(),
+    };
+    let sql = format!(
+        "UPDATE api_keys SET remaining = remaining + {n} \
+         WHERE id = {id} AND remaining IS NOT NULL AND updated_at = {updated} AND {period}"
+    );
+    let res = db.execute_raw(Statement::from_sql_and_values(backend, sql, p.values)).await;
+    Ok(res.map_err(storage)?.rows_affected() == 1)
+}

@@ -1,0 +1,323 @@
+//! Usage credits: the atomic spend on the hot path, with the lazy refill.
+//!
+//! One conditional `UPDATE` spends `cost` credits of a key, after refilling its balance if a
+//! new period (UTC day or month) has begun since the last refill: the refill and the spend
+//! are one statement, so concurrent checks on every replica spend exactly the balance and
+//! refill exactly once per period.
+//!
+//! # One clock for the period
+//! The period is the shared decision of every replica, so it comes from the database's
+//! clock, read inside the statement (PostgreSQL `statement_timestamp()`, MySQL/MariaDB
+//! `UTC_TIMESTAMP()`, each fixed for the statement; SQLite `'now'`, the clock of the host
+//! the file is on), never from a client's: the stored period is at most the database's
+//! current one, so a replica whose clock runs a day ahead neither refills early nor pushes
+//! the next refill out for everyone, and one whose clock is behind refills on time. The
+//! same clock stamps the period a balance was set in (a key created or given credits), and
+//! tells when a spent balance refills.
+//!
+//! # Leased
+//! With [`CreditMode::Leased`] the same statement reserves blocks of a balance, which a
+//! process then spends in memory (see [`lease`]).
+
+mod lease;
+
+use apikeys_core::{ApiKey, Error, KeyId, RefillInterval, Result};
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QuerySelect, Statement,
+    Value,
+};
+
+use std::sync::Arc;
+
+use crate::breaker::Db;
+use crate::entity::api_key;
+use crate::error::storage;
+
+/// How many rolled keys a spend follows to find the balance (old → new → newer …).
+const MAX_HOPS: usize = 8;
+
+/// The outcome of one spend statement on one row.
+enum Spend {
+    /// Spent; the balance left.
+    Spent(u64),
+    /// Not enough credits; when the balance refills, if ever.
+    Exhausted(Option<DateTime<Utc>>),
+    /// The row has no credits (unlimited).
+    Unlimited,
+    /// The row's balance moved to the key it was rolled to.
+    Moved(KeyId),
+    /// No such key any more.
+    Gone,
+}
+
+/// The number of the database's current period of `interval`, as an SQL expression of
+/// `backend` (a `BIGINT`): as [`RefillInterval::period`] computes it, days or months since
+/// the Unix epoch in UTC, on the database's clock (see the module docs).
+pub(crate) fn period_sql(backend: DbBackend, interval: RefillInterval) -> &'static str {
+    match (backend, interval) {
+        (DbBackend::Postgres, RefillInterval::Day) => {
+            "floor(extract(epoch FROM statement_timestamp()) / 86400)::bigint"
+        }
+        (DbBackend::Postgres, RefillInterval::Month) => {
+            "((extract(year FROM statement_timestamp() AT TIME ZONE 'UTC') - 1970) * 12 \
+             + extract(month FROM statement_timestamp() AT TIME ZONE 'UTC') - 1)::bigint"
+        }
+        (DbBackend::MySql, RefillInterval::Day) => {
+            "CAST(DATEDIFF(UTC_TIMESTAMP(), '1970-01-01') AS SIGNED)"
+        }
+        (DbBackend::MySql, RefillInterval::Month) => {
+            "CAST((YEAR(UTC_TIMESTAMP()) - 1970) * 12 + MONTH(UTC_TIMESTAMP()) - 1 AS SIGNED)"
+        }
+        (_, RefillInterval::Day) => "(CAST(strftime('%s', 'now') AS INTEGER) / 86400)",
+        (_, RefillInterval::Month) => {
+            "((CAST(strftime('%Y', 'now') AS INTEGER) - 1970) * 12 \
+             + CAST(strftime('%m', 'now') AS INTEGER) - 1)"
+        }
+    }
+}
+
+/// What a refused spend reads: remaining, rolled_to, refill_amount, refill_interval,
+/// refilled_period, and the database's current month and day.
+type WhyRow = (Option<i64>, Option<uuid::Uuid>, Option<i64>, Option<String>, Option<i64>, i64, i64);
+
+/// A statement's parameters, numbered as its backend wants them.
+struct Params {
+    backend: DbBackend,
+    values: Vec<Value>,
+}
+
+impl Params {
+    fn p(&mut self, v: impl Into<Value>) -> String {
+        self.values.push(v.into());
+        match self.backend {
+            DbBackend::Postgres => format!("${}", self.values.len()),
+            _ => "?".to_owned(),
+        }
+    }
+
+    /// The database's current period of the row's refill interval.
+    fn cur(&self) -> String {
+        let m = period_sql(self.backend, RefillInterval::Month);
+        let d = period_sql(self.backend, RefillInterval::Day);
+        format!("(CASE refill_interval WHEN 'month' THEN {m} ELSE {d} END)")
+    }
+
+    /// Whether the row is due a refill: a rule, and a period after the last refill's.
+    fn due(&mut self) -> String {
+        let c = self.cur();
+        format!(
+            "(refill_amount IS NOT NULL AND (refilled_period IS NULL OR refilled_period < {c}))"
+        )
+    }
+
+    /// The balance the spend sees: the refill amount when due, else what is left.
+    fn available(&mut self) -> String {
+        format!("(CASE WHEN {} THEN refill_amount ELSE remaining END)", self.due())
+    }
+}
+
+/// The spend statement for `backend`: `cost` credits, or (a leased block) `cost` reserved;
+/// with `extra`, PostgreSQL and SQLite also return what a reservation records (see
+/// [`lease`]).
+fn statement(backend: DbBackend, key: KeyId, cost: i64, extra: bool) -> Statement {
+    let mut p = Params { backend, values: Vec::new() };
+    // MySQL assigns left to right, each assignment seeing those before it: `remaining`
+    // comes first, so that it reads the old `refilled_period`.
+    let spent = format!("{} - {}", p.available(), p.p(cost));
+    let spent =
+        if backend == DbBackend::MySql { format!("LAST_INSERT_ID({spent})") } else { spent };
+    let (due, cur) = (p.due(), p.cur());
+    let id = p.p(key.as_uuid());
+    let (available, at_least) = (p.available(), p.p(cost));
+    let returning = match (backend, extra) {
+        (DbBackend::MySql, _) => String::new(),
+        (_, false) => " RETURNING remaining".to_owned(),
+        (_, true) => format!(" RETURNING remaining, {}", lease::RECORDED[backend_index(backend)]),
+    };
+    let sql = format!(
+        "UPDATE api_keys SET remaining = {spent}, \
+         refilled_period = CASE WHEN {due} THEN {cur} ELSE refilled_period END \
+         WHERE id = {id} AND remaining IS NOT NULL AND {available} >= {at_least}{returning}"
+    );
+    Statement::from_sql_and_values(backend, sql, p.values)
+}
+
+/// The index of `backend` in per-backend tables: PostgreSQL, MySQL, SQLite.
+fn backend_index(backend: DbBackend) -> usize {
+    match backend {
+        DbBackend::Postgres => 0,
+        DbBackend::MySql => 1,
+        _ => 2,
+    }
+}
+
+/// How usage credits are spent.
+///
+/// | mode | never more than the balance | cost per check | a key with none left |
+/// |---|---|---|---|
+/// | `Exact` | yes | one conditional `UPDATE` | refused at once, on every replica |
+/// | `Leased` | yes | one `UPDATE` per block, reserved ahead in the background | refused once the blocks held are spent |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum CreditMode {
+    /// One atomic conditional `UPDATE` per check that spends credits: every replica sees
+    /// the same balance at once.
+    #[default]
+    Exact,
+    /// Blocks of a key's balance are reserved ahead (one `UPDATE` each, in the background
+    /// once a key is being checked) and spent in memory. Never more than the balance is
+    /// spent across replicas: a block is taken off the stored balance before any of it is
+    /// spent. A replica holds at most about a block and a half per key (a block covers about
+    /// 250 ms of the key's rate in that replica, at most an eighth of the balance it saw
+    /// left, at most 16 384 credits); near exhaustion (a balance smaller than a block) checks
+    /// spend exactly, one `UPDATE` each. What a replica holds unspent is given back by
+    /// [`ApiKeyClient::shutdown`](crate::ApiKeyClient::shutdown) (unless the key was changed
+    /// or its balance refilled meanwhile); a replica that dies strands at most its blocks,
+    /// which count as spent. Held credits of a balance that refills are not spent past the
+    /// end of their period (by the database's clock), nor after the replica sees that the
+    /// key was changed (a new balance set, for instance): within the verified-key cache's
+    /// staleness bound when it has one, at once otherwise. The balance on the returned
+    /// record is what the replica last read plus what it holds.
+    Leased,
+}
+
+/// Spends usage credits: a part with its own connection handle (the writer), and in leased
+/// mode the blocks it holds.
+pub(crate) struct CreditSpender {
+    writer: Db,
+    leases: Option<Arc<lease::CreditLeases>>,
+}
+
+impl CreditSpender {
+    pub(crate) fn new(writer: Db, mode: CreditMode, runtime: tokio::runtime::Handle) -> Self {
+        let leases = (mode == CreditMode::Leased)
+            .then(|| Arc::new(lease::CreditLeases::new(writer.clone(), runtime)));
+        Self { writer, leases }
+    }
+
+    /// The mode credits are spent in.
+    pub(crate) fn mode(&self) -> CreditMode {
+        if self.leases.is_some() { CreditMode::Leased } else { CreditMode::Exact }
+    }
+
+    /// Spends `cost` credits of `key` (which has credits), following a roll to the key that
+    /// holds the balance. Returns the balance left (`None`: the key turned out to have no
+    /// credits, so nothing was spent).
+    pub(crate) async fn spend(&self, key: &ApiKey, cost: u32) -> Result<Option<u64>> {
+        match &self.leases {
+            Some(leases) => leases.spend(key, cost).await,
+            None => Box::pin(spend_exact(&self.writer, key, i64::from(cost))).await,
+        }
+    }
+
+    /// Forgets what this process holds of `key`'s balance (the key changed): not spent,
+    /// not given back.
+    pub(crate) fn forget(&self, key: KeyId) {
+        if let Some(leases) = &self.leases {
+            leases.forget(key);
+        }
+    }
+
+    /// Gives back what this process holds unspent (leased mode); returns how many credits.
+    pub(crate) async fn release(&self) -> Result<u64> {
+        match &self.leases {
+            Some(leases) => leases.release().await,
+            None => Ok(0),
+        }
+    }
+}
+
+/// Spends `cost` credits of `key` (which has credits) in one statement, following a roll to
+/// the key that holds the balance. Returns the balance left (`None`: the key turned out to
+/// have no credits, so nothing was spent).
+pub(crate) async fn spend_exact(db: &Db, key: &ApiKey, cost: i64) -> Result<Option<u64>> {
+    let mut target = key.id;
+    for _ in 0..MAX_HOPS {
+        match spend_on(db, target, cost).await? {
+            Spend::Spent(left) => return Ok(Some(left)),
+            Spend::Unlimited => return Ok(None),
+            Spend::Exhausted(refill_at) => return Err(Error::UsageExhausted { refill_at }),
+            Spend::Moved(next) => target = next,
+            // The key itself: deleted while this check ran. A successor: the balance went
+            // with it.
+            Spend::Gone if target == key.id => return Err(Error::InvalidKey),
+            Spend::Gone => return Err(Error::UsageExhausted { refill_at: None }),
+        }
+    }
+    Err(Error::UsageExhausted { refill_at: None })
+}
+
+/// One spend statement on `key`'s own row, and if it refused, why.
+async fn spend_on(db: &Db, key: KeyId, cost: i64) -> Result<Spend> {
+    let backend = db.get_database_backend();
+    let stmt = statement(backend, key, cost, false);
+    let spent = if backend == DbBackend::MySql {
+        let res = db.execute_raw(stmt).await.map_err(storage)?;
+        (res.rows_affected() == 1).then(|| res.last_insert_id())
+    } else {
+        let row = db.query_one_raw(stmt).await.map_err(storage)?;
+        match row {
+            Some(row) => {
+                let left: i64 = row.try_get("", "remaining").map_err(storage)?;
+                Some(u64::try_from(left).unwrap_or(0))
+            }
+            None => None,
+        }
+    };
+    if let Some(left) = spent {
+        return Ok(Spend::Spent(left));
+    }
+    // Refused, or nothing to spend from: read why, and the database's current period.
+    use api_key::Column as C;
+    let month = Expr::cust(period_sql(backend, RefillInterval::Month));
+    let day = Expr::cust(period_sql(backend, RefillInterval::Day));
+    let row: Option<WhyRow> = api_key::Entity::find_by_id(key.as_uuid())
+        .select_only()
+        .columns([C::Remaining, C::RolledTo, C::RefillAmount, C::RefillInterval])
+        .column(C::RefilledPeriod)
+        .column_as(month, "cur_month")
+        .column_as(day, "cur_day")
+        .into_tuple()
+        .one(db)
+        .await
+        .map_err(storage)?;
+    let Some((remaining, rolled_to, refill_amount, interval, refilled, month, day)) = row else {
+        return Ok(Spend::Gone);
+    };
+    Ok(match (remaining, rolled_to, refill_amount) {
+        (None, _, _) => Spend::Unlimited,
+        (Some(0), Some(next), None) => Spend::Moved(KeyId::from_uuid(next)),
+        _ => {
+            let interval = interval.as_deref().and_then(RefillInterval::from_name);
+            let refill_at = interval.and_then(|i| {
+                let cur = match i {
+                    RefillInterval::Month => month,
+                    RefillInterval::Day => day,
+                };
+                let last = refilled.unwrap_or(i64::MIN).max(cur);
+                i.start(last.saturating_add(1))
+            });
+            Spend::Exhausted(refill_at)
+        }
+    })
+}
+
+/// Sets the period key `id`'s balance was last set in to the database's current period of
+/// `interval` (a refill starts with the next one), on `conn`: for a key created with a
+/// refill rule.
+pub(crate) async fn stamp_refill_period<C: ConnectionTrait>(
+    conn: &C,
+    id: KeyId,
+    interval: RefillInterval,
+) -> Result<()> {
+    let period = Expr::cust(period_sql(conn.get_database_backend(), interval));
+    api_key::Entity::update_many()
+        .col_expr(api_key::Column::RefilledPeriod, period)
+        .filter(api_key::Column::Id.eq(id.as_uuid()))
+        .exec(conn)
+        .await
+        .map_err(storage)?;
+    Ok(())
+}

@@ -1,0 +1,269 @@
+//! Per-key rate limits: exact shared counters in the database, or in-process `governor`.
+//!
+//! # One clock for every replica
+//! In shared mode the window a request falls in is decided by the database's clock, inside
+//! the counting statement (PostgreSQL `clock_timestamp()`, MySQL/MariaDB `NOW(3)`). Replicas
+//! whose own clocks differ by seconds or minutes therefore count in the same row. SQLite is a
+//! file on one host, so its clock is that host's system clock (read by the process, never the
+//! client's injected [`Clock`]), which every process opening the file shares.
+//!
+//! # Check and count in one statement
+//! The counting statement is a conditional upsert: it creates the window's row at 1, or adds
+//! one only while the count is below the key's *current* limit. A refused request changes
+//! nothing, a limit raised mid-window admits up to the new limit at once, and a lowered one
+//! refuses at once.
+//!
+//! # One budget per lineage
+//! A rolled key keeps working for its grace period beside the key it was rolled to; the two
+//! (and any later successor) share one budget. A key's requests count in the windows of its
+//! lineage's newest key: its own for a key never rolled; for a rolled key, the key stored
+//! in its `lineage_head_id` (read with one more indexed read per check, in the shared and
+//! leased modes). A roll copies the old key's window counts to the new key, in the roll's
+//! transaction, so the lineage's window goes on from where it was; the delete of a lineage's
+//! newest key hands its counts and its place to the newest key left. So whoever holds a
+//! leaked key after a roll shares the new key's budget, never gets one of its own. Bounds:
+//! checks of the old key in flight during the roll (and, with the verified-key cache, those
+//! a replica makes before its cache learns of the roll, within the cache's staleness bound)
+//! count in the old key's own window. [`RateLimitMode::Local`] does no I/O, so there a
+//! rolled key counts in the limiter of the key it was rolled to.
+
+mod lease;
+mod lineage;
+mod local;
+mod shared;
+mod window;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use apikeys_core::{ApiKey, Error, KeyId, RateLimit, Result};
+use sea_orm::{EntityTrait, QuerySelect};
+
+use crate::breaker::Db;
+use crate::clock::Clock;
+use crate::entity::api_key;
+use crate::error::storage;
+use crate::lock::lock;
+use lease::Leases;
+pub(crate) use lineage::{hand_over_lineage, merge_windows};
+use local::LocalLimiters;
+use window::{Count, window_ends};
+
+/// How per-key rate limits are counted.
+///
+/// | mode | exact across replicas | cost per check | algorithm |
+/// |---|---|---|---|
+/// | `Shared` | yes, whatever the replicas' clocks say | one atomic upsert | fixed window, database clock |
+/// | `Leased` | yes (never more than the limit; see below) | one upsert per block of units | fixed window, database clock |
+/// | `Local` | no: each process counts alone | no I/O | GCRA (`governor`) |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum RateLimitMode {
+    /// Counters in the database (`rate_limit_windows`): one conditional upsert per check,
+    /// exact however many tasks, processes and replicas share the database and however far
+    /// apart their clocks are. Windows are fixed, aligned to the Unix epoch (UTC) by the
+    /// database's clock.
+    #[default]
+    Shared,
+    /// `Shared`, with units reserved ahead in blocks: one conditional upsert reserves a
+    /// block of the window's units, which this process then admits from memory. Across all
+    /// processes no window ever admits more than the limit. The block adapts to the key's
+    /// rate: a key checked about once a second still costs one write per check and leaves
+    /// nothing unspent; a hot key costs one write per block (at most `limit / 16` units,
+    /// and at most 16 384).
+    ///
+    /// The trade-off: one process may refuse while another still holds units, so a window
+    /// can end with up to the sum of the blocks held by all processes unspent (each at most
+    /// `limit / 16`). Units held for the current window are given back by
+    /// [`ApiKeyClient::shutdown`](crate::ApiKeyClient::shutdown); those of a process that
+    /// dies are lost with it, until its window ends.
+    Leased,
+    /// Counters in this process (`governor`, GCRA, on the client's clock): no database
+    /// write, but N replicas admit up to N times the limit, and a burst of `requests` is
+    /// followed by an even refill of one request every `window / requests`.
+    Local,
+}
+
+/// Every this many checks, a limiter sweeps: ended window rows in the database (in the
+/// background) and entries of its in-process maps that no longer change any answer.
+const SWEEP_EVERY: u64 = 4_096;
+
+/// A key known to be over its limit: refused without a round trip until `until` (this
+/// process's monotonic clock, never after the window's end), as long as its limit is still
+/// `limit`; such a refusal's `retry_after` runs to `retry_at` (never before the end).
+#[derive(Debug, Clone, Copy)]
+struct Refusal {
+    limit: RateLimit,
+    until: Instant,
+    retry_at: Instant,
+}
+
+/// Counts requests against per-key limits. Owns its connection handle and clock; the client
+/// composes it.
+pub(crate) struct RateLimiter {
+    db: Db,
+    mode: RateLimitMode,
+    /// Shared mode: keys whose window is full. An entry only repeats what the database
+    /// answered, until the moment that window ends; a different limit (the key was updated)
+    /// bypasses it.
+    over_limit: Mutex<HashMap<KeyId, Refusal>>,
+    checks: AtomicU64,
+    /// Local mode: counters in this process, on the client's clock (shared and leased
+    /// modes use the database's).
+    local: LocalLimiters,
+    /// Leased mode: the units this process holds.
+    leases: Arc<Leases>,
+    /// Where background purges run: the runtime the client was built on.
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter").field("mode", &self.mode).finish_non_exhaustive()
+    }
+}
+
+impl RateLimiter {
+    pub(crate) fn new(
+        db: Db,
+        mode: RateLimitMode,
+        clock: Clock,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        Self {
+            leases: Arc::new(Leases::new(db.clone(), runtime.clone())),
+            runtime,
+            db,
+            mode,
+            over_limit: Mutex::new(HashMap::new()),
+            checks: AtomicU64::new(0),
+            local: LocalLimiters::new(clock),
+        }
+    }
+
+    pub(crate) fn mode(&self) -> RateLimitMode {
+        self.mode
+    }
+
+    /// Counts a check; true once every [`SWEEP_EVERY`] checks.
+    fn sweep_due(&self) -> bool {
+        self.checks.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1
+    }
+
+    /// Forgets what this process knows about `key` (its limit or its existence changed).
+    pub(crate) fn forget(&self, key: KeyId) {
+        lock(&self.over_limit).remove(&key);
+        self.local.forget(key);
+        self.leases.forget(key);
+    }
+
+    /// Gives the units leased for current windows back (leased mode); returns how many.
+    pub(crate) async fn release(&self) -> Result<u64> {
+        self.leases.release().await
+    }
+
+    /// Counts one request of `key` against `limit`, in the windows of its lineage (see the
+    /// module docs: a rolled key shares its successors' budget).
+    ///
+    /// # Errors
+    /// [`Error::Quota`] when the window is full (nothing is counted then);
+    /// [`Error::InvalidKey`] when the key was deleted meanwhile; [`Error::Unavailable`] or
+    /// [`Error::Storage`] when the database fails.
+    pub(crate) async fn check(&self, key: &ApiKey, limit: RateLimit) -> Result<()> {
+        match self.mode {
+            RateLimitMode::Shared | RateLimitMode::Leased => {
+                let head = self.lineage_head(key).await?;
+                match self.check_shared(head, limit).await {
+                    // The lineage's newest key was deleted after it was read (its keys were
+                    // handed to another in the same transaction): count this one alone.
+                    Err(Error::InvalidKey) if head != key.id => {
+                        self.check_shared(key.id, limit).await
+                    }
+                    other => other,
+                }
+            }
+            RateLimitMode::Local => {
+                self.local.check(key.rolled_to.unwrap_or(key.id), limit, self.sweep_due())
+            }
+        }
+    }
+
+    /// The key whose windows `key`'s requests count in: its own id, or for a rolled key the
+    /// newest key of its lineage (one indexed read; a key rolled by a version before the
+    /// lineage was stored counts in the key it was rolled to).
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`] when the key was deleted meanwhile; [`Error::Unavailable`] or
+    /// [`Error::Storage`] when the database fails.
+    async fn lineage_head(&self, key: &ApiKey) -> Result<KeyId> {
+        let Some(next) = key.rolled_to else {
+            return Ok(key.id);
+        };
+        let head: Option<Option<uuid::Uuid>> = api_key::Entity::find_by_id(key.id.as_uuid())
+            .select_only()
+            .column(api_key::Column::LineageHeadId)
+            .into_tuple()
+            .one(&self.db)
+            .await
+            .map_err(storage)?;
+        match head {
+            None => Err(Error::InvalidKey),
+            Some(head) => Ok(head.map_or(next, KeyId::from_uuid)),
+        }
+    }
+
+    async fn check_shared(&self, key: KeyId, limit: RateLimit) -> Result<()> {
+        let asked = Instant::now();
+        let leased = self.mode == RateLimitMode::Leased;
+        if leased && self.leases.take(key, limit, asked) {
+            return Ok(());
+        }
+        if let Some(r) = lock(&self.over_limit).get(&key).copied()
+            && r.limit == limit
+            && r.until > asked
+        {
+            let retry_after = r.retry_at.saturating_duration_since(asked);
+            return Err(Error::Quota { retry_after, limit });
+        }
+        let counted = if leased {
+            Box::pin(self.leases.check(key, limit)).await
+        } else {
+            Box::pin(shared::count(&self.db, key, limit)).await
+        };
+        if self.sweep_due() {
+            self.sweep_in_background(asked);
+        }
+        match counted? {
+            Count::Admitted => Ok(()),
+            Count::Refused(left) => {
+                // The database read its clock between `asked` and now.
+                let until = window_ends(asked, left);
+                let refusal = Refusal { limit, until, retry_at: Instant::now() + left };
+                lock(&self.over_limit).insert(key, refusal);
+                Err(Error::Quota { retry_after: left, limit })
+            }
+        }
+    }
+
+    /// Drops refusals whose window has ended and deletes ended window rows off the caller's
+    /// path, in a task on the client's runtime.
+    fn sweep_in_background(&self, now: Instant) {
+        lock(&self.over_limit).retain(|_, r| r.until > now);
+        self.leases.sweep(now);
+        let db = self.db.clone();
+        let purge = async move {
+            if let Err(e) = window::purge(&db).await {
+                tracing::warn!(error = %e, "rate-limit window purge failed");
+            }
+        };
+        self.runtime.spawn(purge);
+    }
+
+    /// Deletes the window rows that ended at least [`PURGE_GRACE`] ago by the database's
+    /// clock. Returns the number of rows deleted.
+    pub(crate) async fn purge(&self) -> Result<u64> {
+        window::purge(&self.db).await.map_err(storage)
+    }
+}

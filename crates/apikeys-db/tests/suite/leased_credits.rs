@@ -1,0 +1,128 @@
+//! Leased credits (`CreditMode::Leased`, issue 24): blocks of a balance reserved ahead and
+//! spent in memory, never more than the balance; what is held goes back on shutdown, but
+//! never into a balance that was set again or refilled meanwhile.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use apikeys_db::sea_orm::{ConnectionTrait, Statement};
+use apikeys_db::{
+    ApiKeyClient, CreditMode, Credits, Error, KeyId, KeyUpdate, NewKey, Refill, ValidateOptions,
+};
+
+use crate::common::TestDb;
+
+async fn leased(db: &TestDb) -> ApiKeyClient {
+    db.client_with(|b| b.credit_mode(CreditMode::Leased)).await
+}
+
+async fn key_with(client: &ApiKeyClient, credits: Credits) -> (KeyId, String) {
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let issued =
+        client.create_key(org.id, NewKey::new("plan").with_credits(credits)).await.unwrap();
+    (issued.record.id, issued.key.expose_secret().to_owned())
+}
+
+/// The balance as stored (what is not held by any client nor spent).
+async fn stored(db: &TestDb, id: KeyId) -> u64 {
+    db.client().await.get_key(id).await.unwrap().credits.unwrap().remaining
+}
+
+/// Checks until the stored balance is below what was spent (a block is held), at most 200.
+async fn until_held(db: &TestDb, client: &ApiKeyClient, key: &str, id: KeyId, start: u64) -> u64 {
+    let mut spent = 0;
+    while stored(db, id).await == start - spent {
+        assert!(spent < 200, "no block was ever reserved ahead");
+        client.validate_key(key, &ValidateOptions::new()).await.unwrap();
+        spent += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    spent
+}
+
+/// Three leased clients × 8 tasks check a key with 500 credits until each is refused:
+/// exactly 500 pass, and the stored balance ends at 0.
+pub async fn leased_credits_are_exact_across_clients(db: TestDb) {
+    let first = leased(&db).await;
+    let (id, key) = key_with(&first, Credits::new(500)).await;
+    let clients = [first, leased(&db).await, leased(&db).await];
+    let barrier = Arc::new(tokio::sync::Barrier::new(24));
+    let mut handles = Vec::new();
+    for client in &clients {
+        for _ in 0..8 {
+            let (client, key, barrier) = (client.clone(), key.clone(), Arc::clone(&barrier));
+            handles.push(tokio::spawn(async move {
+                barrier.wait().await;
+                let mut ok = 0;
+                loop {
+                    match client.validate_key(&key, &ValidateOptions::new()).await {
+                        Ok(_) => ok += 1,
+                        Err(Error::UsageExhausted { .. }) => return ok,
+                        Err(e) => panic!("{e:?}"),
+                    }
+                    assert!(ok <= 500, "more passed than the balance");
+                }
+            }));
+        }
+    }
+    let mut ok = 0;
+    for h in handles {
+        ok += h.await.unwrap();
+    }
+    assert_eq!(ok, 500);
+    assert_eq!(stored(&db, id).await, 0);
+    for client in &clients {
+        client.shutdown().await.unwrap();
+    }
+    assert_eq!(stored(&db, id).await, 0, "nothing held, nothing given back");
+}
+
+/// A leased client holds a block; on shutdown it gives back exactly what it did not spend.
+pub async fn leased_credits_go_back_on_shutdown(db: TestDb) {
+    let client = leased(&db).await;
+    let (id, key) = key_with(&client, Credits::new(10_000)).await;
+    let spent = until_held(&db, &client, &key, id, 10_000).await;
+    assert!(stored(&db, id).await < 10_000 - spent, "a block is held");
+    client.shutdown().await.unwrap();
+    assert_eq!(stored(&db, id).await, 10_000 - spent);
+}
+
+/// An admin sets a new balance (0) while a leased client holds a block of the old one: the
+/// client's next check reads the changed key, drops the block and is refused; its shutdown
+/// gives nothing back into the new balance.
+pub async fn a_balance_set_again_drops_the_blocks_held(db: TestDb) {
+    let client = leased(&db).await;
+    let (id, key) = key_with(&client, Credits::new(10_000)).await;
+    until_held(&db, &client, &key, id, 10_000).await;
+    let admin = db.client().await;
+    admin.update_key(id, KeyUpdate::new().with_credits(Some(Credits::new(0)))).await.unwrap();
+    match client.validate_key(&key, &ValidateOptions::new()).await {
+        Err(Error::UsageExhausted { .. }) => {}
+        other => panic!("a block of the old balance was spent: {other:?}"),
+    }
+    client.shutdown().await.unwrap();
+    assert_eq!(stored(&db, id).await, 0, "nothing given back into the new balance");
+}
+
+/// A refilling balance: a leased client holds a block when the period rolls over (simulated
+/// by ageing the stored period, as the refill tests do); its shutdown gives nothing back into
+/// the next period's balance.
+pub async fn held_credits_never_go_back_into_a_new_period(db: TestDb) {
+    let client = leased(&db).await;
+    let credits = Credits::new(10_000).with_refill(Refill::daily(10_000));
+    let (id, key) = key_with(&client, credits).await;
+    until_held(&db, &client, &key, id, 10_000).await;
+    let before = stored(&db, id).await;
+    let conn = client.connection();
+    let backend = conn.get_database_backend();
+    let sql = match backend {
+        apikeys_db::sea_orm::DbBackend::Postgres => {
+            "UPDATE api_keys SET refilled_period = refilled_period - 1 WHERE id = $1"
+        }
+        _ => "UPDATE api_keys SET refilled_period = refilled_period - 1 WHERE id = ?",
+    };
+    let values = [id.as_uuid().into()];
+    conn.execute_raw(Statement::from_sql_and_values(backend, sql, values)).await.unwrap();
+    client.shutdown().await.unwrap();
+    assert_eq!(stored(&db, id).await, before, "the held block did not go back");
+}

@@ -1,0 +1,127 @@
+//! Leased rate limits reserve ahead, off the request path (issue 24): a steadily checked key
+//! is answered from units reserved in the background, a key active in a window gets its
+//! next window's first block before it is checked there, and what a process holds unspent
+//! stays within the documented bound.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use apikeys_db::sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, Statement};
+use apikeys_db::{ApiKeyClient, NewKey, RateLimit, RateLimitMode, ValidateOptions, Window};
+
+use crate::common::{TestDb, leave_room, window_rows};
+
+async fn limited_key(client: &ApiKeyClient, limit: RateLimit) -> String {
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let new = NewKey::new("leased").with_rate_limit(limit);
+    client.create_key(org.id, new).await.unwrap().key.expose_secret().to_owned()
+}
+
+/// Checks that write nothing but the rate limit (no usage), so a lock on the window rows is
+/// the only thing a check could wait for.
+fn untracked() -> ValidateOptions {
+    ValidateOptions::new().track_usage(false)
+}
+
+/// Polls until `done` holds on the window rows (at most 10 s: a background reservation
+/// lands within a few milliseconds on an idle machine).
+async fn wait_for_rows(
+    client: &ApiKeyClient,
+    done: impl Fn(&[(i64, i64)]) -> bool,
+) -> Vec<(i64, i64)> {
+    for _ in 0..1_000 {
+        let rows = window_rows(client).await;
+        if done(&rows) {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the window rows never got there: {:?}", window_rows(client).await);
+}
+
+/// Another connection's transaction holding every window row (on SQLite, the database's
+/// write lock): a reservation made meanwhile waits for it and fails after the statement
+/// timeout.
+async fn lock_windows(admin: &ApiKeyClient) -> DatabaseTransaction {
+    let txn = admin.begin().await.unwrap();
+    let backend = txn.get_database_backend();
+    if backend != DbBackend::Sqlite {
+        let sql = "SELECT count FROM rate_limit_windows FOR UPDATE";
+        txn.query_all_raw(Statement::from_string(backend, sql)).await.unwrap();
+    }
+    txn
+}
+
+/// The first check of a key reserves its unit on the request path; the next unit is then
+/// reserved in the background, so the window's count runs one ahead of what was admitted,
+/// and the second check is answered from that unit even while another transaction holds
+/// the window row (a check that went to the database would wait for it and fail).
+pub async fn a_steady_key_is_answered_from_units_reserved_ahead(db: TestDb) {
+    let client = db.client_with(|b| b.rate_limit_mode(RateLimitMode::Leased)).await;
+    let key = limited_key(&client, RateLimit::per_hour(1_000).unwrap()).await;
+    leave_room(&client, Window::Hour, Duration::from_secs(120)).await;
+    client.validate_key(&key, &untracked()).await.unwrap();
+    wait_for_rows(&client, |rows| rows.first().is_some_and(|w| w.1 == 2)).await;
+    let admin = db.client().await;
+    let txn = lock_windows(&admin).await;
+    let second = client.validate_key(&key, &untracked()).await;
+    txn.rollback().await.unwrap();
+    second.unwrap();
+    // The refill the second check started lands once the lock is gone: one unit ahead again.
+    wait_for_rows(&client, |rows| rows.first().is_some_and(|w| w.1 == 3)).await;
+}
+
+/// A key checked twice in a window gets a block of the next window reserved as soon as that
+/// window has begun by the database's clock, before any check is made in it: the next
+/// window's row appears with no check after the first window.
+pub async fn the_next_window_is_reserved_ahead_for_an_active_key(db: TestDb) {
+    let client = db.client_with(|b| b.rate_limit_mode(RateLimitMode::Leased)).await;
+    let key = limited_key(&client, RateLimit::per_second(1_000).unwrap()).await;
+    leave_room(&client, Window::Second, Duration::from_millis(500)).await;
+    for _ in 0..2 {
+        client.validate_key(&key, &untracked()).await.unwrap();
+    }
+    let rows = window_rows(&client).await;
+    let first = rows.first().copied().unwrap();
+    assert_eq!(rows.len(), 1, "both checks in one window: {rows:?}");
+    let rows = wait_for_rows(&client, |rows| rows.iter().any(|w| w.0 > first.0)).await;
+    let next = rows.iter().find(|w| w.0 > first.0).copied().unwrap();
+    assert_eq!(next.0, first.0 + 1_000, "the window right after: {rows:?}");
+    assert!(next.1 >= 1, "a block is reserved in it: {rows:?}");
+}
+
+/// 8 tasks × 100 checks on one leased client, on a key limited to 1 600 an hour (blocks of
+/// at most 100): once the background reservations have landed, the window's count exceeds
+/// what was admitted by at most a block and a half, the documented bound; after shutdown it
+/// is exactly what was admitted.
+pub async fn leased_shortfall_is_bounded(db: TestDb) {
+    let client = db.client_with(|b| b.rate_limit_mode(RateLimitMode::Leased)).await;
+    let key = limited_key(&client, RateLimit::per_hour(1_600).unwrap()).await;
+    leave_room(&client, Window::Hour, Duration::from_secs(120)).await;
+    let mut handles = Vec::new();
+    let barrier = Arc::new(tokio::sync::Barrier::new(8));
+    for _ in 0..8 {
+        let (client, key, barrier) = (client.clone(), key.clone(), Arc::clone(&barrier));
+        handles.push(tokio::spawn(async move {
+            barrier.wait().await;
+            for _ in 0..100 {
+                client.validate_key(&key, &untracked()).await.unwrap();
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    // Settled: the count reads the same three times in a row, 50 ms apart.
+    let mut last = -1;
+    let mut same = 0;
+    while same < 3 {
+        let count = window_rows(&client).await[0].1;
+        same = if count == last { same + 1 } else { 0 };
+        last = count;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!((800..=800 + 150).contains(&last), "held unspent: {} (bound 150)", last - 800);
+    client.shutdown().await.unwrap();
+    assert_eq!(window_rows(&client).await[0].1, 800, "the unspent units went back");
+}
