@@ -62,8 +62,10 @@ impl KeyCache {
         Self::default()
     }
 
-    /// The most keys held (default 100 000); the least recently useful go first. Keys not
-    /// found and product facts have bounds of their own, the same number.
+    /// The room for keys (default 100 000): as many keys whose records take up to 1 KiB
+    /// each, so the keys held take at most about `n` KiB; a key with a larger record (long
+    /// custom metadata) takes the room of one key per KiB. The least recently useful go
+    /// first. Keys not found and product facts have bounds of their own, the same number.
     #[must_use]
     pub fn max_keys(mut self, n: usize) -> Self {
         self.max_keys = n;

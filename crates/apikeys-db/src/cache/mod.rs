@@ -610,6 +610,28 @@ mod tests {
         }
     }
 
+    /// The bound is by weight: a key whose record takes 4 KiB (long custom metadata) takes
+    /// the room of four, so a cache with room for 32 holds at most 8 of them, and a small
+    /// key weighs one.
+    #[test]
+    fn large_records_take_more_room() {
+        let cache = CacheState::new(KeyCache::new().max_keys(32), Duration::ZERO).unwrap();
+        let hasher = hasher();
+        let mut big = record(KeyId::new());
+        big.custom.insert("notes".into(), serde_json::Value::String("x".repeat(3_500)));
+        let big = CachedKey::new(Arc::new(big), None);
+        assert_eq!(big.weight, 4);
+        assert_eq!(key(KeyId::new()).weight, 1);
+        for i in 0..64 {
+            let mut r = record(KeyId::new());
+            r.custom = big.key.custom.clone();
+            let entry = CachedKey::new(Arc::new(r), None);
+            cache.insert(&hasher.hash(&format!("big-{i}")), entry, None, cache.generation());
+        }
+        assert!(cache.keys.len() <= 8, "{} large keys held", cache.keys.len());
+        assert!(cache.keys.weight() <= 32);
+    }
+
     /// While the cache is not serving, a key it holds is read from the database without a
     /// miss turn, one it holds as revoked is refused from memory, and a key it does not hold
     /// waits for a turn.
