@@ -96,7 +96,7 @@ pub use cache::{CacheStats, KeyCache};
 pub use client::{ApiKeyClient, Clock};
 pub use lifecycle::MAX_GRACE;
 pub use rate_limit::RateLimitMode;
-pub use schema::{Migration, Schema};
+pub use schema::{ApiKeysMigration, ApiKeysSchema};
 pub use transaction::InTransaction;
 pub use validate::{ValidateOptions, VerifyOptions};
 
