@@ -63,7 +63,6 @@
 compile_error!("apikeys-db needs at least one database feature: sqlite, postgres or mysql");
 
 mod audit;
-mod bootstrap;
 mod breaker;
 mod builder;
 mod cache;
@@ -75,6 +74,7 @@ mod entity;
 mod error;
 mod feed;
 mod id;
+mod idempotent;
 mod key_admin;
 mod key_list;
 mod lease;
@@ -84,6 +84,9 @@ mod lock;
 mod lookup;
 mod observe;
 mod org_child;
+mod organization;
+mod product;
+mod project;
 mod rate_limit;
 mod schema;
 mod secret_version;
