@@ -8,8 +8,8 @@ use axum::routing::get;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::common::TestDb;
 use crate::support::{Answer, fetch, serve};
+use apikeys_testing::TestDb;
 
 const TOKEN: &str = "admin-token-for-tests";
 
