@@ -418,6 +418,21 @@ async fn errors_and_exit_codes(db: TestDb) {
     // The audit trail's actor: --actor, else cli:$USER.
     write(&cli.path("b.toml"), BOOTSTRAP);
     cli.ok(&["bootstrap", cli.path("b.toml").to_str().unwrap()]);
+    // Bad values for the key are refused by the shared form of a new key (exit 2), naming the
+    // field; nothing is created.
+    for (flags, field) in [
+        (vec!["--owner", " padded"], "owner_id"),
+        (vec!["--credits", "18446744073709551615"], "credits"),
+        (vec!["--credits", "5", "--refill", "daily:0"], "credits"),
+        (vec!["--scope", "a,a"], "scopes"),
+        (vec!["--expires-at", "2001-01-01T00:00:00Z"], "expires_at"),
+    ] {
+        let mut args = vec!["keys", "create", "--org", "acme", "--name", "bad"];
+        args.extend(flags);
+        let err = assert_fails(&cli.run(&args), 2, field);
+        assert!(err.contains(field), "{args:?}: {err}");
+    }
+    assert_eq!(cli.json(&["keys", "list", "--org", "acme"])["items"], serde_json::json!([]));
     for (env, args, actor) in [
         (vec![("USER", "ops")], vec![], "cli:ops"),
         (vec![("USER", "ops")], vec!["--actor", "deploy-bot"], "deploy-bot"),

@@ -32,5 +32,7 @@ apikeys_testing::backend_tests! {
         bad_input_is_a_problem_and_changes_nothing,
         values_that_do_not_parse_are_never_echoed,
         the_openapi_document_describes_every_route,
+        create_takes_every_option_of_new_key,
+        create_refuses_unknown_members_and_bad_values,
     ],
 }
