@@ -1,11 +1,9 @@
 //! The management API: keys, organizations, projects and products over HTTP, with its
 //! OpenAPI document.
 
-use std::time::Duration;
-
 use apikeys_db::core::find_keys;
 use apikeys_db::{
-    ApiKey, ApiKeyClient, Error, KeyId, KeyPage, KeyUpdate, NewKey, OrgId, Organization, Page,
+    ApiKey, ApiKeyClient, Error, KeyId, KeyPage, KeyUpdate, NewKeyInput, OrgId, Organization, Page,
     Product, ProductId, Project, ProjectId, RateLimit, StatusFilter,
 };
 use apikeys_http::{ErrorMapper, Problem};
@@ -18,7 +16,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::Route;
 use axum::{Json, Router};
-use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 use tower::{Layer, Service};
@@ -54,6 +51,12 @@ use crate::auth::problem_response;
 /// that does not parse is named in `field` (`key_id`, `after`, `rate_limit.window`), and
 /// nothing the request sent is repeated, so a key pasted where an id belongs
 /// (`GET /keys/sk_…`) is not echoed back into logs, proxies or the caller's error reports.
+/// A member a body does not take is refused (422) and named in `field` when its name is
+/// shaped like this API's names (`owner`, `credits.refil`); one of any other shape (a key,
+/// a token) is refused without its name.
+///
+/// The body of `POST /orgs/{org_id}/keys` is [`NewKeyInput`](apikeys_db::NewKeyInput): every
+/// option of `NewKey`, owner and credits included.
 ///
 /// ```
 /// use apikeys_axum::ManagementApi;
@@ -196,9 +199,10 @@ impl IntoResponse for ApiError {
 /// `field` naming the part that does not parse when it is known (a path or query parameter,
 /// a body member such as `rate_limit.window` or `scopes[1]`), and a detail that says what
 /// is wrong with it. Neither ever repeats a value of the request: the value given where an
-/// id belongs is most often a key pasted by mistake, and a member or parameter this API
-/// does not take is not named either (its name is the client's text too). axum's own
-/// rejection texts quote values, so they are never used.
+/// id belongs is most often a key pasted by mistake. A member or parameter this API does not
+/// take is named only when its name is shaped like this API's own (lowercase letters and
+/// underscores: a typo such as `owner` for `owner_id`), since its name is the client's text
+/// too. axum's own rejection texts quote values, so they are never used.
 struct BadRequest(Response);
 
 impl IntoResponse for BadRequest {
@@ -253,7 +257,11 @@ impl BadRequest {
                 let detail = format!("the query parameter `{name}` is missing");
                 Self::new(status, Some(name), detail)
             }
-            Some(Member::Unknown(_)) => Self::new(
+            Some(Member::Unknown { path: Some(name), .. }) => {
+                let detail = format!("the query parameter `{name}` is not one this route takes");
+                Self::new(status, Some(name), detail)
+            }
+            Some(Member::Unknown { path: None, .. }) => Self::new(
                 status,
                 None,
                 "the query has a parameter this route does not take".to_owned(),
@@ -278,12 +286,16 @@ impl BadRequest {
                     let detail = format!("the body member `{name}` is missing");
                     return Self::new(status, Some(name), detail);
                 }
-                Some(Member::Unknown(Some(parent))) => {
+                Some(Member::Unknown { path: Some(path), .. }) => {
+                    let detail = format!("the body member `{path}` is not one this request takes");
+                    return Self::new(status, Some(path), detail);
+                }
+                Some(Member::Unknown { parent: Some(parent), path: None }) => {
                     let detail =
                         format!("the body member `{parent}` has a member it does not take");
                     return Self::new(status, Some(parent), detail);
                 }
-                Some(Member::Unknown(None)) => {
+                Some(Member::Unknown { parent: None, path: None }) => {
                     "the body has a member this request does not take".to_owned()
                 }
                 Some(Member::Invalid(None)) | None => {
@@ -329,9 +341,22 @@ enum Member {
     Invalid(Option<String>),
     /// This member is required and absent.
     Missing(String),
-    /// A member the type does not take, inside this one (`None`: at the top). The unknown
-    /// member itself is not named: its name is the client's text, not ours.
-    Unknown(Option<String>),
+    /// A member the type does not take: its full path (`credits.refil`) when its name is
+    /// shaped like the names this API uses ([`member_name_shaped`]), else only the member it
+    /// is inside (`None`: at the top). Its name is the client's text, not ours, so a name of
+    /// any other shape (a key, a token) is not repeated.
+    Unknown { parent: Option<String>, path: Option<String> },
+}
+
+/// Whether the client's name for a member it sent may be repeated in a problem: lowercase
+/// ASCII letters and underscores, starting with a letter, at most 32 characters, like every
+/// member and parameter of this API. A typo (`owner`, `refil`) is named; a key, a token or
+/// anything with a digit, an uppercase letter or punctuation in it is not.
+fn member_name_shaped(name: &str) -> bool {
+    name.len() <= 32
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+        && find_keys(name.as_bytes()).is_empty()
 }
 
 impl Member {
@@ -342,7 +367,9 @@ impl Member {
         // serde's messages for these two name a member: an unknown one (the client's text,
         // also the path's last segment) or a missing one (the type's own field name).
         let unknown = message.starts_with("unknown field `");
-        if unknown && matches!(segments.last(), Some(Segment::Map { .. })) {
+        let mut unknown_name = None;
+        if unknown && let Some(Segment::Map { key }) = segments.last() {
+            unknown_name = Some(key.clone()).filter(|k| member_name_shaped(k));
             segments.pop();
         }
         let missing = message
@@ -370,7 +397,13 @@ impl Member {
         // would be the client's text all the same, so it is left out.
         let path = Some(path).filter(|p| !p.is_empty() && find_keys(p.as_bytes()).is_empty());
         match (unknown, missing, path) {
-            (true, _, parent) => Member::Unknown(parent),
+            (true, _, parent) => {
+                let path = unknown_name.map(|name| match &parent {
+                    Some(parent) => format!("{parent}.{name}"),
+                    None => name,
+                });
+                Member::Unknown { parent, path }
+            }
             (false, Some(_), Some(path)) => Member::Missing(path),
             (false, _, path) => Member::Invalid(path),
         }
@@ -430,69 +463,6 @@ type Answer<T> = Result<T, ApiError>;
 pub struct NameBody {
     /// The unique name (within the organization, for projects and products).
     pub name: String,
-}
-
-/// A key to create. Give at most one of `expires_at`, `expires_in_seconds` and
-/// `never_expires`; with none, the client's default lifetime applies.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateKeyBody {
-    /// The key's display name.
-    pub name: String,
-    /// Narrows the key to a project of the organization.
-    #[serde(default)]
-    pub project_id: Option<ProjectId>,
-    /// Narrows the key to a product of the organization.
-    #[serde(default)]
-    pub product_id: Option<ProductId>,
-    /// The scopes the key holds.
-    #[serde(default)]
-    pub scopes: Vec<String>,
-    /// The key's rate limit.
-    #[serde(default)]
-    pub rate_limit: Option<RateLimit>,
-    /// Custom metadata: a JSON object.
-    #[serde(default)]
-    #[schema(value_type = Option<Object>)]
-    pub custom: Option<Value>,
-    /// When the key expires.
-    #[serde(default)]
-    pub expires_at: Option<DateTime<Utc>>,
-    /// How long after creation the key expires.
-    #[serde(default)]
-    #[schema(minimum = 1)]
-    pub expires_in_seconds: Option<u64>,
-    /// The key never expires.
-    #[serde(default)]
-    pub never_expires: bool,
-}
-
-impl CreateKeyBody {
-    fn into_new_key(self) -> Result<NewKey, Error> {
-        let mut key = NewKey::new(self.name).with_scopes(self.scopes);
-        if let Some(project) = self.project_id {
-            key = key.with_project(project);
-        }
-        if let Some(product) = self.product_id {
-            key = key.with_product(product);
-        }
-        if let Some(limit) = self.rate_limit {
-            key = key.with_rate_limit(limit);
-        }
-        if let Some(custom) = self.custom {
-            key = key.with_custom(custom);
-        }
-        match (self.expires_at, self.expires_in_seconds, self.never_expires) {
-            (None, None, false) => Ok(key),
-            (Some(at), None, false) => Ok(key.expires_at(at)),
-            (None, Some(seconds), false) => Ok(key.expires_after(Duration::from_secs(seconds))),
-            (None, None, true) => Ok(key.never_expires()),
-            _ => Err(Error::invalid_input(
-                "expires_at",
-                "give at most one of expires_at, expires_in_seconds and never_expires",
-            )),
-        }
-    }
 }
 
 /// A newly created key: the plaintext, shown in this answer only, and the stored record.
@@ -749,14 +719,17 @@ async fn list_project_products(
     Ok(Json(c.list_project_products(project).await?))
 }
 
-/// Creates a key. The answer holds the plaintext key, which is not stored and cannot be
-/// shown again; it is marked `Cache-Control: no-store`.
-#[utoipa::path(post, path = "/orgs/{org_id}/keys", tag = "keys", params(("org_id" = OrgId, Path)), request_body = CreateKeyBody,
+/// Creates a key with any option of `NewKey`: project, product, scopes, rate limit, custom
+/// metadata, owner, credits (with their refill) and expiry (`expires_at`,
+/// `expires_in_seconds` or `never_expires`; none: the client's default lifetime). Members it
+/// does not know are refused. The answer holds the plaintext key, which is not stored and
+/// cannot be shown again; it is marked `Cache-Control: no-store`.
+#[utoipa::path(post, path = "/orgs/{org_id}/keys", tag = "keys", params(("org_id" = OrgId, Path)), request_body = NewKeyInput,
     responses((status = 201, body = CreatedKey), Failures))]
 async fn create_key(
     State(c): State<ApiKeyClient>,
     ApiPath(org): ApiPath<OrgId>,
-    ApiJson(body): ApiJson<CreateKeyBody>,
+    ApiJson(body): ApiJson<NewKeyInput>,
 ) -> Answer<Response> {
     let issued = c.create_key(org, body.into_new_key()?).await?;
     let created = CreatedKey { key: issued.key.expose_secret().to_owned(), record: issued.record };

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use apikeys_db::{ApiKeyClient, Schema};
+use apikeys_db::{ApiKeyClient, ApiKeysSchema};
 
 use crate::args::ConnectionArgs;
 use crate::failure::Failure;
@@ -17,8 +17,8 @@ fn database_url(args: &ConnectionArgs) -> Result<&str, Failure> {
 }
 
 /// The schema of the configured database (no signing secret needed).
-pub async fn schema(args: &ConnectionArgs) -> Result<Schema, Failure> {
-    Ok(Schema::connect(database_url(args)?).await?)
+pub async fn schema(args: &ConnectionArgs) -> Result<ApiKeysSchema, Failure> {
+    Ok(ApiKeysSchema::connect(database_url(args)?).await?)
 }
 
 /// A secret from the environment variable `var` or the file `file` (exactly one).

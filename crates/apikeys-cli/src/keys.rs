@@ -3,7 +3,7 @@
 use std::io::Read;
 
 use apikeys_db::{
-    ApiKey, ApiKeyClient, Credits, Error, KeyId, KeyPage, KeyUpdate, NewKey, Page, Refill,
+    ApiKey, ApiKeyClient, Credits, Error, KeyId, KeyPage, KeyUpdate, NewKeyInput, Page, Refill,
     StatusFilter, ValidateOptions, VerifyOptions,
 };
 use chrono::Utc;
@@ -105,33 +105,33 @@ fn credits(balance: u64, refill: Option<Refill>) -> Credits {
     }
 }
 
+/// `keys create`: the flags, names resolved to ids, fill the shared form of a new key
+/// ([`NewKeyInput`], the management API's body too), which turns them into a `NewKey`.
 async fn create(client: &ApiKeyClient, a: CreateArgs, out: &Out) -> Result<(), Failure> {
     let org = records::org(client, &a.org).await?;
-    let mut new = NewKey::new(a.name).with_scopes(a.scopes);
+    let mut input = NewKeyInput::new(a.name);
+    input.scopes = a.scopes;
     if let Some(name) = &a.project {
-        new = new.with_project(records::project(client, &org, name).await?.id);
+        input.project_id = Some(records::project(client, &org, name).await?.id);
     }
     if let Some(name) = &a.product {
-        new = new.with_product(records::product(client, &org, name).await?.id);
+        input.product_id = Some(records::product(client, &org, name).await?.id);
     }
-    if let Some(limit) = a.rate_limit {
-        new = new.with_rate_limit(limit);
+    input.rate_limit = a.rate_limit;
+    // The command line's default is never; a lifetime counts whole seconds, rounded up.
+    match (a.expires_in, a.expires_at) {
+        (Some(d), _) => {
+            input.expires_in_seconds = Some(d.as_secs() + u64::from(d.subsec_nanos() > 0))
+        }
+        (None, Some(t)) => input.expires_at = Some(t),
+        (None, None) => input.never_expires = true,
     }
-    new = match (a.expires_in, a.expires_at) {
-        (Some(d), _) => new.expires_after(d),
-        (None, Some(t)) => new.expires_at(t),
-        (None, None) => new.never_expires(),
-    };
     if !a.meta.is_empty() {
-        new = new.with_custom(metadata(&a.meta)?);
+        input.custom = Some(metadata(&a.meta)?);
     }
-    if let Some(owner) = a.owner {
-        new = new.with_owner(owner);
-    }
-    if let Some(balance) = a.credits {
-        new = new.with_credits(credits(balance, a.refill));
-    }
-    let issued = client.create_key(org.id, new).await?;
+    input.owner_id = a.owner;
+    input.credits = a.credits.map(|balance| credits(balance, a.refill));
+    let issued = client.create_key(org.id, input.into_new_key()?).await?;
     out.issued(&issued, "created")
 }
 

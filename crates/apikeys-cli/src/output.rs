@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use apikeys_db::{ApiKey, IssuedKey, KeyEvent, Migration};
+use apikeys_db::{ApiKey, ApiKeysMigration, IssuedKey, KeyEvent};
 use chrono::{DateTime, SecondsFormat, Utc};
 use comfy_table::{ContentArrangement, Table, presets};
 use serde::Serialize;
@@ -205,7 +205,7 @@ impl Out {
     }
 
     /// `migrate status`.
-    pub fn migration_status(&self, all: &[Migration]) -> Result<(), Failure> {
+    pub fn migration_status(&self, all: &[ApiKeysMigration]) -> Result<(), Failure> {
         if self.json {
             let items: Vec<Value> =
                 all.iter().map(|m| json!({ "name": m.name, "applied": m.applied })).collect();

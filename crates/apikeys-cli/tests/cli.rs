@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use apikeys_db::sea_orm::{ConnectionTrait, Database};
+use apikeys_testing::TestDb;
 use serde_json::Value;
 
 const SECRET: &str = "cli-test-signing-secret-0123456789-abcdefgh";
@@ -37,37 +37,19 @@ struct Cli {
     url: String,
     dir: tempfile::TempDir,
     env: Vec<(String, String)>,
+    /// Keeps the test's database until the test ends (dropped then, also after a panic).
+    _db: TestDb,
 }
 
 impl Cli {
-    async fn new(backend: &str) -> Self {
+    fn new(db: TestDb) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let url = match backend {
-            "sqlite" => format!("sqlite://{}", dir.path().join("cli.db").display()),
-            _ => {
-                let var = format!("APIKEYS_TEST_{}_URL", backend.to_uppercase());
-                let admin_url = std::env::var(&var).unwrap_or_else(|_| {
-                    panic!("{var} is unset, but the {backend} feature is on: set it (scripts/test-all does)")
-                });
-                let name =
-                    format!("apikeys_cli_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-                let admin = Database::connect(&admin_url).await.expect("connect as admin");
-                let sql = if backend == "postgres" {
-                    format!("CREATE DATABASE \"{name}\"")
-                } else {
-                    format!("CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-                };
-                admin.execute_unprepared(&sql).await.expect("create database");
-                admin.close().await.ok();
-                let base = admin_url.rsplit_once('/').map_or(admin_url.as_str(), |(b, _)| b);
-                format!("{base}/{name}")
-            }
-        };
+        let url = db.url.clone();
         let env = vec![
             ("DATABASE_URL".to_owned(), url.clone()),
             ("APIKEYS_SIGNING_SECRET".to_owned(), SECRET.to_owned()),
         ];
-        Self { url, dir, env }
+        Self { url, dir, env, _db: db }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -145,8 +127,8 @@ fn write(path: &Path, text: &str) {
     std::fs::write(path, text).expect("write file");
 }
 
-async fn bootstrap_twice(backend: &str) {
-    let cli = Cli::new(backend).await;
+async fn bootstrap_twice(db: TestDb) {
+    let cli = Cli::new(db);
     let status = cli.json(&["migrate", "status"]);
     assert!(status.as_array().unwrap().iter().all(|m| m["applied"] == false));
     assert!(cli.ok(&["migrate", "up"]).contains("applied m20261123_000001_create_tables"));
@@ -214,8 +196,8 @@ async fn bootstrap_twice(backend: &str) {
 
 /// Several deploy jobs at once: `migrate up` and `bootstrap` from four processes each on a
 /// fresh database. All succeed, each change is made exactly once, and a later run has none.
-async fn concurrent_deploys(backend: &str) {
-    let cli = Cli::new(backend).await;
+async fn concurrent_deploys(db: TestDb) {
+    let cli = Cli::new(db);
     let file = cli.path("bootstrap.toml");
     write(&file, BOOTSTRAP);
     let file = file.to_str().unwrap().to_owned();
@@ -248,8 +230,8 @@ async fn concurrent_deploys(backend: &str) {
     assert_eq!(cli.ok(&["bootstrap", &file]), "no changes\n");
 }
 
-async fn key_lifecycle(backend: &str) {
-    let cli = Cli::new(backend).await;
+async fn key_lifecycle(db: TestDb) {
+    let cli = Cli::new(db);
     cli.ok(&["migrate", "up"]);
     let file = cli.path("bootstrap.toml");
     write(&file, BOOTSTRAP);
@@ -380,8 +362,8 @@ async fn key_lifecycle(backend: &str) {
     assert_fails(&cli.verify(&new_key, &[]), 2, "deleted key verifies no more");
 }
 
-async fn errors_and_exit_codes(backend: &str) {
-    let cli = Cli::new(backend).await;
+async fn errors_and_exit_codes(db: TestDb) {
+    let cli = Cli::new(db);
     cli.ok(&["migrate", "up"]);
     // Usage: a bad flag value, a missing argument, no secret, no database (exit 1).
     let bad_limit =
@@ -436,6 +418,21 @@ async fn errors_and_exit_codes(backend: &str) {
     // The audit trail's actor: --actor, else cli:$USER.
     write(&cli.path("b.toml"), BOOTSTRAP);
     cli.ok(&["bootstrap", cli.path("b.toml").to_str().unwrap()]);
+    // Bad values for the key are refused by the shared form of a new key (exit 2), naming the
+    // field; nothing is created.
+    for (flags, field) in [
+        (vec!["--owner", " padded"], "owner_id"),
+        (vec!["--credits", "18446744073709551615"], "credits"),
+        (vec!["--credits", "5", "--refill", "daily:0"], "credits"),
+        (vec!["--scope", "a,a"], "scopes"),
+        (vec!["--expires-at", "2001-01-01T00:00:00Z"], "expires_at"),
+    ] {
+        let mut args = vec!["keys", "create", "--org", "acme", "--name", "bad"];
+        args.extend(flags);
+        let err = assert_fails(&cli.run(&args), 2, field);
+        assert!(err.contains(field), "{args:?}: {err}");
+    }
+    assert_eq!(cli.json(&["keys", "list", "--org", "acme"])["items"], serde_json::json!([]));
     for (env, args, actor) in [
         (vec![("USER", "ops")], vec![], "cli:ops"),
         (vec![("USER", "ops")], vec!["--actor", "deploy-bot"], "deploy-bot"),
@@ -448,8 +445,8 @@ async fn errors_and_exit_codes(backend: &str) {
     }
 }
 
-async fn rehash_pass(backend: &str) {
-    let cli = Cli::new(backend).await;
+async fn rehash_pass(db: TestDb) {
+    let cli = Cli::new(db);
     cli.ok(&["migrate", "up"]);
     cli.ok(&[
         "bootstrap",
@@ -507,8 +504,8 @@ async fn rehash_pass(backend: &str) {
 /// flag value belongs, as an unknown subcommand or an unexpected argument, or positionally
 /// to `keys verify`, is refused without being echoed, by our messages and by clap's alike.
 /// Both a key of this store and one of another format (any prefix is recognised) are tried.
-async fn keys_are_never_echoed(backend: &str) {
-    let cli = Cli::new(backend).await;
+async fn keys_are_never_echoed(db: TestDb) {
+    let cli = Cli::new(db);
     cli.ok(&["migrate", "up"]);
     write(&cli.path("b.toml"), BOOTSTRAP);
     cli.ok(&["bootstrap", cli.path("b.toml").to_str().unwrap()]);
@@ -590,41 +587,14 @@ async fn keys_are_never_echoed(backend: &str) {
     assert_eq!(code(&cli.verify(&key, &[])), 0);
 }
 
-macro_rules! backend_tests {
-    ($backend:ident, $feature:literal) => {
-        #[cfg(feature = $feature)]
-        mod $backend {
-            #[tokio::test]
-            async fn bootstrap_twice() {
-                super::bootstrap_twice($feature).await;
-            }
-            #[tokio::test]
-            async fn concurrent_deploys() {
-                super::concurrent_deploys($feature).await;
-            }
-            #[tokio::test]
-            async fn key_lifecycle() {
-                super::key_lifecycle($feature).await;
-            }
-            #[tokio::test]
-            async fn errors_and_exit_codes() {
-                super::errors_and_exit_codes($feature).await;
-            }
-            #[tokio::test]
-            async fn rehash_pass() {
-                super::rehash_pass($feature).await;
-            }
-            #[tokio::test]
-            async fn keys_are_never_echoed() {
-                super::keys_are_never_echoed($feature).await;
-            }
-        }
-    };
-}
-
-backend_tests!(sqlite, "sqlite");
-backend_tests!(postgres, "postgres");
-backend_tests!(mysql, "mysql");
+apikeys_testing::backend_tests!([
+    bootstrap_twice,
+    concurrent_deploys,
+    key_lifecycle,
+    errors_and_exit_codes,
+    rehash_pass,
+    keys_are_never_echoed,
+]);
 
 /// `redact` needs no database: keys in, hints out, the rest untouched.
 #[test]

@@ -21,6 +21,7 @@ pub const MAX_CREDITS: u64 = i64::MAX as u64;
 ///
 /// [`validate_key`]: https://docs.rs/apikeys-db/latest/apikeys_db/struct.ApiKeyClient.html#method.validate_key
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub struct Credits {
     /// Credits left.
@@ -66,6 +67,7 @@ impl Credits {
 /// balance is **set** to `amount` (not added to), once per period whatever the number of
 /// replicas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub struct Refill {
     /// The balance after a refill.

@@ -111,6 +111,7 @@ impl FromStr for Window {
 
 /// At most `requests` requests per `window`, per key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub struct RateLimit {
     /// Requests admitted per window (at least 1).

@@ -13,9 +13,8 @@
     missing_docs
 )]
 
-#[path = "../tests/suite/common/mod.rs"]
-#[allow(dead_code, unused_imports, unused_macros)]
-mod common;
+// The shared test support (a fresh database per backend, dropped afterwards).
+use apikeys_testing as common;
 
 use std::alloc::System;
 use std::time::Duration;

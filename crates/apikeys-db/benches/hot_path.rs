@@ -18,9 +18,8 @@
     missing_docs
 )]
 
-#[path = "../tests/suite/common/mod.rs"]
-#[allow(dead_code, unused_imports, unused_macros)]
-mod common;
+// The shared test support (a fresh database per backend, dropped afterwards).
+use apikeys_testing as common;
 
 #[path = "hot_path/cached.rs"]
 mod cached;
@@ -345,7 +344,7 @@ fn main() {
     }
     let mut c = c.configure_from_args();
     let mut ratios = Vec::new();
-    for backend in Backend::compiled_in() {
+    for backend in apikeys_testing::compiled_backends!() {
         let f = rt.block_on(fixture(backend));
         let cc = rt.block_on(cached::cached(&f));
         let name = format!("{backend:?}").to_lowercase();

@@ -63,7 +63,6 @@
 compile_error!("apikeys-db needs at least one database feature: sqlite, postgres or mysql");
 
 mod audit;
-mod bootstrap;
 mod breaker;
 mod builder;
 mod cache;
@@ -76,6 +75,7 @@ mod entity;
 mod error;
 mod feed;
 mod id;
+mod idempotent;
 mod key_admin;
 mod key_list;
 mod lifecycle;
@@ -84,6 +84,9 @@ mod lock;
 mod lookup;
 mod observe;
 mod org_child;
+mod organization;
+mod product;
+mod project;
 mod rate_limit;
 mod schema;
 mod secret_version;
@@ -98,16 +101,16 @@ pub use clock::Clock;
 pub use credits::CreditMode;
 pub use lifecycle::MAX_GRACE;
 pub use rate_limit::RateLimitMode;
-pub use schema::{Migration, Schema};
+pub use schema::{ApiKeysMigration, ApiKeysSchema};
 pub use transaction::InTransaction;
 pub use validate::{ValidateOptions, VerifyOptions};
 
 #[doc(inline)]
 pub use apikeys_core::{
     ApiKey, Credits, Error, Expiry, IssuedKey, KeyAction, KeyEvent, KeyFormat, KeyId, KeyPage,
-    KeyStatus, KeyUpdate, NewKey, OrgId, Organization, Page, PlaintextKey, Product, ProductId,
-    Project, ProjectId, RateLimit, RecordId, RecordKind, Refill, RefillInterval, Result, Scope,
-    Scopes, SigningSecret, StatusFilter, Window,
+    KeyStatus, KeyUpdate, NewKey, NewKeyInput, OrgId, Organization, Page, PlaintextKey, Product,
+    ProductId, Project, ProjectId, RateLimit, RecordId, RecordKind, Refill, RefillInterval, Result,
+    Scope, Scopes, SigningSecret, StatusFilter, Window,
 };
 
 /// The domain crate, `apikeys-core`, whole: input bounds ([`core::limits`]) and the building

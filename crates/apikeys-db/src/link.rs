@@ -7,12 +7,12 @@ use sea_orm::{
     QueryOrder,
 };
 
-use crate::bootstrap::insert_unique;
 use crate::client::ApiKeyClient;
 use crate::convert::naive;
 use crate::entity::{product, project_product};
 use crate::error::{is_missing_parent, storage};
 use crate::feed::Change;
+use crate::idempotent::insert_unique;
 use crate::org_child::get_child_on;
 
 impl ApiKeyClient {

@@ -1,11 +1,10 @@
-//! Projects and products: the same shape (an organization, a name unique in it, a creation
-//! time), so their operations are written once, generically over [`OrgChild`], and each
-//! public method is a plain one-line call.
+//! What projects and products share: each belongs to one organization and has a name unique
+//! in it, so their operations are written once here, generically over [`OrgChild`], and
+//! [`project`](crate::project) and [`product`](crate::product) each implement the trait and
+//! make every public method a plain one-line call.
 
 use apikeys_core::hazmat::validate_name;
-use apikeys_core::{
-    Error, KeyAction, OrgId, Product, ProductId, Project, ProjectId, RecordId, Result,
-};
+use apikeys_core::{Error, KeyAction, OrgId, RecordId, Result};
 use chrono::NaiveDateTime;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel, QueryFilter, QueryOrder,
@@ -13,11 +12,10 @@ use sea_orm::{
 use uuid::Uuid;
 
 use crate::audit::Subject;
-use crate::bootstrap::{Read, VANISHED_RETRIES, insert_unique};
 use crate::client::ApiKeyClient;
 use crate::convert::naive;
-use crate::entity::{product, project};
 use crate::error::{Vanished, missing_parent, storage};
+use crate::idempotent::{Read, VANISHED_RETRIES, insert_unique};
 
 /// A record that belongs to one organization and whose name is unique in it.
 pub(crate) trait OrgChild: From<Self::Row> {
@@ -43,153 +41,7 @@ pub(crate) trait OrgChild: From<Self::Row> {
     fn created(&self, org: OrgId) -> (KeyAction, Subject);
 }
 
-impl OrgChild for Project {
-    type Table = project::Entity;
-    type Row = project::Model;
-    type Id = ProjectId;
-    const LABEL: &'static str = "project";
-    fn id_column() -> project::Column {
-        project::Column::Id
-    }
-    fn org_column() -> project::Column {
-        project::Column::OrgId
-    }
-    fn name_column() -> project::Column {
-        project::Column::Name
-    }
-    fn row(id: Uuid, org: OrgId, name: &str, created_at: NaiveDateTime) -> project::Model {
-        project::Model { id, org_id: org.as_uuid(), name: name.to_owned(), created_at }
-    }
-    fn id(&self) -> ProjectId {
-        self.id
-    }
-    fn created(&self, org: OrgId) -> (KeyAction, Subject) {
-        let subject = Subject { project: Some(self.id), ..Subject::org(org) };
-        (KeyAction::ProjectCreated, subject)
-    }
-}
-
-impl OrgChild for Product {
-    type Table = product::Entity;
-    type Row = product::Model;
-    type Id = ProductId;
-    const LABEL: &'static str = "product";
-    fn id_column() -> product::Column {
-        product::Column::Id
-    }
-    fn org_column() -> product::Column {
-        product::Column::OrgId
-    }
-    fn name_column() -> product::Column {
-        product::Column::Name
-    }
-    fn row(id: Uuid, org: OrgId, name: &str, created_at: NaiveDateTime) -> product::Model {
-        product::Model { id, org_id: org.as_uuid(), name: name.to_owned(), created_at }
-    }
-    fn id(&self) -> ProductId {
-        self.id
-    }
-    fn created(&self, org: OrgId) -> (KeyAction, Subject) {
-        let subject = Subject { product: Some(self.id), ..Subject::org(org) };
-        (KeyAction::ProductCreated, subject)
-    }
-}
-
 impl ApiKeyClient {
-    /// Returns the project named `name` in `org`, creating it if it does not exist; the flag
-    /// says whether this call created it. Race-safe like
-    /// [`get_or_create_organization`](Self::get_or_create_organization).
-    ///
-    /// # Errors
-    /// [`Error::InvalidInput`] (field `name`); [`Error::NotFound`] if the organization does
-    /// not exist; [`Error::Storage`].
-    pub async fn get_or_create_project(&self, org: OrgId, name: &str) -> Result<(Project, bool)> {
-        validate_name("name", name)?;
-        self.in_transaction(async |txn| self.get_or_create_child_on(txn, org, name).await).await
-    }
-
-    /// Returns the product named `name` in `org`, creating it if it does not exist; the flag
-    /// says whether this call created it. Race-safe like
-    /// [`get_or_create_organization`](Self::get_or_create_organization).
-    ///
-    /// # Errors
-    /// [`Error::InvalidInput`] (field `name`); [`Error::NotFound`] if the organization does
-    /// not exist; [`Error::Storage`].
-    pub async fn get_or_create_product(&self, org: OrgId, name: &str) -> Result<(Product, bool)> {
-        validate_name("name", name)?;
-        self.in_transaction(async |txn| self.get_or_create_child_on(txn, org, name).await).await
-    }
-
-    /// Creates a project in `org`.
-    ///
-    /// # Errors
-    /// [`Error::AlreadyExists`] with the existing project's id if the name is taken in the
-    /// organization; [`Error::InvalidInput`] (field `name`); [`Error::NotFound`] if the
-    /// organization does not exist; [`Error::Storage`].
-    pub async fn create_project(&self, org: OrgId, name: &str) -> Result<Project> {
-        validate_name("name", name)?;
-        self.in_transaction(async |txn| self.create_child_on(txn, org, name).await).await
-    }
-
-    /// Creates a product in `org`.
-    ///
-    /// # Errors
-    /// [`Error::AlreadyExists`] with the existing product's id if the name is taken in the
-    /// organization; [`Error::InvalidInput`] (field `name`); [`Error::NotFound`] if the
-    /// organization does not exist; [`Error::Storage`].
-    pub async fn create_product(&self, org: OrgId, name: &str) -> Result<Product> {
-        validate_name("name", name)?;
-        self.in_transaction(async |txn| self.create_child_on(txn, org, name).await).await
-    }
-
-    /// The project with this id.
-    ///
-    /// # Errors
-    /// [`Error::NotFound`]; [`Error::Storage`].
-    pub async fn get_project(&self, id: ProjectId) -> Result<Project> {
-        get_child_on(self.db(), id).await
-    }
-
-    /// The product with this id.
-    ///
-    /// # Errors
-    /// [`Error::NotFound`]; [`Error::Storage`].
-    pub async fn get_product(&self, id: ProductId) -> Result<Product> {
-        get_child_on(self.db(), id).await
-    }
-
-    /// The project with this exact name in `org`, if any.
-    ///
-    /// # Errors
-    /// [`Error::Storage`].
-    pub async fn find_project(&self, org: OrgId, name: &str) -> Result<Option<Project>> {
-        find_child_on(self.db(), org, name, Read::Plain).await
-    }
-
-    /// The product with this exact name in `org`, if any.
-    ///
-    /// # Errors
-    /// [`Error::Storage`].
-    pub async fn find_product(&self, org: OrgId, name: &str) -> Result<Option<Product>> {
-        find_child_on(self.db(), org, name, Read::Plain).await
-    }
-
-    /// Every project of `org`, by name.
-    ///
-    /// # Errors
-    /// [`Error::Storage`].
-    pub async fn list_projects(&self, org: OrgId) -> Result<Vec<Project>> {
-        self.list_children(org).await
-    }
-
-    /// Every product of `org`, by name.
-    ///
-    /// # Errors
-    /// [`Error::Storage`].
-    pub async fn list_products(&self, org: OrgId) -> Result<Vec<Product>> {
-        self.list_children(org).await
-    }
-
     /// `get_or_create_project` / `get_or_create_product` on `conn`.
     pub(crate) async fn get_or_create_child_on<T: OrgChild, C: ConnectionTrait>(
         &self,
@@ -247,7 +99,7 @@ impl ApiKeyClient {
         }
     }
 
-    async fn list_children<T: OrgChild>(&self, org: OrgId) -> Result<Vec<T>> {
+    pub(crate) async fn list_children<T: OrgChild>(&self, org: OrgId) -> Result<Vec<T>> {
         Ok(T::Table::find()
             .filter(T::org_column().eq(org.as_uuid()))
             .order_by_asc(T::name_column())
@@ -260,7 +112,7 @@ impl ApiKeyClient {
     }
 }
 
-async fn find_child_on<T: OrgChild, C: ConnectionTrait>(
+pub(crate) async fn find_child_on<T: OrgChild, C: ConnectionTrait>(
     conn: &C,
     org: OrgId,
     name: &str,

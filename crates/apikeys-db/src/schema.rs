@@ -1,4 +1,4 @@
-//! The schema's migrations without a client: [`Schema`] is for deploy tooling (the `apikeys`
+//! The schema's migrations without a client: [`ApiKeysSchema`] is for deploy tooling (the `apikeys`
 //! CLI's `migrate`) that runs migrations and holds no signing secret. The locked migration
 //! itself is shared with [`ApiKeyClient::create_tables`](crate::ApiKeyClient::create_tables).
 
@@ -22,7 +22,7 @@ const MIGRATION_LOCK_ID: i64 = 0x6170_696b_6579_7300;
 const MIGRATION_LOCK_NAME: &str = "apikeys_migrations";
 /// How long a MySQL migration waits for another process's lock, in seconds.
 const MIGRATION_LOCK_WAIT_SECS: u32 = 60;
-/// The statement timeout of [`Schema`]'s connection: a migration may rewrite a large table,
+/// The statement timeout of [`ApiKeysSchema`]'s connection: a migration may rewrite a large table,
 /// and waits up to a minute for the lock, so the hot path's few seconds do not fit it.
 const SCHEMA_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
@@ -72,9 +72,13 @@ pub(crate) async fn migrate_locked(txn: DatabaseTransaction) -> Result<Vec<Strin
     Ok(applied)
 }
 
-/// One migration of the schema and whether the database has it.
+/// One migration of the apikeys schema and whether the database has it, as
+/// [`ApiKeysSchema::status`] lists them.
+///
+/// Named for apikeys so that it can be imported beside sea-orm-migration's `Migration` and
+/// `MigrationStatus`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Migration {
+pub struct ApiKeysMigration {
     /// The migration's name, for instance `m20261123_000001_create_tables`.
     pub name: String,
     /// Whether the database has it applied.
@@ -89,10 +93,12 @@ pub struct Migration {
 /// them may run at once, from any number of processes: one applies, the others find nothing
 /// left to do.
 ///
+/// Named for apikeys so that it can be imported beside `sea_orm::Schema`.
+///
 /// ```
 /// # #[tokio::main]
 /// # async fn main() -> apikeys_db::Result<()> {
-/// let schema = apikeys_db::Schema::connect("sqlite::memory:").await?;
+/// let schema = apikeys_db::ApiKeysSchema::connect("sqlite::memory:").await?;
 /// assert!(schema.status().await?.iter().all(|m| !m.applied));
 /// let applied = schema.up().await?;
 /// assert!(!applied.is_empty());
@@ -101,17 +107,17 @@ pub struct Migration {
 /// # Ok(())
 /// # }
 /// ```
-pub struct Schema {
+pub struct ApiKeysSchema {
     db: DatabaseConnection,
 }
 
-impl fmt::Debug for Schema {
+impl fmt::Debug for ApiKeysSchema {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Schema").field("backend", &self.db.get_database_backend()).finish()
+        f.debug_struct("ApiKeysSchema").field("backend", &self.db.get_database_backend()).finish()
     }
 }
 
-impl Schema {
+impl ApiKeysSchema {
     /// Connects to the database at `url` (the URLs [`ClientBuilder::database_url`] takes,
     /// checked the same way) with a statement timeout long enough for migrations.
     ///
@@ -139,14 +145,17 @@ impl Schema {
     /// # Errors
     /// [`Error::Storage`] if the database cannot be read, or has applied a migration this
     /// build does not know (it was migrated by a newer release).
-    pub async fn status(&self) -> Result<Vec<Migration>> {
+    pub async fn status(&self) -> Result<Vec<ApiKeysMigration>> {
         let pending = migration::Migrator::get_pending_migrations_read_only(&self.db)
             .await
             .map_err(storage)?;
         let pending: Vec<&str> = pending.iter().map(|m| m.name()).collect();
         Ok(migration::Migrator::migrations()
             .iter()
-            .map(|m| Migration { name: m.name().to_owned(), applied: !pending.contains(&m.name()) })
+            .map(|m| ApiKeysMigration {
+                name: m.name().to_owned(),
+                applied: !pending.contains(&m.name()),
+            })
             .collect())
     }
 

@@ -14,17 +14,13 @@
 //! change B refused.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
 
-#[path = "suite/common/mod.rs"]
-#[allow(dead_code, unused_imports, unused_macros)]
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use apikeys_db::{ApiKeyClient, Error, KeyCache, KeyUpdate, NewKey, ProductId, ValidateOptions};
-use common::{SECRET, TestDb};
+use apikeys_testing::{SECRET, TestDb};
 
 /// B's staleness bound.
 const BOUND: Duration = Duration::from_millis(500);
@@ -39,7 +35,13 @@ async fn main() {
         return worker().await;
     }
     let cases = [("cache_staleness_across_processes", ())];
-    common::run_cases("cache_processes", &cases, |(), db| across_processes(db)).await;
+    apikeys_testing::run_cases(
+        &apikeys_testing::compiled_backends!(),
+        "cache_processes",
+        &cases,
+        |(), db| across_processes(db),
+    )
+    .await;
 }
 
 fn wall_ms() -> i64 {

@@ -19,18 +19,14 @@
 //! worst delay between such a change and the last check that still passed.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
 
-#[path = "suite/common/mod.rs"]
-#[allow(dead_code, unused_imports, unused_macros)]
-mod common;
-
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use apikeys_db::{ApiKeyClient, Error, KeyCache, KeyId, KeyUpdate, NewKey, ValidateOptions};
+use apikeys_testing::{SECRET, TestDb};
 use chrono::{TimeDelta, Utc};
-use common::{SECRET, TestDb};
 
 /// The replicas' staleness bound.
 const BOUND: Duration = Duration::from_millis(500);
@@ -52,7 +48,13 @@ async fn main() {
         return worker().await;
     }
     let cases = [("cache_invariant_under_churn_and_changes", ())];
-    common::run_cases("cache_stress", &cases, |(), db| stress(db)).await;
+    apikeys_testing::run_cases(
+        &apikeys_testing::compiled_backends!(),
+        "cache_stress",
+        &cases,
+        |(), db| stress(db),
+    )
+    .await;
 }
 
 fn wall_ms() -> i64 {

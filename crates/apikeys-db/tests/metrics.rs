@@ -8,10 +8,6 @@
 //! its own.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "suite/common/mod.rs"]
-#[allow(dead_code, unused_imports, unused_macros)]
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -21,7 +17,7 @@ use apikeys_db::{
 use chrono::TimeDelta;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 
-use common::{Backend, TestClock, TestDb, at};
+use apikeys_testing::{TestClock, TestDb, at};
 
 /// What one snapshot holds.
 #[derive(Default)]
@@ -74,7 +70,7 @@ async fn every_outcome_is_counted_and_timed() {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     recorder.install().expect("the only recorder of this binary");
-    for backend in Backend::compiled_in() {
+    for backend in apikeys_testing::compiled_backends!() {
         let db = TestDb::new(backend, "metrics").await;
         let clock = TestClock::at(at("2026-11-24T10:00:00Z"));
         let client = db.client_with(|b| b.clock(clock.as_fn())).await;

@@ -32,16 +32,12 @@
 //!   `Ok`, `InvalidKey`, `Revoked` or `NotFound`, never `Storage`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
 
-#[path = "suite/common/mod.rs"]
-#[allow(dead_code, unused_imports, unused_macros)]
-mod common;
-
 use std::collections::BTreeSet;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use apikeys_db::{ApiKeyClient, NewKey, RateLimit};
-use common::{SECRET, TestDb};
+use apikeys_testing::{SECRET, TestDb};
 
 const PROCESSES: usize = 4;
 const BOOTSTRAP_TASKS: usize = 16;
@@ -76,7 +72,13 @@ async fn main() {
         ("credits_across_processes", Scenario::Credits),
         ("leased_credits_across_skewed_processes", Scenario::LeasedCredits),
     ];
-    common::run_cases("multiprocess", &cases, Scenario::run).await;
+    apikeys_testing::run_cases(
+        &apikeys_testing::compiled_backends!(),
+        "multiprocess",
+        &cases,
+        Scenario::run,
+    )
+    .await;
 }
 
 #[derive(Clone, Copy)]
@@ -235,7 +237,7 @@ async fn hammer_across_processes(
     let key = client.create_key(org.id, new).await.unwrap().key.expose_secret().to_owned();
     // Workers start 2 s from now and take a few seconds at most: leave them 25 s of the
     // database's current minute, so exactly one window is in play.
-    common::leave_room(&client, apikeys_db::Window::Minute, Duration::from_secs(25)).await;
+    apikeys_testing::leave_room(&client, apikeys_db::Window::Minute, Duration::from_secs(25)).await;
     let env = [
         ("APIKEYS_WORKER_KEY", key),
         ("APIKEYS_WORKER_MODE", mode.to_owned()),
@@ -249,7 +251,11 @@ async fn hammer_across_processes(
         admitted += nums[0];
         limited += nums[1];
     }
-    assert_eq!(common::window_rows(&client).await.len(), 1, "one window, by the database's clock");
+    assert_eq!(
+        apikeys_testing::window_rows(&client).await.len(),
+        1,
+        "one window, by the database's clock"
+    );
     assert_eq!(admitted + limited, PROCESSES * RATE_TASKS * attempts);
     (admitted, limited)
 }
@@ -286,7 +292,7 @@ async fn rate_limit_worker() {
         let key = key.clone();
         async move {
             let (ok, limited) =
-                common::hammer(&client, &key, attempts, Duration::from_secs(60)).await;
+                apikeys_testing::hammer(&client, &key, attempts, Duration::from_secs(60)).await;
             format!("admitted={ok} limited={limited}")
         }
     })
@@ -420,13 +426,18 @@ async fn races_across_processes(db: TestDb) {
         keys.push(client.create_key(org.id, nk).await.unwrap().key.expose_secret().to_owned());
     }
     let lines = run_workers("races", &db, &[("APIKEYS_WORKER_KEYS", keys.join(","))]).await;
-    let mut tally = common::Tally::default();
+    let mut tally = apikeys_testing::Tally::default();
     for line in &lines {
         let (counts, wrong) = line.split_once(" wrong=").unwrap();
         assert_eq!(wrong, "[]", "an undocumented outcome: {line}");
         let n: Vec<usize> =
             counts.split(' ').map(|kv| kv.split('=').nth(1).unwrap().parse().unwrap()).collect();
-        tally.merge(common::Tally { ok: n[0], invalid_key: n[1], revoked: n[2], other: vec![] });
+        tally.merge(apikeys_testing::Tally {
+            ok: n[0],
+            invalid_key: n[1],
+            revoked: n[2],
+            other: vec![],
+        });
     }
     println!("races across processes: {tally:?}");
     assert!(tally.ok > 0 && tally.invalid_key > 0, "{tally:?}");
@@ -447,7 +458,7 @@ async fn races_worker() {
     let hot: Vec<_> = (0..RACE_TASKS)
         .map(|t| {
             let (client, keys, stop) = (client.clone(), Arc::clone(&keys), Arc::clone(&stop));
-            tokio::spawn(common::hot_path_until(client, keys, stop, index * 13 + t * 5))
+            tokio::spawn(apikeys_testing::hot_path_until(client, keys, stop, index * 13 + t * 5))
         })
         .collect();
     let mut mine = Vec::new();
@@ -455,11 +466,11 @@ async fn races_worker() {
         let untracked = apikeys_db::VerifyOptions::new().track_usage(false);
         mine.push(client.verify_key(k, &untracked).await.unwrap().id);
     }
-    let mut wrong = common::admin_races(&client, &mine).await;
+    let mut wrong = apikeys_testing::admin_races(&client, &mine).await;
     // Let the other workers finish their deletions while this one keeps checking.
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
-    let mut tally = common::Tally::default();
+    let mut tally = apikeys_testing::Tally::default();
     for h in hot {
         tally.merge(h.await.unwrap());
     }
@@ -477,11 +488,11 @@ async fn second_windows_across_processes(db: TestDb) {
     let issued =
         client.create_key(org.id, NewKey::new("per-second").with_rate_limit(limit)).await.unwrap();
     let key = issued.key.expose_secret().to_owned();
-    let before = common::db_now_ms(&client).await;
+    let before = apikeys_testing::db_now_ms(&client).await;
     let lines = run_workers("rate_limit_seconds", &db, &[("APIKEYS_WORKER_KEY", key)]).await;
-    let after = common::db_now_ms(&client).await;
+    let after = apikeys_testing::db_now_ms(&client).await;
     let admitted: i64 = lines.iter().map(|l| l.parse::<i64>().unwrap()).sum();
-    let rows = common::window_rows(&client).await;
+    let rows = apikeys_testing::window_rows(&client).await;
     let spanned = after / 1000 - before / 1000 + 1;
     println!(
         "second windows across skewed processes: {admitted} admitted in {} windows: {rows:?}",

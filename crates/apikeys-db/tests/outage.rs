@@ -11,10 +11,6 @@
 // Servers only: with neither server feature there is no test here.
 #![cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code, unused_imports))]
 
-#[path = "suite/common/mod.rs"]
-#[allow(dead_code, unused_imports, unused_macros)]
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -49,7 +45,7 @@ async fn mysql_outage() {
 fn builder(url: &str) -> apikeys_db::ClientBuilder {
     ApiKeyClient::builder()
         .database_url(url)
-        .signing_secret(common::SECRET)
+        .signing_secret(apikeys_testing::SECRET)
         .connect_timeout(TIMEOUT)
         .acquire_timeout(TIMEOUT)
         .reconnect_interval(RECONNECT)

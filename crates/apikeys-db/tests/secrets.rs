@@ -6,14 +6,10 @@
 //! for each plaintext key, each key's secret part alone, and the signing secrets.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "suite/common/mod.rs"]
-#[allow(dead_code, unused_imports, unused_macros)]
-mod common;
-
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 
-common::backend_tests! {
+apikeys_testing::backend_tests! {
     flow: [full_flow_leaks_no_secret],
 }
 
@@ -52,7 +48,7 @@ mod flow {
         Error, KeyUpdate, NewKey, RateLimit, RateLimitMode, ValidateOptions, VerifyOptions,
     };
 
-    use crate::common::TestDb;
+    use apikeys_testing::TestDb;
 
     const OLD_SECRET: &str = "old-signing-secret-for-the-log-scan-0123456789";
     const SECRET: &str = "current-signing-secret-for-the-log-scan-abcdef";
@@ -217,7 +213,7 @@ async fn connection_urls_leak_no_password() {
     for url in &urls {
         let result = apikeys_db::ApiKeyClient::builder()
             .database_url(url)
-            .signing_secret(common::SECRET)
+            .signing_secret(apikeys_testing::SECRET)
             .connect_timeout(std::time::Duration::from_secs(2))
             .acquire_timeout(std::time::Duration::from_secs(2))
             .build()

@@ -11,8 +11,8 @@ use axum::routing::get;
 use chrono::TimeDelta;
 use serde_json::json;
 
-use crate::common::{TestClock, TestDb, at};
 use crate::support::{Answer, fetch, key, serve};
+use apikeys_testing::{TestClock, TestDb, at};
 
 /// What a handler sees of the key.
 async fn whoami(key: ValidKey) -> axum::Json<serde_json::Value> {
@@ -209,7 +209,7 @@ pub async fn over_the_limit_is_429_with_retry_after_and_ratelimit_headers(db: Te
     let (org, _) = client.get_or_create_organization("acme").await.unwrap();
     let limit = RateLimit::per_minute(2).unwrap();
     let (plain, _) = key(&client, org.id, NewKey::new("l").with_rate_limit(limit)).await;
-    crate::common::leave_room(&client, apikeys_db::Window::Minute, Duration::from_secs(10)).await;
+    apikeys_testing::leave_room(&client, apikeys_db::Window::Minute, Duration::from_secs(10)).await;
     let base = serve(app(ApiKeyAuth::new(client))).await;
     let url = format!("{base}/whoami");
     for _ in 0..2 {
@@ -306,7 +306,7 @@ pub async fn a_layer_and_an_extractor_count_a_request_once(db: TestDb) {
     let limit = RateLimit::per_minute(3).unwrap();
     let new = NewKey::new("c").with_scopes(["widgets:write"]).with_rate_limit(limit);
     let (plain, id) = key(&client, org.id, new).await;
-    crate::common::leave_room(&client, apikeys_db::Window::Minute, Duration::from_secs(10)).await;
+    apikeys_testing::leave_room(&client, apikeys_db::Window::Minute, Duration::from_secs(10)).await;
     let auth = ApiKeyAuth::new(client.clone());
     // The layer validates (and counts); the typed extractor checks its scope again.
     let write = Arc::new(ValidateOptions::new().require_scopes(["widgets:write"]).unwrap());

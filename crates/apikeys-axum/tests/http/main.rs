@@ -4,15 +4,11 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-// The database harness of apikeys-db's suite (one fresh database per test and backend).
-#[path = "../../../apikeys-db/tests/suite/common/mod.rs"]
-#[allow(dead_code, unused_imports)]
-mod common;
 mod guard;
 mod manage;
 mod support;
 
-common::backend_tests! {
+apikeys_testing::backend_tests! {
     guard: [
         header_and_bearer_keys_reach_the_handler,
         no_key_is_401_with_a_challenge,
@@ -36,5 +32,7 @@ common::backend_tests! {
         bad_input_is_a_problem_and_changes_nothing,
         values_that_do_not_parse_are_never_echoed,
         the_openapi_document_describes_every_route,
+        create_takes_every_option_of_new_key,
+        create_refuses_unknown_members_and_bad_values,
     ],
 }

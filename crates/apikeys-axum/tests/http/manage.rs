@@ -8,8 +8,8 @@ use axum::routing::get;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::common::TestDb;
 use crate::support::{Answer, fetch, serve};
+use apikeys_testing::TestDb;
 
 const TOKEN: &str = "admin-token-for-tests";
 
@@ -528,7 +528,7 @@ pub async fn the_openapi_document_describes_every_route(db: TestDb) {
     for name in [
         "ApiKey",
         "Problem",
-        "CreateKeyBody",
+        "NewKeyInput",
         "CreatedKey",
         "UpdateKeyBody",
         "RateLimit",
@@ -541,8 +541,156 @@ pub async fn the_openapi_document_describes_every_route(db: TestDb) {
             ["schema"]["$ref"],
         "#/components/schemas/CreatedKey"
     );
+    // The create body is NewKeyInput, with every option of NewKey and no other member.
+    let create = &doc.body["paths"]["/orgs/{org_id}/keys"]["post"]["requestBody"]["content"]["application/json"]
+        ["schema"]["$ref"];
+    assert_eq!(create, "#/components/schemas/NewKeyInput");
+    let input = &schemas["NewKeyInput"];
+    let members: Vec<&str> =
+        input["properties"].as_object().unwrap().keys().map(String::as_str).collect();
+    for member in [
+        "name",
+        "project_id",
+        "product_id",
+        "scopes",
+        "rate_limit",
+        "custom",
+        "owner_id",
+        "credits",
+        "expires_at",
+        "expires_in_seconds",
+        "never_expires",
+    ] {
+        assert!(members.contains(&member), "NewKeyInput lacks {member}: {members:?}");
+    }
+    assert_eq!(members.len(), 11, "{members:?}");
+    assert_eq!(input["additionalProperties"], false, "{input}");
+    assert_eq!(input["required"], json!(["name"]), "{input}");
     // The document served equals the one the host can take for its own.
     let own =
         serde_json::to_value(ManagementApi::new(client).nested_at("/admin").openapi()).unwrap();
     assert_eq!(own, doc.body);
+}
+
+/// `POST /orgs/{org_id}/keys` takes every option of `NewKey`: the record that comes back has
+/// them all (owner and credits with their refill included), the guard spends the credits,
+/// and the owner's listing finds the key.
+pub async fn create_takes_every_option_of_new_key(db: TestDb) {
+    let client = db.client().await;
+    let base = app(client.clone()).await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let (project, _) = client.get_or_create_project(org.id, "v1").await.unwrap();
+    let (product, _) = client.get_or_create_product(org.id, "search").await.unwrap();
+    let expires_at = "2999-01-31T00:00:00Z";
+    let body = json!({
+        "name": "billing",
+        "project_id": project.id,
+        "product_id": product.id,
+        "scopes": ["read", "write"],
+        "rate_limit": {"requests": 1000, "window": "hour"},
+        "custom": {"plan": "pro"},
+        "owner_id": "user-42",
+        "credits": {"remaining": 2, "refill": {"amount": 50, "interval": "month"}},
+        "expires_at": expires_at,
+    });
+    let created = call(&base, Method::POST, &format!("/orgs/{}/keys", org.id), Some(body)).await;
+    assert_eq!(created.status, 201, "{}", created.text);
+    let plain = created.body["key"].as_str().unwrap().to_owned();
+    let record = &created.body["record"];
+    let id = record["id"].as_str().unwrap().to_owned();
+    assert_eq!(record["project_id"], json!(project.id));
+    assert_eq!(record["product_id"], json!(product.id));
+    assert_eq!(record["scopes"], json!(["read", "write"]));
+    assert_eq!(record["rate_limit"], json!({"requests": 1000, "window": "hour"}));
+    assert_eq!(record["custom"], json!({"plan": "pro"}));
+    assert_eq!(record["owner_id"], "user-42");
+    assert_eq!(
+        record["credits"],
+        json!({"remaining": 2, "refill": {"amount": 50, "interval": "month"}})
+    );
+    assert_eq!(record["expires_at"], "2999-01-31T00:00:00Z");
+    // The stored key is what the answer said.
+    let stored = call(&base, Method::GET, &format!("/keys/{id}"), None).await;
+    assert_eq!(stored.body, *record, "{}", stored.text);
+
+    // The credits are spent by checks: two pass, the third is refused until the refill.
+    for _ in 0..2 {
+        assert_eq!(
+            fetch(&format!("{base}/protected"), &[("x-api-key", &plain)]).await.text,
+            "billing"
+        );
+    }
+    fetch(&format!("{base}/protected"), &[("x-api-key", &plain)]).await.assert_problem(
+        429,
+        "usage_exhausted",
+        &plain,
+    );
+    let spent = call(&base, Method::GET, &format!("/keys/{id}"), None).await;
+    assert_eq!(spent.body["credits"]["remaining"], 0, "{}", spent.text);
+    // The owner's listing finds it.
+    let owned = client
+        .list_owner_keys(
+            org.id,
+            "user-42",
+            apikeys_db::StatusFilter::All,
+            apikeys_db::Page::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(owned.items.len(), 1);
+    assert_eq!(owned.items[0].id.to_string(), id);
+}
+
+/// The create body refuses what it does not take: an unknown member (at the top or inside
+/// `credits` or `rate_limit`) is a 422 naming it, and a bad owner or credits is a 422
+/// `invalid_input` naming the field; none of it writes anything or repeats a value.
+pub async fn create_refuses_unknown_members_and_bad_values(db: TestDb) {
+    let client = db.client().await;
+    let base = app(client.clone()).await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let keys = format!("/orgs/{}/keys", org.id);
+    let before = db.counts(&client).await;
+    for (body, field) in [
+        (json!({"name": "x", "owner": "user-42"}), "owner"),
+        (
+            json!({"name": "x", "credits": {"remaining": 5, "refil": {"amount": 5, "interval": "day"}}}),
+            "credits.refil",
+        ),
+        (
+            json!({"name": "x", "credits": {"remaining": 5, "refill": {"amount": 5, "interval": "day", "at": 1}}}),
+            "credits.refill.at",
+        ),
+        (
+            json!({"name": "x", "rate_limit": {"requests": 5, "window": "minute", "burst": 9}}),
+            "rate_limit.burst",
+        ),
+    ] {
+        let a = call(&base, Method::POST, &keys, Some(body.clone())).await;
+        a.assert_problem(422, "bad_request", "");
+        assert_eq!(a.body["field"], field, "{body}: {}", a.text);
+        let detail = a.body["detail"].as_str().unwrap();
+        assert!(detail.contains("not one this request takes"), "{body}: {detail}");
+    }
+    for (body, field) in [
+        (json!({"name": "x", "owner_id": ""}), "owner_id"),
+        (json!({"name": "x", "owner_id": " padded"}), "owner_id"),
+        (json!({"name": "x", "credits": {"remaining": u64::MAX}}), "credits"),
+        (
+            json!({"name": "x", "credits": {"remaining": 1, "refill": {"amount": 0, "interval": "day"}}}),
+            "credits",
+        ),
+    ] {
+        let a = call(&base, Method::POST, &keys, Some(body.clone())).await;
+        a.assert_problem(422, "invalid_input", "");
+        assert_eq!(a.body["field"], field, "{body}: {}", a.text);
+    }
+    assert_eq!(db.counts(&client).await, before);
+    // A key given as a member's name is refused without being named.
+    let key = client.create_key(org.id, apikeys_db::NewKey::new("k")).await.unwrap();
+    let before = db.counts(&client).await;
+    let k = key.key.expose_secret();
+    let a = call(&base, Method::POST, &keys, Some(json!({"name": "x", k: "1"}))).await;
+    a.assert_problem(422, "bad_request", k);
+    assert_eq!(a.body["field"], Value::Null, "{}", a.text);
+    assert_eq!(db.counts(&client).await, before);
 }

@@ -12,7 +12,7 @@ use apikeys_db::{
 use chrono::TimeDelta;
 use serde_json::json;
 
-use crate::common::{TestClock, TestDb, at};
+use apikeys_testing::{TestClock, TestDb, at};
 
 /// What a row must fail with.
 #[derive(Debug)]

@@ -1,6 +1,6 @@
 use apikeys_db::{Error, OrgId, ProductId, RecordId, RecordKind};
 
-use crate::common::TestDb;
+use apikeys_testing::TestDb;
 
 pub async fn organization_get_or_create_is_idempotent(db: TestDb) {
     let client = db.client().await;

@@ -11,8 +11,8 @@ use apikeys_db::{
 };
 use chrono::TimeDelta;
 
-use crate::common::{TestClock, TestDb};
 use crate::keys::org;
+use apikeys_testing::{TestClock, TestDb};
 
 /// The staleness bound of these tests.
 pub const BOUND: Duration = Duration::from_millis(300);

@@ -3,7 +3,7 @@ use std::sync::Arc;
 
 use tokio::sync::Barrier;
 
-use crate::common::TestDb;
+use apikeys_testing::TestDb;
 
 const TASKS: usize = 32;
 

@@ -9,7 +9,7 @@ use apikeys_db::{Error, NewKey, ValidateOptions, VerifyOptions};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
-use crate::common::TestDb;
+use apikeys_testing::TestDb;
 
 fn fuzz_cases() -> u32 {
     std::env::var("APIKEYS_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000)

@@ -5,8 +5,8 @@ use std::time::Duration;
 use apikeys_db::{Error, NewKey, Page, StatusFilter};
 use chrono::TimeDelta;
 
-use crate::common::{TestClock, TestDb, at};
 use crate::keys::org;
+use apikeys_testing::{TestClock, TestDb, at};
 
 pub async fn listing_and_pagination(db: TestDb) {
     let clock = TestClock::at(at("2026-11-23T10:00:00Z"));

@@ -8,7 +8,7 @@ use apikeys_db::{
 use chrono::TimeDelta;
 use serde_json::json;
 
-use crate::common::{TestClock, TestDb, at};
+use apikeys_testing::{TestClock, TestDb, at};
 
 pub async fn org(client: &ApiKeyClient, name: &str) -> OrgId {
     client.get_or_create_organization(name).await.unwrap().0.id
@@ -104,7 +104,7 @@ pub async fn invalid_keys(db: TestDb) {
     let unknown = client.key_format().generate().unwrap();
     let other_env = ApiKeyClient::builder()
         .database_url(&db.url)
-        .signing_secret(crate::common::SECRET)
+        .signing_secret(apikeys_testing::SECRET)
         .environment("test")
         .build()
         .await

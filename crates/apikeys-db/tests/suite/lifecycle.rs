@@ -13,8 +13,8 @@ use serde_json::json;
 use tokio::sync::Barrier;
 
 use crate::cache::{cache, refused_within_bound, warm};
-use crate::common::{TestClock, TestDb};
 use crate::keys::org;
+use apikeys_testing::{TestClock, TestDb};
 
 fn plain() -> ValidateOptions {
     ValidateOptions::new()
@@ -569,7 +569,7 @@ pub async fn rolled_keys_share_one_rate_limit_budget(db: TestDb) {
         let org = org(&admin, &format!("acme-{mode:?}")).await;
         let limit = RateLimit::per_hour(10).unwrap();
         let a = admin.create_key(org, NewKey::new("a").with_rate_limit(limit)).await.unwrap();
-        crate::common::leave_room(&admin, Window::Hour, Duration::from_secs(120)).await;
+        apikeys_testing::leave_room(&admin, Window::Hour, Duration::from_secs(120)).await;
         let mut ok = 0;
         for c in [&admin, &replica, &admin, &replica] {
             assert!(admitted(c, a.key.expose_secret()).await);
@@ -808,7 +808,7 @@ pub async fn upgrade_to_per_organization_owners_and_lineage(db: TestDb) {
     let a = client.create_key(one, limited).await.unwrap();
     let b = client.roll_key(a.record.id, Duration::from_secs(3600)).await.unwrap();
     let x = client.create_key(two, NewKey::new("x").with_owner("u")).await.unwrap();
-    crate::common::leave_room(&client, Window::Hour, Duration::from_secs(60)).await;
+    apikeys_testing::leave_room(&client, Window::Hour, Duration::from_secs(60)).await;
     assert!(admitted(&client, a.key.expose_secret()).await);
     assert!(admitted(&client, b.key.expose_secret()).await);
 

@@ -7,8 +7,6 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 mod bad_input;
 mod bootstrap;
 mod cache;
@@ -25,11 +23,12 @@ mod revocation;
 mod rotation;
 mod roundtrip;
 mod tenancy;
+mod test_db;
 mod timeout;
 mod transaction;
 mod usage;
 
-common::backend_tests! {
+apikeys_testing::backend_tests! {
     bad_input: [
         bad_input_table,
     ],
@@ -127,6 +126,9 @@ common::backend_tests! {
     ],
     fuzz: [
         verify_arbitrary_input,
+    ],
+    test_db: [
+        a_panicking_test_drops_its_database,
     ],
     usage: [
         batched_counts_are_exact,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use apikeys_db::{NewKey, RateLimit, VerifyOptions};
 
-use crate::common::{Tally, TestDb, admin_races, hot_path_until};
+use apikeys_testing::{Tally, TestDb, admin_races, hot_path_until};
 
 /// 3 clients (immediate tracking, batched tracking, another pool) × 4 hot tasks check 45
 /// keys with a shared rate limit while two admin clients delete, revoke and update them.

@@ -8,7 +8,7 @@ use apikeys_db::{
 use chrono::TimeDelta;
 use tokio::sync::Barrier;
 
-use crate::common::{TestClock, TestDb, at, db_now_ms, hammer, leave_room, window_rows};
+use apikeys_testing::{TestClock, TestDb, at, db_now_ms, hammer, leave_room, window_rows};
 
 async fn key_with(client: &ApiKeyClient, limit: Option<RateLimit>) -> String {
     let (org, _) = client.get_or_create_organization("acme").await.unwrap();

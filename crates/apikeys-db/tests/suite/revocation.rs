@@ -10,8 +10,8 @@ use apikeys_db::{ApiKeyClient, Error, KeyCache, KeyId, KeyUpdate, NewKey, Valida
 use chrono::{TimeDelta, Utc};
 
 use crate::cache::{BOUND, cache, warm};
-use crate::common::TestDb;
 use crate::keys::org;
+use apikeys_testing::TestDb;
 
 fn untracked() -> ValidateOptions {
     ValidateOptions::new().track_usage(false)
@@ -271,7 +271,7 @@ pub async fn a_busy_pool_is_not_an_outage(db: TestDb) {
     // On SQLite writes go through one connection of their own: one host transaction holds it.
     // On the servers both pooled connections are held.
     let mut held = vec![client.begin().await.unwrap()];
-    if db.backend != crate::common::Backend::Sqlite {
+    if db.backend != apikeys_testing::Backend::Sqlite {
         held.push(client.begin().await.unwrap());
     }
     let r = client.validate_key(&key, &ValidateOptions::new()).await;
@@ -314,7 +314,7 @@ pub async fn host_transactions_hold_what_is_documented(db: TestDb) {
     host.with(&txn).create_key(new_org.id, NewKey::new("first")).await.unwrap();
     let revoked = other.revoke_key(in_b[0]).await;
     match db.backend {
-        crate::common::Backend::Sqlite => {
+        apikeys_testing::Backend::Sqlite => {
             assert!(matches!(revoked, Err(Error::Unavailable { .. })), "{revoked:?}");
         }
         _ => assert!(revoked.is_ok(), "{revoked:?}"),
@@ -392,7 +392,7 @@ pub async fn a_key_the_database_lost_can_still_be_revoked(db: TestDb) {
 /// it (the client purges in the background after its changes) keep the row every up-to-date
 /// reader sits on: none of them finds its row gone and empties its cache for nothing.
 pub async fn a_purge_after_a_quiet_spell_keeps_readers_in_place(db: TestDb) {
-    let clock = crate::common::TestClock::at(Utc::now());
+    let clock = apikeys_testing::TestClock::at(Utc::now());
     let admin = db.client_with(|b| b.clock(clock.as_fn())).await;
     let replica = db.client_with(|b| b.cache(cache())).await;
     let org = org(&admin, "acme").await;

@@ -6,8 +6,8 @@ use std::time::Duration;
 use apikeys_db::sea_orm::{ConnectionTrait, Statement};
 use apikeys_db::{ApiKeyClient, Error, NewKey, VerifyOptions};
 
-use crate::common::TestDb;
 use crate::keys::{no_tracking, org};
+use apikeys_testing::TestDb;
 
 const V1: &str = "first-signing-secret-0123456789-abcdefgh";
 const V2: &str = "second-signing-secret-0123456789-abcdefg";
@@ -87,7 +87,7 @@ pub async fn failed_rehash_never_fails_the_check(db: TestDb) {
                 .statement_timeout(Duration::from_millis(500))
         })
         .await;
-    let (other, txn) = crate::common::hold_key_rows(&db).await;
+    let (other, txn) = apikeys_testing::hold_key_rows(&db).await;
     let checked = step2.verify_key(key, &VerifyOptions::new()).await.unwrap();
     assert_eq!((checked.id, checked.use_count), (issued.record.id, 1));
     txn.rollback().await.unwrap();

@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::{Map, Value};
 
-use crate::common::TestDb;
+use apikeys_testing::TestDb;
 
 fn cases() -> u32 {
     let fuzz = std::env::var("APIKEYS_FUZZ_CASES").ok().and_then(|v| v.parse().ok());

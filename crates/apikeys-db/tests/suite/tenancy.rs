@@ -8,7 +8,7 @@ use apikeys_db::{
     ValidateOptions,
 };
 
-use crate::common::TestDb;
+use apikeys_testing::TestDb;
 
 /// One tenant: projects "web" and "mobile", products "api" and "billing" ("api" linked to
 /// "web"), and one key of each kind.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use apikeys_db::{Error, NewKey};
 
-use crate::common::{TestDb, hold_key_rows};
+use apikeys_testing::{TestDb, hold_key_rows};
 
 pub async fn stuck_statement_is_unavailable(db: TestDb) {
     let client = db.client_with(|b| b.statement_timeout(Duration::from_millis(800))).await;

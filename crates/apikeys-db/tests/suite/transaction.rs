@@ -12,7 +12,7 @@ use apikeys_db::{
     VerifyOptions,
 };
 
-use crate::common::{Backend, TestDb};
+use apikeys_testing::{Backend, TestDb};
 
 /// The host's own table, written in the same transaction as ours.
 async fn customers_table(client: &ApiKeyClient) {

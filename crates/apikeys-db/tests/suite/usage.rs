@@ -5,7 +5,7 @@ use std::time::Duration;
 use apikeys_db::{ApiKeyClient, Error, KeyId, NewKey, ValidateOptions, VerifyOptions};
 use chrono::TimeDelta;
 
-use crate::common::{TestClock, TestDb, at};
+use apikeys_testing::{TestClock, TestDb, at};
 
 /// An interval no test waits for: only explicit flushes (and drops) write.
 const NEVER: Duration = Duration::from_secs(3600);
@@ -77,7 +77,7 @@ pub async fn batched_counts_are_exact(db: TestDb) {
         .client_with(|b| {
             b.signing_secret(NEW)
                 .signing_secret_version(2)
-                .previous_signing_secret(1, crate::common::SECRET)
+                .previous_signing_secret(1, apikeys_testing::SECRET)
                 .usage_flush_interval(NEVER)
         })
         .await;

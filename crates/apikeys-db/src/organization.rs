@@ -1,73 +1,18 @@
 //! Organizations: race-safe `get_or_create_organization`, strict `create_organization`,
-//! reads; and the two helpers every idempotent insert uses (here, `org_child` and `link`).
+//! reads.
 
 use apikeys_core::hazmat::validate_name;
 use apikeys_core::{Error, KeyAction, OrgId, Organization, Result};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, Select, TryInsertResult,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
 };
 
 use crate::audit::Subject;
 use crate::client::ApiKeyClient;
 use crate::convert::naive;
 use crate::entity::organization;
-use crate::error::{Vanished, is_unique_violation, storage};
-
-/// How often an idempotent call inserts again when the row it found was deleted before it
-/// could read it back.
-pub(crate) const VANISHED_RETRIES: usize = 3;
-
-/// How an idempotent write reads back a row by its unique name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Read {
-    /// A plain read, for the public `find_*` calls: never waits for another transaction.
-    Plain,
-    /// The latest committed row, whatever the transaction's snapshot: MySQL's plain reads
-    /// under `REPEATABLE READ` (its default) would not see a row another transaction
-    /// committed after this one's first read, which a `get_or_create_*` in a host
-    /// transaction must find, so there it is a locking read (`LOCK IN SHARE MODE`), which
-    /// waits for a transaction still writing that row. PostgreSQL and SQLite need nothing
-    /// (README, "Host transactions").
-    Latest,
-}
-
-impl Read {
-    pub(crate) fn apply<E: EntityTrait>(self, select: Select<E>, backend: DbBackend) -> Select<E> {
-        if self == Read::Latest && backend == DbBackend::MySql {
-            select.lock_shared()
-        } else {
-            select
-        }
-    }
-}
-
-/// Inserts `row` unless its unique columns are taken; returns whether it inserted. One
-/// statement that leaves the surrounding transaction usable either way: PostgreSQL aborts a
-/// transaction on any error, so there it is `ON CONFLICT DO NOTHING` (its affected-row count
-/// is exact); MySQL's is not (an ignored duplicate may count as found), but MySQL and SQLite
-/// roll back only the failed statement, so there a duplicate-key error means "taken".
-pub(crate) async fn insert_unique<E, C, I>(
-    conn: &C,
-    row: E::ActiveModel,
-    unique: I,
-) -> Result<bool, DbErr>
-where
-    E: EntityTrait,
-    C: ConnectionTrait,
-    I: IntoIterator<Item = E::Column>,
-{
-    let insert = E::insert(row);
-    if conn.get_database_backend() == DbBackend::Postgres {
-        let res = insert.on_conflict_do_nothing_on(unique).exec_without_returning(conn).await?;
-        return Ok(matches!(res, TryInsertResult::Inserted(n) if n > 0));
-    }
-    match insert.exec_without_returning(conn).await {
-        Ok(_) => Ok(true),
-        Err(e) if is_unique_violation(&e) => Ok(false),
-        Err(e) => Err(e),
-    }
-}
+use crate::error::{Vanished, storage};
+use crate::idempotent::{Read, VANISHED_RETRIES, insert_unique};
 
 impl ApiKeyClient {
     /// Returns the organization named `name`, creating it if it does not exist; the flag says
