@@ -10,7 +10,7 @@ use apikeys_db::{
     ApiKeyClient, CreditMode, Credits, Error, KeyId, KeyUpdate, NewKey, Refill, ValidateOptions,
 };
 
-use crate::common::TestDb;
+use apikeys_testing::TestDb;
 
 async fn leased(db: &TestDb) -> ApiKeyClient {
     db.client_with(|b| b.credit_mode(CreditMode::Leased)).await

@@ -9,7 +9,7 @@ use std::time::Duration;
 use apikeys_db::sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, Statement};
 use apikeys_db::{ApiKeyClient, NewKey, RateLimit, RateLimitMode, ValidateOptions, Window};
 
-use crate::common::{TestDb, leave_room, window_rows};
+use apikeys_testing::{TestDb, leave_room, window_rows};
 
 async fn limited_key(client: &ApiKeyClient, limit: RateLimit) -> String {
     let (org, _) = client.get_or_create_organization("acme").await.unwrap();
