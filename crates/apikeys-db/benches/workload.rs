@@ -21,7 +21,7 @@
 //!   `DatabaseConnection` the bench opens itself (so that sea-orm's metric callback counts
 //!   every statement the client sends), configured as the README recommends: the
 //!   verified-key cache (`max_keys` 100 000 or the key count, `max_staleness` 1 s), batched
-//!   usage (`usage_flush_interval` 1 s), `RateLimitMode::Leased`. On SQLite that connection
+//!   usage (`usage_flush_interval` 1 s), `RateLimitMode::Leased`, `CreditMode::Leased`. On SQLite that connection
 //!   is one pool of 2 connections for reads and writes, where a client connecting by URL has
 //!   8 readers and 1 writer; `--by-url` runs the latter, without the client-side count. Each
 //!   process runs `--tasks` (8) tasks; each task draws keys by Zipf(`--zipf`, 1.1) over the
@@ -354,6 +354,7 @@ impl Config {
             )
             .usage_flush_interval(Duration::from_secs(1))
             .rate_limit_mode(RateLimitMode::Leased)
+            .credit_mode(apikeys_db::CreditMode::Leased)
     }
 }
 
