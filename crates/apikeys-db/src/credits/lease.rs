@@ -16,7 +16,7 @@
 //! it was set or refilled to.
 //!
 //! # Block size
-//! A block covers about [`COVER`] of the key's rate in this process (credits spent since its
+//! A block covers about [`COVER`] (a second) of the key's rate in this process (credits spent since its
 //! first block, over at least a second), at least the call's cost, at most an eighth of the
 //! balance the last statement left and at most [`MAX_BLOCK`]. When the balance is smaller
 //! than a block, checks spend exactly, one statement each, until it is refilled.
@@ -37,7 +37,7 @@ use crate::lock::lock;
 /// The most credits one block holds.
 const MAX_BLOCK: u64 = 16_384;
 /// How long a block should last at the key's observed rate.
-const COVER: Duration = Duration::from_millis(250);
+const COVER: Duration = Duration::from_secs(1);
 /// The shortest time a rate is observed over.
 const MIN_OBSERVED: Duration = Duration::from_secs(1);
 /// A block never takes more than this share of the balance the last statement left.

@@ -170,7 +170,7 @@ pub enum CreditMode {
     /// once a key is being checked) and spent in memory. Never more than the balance is
     /// spent across replicas: a block is taken off the stored balance before any of it is
     /// spent. A replica holds at most about a block and a half per key (a block covers about
-    /// 250 ms of the key's rate in that replica, at most an eighth of the balance it saw
+    /// a second of the key's rate in that replica, at most an eighth of the balance it saw
     /// left, at most 16 384 credits); near exhaustion (a balance smaller than a block) checks
     /// spend exactly, one `UPDATE` each. What a replica holds unspent is given back by
     /// [`ApiKeyClient::shutdown`](crate::ApiKeyClient::shutdown) (unless the key was changed

@@ -23,10 +23,12 @@
 //! outran its refill) waits for a reservation.
 //!
 //! # Block size
-//! A block covers about [`COVER`] of the key's rate observed in this process and window
-//! (units taken over the time since its first, at least a second), at least 1, at most
-//! `limit / 16` and at most [`MAX_BLOCK`]: a key checked about once a second reserves one
-//! unit at a time, a hot key one block per `COVER` or so.
+//! A block covers the rest of the window at the key's rate observed in this process and
+//! window (units taken over the time since its first, at least a second), and at least
+//! [`COVER`] of it; the next window's first block covers that whole window at the last
+//! one's rate. At least 1, at most `limit / 16` and at most [`MAX_BLOCK`]: so a key checked
+//! a few times a window reserves about once per window, and a hot key one capped block at a
+//! time.
 //!
 //! # What may be left unspent
 //! Units reserved and not spent when a window ends are gone; a process holds at most one
@@ -401,9 +403,17 @@ impl Lease {
             return 1;
         }
         let observed = now.saturating_duration_since(self.first_at).max(MIN_OBSERVED);
-        let per_cover = f64::from(self.taken) * COVER.as_secs_f64() / observed.as_secs_f64();
+        // What the block should last: the rest of the window at the rate seen (a key
+        // checked a few times a minute then reserves about once per window, not per check),
+        // at least COVER; the next window's first block, that whole window. The cap bounds
+        // what a process holds unspent either way.
+        let horizon = match purpose {
+            Purpose::NextWindow(_) => self.limit.window.duration(),
+            _ => self.until.saturating_duration_since(now).max(COVER),
+        };
+        let units = f64::from(self.taken) * horizon.as_secs_f64() / observed.as_secs_f64();
         // Saturating float-to-int conversion; the clamp bounds it anyway.
-        (per_cover.ceil() as u32).clamp(1, cap)
+        (units.ceil() as u32).clamp(1, cap)
     }
 }
 
@@ -604,15 +614,17 @@ mod tests {
         let mut lease = Lease::empty(l);
         let t0 = lease.first_at;
         assert_eq!(lease.next_block(l, t0, Purpose::Check), 1, "a new lease starts at one unit");
-        // 4 000 units in 2 s: 2 000 a second, 500 per COVER.
+        // No time left in the window known: COVER of the rate. 4 000 units in 2 s: 2 000 a
+        // second, 500 per COVER.
         lease.taken = 4_000;
         assert_eq!(lease.next_block(l, t0 + Duration::from_secs(2), Purpose::Refill), 500);
         // Observed over a second at least: 400 units in 10 ms count as 400 a second.
         lease.taken = 400;
         assert_eq!(lease.next_block(l, t0 + Duration::from_millis(10), Purpose::Refill), 100);
-        // A key checked about once a second: one unit at a time.
+        // The rest of the window at the rate seen: 3 units in 3 s with 10 s left: 10.
         lease.taken = 3;
-        assert_eq!(lease.next_block(l, t0 + Duration::from_secs(3), Purpose::Refill), 1);
+        lease.until = t0 + Duration::from_secs(13);
+        assert_eq!(lease.next_block(l, t0 + Duration::from_secs(3), Purpose::Refill), 10);
         // Capped at limit / 16 and at MAX_BLOCK.
         lease.taken = 1_000_000;
         assert_eq!(lease.next_block(l, t0 + Duration::from_secs(1), Purpose::Refill), 6_250);
@@ -622,9 +634,12 @@ mod tests {
         assert_eq!(hot.next_block(huge, hot.first_at, Purpose::Refill), MAX_BLOCK);
         // A new limit starts again.
         assert_eq!(lease.next_block(limit(10), t0, Purpose::Refill), 1);
-        // The next window's first block uses the rate of the window that ended.
-        lease.taken = 4_000;
+        // The next window's first block: that whole window (a minute) at the last one's
+        // rate: 30 units in 30 s, 60; capped as ever.
+        lease.taken = 30;
         let next = Purpose::NextWindow(lease.window);
-        assert_eq!(lease.next_block(l, t0 + Duration::from_secs(2), next), 500);
+        assert_eq!(lease.next_block(l, t0 + Duration::from_secs(30), next), 60);
+        lease.taken = 4_000;
+        assert_eq!(lease.next_block(l, t0 + Duration::from_secs(2), next), 6_250);
     }
 }

@@ -52,23 +52,27 @@ async fn lock_windows(admin: &ApiKeyClient) -> DatabaseTransaction {
     txn
 }
 
-/// The first check of a key reserves its unit on the request path; the next unit is then
-/// reserved in the background, so the window's count runs one ahead of what was admitted,
-/// and the second check is answered from that unit even while another transaction holds
-/// the window row (a check that went to the database would wait for it and fail).
+/// The first check of a key reserves its unit on the request path; a block is then reserved
+/// in the background, so the window's count runs ahead of what was admitted, and the second
+/// check is answered from that block even while another transaction holds the window row (a
+/// check that went to the database would wait for it and fail), without a statement of its
+/// own: the count stays where the block left it.
 pub async fn a_steady_key_is_answered_from_units_reserved_ahead(db: TestDb) {
     let client = db.client_with(|b| b.rate_limit_mode(RateLimitMode::Leased)).await;
     let key = limited_key(&client, RateLimit::per_hour(1_000).unwrap()).await;
     leave_room(&client, Window::Hour, Duration::from_secs(120)).await;
     client.validate_key(&key, &untracked()).await.unwrap();
-    wait_for_rows(&client, |rows| rows.first().is_some_and(|w| w.1 == 2)).await;
+    let rows = wait_for_rows(&client, |rows| rows.first().is_some_and(|w| w.1 > 1)).await;
+    let reserved = rows[0].1;
+    assert!(reserved <= 1 + 62, "one block at most (limit / 16): {reserved}");
     let admin = db.client().await;
     let txn = lock_windows(&admin).await;
     let second = client.validate_key(&key, &untracked()).await;
     txn.rollback().await.unwrap();
     second.unwrap();
-    // The refill the second check started lands once the lock is gone: one unit ahead again.
-    wait_for_rows(&client, |rows| rows.first().is_some_and(|w| w.1 == 3)).await;
+    if reserved > 2 {
+        assert_eq!(window_rows(&client).await[0].1, reserved, "the second check wrote nothing");
+    }
 }
 
 /// A key checked twice in a window gets a block of the next window reserved as soon as that
