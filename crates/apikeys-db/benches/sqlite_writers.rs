@@ -1,5 +1,6 @@
-//! Tracked `validate_key` on a SQLite file with 1, 8 and 64 concurrent tasks: throughput and
-//! the latency distribution (p50, p99, max) of each call, all measured in one run.
+//! Tracked `validate_key` on a SQLite file with 1, 8 and 64 concurrent tasks, without and with
+//! a shared per-key rate limit (no cache): throughput and the latency distribution (p50, p99,
+//! max) of each call, all measured in one run.
 //!
 //! `cargo bench -p apikeys-db --bench sqlite_writers` (add `-- --quick` for a short run).
 //! What it checks is relative: with more tasks, throughput must not fall below the
@@ -10,7 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use apikeys_db::{ApiKeyClient, NewKey, ValidateOptions};
+use apikeys_db::{ApiKeyClient, NewKey, RateLimit, ValidateOptions};
 
 const SECRET: &str = "bench-signing-secret-0123456789-abcdefghijkl";
 
@@ -19,7 +20,13 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-async fn run(client: &ApiKeyClient, keys: &Arc<Vec<String>>, tasks: usize, calls: usize) {
+async fn run(
+    what: &str,
+    client: &ApiKeyClient,
+    keys: &Arc<Vec<String>>,
+    tasks: usize,
+    calls: usize,
+) {
     let start = Instant::now();
     let mut handles = Vec::new();
     for t in 0..tasks {
@@ -42,7 +49,7 @@ async fn run(client: &ApiKeyClient, keys: &Arc<Vec<String>>, tasks: usize, calls
     let wall = start.elapsed();
     all.sort();
     println!(
-        "sqlite tracked validate, {tasks:>2} tasks: {:>6.0} calls/s  p50 {:>8.3} ms  p99 {:>8.3} ms  max {:>8.3} ms  (p99/p50 {:.1})",
+        "sqlite {what}, {tasks:>2} tasks: {:>6.0} calls/s  p50 {:>8.3} ms  p99 {:>8.3} ms  max {:>8.3} ms  (p99/p50 {:.1})",
         all.len() as f64 / wall.as_secs_f64(),
         percentile(&all, 0.50).as_secs_f64() * 1e3,
         percentile(&all, 0.99).as_secs_f64() * 1e3,
@@ -62,13 +69,21 @@ async fn main() {
     client.create_tables().await.unwrap();
     let (org, _) = client.get_or_create_organization("bench").await.unwrap();
     let mut keys = Vec::new();
+    let mut limited = Vec::new();
     for i in 0..64 {
         let issued = client.create_key(org.id, NewKey::new(format!("k{i}"))).await.unwrap();
         keys.push(issued.key.expose_secret().to_owned());
+        // A shared per-key limit never reached: one conditional upsert per check besides.
+        let new =
+            NewKey::new(format!("l{i}")).with_rate_limit(RateLimit::per_hour(1 << 30).unwrap());
+        limited.push(client.create_key(org.id, new).await.unwrap().key.expose_secret().to_owned());
     }
-    let keys = Arc::new(keys);
-    run(&client, &keys, 1, total / 8).await; // warm-up
+    let (keys, limited) = (Arc::new(keys), Arc::new(limited));
+    run("tracked validate", &client, &keys, 1, total / 8).await; // warm-up
     for tasks in [1, 8, 64] {
-        run(&client, &keys, tasks, total / tasks).await;
+        run("tracked validate", &client, &keys, tasks, total / tasks).await;
+    }
+    for tasks in [1, 8, 64] {
+        run("tracked validate, shared limit", &client, &limited, tasks, total / tasks).await;
     }
 }
