@@ -76,8 +76,10 @@ struct Lease {
     held: u64,
     /// What the last reservation recorded (`None`: none yet, or the balance was too small).
     reserved: Option<Reserved>,
-    /// The balance the last statement left, as far as this process knows.
+    /// The balance the last statement left, as far as this process knows, and whether a
+    /// statement has told it yet.
     left: u64,
+    left_known: bool,
     /// Credits spent from blocks, and since when: the observed rate.
     spent: u64,
     first_at: Instant,
@@ -94,6 +96,7 @@ impl Lease {
             held: 0,
             reserved: None,
             left: 0,
+            left_known: false,
             spent: 0,
             first_at: Instant::now(),
             block: 0,
@@ -123,7 +126,12 @@ pub(crate) struct CreditLeases {
     db: Db,
     runtime: tokio::runtime::Handle,
     map: Mutex<HashMap<KeyId, Lease>>,
+    /// Spends so far (every [`SWEEP_EVERY`] the map is swept).
+    spends: std::sync::atomic::AtomicU64,
 }
+
+/// Every this many spends, leases holding nothing are dropped.
+const SWEEP_EVERY: u64 = 4_096;
 
 /// What a call got from the lease.
 enum Taken {
@@ -135,13 +143,19 @@ enum Taken {
 
 impl CreditLeases {
     pub(crate) fn new(db: Db, runtime: tokio::runtime::Handle) -> Self {
-        Self { db, runtime, map: Mutex::new(HashMap::new()) }
+        Self { db, runtime, map: Mutex::new(HashMap::new()), spends: Default::default() }
     }
 
     /// Spends `cost` credits of `key`: from the credits held when they suffice, else after
     /// a reservation (or, for a balance smaller than a block, an exact spend).
     pub(crate) async fn spend(self: &Arc<Self>, key: &ApiKey, cost: u32) -> Result<Option<u64>> {
         let cost = u64::from(cost);
+        let cost_sql = i64::try_from(cost).unwrap_or(i64::MAX);
+        if key.rolled_to.is_some() {
+            // A rolled key's balance lives on its successor: spent exactly, as without leases.
+            return Box::pin(spend_exact(&self.db, key, cost_sql)).await;
+        }
+        self.count_and_sweep();
         if let Taken::Spent(left) = self.take(key, cost) {
             return Ok(Some(left));
         }
@@ -150,27 +164,52 @@ impl CreditLeases {
             let lease = map.entry(key.id).or_insert_with(|| Lease::new(key.updated_at));
             Arc::clone(&lease.reserving)
         };
-        let _turn = reserving.lock().await;
+        let turn = reserving.lock().await;
         // A reservation may have landed while this call waited.
         if let Taken::Spent(left) = self.take(key, cost) {
             return Ok(Some(left));
         }
         let block = {
             let map = lock(&self.map);
-            map.get(&key.id).map_or(cost, |l| l.next_block(cost, Instant::now()))
+            map.get(&key.id)
+                .filter(|l| !l.left_known || l.left >= l.next_block(cost, Instant::now()))
+                .map(|l| l.next_block(cost, Instant::now()))
         };
-        if let Some(left) = Box::pin(self.reserve(key, block, cost)).await? {
-            return Ok(Some(left));
+        if let Some(block) = block {
+            // In a task of its own: a caller that gives up must not drop a reservation the
+            // database may already have committed before its block is recorded.
+            let (leases, owned) = (Arc::clone(self), key.clone());
+            let reservation =
+                self.runtime.spawn(async move { leases.reserve(&owned, block, cost).await });
+            match reservation.await {
+                Ok(Ok(Some(left))) => return Ok(Some(left)),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(e) => return Err(apikeys_core::Error::unavailable(e)),
+            }
         }
-        // A balance smaller than the block, a key with no balance of its own (rolled), or
-        // none at all: spend exactly, and remember what is left for the next block's size.
-        let cost_sql = i64::try_from(cost).unwrap_or(i64::MAX);
+        // A balance smaller than the block (known from the last statement, or just refused):
+        // spend exactly, without holding the key's turn, and remember what is left.
+        drop(turn);
         let left = Box::pin(spend_exact(&self.db, key, cost_sql)).await?;
         if let Some(lease) = lock(&self.map).get_mut(&key.id) {
             lease.spent = lease.spent.saturating_add(cost);
             lease.left = left.unwrap_or(0);
+            lease.left_known = true;
         }
         Ok(left)
+    }
+
+    /// Counts a spend; every [`SWEEP_EVERY`] of them, drops the leases that hold nothing and
+    /// that no reservation is using.
+    fn count_and_sweep(&self) {
+        let n = self.spends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            let now = Instant::now();
+            lock(&self.map).retain(|_, l| {
+                (l.held > 0 && l.spendable(now)) || Arc::strong_count(&l.reserving) > 1
+            });
+        }
     }
 
     /// Takes `cost` from what is held for `key`, if the lease is for this record, its
@@ -235,29 +274,45 @@ impl CreditLeases {
         let Some(reserved) = self.reserve_on(key.id, amount, asked).await? else {
             return Ok(None);
         };
-        let (seen, refill) = {
+        let landed = {
             let mut map = lock(&self.map);
             let lease = map.entry(key.id).or_insert_with(|| Lease::new(key.updated_at));
-            if lease.record_updated_at != key.updated_at {
-                *lease = Lease::new(key.updated_at);
+            if lease.record_updated_at > key.updated_at {
+                // Landed late, for a record older than the lease's: not mixed in (nor does it
+                // replace the newer lease); it goes back below, into its own balance if that
+                // is still the row's.
+                None
+            } else {
+                if lease.record_updated_at != key.updated_at {
+                    *lease = Lease::new(key.updated_at);
+                }
+                // Credits of another balance (set again since), of another period, or no
+                // longer spendable are not carried over: what is held is always of one
+                // balance, the one a give-back names.
+                if !lease.spendable(asked)
+                    || lease.reserved.is_some_and(|r| {
+                        r.period != reserved.period || r.row_updated_at != reserved.row_updated_at
+                    })
+                {
+                    lease.held = 0;
+                }
+                lease.held = lease.held.saturating_add(block).saturating_sub(cost);
+                lease.spent = lease.spent.saturating_add(cost);
+                lease.left = reserved.left;
+                lease.block = block;
+                lease.reserved = Some(reserved);
+                // A check that had to wait for this block starts the next one at once when it
+                // took half or more of it (a background refill never does: it runs once).
+                lease.left_known = true;
+                let refill = cost > 0 && !lease.refilling && lease.held <= lease.block / 2;
+                lease.refilling |= refill;
+                let next = refill.then(|| lease.next_block(cost, Instant::now()));
+                Some((reserved.left.saturating_add(lease.held), next))
             }
-            // Credits of another period (or none spendable any more) are not carried over.
-            if !lease.spendable(asked)
-                || lease.reserved.is_some_and(|r| r.period != reserved.period)
-            {
-                lease.held = 0;
-            }
-            lease.held = lease.held.saturating_add(block).saturating_sub(cost);
-            lease.spent = lease.spent.saturating_add(cost);
-            lease.left = reserved.left;
-            lease.block = block;
-            lease.reserved = Some(reserved);
-            // A check that had to wait for this block starts the next one at once when it
-            // took half or more of it (a background refill never does: it runs once).
-            let refill = cost > 0 && !lease.refilling && lease.held <= lease.block / 2;
-            lease.refilling |= refill;
-            let next = refill.then(|| lease.next_block(cost, Instant::now()));
-            (reserved.left.saturating_add(lease.held), next)
+        };
+        let Some((seen, refill)) = landed else {
+            give_back(&self.db, block.saturating_sub(cost), &reserved).await?;
+            return Ok(Some(reserved.left));
         };
         if let Some(next) = refill {
             self.refill_in_background(key.clone(), next);
@@ -333,30 +388,30 @@ impl CreditLeases {
     /// row it came from, only while that row's record and period are those of the
     /// reservation. Returns how many credits went back.
     pub(crate) async fn release(&self) -> Result<u64> {
-        let locks: Vec<_> = lock(&self.map).values().map(|l| Arc::clone(&l.reserving)).collect();
-        let mut turns = Vec::with_capacity(locks.len());
-        for l in &locks {
-            turns.push(l.lock().await);
-        }
-        let now = Instant::now();
-        let held: Vec<(u64, Reserved)> = {
-            let mut map = lock(&self.map);
-            let held = map
-                .values()
-                .filter(|l| l.held > 0 && l.spendable(now))
-                .filter_map(|l| l.reserved.map(|r| (l.held, r)))
-                .collect();
-            map.clear();
-            held
-        };
-        drop(turns);
+        let keys: Vec<(KeyId, Arc<tokio::sync::Mutex<()>>)> =
+            lock(&self.map).iter().map(|(k, l)| (*k, Arc::clone(&l.reserving))).collect();
         let mut released = 0;
-        for (credits, reserved) in held {
-            if give_back(&self.db, credits, &reserved).await? {
-                released += credits;
+        let mut failed = None;
+        // One key at a time (never two keys' locks at once): its reservation in flight lands
+        // first, then what it holds is taken out and given back.
+        for (key, reserving) in keys {
+            let held = {
+                let _turn = reserving.lock().await;
+                let now = Instant::now();
+                let mut map = lock(&self.map);
+                match map.remove(&key) {
+                    Some(l) if l.held > 0 && l.spendable(now) => l.reserved.map(|r| (l.held, r)),
+                    _ => None,
+                }
+            };
+            let Some((credits, reserved)) = held else { continue };
+            match give_back(&self.db, credits, &reserved).await {
+                Ok(true) => released += credits,
+                Ok(false) => {}
+                Err(e) => failed = Some(e),
             }
         }
-        Ok(released)
+        failed.map_or(Ok(released), Err)
     }
 }
 

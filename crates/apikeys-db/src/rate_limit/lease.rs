@@ -202,9 +202,18 @@ impl Leases {
             let lease = map.entry(key).or_insert_with(|| Lease::empty(limit));
             lease.next_block(limit, asked, Purpose::Check)
         };
-        match self.reserve_block(key, limit, block, asked, true).await? {
-            Grant::Refused(left) => Ok(Count::Refused(left)),
-            Grant::Units { .. } => Ok(Count::Admitted),
+        // In a task of its own: a caller that gives up (a timeout, a client gone) must not
+        // drop a reservation the database may already have committed before its grant is
+        // recorded, or those units would be neither spent nor given back.
+        let leases = Arc::clone(self);
+        let reservation = self
+            .runtime
+            .spawn(async move { leases.reserve_block(key, limit, block, asked, true).await });
+        match reservation.await {
+            Ok(Ok(Grant::Refused(left))) => Ok(Count::Refused(left)),
+            Ok(Ok(Grant::Units { .. })) => Ok(Count::Admitted),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(apikeys_core::Error::unavailable(e)),
         }
     }
 
@@ -235,8 +244,10 @@ impl Leases {
             let ahead = {
                 let mut map = lock(&self.map);
                 let lease = map.entry(key).or_insert_with(|| Lease::empty(limit));
-                if lease.window != window || lease.limit != limit {
-                    // A new window (or limit): what was held is no longer spendable.
+                // A new window (or limit), or the lease's window over here: MySQL names
+                // windows modulo 2^15, so a window 2^15 windows later looks the same.
+                if lease.window != window || lease.limit != limit || lease.until <= asked {
+                    // What was held is no longer spendable.
                     lease.window = window;
                     lease.limit = limit;
                     lease.remaining = 0;
@@ -322,33 +333,33 @@ impl Leases {
     /// limit. Reservations under way land first (each key's lock is taken in turn). Returns
     /// how many granted units went back.
     pub(crate) async fn release(&self) -> Result<u64> {
-        let locks: Vec<Arc<tokio::sync::Mutex<()>>> =
-            lock(&self.map).values().map(|l| Arc::clone(&l.reserving)).collect();
-        let mut turns = Vec::with_capacity(locks.len());
-        for l in &locks {
-            turns.push(l.lock().await);
-        }
-        let now = Instant::now();
-        let held: Vec<(KeyId, RateLimit, WindowRef, u32, u32)> = {
-            let mut map = lock(&self.map);
-            let held = map
-                .iter_mut()
-                .filter(|(_, l)| (l.remaining > 0 || l.excess > 0) && l.until > now)
-                .map(|(k, l)| {
-                    let units = std::mem::take(&mut l.remaining);
-                    (*k, l.limit, l.window, units, std::mem::take(&mut l.excess))
-                })
-                .collect();
-            map.clear();
-            held
-        };
-        drop(turns);
+        let keys: Vec<(KeyId, Arc<tokio::sync::Mutex<()>>)> =
+            lock(&self.map).iter().map(|(k, l)| (*k, Arc::clone(&l.reserving))).collect();
         let mut released = 0;
-        for (key, limit, window, units, excess) in held {
-            give_back(&self.db, key, limit.window, window, units.saturating_add(excess)).await?;
-            released += u64::from(units);
+        let mut failed = None;
+        // One key at a time: its reservation in flight lands first, then what it holds is
+        // taken out and given back. (Never two keys' locks at once: two shutdowns running
+        // together cannot wait for each other.)
+        for (key, reserving) in keys {
+            let held = {
+                let _turn = reserving.lock().await;
+                let now = Instant::now();
+                let mut map = lock(&self.map);
+                match map.remove(&key) {
+                    Some(l) if (l.remaining > 0 || l.excess > 0) && l.until > now => {
+                        Some((l.limit, l.window, l.remaining, l.excess))
+                    }
+                    _ => None,
+                }
+            };
+            let Some((limit, window, units, excess)) = held else { continue };
+            match give_back(&self.db, key, limit.window, window, units.saturating_add(excess)).await
+            {
+                Ok(()) => released += u64::from(units),
+                Err(e) => failed = Some(e),
+            }
         }
-        Ok(released)
+        failed.map_or(Ok(released), Err)
     }
 }
 

@@ -68,15 +68,16 @@ pub enum RateLimitMode {
     #[default]
     Shared,
     /// `Shared`, with units reserved ahead in blocks: one conditional upsert reserves a
-    /// block of the window's units, which this process then admits from memory. Across all
-    /// processes no window ever admits more than the limit. The block adapts to the key's
-    /// rate: a key checked about once a second still costs one write per check and leaves
-    /// nothing unspent; a hot key costs one write per block (at most `limit / 16` units,
-    /// and at most 16 384).
+    /// block of the window's units, which this process then admits from memory, and the
+    /// next block is reserved in the background once half of the current one is spent.
+    /// Across all processes no window ever admits more than the limit. A block covers the
+    /// rest of the window at the key's observed rate (at most `limit / 16` units, and at
+    /// most 16 384); only a key's first check after it was idle waits for the database.
     ///
     /// The trade-off: one process may refuse while another still holds units, so a window
-    /// can end with up to the sum of the blocks held by all processes unspent (each at most
-    /// `limit / 16`). Units held for the current window are given back by
+    /// can end with the units held by all processes unspent (each at most a block and a
+    /// half, `1.5 × limit / 16`: with 11 processes or more that can be the whole limit).
+    /// Units held for the current window are given back by
     /// [`ApiKeyClient::shutdown`](crate::ApiKeyClient::shutdown); those of a process that
     /// dies are lost with it, until its window ends.
     Leased,
@@ -216,6 +217,11 @@ impl RateLimiter {
 
     async fn check_shared(&self, key: KeyId, limit: RateLimit) -> Result<()> {
         let asked = Instant::now();
+        // Every check counts toward the sweep, those answered from a lease too (with leases
+        // refilled ahead, almost all are).
+        if self.sweep_due() {
+            self.sweep_in_background(asked);
+        }
         let leased = self.mode == RateLimitMode::Leased;
         if leased && self.leases.take(key, limit, asked) {
             return Ok(());
@@ -232,9 +238,6 @@ impl RateLimiter {
         } else {
             Box::pin(shared::count(&self.db, key, limit)).await
         };
-        if self.sweep_due() {
-            self.sweep_in_background(asked);
-        }
         match counted? {
             Count::Admitted => Ok(()),
             Count::Refused(left) => {

@@ -102,6 +102,44 @@ pub async fn a_balance_set_again_drops_the_blocks_held(db: TestDb) {
     }
     client.shutdown().await.unwrap();
     assert_eq!(stored(&db, id).await, 0, "nothing given back into the new balance");
+
+    // The same, shut down straight after the new balance is set (no check reads the changed
+    // key): the give-back itself refuses the balance set again.
+    let client = leased(&db).await;
+    let (id, key) = key_with(&client, Credits::new(10_000)).await;
+    until_held(&db, &client, &key, id, 10_000).await;
+    admin.update_key(id, KeyUpdate::new().with_credits(Some(Credits::new(5)))).await.unwrap();
+    client.shutdown().await.unwrap();
+    assert_eq!(stored(&db, id).await, 5, "nothing given back into the new balance");
+}
+
+/// A replica whose cache still holds the old record keeps spending after an admin set the
+/// balance again, and its refills then come from the new balance: what it holds must never
+/// mix the two, so its shutdown gives back at most what it took from the new balance, and
+/// the stored balance never ends above what was set. (Mixing gave back the old balance's
+/// credits too.)
+pub async fn a_stale_record_never_mixes_two_balances(db: TestDb) {
+    let client = db
+        .client_with(|b| {
+            b.credit_mode(CreditMode::Leased)
+                .cache(apikeys_db::KeyCache::new().max_staleness(Duration::from_secs(60)))
+        })
+        .await;
+    let (id, key) = key_with(&client, Credits::new(10_000)).await;
+    until_held(&db, &client, &key, id, 10_000).await;
+    let admin = db.client().await;
+    admin.update_key(id, KeyUpdate::new().with_credits(Some(Credits::new(10_000)))).await.unwrap();
+    // Checks answered from the stale cached record until a refill took from the new balance.
+    let mut spent_after = 0;
+    while stored(&db, id).await == 10_000 {
+        assert!(spent_after < 2_000, "no refill ever came from the new balance");
+        client.validate_key(&key, &ValidateOptions::new()).await.unwrap();
+        spent_after += 1;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    client.shutdown().await.unwrap();
+    let left = stored(&db, id).await;
+    assert!(left <= 10_000, "{left} left of 10 000 set, after {spent_after} checks");
 }
 
 /// A refilling balance: a leased client holds a block when the period rolls over (simulated

@@ -152,6 +152,7 @@ apikeys_testing::backend_tests! {
         leased_credits_go_back_on_shutdown,
         a_balance_set_again_drops_the_blocks_held,
         held_credits_never_go_back_into_a_new_period,
+        a_stale_record_never_mixes_two_balances,
     ],
     leases: [
         a_steady_key_is_answered_from_units_reserved_ahead,
