@@ -32,7 +32,7 @@ use sea_orm::{ConnectionTrait, DbBackend, Statement, Value};
 use super::{backend_index, spend_exact, statement};
 use crate::breaker::Db;
 use crate::error::storage;
-use crate::lock::lock;
+use crate::lock::{lock, release_each};
 
 /// The most credits one block holds.
 const MAX_BLOCK: u64 = 16_384;
@@ -172,8 +172,9 @@ impl CreditLeases {
         let block = {
             let map = lock(&self.map);
             map.get(&key.id)
-                .filter(|l| !l.left_known || l.left >= l.next_block(cost, Instant::now()))
-                .map(|l| l.next_block(cost, Instant::now()))
+                .map(|l| (l, l.next_block(cost, Instant::now())))
+                .filter(|(l, block)| !l.left_known || l.left >= *block)
+                .map(|(_, block)| block)
         };
         if let Some(block) = block {
             // In a task of its own: a caller that gives up must not drop a reservation the
@@ -388,30 +389,14 @@ impl CreditLeases {
     /// row it came from, only while that row's record and period are those of the
     /// reservation. Returns how many credits went back.
     pub(crate) async fn release(&self) -> Result<u64> {
-        let keys: Vec<(KeyId, Arc<tokio::sync::Mutex<()>>)> =
-            lock(&self.map).iter().map(|(k, l)| (*k, Arc::clone(&l.reserving))).collect();
-        let mut released = 0;
-        let mut failed = None;
-        // One key at a time (never two keys' locks at once): its reservation in flight lands
-        // first, then what it holds is taken out and given back.
-        for (key, reserving) in keys {
-            let held = {
-                let _turn = reserving.lock().await;
-                let now = Instant::now();
-                let mut map = lock(&self.map);
-                match map.remove(&key) {
-                    Some(l) if l.held > 0 && l.spendable(now) => l.reserved.map(|r| (l.held, r)),
-                    _ => None,
-                }
-            };
-            let Some((credits, reserved)) = held else { continue };
-            match give_back(&self.db, credits, &reserved).await {
-                Ok(true) => released += credits,
-                Ok(false) => {}
-                Err(e) => failed = Some(e),
-            }
-        }
-        failed.map_or(Ok(released), Err)
+        let now = Instant::now();
+        let take = |l: Lease| {
+            if l.held > 0 && l.spendable(now) { l.reserved.map(|r| (l.held, r)) } else { None }
+        };
+        let give = |_, (credits, reserved): (u64, Reserved)| async move {
+            Ok(if give_back(&self.db, credits, &reserved).await? { credits } else { 0 })
+        };
+        release_each(&self.map, |l| &l.reserving, take, give).await
     }
 }
 

@@ -61,7 +61,7 @@ use super::window::{
 };
 use crate::breaker::Db;
 use crate::error::{retry_conflicts, storage};
-use crate::lock::lock;
+use crate::lock::{lock, release_each};
 
 /// The largest block a process reserves at once: one key checked over 65 000 times a
 /// second in one process; for smaller limits `limit / 16` caps it first.
@@ -330,36 +330,23 @@ impl Leases {
 
     /// Gives back to the database what this process's leases added to current windows and
     /// did not admit: the granted units not spent, and the excess of a reservation past the
-    /// limit. Reservations under way land first (each key's lock is taken in turn). Returns
+    /// limit. Reservations under way land first (see [`release_each`]). Returns
     /// how many granted units went back.
     pub(crate) async fn release(&self) -> Result<u64> {
-        let keys: Vec<(KeyId, Arc<tokio::sync::Mutex<()>>)> =
-            lock(&self.map).iter().map(|(k, l)| (*k, Arc::clone(&l.reserving))).collect();
-        let mut released = 0;
-        let mut failed = None;
-        // One key at a time: its reservation in flight lands first, then what it holds is
-        // taken out and given back. (Never two keys' locks at once: two shutdowns running
-        // together cannot wait for each other.)
-        for (key, reserving) in keys {
-            let held = {
-                let _turn = reserving.lock().await;
-                let now = Instant::now();
-                let mut map = lock(&self.map);
-                match map.remove(&key) {
-                    Some(l) if (l.remaining > 0 || l.excess > 0) && l.until > now => {
-                        Some((l.limit, l.window, l.remaining, l.excess))
-                    }
-                    _ => None,
-                }
-            };
-            let Some((limit, window, units, excess)) = held else { continue };
-            match give_back(&self.db, key, limit.window, window, units.saturating_add(excess)).await
-            {
-                Ok(()) => released += u64::from(units),
-                Err(e) => failed = Some(e),
-            }
-        }
-        failed.map_or(Ok(released), Err)
+        let now = Instant::now();
+        let take = |l: Lease| {
+            ((l.remaining > 0 || l.excess > 0) && l.until > now).then_some((
+                l.limit,
+                l.window,
+                l.remaining,
+                l.excess,
+            ))
+        };
+        let give = |key, (limit, window, units, excess): (RateLimit, WindowRef, u32, u32)| async move {
+            give_back(&self.db, key, limit.window, window, units.saturating_add(excess)).await?;
+            Ok(u64::from(units))
+        };
+        release_each(&self.map, |l| &l.reserving, take, give).await
     }
 }
 
