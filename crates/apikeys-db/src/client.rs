@@ -279,6 +279,55 @@ impl ApiKeyClient {
         self.inner.keys.cache().map(|c| c.stats())
     }
 
+    /// Loads the keys that can pass a check (neither revoked nor expired) into the
+    /// verified-key cache, in id order, 1 000 per statement; returns how many keys it
+    /// loaded. It stops when the cache's room
+    /// ([`KeyCache::max_keys`](crate::KeyCache::max_keys)) is taken or an insert evicts a
+    /// key, so it never swaps out keys in use: size the cache for every live key (the
+    /// default room is 100 000) to have them all. Call it after
+    /// [`build`](crate::ClientBuilder::build) and before the service takes traffic: then
+    /// the first check of a loaded key after a deploy waits for no lookup. A key stored
+    /// under a previous signing secret only is left out (a tracked check reads and
+    /// re-hashes it). Product facts are not loaded: the first check that asks for a product
+    /// reads them.
+    ///
+    /// What is loaded is kept fresh like any cached key: a change heard while a page is
+    /// read keeps that page's keys out (the page is read again, up to three times), and
+    /// later changes reach them through the change feed within
+    /// [`max_staleness`](crate::KeyCache::max_staleness).
+    ///
+    /// It first waits for the cache's first read of the change feed (which empties the
+    /// cache): at most twice the longer of `max_staleness` and the wait for a database
+    /// connection ([`ClientBuilder::acquire_timeout`](crate::ClientBuilder::acquire_timeout), 5 s
+    /// by default).
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] when the client has no cache; [`Error::Unavailable`] (also
+    /// when the first read of the feed has not happened in time); [`Error::Storage`].
+    ///
+    /// # Examples
+    /// ```
+    /// # use apikeys_db::{ApiKeyClient, KeyCache, NewKey, VerifyOptions};
+    /// # #[tokio::main]
+    /// # async fn main() -> apikeys_db::Result<()> {
+    /// let client = ApiKeyClient::builder()
+    ///     .database_url("sqlite::memory:")
+    ///     .signing_secret("a-signing-secret-of-at-least-32-bytes!!")
+    ///     .cache(KeyCache::new())
+    ///     .build()
+    ///     .await?;
+    /// # client.create_tables().await?;
+    /// # let (org, _) = client.get_or_create_organization("acme").await?;
+    /// # client.create_key(org.id, NewKey::new("ci")).await?;
+    /// let loaded = client.warm_cache().await?;
+    /// assert_eq!(loaded, 1);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn warm_cache(&self) -> Result<usize> {
+        self.inner.keys.warm(self.now()).await
+    }
+
     /// Begins a transaction for the host application to own: run its own statements on it,
     /// the client's writes through [`with`](Self::with), then commit or roll back. It is a
     /// plain SeaORM [`DatabaseTransaction`] on the connection the client writes through; on

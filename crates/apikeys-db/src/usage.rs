@@ -165,12 +165,20 @@ impl UsageRecorder {
         self.batch.is_some()
     }
 
+    /// Records one use of `key` at `at` in memory, when uses are batched and the recorder
+    /// is not shut down. False: call [`record`](Self::record).
+    pub(crate) fn record_in_memory(&self, key: KeyId, at: NaiveDateTime) -> bool {
+        let Some(batch) = &self.batch else { return false };
+        if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        merge(&mut batch.counts.lock(), key.as_uuid(), Pending { count: 1, last_used: at });
+        true
+    }
+
     /// Records one use of `key` at `at`.
     pub(crate) async fn record(&self, key: KeyId, at: NaiveDateTime) -> Result<()> {
-        if let Some(batch) = &self.batch
-            && !self.closed.load(Ordering::Acquire)
-        {
-            merge(&mut batch.counts.lock(), key.as_uuid(), Pending { count: 1, last_used: at });
+        if self.record_in_memory(key, at) {
             return Ok(());
         }
         retry_conflicts(|| record_one(&self.db, key.as_uuid(), at)).await.map_err(storage)

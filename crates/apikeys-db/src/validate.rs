@@ -166,31 +166,40 @@ impl ApiKeyClient {
         let found = inner.keys.find(plaintext, product).await?;
         let requirements = Requirements { product: found.product, scopes: check.scopes };
         decide(&found.key, &requirements, now)?;
+        // Each part answers from memory when it can; only what needs the database awaits,
+        // boxed, so that a check answered from memory builds no database future (a large
+        // one would be copied with the check's own on every call).
         if check.rate_limit
             && let Some(limit) = found.key.rate_limit
+            && inner.limiter.check_in_memory(&found.key, limit).transpose()?.is_none()
         {
-            inner.limiter.check(&found.key, limit).await?;
+            Box::pin(inner.limiter.check(&found.key, limit)).await?;
         }
         let credits_left = match found.key.credits {
             Some(_) if check.credit_cost > 0 => {
-                inner.credits.spend(&found.key, check.credit_cost).await?
+                match inner.credits.spend_in_memory(&found.key, check.credit_cost) {
+                    Some(left) => Some(left),
+                    None => Box::pin(inner.credits.spend(&found.key, check.credit_cost)).await?,
+                }
             }
             _ => None,
         };
-        if check.track_usage {
-            inner.usage.record(found.key.id, naive(now)).await?;
+        if check.track_usage && !inner.usage.record_in_memory(found.key.id, naive(now)) {
+            Box::pin(inner.usage.record(found.key.id, naive(now))).await?;
+        }
+        // Nothing at all is written when tracking is off: no count, no re-hash.
+        if check.track_usage
+            && let Some(rehash) = found.rehash
+        {
+            Box::pin(inner.keys.rehash(found.key.id, rehash)).await;
         }
         let mut key = Arc::unwrap_or_clone(found.key);
         if let (Some(left), Some(credits)) = (credits_left, key.credits.as_mut()) {
             credits.remaining = left;
         }
-        // Nothing at all is written when tracking is off: no count, no re-hash.
         if check.track_usage {
             key.use_count += 1;
             key.last_used_at = Some(now);
-            if let Some(rehash) = found.rehash {
-                inner.keys.rehash(key.id, rehash).await;
-            }
         }
         Ok(key)
     }

@@ -57,7 +57,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use apikeys_core::hazmat::{KeyHash, ProductAccess};
-use apikeys_core::{ApiKey, Error, OrgId, ProductId, ProjectId, Result};
+use apikeys_core::{ApiKey, Error, KeyId, OrgId, ProductId, ProjectId, Result};
 use quick_cache::sync::{Cache, DefaultLifecycle};
 use quick_cache::{DefaultHashBuilder, OptionsBuilder, UnitWeighter, Weighter};
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -78,7 +78,7 @@ pub(crate) struct CachedKey {
     pub(crate) rehash: Option<crate::lookup::Rehash>,
     /// The entry's weight in the cache's bound (see [`KeyCache::max_keys`]), worked out
     /// once.
-    weight: u64,
+    pub(crate) weight: u64,
 }
 
 /// What one unit of the cache's bound holds: a key whose record takes up to this many bytes
@@ -247,6 +247,25 @@ impl CacheState {
         self.since(&self.polling_since).is_some_and(|age| age >= self.config.max_staleness)
     }
 
+    /// Waits until the poller has taken its place in the change feed (its first poll
+    /// empties the cache, so what is cached before then is lost): at most the longer of
+    /// `max_staleness` and the pool's acquire timeout, twice over.
+    pub(crate) async fn positioned(&self) -> Result<()> {
+        let deadline = Instant::now() + 2 * self.config.max_staleness.max(self.miss_wait);
+        while self.applied.load(Ordering::Acquire) < 0 {
+            if Instant::now() >= deadline {
+                return Err(Error::unavailable(NotPositioned));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok(())
+    }
+
+    /// The room for keys, in units of the bound (see [`KeyCache::max_keys`]).
+    pub(crate) fn room(&self) -> u64 {
+        self.config.max_keys as u64
+    }
+
     /// The generation a lookup that misses must remember and pass to the inserts.
     pub(crate) fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
@@ -339,23 +358,43 @@ impl CacheState {
         product: Option<ProductAccess>,
         generation: u64,
     ) {
+        self.insert_by_hash(*hash.as_bytes(), entry, product, generation);
+    }
+
+    /// [`insert`](Self::insert), by the hash's bytes. Says whether the entry was cached (not
+    /// when an invalidation ran since `generation`) and which keys the insert evicted.
+    pub(crate) fn insert_by_hash(
+        &self,
+        hash: [u8; 32],
+        entry: CachedKey,
+        product: Option<ProductAccess>,
+        generation: u64,
+    ) -> Inserted {
         let id = entry.key.id;
         let project = entry.key.project_id;
+        let mut evicted = Vec::new();
+        let replacing;
         {
             // The id map and the keys change together under its lock, and every entry the
             // insert evicts is dropped from the map here (quick_cache reports them through
             // `Evictions`): the map is exactly the cached keys, so any change to a cached key
             // finds its entry.
             let mut ids = lock(&self.ids);
-            let mut evicted = Vec::new();
-            self.keys.insert_with_lifecycle(*hash.as_bytes(), Arc::new(entry), &mut evicted);
-            for (evicted_id, evicted_hash) in evicted {
-                if ids.get(&evicted_id) == Some(&evicted_hash) {
-                    ids.remove(&evicted_id);
+            // An invalidation bumps the generation before it takes this lock: one that ran
+            // since the lookup began is seen here, and the entry is never shown at all; one
+            // that runs later finds the entry through the map once this lock is released.
+            if self.generation() != generation {
+                return Inserted { kept: false, evicted: Vec::new() };
+            }
+            replacing = self.keys.peek(&hash).is_some_and(|e| e.key.id == id);
+            self.keys.insert_with_lifecycle(hash, Arc::new(entry), &mut evicted);
+            for (evicted_id, evicted_hash) in &evicted {
+                if ids.get(evicted_id) == Some(evicted_hash) {
+                    ids.remove(evicted_id);
                 }
             }
             // Last: quick_cache reports the value an insert replaces as evicted too.
-            ids.insert(id, *hash.as_bytes());
+            ids.insert(id, hash);
         }
         if let Some(access) = product {
             let org = (!access.org_id.as_uuid().is_nil()).then_some(access.org_id);
@@ -365,9 +404,11 @@ impl CacheState {
                 self.links.insert((project, access.product_id), access.key_project_linked);
             }
         }
-        if self.generation() != generation {
-            // An invalidation ran while this lookup was reading: what it read may be older.
-            self.remove_key(id, hash.as_bytes());
+        let kept = self.generation() == generation;
+        if !kept {
+            // An invalidation ran meanwhile; the product facts read may be older than it
+            // (a link change takes no lock of the map's).
+            self.remove_key(id, &hash);
             if let Some(access) = product {
                 self.products.remove(&access.product_id);
                 if let Some(project) = project {
@@ -375,6 +416,12 @@ impl CacheState {
                 }
             }
         }
+        let mut evicted: Vec<KeyId> = evicted.into_iter().map(|(e, _)| e).collect();
+        // The entry of the same key that the insert replaced is reported too: not an eviction.
+        if replacing && let Some(at) = evicted.iter().position(|e| *e == id) {
+            evicted.swap_remove(at);
+        }
+        Inserted { kept, evicted }
     }
 
     /// Drops the entry of key `id` under `hash`, if it is still there.
@@ -511,6 +558,19 @@ impl quick_cache::Lifecycle<[u8; 32], Arc<CachedKey>> for Evictions {
 #[derive(Debug, thiserror::Error)]
 #[error("too many concurrent lookups of uncached keys (KeyCache::max_concurrent_misses)")]
 struct MissQueueFull;
+
+/// What [`CacheState::insert_by_hash`] did.
+pub(crate) struct Inserted {
+    /// The entry is cached (no invalidation ran since its lookup began).
+    pub(crate) kept: bool,
+    /// The keys whose entries the insert evicted to make room.
+    pub(crate) evicted: Vec<KeyId>,
+}
+
+/// The cache's first poll has not run in time (the database is slow or unreachable).
+#[derive(Debug, thiserror::Error)]
+#[error("the key cache has not read the change feed yet")]
+struct NotPositioned;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

@@ -146,18 +146,29 @@ impl CreditLeases {
         Self { db, runtime, map: Mutex::new(HashMap::new()), spends: Default::default() }
     }
 
-    /// Spends `cost` credits of `key`: from the credits held when they suffice, else after
-    /// a reservation (or, for a balance smaller than a block, an exact spend).
+    /// Spends `cost` credits of `key` from the credits held, when they suffice: the balance
+    /// as this process sees it. `None`: [`spend`](Self::spend) must reserve (or spend
+    /// exactly). Every spend passes here once, and counts toward the sweep.
+    pub(crate) fn spend_in_memory(self: &Arc<Self>, key: &ApiKey, cost: u32) -> Option<u64> {
+        self.count_and_sweep();
+        // A rolled key's balance lives on its successor: spent exactly, as without leases.
+        if key.rolled_to.is_some() {
+            return None;
+        }
+        match self.take(key, u64::from(cost)) {
+            Taken::Spent(left) => Some(left),
+            Taken::Empty => None,
+        }
+    }
+
+    /// Spends `cost` credits of `key`, for a spend that
+    /// [`spend_in_memory`](Self::spend_in_memory) could not answer: after a reservation (or,
+    /// for a balance smaller than a block and for a rolled key, an exact spend).
     pub(crate) async fn spend(self: &Arc<Self>, key: &ApiKey, cost: u32) -> Result<Option<u64>> {
         let cost = u64::from(cost);
         let cost_sql = i64::try_from(cost).unwrap_or(i64::MAX);
         if key.rolled_to.is_some() {
-            // A rolled key's balance lives on its successor: spent exactly, as without leases.
             return Box::pin(spend_exact(&self.db, key, cost_sql)).await;
-        }
-        self.count_and_sweep();
-        if let Taken::Spent(left) = self.take(key, cost) {
-            return Ok(Some(left));
         }
         let reserving = {
             let mut map = lock(&self.map);

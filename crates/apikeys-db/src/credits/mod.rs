@@ -202,9 +202,17 @@ impl CreditSpender {
         if self.leases.is_some() { CreditMode::Leased } else { CreditMode::Exact }
     }
 
+    /// Spends `cost` credits of `key` (which has credits) from what this process holds,
+    /// when that needs no database (leased mode): the balance left as this process sees it.
+    /// `None`: call [`spend`](Self::spend).
+    pub(crate) fn spend_in_memory(&self, key: &ApiKey, cost: u32) -> Option<u64> {
+        self.leases.as_ref().and_then(|leases| leases.spend_in_memory(key, cost))
+    }
+
     /// Spends `cost` credits of `key` (which has credits), following a roll to the key that
-    /// holds the balance. Returns the balance left (`None`: the key turned out to have no
-    /// credits, so nothing was spent).
+    /// holds the balance, for a spend that [`spend_in_memory`](Self::spend_in_memory) could
+    /// not answer. Returns the balance left (`None`: the key turned out to have no credits,
+    /// so nothing was spent).
     pub(crate) async fn spend(&self, key: &ApiKey, cost: u32) -> Result<Option<u64>> {
         match &self.leases {
             Some(leases) => leases.spend(key, cost).await,

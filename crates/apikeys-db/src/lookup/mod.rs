@@ -10,7 +10,8 @@ use apikeys_core::hazmat::{KeyHash, KeyHasher, ProductAccess};
 use apikeys_core::{ApiKey, Error, KeyFormat, KeyId, OrgId, ProductId, Result};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter, QueryResult,
+    ColumnTrait, Condition, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter,
+    QueryOrder, QueryResult, QuerySelect,
 };
 
 use crate::breaker::Db;
@@ -136,6 +137,52 @@ impl KeyLookup {
             new_hash: candidates[0].1.as_bytes().to_vec(),
         });
         Ok(Found { key: Arc::new(api_key_from_model(model)?), rehash, product })
+    }
+
+    /// Up to `limit` keys that are neither revoked nor expired at `now`, in id order after
+    /// `after`: one indexed read, for warming the cache. Each comes with the hash it is found
+    /// by under the current signing secret (its main hash, or its alternate one during a
+    /// rotation), or `None` when neither is under the current secret: such a key needs a
+    /// re-hash, which only its plaintext allows, so it is read on its first check instead.
+    pub(crate) async fn live_page(
+        &self,
+        after: Option<KeyId>,
+        now: chrono::DateTime<chrono::Utc>,
+        limit: u64,
+    ) -> Result<Vec<(Option<[u8; 32]>, ApiKey)>> {
+        let now = crate::convert::naive(now);
+        let mut query = api_key::Entity::find()
+            .filter(api_key::Column::RevokedAt.is_null())
+            .filter(
+                Condition::any()
+                    .add(api_key::Column::ExpiresAt.is_null())
+                    .add(api_key::Column::ExpiresAt.gt(now)),
+            )
+            .order_by_asc(api_key::Column::Id)
+            .limit(limit);
+        if let Some(after) = after {
+            query = query.filter(api_key::Column::Id.gt(after.as_uuid()));
+        }
+        let models = query.all(&self.db).await.map_err(storage)?;
+        let current = version_column(self.hasher.current_version())?;
+        models
+            .into_iter()
+            .map(|model| {
+                // A main hash under a previous secret is due a re-hash, which only a check
+                // (with the plaintext) can do: such a row is left to its first check.
+                let main_due = u32::try_from(model.secret_version)
+                    .map_or(true, |v| self.hasher.needs_rehash(v));
+                let hash = if model.secret_version == current {
+                    Some(model.key_hash.as_slice())
+                } else if model.alt_secret_version == Some(current) && !main_due {
+                    model.alt_key_hash.as_deref()
+                } else {
+                    None
+                };
+                let hash = hash.and_then(|h| <[u8; 32]>::try_from(h).ok());
+                Ok((hash, api_key_from_model(model)?))
+            })
+            .collect()
     }
 
     /// Moves a key's stored hash from a previous secret to the current one, keeping the old

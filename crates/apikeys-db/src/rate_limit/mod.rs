@@ -165,8 +165,39 @@ impl RateLimiter {
         self.leases.release().await
     }
 
+    /// Counts one request of `key` against `limit` when that needs no database: the local
+    /// mode, a unit of a lease this process holds, a window known to be full. `None`: it
+    /// needs the database, through [`check`](Self::check). Every check passes here once,
+    /// and counts toward the limiter's sweep.
+    ///
+    /// A synchronous step of its own so that a check answered from memory awaits nothing
+    /// (its future stays small: no database future to build, move and drop).
+    ///
+    /// # Errors
+    /// [`Error::Quota`] when the window is full (nothing is counted then).
+    pub(crate) fn check_in_memory(&self, key: &ApiKey, limit: RateLimit) -> Option<Result<()>> {
+        let sweep = self.sweep_due();
+        match self.mode {
+            RateLimitMode::Local => {
+                Some(self.local.check(key.rolled_to.unwrap_or(key.id), limit, sweep))
+            }
+            RateLimitMode::Shared | RateLimitMode::Leased => {
+                let now = Instant::now();
+                if sweep {
+                    self.sweep_in_background(now);
+                }
+                // A rolled key counts in its lineage's windows: found with a read.
+                if key.rolled_to.is_some() {
+                    return None;
+                }
+                self.shared_in_memory(key.id, limit, now)
+            }
+        }
+    }
+
     /// Counts one request of `key` against `limit`, in the windows of its lineage (see the
-    /// module docs: a rolled key shares its successors' budget).
+    /// module docs: a rolled key shares its successors' budget), for a check that
+    /// [`check_in_memory`](Self::check_in_memory) could not answer.
     ///
     /// # Errors
     /// [`Error::Quota`] when the window is full (nothing is counted then);
@@ -185,9 +216,8 @@ impl RateLimiter {
                     other => other,
                 }
             }
-            RateLimitMode::Local => {
-                self.local.check(key.rolled_to.unwrap_or(key.id), limit, self.sweep_due())
-            }
+            // Answered in memory, always.
+            RateLimitMode::Local => self.local.check(key.rolled_to.unwrap_or(key.id), limit, false),
         }
     }
 
@@ -215,24 +245,29 @@ impl RateLimiter {
         }
     }
 
-    async fn check_shared(&self, key: KeyId, limit: RateLimit) -> Result<()> {
-        let asked = Instant::now();
-        // Every check counts toward the sweep, those answered from a lease too (with leases
-        // refilled ahead, almost all are).
-        if self.sweep_due() {
-            self.sweep_in_background(asked);
-        }
-        let leased = self.mode == RateLimitMode::Leased;
-        if leased && self.leases.take(key, limit, asked) {
-            return Ok(());
+    /// What memory says about a request of `key` (the lineage's head) against `limit`: a
+    /// unit of a lease this process holds, or a refusal of a window known to be full.
+    fn shared_in_memory(&self, key: KeyId, limit: RateLimit, now: Instant) -> Option<Result<()>> {
+        if self.mode == RateLimitMode::Leased && self.leases.take(key, limit, now) {
+            return Some(Ok(()));
         }
         if let Some(r) = lock(&self.over_limit).get(&key).copied()
             && r.limit == limit
-            && r.until > asked
+            && r.until > now
         {
-            let retry_after = r.retry_at.saturating_duration_since(asked);
-            return Err(Error::Quota { retry_after, limit });
+            let retry_after = r.retry_at.saturating_duration_since(now);
+            return Some(Err(Error::Quota { retry_after, limit }));
         }
+        None
+    }
+
+    async fn check_shared(&self, key: KeyId, limit: RateLimit) -> Result<()> {
+        let asked = Instant::now();
+        // Again: a reservation may have landed since, or this is the lineage's head.
+        if let Some(answer) = self.shared_in_memory(key, limit, asked) {
+            return answer;
+        }
+        let leased = self.mode == RateLimitMode::Leased;
         let counted = if leased {
             Box::pin(self.leases.check(key, limit)).await
         } else {

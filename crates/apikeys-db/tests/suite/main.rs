@@ -27,6 +27,7 @@ mod test_db;
 mod timeout;
 mod transaction;
 mod usage;
+mod warm;
 
 apikeys_testing::backend_tests! {
     bad_input: [
@@ -62,6 +63,15 @@ apikeys_testing::backend_tests! {
         key_changes_follow_the_host_transaction,
         concurrent_host_transactions_create_one_row,
         isolation_as_documented,
+    ],
+    warm: [
+        warming_loads_the_live_keys_and_no_other,
+        warmed_keys_follow_changes_made_elsewhere,
+        warming_racing_revocations_never_serves_a_revoked_key,
+        warming_counts_what_the_cache_holds,
+        warming_stops_at_the_cache_room,
+        warming_needs_a_cache,
+        warming_leaves_out_keys_under_a_previous_secret,
     ],
     cache: [
         checks_are_served_from_memory,
