@@ -283,7 +283,7 @@ impl ApiKeyClient {
     /// verified-key cache, in id order, 1 000 per statement; returns how many keys it
     /// loaded. It stops when the cache's room
     /// ([`KeyCache::max_keys`](crate::KeyCache::max_keys)) is taken or an insert evicts a
-    /// key, so it never swaps out keys in use: size the cache for every live key (the
+    /// key, so it never swaps out keys in use: size the cache a quarter above the live keys (the
     /// default room is 100 000) to have them all. Call it after
     /// [`build`](crate::ClientBuilder::build) and before the service takes traffic: then
     /// the first check of a loaded key after a deploy waits for no lookup. A key stored

@@ -13,6 +13,16 @@
 //! non-leased shared mode) still adds one while below the limit, so the two modes can share
 //! a key during a rolling deploy.
 //!
+//! # Many keys per statement
+//! The reservations a process asks for while one batch is with the database (first checks
+//! of many keys, background refills, next windows' first blocks) go together in the next
+//! batch, up to [`MAX_BATCH`] keys: on PostgreSQL and SQLite one statement, the same upsert
+//! row by row; on MySQL, which cannot return per-row results, the rows created at 0 where
+//! missing, then one transaction that locks them, works out each grant and adds it. No
+//! reservation waits for more than the batch before it, and under load one statement serves
+//! many keys. A batch that fails (a key deleted meanwhile fails the whole statement) is
+//! done again key by key, so each key gets an answer of its own.
+//!
 //! # Off the request path
 //! A check takes a unit of the block this process holds, in memory. When that leaves half
 //! of the block or less, the next block is reserved in the background (one reservation in
@@ -62,6 +72,14 @@ use super::window::{
 use crate::breaker::Db;
 use crate::error::{retry_conflicts, storage};
 use crate::lock::{lock, release_each};
+
+/// The most keys one batch statement reserves for.
+const MAX_BATCH: usize = 256;
+
+/// The batch a reservation waited in was dropped (the client's runtime is shutting down).
+#[derive(Debug, thiserror::Error)]
+#[error("the rate-limit reservation was dropped before it ran")]
+struct BatchDropped;
 
 /// The largest block a process reserves at once: one key checked over 65 000 times a
 /// second in one process; for smaller limits `limit / 16` caps it first.
@@ -159,11 +177,105 @@ pub(crate) struct Leases {
     db: Db,
     runtime: tokio::runtime::Handle,
     map: Mutex<HashMap<KeyId, Lease>>,
+    /// Reservations waiting for the next batch.
+    queue: Mutex<Queue>,
+}
+
+/// Reservations asked for while a batch statement runs: they go in the next one.
+#[derive(Default)]
+struct Queue {
+    asks: Vec<Ask>,
+    /// A task is sending batches.
+    sending: bool,
+}
+
+/// One key's reservation, waiting in the [`Queue`].
+struct Ask {
+    key: KeyId,
+    limit: RateLimit,
+    block: u32,
+    reply: tokio::sync::oneshot::Sender<Result<Grant>>,
 }
 
 impl Leases {
     pub(crate) fn new(db: Db, runtime: tokio::runtime::Handle) -> Self {
-        Self { db, runtime, map: Mutex::new(HashMap::new()) }
+        Self { db, runtime, map: Mutex::new(HashMap::new()), queue: Mutex::default() }
+    }
+
+    /// Reserves up to `block` units of `key`'s current window. The reservations asked for
+    /// while one batch runs go together in the next (see [`reserve_many`]): under load, one
+    /// statement (on MySQL, one transaction) serves many keys, and no reservation waits for
+    /// more than the batch before it.
+    async fn reserve(self: &Arc<Self>, key: KeyId, limit: RateLimit, block: u32) -> Result<Grant> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut queue = lock(&self.queue);
+            queue.asks.push(Ask { key, limit, block, reply });
+            !std::mem::replace(&mut queue.sending, true)
+        };
+        if start {
+            let leases = Arc::clone(self);
+            self.runtime.spawn(async move { leases.send_batches().await });
+        }
+        answer.await.unwrap_or_else(|_| Err(apikeys_core::Error::unavailable(BatchDropped)))
+    }
+
+    /// Sends the queued reservations, [`MAX_BATCH`] keys per statement at most, until none is
+    /// left.
+    async fn send_batches(&self) {
+        loop {
+            let batch = {
+                let mut queue = lock(&self.queue);
+                if queue.asks.is_empty() {
+                    queue.sending = false;
+                    return;
+                }
+                // One ask per key in a statement (a key has one reservation in flight per
+                // process; a second would wait for the next batch).
+                let mut seen = std::collections::HashSet::new();
+                let mut batch = Vec::new();
+                let mut rest = Vec::new();
+                for ask in queue.asks.drain(..) {
+                    if batch.len() < MAX_BATCH && seen.insert(ask.key) {
+                        batch.push(ask);
+                    } else {
+                        rest.push(ask);
+                    }
+                }
+                queue.asks = rest;
+                batch
+            };
+            let wanted: Vec<_> = batch.iter().map(|a| (a.key, a.limit, a.block)).collect();
+            // MySQL's batch takes five round trips: one key alone takes one statement.
+            let alone = wanted.len() == 1 && self.db.get_database_backend() == DbBackend::MySql;
+            let reserved = if alone {
+                reserve(&self.db, wanted[0].0, wanted[0].1, wanted[0].2).await.map(|g| vec![g])
+            } else {
+                reserve_many(&self.db, &wanted).await.map_err(counting_error)
+            };
+            match reserved {
+                Ok(grants) => {
+                    for (ask, grant) in batch.into_iter().zip(grants) {
+                        ask.reply.send(Ok(grant)).ok();
+                    }
+                }
+                // A key deleted meanwhile fails the whole statement (its window row cannot
+                // reference it), as does a database failure: each key again on its own, for
+                // an answer of its own.
+                Err(e) if alone => {
+                    if let Some(ask) = batch.into_iter().next() {
+                        ask.reply.send(Err(e)).ok();
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(keys = batch.len(), error = %e, "a batch of rate-limit reservations failed; reserving key by key");
+                    for ask in batch {
+                        let grant = reserve(&self.db, ask.key, ask.limit, ask.block).await;
+                        ask.reply.send(grant).ok();
+                    }
+                }
+            }
+        }
     }
 
     /// Takes one unit of `key`'s lease if it holds one for `limit` in a window not ended;
@@ -238,7 +350,7 @@ impl Leases {
         asked: Instant,
         take: bool,
     ) -> Result<Grant> {
-        let grant = reserve(&self.db, key, limit, block).await?;
+        let grant = self.reserve(key, limit, block).await?;
         let answered = Instant::now();
         if let Grant::Units { granted, added, left, window } = grant {
             let ahead = {
@@ -546,6 +658,228 @@ async fn reserve(db: &Db, key: KeyId, limit: RateLimit, block: u32) -> Result<Gr
         }
     };
     result.map_err(counting_error)
+}
+
+/// Reserves up to `block` units of each key's current window: on PostgreSQL and SQLite in
+/// one statement, the same conditional upsert as [`reserve`] row by row, so each key gets
+/// what it would have got alone; on MySQL in one transaction (see [`reserve_many_mysql`]).
+/// The rows are written in key order, so two processes' batches never wait for each other's
+/// row locks in a cycle. Keys must be distinct. The grants come back in the order of `asks`.
+async fn reserve_many(
+    db: &Db,
+    asks: &[(KeyId, RateLimit, u32)],
+) -> std::result::Result<Vec<Grant>, DbErr> {
+    let backend = db.get_database_backend();
+    let mut order: Vec<usize> = (0..asks.len()).collect();
+    order.sort_by_key(|&i| asks[i].0.as_uuid());
+    let mut values: Vec<Value> = Vec::with_capacity(asks.len() * 5);
+    let mut rows = Vec::with_capacity(asks.len());
+    // The rows' new counts by key, and (PostgreSQL) each window's start and time left.
+    let mut found: HashMap<uuid::Uuid, (Option<i64>, i64, i64)> = HashMap::new();
+    if backend == DbBackend::MySql {
+        return retry_conflicts(|| reserve_many_mysql(db, asks, &order)).await;
+    }
+    if backend == DbBackend::Postgres {
+        for (n, &i) in order.iter().enumerate() {
+            let (key, limit, block) = asks[i];
+            let p = n * 4;
+            rows.push(format!(
+                "(${}::uuid, ${}::bigint, ${}::bigint, ${}::bigint)",
+                p + 1,
+                p + 2,
+                p + 3,
+                p + 4
+            ));
+            values.extend([
+                Value::from(key.as_uuid()),
+                (limit.window.seconds() * 1_000).into(),
+                i64::from(limit.requests.get()).into(),
+                i64::from(block).into(),
+            ]);
+        }
+        let sql = format!(
+            "WITH input(key_id, len, lim, block) AS (VALUES {}), \
+             t AS (SELECT {PG_NOW_MS} AS now_ms), \
+             w AS (SELECT input.*, t.now_ms, t.now_ms - mod(t.now_ms, input.len) AS start \
+               FROM input, t), \
+             up AS (INSERT INTO rate_limit_windows (key_id, window_start, count, expires_at) \
+               SELECT key_id, start, block, start + len FROM w ORDER BY key_id \
+               ON CONFLICT (key_id, window_start) DO UPDATE \
+               SET count = rate_limit_windows.count + excluded.count \
+               WHERE rate_limit_windows.count < \
+                 (SELECT w.lim FROM w WHERE w.key_id = rate_limit_windows.key_id) \
+               RETURNING key_id, count) \
+             SELECT w.key_id AS key_id, w.start AS start, w.start + w.len - w.now_ms AS left_ms, \
+               up.count AS new_count FROM w LEFT JOIN up ON up.key_id = w.key_id",
+            rows.join(", ")
+        );
+        let stmt = Statement::from_sql_and_values(backend, sql, values);
+        for row in retry_conflicts(|| db.query_all_raw(stmt.clone())).await? {
+            let key: uuid::Uuid = row.try_get("", "key_id")?;
+            let new: Option<i64> = row.try_get("", "new_count")?;
+            found.insert(key, (new, row.try_get("", "start")?, row.try_get("", "left_ms")?));
+        }
+    } else {
+        let now = host_millis();
+        for &i in &order {
+            let (key, limit, block) = asks[i];
+            let len = limit.window.seconds() * 1_000;
+            let start = now - now.rem_euclid(len);
+            rows.push("(?, ?, ?, ?, ?)".to_owned());
+            values.extend([
+                Value::from(key.as_uuid()),
+                start.into(),
+                i64::from(block).into(),
+                (start + len).into(),
+                i64::from(limit.requests.get()).into(),
+            ]);
+            found.insert(key.as_uuid(), (None, start, start + len));
+        }
+        let sql = format!(
+            "WITH input(key_id, start, block, expires_at, lim) AS (VALUES {}) \
+             INSERT INTO rate_limit_windows (key_id, window_start, count, expires_at) \
+             SELECT key_id, start, block, expires_at FROM input WHERE true ORDER BY key_id \
+             ON CONFLICT (key_id, window_start) DO UPDATE SET count = count + excluded.count \
+             WHERE count < (SELECT lim FROM input WHERE input.key_id = rate_limit_windows.key_id) \
+             RETURNING key_id, count",
+            rows.join(", ")
+        );
+        let stmt = Statement::from_sql_and_values(backend, sql, values);
+        let returned = retry_conflicts(|| db.query_all_raw(stmt.clone())).await?;
+        let now = host_millis();
+        for f in found.values_mut() {
+            // The window's end, now its time left.
+            f.2 -= now;
+        }
+        for row in returned {
+            let key: uuid::Uuid = row.try_get("", "key_id")?;
+            let count: i64 = row.try_get("", "count")?;
+            if let Some(f) = found.get_mut(&key) {
+                f.0 = Some(count);
+            }
+        }
+    }
+    Ok(asks
+        .iter()
+        .map(|&(key, limit, block)| {
+            let (new, start, left) = found.get(&key.as_uuid()).copied().unwrap_or((None, 0, 1));
+            let max = i64::from(limit.requests.get());
+            // The whole block was added: the grant is what fits under the limit.
+            let granted = new.map_or(0, |new| {
+                u32::try_from((i64::from(block) - (new - max).max(0)).max(0)).unwrap_or(0)
+            });
+            if granted > 0 {
+                Grant::Units {
+                    granted,
+                    added: block,
+                    left: left_ms(left),
+                    window: WindowRef::Start(start),
+                }
+            } else {
+                Grant::Refused(left_ms(left))
+            }
+        })
+        .collect())
+}
+
+/// MySQL's batch: the database's clock read once, the keys' window rows created at 0 where
+/// missing, then in one transaction the rows locked (`FOR UPDATE`, in key order), each key
+/// granted `min(block, limit - count)` of what is left, and the grants added in one upsert.
+/// The row locks make it exact against every other writer of those rows, as the single
+/// statement of [`reserve`] is.
+async fn reserve_many_mysql(
+    db: &Db,
+    asks: &[(KeyId, RateLimit, u32)],
+    order: &[usize],
+) -> std::result::Result<Vec<Grant>, DbErr> {
+    let backend = DbBackend::MySql;
+    let sql = format!("SELECT CAST({MY_NOW_MS} AS SIGNED) AS now_ms");
+    let now: i64 = db
+        .query_one_raw(Statement::from_string(backend, sql))
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound("the database clock".into()))?
+        .try_get("", "now_ms")?;
+    let window = |limit: RateLimit| {
+        let len = limit.window.seconds() * 1_000;
+        let start = now - now.rem_euclid(len);
+        (start, start + len, len)
+    };
+    // The rows first, at 0 where missing, in a statement of their own (key order): the
+    // transaction then locks rows that exist. Locking a missing row takes a gap lock, which
+    // two processes can both hold and then both wait on to insert: a deadlock.
+    let mut rows = Vec::with_capacity(order.len());
+    let mut values: Vec<Value> = Vec::with_capacity(order.len() * 3);
+    for &i in order {
+        let (key, limit, _) = asks[i];
+        let (start, end, _) = window(limit);
+        rows.push("(?, ?, 0, ?)");
+        values.extend([Value::from(key.as_uuid()), start.into(), end.into()]);
+    }
+    let sql = format!(
+        "INSERT IGNORE INTO rate_limit_windows (key_id, window_start, count, expires_at) \
+         VALUES {}",
+        rows.join(", ")
+    );
+    db.execute_raw(Statement::from_sql_and_values(backend, sql, values)).await?;
+    let txn = db.begin_with_options(sea_orm::TransactionOptions::default()).await?;
+    let mut pairs = Vec::with_capacity(order.len());
+    let mut values: Vec<Value> = Vec::with_capacity(order.len() * 2);
+    for &i in order {
+        let (key, limit, _) = asks[i];
+        pairs.push("(?, ?)");
+        values.extend([Value::from(key.as_uuid()), window(limit).0.into()]);
+    }
+    let sql = format!(
+        "SELECT key_id, count FROM rate_limit_windows WHERE (key_id, window_start) IN ({}) \
+         ORDER BY key_id FOR UPDATE",
+        pairs.join(", ")
+    );
+    let mut counts: HashMap<uuid::Uuid, i64> = HashMap::new();
+    for row in txn.query_all_raw(Statement::from_sql_and_values(backend, sql, values)).await? {
+        counts.insert(row.try_get("", "key_id")?, row.try_get("", "count")?);
+    }
+    let grants: Vec<Grant> = asks
+        .iter()
+        .map(|&(key, limit, block)| {
+            let (start, end, len) = window(limit);
+            let count = counts.get(&key.as_uuid()).copied().unwrap_or(0);
+            let room = (i64::from(limit.requests.get()) - count).max(0);
+            let granted = u32::try_from(room.min(i64::from(block))).unwrap_or(0);
+            let left = left_ms(end - now);
+            // Named as MySQL's single statement names windows (see `MY_GRANT_SHIFT`).
+            let window = WindowRef::Index((start / len).rem_euclid(MY_INDEX_MOD));
+            if granted > 0 {
+                Grant::Units { granted, added: granted, left, window }
+            } else {
+                Grant::Refused(left)
+            }
+        })
+        .collect();
+    let mut rows = Vec::new();
+    let mut values: Vec<Value> = Vec::new();
+    for &i in order {
+        if let Grant::Units { granted, .. } = grants[i] {
+            let (key, limit, _) = asks[i];
+            let (start, end, _) = window(limit);
+            rows.push("(?, ?, ?, ?)");
+            values.extend([
+                Value::from(key.as_uuid()),
+                start.into(),
+                i64::from(granted).into(),
+                end.into(),
+            ]);
+        }
+    }
+    if !rows.is_empty() {
+        let sql = format!(
+            "INSERT INTO rate_limit_windows (key_id, window_start, count, expires_at) \
+             VALUES {} ON DUPLICATE KEY UPDATE count = count + VALUES(count)",
+            rows.join(", ")
+        );
+        txn.execute_raw(Statement::from_sql_and_values(backend, sql, values)).await?;
+    }
+    txn.commit().await?;
+    Ok(grants)
 }
 
 /// Takes `units` that this process added to `key`'s window (and did not admit) off the

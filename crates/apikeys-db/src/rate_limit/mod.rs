@@ -73,6 +73,7 @@ pub enum RateLimitMode {
     /// Across all processes no window ever admits more than the limit. A block covers the
     /// rest of the window at the key's observed rate (at most `limit / 16` units, and at
     /// most 16 384); only a key's first check after it was idle waits for the database.
+    /// Reservations asked for together (many keys' first checks) share a statement.
     ///
     /// The trade-off: one process may refuse while another still holds units, so a window
     /// can end with the units held by all processes unspent (each at most a block and a

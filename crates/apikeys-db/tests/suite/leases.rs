@@ -129,3 +129,118 @@ pub async fn leased_shortfall_is_bounded(db: TestDb) {
     client.shutdown().await.unwrap();
     assert_eq!(window_rows(&client).await[0].1, 800, "the unspent units went back");
 }
+
+/// A client on a connection of the test's own, counting the statements that reserve units
+/// (`INSERT INTO rate_limit_windows`).
+async fn counting_client(db: &TestDb) -> (ApiKeyClient, Arc<std::sync::atomic::AtomicUsize>) {
+    use apikeys_db::sea_orm::{ConnectOptions, Database};
+    let mut options = ConnectOptions::new(db.url.clone());
+    options.sqlx_logging(false);
+    #[cfg(feature = "sqlite")]
+    if db.url.starts_with("sqlite:") {
+        options
+            .max_connections(2)
+            .map_sqlx_sqlite_opts(|o| o.foreign_keys(true).busy_timeout(Duration::from_secs(5)));
+    }
+    let mut conn = Database::connect(options).await.unwrap();
+    let reservations = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&reservations);
+    conn.set_metric_callback(move |info| {
+        let sql = &info.statement.sql;
+        if sql.contains("INSERT INTO rate_limit_windows") {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let client = ApiKeyClient::builder()
+        .connection(conn)
+        .signing_secret(apikeys_testing::SECRET)
+        .rate_limit_mode(RateLimitMode::Leased)
+        .build()
+        .await
+        .unwrap();
+    (client, reservations)
+}
+
+/// Reservations asked for at the same time go in shared statements: 64 keys checked for the
+/// first time at once, each admitted exactly once, take far fewer than 64 statements (one
+/// each, before batching), and the window rows count what was reserved.
+pub async fn reservations_asked_together_share_statements(db: TestDb) {
+    let admin = db.client().await;
+    let (org, _) = admin.get_or_create_organization("acme").await.unwrap();
+    let limit = RateLimit::per_minute(160).unwrap();
+    let mut keys = Vec::new();
+    for i in 0..64 {
+        let new = NewKey::new(format!("k{i}")).with_rate_limit(limit);
+        keys.push(admin.create_key(org.id, new).await.unwrap().key.expose_secret().to_owned());
+    }
+    leave_room(&admin, Window::Minute, Duration::from_secs(10)).await;
+    let (client, reservations) = counting_client(&db).await;
+    let client = Arc::new(client);
+    let barrier = Arc::new(tokio::sync::Barrier::new(keys.len()));
+    let tasks: Vec<_> = keys
+        .into_iter()
+        .map(|key| {
+            let (client, barrier) = (Arc::clone(&client), Arc::clone(&barrier));
+            tokio::spawn(async move {
+                barrier.wait().await;
+                client.validate_key(&key, &untracked()).await.unwrap();
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let statements = reservations.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(statements < 32, "{statements} statements for 64 keys' first reservations");
+    let rows = window_rows(&client).await;
+    assert_eq!(rows.len(), 64, "{rows:?}");
+    assert!(rows.iter().all(|&(_, count)| (1..=160).contains(&count)), "{rows:?}");
+    client.shutdown().await.unwrap();
+}
+
+/// A key deleted while its reservation waits in a batch fails the shared statement (its
+/// window row cannot reference it): every other key of the batch is still answered, each on
+/// its own, and the deleted key's check gives `InvalidKey`, never `Storage`.
+pub async fn a_key_deleted_in_a_batch_fails_only_its_own_check(db: TestDb) {
+    let admin = db.client().await;
+    let (org, _) = admin.get_or_create_organization("acme").await.unwrap();
+    let limit = RateLimit::per_minute(160).unwrap();
+    leave_room(&admin, Window::Minute, Duration::from_secs(10)).await;
+    let (client, _) = counting_client(&db).await;
+    let client = Arc::new(client);
+    for round in 0..5 {
+        let mut keys = Vec::new();
+        for i in 0..16 {
+            let new = NewKey::new(format!("r{round}k{i}")).with_rate_limit(limit);
+            let issued = admin.create_key(org.id, new).await.unwrap();
+            keys.push((issued.record.id, issued.key.expose_secret().to_owned()));
+        }
+        // The record is read before the key is deleted (as a cached record would be); the
+        // deletion lands while the checks reserve.
+        let records: Vec<_> = keys.iter().map(|(id, _)| *id).collect();
+        let doomed = records[round % records.len()];
+        let barrier = Arc::new(tokio::sync::Barrier::new(keys.len() + 1));
+        let tasks: Vec<_> = keys
+            .iter()
+            .cloned()
+            .map(|(id, key)| {
+                let (client, barrier) = (Arc::clone(&client), Arc::clone(&barrier));
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    (id, client.validate_key(&key, &untracked()).await)
+                })
+            })
+            .collect();
+        barrier.wait().await;
+        admin.delete_key(doomed).await.unwrap();
+        for task in tasks {
+            let (id, result) = task.await.unwrap();
+            match result {
+                Ok(_) => {}
+                Err(apikeys_db::Error::InvalidKey) if id == doomed => {}
+                other => panic!("key {id} (deleted: {}): {other:?}", id == doomed),
+            }
+        }
+    }
+    client.shutdown().await.unwrap();
+}

@@ -168,5 +168,7 @@ apikeys_testing::backend_tests! {
         a_steady_key_is_answered_from_units_reserved_ahead,
         the_next_window_is_reserved_ahead_for_an_active_key,
         leased_shortfall_is_bounded,
+        reservations_asked_together_share_statements,
+        a_key_deleted_in_a_batch_fails_only_its_own_check,
     ],
 }
