@@ -178,7 +178,7 @@ impl ApiKeyClient {
         let credits_left = match found.key.credits {
             Some(_) if check.credit_cost > 0 => {
                 match inner.credits.spend_in_memory(&found.key, check.credit_cost) {
-                    Some(left) => Some(left),
+                    Some(left) => Some(left?),
                     None => Box::pin(inner.credits.spend(&found.key, check.credit_cost)).await?,
                 }
             }

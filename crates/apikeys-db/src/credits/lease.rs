@@ -87,6 +87,9 @@ struct Lease {
     block: u64,
     refilling: bool,
     reserving: Arc<tokio::sync::Mutex<()>>,
+    /// The balance was found spent: refused from memory until then (this process's
+    /// monotonic clock), with the refill time the database gave.
+    exhausted: Option<(Instant, Option<DateTime<Utc>>)>,
 }
 
 impl Lease {
@@ -102,6 +105,7 @@ impl Lease {
             block: 0,
             refilling: false,
             reserving: Arc::new(tokio::sync::Mutex::new(())),
+            exhausted: None,
         }
     }
 
@@ -139,7 +143,13 @@ enum Taken {
     Spent(u64),
     /// Nothing held (or not for this record): reserve.
     Empty,
+    /// The balance was found spent a moment ago (see [`EXHAUSTED_MEMO`]).
+    Exhausted(Option<DateTime<Utc>>),
 }
+
+/// How long a process refuses a key whose balance it found spent without asking the
+/// database again (while the key's record stays the same).
+pub(crate) const EXHAUSTED_MEMO: Duration = Duration::from_secs(1);
 
 impl CreditLeases {
     pub(crate) fn new(db: Db, runtime: tokio::runtime::Handle) -> Self {
@@ -149,14 +159,25 @@ impl CreditLeases {
     /// Spends `cost` credits of `key` from the credits held, when they suffice: the balance
     /// as this process sees it. `None`: [`spend`](Self::spend) must reserve (or spend
     /// exactly). Every spend passes here once, and counts toward the sweep.
-    pub(crate) fn spend_in_memory(self: &Arc<Self>, key: &ApiKey, cost: u32) -> Option<u64> {
+    ///
+    /// # Errors
+    /// [`Error::UsageExhausted`](apikeys_core::Error::UsageExhausted) for a balance this
+    /// process found spent less than [`EXHAUSTED_MEMO`] ago, the record unchanged since.
+    pub(crate) fn spend_in_memory(
+        self: &Arc<Self>,
+        key: &ApiKey,
+        cost: u32,
+    ) -> Option<Result<u64>> {
         self.count_and_sweep();
         // A rolled key's balance lives on its successor: spent exactly, as without leases.
         if key.rolled_to.is_some() {
             return None;
         }
         match self.take(key, u64::from(cost)) {
-            Taken::Spent(left) => Some(left),
+            Taken::Spent(left) => Some(Ok(left)),
+            Taken::Exhausted(refill_at) => {
+                Some(Err(apikeys_core::Error::UsageExhausted { refill_at }))
+            }
             Taken::Empty => None,
         }
     }
@@ -176,9 +197,14 @@ impl CreditLeases {
             Arc::clone(&lease.reserving)
         };
         let turn = reserving.lock().await;
-        // A reservation may have landed while this call waited.
-        if let Taken::Spent(left) = self.take(key, cost) {
-            return Ok(Some(left));
+        // A reservation may have landed while this call waited, or another call found the
+        // balance spent.
+        match self.take(key, cost) {
+            Taken::Spent(left) => return Ok(Some(left)),
+            Taken::Exhausted(refill_at) => {
+                return Err(apikeys_core::Error::UsageExhausted { refill_at });
+            }
+            Taken::Empty => {}
         }
         let block = {
             let map = lock(&self.map);
@@ -203,7 +229,20 @@ impl CreditLeases {
         // A balance smaller than the block (known from the last statement, or just refused):
         // spend exactly, without holding the key's turn, and remember what is left.
         drop(turn);
-        let left = Box::pin(spend_exact(&self.db, key, cost_sql)).await?;
+        let left = match Box::pin(spend_exact(&self.db, key, cost_sql)).await {
+            Err(apikeys_core::Error::UsageExhausted { refill_at }) => {
+                // Remembered for a moment, for this record: a key found spent is refused
+                // without a statement per check (a hot key's checks would otherwise be two
+                // statements each).
+                if let Some(lease) = lock(&self.map).get_mut(&key.id)
+                    && lease.record_updated_at == key.updated_at
+                {
+                    lease.exhausted = Some((Instant::now() + EXHAUSTED_MEMO, refill_at));
+                }
+                return Err(apikeys_core::Error::UsageExhausted { refill_at });
+            }
+            other => other?,
+        };
         if let Some(lease) = lock(&self.map).get_mut(&key.id) {
             lease.spent = lease.spent.saturating_add(cost);
             lease.left = left.unwrap_or(0);
@@ -236,6 +275,12 @@ impl CreditLeases {
                 // The key changed (a balance set, a roll): what is held is of the old one.
                 *lease = Lease::new(key.updated_at);
                 return Taken::Empty;
+            }
+            if let Some((until, refill_at)) = lease.exhausted {
+                if until > now {
+                    return Taken::Exhausted(refill_at);
+                }
+                lease.exhausted = None;
             }
             if !lease.spendable(now) {
                 lease.held = 0;

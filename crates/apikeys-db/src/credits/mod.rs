@@ -179,7 +179,9 @@ pub enum CreditMode {
     /// end of their period (by the database's clock), nor after the replica sees that the
     /// key was changed (a new balance set, for instance): within the verified-key cache's
     /// staleness bound when it has one, at once otherwise. The balance on the returned
-    /// record is what the replica last read plus what it holds.
+    /// record is what the replica last read plus what it holds. A replica that finds a
+    /// balance spent refuses the key from memory for a second (until the key's record
+    /// changes, if sooner): a refill that falls due meanwhile is seen up to a second late.
     Leased,
 }
 
@@ -205,7 +207,7 @@ impl CreditSpender {
     /// Spends `cost` credits of `key` (which has credits) from what this process holds,
     /// when that needs no database (leased mode): the balance left as this process sees it.
     /// `None`: call [`spend`](Self::spend).
-    pub(crate) fn spend_in_memory(&self, key: &ApiKey, cost: u32) -> Option<u64> {
+    pub(crate) fn spend_in_memory(&self, key: &ApiKey, cost: u32) -> Option<Result<u64>> {
         self.leases.as_ref().and_then(|leases| leases.spend_in_memory(key, cost))
     }
 

@@ -164,3 +164,44 @@ pub async fn held_credits_never_go_back_into_a_new_period(db: TestDb) {
     client.shutdown().await.unwrap();
     assert_eq!(stored(&db, id).await, before, "the held block did not go back");
 }
+
+/// A balance found spent is refused from memory for a moment: while another transaction
+/// holds the key's row (a check that asked the database would wait for it and fail after the
+/// statement timeout), the key is still refused with `UsageExhausted`, at once. A balance set
+/// again is spent as soon as the check reads the changed record.
+pub async fn a_spent_balance_is_refused_from_memory_until_the_key_changes(db: TestDb) {
+    let client = db
+        .client_with(|b| {
+            b.credit_mode(CreditMode::Leased).statement_timeout(Duration::from_millis(500))
+        })
+        .await;
+    let (id, key) = key_with(&client, Credits::new(2)).await;
+    let once = ValidateOptions::new().track_usage(false);
+    for _ in 0..2 {
+        client.validate_key(&key, &once).await.unwrap();
+    }
+    let refused = client.validate_key(&key, &once).await;
+    assert!(matches!(refused, Err(Error::UsageExhausted { .. })), "{refused:?}");
+
+    let admin = db.client().await;
+    let txn = admin.begin().await.unwrap();
+    let backend = txn.get_database_backend();
+    if backend != apikeys_db::sea_orm::DbBackend::Sqlite {
+        let sql = "SELECT remaining FROM api_keys FOR UPDATE";
+        txn.query_all_raw(Statement::from_string(backend, sql)).await.unwrap();
+    } else {
+        // SQLite: the database's write lock, held by a write.
+        let sql = "UPDATE organizations SET name = name";
+        txn.execute_unprepared(sql).await.unwrap();
+    }
+    for _ in 0..3 {
+        let refused = client.validate_key(&key, &once).await;
+        assert!(matches!(refused, Err(Error::UsageExhausted { .. })), "{refused:?}");
+    }
+    txn.rollback().await.unwrap();
+
+    admin.update_key(id, KeyUpdate::new().with_credits(Some(Credits::new(3)))).await.unwrap();
+    let passed = client.validate_key(&key, &once).await.unwrap();
+    assert_eq!(passed.credits.map(|c| c.remaining), Some(2));
+    client.shutdown().await.unwrap();
+}

@@ -163,6 +163,7 @@ apikeys_testing::backend_tests! {
         a_balance_set_again_drops_the_blocks_held,
         held_credits_never_go_back_into_a_new_period,
         a_stale_record_never_mixes_two_balances,
+        a_spent_balance_is_refused_from_memory_until_the_key_changes,
     ],
     leases: [
         a_steady_key_is_answered_from_units_reserved_ahead,
