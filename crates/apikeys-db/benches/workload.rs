@@ -412,30 +412,13 @@ fn host_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// The database's clock in Unix milliseconds (a SQLite file's is the host's).
-async fn db_now_ms(db: &DatabaseConnection) -> i64 {
-    let sql = match db.get_database_backend() {
-        DbBackend::Postgres => {
-            "SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint AS n"
-        }
-        DbBackend::MySql => "SELECT CAST(FLOOR(UNIX_TIMESTAMP(NOW(3)) * 1000) AS SIGNED) AS n",
-        _ => return host_ms(),
-    };
-    let row = db
-        .query_one_raw(Statement::from_string(db.get_database_backend(), sql))
-        .await
-        .unwrap()
-        .unwrap();
-    row.try_get::<i64>("", "n").unwrap()
-}
-
 /// The database's clock minus the host's (ms, at the middle of the round trip), and the
 /// round trip.
 async fn clock_offset(db: &DatabaseConnection) -> (i64, i64) {
     let mut best = (0, i64::MAX);
     for _ in 0..5 {
         let before = host_ms();
-        let at = db_now_ms(db).await;
+        let at = apikeys_testing::db_now_ms_on(db).await;
         let after = host_ms();
         if after - before < best.1 {
             best = (at - (before + after) / 2, after - before);
@@ -1163,7 +1146,7 @@ async fn load(db: &BenchDb, config: &Config, setup: &Setup) -> Load {
     let (offset_ms, rtt_ms) = clock_offset(&probe).await;
     let margin_ms = config.window_margin_ms + offset_ms.abs() + rtt_ms;
     let before = server_counters(&db.url).await;
-    let run_start_db = db_now_ms(&probe).await;
+    let run_start_db = apikeys_testing::db_now_ms_on(&probe).await;
     // Workers start together, 2 s from now (they read the keys and connect meanwhile).
     let start_ms = host_ms() + 2_000;
     let warm_end_ms = start_ms + i64::try_from(config.warmup.as_millis()).unwrap();
@@ -1189,7 +1172,7 @@ async fn load(db: &BenchDb, config: &Config, setup: &Setup) -> Load {
             _ => failures.push(format!("worker {i} failed (exit ok: {ok})")),
         }
     }
-    let run_end_db = db_now_ms(&probe).await;
+    let run_end_db = apikeys_testing::db_now_ms_on(&probe).await;
     probe.close().await.ok();
     // Sessions that ended have flushed their statistics; give the server a moment.
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -12,7 +12,14 @@ use chrono::Utc;
 /// # Panics
 /// If the database cannot be asked.
 pub async fn db_now_ms(client: &ApiKeyClient) -> i64 {
-    let db = client.connection();
+    db_now_ms_on(client.connection()).await
+}
+
+/// [`db_now_ms`] on any connection (a benchmark's own, for instance).
+///
+/// # Panics
+/// If the database cannot be asked.
+pub async fn db_now_ms_on(db: &impl ConnectionTrait) -> i64 {
     let sql = match db.get_database_backend() {
         DbBackend::Postgres => {
             "SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint AS n"

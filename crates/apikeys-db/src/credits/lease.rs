@@ -147,6 +147,19 @@ enum Taken {
     Exhausted(Option<DateTime<Utc>>),
 }
 
+impl Taken {
+    /// The check's answer, if memory gave one: the balance left, or a refusal.
+    fn answer(self) -> Option<Result<u64>> {
+        match self {
+            Taken::Spent(left) => Some(Ok(left)),
+            Taken::Exhausted(refill_at) => {
+                Some(Err(apikeys_core::Error::UsageExhausted { refill_at }))
+            }
+            Taken::Empty => None,
+        }
+    }
+}
+
 /// How long a process refuses a key whose balance it found spent without asking the
 /// database again (while the key's record stays the same).
 pub(crate) const EXHAUSTED_MEMO: Duration = Duration::from_secs(1);
@@ -173,13 +186,7 @@ impl CreditLeases {
         if key.rolled_to.is_some() {
             return None;
         }
-        match self.take(key, u64::from(cost)) {
-            Taken::Spent(left) => Some(Ok(left)),
-            Taken::Exhausted(refill_at) => {
-                Some(Err(apikeys_core::Error::UsageExhausted { refill_at }))
-            }
-            Taken::Empty => None,
-        }
+        self.take(key, u64::from(cost)).answer()
     }
 
     /// Spends `cost` credits of `key`, for a spend that
@@ -199,12 +206,8 @@ impl CreditLeases {
         let turn = reserving.lock().await;
         // A reservation may have landed while this call waited, or another call found the
         // balance spent.
-        match self.take(key, cost) {
-            Taken::Spent(left) => return Ok(Some(left)),
-            Taken::Exhausted(refill_at) => {
-                return Err(apikeys_core::Error::UsageExhausted { refill_at });
-            }
-            Taken::Empty => {}
+        if let Some(answer) = self.take(key, cost).answer() {
+            return answer.map(Some);
         }
         let block = {
             let map = lock(&self.map);

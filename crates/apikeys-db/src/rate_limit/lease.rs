@@ -568,6 +568,26 @@ static MY_RESERVE: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+/// What a reservation that added a whole `block` to a window got (PostgreSQL and SQLite):
+/// the part of it that fits under the limit, given the window's count after it (`None`: the
+/// window was full, nothing added), the window's start and its time left in ms.
+fn whole_block_grant(
+    new: Option<i64>,
+    block: u32,
+    limit: RateLimit,
+    start: i64,
+    left: i64,
+) -> Grant {
+    let over = |new: i64| (new - i64::from(limit.requests.get())).max(0);
+    let granted =
+        new.map_or(0, |new| u32::try_from((i64::from(block) - over(new)).max(0)).unwrap_or(0));
+    if granted > 0 {
+        Grant::Units { granted, added: block, left: left_ms(left), window: WindowRef::Start(start) }
+    } else {
+        Grant::Refused(left_ms(left))
+    }
+}
+
 /// Reserves up to `block` units of `key`'s current window, by the database's clock.
 async fn reserve(db: &Db, key: KeyId, limit: RateLimit, block: u32) -> Result<Grant> {
     let backend = db.get_database_backend();
@@ -575,11 +595,6 @@ async fn reserve(db: &Db, key: KeyId, limit: RateLimit, block: u32) -> Result<Gr
     let max = i64::from(limit.requests.get());
     let b = i64::from(block);
     let id = Value::from(key.as_uuid());
-    let grant_from_count = |new: i64| {
-        // PostgreSQL and SQLite added the whole block: the grant is what fits under the limit.
-        let over = (new - max).max(0);
-        u32::try_from((b - over).max(0)).unwrap_or(0)
-    };
     let result = match backend {
         DbBackend::Postgres => {
             let values = [id, len.into(), max.into(), b.into()];
@@ -589,15 +604,7 @@ async fn reserve(db: &Db, key: KeyId, limit: RateLimit, block: u32) -> Result<Gr
                 let start: i64 = row.try_get("", "start")?;
                 let left: i64 = row.try_get("", "left_ms")?;
                 let new: Option<i64> = row.try_get("", "new_count")?;
-                Ok(match new.map(grant_from_count) {
-                    Some(granted) if granted > 0 => Grant::Units {
-                        granted,
-                        added: block,
-                        left: left_ms(left),
-                        window: WindowRef::Start(start),
-                    },
-                    _ => Grant::Refused(left_ms(left)),
-                })
+                Ok(whole_block_grant(new, block, limit, start, left))
             })
         }
         DbBackend::MySql => {
@@ -640,20 +647,12 @@ async fn reserve(db: &Db, key: KeyId, limit: RateLimit, block: u32) -> Result<Gr
             let values = [id, start.into(), b.into(), (start + len).into(), b.into(), max.into()];
             let stmt = Statement::from_sql_and_values(backend, sql, values);
             retry_conflicts(|| db.query_one_raw(stmt.clone())).await.and_then(|row| {
-                let left = left_ms(start + len - host_millis());
+                let left = start + len - host_millis();
                 let new = match row {
                     Some(row) => Some(row.try_get::<i64>("", "count")?),
                     None => None,
                 };
-                Ok(match new.map(grant_from_count) {
-                    Some(granted) if granted > 0 => Grant::Units {
-                        granted,
-                        added: block,
-                        left,
-                        window: WindowRef::Start(start),
-                    },
-                    _ => Grant::Refused(left),
-                })
+                Ok(whole_block_grant(new, block, limit, start, left))
             })
         }
     };
@@ -763,21 +762,7 @@ async fn reserve_many(
         .iter()
         .map(|&(key, limit, block)| {
             let (new, start, left) = found.get(&key.as_uuid()).copied().unwrap_or((None, 0, 1));
-            let max = i64::from(limit.requests.get());
-            // The whole block was added: the grant is what fits under the limit.
-            let granted = new.map_or(0, |new| {
-                u32::try_from((i64::from(block) - (new - max).max(0)).max(0)).unwrap_or(0)
-            });
-            if granted > 0 {
-                Grant::Units {
-                    granted,
-                    added: block,
-                    left: left_ms(left),
-                    window: WindowRef::Start(start),
-                }
-            } else {
-                Grant::Refused(left_ms(left))
-            }
+            whole_block_grant(new, block, limit, start, left)
         })
         .collect())
 }
