@@ -26,7 +26,7 @@
 //!   is one pool of 2 connections for reads and writes, where a client connecting by URL has
 //!   8 readers and 1 writer; `--by-url` runs the latter, without the client-side count. Each
 //!   process runs `--tasks` (8) tasks; each task draws keys by Zipf(`--zipf`, 1.1) over the
-//!   keys ([`ZipfTable`], seeded by `--seed`, the process and the task) and calls
+//!   keys (`apikeys_testing::ZipfTable`, seeded by `--seed`, the process and the task) and calls
 //!   `validate_key` with `require_scopes(["read"])`. A `--warmup` phase (10 s) is not
 //!   measured; the `--duration` phase (20 s) is.
 //! - **Report**: checks/s (the processes' sum); p50/p99/p99.9 per check (an `hdrhistogram`
@@ -76,9 +76,10 @@ use apikeys_db::{
     ApiKey, ApiKeyClient, Credits, Error, KeyCache, KeyId, NewKey, RateLimit, RateLimitMode,
     SigningSecret, ValidateOptions, VerifyOptions,
 };
+use apikeys_testing::ZipfTable;
 use hdrhistogram::Histogram;
+use rand::SeedableRng;
 use rand::rngs::Xoshiro256PlusPlus;
-use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
 const SECRET: &str = "workload-signing-secret-0123456789-abcdefgh";
@@ -95,78 +96,6 @@ const WINDOW_MS: i64 = 60_000;
 const ACTIVE_MS: u32 = 1_000;
 /// Histogram range: 1 ns to 100 s, 3 significant digits.
 const HIST_MAX_NS: u64 = 100_000_000_000;
-
-/// Zipf(s) over ranks `0..n` (rank r drawn with probability proportional to 1 / (r + 1)^s,
-/// rank 0 the hottest), sampled in constant time by Vose's alias method from the exact
-/// probabilities. `rand_distr::Zipf` draws by rejection, with `powf` and `ln` per draw: about
-/// 180 ns a draw on this machine, as much as a cached check, and it would be counted in every
-/// check's time; a draw from this table is one random number and one or two table reads.
-struct ZipfTable {
-    /// Per slot: below this (of 2^32) the slot's own rank is drawn, else its alias.
-    threshold: Vec<u64>,
-    alias: Vec<u32>,
-}
-
-impl ZipfTable {
-    fn probabilities(n: usize, s: f64) -> Vec<f64> {
-        let weights: Vec<f64> = (1..=n).map(|k| (k as f64).powf(-s)).collect();
-        let sum: f64 = weights.iter().sum();
-        weights.into_iter().map(|w| w / sum).collect()
-    }
-
-    fn new(n: usize, s: f64) -> ZipfTable {
-        assert!(n > 0 && u32::try_from(n).is_ok() && s >= 0.0);
-        let mut scaled: Vec<f64> =
-            Self::probabilities(n, s).into_iter().map(|p| p * n as f64).collect();
-        let mut threshold = vec![1u64 << 32; n];
-        let mut alias: Vec<u32> = (0..n).map(|i| u32::try_from(i).unwrap()).collect();
-        let (mut small, mut large): (Vec<usize>, Vec<usize>) =
-            (0..n).partition(|&i| scaled[i] < 1.0);
-        while let (Some(&lo), Some(&hi)) = (small.last(), large.last()) {
-            small.pop();
-            // The slot of `lo`: its own rank with probability scaled[lo], else `hi`.
-            threshold[lo] = (scaled[lo] * 4_294_967_296.0) as u64;
-            alias[lo] = u32::try_from(hi).unwrap();
-            scaled[hi] -= 1.0 - scaled[lo];
-            if scaled[hi] < 1.0 {
-                large.pop();
-                small.push(hi);
-            }
-        }
-        // What is left (rounding) keeps its own rank with certainty.
-        ZipfTable { threshold, alias }
-    }
-
-    fn sample(&self, rng: &mut impl Rng) -> usize {
-        let x = rng.next_u64();
-        let n = self.threshold.len() as u64;
-        // The high half picks a slot (bias below n / 2^32), the low half decides within it.
-        let slot = usize::try_from(((x >> 32) * n) >> 32).unwrap();
-        if (x & 0xFFFF_FFFF) < self.threshold[slot] { slot } else { self.alias[slot] as usize }
-    }
-
-    /// Draws a million ranks and compares the ten hottest ranks' counts with their
-    /// probabilities (within 6 standard deviations): the table samples what it says.
-    fn check(&self, n: usize, s: f64) {
-        let draws = 1_000_000;
-        let mut rng = Xoshiro256PlusPlus::seed_from_u64(7);
-        let mut counts = vec![0u64; n.min(10)];
-        for _ in 0..draws {
-            let r = self.sample(&mut rng);
-            if r < counts.len() {
-                counts[r] += 1;
-            }
-        }
-        for (r, (&c, p)) in counts.iter().zip(Self::probabilities(n, s)).enumerate() {
-            let expected = p * f64::from(draws);
-            let sd = (expected * (1.0 - p)).sqrt().max(1.0);
-            assert!(
-                (c as f64 - expected).abs() <= 6.0 * sd,
-                "the Zipf table drew rank {r} {c} times in {draws}, expected {expected:.0}"
-            );
-        }
-    }
-}
 
 // ------------------------------------------------------------------------------------------
 // Configuration

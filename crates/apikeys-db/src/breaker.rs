@@ -198,6 +198,20 @@ async fn probe(breaker: Arc<Breaker>, conn: DatabaseConnection) {
     }
 }
 
+/// The message of the error a statement (or transaction) fails with when the database gave
+/// no answer within the client's deadline.
+pub(crate) const NO_ANSWER: &str = "no answer from the database within the client's deadline (acquire timeout + statement timeout + 1 s, per statement): the network to it may be partitioned";
+
+/// The error of a statement the database did not answer in time.
+fn no_answer() -> DbErr {
+    DbErr::Conn(RuntimeErr::Internal(NO_ANSWER.to_owned()))
+}
+
+/// Whether `e` is a statement (or transaction) the database did not answer in time.
+pub(crate) fn is_no_answer(e: &DbErr) -> bool {
+    matches!(e, DbErr::Conn(RuntimeErr::Internal(m)) if m == NO_ANSWER)
+}
+
 /// The error of a statement refused by the open breaker.
 fn fail_fast() -> DbErr {
     DbErr::Conn(RuntimeErr::Internal(FAIL_FAST.to_owned()))
@@ -210,10 +224,21 @@ pub(crate) fn is_fail_fast(e: &DbErr) -> bool {
 
 /// A pool behind the client's breaker: every statement is refused at once while it is open,
 /// and every statement's outcome tells it whether the database is reachable.
+///
+/// On PostgreSQL and MySQL a statement also has a deadline on the client's side: the server
+/// ends a statement that runs past its `statement_timeout` itself and answers, so a statement
+/// still unanswered well past it (the acquire timeout, plus the statement timeout, plus a
+/// second) went into a network that lost it (a partition, a black-holed connection) and
+/// would otherwise wait for TCP to give up, hours later. It fails with
+/// [`Error::Unavailable`](apikeys_core::Error::Unavailable) and opens the breaker. A whole
+/// transaction of the client's own gets the acquire timeout, eight statement timeouts and a
+/// second. SQLite has no network to lose, and no such deadline.
 #[derive(Clone)]
 pub(crate) struct Db {
     conn: DatabaseConnection,
     breaker: Arc<Breaker>,
+    /// The deadline of one statement, and of one transaction (`None`: SQLite).
+    deadline: Option<(Duration, Duration)>,
 }
 
 impl fmt::Debug for Db {
@@ -224,7 +249,35 @@ impl fmt::Debug for Db {
 
 impl Db {
     pub(crate) fn new(conn: DatabaseConnection, breaker: Arc<Breaker>) -> Self {
-        Self { conn, breaker }
+        Self { conn, breaker, deadline: None }
+    }
+
+    /// Gives statements and transactions their deadline on a server (see [`Db`]), from the
+    /// pool's acquire timeout and the statement timeout.
+    pub(crate) fn with_deadlines(mut self, acquire: Duration, statement: Duration) -> Self {
+        if self.conn.get_database_backend() != DbBackend::Sqlite {
+            let slack = Duration::from_secs(1);
+            self.deadline = Some((acquire + statement + slack, acquire + statement * 8 + slack));
+        }
+        self
+    }
+
+    /// Runs a whole transaction, `op`, within the transaction deadline: past it, it fails
+    /// with `to_error` of the no-answer error and the breaker opens.
+    pub(crate) async fn bounded<T, E>(
+        &self,
+        op: impl Future<Output = Result<T, E>>,
+        to_error: impl FnOnce(DbErr) -> E,
+    ) -> Result<T, E> {
+        let Some((_, deadline)) = self.deadline else { return op.await };
+        match tokio::time::timeout(deadline, op).await {
+            Ok(result) => result,
+            Err(_) => {
+                let e = no_answer();
+                self.breaker.trip(&self.conn, &e);
+                Err(to_error(e))
+            }
+        }
     }
 
     /// The pool itself.
@@ -239,7 +292,9 @@ impl Db {
     async fn observe<T>(&self, result: &Result<T, DbErr>) {
         match result {
             Ok(_) => self.breaker.close(),
-            Err(e) if is_connection_failure(e) => self.breaker.trip(&self.conn, e),
+            Err(e) if is_connection_failure(e) || is_no_answer(e) => {
+                self.breaker.trip(&self.conn, e);
+            }
             Err(e) if is_pool_exhausted(e) => self.breaker.check_exhausted(&self.conn, e).await,
             Err(_) => {}
         }
@@ -247,7 +302,12 @@ impl Db {
 
     async fn guarded<T>(&self, op: impl Future<Output = Result<T, DbErr>>) -> Result<T, DbErr> {
         self.gate()?;
-        let result = op.await;
+        let result = match self.deadline {
+            None => op.await,
+            Some((deadline, _)) => {
+                tokio::time::timeout(deadline, op).await.unwrap_or_else(|_| Err(no_answer()))
+            }
+        };
         self.observe(&result).await;
         result
     }

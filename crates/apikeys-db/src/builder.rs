@@ -188,6 +188,16 @@ impl ClientBuilder {
     /// busy timeout (how long a write waits for another process's write lock). Applies when
     /// connecting by URL (refused with [`connection`](Self::connection), whose pool keeps the
     /// host's settings).
+    ///
+    /// On PostgreSQL and MySQL it also sets a deadline on the client's side, which holds
+    /// with [`connection`](Self::connection) too (from the defaults there): a statement still
+    /// unanswered after the acquire timeout plus this plus a second, and a transaction of
+    /// the client's own after the acquire timeout plus eight times this plus a second, fails
+    /// with [`Error::Unavailable`] and opens the breaker (see
+    /// [`reconnect_interval`](Self::reconnect_interval)). The server answers a statement that
+    /// runs too long itself, so only a network that lost the answer (a partition, a
+    /// black-holed connection) gets that far; without the deadline the call would wait until
+    /// TCP gives up, hours later.
     pub fn statement_timeout(mut self, timeout: Duration) -> Self {
         self.statement_timeout = Some(timeout);
         self
@@ -235,6 +245,13 @@ impl ClientBuilder {
     /// keeps its counts for the next one; call [`ApiKeyClient::shutdown`] on graceful
     /// shutdown (dropping the client writes nothing). Off by default (every check writes at
     /// once).
+    ///
+    /// Counts are written at least once: a flush whose answer a lost connection took (the
+    /// server may have committed it) is written again, so a stored count can exceed the
+    /// checks that passed, by what such flushes carried; it is never below them after a
+    /// graceful shutdown. (The soak, `scripts/soak`, measures both.) The same holds for a
+    /// check's own write without batching: the write may have committed when the check
+    /// fails with [`Error::Unavailable`].
     pub fn usage_flush_interval(mut self, interval: Duration) -> Self {
         self.usage_flush_interval = Some(interval);
         self
@@ -380,7 +397,12 @@ impl ClientBuilder {
             self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
             runtime.clone(),
         );
-        let (db, writer) = (Db::new(db, Arc::clone(&breaker)), Db::new(writer, breaker));
+        let acquire = self.acquire_timeout.unwrap_or(DEFAULT_ACQUIRE_TIMEOUT);
+        let statement = self.statement_timeout.unwrap_or(DEFAULT_STATEMENT_TIMEOUT);
+        let (db, writer) = (
+            Db::new(db, Arc::clone(&breaker)).with_deadlines(acquire, statement),
+            Db::new(writer, breaker).with_deadlines(acquire, statement),
+        );
         let clock: Clock = self.clock.unwrap_or_else(|| Arc::new(Utc::now));
         let limiter = RateLimiter::new(
             writer.clone(),

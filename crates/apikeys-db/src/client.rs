@@ -190,9 +190,12 @@ impl ApiKeyClient {
         &self,
         op: impl AsyncFnOnce(&DatabaseTransaction) -> Result<T>,
     ) -> Result<T> {
-        let txn = self.begin_write().await?;
-        let result = op(&txn).await;
-        finish(txn, result).await
+        let whole = async {
+            let txn = self.begin_write().await?;
+            let result = op(&txn).await;
+            finish(txn, result).await
+        };
+        self.inner.writer.bounded(whole, storage).await
     }
 
     /// Runs `op`, which makes `change`, in a write transaction of the client's own that also

@@ -87,7 +87,10 @@ pub(crate) fn is_timed_out(e: &DbErr) -> bool {
 /// [`Error::Unavailable`]'s failures: the database unreachable (or the breaker failing fast
 /// because it was), or a statement timed out.
 pub(crate) fn is_unavailable(e: &DbErr) -> bool {
-    crate::breaker::is_fail_fast(e) || is_unreachable(e) || is_timed_out(e)
+    crate::breaker::is_fail_fast(e)
+        || crate::breaker::is_no_answer(e)
+        || is_unreachable(e)
+        || is_timed_out(e)
 }
 
 /// A deadlock or serialization failure: the database rolled the statement back and it can

@@ -95,6 +95,17 @@ impl TestDb {
                 backend.feature()
             );
         };
+        Self::on_server(backend, admin_url, test).await
+    }
+
+    /// A fresh database for `test` on the PostgreSQL or MySQL server of `admin_url` (a user
+    /// that may create databases), whatever the environment says.
+    ///
+    /// # Panics
+    /// If the database cannot be created, or `backend` is SQLite.
+    pub async fn on_server(backend: Backend, admin_url: String, test: &str) -> Self {
+        assert!(backend != Backend::Sqlite, "SQLite has no server");
+        let name = format!("apikeys_{}_{}", &test[..test.len().min(30)], random_suffix());
         let admin = Database::connect(&admin_url).await.expect("connect to admin url");
         let sql = match backend {
             Backend::Postgres => format!("CREATE DATABASE \"{name}\""),

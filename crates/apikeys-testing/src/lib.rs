@@ -37,14 +37,17 @@
 mod clock;
 mod db;
 mod harness;
+pub mod proxy;
 mod races;
 mod rate_limit;
+mod zipf;
 
 pub use clock::{TestClock, at};
 pub use db::{Backend, DatabaseLocation, SECRET, TestDb};
 pub use harness::run_cases;
 pub use races::{Tally, admin_races, hold_key_rows, hot_path_until};
 pub use rate_limit::{db_now_ms, db_now_ms_on, hammer, leave_room, window_rows};
+pub use zipf::ZipfTable;
 
 /// Stamps out one module per backend, each test running the same `async fn(TestDb)` case.
 ///

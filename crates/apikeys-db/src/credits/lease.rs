@@ -391,23 +391,26 @@ impl CreditLeases {
         let stmt = statement(backend, row, amount, true);
         let read = if backend == DbBackend::MySql {
             // No RETURNING: the update and a read of what it recorded, in one transaction.
-            let options = sea_orm::TransactionOptions::default();
-            let txn = self.db.begin_with_options(options).await.map_err(storage)?;
-            let res = txn.execute_raw(stmt).await.map_err(storage)?;
-            let read = if res.rows_affected() == 1 {
-                let sql = format!(
-                    "SELECT remaining, {} FROM api_keys WHERE id = ?",
-                    RECORDED[backend_index(backend)]
-                );
-                let values: [Value; 1] = [row.as_uuid().into()];
-                txn.query_one_raw(Statement::from_sql_and_values(backend, sql, values))
-                    .await
-                    .map_err(storage)?
-            } else {
-                None
+            let whole = async {
+                let options = sea_orm::TransactionOptions::default();
+                let txn = self.db.begin_with_options(options).await.map_err(storage)?;
+                let res = txn.execute_raw(stmt).await.map_err(storage)?;
+                let read = if res.rows_affected() == 1 {
+                    let sql = format!(
+                        "SELECT remaining, {} FROM api_keys WHERE id = ?",
+                        RECORDED[backend_index(backend)]
+                    );
+                    let values: [Value; 1] = [row.as_uuid().into()];
+                    txn.query_one_raw(Statement::from_sql_and_values(backend, sql, values))
+                        .await
+                        .map_err(storage)?
+                } else {
+                    None
+                };
+                txn.commit().await.map_err(storage)?;
+                Ok(read)
             };
-            txn.commit().await.map_err(storage)?;
-            read
+            self.db.bounded(whole, storage).await?
         } else {
             self.db.query_one_raw(stmt).await.map_err(storage)?
         };

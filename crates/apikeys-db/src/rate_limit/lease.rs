@@ -676,7 +676,7 @@ async fn reserve_many(
     // The rows' new counts by key, and (PostgreSQL) each window's start and time left.
     let mut found: HashMap<uuid::Uuid, (Option<i64>, i64, i64)> = HashMap::new();
     if backend == DbBackend::MySql {
-        return retry_conflicts(|| reserve_many_mysql(db, asks, &order)).await;
+        return retry_conflicts(|| db.bounded(reserve_many_mysql(db, asks, &order), |e| e)).await;
     }
     if backend == DbBackend::Postgres {
         for (n, &i) in order.iter().enumerate() {

@@ -1,0 +1,162 @@
+//! A replica: one client as the README recommends for many replicas, and the driver's tasks
+//! checking Zipf-drawn keys through it until the parent closes its stdin.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use apikeys_db::{ApiKeyClient, CreditMode, KeyCache, RateLimitMode, ValidateOptions};
+use apikeys_soak::events::{Event, Outcome, now_us};
+use apikeys_testing::ZipfTable;
+use rand::SeedableRng;
+use rand::rngs::Xoshiro256PlusPlus;
+use tokio::io::AsyncReadExt;
+
+use crate::spec::{Record, Spec, read_keys, trace_to};
+
+/// How often batched usage is written.
+const USAGE_FLUSH: Duration = Duration::from_secs(1);
+
+pub async fn run(spec: Spec) -> ExitCode {
+    let record = match Record::append(&spec.dir.join(format!("replica-{}.jsonl", spec.r))) {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            eprintln!("replica {}: cannot open its record: {e}", spec.r);
+            return ExitCode::FAILURE;
+        }
+    };
+    trace_to(&spec.dir.join(format!("replica-{}.trace.log", spec.r)));
+    let Ok(keys) = read_keys(&spec.dir) else {
+        eprintln!("replica {}: cannot read the keys", spec.r);
+        return ExitCode::FAILURE;
+    };
+    let keys = Arc::new(keys);
+    let cache = KeyCache::new()
+        .max_keys(keys.len() * 2)
+        .max_staleness(Duration::from_millis(spec.staleness_ms.unsigned_abs()));
+    // Started in a quiet phase; the proxy's cut that opened it may still be felt.
+    let mut attempts = 0;
+    let client = loop {
+        let built = spec
+            .builder()
+            .cache(cache.clone())
+            .usage_flush_interval(USAGE_FLUSH)
+            .rate_limit_mode(RateLimitMode::Leased)
+            .credit_mode(CreditMode::Leased)
+            .build()
+            .await;
+        match built {
+            Ok(c) => break c,
+            Err(e) if attempts < 40 => {
+                attempts += 1;
+                eprintln!("replica {}: build failed ({e}), again", spec.r);
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => {
+                eprintln!("replica {}: build failed: {e}", spec.r);
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    let mut warmed = 0;
+    for _ in 0..40 {
+        match client.warm_cache().await {
+            Ok(n) => {
+                warmed = n;
+                break;
+            }
+            Err(e) => {
+                eprintln!("replica {}: warm_cache failed ({e}), again", spec.r);
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+    let secret_version = spec.secrets.first().map_or(0, |s| s.0);
+    record.write(&Event::Ready { r: spec.r, t: now_us(), secret_version, warmed });
+    record.flush();
+    println!("ready");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = Arc::clone(&stop);
+    tokio::spawn(async move {
+        let mut sink = Vec::new();
+        let _ = tokio::io::stdin().read_to_end(&mut sink).await;
+        s.store(true, Ordering::SeqCst);
+    });
+    let zipf = Arc::new(ZipfTable::new(keys.len(), spec.zipf));
+    let tasks: Vec<_> = (0..spec.tasks)
+        .map(|t| {
+            let d = Driver {
+                client: client.clone(),
+                record: Arc::clone(&record),
+                keys: Arc::clone(&keys),
+                zipf: Arc::clone(&zipf),
+                stop: Arc::clone(&stop),
+            };
+            tokio::spawn(d.run(spec.clone(), t))
+        })
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+    // Shutdown gives leased units and credits back and writes the batched counts; a fault
+    // may fail it, so it is tried again (what it holds is kept between attempts).
+    let mut error = None;
+    for _ in 0..40 {
+        match client.shutdown().await {
+            Ok(_) => {
+                error = None;
+                break;
+            }
+            Err(e) => {
+                error = Some(e.to_string());
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+    record.write(&Event::Stopped { r: spec.r, t: now_us(), error });
+    record.flush();
+    ExitCode::SUCCESS
+}
+
+struct Driver {
+    client: ApiKeyClient,
+    record: Arc<Record>,
+    keys: Arc<Vec<String>>,
+    zipf: Arc<ZipfTable>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Driver {
+    async fn run(self, spec: Spec, task: u32) {
+        let seed = spec.seed
+            ^ (u64::from(spec.r) << 48)
+            ^ (u64::from(spec.generation) << 32)
+            ^ u64::from(task);
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+        let period = Duration::from_secs_f64(f64::from(spec.tasks) / spec.rate);
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let Ok(opts) = ValidateOptions::new().require_scopes(["read"]) else {
+            return;
+        };
+        while !self.stop.load(Ordering::SeqCst) {
+            tick.tick().await;
+            let k = self.zipf.sample(&mut rng);
+            let t0 = now_us();
+            let result = self.client.validate_key(&self.keys[k], &opts).await;
+            let t1 = now_us();
+            let k = u32::try_from(k).unwrap_or(u32::MAX);
+            let o = Outcome::of(&result);
+            let detail = match (&result, o) {
+                (Err(e), Outcome::Storage | Outcome::Other) => {
+                    let source = std::error::Error::source(e).map(ToString::to_string);
+                    Some(format!("{e}: {}", source.unwrap_or_default()))
+                }
+                _ => None,
+            };
+            self.record.write(&Event::Check { r: spec.r, k, t0, t1, o, detail });
+        }
+    }
+}
