@@ -13,9 +13,10 @@
 //! shutting down. A pool that gives no connection within the acquire timeout may mean the
 //! database is down or only that every connection is busy (a burst, a host transaction held
 //! open, a pool sized too small), so the breaker first tries a connection of its own, outside
-//! the pool: it opens only if that fails too. A statement that runs past its time limit or
-//! waits for a lock does not open it either: the database is up then. The probe that closes
-//! it again also connects on its own, never through the pool.
+//! the pool: it opens only if that fails too. A statement the database did not answer within
+//! the client's deadline (see [`Db`]) is judged the same way. A statement that runs past its
+//! time limit or waits for a lock does not open it either: the database is up then. The probe
+//! that closes it again also connects on its own, never through the pool.
 //!
 //! [`Error::Unavailable`]: apikeys_core::Error::Unavailable
 
@@ -73,9 +74,11 @@ impl Breaker {
         })
     }
 
-    /// After the pool gave no connection in time: opens the breaker only if a connection of
-    /// its own cannot reach the database either. One caller checks at a time; the others
-    /// go on (their own calls have failed with `Unavailable` already).
+    /// After the pool gave no connection in time, or a statement no answer within the
+    /// client's deadline: opens the breaker only if a connection of its own cannot reach
+    /// the database either (a database that is merely busy or slow keeps it closed). One
+    /// caller checks at a time; the others go on (their own calls have failed with
+    /// `Unavailable` already).
     async fn check_exhausted(self: &Arc<Self>, conn: &DatabaseConnection, error: &DbErr) {
         if self.is_open() || self.checking.swap(true, Ordering::AcqRel) {
             return;
@@ -225,14 +228,16 @@ pub(crate) fn is_fail_fast(e: &DbErr) -> bool {
 /// A pool behind the client's breaker: every statement is refused at once while it is open,
 /// and every statement's outcome tells it whether the database is reachable.
 ///
-/// On PostgreSQL and MySQL a statement also has a deadline on the client's side: the server
-/// ends a statement that runs past its `statement_timeout` itself and answers, so a statement
-/// still unanswered well past it (the acquire timeout, plus the statement timeout, plus a
-/// second) went into a network that lost it (a partition, a black-holed connection) and
-/// would otherwise wait for TCP to give up, hours later. It fails with
-/// [`Error::Unavailable`](apikeys_core::Error::Unavailable) and opens the breaker. A whole
-/// transaction of the client's own gets the acquire timeout, eight statement timeouts and a
-/// second. SQLite has no network to lose, and no such deadline.
+/// On PostgreSQL and MySQL, when the client opened the pool from a URL, a statement also has
+/// a deadline on the client's side: a statement still unanswered after the acquire timeout,
+/// plus the statement timeout, plus a second, most likely went into a network that lost it
+/// (a partition, a black-holed connection) and would otherwise wait for TCP to give up,
+/// hours later. It fails with [`Error::Unavailable`](apikeys_core::Error::Unavailable); the
+/// breaker opens if a connection of its own cannot reach the database either (a database
+/// that is only slow keeps it closed). A whole transaction of the client's own gets the
+/// acquire timeout, eight statement timeouts and a second. SQLite has no network to lose, and
+/// a pool the host passes in ([`ClientBuilder::connection`](crate::ClientBuilder::connection))
+/// keeps the host's own timeouts: neither gets a deadline.
 #[derive(Clone)]
 pub(crate) struct Db {
     conn: DatabaseConnection,
@@ -253,7 +258,7 @@ impl Db {
     }
 
     /// Gives statements and transactions their deadline on a server (see [`Db`]), from the
-    /// pool's acquire timeout and the statement timeout.
+    /// acquire timeout and the statement timeout of the pool the client opened.
     pub(crate) fn with_deadlines(mut self, acquire: Duration, statement: Duration) -> Self {
         if self.conn.get_database_backend() != DbBackend::Sqlite {
             let slack = Duration::from_secs(1);
@@ -274,7 +279,7 @@ impl Db {
             Ok(result) => result,
             Err(_) => {
                 let e = no_answer();
-                self.breaker.trip(&self.conn, &e);
+                self.breaker.check_exhausted(&self.conn, &e).await;
                 Err(to_error(e))
             }
         }
@@ -292,10 +297,10 @@ impl Db {
     async fn observe<T>(&self, result: &Result<T, DbErr>) {
         match result {
             Ok(_) => self.breaker.close(),
-            Err(e) if is_connection_failure(e) || is_no_answer(e) => {
-                self.breaker.trip(&self.conn, e);
+            Err(e) if is_connection_failure(e) => self.breaker.trip(&self.conn, e),
+            Err(e) if is_pool_exhausted(e) || is_no_answer(e) => {
+                self.breaker.check_exhausted(&self.conn, e).await;
             }
-            Err(e) if is_pool_exhausted(e) => self.breaker.check_exhausted(&self.conn, e).await,
             Err(_) => {}
         }
     }

@@ -189,15 +189,18 @@ impl ClientBuilder {
     /// connecting by URL (refused with [`connection`](Self::connection), whose pool keeps the
     /// host's settings).
     ///
-    /// On PostgreSQL and MySQL it also sets a deadline on the client's side, which holds
-    /// with [`connection`](Self::connection) too (from the defaults there): a statement still
-    /// unanswered after the acquire timeout plus this plus a second, and a transaction of
-    /// the client's own after the acquire timeout plus eight times this plus a second, fails
-    /// with [`Error::Unavailable`] and opens the breaker (see
-    /// [`reconnect_interval`](Self::reconnect_interval)). The server answers a statement that
-    /// runs too long itself, so only a network that lost the answer (a partition, a
-    /// black-holed connection) gets that far; without the deadline the call would wait until
-    /// TCP gives up, hours later.
+    /// On PostgreSQL and MySQL it also sets a deadline on the client's side: a statement
+    /// still unanswered after the acquire timeout plus this plus a second, and a transaction
+    /// of the client's own after the acquire timeout plus eight times this plus a second,
+    /// fails with [`Error::Unavailable`]; the breaker opens if a connection of the client's
+    /// own cannot reach the database either (see
+    /// [`reconnect_interval`](Self::reconnect_interval)). A network that lost the answer (a
+    /// partition, a black-holed connection) would otherwise make the call wait until TCP
+    /// gives up, hours later (`tests/partition.rs`). Not bounded: [`create_tables`]
+    /// (migrations), the host's own transactions ([`ApiKeyClient::begin`]), and a pool
+    /// passed with [`connection`](Self::connection), which keeps the host's timeouts.
+    ///
+    /// [`create_tables`]: ApiKeyClient::create_tables
     pub fn statement_timeout(mut self, timeout: Duration) -> Self {
         self.statement_timeout = Some(timeout);
         self
@@ -358,6 +361,7 @@ impl ClientBuilder {
             return Err(Error::configuration("max_connections must be positive"));
         }
         let acquire_timeout = self.acquire_timeout.unwrap_or(DEFAULT_ACQUIRE_TIMEOUT);
+        let by_url = self.url.is_some();
         let (db, writer) = match (self.url, self.connection) {
             (Some(url), None) => {
                 let settings = Settings {
@@ -397,12 +401,12 @@ impl ClientBuilder {
             self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
             runtime.clone(),
         );
-        let acquire = self.acquire_timeout.unwrap_or(DEFAULT_ACQUIRE_TIMEOUT);
-        let statement = self.statement_timeout.unwrap_or(DEFAULT_STATEMENT_TIMEOUT);
-        let (db, writer) = (
-            Db::new(db, Arc::clone(&breaker)).with_deadlines(acquire, statement),
-            Db::new(writer, breaker).with_deadlines(acquire, statement),
-        );
+        let (mut db, mut writer) = (Db::new(db, Arc::clone(&breaker)), Db::new(writer, breaker));
+        if by_url {
+            let statement = self.statement_timeout.unwrap_or(DEFAULT_STATEMENT_TIMEOUT);
+            db = db.with_deadlines(acquire_timeout, statement);
+            writer = writer.with_deadlines(acquire_timeout, statement);
+        }
         let clock: Clock = self.clock.unwrap_or_else(|| Arc::new(Utc::now));
         let limiter = RateLimiter::new(
             writer.clone(),

@@ -54,7 +54,11 @@ pub(crate) fn is_connection_failure(e: &DbErr) -> bool {
         return true;
     }
     match sqlx_error(e) {
-        Some(Sqlx::Io(_) | Sqlx::Tls(_) | Sqlx::PoolClosed | Sqlx::WorkerCrashed) => true,
+        // A protocol error is a connection that broke mid-message (cut in the TLS request
+        // or a result): the soak found PostgreSQL's reported as a storage error.
+        Some(
+            Sqlx::Io(_) | Sqlx::Tls(_) | Sqlx::Protocol(_) | Sqlx::PoolClosed | Sqlx::WorkerCrashed,
+        ) => true,
         // 08004 is the server rejecting a connection (MySQL's "too many connections"): it is
         // up, and answering.
         Some(Sqlx::Database(db)) => db.code().is_some_and(|c| {
@@ -104,9 +108,10 @@ pub(crate) fn is_retryable(e: &DbErr) -> bool {
     }
 }
 
-/// Runs `op` again (up to three times in all) while it fails with a deadlock or
-/// serialization failure, which a statement racing another one (a delete cascading while a
-/// counter is written) can hit on PostgreSQL and MySQL.
+/// Runs `op` again (up to five times in all, after 2, 4, 8 and 16 ms) while it fails with a
+/// deadlock or serialization failure, which a statement racing another one (a delete
+/// cascading while a counter is written, the reservations of several processes as a window
+/// begins) can hit on PostgreSQL and MySQL.
 pub(crate) async fn retry_conflicts<T, F, Fut>(mut op: F) -> Result<T, DbErr>
 where
     F: FnMut() -> Fut,
@@ -115,11 +120,17 @@ where
     let mut attempt = 1;
     loop {
         match op().await {
-            Err(e) if attempt < 3 && is_retryable(&e) => attempt += 1,
+            Err(e) if attempt < CONFLICT_ATTEMPTS && is_retryable(&e) => {
+                tokio::time::sleep(std::time::Duration::from_millis(1 << attempt)).await;
+                attempt += 1;
+            }
             other => return other,
         }
     }
 }
+
+/// Attempts of [`retry_conflicts`].
+pub(crate) const CONFLICT_ATTEMPTS: u32 = 5;
 
 /// Whether `e` is a unique-constraint violation (on any backend).
 pub(crate) fn is_unique_violation(e: &DbErr) -> bool {

@@ -298,10 +298,18 @@ async fn serve(
             }
         }
         let allowed = usize::try_from(budget - passed).map_or(n, |left| left.min(n));
-        let written = if to_server {
-            sw.write_all(&up[..allowed]).await
-        } else {
-            cw.write_all(&down[..allowed]).await
+        let write = async {
+            if to_server {
+                sw.write_all(&up[..allowed]).await
+            } else {
+                cw.write_all(&down[..allowed]).await
+            }
+        };
+        // A cut also ends a write blocked on a full buffer.
+        let written = tokio::select! {
+            biased;
+            _ = cut.changed() => return,
+            w = write => w,
         };
         if written.is_err() {
             return;

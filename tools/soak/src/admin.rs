@@ -5,8 +5,7 @@ use std::collections::HashSet;
 use std::io::Write as _;
 use std::num::NonZeroU32;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use apikeys_db::{ApiKeyClient, Error, KeyId, KeyUpdate, RateLimit, Window};
@@ -15,9 +14,8 @@ use apikeys_soak::events::{Change, Event, now_us};
 use apikeys_testing::ZipfTable;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
-use tokio::io::AsyncReadExt;
 
-use crate::spec::{Record, SETUP_FILE, Spec, trace_to};
+use crate::spec::{Record, SETUP_FILE, Spec, stop_on_stdin_eof, trace_to};
 
 /// Attempts per change before the admin gives up on it (recorded as not done).
 const ATTEMPTS: u32 = 120;
@@ -46,13 +44,7 @@ pub async fn run(spec: Spec) -> ExitCode {
         }
     };
     println!("ready");
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = Arc::clone(&stop);
-    tokio::spawn(async move {
-        let mut sink = Vec::new();
-        let _ = tokio::io::stdin().read_to_end(&mut sink).await;
-        s.store(true, Ordering::SeqCst);
-    });
+    let stop = stop_on_stdin_eof();
     let n = setup.keys.len();
     let zipf = ZipfTable::new(n, spec.zipf);
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(spec.seed ^ 0x00ad_3117);

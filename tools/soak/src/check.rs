@@ -37,6 +37,8 @@ pub struct Setup {
     pub reconnect_ms: i64,
     /// How long after a fault ends every replica must answer again (milliseconds).
     pub recovery_bound_ms: i64,
+    /// The longest any check may take (milliseconds): past every deadline of the client.
+    pub hang_bound_ms: i64,
 }
 
 /// One key as created.
@@ -147,6 +149,7 @@ pub fn check(setup: &Setup, events: &[Event], end: &[Option<KeyEnd>]) -> Vec<Ver
         staleness(setup, &timelines, &checks),
         storage(events, setup),
         recovery(setup, events, &checks),
+        hangs(setup, &checks),
         usage(setup, &by_key, end),
     ]
 }
@@ -314,12 +317,15 @@ fn rate_limits(
         for (&window, &count) in &counts {
             windows += 1;
             let (ws, we) = (window * w, (window + 1) * w);
+            // A replica may count with a limit it has not yet heard was changed, for up to
+            // the cache's bound.
             let limit = timelines[k as usize]
                 .iter()
-                .filter(|x| x.from <= we && x.until >= ws)
+                .filter(|x| x.from <= we && x.until.saturating_add(bound_us) >= ws)
                 .map(|x| x.state.limit)
                 .max()
                 .unwrap_or(key.limit);
+            // At most one more limit: the old key's own window.
             let allowance: u64 = rolls
                 .iter()
                 .filter(|(a, b)| *a < we && *b > ws)
@@ -327,7 +333,8 @@ fn rate_limits(
                     checks.iter().filter(|c| c.o.counted() && c.t0 >= *a && c.t0 <= *b).count()
                         as u64
                 })
-                .sum();
+                .sum::<u64>()
+                .min(u64::from(limit));
             worst = worst.max(count as f64 / f64::from(limit));
             if count > u64::from(limit) + allowance {
                 v.breach(|| {
@@ -453,6 +460,18 @@ fn recovery(setup: &Setup, events: &[Event], checks: &[Check]) -> Verdict {
                 )
             });
         }
+        // And each replica did answer (a replica whose checks all hang records nothing).
+        for r in 0..u32::try_from(setup.offsets_ms.len()).unwrap_or(0) {
+            let answered = checks.iter().any(|c| {
+                c.r == r
+                    && c.t0 > f + bound
+                    && c.t1 <= *end
+                    && !matches!(c.o, Outcome::Unavailable | Outcome::Storage)
+            });
+            if !answered {
+                v.breach(|| format!("after {kind} ending {f}: replica {r} answered no check"));
+            }
+        }
     }
     let mut figure = format!(
         "{faults} faults; slowest recovery by fault (bound {} ms):",
@@ -462,6 +481,21 @@ fn recovery(setup: &Setup, events: &[Event], checks: &[Check]) -> Verdict {
         let _ = write!(figure, " {kind} {:.0} ms", *us as f64 / 1000.0);
     }
     v.figure = figure;
+    v
+}
+
+/// No check hangs: each is answered within the client's deadlines.
+fn hangs(setup: &Setup, checks: &[Check]) -> Verdict {
+    let mut v = Verdict::new("no check hung past the client's deadlines");
+    let longest = checks.iter().map(|c| c.t1 - c.t0).max().unwrap_or(0);
+    for c in checks.iter().filter(|c| c.t1 - c.t0 > setup.hang_bound_ms * 1000) {
+        v.breach(|| format!("replica {} key {}: {} us, from {}", c.r, c.k, c.t1 - c.t0, c.t0));
+    }
+    v.figure = format!(
+        "longest check {:.0} ms (bound {} ms)",
+        longest as f64 / 1000.0,
+        setup.hang_bound_ms
+    );
     v
 }
 
@@ -490,13 +524,20 @@ fn usage(setup: &Setup, by_key: &HashMap<u32, Vec<Check>>, end: &[Option<KeyEnd>
     v
 }
 
-/// Where any of `secrets` appears in `text` as a whole word (words split at anything but
-/// ASCII letters and digits): the lines, as `name:line`.
+/// Where any of `secrets` appears in `text`, also inside a longer run of letters and
+/// digits: the lines, as `name:line`. Secrets are runs of ASCII letters and digits (16 or
+/// more), so only such runs of a line are searched, at every offset, for each secret length.
 #[must_use]
 pub fn find_secrets(name: &str, text: &str, secrets: &HashSet<String>) -> Vec<String> {
+    let lengths: HashSet<usize> = secrets.iter().map(String::len).collect();
     let mut found = Vec::new();
     for (i, line) in text.lines().enumerate() {
-        if line.split(|c: char| !c.is_ascii_alphanumeric()).any(|w| secrets.contains(w)) {
+        let hit = line.split(|c: char| !c.is_ascii_alphanumeric()).any(|w| {
+            lengths.iter().any(|&n| {
+                w.len() >= n && (0..=w.len() - n).any(|at| secrets.contains(&w[at..at + n]))
+            })
+        });
+        if hit {
             found.push(format!("{name}:{}", i + 1));
         }
     }
@@ -524,6 +565,7 @@ mod tests {
             staleness_ms: 1000,
             reconnect_ms: 500,
             recovery_bound_ms: 1500,
+            hang_bound_ms: 30_000,
         }
     }
 
@@ -638,11 +680,10 @@ mod tests {
         let restart = Event::Phase { kind: "restart".into(), t0: 590 * S, t1: 600 * S };
         let quiet = Event::Phase { kind: "pass".into(), t0: 600 * S, t1: 610 * S };
         let v = |t| {
-            verdict(
-                &[restart.clone(), quiet.clone(), probe(0, 0, t, Outcome::Unavailable)],
-                &[],
-                "after each",
-            )
+            let answers = [probe(0, 0, 5 * S, Outcome::Ok), probe(1, 0, 5 * S, Outcome::Ok)];
+            let mut e = vec![restart.clone(), quiet.clone(), probe(0, 0, t, Outcome::Unavailable)];
+            e.extend(answers);
+            verdict(&e, &[], "after each")
         };
         let fine = v(S);
         assert_eq!(fine.breaches, 0);
@@ -650,6 +691,25 @@ mod tests {
         assert_eq!(v(2 * S).breaches, 1);
         // Answered after the quiet phase ended (the next fault's).
         assert_eq!(v(10 * S - 500).breaches, 0);
+    }
+
+    #[test]
+    fn a_replica_that_answers_nothing_after_a_fault_is_a_breach() {
+        let restart = Event::Phase { kind: "restart".into(), t0: 590 * S, t1: 600 * S };
+        let quiet = Event::Phase { kind: "pass".into(), t0: 600 * S, t1: 610 * S };
+        let answered = |r| probe(r, 0, 3 * S, Outcome::Ok);
+        let both = [restart.clone(), quiet.clone(), answered(0), answered(1)];
+        assert_eq!(verdict(&both, &[], "after each").breaches, 0);
+        let one = [restart, quiet, answered(0)];
+        assert_eq!(verdict(&one, &[], "after each").breaches, 1);
+    }
+
+    #[test]
+    fn a_check_past_the_deadlines_is_a_breach() {
+        let long =
+            Event::Check { r: 0, k: 0, t0: 0, t1: 31 * S, o: Outcome::Unavailable, detail: None };
+        assert_eq!(verdict(&[long], &[], "no check hung").breaches, 1);
+        assert_eq!(verdict(&[probe(0, 0, 0, Outcome::Ok)], &[], "no check hung").breaches, 0);
     }
 
     #[test]
@@ -664,9 +724,9 @@ mod tests {
     }
 
     #[test]
-    fn secrets_are_found_as_words() {
+    fn secrets_are_found_inside_words_too() {
         let secrets: HashSet<String> = ["Ab3xYz0123456789Qwerty".to_owned()].into();
-        let text = "ok line\nkey=sk_live_Ab3xYz0123456789Qwerty end\nAb3xYz0123456789QwertyX\n";
-        assert_eq!(find_secrets("f", text, &secrets), vec!["f:2".to_owned()]);
+        let text = "ok\nkey=sk_live_Ab3xYz0123456789Qwerty end\nxAb3xYz0123456789QwertyX\nAb3xYz0123456789Qwert\n";
+        assert_eq!(find_secrets("f", text, &secrets), vec!["f:2".to_owned(), "f:3".to_owned()]);
     }
 }

@@ -27,6 +27,9 @@ const RECONNECT_MS: i64 = 500;
 /// One back-off (the reconnect interval), plus a check's own time on a loaded 2-core
 /// machine running debug builds.
 const RECOVERY_BOUND_MS: i64 = RECONNECT_MS + 1_500;
+/// The longest a check may take: past the client's transaction deadline (2 s acquire + 8 ×
+/// 2 s statement + 1 s) plus a statement's (2 + 2 + 1 s), with room for a loaded machine.
+const HANG_BOUND_MS: i64 = 30_000;
 /// A quiet phase: long enough past the recovery bound to tell a late failure apart.
 const QUIET: Duration = Duration::from_secs(5);
 
@@ -293,6 +296,7 @@ impl Run {
             staleness_ms: STALENESS_MS,
             reconnect_ms: RECONNECT_MS,
             recovery_bound_ms: RECOVERY_BOUND_MS,
+            hang_bound_ms: HANG_BOUND_MS,
         };
         let json = serde_json::to_vec_pretty(&setup).map_err(|e| e.to_string())?;
         std::fs::write(self.dir.join(SETUP_FILE), json).map_err(|e| e.to_string())?;
@@ -409,9 +413,11 @@ impl Run {
                 Ok("down")
             }
             _ => {
+                // Longer than a statement's deadline (2 + 2 + 1 s), so that statements in
+                // flight reach it.
                 p.set_mode(Mode::BlackHole);
                 p.freeze();
-                self.sleep_rand(2_000, 4_000).await;
+                self.sleep_rand(6_000, 8_000).await;
                 Ok("black_hole")
             }
         }

@@ -11,9 +11,8 @@ use apikeys_soak::events::{Event, Outcome, now_us};
 use apikeys_testing::ZipfTable;
 use rand::SeedableRng;
 use rand::rngs::Xoshiro256PlusPlus;
-use tokio::io::AsyncReadExt;
 
-use crate::spec::{Record, Spec, read_keys, trace_to};
+use crate::spec::{Record, Spec, read_keys, stop_on_stdin_eof, trace_to};
 
 /// How often batched usage is written.
 const USAGE_FLUSH: Duration = Duration::from_secs(1);
@@ -77,13 +76,7 @@ pub async fn run(spec: Spec) -> ExitCode {
     record.flush();
     println!("ready");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = Arc::clone(&stop);
-    tokio::spawn(async move {
-        let mut sink = Vec::new();
-        let _ = tokio::io::stdin().read_to_end(&mut sink).await;
-        s.store(true, Ordering::SeqCst);
-    });
+    let stop = stop_on_stdin_eof();
     let zipf = Arc::new(ZipfTable::new(keys.len(), spec.zipf));
     let tasks: Vec<_> = (0..spec.tasks)
         .map(|t| {

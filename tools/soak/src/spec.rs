@@ -3,7 +3,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write as _};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use apikeys_db::{ApiKeyClient, ClientBuilder};
@@ -135,3 +136,16 @@ pub const ROLLED_FILE: &str = "rolled.secret";
 pub const DIR_ENV: &str = "APIKEYS_SOAK_DIR";
 /// The run's [`Setup`](apikeys_soak::check::Setup).
 pub const SETUP_FILE: &str = "setup.json";
+
+/// A flag set once the parent closes this process's stdin (its signal to stop).
+pub fn stop_on_stdin_eof() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let set = Arc::clone(&stop);
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt as _;
+        let mut sink = Vec::new();
+        let _ = tokio::io::stdin().read_to_end(&mut sink).await;
+        set.store(true, Ordering::SeqCst);
+    });
+    stop
+}
