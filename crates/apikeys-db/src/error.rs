@@ -117,10 +117,11 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, DbErr>>,
 {
+    const ATTEMPTS: u32 = 5;
     let mut attempt = 1;
     loop {
         match op().await {
-            Err(e) if attempt < CONFLICT_ATTEMPTS && is_retryable(&e) => {
+            Err(e) if attempt < ATTEMPTS && is_retryable(&e) => {
                 tokio::time::sleep(std::time::Duration::from_millis(1 << attempt)).await;
                 attempt += 1;
             }
@@ -128,9 +129,6 @@ where
         }
     }
 }
-
-/// Attempts of [`retry_conflicts`].
-pub(crate) const CONFLICT_ATTEMPTS: u32 = 5;
 
 /// Whether `e` is a unique-constraint violation (on any backend).
 pub(crate) fn is_unique_violation(e: &DbErr) -> bool {

@@ -35,42 +35,22 @@ pub async fn run(spec: Spec) -> ExitCode {
         .max_keys(keys.len() * 2)
         .max_staleness(Duration::from_millis(spec.staleness_ms.unsigned_abs()));
     // Started in a quiet phase; the proxy's cut that opened it may still be felt.
-    let mut attempts = 0;
-    let client = loop {
-        let built = spec
-            .builder()
+    let build = || {
+        spec.builder()
             .cache(cache.clone())
             .usage_flush_interval(USAGE_FLUSH)
             .rate_limit_mode(RateLimitMode::Leased)
             .credit_mode(CreditMode::Leased)
             .build()
-            .await;
-        match built {
-            Ok(c) => break c,
-            Err(e) if attempts < 40 => {
-                attempts += 1;
-                eprintln!("replica {}: build failed ({e}), again", spec.r);
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            Err(e) => {
-                eprintln!("replica {}: build failed: {e}", spec.r);
-                return ExitCode::FAILURE;
-            }
+    };
+    let client = match again(spec.r, "build", build).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("replica {}: build failed: {e}", spec.r);
+            return ExitCode::FAILURE;
         }
     };
-    let mut warmed = 0;
-    for _ in 0..40 {
-        match client.warm_cache().await {
-            Ok(n) => {
-                warmed = n;
-                break;
-            }
-            Err(e) => {
-                eprintln!("replica {}: warm_cache failed ({e}), again", spec.r);
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        }
-    }
+    let warmed = again(spec.r, "warm_cache", || client.warm_cache()).await.unwrap_or(0);
     let secret_version = spec.secrets.first().map_or(0, |s| s.0);
     record.write(&Event::Ready { r: spec.r, t: now_us(), secret_version, warmed });
     record.flush();
@@ -95,22 +75,30 @@ pub async fn run(spec: Spec) -> ExitCode {
     }
     // Shutdown gives leased units and credits back and writes the batched counts; a fault
     // may fail it, so it is tried again (what it holds is kept between attempts).
-    let mut error = None;
+    let error = again(spec.r, "shutdown", || client.shutdown()).await.err();
+    record.write(&Event::Stopped { r: spec.r, t: now_us(), error });
+    record.flush();
+    ExitCode::SUCCESS
+}
+
+/// Runs `op` until it succeeds, up to 40 times 250 ms apart (a fault may be under way); the
+/// last error, as displayed, if it never did.
+async fn again<T, F>(r: u32, what: &str, mut op: impl FnMut() -> F) -> Result<T, String>
+where
+    F: Future<Output = apikeys_db::Result<T>>,
+{
+    let mut last = String::new();
     for _ in 0..40 {
-        match client.shutdown().await {
-            Ok(_) => {
-                error = None;
-                break;
-            }
+        match op().await {
+            Ok(t) => return Ok(t),
             Err(e) => {
-                error = Some(e.to_string());
+                eprintln!("replica {r}: {what} failed ({e}), again");
+                last = e.to_string();
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }
     }
-    record.write(&Event::Stopped { r: spec.r, t: now_us(), error });
-    record.flush();
-    ExitCode::SUCCESS
+    Err(last)
 }
 
 struct Driver {

@@ -25,13 +25,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use apikeys_core::{ApiKey, Error, KeyId, RefillInterval, Result};
+use apikeys_core::{ApiKey, KeyId, RefillInterval, Result};
 use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
 use sea_orm::{ConnectionTrait, DbBackend, Statement, Value};
 
 use super::{backend_index, spend_exact, statement};
 use crate::breaker::Db;
-use crate::error::{CONFLICT_ATTEMPTS, storage};
+use crate::error::{retry_conflicts, storage};
 use crate::lock::{lock, release_each};
 
 /// The most credits one block holds.
@@ -391,37 +391,25 @@ impl CreditLeases {
         let stmt = statement(backend, row, amount, true);
         let read = if backend == DbBackend::MySql {
             // No RETURNING: the update and a read of what it recorded, in one transaction.
-            let whole = async || {
-                let options = sea_orm::TransactionOptions::default();
-                let txn = self.db.begin_with_options(options).await.map_err(storage)?;
-                let res = txn.execute_raw(stmt.clone()).await.map_err(storage)?;
+            let (db, stmt) = (&self.db, &stmt);
+            let whole = move || async move {
+                let txn = db.begin_with_options(sea_orm::TransactionOptions::default()).await?;
+                let res = txn.execute_raw(stmt.clone()).await?;
                 let read = if res.rows_affected() == 1 {
                     let sql = format!(
                         "SELECT remaining, {} FROM api_keys WHERE id = ?",
                         RECORDED[backend_index(backend)]
                     );
                     let values: [Value; 1] = [row.as_uuid().into()];
-                    txn.query_one_raw(Statement::from_sql_and_values(backend, sql, values))
-                        .await
-                        .map_err(storage)?
+                    txn.query_one_raw(Statement::from_sql_and_values(backend, sql, values)).await?
                 } else {
                     None
                 };
-                txn.commit().await.map_err(storage)?;
+                txn.commit().await?;
                 Ok(read)
             };
-            // A deadlock with another replica's reservation is run again, as the other
-            // backends' single statement is (`retry_conflicts`).
-            let mut attempt = 1;
-            loop {
-                match self.db.bounded(whole(), storage).await {
-                    Err(Error::Conflict { .. }) if attempt < CONFLICT_ATTEMPTS => {
-                        tokio::time::sleep(Duration::from_millis(1 << attempt)).await;
-                        attempt += 1;
-                    }
-                    other => break other?,
-                }
-            }
+            // A deadlock with another replica's reservation is run again.
+            retry_conflicts(|| db.bounded(whole(), |e| e)).await.map_err(storage)?
         } else {
             self.db.query_one_raw(stmt).await.map_err(storage)?
         };
