@@ -45,6 +45,21 @@ pub(crate) struct Breaker {
     /// How long a connection of the breaker's own may take to open and answer.
     patience: Duration,
     runtime: tokio::runtime::Handle,
+    /// What it guards, for its log lines: "database", "Redis".
+    what: &'static str,
+}
+
+/// What a breaker guards: something it can try to reach on a connection of its own.
+pub(crate) trait Reach: Clone + Send + Sync + 'static {
+    /// Whether it answers on a new connection of the breaker's own within `patience`; the
+    /// error says why not.
+    fn reach(&self, patience: Duration) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+impl Reach for DatabaseConnection {
+    fn reach(&self, patience: Duration) -> impl Future<Output = Result<(), String>> + Send {
+        reach(self, patience)
+    }
 }
 
 impl fmt::Debug for Breaker {
@@ -52,14 +67,25 @@ impl fmt::Debug for Breaker {
         f.debug_struct("Breaker")
             .field("open", &self.open.load(Ordering::Relaxed))
             .field("interval", &self.interval)
+            .field("guards", &self.what)
             .finish_non_exhaustive()
     }
 }
 
 impl Breaker {
-    /// A closed breaker that probes every `interval`, giving each of its own connections
-    /// `patience` to open and answer.
+    /// A closed breaker of the database that probes every `interval`, giving each of its
+    /// own connections `patience` to open and answer.
     pub(crate) fn new(
+        interval: Duration,
+        patience: Duration,
+        runtime: tokio::runtime::Handle,
+    ) -> Arc<Self> {
+        Self::guarding("database", interval, patience, runtime)
+    }
+
+    /// A closed breaker of `what` (named in its log lines), as [`new`](Self::new).
+    pub(crate) fn guarding(
+        what: &'static str,
         interval: Duration,
         patience: Duration,
         runtime: tokio::runtime::Handle,
@@ -71,6 +97,7 @@ impl Breaker {
             interval,
             patience,
             runtime,
+            what,
         })
     }
 
@@ -79,47 +106,53 @@ impl Breaker {
     /// the database either (a database that is merely busy or slow keeps it closed). One
     /// caller checks at a time; the others go on (their own calls have failed with
     /// `Unavailable` already).
-    async fn check_exhausted(self: &Arc<Self>, conn: &DatabaseConnection, error: &DbErr) {
+    pub(crate) async fn check_exhausted<R: Reach>(
+        self: &Arc<Self>,
+        target: &R,
+        error: &(dyn fmt::Display + Sync),
+    ) {
         if self.is_open() || self.checking.swap(true, Ordering::AcqRel) {
             return;
         }
         // Cleared however this ends: the caller's request may be dropped while it waits.
         let _checking = ClearOnDrop(&self.checking);
-        match reach(conn, self.patience).await {
+        match target.reach(self.patience).await {
             Ok(()) => tracing::debug!(
                 error = %error,
-                "no pooled connection in time, but the database answers: the pool is busy, not the database down"
+                "no answer in time, but the {} answers a connection of its own: busy, not down",
+                self.what
             ),
             Err(e) => {
-                tracing::debug!(error = %e, "no pooled connection in time, and no connection of its own either");
-                self.trip(conn, error);
+                tracing::debug!(error = %e, "no answer in time, and no connection of its own either");
+                self.trip(target, error);
             }
         }
     }
 
     /// Opens the breaker (if it was closed) and makes sure a probe runs.
-    fn trip(self: &Arc<Self>, conn: &DatabaseConnection, error: &DbErr) {
+    pub(crate) fn trip<R: Reach>(self: &Arc<Self>, target: &R, error: &(dyn fmt::Display + Sync)) {
         if !self.open.swap(true, Ordering::AcqRel) {
             tracing::warn!(
                 error = %error,
                 retry_every = ?self.interval,
-                "database unreachable; calls fail at once until it is reachable again"
+                "{} unreachable; calls fail at once until it is reachable again",
+                self.what
             );
         }
         if !self.probing.swap(true, Ordering::AcqRel) {
-            self.runtime.spawn(probe(Arc::clone(self), conn.clone()));
+            self.runtime.spawn(probe(Arc::clone(self), target.clone()));
         }
     }
 
-    /// Closes the breaker: the database answered.
-    fn close(&self) {
+    /// Closes the breaker: what it guards answered.
+    pub(crate) fn close(&self) {
         // A load first: the common case (closed) writes nothing to the shared flag.
         if self.open.load(Ordering::Acquire) && self.open.swap(false, Ordering::AcqRel) {
-            tracing::info!("database reachable again");
+            tracing::info!("{} reachable again", self.what);
         }
     }
 
-    fn is_open(&self) -> bool {
+    pub(crate) fn is_open(&self) -> bool {
         self.open.load(Ordering::Acquire)
     }
 }
@@ -179,17 +212,17 @@ async fn connect_own<DB: sea_orm::sqlx::Database>(
     own.close().await
 }
 
-/// Tries the database every interval while the breaker is open; closes it on success.
-async fn probe(breaker: Arc<Breaker>, conn: DatabaseConnection) {
+/// Tries `target` every interval while the breaker is open; closes it on success.
+async fn probe<R: Reach>(breaker: Arc<Breaker>, target: R) {
     loop {
         while breaker.is_open() {
             tokio::time::sleep(breaker.interval).await;
             if !breaker.is_open() {
                 break;
             }
-            match reach(&conn, breaker.patience).await {
+            match target.reach(breaker.patience).await {
                 Ok(()) => breaker.close(),
-                Err(e) => tracing::debug!(error = %e, "database probe failed"),
+                Err(e) => tracing::debug!(error = %e, "{} probe failed", breaker.what),
             }
         }
         breaker.probing.store(false, Ordering::Release);

@@ -21,7 +21,7 @@ use crate::feed::{ChangeFeed, ChangeListener};
 use crate::id::IdMinter;
 use crate::lookup::KeyLookup;
 use crate::observe::CheckMetrics;
-use crate::rate_limit::{RateLimitMode, RateLimiter};
+use crate::rate_limit::{RateLimitMode, RateLimiter, SqlWindows, Windows};
 use crate::secret_version::SecretRegistry;
 use crate::usage::UsageRecorder;
 
@@ -53,6 +53,9 @@ pub struct ClientBuilder {
     usage_flush_interval: Option<Duration>,
     cache: Option<KeyCache>,
     reconnect_interval: Option<Duration>,
+    /// Redis's URL (it may hold a password: never printed).
+    #[cfg(feature = "redis")]
+    redis: Option<String>,
 }
 
 impl Default for ClientBuilder {
@@ -77,14 +80,16 @@ impl Default for ClientBuilder {
             usage_flush_interval: None,
             cache: None,
             reconnect_interval: None,
+            #[cfg(feature = "redis")]
+            redis: None,
         }
     }
 }
 
 impl fmt::Debug for ClientBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClientBuilder")
-            .field("url", &self.url.as_ref().map(|_| "[set]"))
+        let mut f = f.debug_struct("ClientBuilder");
+        f.field("url", &self.url.as_ref().map(|_| "[set]"))
             .field("connection", &self.connection.is_some())
             .field("secret", &self.secret.as_ref().map(|_| "[redacted]"))
             .field("previous_secrets", &self.previous.len())
@@ -92,8 +97,10 @@ impl fmt::Debug for ClientBuilder {
             .field("environment", &self.environment)
             .field("default_lifetime", &self.default_lifetime)
             .field("rate_limit_mode", &self.rate_limit_mode)
-            .field("cache", &self.cache)
-            .finish_non_exhaustive()
+            .field("cache", &self.cache);
+        #[cfg(feature = "redis")]
+        f.field("redis", &self.redis.as_ref().map(|_| "[set]"));
+        f.finish_non_exhaustive()
     }
 }
 
@@ -227,6 +234,38 @@ impl ClientBuilder {
     /// How per-key rate limits are counted (default [`RateLimitMode::Shared`]).
     pub fn rate_limit_mode(mut self, mode: RateLimitMode) -> Self {
         self.rate_limit_mode = mode;
+        self
+    }
+
+    /// Counts shared rate limits ([`RateLimitMode::Shared`] and [`RateLimitMode::Leased`]) in
+    /// Redis or Valkey at `url` (`redis://[:password@]host:port/db`, `rediss://` for TLS)
+    /// instead of the SQL database, which then serves no rate-limit statement at all:
+    ///
+    /// ```no_run
+    /// # async fn f() -> apikeys_core::Result<()> {
+    /// let client = apikeys_db::ApiKeyClient::builder()
+    ///     .database_url("postgres://app:secret@db/app")
+    ///     .signing_secret(std::env::var("APIKEYS_SECRET").unwrap_or_default())
+    ///     .rate_limit_mode(apikeys_db::RateLimitMode::Leased)
+    ///     .redis("redis://cache:6379/0")
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// The same guarantees as SQL: windows by Redis's clock (`TIME`), never more than the
+    /// limit across replicas, a rolled key sharing its successor's budget. It fails closed:
+    /// a check that cannot reach Redis is refused with [`Error::Unavailable`], and a breaker
+    /// then refuses at once until Redis answers again (probed every
+    /// [`reconnect_interval`](Self::reconnect_interval)); each call gets the
+    /// [`statement_timeout`](Self::statement_timeout). What a Redis restart or failover can
+    /// lose, and the layout of its keys (hash-tagged by organization for a cluster), are in
+    /// the [`RateLimitMode`] docs.
+    ///
+    /// [`Error::Unavailable`]: apikeys_core::Error::Unavailable
+    #[cfg(feature = "redis")]
+    pub fn redis(mut self, url: impl Into<String>) -> Self {
+        self.redis = Some(url.into());
         self
     }
 
@@ -407,9 +446,23 @@ impl ClientBuilder {
             db = db.with_deadlines(acquire_timeout, statement);
             writer = writer.with_deadlines(acquire_timeout, statement);
         }
+        #[cfg(feature = "redis")]
+        let redis = self.redis.as_deref();
+        #[cfg(not(feature = "redis"))]
+        let redis = None;
+        let windows = windows(
+            redis,
+            self.rate_limit_mode,
+            self.statement_timeout.unwrap_or(DEFAULT_STATEMENT_TIMEOUT),
+            self.reconnect_interval.unwrap_or(DEFAULT_RECONNECT_INTERVAL),
+            &writer,
+            &runtime,
+        )
+        .await?;
         let clock: Clock = self.clock.unwrap_or_else(|| Arc::new(Utc::now));
         let limiter = RateLimiter::new(
             writer.clone(),
+            windows,
             self.rate_limit_mode,
             Arc::clone(&clock),
             runtime.clone(),
@@ -461,6 +514,39 @@ impl ClientBuilder {
             metrics: CheckMetrics::default(),
         });
         Ok(ApiKeyClient { inner, actor: None })
+    }
+}
+
+/// Where shared rate-limit windows are counted: Redis at `redis` when given (each call
+/// within `timeout`, probed every `interval` while out of reach), else the SQL database
+/// (`writer`).
+async fn windows(
+    redis: Option<&str>,
+    mode: RateLimitMode,
+    timeout: Duration,
+    interval: Duration,
+    writer: &Db,
+    runtime: &tokio::runtime::Handle,
+) -> Result<Windows> {
+    let Some(url) = redis else {
+        return Ok(Windows::Sql(SqlWindows { db: writer.clone() }));
+    };
+    if mode == RateLimitMode::Local {
+        return Err(Error::configuration(
+            "redis counts shared rate limits; RateLimitMode::Local counts in the process",
+        ));
+    }
+    #[cfg(feature = "redis")]
+    {
+        let redis =
+            crate::rate_limit::RedisWindows::connect(url, timeout, interval, runtime.clone())
+                .await?;
+        Ok(Windows::Redis(redis))
+    }
+    #[cfg(not(feature = "redis"))]
+    {
+        let _ = (url, timeout, interval, runtime);
+        Err(Error::configuration("redis needs the `redis` feature of apikeys-db"))
     }
 }
 

@@ -20,6 +20,11 @@
 //!   admitted, and at least 1000 minus the documented bound (what the 4 processes may hold
 //!   with refill-ahead: half a block left when the next block was reserved, plus that block,
 //!   `4 × 1.5 × 1000 / 16`).
+//! - `redis_rate_limit`, `redis_leased` (with the cargo feature `redis`, on the first backend
+//!   compiled in): `rate_limit` and `leased` with the limits counted in the Redis of
+//!   `APIKEYS_TEST_REDIS_URL`, by Redis's clock. Exactly 100 admitted in shared mode; in leased
+//!   mode 15 attempts per task (480, all admitted), and once every worker has shut down
+//!   (giving back what it held), a new client is admitted exactly the other 520.
 //! - `credits`: 4 processes (two caching keys) × 8 tasks × 5 attempts on one key with 100
 //!   usage credits: exactly 100 pass.
 //! - `leased_credits`: 4 processes with skewed clocks (two caching keys), each with leased
@@ -79,6 +84,16 @@ async fn main() {
         Scenario::run,
     )
     .await;
+    #[cfg(feature = "redis")]
+    {
+        let cases = [
+            ("redis_rate_limit_across_skewed_processes", Scenario::RedisRateLimit),
+            ("redis_leased_limit_across_skewed_processes", Scenario::RedisLeased),
+        ];
+        // Redis counts; the keys live in SQL: the first backend compiled in.
+        let first = apikeys_testing::compiled_backends!()[..1].to_vec();
+        apikeys_testing::run_cases(&first, "multiprocess", &cases, Scenario::run).await;
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -90,6 +105,10 @@ enum Scenario {
     Races,
     Credits,
     LeasedCredits,
+    #[cfg(feature = "redis")]
+    RedisRateLimit,
+    #[cfg(feature = "redis")]
+    RedisLeased,
 }
 
 impl Scenario {
@@ -102,6 +121,14 @@ impl Scenario {
             Scenario::Leased => leased_across_processes(db).await,
             Scenario::Credits => credits_across_processes(db).await,
             Scenario::LeasedCredits => leased_credits_across_processes(db).await,
+            #[cfg(feature = "redis")]
+            Scenario::RedisRateLimit => {
+                let (admitted, _, _) =
+                    hammer_across_processes(&db.with_redis(), "shared", LIMIT, ATTEMPTS).await;
+                assert_eq!(admitted, LIMIT as usize, "exactly the limit, counted in Redis");
+            }
+            #[cfg(feature = "redis")]
+            Scenario::RedisLeased => redis_leased_across_processes(db.with_redis()).await,
         }
     }
 }
@@ -154,7 +181,10 @@ async fn worker_client_with(
 ) -> ApiKeyClient {
     let url = std::env::var("APIKEYS_WORKER_URL").unwrap();
     let start: i64 = std::env::var("APIKEYS_WORKER_START").unwrap().parse().unwrap();
-    let builder = ApiKeyClient::builder().database_url(url).signing_secret(SECRET);
+    let mut builder = ApiKeyClient::builder().database_url(url).signing_secret(SECRET);
+    if let Ok(redis) = std::env::var("APIKEYS_WORKER_REDIS") {
+        builder = with_redis(builder, &redis);
+    }
     let client = f(builder).build().await.unwrap();
     let wait = start - chrono::Utc::now().timestamp_millis();
     if wait > 0 {
@@ -230,7 +260,7 @@ async fn hammer_across_processes(
     mode: &str,
     limit: u32,
     attempts: usize,
-) -> (usize, usize) {
+) -> (usize, usize, String) {
     let client = db.client().await;
     let (org, _) = client.get_or_create_organization("acme").await.unwrap();
     let new = NewKey::new("hammered").with_rate_limit(RateLimit::per_minute(limit).unwrap());
@@ -239,10 +269,14 @@ async fn hammer_across_processes(
     // database's current minute, so exactly one window is in play.
     apikeys_testing::leave_room(&client, apikeys_db::Window::Minute, Duration::from_secs(25)).await;
     let env = [
-        ("APIKEYS_WORKER_KEY", key),
+        ("APIKEYS_WORKER_KEY", key.clone()),
         ("APIKEYS_WORKER_MODE", mode.to_owned()),
         ("APIKEYS_WORKER_ATTEMPTS", attempts.to_string()),
     ];
+    let mut env = env.to_vec();
+    if let Some(redis) = &db.redis {
+        env.push(("APIKEYS_WORKER_REDIS", redis.clone()));
+    }
     let lines = run_workers("rate_limit", db, &env).await;
     let (mut admitted, mut limited) = (0usize, 0usize);
     for line in &lines {
@@ -251,17 +285,19 @@ async fn hammer_across_processes(
         admitted += nums[0];
         limited += nums[1];
     }
-    assert_eq!(
-        apikeys_testing::window_rows(&client).await.len(),
-        1,
-        "one window, by the database's clock"
-    );
+    if db.redis.is_none() {
+        assert_eq!(
+            apikeys_testing::window_rows(&client).await.len(),
+            1,
+            "one window, by the database's clock"
+        );
+    }
     assert_eq!(admitted + limited, PROCESSES * RATE_TASKS * attempts);
-    (admitted, limited)
+    (admitted, limited, key)
 }
 
 async fn rate_limit_across_processes(db: TestDb) {
-    let (admitted, _) = hammer_across_processes(&db, "shared", LIMIT, ATTEMPTS).await;
+    let (admitted, _, _) = hammer_across_processes(&db, "shared", LIMIT, ATTEMPTS).await;
     assert_eq!(admitted, LIMIT as usize, "exactly the limit is admitted across skewed processes");
 }
 
@@ -269,7 +305,8 @@ const LEASED_LIMIT: u32 = 1_000;
 const LEASED_ATTEMPTS: usize = 60;
 
 async fn leased_across_processes(db: TestDb) {
-    let (admitted, _) = hammer_across_processes(&db, "leased", LEASED_LIMIT, LEASED_ATTEMPTS).await;
+    let (admitted, _, _) =
+        hammer_across_processes(&db, "leased", LEASED_LIMIT, LEASED_ATTEMPTS).await;
     let bound = PROCESSES * (LEASED_LIMIT as usize / 16) * 3 / 2;
     println!("leased across processes: {admitted} admitted of {LEASED_LIMIT}, bound {bound}");
     assert!(admitted <= LEASED_LIMIT as usize, "never more than the limit: {admitted}");
@@ -288,7 +325,7 @@ async fn rate_limit_worker() {
     let client =
         worker_client_with(|b| b.clock(move || chrono::Utc::now() + skew).rate_limit_mode(mode))
             .await;
-    run_tasks(client, RATE_TASKS, move |client| {
+    run_tasks(client.clone(), RATE_TASKS, move |client| {
         let key = key.clone();
         async move {
             let (ok, limited) =
@@ -297,6 +334,36 @@ async fn rate_limit_worker() {
         }
     })
     .await;
+    // Leased: what this process holds of the window goes back.
+    client.shutdown().await.unwrap();
+}
+
+#[cfg(feature = "redis")]
+fn with_redis(builder: apikeys_db::ClientBuilder, url: &str) -> apikeys_db::ClientBuilder {
+    builder.redis(url)
+}
+
+#[cfg(not(feature = "redis"))]
+fn with_redis(_: apikeys_db::ClientBuilder, _: &str) -> apikeys_db::ClientBuilder {
+    panic!("APIKEYS_WORKER_REDIS is set, but this test was built without the `redis` feature")
+}
+
+#[cfg(feature = "redis")]
+/// `leased`, counted in Redis, with 15 attempts per task (480 in all: with the most the
+/// processes may hold unspent, 372, still short of the limit, so every attempt is admitted);
+/// then, every worker having shut down (giving back what it held), a new client is admitted
+/// exactly the other 520: nothing is lost with the give-back, nothing admitted twice.
+async fn redis_leased_across_processes(db: TestDb) {
+    const ATTEMPTS: usize = 15;
+    let (admitted, _, key) = hammer_across_processes(&db, "leased", LEASED_LIMIT, ATTEMPTS).await;
+    assert_eq!(admitted, PROCESSES * RATE_TASKS * ATTEMPTS, "every attempt admitted");
+    let client = db.client().await;
+    let mut rest = 0;
+    while client.validate_key(&key, &apikeys_db::ValidateOptions::new()).await.is_ok() {
+        rest += 1;
+    }
+    println!("leased across processes on Redis: {admitted} admitted, then {rest} after give-back");
+    assert_eq!(admitted + rest, LEASED_LIMIT as usize, "the window ends at exactly the limit");
 }
 
 /// 4 processes (two with the verified-key cache) × 8 tasks × 5 attempts on one key with 100

@@ -65,6 +65,8 @@ pub struct TestDb {
     pub backend: Backend,
     /// URL of this test's database.
     pub url: String,
+    /// The Redis that its clients count shared rate limits in ([`with_redis`](Self::with_redis)).
+    pub redis: Option<String>,
     guard: Arc<DropGuard>,
 }
 
@@ -86,7 +88,7 @@ impl TestDb {
             let path = dir.path().join("test.db");
             let url = format!("sqlite://{}", path.display());
             let location = DatabaseLocation { backend, name, admin_url: None, path: Some(path) };
-            return Self { backend, url, guard: DropGuard::new(location, Some(dir)) };
+            return Self { backend, url, redis: None, guard: DropGuard::new(location, Some(dir)) };
         };
         let Ok(admin_url) = std::env::var(var) else {
             panic!(
@@ -116,7 +118,26 @@ impl TestDb {
         let base = admin_url.rsplit_once('/').map_or(admin_url.as_str(), |(b, _)| b);
         let url = format!("{base}/{name}");
         let location = DatabaseLocation { backend, name, admin_url: Some(admin_url), path: None };
-        Self { backend, url, guard: DropGuard::new(location, None) }
+        Self { backend, url, redis: None, guard: DropGuard::new(location, None) }
+    }
+
+    /// The same database, its clients counting shared rate limits in the Redis (or Valkey)
+    /// of `APIKEYS_TEST_REDIS_URL` ([`ClientBuilder::redis`]).
+    ///
+    /// # Panics
+    /// If `APIKEYS_TEST_REDIS_URL` is unset: the Redis tests are compiled in only with the
+    /// cargo feature `redis`, and then they need it (scripts/test-all sets it).
+    #[cfg(feature = "redis")]
+    #[must_use]
+    pub fn with_redis(mut self) -> Self {
+        let Ok(url) = std::env::var("APIKEYS_TEST_REDIS_URL") else {
+            panic!(
+                "APIKEYS_TEST_REDIS_URL is unset, but the Redis tests are compiled in (cargo \
+                 feature `redis`): set it (scripts/test-all does), or test without that feature"
+            );
+        };
+        self.redis = Some(url);
+        self
     }
 
     /// Where this database is, to ask later (after this `TestDb` is gone) whether it still
@@ -128,7 +149,12 @@ impl TestDb {
 
     /// A builder for this database with the test secret.
     pub fn builder(&self) -> ClientBuilder {
-        ApiKeyClient::builder().database_url(&self.url).signing_secret(SECRET)
+        let builder = ApiKeyClient::builder().database_url(&self.url).signing_secret(SECRET);
+        #[cfg(feature = "redis")]
+        if let Some(redis) = &self.redis {
+            return builder.redis(redis);
+        }
+        builder
     }
 
     /// A client with the tables created.

@@ -75,6 +75,34 @@ macro_rules! backend_tests {
     };
 }
 
+/// Stamps out the cases again with shared rate limits counted in Redis
+/// ([`TestDb::with_redis`]), on SQLite: `redis_tests! { rate_limit: [exact], ... }` gives
+/// `redis::rate_limit::exact` calling `crate::rate_limit::exact(db)`. Compiled only with the
+/// invoking crate's cargo features `redis` and `sqlite`.
+#[macro_export]
+#[allow(clippy::crate_in_macro_def)] // the cases are the invoking crate's
+macro_rules! redis_tests {
+    ($($module:ident: [$($case:ident),* $(,)?]),* $(,)?) => {
+        #[cfg(all(feature = "redis", feature = "sqlite"))]
+        mod redis {
+            $(
+                mod $module {
+                    $(
+                        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                        async fn $case() {
+                            let backend = $crate::Backend::Sqlite;
+                            let db = $crate::TestDb::new(backend, stringify!($case)).await;
+                            let db = db.with_redis();
+                            crate::$module::$case(db.clone()).await;
+                            db.cleanup().await;
+                        }
+                    )*
+                }
+            )*
+        }
+    };
+}
+
 /// One backend's module of [`backend_tests!`], with a module per group of cases.
 #[doc(hidden)]
 #[macro_export]

@@ -60,17 +60,13 @@
 //! across processes, whatever happens to the limit in between.
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use apikeys_core::{KeyId, RateLimit, Result};
-use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, Value};
 
-use super::window::{
-    Count, MY_NOW_MS, PG_NOW_MS, counting_error, host_millis, left_ms, window_ends,
-};
-use crate::breaker::Db;
-use crate::error::{retry_conflicts, storage};
+use super::store::{Ask, Counter, Grant, WindowRef, WindowStore, Windows};
+use super::window::{Count, window_ends};
 use crate::lock::{lock, release_each};
 
 /// The most keys one batch statement reserves for.
@@ -88,44 +84,16 @@ pub(crate) const MAX_BLOCK: u32 = 16_384;
 const COVER: Duration = Duration::from_millis(250);
 /// The shortest time a rate is observed over (a key's first units say little about it).
 const MIN_OBSERVED: Duration = Duration::from_secs(1);
-/// MySQL packs the outcome of a reservation in `LAST_INSERT_ID`: the milliseconds left in
-/// the window in bits 0-26, the units granted in bits 27-46, the window's number (modulo
-/// 2^15, to give units back to the right window) in bits 47-61, and bit 62 for a refusal.
-const MY_GRANT_SHIFT: u32 = 27;
-const MY_INDEX_SHIFT: u32 = 47;
-const MY_INDEX_MOD: i64 = 1 << 15;
-const MY_REFUSED: u64 = 1 << 62;
 
 /// The largest block for `limit`.
 fn cap(limit: RateLimit) -> u32 {
     (limit.requests.get() / 16).clamp(1, MAX_BLOCK)
 }
 
-/// Which window a lease's units belong to, as the give-back statement names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum WindowRef {
-    /// Its start (Unix ms): PostgreSQL and SQLite.
-    Start(i64),
-    /// Its number modulo 2^15: MySQL, whose statement cannot return more.
-    Index(i64),
-}
-
-/// What a reservation got.
-#[derive(Debug, Clone, Copy)]
-enum Grant {
-    /// `granted` units for this lease; the statement added `added` (at least `granted`) to
-    /// the window's count.
-    Units {
-        granted: u32,
-        added: u32,
-        left: Duration,
-        window: WindowRef,
-    },
-    Refused(Duration),
-}
-
 /// The units one process holds for one key.
 struct Lease {
+    /// The windows they were reserved in.
+    counter: Counter,
     limit: RateLimit,
     window: WindowRef,
     /// When the window ends, at the latest, on this process's monotonic clock: its units
@@ -172,9 +140,13 @@ struct Ahead {
     next_window: Option<(WindowRef, Instant)>,
 }
 
-/// The leases of one client: its connection handle, and where background reservations run.
+/// Where a lease's units were reserved: the windows, the limit, which window.
+type Held = (Counter, RateLimit, WindowRef);
+
+/// The leases of one client: the store of its windows, and where background reservations
+/// run.
 pub(crate) struct Leases {
-    db: Db,
+    store: Windows,
     runtime: tokio::runtime::Handle,
     map: Mutex<HashMap<KeyId, Lease>>,
     /// Reservations waiting for the next batch.
@@ -184,33 +156,36 @@ pub(crate) struct Leases {
 /// Reservations asked for while a batch statement runs: they go in the next one.
 #[derive(Default)]
 struct Queue {
-    asks: Vec<Ask>,
+    asks: Vec<Waiting>,
     /// A task is sending batches.
     sending: bool,
 }
 
 /// One key's reservation, waiting in the [`Queue`].
-struct Ask {
-    key: KeyId,
-    limit: RateLimit,
-    block: u32,
+struct Waiting {
+    ask: Ask,
     reply: tokio::sync::oneshot::Sender<Result<Grant>>,
 }
 
 impl Leases {
-    pub(crate) fn new(db: Db, runtime: tokio::runtime::Handle) -> Self {
-        Self { db, runtime, map: Mutex::new(HashMap::new()), queue: Mutex::default() }
+    pub(crate) fn new(store: Windows, runtime: tokio::runtime::Handle) -> Self {
+        Self { store, runtime, map: Mutex::new(HashMap::new()), queue: Mutex::default() }
     }
 
-    /// Reserves up to `block` units of `key`'s current window. The reservations asked for
-    /// while one batch runs go together in the next (see [`reserve_many`]): under load, one
-    /// statement (on MySQL, one transaction) serves many keys, and no reservation waits for
-    /// more than the batch before it.
-    async fn reserve(self: &Arc<Self>, key: KeyId, limit: RateLimit, block: u32) -> Result<Grant> {
+    /// Reserves up to `block` units of `counter`'s current window. The reservations asked
+    /// for while one batch runs go together in the next (see
+    /// [`WindowStore::reserve_many`]): under load, one statement (on MySQL, one transaction)
+    /// serves many keys, and no reservation waits for more than the batch before it.
+    async fn reserve(
+        self: &Arc<Self>,
+        counter: Counter,
+        limit: RateLimit,
+        block: u32,
+    ) -> Result<Grant> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let start = {
             let mut queue = lock(&self.queue);
-            queue.asks.push(Ask { key, limit, block, reply });
+            queue.asks.push(Waiting { ask: (counter, limit, block), reply });
             !std::mem::replace(&mut queue.sending, true)
         };
         if start {
@@ -235,45 +210,20 @@ impl Leases {
                 let mut seen = std::collections::HashSet::new();
                 let mut batch = Vec::new();
                 let mut rest = Vec::new();
-                for ask in queue.asks.drain(..) {
-                    if batch.len() < MAX_BATCH && seen.insert(ask.key) {
-                        batch.push(ask);
+                for waiting in queue.asks.drain(..) {
+                    if batch.len() < MAX_BATCH && seen.insert(waiting.ask.0.key) {
+                        batch.push(waiting);
                     } else {
-                        rest.push(ask);
+                        rest.push(waiting);
                     }
                 }
                 queue.asks = rest;
                 batch
             };
-            let wanted: Vec<_> = batch.iter().map(|a| (a.key, a.limit, a.block)).collect();
-            // MySQL's batch takes five round trips: one key alone takes one statement.
-            let alone = wanted.len() == 1 && self.db.get_database_backend() == DbBackend::MySql;
-            let reserved = if alone {
-                reserve(&self.db, wanted[0].0, wanted[0].1, wanted[0].2).await.map(|g| vec![g])
-            } else {
-                reserve_many(&self.db, &wanted).await.map_err(counting_error)
-            };
-            match reserved {
-                Ok(grants) => {
-                    for (ask, grant) in batch.into_iter().zip(grants) {
-                        ask.reply.send(Ok(grant)).ok();
-                    }
-                }
-                // A key deleted meanwhile fails the whole statement (its window row cannot
-                // reference it), as does a database failure: each key again on its own, for
-                // an answer of its own.
-                Err(e) if alone => {
-                    if let Some(ask) = batch.into_iter().next() {
-                        ask.reply.send(Err(e)).ok();
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(keys = batch.len(), error = %e, "a batch of rate-limit reservations failed; reserving key by key");
-                    for ask in batch {
-                        let grant = reserve(&self.db, ask.key, ask.limit, ask.block).await;
-                        ask.reply.send(grant).ok();
-                    }
-                }
+            let asks: Vec<Ask> = batch.iter().map(|w| w.ask).collect();
+            let grants = self.store.reserve_many(&asks).await;
+            for (waiting, grant) in batch.into_iter().zip(grants) {
+                waiting.reply.send(grant).ok();
             }
         }
     }
@@ -289,19 +239,25 @@ impl Leases {
                 return false;
             }
             l.remaining -= 1;
-            l.took_one()
+            (l.counter, l.took_one())
         };
-        self.reserve_ahead(key, limit, ahead);
+        self.reserve_ahead(ahead.0, limit, ahead.1);
         true
     }
 
-    /// Counts one request of `key` against `limit` by reserving a block (one statement), for
-    /// a caller whose [`take`](Self::take) found no unit. Waits for a reservation of this key
-    /// already under way in this process first (a background refill), then takes from it.
-    pub(crate) async fn check(self: &Arc<Self>, key: KeyId, limit: RateLimit) -> Result<Count> {
+    /// Counts one request against `limit` in `counter`'s windows by reserving a block (one
+    /// round trip), for a caller whose [`take`](Self::take) found no unit. Waits for a
+    /// reservation of this key already under way in this process first (a background
+    /// refill), then takes from it.
+    pub(crate) async fn check(
+        self: &Arc<Self>,
+        counter: Counter,
+        limit: RateLimit,
+    ) -> Result<Count> {
+        let key = counter.key;
         let reserving = {
             let mut map = lock(&self.map);
-            let entry = map.entry(key).or_insert_with(|| Lease::empty(limit));
+            let entry = map.entry(key).or_insert_with(|| Lease::empty(counter, limit));
             Arc::clone(&entry.reserving)
         };
         let _turn = reserving.lock().await;
@@ -311,7 +267,7 @@ impl Leases {
         let asked = Instant::now();
         let block = {
             let mut map = lock(&self.map);
-            let lease = map.entry(key).or_insert_with(|| Lease::empty(limit));
+            let lease = map.entry(key).or_insert_with(|| Lease::empty(counter, limit));
             lease.next_block(limit, asked, Purpose::Check)
         };
         // In a task of its own: a caller that gives up (a timeout, a client gone) must not
@@ -320,7 +276,7 @@ impl Leases {
         let leases = Arc::clone(self);
         let reservation = self
             .runtime
-            .spawn(async move { leases.reserve_block(key, limit, block, asked, true).await });
+            .spawn(async move { leases.reserve_block(counter, limit, block, asked, true).await });
         match reservation.await {
             Ok(Ok(Grant::Refused(left))) => Ok(Count::Refused(left)),
             Ok(Ok(Grant::Units { .. })) => Ok(Count::Admitted),
@@ -330,12 +286,12 @@ impl Leases {
     }
 
     /// Starts what [`Lease::took_one`] asked for.
-    fn reserve_ahead(self: &Arc<Self>, key: KeyId, limit: RateLimit, ahead: Ahead) {
+    fn reserve_ahead(self: &Arc<Self>, counter: Counter, limit: RateLimit, ahead: Ahead) {
         if ahead.refill {
-            self.spawn_reservation(key, limit, Purpose::Refill, None);
+            self.spawn_reservation(counter, limit, Purpose::Refill, None);
         }
         if let Some((window, over_by)) = ahead.next_window {
-            self.spawn_reservation(key, limit, Purpose::NextWindow(window), Some(over_by));
+            self.spawn_reservation(counter, limit, Purpose::NextWindow(window), Some(over_by));
         }
     }
 
@@ -344,18 +300,19 @@ impl Leases {
     /// caller.
     async fn reserve_block(
         self: &Arc<Self>,
-        key: KeyId,
+        counter: Counter,
         limit: RateLimit,
         block: u32,
         asked: Instant,
         take: bool,
     ) -> Result<Grant> {
-        let grant = self.reserve(key, limit, block).await?;
+        let grant = self.reserve(counter, limit, block).await?;
         let answered = Instant::now();
         if let Grant::Units { granted, added, left, window } = grant {
             let ahead = {
                 let mut map = lock(&self.map);
-                let lease = map.entry(key).or_insert_with(|| Lease::empty(limit));
+                let lease = map.entry(counter.key).or_insert_with(|| Lease::empty(counter, limit));
+                lease.counter = counter;
                 // A new window (or limit), or the lease's window over here: MySQL names
                 // windows modulo 2^15, so a window 2^15 windows later looks the same.
                 if lease.window != window || lease.limit != limit || lease.until <= asked {
@@ -382,20 +339,21 @@ impl Leases {
                 }
             };
             if let Some(ahead) = ahead {
-                self.reserve_ahead(key, limit, ahead);
+                self.reserve_ahead(counter, limit, ahead);
             }
         }
         Ok(grant)
     }
 
-    /// Runs a background reservation of `key`'s next block, after `at` if given.
+    /// Runs a background reservation of `counter`'s next block, after `at` if given.
     fn spawn_reservation(
         self: &Arc<Self>,
-        key: KeyId,
+        counter: Counter,
         limit: RateLimit,
         purpose: Purpose,
         at: Option<Instant>,
     ) {
+        let key = counter.key;
         let leases = Arc::clone(self);
         self.runtime.spawn(async move {
             if let Some(at) = at {
@@ -415,7 +373,9 @@ impl Leases {
                 map.get(&key).and_then(|lease| lease.ahead_block(limit, asked, purpose))
             };
             let result = match block {
-                Some(block) => leases.reserve_block(key, limit, block, asked, false).await.map(drop),
+                Some(block) => {
+                    leases.reserve_block(counter, limit, block, asked, false).await.map(drop)
+                }
                 None => Ok(()),
             };
             if purpose == Purpose::Refill
@@ -440,7 +400,7 @@ impl Leases {
         lock(&self.map).retain(|_, l| l.until > now || Arc::strong_count(&l.reserving) > 1);
     }
 
-    /// Gives back to the database what this process's leases added to current windows and
+    /// Gives back to the store what this process's leases added to current windows and
     /// did not admit: the granted units not spent, and the excess of a reservation past the
     /// limit. Reservations under way land first (see [`release_each`]). Returns
     /// how many granted units went back.
@@ -448,14 +408,14 @@ impl Leases {
         let now = Instant::now();
         let take = |l: Lease| {
             ((l.remaining > 0 || l.excess > 0) && l.until > now).then_some((
-                l.limit,
-                l.window,
+                (l.counter, l.limit, l.window),
                 l.remaining,
                 l.excess,
             ))
         };
-        let give = |key, (limit, window, units, excess): (RateLimit, WindowRef, u32, u32)| async move {
-            give_back(&self.db, key, limit.window, window, units.saturating_add(excess)).await?;
+        let give = |_, ((counter, limit, window), units, excess): (Held, u32, u32)| async move {
+            let added = units.saturating_add(excess);
+            self.store.give_back(&counter, limit.window, window, added).await?;
             Ok(u64::from(units))
         };
         release_each(&self.map, |l| &l.reserving, take, give).await
@@ -463,9 +423,10 @@ impl Leases {
 }
 
 impl Lease {
-    fn empty(limit: RateLimit) -> Self {
+    fn empty(counter: Counter, limit: RateLimit) -> Self {
         let now = Instant::now();
         Self {
+            counter,
             limit,
             window: WindowRef::Start(0),
             until: now,
@@ -527,396 +488,15 @@ impl Lease {
     }
 }
 
-/// PostgreSQL's reservation: `$1` key, `$2` window length, `$3` limit, `$4` block.
-static PG_RESERVE: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "WITH t AS (SELECT {PG_NOW_MS} AS now_ms), \
-         w AS (SELECT now_ms, now_ms - mod(now_ms, $2) AS start FROM t), \
-         up AS (INSERT INTO rate_limit_windows (key_id, window_start, count, expires_at) \
-           SELECT $1, start, $4, start + $2 FROM w \
-           ON CONFLICT (key_id, window_start) DO UPDATE SET count = rate_limit_windows.count + $4 \
-           WHERE rate_limit_windows.count < $3 RETURNING count) \
-         SELECT w.start AS start, w.start + $2 - w.now_ms AS left_ms, \
-           (SELECT count FROM up) AS new_count FROM w"
-    )
-});
-
-/// MySQL's reservation: key, then the window length (five times), the limit, the block, the
-/// limit (four times), the window length (three times): see [`MY_GRANT_SHIFT`].
-static MY_RESERVE: LazyLock<String> = LazyLock::new(|| {
-    let now = MY_NOW_MS;
-    let start = format!("({now} - MOD({now}, ?))");
-    let left = format!("({start} + ? - {now})");
-    let index = format!("MOD(FLOOR({now} / ?), {MY_INDEX_MOD})");
-    let pack = |grant: &str| {
-        format!(
-            "LAST_INSERT_ID({index} * {} + ({grant}) * {} + {left})",
-            1_u64 << MY_INDEX_SHIFT,
-            1_u64 << MY_GRANT_SHIFT
-        )
-    };
-    let unpack = |packed: String| {
-        format!("FLOOR({packed} / {}) MOD {}", 1_u64 << MY_GRANT_SHIFT, 1_u64 << 20)
-    };
-    format!(
-        "INSERT INTO rate_limit_windows (key_id, window_start, count, expires_at) \
-         VALUES (?, {start}, {new}, {start} + ?) \
-         ON DUPLICATE KEY UPDATE count = IF(count < ?, count + {grant}, \
-           IF(LAST_INSERT_ID({MY_REFUSED} + expires_at - {now}) > 0, count, count))",
-        new = unpack(pack("LEAST(?, ?)")),
-        grant = unpack(pack("LEAST(?, ? - count)")),
-    )
-});
-
-/// What a reservation that added a whole `block` to a window got (PostgreSQL and SQLite):
-/// the part of it that fits under the limit, given the window's count after it (`None`: the
-/// window was full, nothing added), the window's start and its time left in ms.
-fn whole_block_grant(
-    new: Option<i64>,
-    block: u32,
-    limit: RateLimit,
-    start: i64,
-    left: i64,
-) -> Grant {
-    let over = |new: i64| (new - i64::from(limit.requests.get())).max(0);
-    let granted =
-        new.map_or(0, |new| u32::try_from((i64::from(block) - over(new)).max(0)).unwrap_or(0));
-    if granted > 0 {
-        Grant::Units { granted, added: block, left: left_ms(left), window: WindowRef::Start(start) }
-    } else {
-        Grant::Refused(left_ms(left))
-    }
-}
-
-/// Reserves up to `block` units of `key`'s current window, by the database's clock.
-async fn reserve(db: &Db, key: KeyId, limit: RateLimit, block: u32) -> Result<Grant> {
-    let backend = db.get_database_backend();
-    let len = limit.window.seconds() * 1_000;
-    let max = i64::from(limit.requests.get());
-    let b = i64::from(block);
-    let id = Value::from(key.as_uuid());
-    let result = match backend {
-        DbBackend::Postgres => {
-            let values = [id, len.into(), max.into(), b.into()];
-            let stmt = Statement::from_sql_and_values(backend, PG_RESERVE.as_str(), values);
-            retry_conflicts(|| db.query_one_raw(stmt.clone())).await.and_then(|row| {
-                let row = row.ok_or_else(|| DbErr::RecordNotFound("rate limit row".into()))?;
-                let start: i64 = row.try_get("", "start")?;
-                let left: i64 = row.try_get("", "left_ms")?;
-                let new: Option<i64> = row.try_get("", "new_count")?;
-                Ok(whole_block_grant(new, block, limit, start, left))
-            })
-        }
-        DbBackend::MySql => {
-            let mut values: Vec<Value> = vec![id];
-            // VALUES: start (len), new = pack(index (len), LEAST(block, limit), left (len, len)),
-            // expires_at = start (len) + len.
-            values.extend([len.into(), len.into(), b.into(), max.into(), len.into(), len.into()]);
-            values.extend([len.into(), len.into()]);
-            // UPDATE: count < limit, grant = pack(index (len), LEAST(block, limit - count),
-            // left (len, len)).
-            values.extend([max.into(), len.into(), b.into(), max.into(), len.into(), len.into()]);
-            let stmt = Statement::from_sql_and_values(backend, MY_RESERVE.as_str(), values);
-            retry_conflicts(|| db.execute_raw(stmt.clone())).await.map(|res| {
-                let v = res.last_insert_id();
-                let left =
-                    |v: u64| left_ms(i64::try_from(v & ((1 << MY_GRANT_SHIFT) - 1)).unwrap_or(0));
-                if v >= MY_REFUSED {
-                    return Grant::Refused(left(v - MY_REFUSED));
-                }
-                let granted = u32::try_from((v >> MY_GRANT_SHIFT) & ((1 << 20) - 1)).unwrap_or(0);
-                let index = i64::try_from(v >> MY_INDEX_SHIFT).unwrap_or(0);
-                match granted {
-                    0 => Grant::Refused(left(v)),
-                    // MySQL adds the grant itself.
-                    granted => Grant::Units {
-                        granted,
-                        added: granted,
-                        left: left(v),
-                        window: WindowRef::Index(index),
-                    },
-                }
-            })
-        }
-        _ => {
-            let now = host_millis();
-            let start = now - now.rem_euclid(len);
-            let sql = "INSERT INTO rate_limit_windows (key_id, window_start, count, expires_at) \
-                 VALUES (?, ?, ?, ?) ON CONFLICT (key_id, window_start) \
-                 DO UPDATE SET count = count + ? WHERE count < ? RETURNING count";
-            let values = [id, start.into(), b.into(), (start + len).into(), b.into(), max.into()];
-            let stmt = Statement::from_sql_and_values(backend, sql, values);
-            retry_conflicts(|| db.query_one_raw(stmt.clone())).await.and_then(|row| {
-                let left = start + len - host_millis();
-                let new = match row {
-                    Some(row) => Some(row.try_get::<i64>("", "count")?),
-                    None => None,
-                };
-                Ok(whole_block_grant(new, block, limit, start, left))
-            })
-        }
-    };
-    result.map_err(counting_error)
-}
-
-/// Reserves up to `block` units of each key's current window: on PostgreSQL and SQLite in
-/// one statement, the same conditional upsert as [`reserve`] row by row, so each key gets
-/// what it would have got alone; on MySQL in one transaction (see [`reserve_many_mysql`]).
-/// The rows are written in key order, so two processes' batches never wait for each other's
-/// row locks in a cycle. Keys must be distinct. The grants come back in the order of `asks`.
-async fn reserve_many(
-    db: &Db,
-    asks: &[(KeyId, RateLimit, u32)],
-) -> std::result::Result<Vec<Grant>, DbErr> {
-    let backend = db.get_database_backend();
-    let mut order: Vec<usize> = (0..asks.len()).collect();
-    order.sort_by_key(|&i| asks[i].0.as_uuid());
-    let mut values: Vec<Value> = Vec::with_capacity(asks.len() * 5);
-    let mut rows = Vec::with_capacity(asks.len());
-    // The rows' new counts by key, and (PostgreSQL) each window's start and time left.
-    let mut found: HashMap<uuid::Uuid, (Option<i64>, i64, i64)> = HashMap::new();
-    if backend == DbBackend::MySql {
-        return retry_conflicts(|| db.bounded(reserve_many_mysql(db, asks, &order), |e| e)).await;
-    }
-    if backend == DbBackend::Postgres {
-        for (n, &i) in order.iter().enumerate() {
-            let (key, limit, block) = asks[i];
-            let p = n * 4;
-            rows.push(format!(
-                "(${}::uuid, ${}::bigint, ${}::bigint, ${}::bigint)",
-                p + 1,
-                p + 2,
-                p + 3,
-                p + 4
-            ));
-            values.extend([
-                Value::from(key.as_uuid()),
-                (limit.window.seconds() * 1_000).into(),
-                i64::from(limit.requests.get()).into(),
-                i64::from(block).into(),
-            ]);
-        }
-        let sql = format!(
-            "WITH input(key_id, len, lim, block) AS (VALUES {}), \
-             t AS (SELECT {PG_NOW_MS} AS now_ms), \
-             w AS (SELECT input.*, t.now_ms, t.now_ms - mod(t.now_ms, input.len) AS start \
-               FROM input, t), \
-             up AS (INSERT INTO rate_limit_windows (key_id, window_start, count, expires_at) \
-               SELECT key_id, start, block, start + len FROM w ORDER BY key_id \
-               ON CONFLICT (key_id, window_start) DO UPDATE \
-               SET count = rate_limit_windows.count + excluded.count \
-               WHERE rate_limit_windows.count < \
-                 (SELECT w.lim FROM w WHERE w.key_id = rate_limit_windows.key_id) \
-               RETURNING key_id, count) \
-             SELECT w.key_id AS key_id, w.start AS start, w.start + w.len - w.now_ms AS left_ms, \
-               up.count AS new_count FROM w LEFT JOIN up ON up.key_id = w.key_id",
-            rows.join(", ")
-        );
-        let stmt = Statement::from_sql_and_values(backend, sql, values);
-        for row in retry_conflicts(|| db.query_all_raw(stmt.clone())).await? {
-            let key: uuid::Uuid = row.try_get("", "key_id")?;
-            let new: Option<i64> = row.try_get("", "new_count")?;
-            found.insert(key, (new, row.try_get("", "start")?, row.try_get("", "left_ms")?));
-        }
-    } else {
-        let now = host_millis();
-        for &i in &order {
-            let (key, limit, block) = asks[i];
-            let len = limit.window.seconds() * 1_000;
-            let start = now - now.rem_euclid(len);
-            rows.push("(?, ?, ?, ?, ?)".to_owned());
-            values.extend([
-                Value::from(key.as_uuid()),
-                start.into(),
-                i64::from(block).into(),
-                (start + len).into(),
-                i64::from(limit.requests.get()).into(),
-            ]);
-            found.insert(key.as_uuid(), (None, start, start + len));
-        }
-        let sql = format!(
-            "WITH input(key_id, start, block, expires_at, lim) AS (VALUES {}) \
-             INSERT INTO rate_limit_windows (key_id, window_start, count, expires_at) \
-             SELECT key_id, start, block, expires_at FROM input WHERE true ORDER BY key_id \
-             ON CONFLICT (key_id, window_start) DO UPDATE SET count = count + excluded.count \
-             WHERE count < (SELECT lim FROM input WHERE input.key_id = rate_limit_windows.key_id) \
-             RETURNING key_id, count",
-            rows.join(", ")
-        );
-        let stmt = Statement::from_sql_and_values(backend, sql, values);
-        let returned = retry_conflicts(|| db.query_all_raw(stmt.clone())).await?;
-        let now = host_millis();
-        for f in found.values_mut() {
-            // The window's end, now its time left.
-            f.2 -= now;
-        }
-        for row in returned {
-            let key: uuid::Uuid = row.try_get("", "key_id")?;
-            let count: i64 = row.try_get("", "count")?;
-            if let Some(f) = found.get_mut(&key) {
-                f.0 = Some(count);
-            }
-        }
-    }
-    Ok(asks
-        .iter()
-        .map(|&(key, limit, block)| {
-            let (new, start, left) = found.get(&key.as_uuid()).copied().unwrap_or((None, 0, 1));
-            whole_block_grant(new, block, limit, start, left)
-        })
-        .collect())
-}
-
-/// MySQL's batch: the database's clock read once, the keys' window rows created at 0 where
-/// missing, then in one transaction the rows locked (`FOR UPDATE`, in key order), each key
-/// granted `min(block, limit - count)` of what is left, and the grants added in one upsert.
-/// The row locks make it exact against every other writer of those rows, as the single
-/// statement of [`reserve`] is.
-async fn reserve_many_mysql(
-    db: &Db,
-    asks: &[(KeyId, RateLimit, u32)],
-    order: &[usize],
-) -> std::result::Result<Vec<Grant>, DbErr> {
-    let backend = DbBackend::MySql;
-    let sql = format!("SELECT CAST({MY_NOW_MS} AS SIGNED) AS now_ms");
-    let now: i64 = db
-        .query_one_raw(Statement::from_string(backend, sql))
-        .await?
-        .ok_or_else(|| DbErr::RecordNotFound("the database clock".into()))?
-        .try_get("", "now_ms")?;
-    let window = |limit: RateLimit| {
-        let len = limit.window.seconds() * 1_000;
-        let start = now - now.rem_euclid(len);
-        (start, start + len, len)
-    };
-    // The rows first, at 0 where missing, in a statement of their own (key order): the
-    // transaction then locks rows that exist. Locking a missing row takes a gap lock, which
-    // two processes can both hold and then both wait on to insert: a deadlock.
-    let mut rows = Vec::with_capacity(order.len());
-    let mut values: Vec<Value> = Vec::with_capacity(order.len() * 3);
-    for &i in order {
-        let (key, limit, _) = asks[i];
-        let (start, end, _) = window(limit);
-        rows.push("(?, ?, 0, ?)");
-        values.extend([Value::from(key.as_uuid()), start.into(), end.into()]);
-    }
-    let sql = format!(
-        "INSERT IGNORE INTO rate_limit_windows (key_id, window_start, count, expires_at) \
-         VALUES {}",
-        rows.join(", ")
-    );
-    db.execute_raw(Statement::from_sql_and_values(backend, sql, values)).await?;
-    let txn = db.begin_with_options(sea_orm::TransactionOptions::default()).await?;
-    let mut pairs = Vec::with_capacity(order.len());
-    let mut values: Vec<Value> = Vec::with_capacity(order.len() * 2);
-    for &i in order {
-        let (key, limit, _) = asks[i];
-        pairs.push("(?, ?)");
-        values.extend([Value::from(key.as_uuid()), window(limit).0.into()]);
-    }
-    let sql = format!(
-        "SELECT key_id, count FROM rate_limit_windows WHERE (key_id, window_start) IN ({}) \
-         ORDER BY key_id FOR UPDATE",
-        pairs.join(", ")
-    );
-    let mut counts: HashMap<uuid::Uuid, i64> = HashMap::new();
-    for row in txn.query_all_raw(Statement::from_sql_and_values(backend, sql, values)).await? {
-        counts.insert(row.try_get("", "key_id")?, row.try_get("", "count")?);
-    }
-    let grants: Vec<Grant> = asks
-        .iter()
-        .map(|&(key, limit, block)| {
-            let (start, end, len) = window(limit);
-            let count = counts.get(&key.as_uuid()).copied().unwrap_or(0);
-            let room = (i64::from(limit.requests.get()) - count).max(0);
-            let granted = u32::try_from(room.min(i64::from(block))).unwrap_or(0);
-            let left = left_ms(end - now);
-            // Named as MySQL's single statement names windows (see `MY_GRANT_SHIFT`).
-            let window = WindowRef::Index((start / len).rem_euclid(MY_INDEX_MOD));
-            if granted > 0 {
-                Grant::Units { granted, added: granted, left, window }
-            } else {
-                Grant::Refused(left)
-            }
-        })
-        .collect();
-    let mut rows = Vec::new();
-    let mut values: Vec<Value> = Vec::new();
-    for &i in order {
-        if let Grant::Units { granted, .. } = grants[i] {
-            let (key, limit, _) = asks[i];
-            let (start, end, _) = window(limit);
-            rows.push("(?, ?, ?, ?)");
-            values.extend([
-                Value::from(key.as_uuid()),
-                start.into(),
-                i64::from(granted).into(),
-                end.into(),
-            ]);
-        }
-    }
-    if !rows.is_empty() {
-        let sql = format!(
-            "INSERT INTO rate_limit_windows (key_id, window_start, count, expires_at) \
-             VALUES {} ON DUPLICATE KEY UPDATE count = count + VALUES(count)",
-            rows.join(", ")
-        );
-        txn.execute_raw(Statement::from_sql_and_values(backend, sql, values)).await?;
-    }
-    txn.commit().await?;
-    Ok(grants)
-}
-
-/// Takes `units` that this process added to `key`'s window (and did not admit) off the
-/// window's count. Only what the lease itself added is subtracted, so the count never falls
-/// below what was admitted; no limit is involved (the key's may have changed since). A
-/// window that has ended (or whose row is gone) is left alone.
-async fn give_back(
-    db: &Db,
-    key: KeyId,
-    length: apikeys_core::Window,
-    window: WindowRef,
-    units: u32,
-) -> Result<()> {
-    if units == 0 {
-        return Ok(());
-    }
-    let backend = db.get_database_backend();
-    let len = length.seconds() * 1_000;
-    let n = i64::from(units);
-    let id = Value::from(key.as_uuid());
-    let stmt = match (backend, window) {
-        (DbBackend::Postgres, WindowRef::Start(start)) => Statement::from_sql_and_values(
-            backend,
-            "UPDATE rate_limit_windows SET count = count - $3 \
-             WHERE key_id = $1 AND window_start = $2 AND count >= $3",
-            [id, start.into(), n.into()],
-        ),
-        (DbBackend::MySql, WindowRef::Index(index)) => Statement::from_sql_and_values(
-            backend,
-            format!(
-                "UPDATE rate_limit_windows SET count = count - ? \
-                 WHERE key_id = ? AND expires_at > {MY_NOW_MS} AND expires_at - window_start = ? \
-                 AND MOD(FLOOR(window_start / ?), {MY_INDEX_MOD}) = ? AND count >= ?"
-            ),
-            [n.into(), id, len.into(), len.into(), index.into(), n.into()],
-        ),
-        (_, WindowRef::Start(start)) => Statement::from_sql_and_values(
-            backend,
-            "UPDATE rate_limit_windows SET count = count - ? \
-             WHERE key_id = ? AND window_start = ? AND count >= ?",
-            [n.into(), id, start.into(), n.into()],
-        ),
-        _ => return Ok(()),
-    };
-    db.execute_raw(stmt).await.map_err(storage)?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::num::NonZeroU32;
+
+    fn counter() -> Counter {
+        let nil = uuid::Uuid::nil();
+        Counter::alone(KeyId::from_uuid(nil), apikeys_core::OrgId::from_uuid(nil))
+    }
 
     fn limit(n: u32) -> RateLimit {
         RateLimit {
@@ -928,7 +508,7 @@ mod tests {
     #[test]
     fn blocks_cover_the_observed_rate() {
         let l = limit(100_000);
-        let mut lease = Lease::empty(l);
+        let mut lease = Lease::empty(counter(), l);
         let t0 = lease.first_at;
         assert_eq!(lease.next_block(l, t0, Purpose::Check), 1, "a new lease starts at one unit");
         // No time left in the window known: COVER of the rate. 4 000 units in 2 s: 2 000 a
@@ -946,7 +526,7 @@ mod tests {
         lease.taken = 1_000_000;
         assert_eq!(lease.next_block(l, t0 + Duration::from_secs(1), Purpose::Refill), 6_250);
         let huge = limit(1 << 30);
-        let mut hot = Lease::empty(huge);
+        let mut hot = Lease::empty(counter(), huge);
         hot.taken = u32::MAX;
         assert_eq!(hot.next_block(huge, hot.first_at, Purpose::Refill), MAX_BLOCK);
         // A new limit starts again.

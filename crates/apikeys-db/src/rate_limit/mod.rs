@@ -28,9 +28,13 @@
 //! rolled key counts in the limiter of the key it was rolled to.
 
 mod lease;
+mod lease_sql;
 mod lineage;
 mod local;
+#[cfg(feature = "redis")]
+mod redis;
 mod shared;
+mod store;
 mod window;
 
 use std::collections::HashMap;
@@ -49,6 +53,9 @@ use crate::lock::lock;
 use lease::Leases;
 pub(crate) use lineage::{hand_over_lineage, merge_windows};
 use local::LocalLimiters;
+#[cfg(feature = "redis")]
+pub(crate) use redis::RedisWindows;
+pub(crate) use store::{Counter, SqlWindows, WindowStore, Windows};
 use window::{Count, window_ends};
 
 /// How per-key rate limits are counted.
@@ -102,10 +109,13 @@ struct Refusal {
     retry_at: Instant,
 }
 
-/// Counts requests against per-key limits. Owns its connection handle and clock; the client
-/// composes it.
+/// Counts requests against per-key limits. Owns its connection handle, store and clock; the
+/// client composes it.
 pub(crate) struct RateLimiter {
+    /// Reads a rolled key's lineage.
     db: Db,
+    /// Where shared windows are counted (shared and leased modes).
+    store: Windows,
     mode: RateLimitMode,
     /// Shared mode: keys whose window is full. An entry only repeats what the database
     /// answered, until the moment that window ends; a different limit (the key was updated)
@@ -123,21 +133,26 @@ pub(crate) struct RateLimiter {
 
 impl std::fmt::Debug for RateLimiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RateLimiter").field("mode", &self.mode).finish_non_exhaustive()
+        f.debug_struct("RateLimiter")
+            .field("mode", &self.mode)
+            .field("store", &self.store)
+            .finish_non_exhaustive()
     }
 }
 
 impl RateLimiter {
     pub(crate) fn new(
         db: Db,
+        store: Windows,
         mode: RateLimitMode,
         clock: Clock,
         runtime: tokio::runtime::Handle,
     ) -> Self {
         Self {
-            leases: Arc::new(Leases::new(db.clone(), runtime.clone())),
+            leases: Arc::new(Leases::new(store.clone(), runtime.clone())),
             runtime,
             db,
+            store,
             mode,
             over_limit: Mutex::new(HashMap::new()),
             checks: AtomicU64::new(0),
@@ -208,11 +223,11 @@ impl RateLimiter {
         match self.mode {
             RateLimitMode::Shared | RateLimitMode::Leased => {
                 let head = self.lineage_head(key).await?;
-                match self.check_shared(head, limit).await {
+                match self.check_shared(counter(key, head), limit).await {
                     // The lineage's newest key was deleted after it was read (its keys were
                     // handed to another in the same transaction): count this one alone.
                     Err(Error::InvalidKey) if head != key.id => {
-                        self.check_shared(key.id, limit).await
+                        self.check_shared(counter(key, key.id), limit).await
                     }
                     other => other,
                 }
@@ -262,7 +277,8 @@ impl RateLimiter {
         None
     }
 
-    async fn check_shared(&self, key: KeyId, limit: RateLimit) -> Result<()> {
+    async fn check_shared(&self, counter: Counter, limit: RateLimit) -> Result<()> {
+        let key = counter.key;
         let asked = Instant::now();
         // Again: a reservation may have landed since, or this is the lineage's head.
         if let Some(answer) = self.shared_in_memory(key, limit, asked) {
@@ -270,9 +286,9 @@ impl RateLimiter {
         }
         let leased = self.mode == RateLimitMode::Leased;
         let counted = if leased {
-            Box::pin(self.leases.check(key, limit)).await
+            Box::pin(self.leases.check(counter, limit)).await
         } else {
-            Box::pin(shared::count(&self.db, key, limit)).await
+            Box::pin(self.store.count(&counter, limit)).await
         };
         match counted? {
             Count::Admitted => Ok(()),
@@ -291,9 +307,9 @@ impl RateLimiter {
     fn sweep_in_background(&self, now: Instant) {
         lock(&self.over_limit).retain(|_, r| r.until > now);
         self.leases.sweep(now);
-        let db = self.db.clone();
+        let store = self.store.clone();
         let purge = async move {
-            if let Err(e) = window::purge(&db).await {
+            if let Err(e) = store.purge().await {
                 tracing::warn!(error = %e, "rate-limit window purge failed");
             }
         };
@@ -303,6 +319,16 @@ impl RateLimiter {
     /// Deletes the window rows that ended at least [`PURGE_GRACE`] ago by the database's
     /// clock. Returns the number of rows deleted.
     pub(crate) async fn purge(&self) -> Result<u64> {
-        window::purge(&self.db).await.map_err(storage)
+        self.store.purge().await
     }
+}
+
+/// The windows a request of `key` counts in, given its lineage's newest key `head`: the
+/// head's, taking over (Redis, once) the windows of the keys whose budget the head carries
+/// on: `key` itself when it was rolled to `head`; for a head, the key it was rolled from and
+/// a successor deleted since (see the module docs).
+fn counter(key: &ApiKey, head: KeyId) -> Counter {
+    let take_over =
+        if head == key.id { [key.rolled_from, key.rolled_to] } else { [Some(key.id), None] };
+    Counter { key: head, org: key.org_id, take_over }
 }

@@ -17,6 +17,8 @@ mod keys;
 mod leased_credits;
 mod leases;
 mod lifecycle;
+#[cfg(feature = "redis")]
+mod on_redis;
 mod races;
 mod rate_limit;
 mod revocation;
@@ -171,5 +173,24 @@ apikeys_testing::backend_tests! {
         leased_shortfall_is_bounded,
         reservations_asked_together_share_statements,
         a_key_deleted_in_a_batch_fails_only_its_own_check,
+    ],
+}
+
+// Shared rate limits counted in Redis: the SQL cases that hold for any store, again, and
+// Redis's own.
+apikeys_testing::redis_tests! {
+    rate_limit: [
+        shared_limit_is_exact_under_concurrency,
+        keys_and_calls_are_independent,
+        update_takes_effect_on_next_check,
+        leased_limit_is_exact_under_concurrency,
+    ],
+    lifecycle: [
+        rolled_keys_share_one_rate_limit_budget,
+    ],
+    on_redis: [
+        windows_by_redis_clock_under_skewed_clients,
+        fails_closed_while_redis_is_out_of_reach_and_recovers,
+        redis_url_password_is_never_printed,
     ],
 }

@@ -289,7 +289,10 @@ pub async fn update_takes_effect_on_next_check(db: TestDb) {
         assert_eq!(quota(c.validate_key(&key, &ValidateOptions::new()).await), None);
     }
     assert!(quota(client.validate_key(&key, &ValidateOptions::new()).await).is_some());
-    assert_eq!(window_rows(&client).await.iter().map(|r| r.1).sum::<i64>(), 5);
+    if db.redis.is_none() {
+        // (Counted in SQL's rows; with Redis, in Redis.)
+        assert_eq!(window_rows(&client).await.iter().map(|r| r.1).sum::<i64>(), 5);
+    }
     // Lowered: refused at once, on both.
     client
         .update_key(id, KeyUpdate::new().with_rate_limit(Some(RateLimit::per_hour(2).unwrap())))

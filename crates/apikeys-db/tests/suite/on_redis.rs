@@ -1,0 +1,188 @@
+//! Shared rate limits counted in Redis (`ClientBuilder::redis`), beyond the SQL cases the
+//! suite runs again on Redis (`redis_tests!` in main.rs): windows by Redis's clock whatever
+//! the clients' clocks, failing closed while Redis is out of reach and recovering after,
+//! and a Redis URL's password never printed.
+
+use std::net::ToSocketAddrs;
+use std::time::Duration;
+
+use apikeys_db::{ApiKeyClient, Error, NewKey, RateLimit, RateLimitMode, ValidateOptions};
+use apikeys_testing::proxy::{Chaos, Mode, Proxy};
+use apikeys_testing::{SECRET, TestDb};
+use chrono::{TimeDelta, Utc};
+
+type RedisConn = ::redis::aio::MultiplexedConnection;
+
+async fn redis_conn(url: &str) -> RedisConn {
+    let client = ::redis::Client::open(url).unwrap();
+    client.get_multiplexed_async_connection().await.unwrap()
+}
+
+/// Redis's clock, in Unix milliseconds.
+async fn redis_now_ms(conn: &mut RedisConn) -> i64 {
+    let (s, us): (i64, i64) = ::redis::cmd("TIME").query_async(conn).await.unwrap();
+    s * 1_000 + us / 1_000
+}
+
+async fn limited_key(client: &ApiKeyClient, name: &str, limit: RateLimit) -> String {
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let new = NewKey::new(name).with_rate_limit(limit);
+    client.create_key(org.id, new).await.unwrap().key.expose_secret().to_owned()
+}
+
+/// Whether a check was admitted; a refusal must be `Quota`.
+async fn admitted(client: &ApiKeyClient, key: &str) -> bool {
+    match client.validate_key(key, &ValidateOptions::new()).await {
+        Ok(_) => true,
+        Err(Error::Quota { .. }) => false,
+        Err(e) => panic!("{e:?}"),
+    }
+}
+
+/// Three replicas whose clocks are 30 s behind, right and 30 s ahead hammer a key limited to
+/// 5 a second for about 1.5 s, in both shared modes: every check falls in a window of
+/// Redis's clock, and across the replicas no more than 5 are admitted per window (client
+/// clocks 30 s apart would each count in a window of their own: 15 a second).
+pub async fn windows_by_redis_clock_under_skewed_clients(db: TestDb) {
+    let url = db.redis.clone().unwrap();
+    for mode in [RateLimitMode::Shared, RateLimitMode::Leased] {
+        let mut clients = Vec::new();
+        for skew in [-30, 0, 30] {
+            let skew = TimeDelta::seconds(skew);
+            let b = |b: apikeys_db::ClientBuilder| {
+                b.clock(move || Utc::now() + skew).rate_limit_mode(mode)
+            };
+            clients.push(db.client_with(b).await);
+        }
+        let key =
+            limited_key(&clients[0], &format!("{mode:?}"), RateLimit::per_second(5).unwrap()).await;
+        let start = redis_now_ms(&mut redis_conn(&url).await).await;
+        let mut tasks = Vec::new();
+        for client in &clients {
+            for _ in 0..2 {
+                let (client, key, url) = (client.clone(), key.clone(), url.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut conn = redis_conn(&url).await;
+                    // (window of the check, admitted): only checks whose readings of Redis's
+                    // clock before and after fall in one second are placed in it.
+                    let mut seen = Vec::new();
+                    while redis_now_ms(&mut conn).await < start + 1_500 {
+                        let before = redis_now_ms(&mut conn).await;
+                        let ok = admitted(&client, &key).await;
+                        let after = redis_now_ms(&mut conn).await;
+                        seen.push((before / 1_000, after / 1_000, ok));
+                    }
+                    seen
+                }));
+            }
+        }
+        let mut per_window = std::collections::BTreeMap::<i64, u32>::new();
+        let (mut placed, mut total) = (0, 0);
+        for t in tasks {
+            for (before, after, ok) in t.await.unwrap() {
+                total += u32::from(ok);
+                if before == after && ok {
+                    *per_window.entry(before).or_default() += 1;
+                    placed += 1;
+                }
+            }
+        }
+        for (window, n) in &per_window {
+            assert!(*n <= 5, "{mode:?}: {n} admitted in the second {window} of Redis's clock");
+        }
+        // At most three windows were touched in 1.5 s: never more than 3 limits.
+        assert!(total <= 15, "{mode:?}: {total} admitted");
+        assert!(placed > 0, "{mode:?}: no admitted check could be placed: {per_window:?}");
+        for c in clients {
+            c.shutdown().await.unwrap();
+        }
+    }
+}
+
+/// Redis out of reach: a check fails with `Unavailable` (never admitted), at once once the
+/// breaker is open; after Redis is back, checks are answered again, and the window never
+/// admitted more than its limit across the outage.
+pub async fn fails_closed_while_redis_is_out_of_reach_and_recovers(db: TestDb) {
+    let url = db.redis.clone().unwrap();
+    let parsed = url::Url::parse(&url).unwrap();
+    let upstream = (parsed.host_str().unwrap(), parsed.port().unwrap_or(6379))
+        .to_socket_addrs()
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = Proxy::start(upstream, Mode::Pass, Chaos::default(), 7).await.unwrap();
+    let mut through = parsed.clone();
+    through.set_host(Some("127.0.0.1")).unwrap();
+    through.set_port(Some(proxy.addr().port())).unwrap();
+    let client = ApiKeyClient::builder()
+        .database_url(&db.url)
+        .signing_secret(SECRET)
+        .redis(through.as_str())
+        .statement_timeout(Duration::from_secs(1))
+        .reconnect_interval(Duration::from_millis(100))
+        .build()
+        .await
+        .unwrap();
+    client.create_tables().await.unwrap();
+    let key = limited_key(&client, "outage", RateLimit::per_hour(20).unwrap()).await;
+    apikeys_testing::leave_room(&client, apikeys_db::Window::Hour, Duration::from_secs(120)).await;
+    let mut ok = 0;
+    for _ in 0..5 {
+        ok += usize::from(admitted(&client, &key).await);
+    }
+    assert_eq!(ok, 5);
+    for (mode, name) in [(Mode::Down, "down"), (Mode::BlackHole, "partitioned")] {
+        proxy.set_mode(mode);
+        proxy.cut();
+        for _ in 0..5 {
+            match client.validate_key(&key, &ValidateOptions::new()).await {
+                Err(Error::Unavailable { .. }) => {}
+                other => panic!("Redis {name}: {other:?}"),
+            }
+        }
+        proxy.set_mode(Mode::Pass);
+        let mut answered = false;
+        for _ in 0..200 {
+            match client.validate_key(&key, &ValidateOptions::new()).await {
+                Ok(_) => {
+                    ok += 1;
+                    answered = true;
+                    break;
+                }
+                Err(Error::Unavailable { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("after Redis was {name}: {e:?}"),
+            }
+        }
+        assert!(answered, "no answer after Redis was {name} and came back");
+    }
+    while admitted(&client, &key).await {
+        ok += 1;
+    }
+    assert_eq!(ok, 20, "exactly the limit across the outages");
+}
+
+/// A Redis URL's password appears neither in the builder's Debug output nor in the error of
+/// a build that cannot reach that Redis, nor in that of a malformed URL.
+pub async fn redis_url_password_is_never_printed(db: TestDb) {
+    let password = "redis-pass-4f1c9e";
+    let unreachable = format!("redis://:{password}@127.0.0.1:1/0");
+    let malformed = format!("redis://:{password}@127.0.0.1:notaport/0");
+    for url in [unreachable, malformed] {
+        let builder = db.builder().redis(&url).statement_timeout(Duration::from_secs(1));
+        assert!(!format!("{builder:?}").contains(password), "{builder:?}");
+        let e = builder.build().await.unwrap_err();
+        let mut text = format!("{e} {e:?}");
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            text.push_str(&format!(" {s} {s:?}"));
+            source = s.source();
+        }
+        assert!(!text.contains(password), "{text}");
+        assert!(matches!(e, Error::Unavailable { .. } | Error::Configuration { .. }), "{e:?}");
+    }
+    // Local mode counts in the process: Redis has nothing to count.
+    let e = db.builder().redis("redis://127.0.0.1/").rate_limit_mode(RateLimitMode::Local);
+    assert!(matches!(e.build().await, Err(Error::Configuration { .. })));
+}
