@@ -227,8 +227,9 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
-    /// The database could not be reached: connecting or waiting for a pooled connection timed
-    /// out, the connection was refused or lost, or the server is shutting down or starting.
+    /// The database (or the Redis that counts shared rate limits) could not be reached:
+    /// connecting or waiting for a pooled connection timed out, the connection was refused or
+    /// lost, or the server is shutting down or starting.
     /// Nothing was changed by the failed call (or, for a connection lost mid-commit, the
     /// database decided alone); retrying later is safe, and the same client reconnects by
     /// itself once the database is back. How long a call waits is bounded by the client's

@@ -238,7 +238,7 @@ impl ClientBuilder {
     }
 
     /// Counts shared rate limits ([`RateLimitMode::Shared`] and [`RateLimitMode::Leased`]) in
-    /// Redis or Valkey at `url` (`redis://[:password@]host:port/db`, `rediss://` for TLS)
+    /// Redis or Valkey at `url` (`redis://[user:password@]host:port/db`)
     /// instead of the SQL database, which then serves no rate-limit statement at all:
     ///
     /// ```no_run
@@ -258,9 +258,11 @@ impl ClientBuilder {
     /// a check that cannot reach Redis is refused with [`Error::Unavailable`], and a breaker
     /// then refuses at once until Redis answers again (probed every
     /// [`reconnect_interval`](Self::reconnect_interval)); each call gets the
-    /// [`statement_timeout`](Self::statement_timeout). What a Redis restart or failover can
-    /// lose, and the layout of its keys (hash-tagged by organization for a cluster), are in
-    /// the [`RateLimitMode`] docs.
+    /// [`statement_timeout`](Self::statement_timeout). Keys are hash-tagged by organization
+    /// for a cluster. What a Redis restart or failover can lose is in
+    /// the README ("Rate limiting"): a restart without persistence, or a failover to a
+    /// replica behind its primary, loses the current windows' counts, so each key may admit
+    /// up to one more limit in that window.
     ///
     /// [`Error::Unavailable`]: apikeys_core::Error::Unavailable
     #[cfg(feature = "redis")]

@@ -1,4 +1,13 @@
-//! Per-key rate limits: exact shared counters in the database, or in-process `governor`.
+//! Per-key rate limits: exact shared counters in the database (or in Redis, with the
+//! feature `redis`: see [`ClientBuilder::redis`](crate::ClientBuilder::redis)), or
+//! in-process `governor`.
+//!
+//! # Layout
+//! One file per mode, each with only its own state: `shared` (one unit per check), `lease`
+//! (blocks reserved ahead, the same for every store) with `lease_sql` (its SQL statements),
+//! `local` (governor), and `redis` (the Redis store); `store` is the seam between the modes
+//! and the stores (the `WindowStore` trait: count a unit, reserve blocks, give back,
+//! purge), so Redis keeps SQL's invariants by running the same lease code.
 //!
 //! # One clock for every replica
 //! In shared mode the window a request falls in is decided by the database's clock, inside
@@ -59,6 +68,10 @@ pub(crate) use store::{Counter, SqlWindows, WindowStore, Windows};
 use window::{Count, window_ends};
 
 /// How per-key rate limits are counted.
+///
+/// `Shared` and `Leased` count in the SQL database by default, or in Redis/Valkey with
+/// [`ClientBuilder::redis`](crate::ClientBuilder::redis) (the same guarantees, by Redis's
+/// clock; what a Redis restart or failover can lose is said there and in the README).
 ///
 /// | mode | exact across replicas | cost per check | algorithm |
 /// |---|---|---|---|

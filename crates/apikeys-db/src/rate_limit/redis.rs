@@ -170,7 +170,7 @@ impl Reach for Ping {
 }
 
 impl RedisWindows {
-    /// Connects to `url` (`redis://`, `rediss://` with TLS, `redis+unix://`): each connection
+    /// Connects to `url` (`redis://`): each connection
     /// attempt and each call gets `timeout`; while Redis is unreachable, a probe tries every
     /// `interval`.
     ///
@@ -318,5 +318,20 @@ impl WindowStore for RedisWindows {
     /// Nothing to do: each hash expires a minute after the last window counted in it.
     async fn purge(&self) -> Result<u64> {
         Ok(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The organization is the hash tag (the first `{...}`): one organization's keys share a
+    /// cluster slot, and a script over a key and the keys it was rolled from stays in it.
+    #[test]
+    fn keys_are_tagged_by_organization() {
+        let name = RedisWindows::hash("0193-org", "0193-key");
+        assert_eq!(name, "apikeys:{0193-org}:k:0193-key");
+        let tag = &name[name.find('{').unwrap_or(0) + 1..name.find('}').unwrap_or(0)];
+        assert_eq!(tag, "0193-org");
     }
 }
