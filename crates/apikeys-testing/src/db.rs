@@ -65,7 +65,7 @@ pub struct TestDb {
     pub backend: Backend,
     /// URL of this test's database.
     pub url: String,
-    /// The Redis that its clients count shared rate limits in ([`with_redis`](Self::with_redis)).
+    /// The Redis that its clients count shared rate limits in (`with_redis`).
     pub redis: Option<String>,
     guard: Arc<DropGuard>,
 }

@@ -76,7 +76,7 @@ macro_rules! backend_tests {
 }
 
 /// Stamps out the cases again with shared rate limits counted in Redis
-/// ([`TestDb::with_redis`]), on SQLite: `redis_tests! { rate_limit: [exact], ... }` gives
+/// (`TestDb::with_redis`), on SQLite: `redis_tests! { rate_limit: [exact], ... }` gives
 /// `redis::rate_limit::exact` calling `crate::rate_limit::exact(db)`. Compiled only with the
 /// invoking crate's cargo features `redis` and `sqlite`.
 #[macro_export]
