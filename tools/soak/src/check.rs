@@ -212,7 +212,7 @@ fn allows(setup: &Setup, state: &State, c: &Check) -> bool {
         Outcome::Revoked => state.alive == Alive::Revoked,
         Outcome::InvalidKey => state.alive == Alive::Deleted,
         Outcome::Expired => expired,
-        Outcome::Unavailable | Outcome::Storage => true,
+        Outcome::Unavailable | Outcome::Storage | Outcome::Conflict => true,
         Outcome::Other => false,
     }
 }
@@ -377,9 +377,10 @@ fn credits(setup: &Setup, by_key: &HashMap<u32, Vec<Check>>, end: &[Option<KeyEn
     v
 }
 
-/// No `Storage` error outside the injected faults.
+/// No `Storage` error, and no `Conflict` the client's retries did not get past, outside the
+/// injected faults.
 fn storage(events: &[Event], setup: &Setup) -> Verdict {
-    let mut v = Verdict::new("no Storage error (500) outside injected faults");
+    let mut v = Verdict::new("no Storage error (500) or Conflict outside injected faults");
     let phases = phases(events);
     let grace = setup.recovery_bound_ms * 1000;
     let (mut under_faults, mut total) = (0u64, 0u64);
@@ -396,10 +397,18 @@ fn storage(events: &[Event], setup: &Setup) -> Verdict {
     };
     let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
     for e in events {
-        if let Event::Check { r, k, t0, t1, o: Outcome::Storage, detail } = e {
+        if let Event::Check {
+            r,
+            k,
+            t0,
+            t1,
+            o: o @ (Outcome::Storage | Outcome::Conflict),
+            detail,
+        } = e
+        {
             let detail = detail.clone().unwrap_or_default();
             *kinds.entry(detail.chars().take(120).collect()).or_default() += 1;
-            judge(*t0, *t1, format!("replica {r} key {k}: Storage at {t0}: {detail}"));
+            judge(*t0, *t1, format!("replica {r} key {k}: {o:?} at {t0}: {detail}"));
         }
     }
     for e in events {
@@ -409,7 +418,8 @@ fn storage(events: &[Event], setup: &Setup) -> Verdict {
             judge(*t, *t, format!("admin: {error} at {t}"));
         }
     }
-    v.figure = format!("{total} Storage errors, {under_faults} of them under injected faults");
+    v.figure =
+        format!("{total} Storage or Conflict errors, {under_faults} of them under injected faults");
     for (detail, n) in &kinds {
         let _ = write!(v.figure, "; {n}× {detail}");
     }
@@ -446,7 +456,9 @@ fn recovery(setup: &Setup, events: &[Event], checks: &[Check]) -> Verdict {
         // Checks answered within the quiet phase (one that the next fault cut short is
         // that fault's).
         let failing = checks.iter().filter(|c| {
-            c.t0 >= *f && c.t1 <= *end && matches!(c.o, Outcome::Unavailable | Outcome::Storage)
+            c.t0 >= *f
+                && c.t1 <= *end
+                && matches!(c.o, Outcome::Unavailable | Outcome::Storage | Outcome::Conflict)
         });
         let recovered = failing.clone().map(|c| c.t1 - f).max().unwrap_or(0);
         let entry = worst.entry(kind.clone()).or_default();
@@ -466,7 +478,7 @@ fn recovery(setup: &Setup, events: &[Event], checks: &[Check]) -> Verdict {
                 c.r == r
                     && c.t0 > f + bound
                     && c.t1 <= *end
-                    && !matches!(c.o, Outcome::Unavailable | Outcome::Storage)
+                    && !matches!(c.o, Outcome::Unavailable | Outcome::Storage | Outcome::Conflict)
             });
             if !answered {
                 v.breach(|| format!("after {kind} ending {f}: replica {r} answered no check"));
@@ -669,6 +681,16 @@ mod tests {
         };
         assert_eq!(v(10 * S).breaches, 1);
         assert_eq!(v(110 * S).breaches, 0);
+        // A conflict the retries did not get past: the same.
+        let conflict = |t| {
+            verdict(
+                &[quiet.clone(), chaos.clone(), probe(0, 0, t, Outcome::Conflict)],
+                &[],
+                "no Storage",
+            )
+        };
+        assert_eq!(conflict(10 * S).breaches, 1);
+        assert_eq!(conflict(110 * S).breaches, 0);
         // Within the recovery bound of the quiet phase's start: still the fault's.
         assert_eq!(v(S).breaches, 0);
         // Started in the quiet phase, answered after the next fault began: that fault's.

@@ -33,6 +33,8 @@ pub enum Outcome {
     Unavailable,
     /// A database failure (a 500).
     Storage,
+    /// A conflict the client's retries did not get past (a deadlock storm): retryable, a 503.
+    Conflict,
     /// Anything else: never expected.
     Other,
 }
@@ -52,6 +54,7 @@ impl Outcome {
             Err(E::InsufficientScope { .. }) => Outcome::Scope,
             Err(E::Unavailable { .. }) => Outcome::Unavailable,
             Err(E::Storage { .. }) => Outcome::Storage,
+            Err(E::Conflict { .. }) => Outcome::Conflict,
             Err(_) => Outcome::Other,
         }
     }
@@ -119,7 +122,8 @@ pub enum Event {
         t1: i64,
         /// How.
         o: Outcome,
-        /// For `Storage` and `Other`: the error and its source, to tell what went wrong.
+        /// For `Storage`, `Conflict` and `Other`: the error and its source, to tell what went
+        /// wrong.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         detail: Option<String>,
     },

@@ -131,7 +131,7 @@ impl Driver {
             let k = u32::try_from(k).unwrap_or(u32::MAX);
             let o = Outcome::of(&result);
             let detail = match (&result, o) {
-                (Err(e), Outcome::Storage | Outcome::Other) => {
+                (Err(e), Outcome::Storage | Outcome::Conflict | Outcome::Other) => {
                     let source = std::error::Error::source(e).map(ToString::to_string);
                     Some(format!("{e}: {}", source.unwrap_or_default()))
                 }
