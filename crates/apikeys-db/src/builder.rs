@@ -238,8 +238,9 @@ impl ClientBuilder {
     }
 
     /// Counts shared rate limits ([`RateLimitMode::Shared`] and [`RateLimitMode::Leased`]) in
-    /// Redis or Valkey at `url` (`redis://[user:password@]host:port/db`)
-    /// instead of the SQL database, which then serves no rate-limit statement at all:
+    /// Redis or Valkey at `url` (`redis://[user:password@]host:port/db`, one primary, Redis 5
+    /// or later, `maxmemory-policy noeviction`) instead of the SQL database, which then
+    /// serves no rate-limit write (a rolled key's check still reads its lineage there):
     ///
     /// ```no_run
     /// # async fn f() -> apikeys_core::Result<()> {
@@ -254,16 +255,19 @@ impl ClientBuilder {
     /// ```
     ///
     /// The same guarantees as SQL: windows by Redis's clock (`TIME`), never more than the
-    /// limit across replicas, a rolled key sharing its successor's budget. It fails closed:
-    /// a check that cannot reach Redis is refused with [`Error::Unavailable`], and a breaker
-    /// then refuses at once until Redis answers again (probed every
+    /// limit across replicas, a rolled key sharing its successor's budget (give the client
+    /// that rolls and deletes keys the same Redis: it hands windows on at once). It fails
+    /// closed: a check that cannot reach Redis is refused with [`Error::Unavailable`], and a
+    /// breaker then refuses at once until Redis answers again (probed every
     /// [`reconnect_interval`](Self::reconnect_interval)); each call gets the
-    /// [`statement_timeout`](Self::statement_timeout). Keys are hash-tagged by organization
-    /// for a cluster. What a Redis restart or failover can lose is in
-    /// the README ("Rate limiting"): a restart without persistence, or a failover to a
-    /// replica behind its primary, loses the current windows' counts, so each key may admit
-    /// up to one more limit in that window.
+    /// [`statement_timeout`](Self::statement_timeout). `build()` fails with
+    /// [`Error::Configuration`] for a Redis that may evict keys, and with
+    /// [`Error::Unavailable`] for one it cannot reach. What a Redis restart or failover can
+    /// lose is in the README ("Rate limiting"): a restart without persistence, or a failover
+    /// to a replica behind its primary, loses the current windows' counts, so each key may
+    /// admit up to one more limit in that window.
     ///
+    /// [`Error::Configuration`]: apikeys_core::Error::Configuration
     /// [`Error::Unavailable`]: apikeys_core::Error::Unavailable
     #[cfg(feature = "redis")]
     pub fn redis(mut self, url: impl Into<String>) -> Self {

@@ -338,7 +338,8 @@ impl ApiKeyClient {
         Ok(key)
     }
 
-    /// Deletes a key for good (for erasure requests); its rate-limit counters go with it.
+    /// Deletes a key for good (for erasure requests); its rate-limit counters go with it (in
+    /// Redis, they expire a minute after their window ends).
     ///
     /// # Errors
     /// [`Error::NotFound`]; [`Error::Storage`].
@@ -366,7 +367,9 @@ impl ApiKeyClient {
         let Some(key) = find_key_on(conn, id).await? else {
             return self.deleted(id, 0);
         };
-        hand_over_lineage(conn, id).await?;
+        if let Some(newest) = hand_over_lineage(conn, id).await? {
+            self.inner.limiter.take_over(key.org_id, id, newest).await;
+        }
         let res = api_key::Entity::delete_by_id(id.as_uuid()).exec(conn).await.map_err(storage)?;
         if res.rows_affected == 1 {
             self.audit(conn, KeyAction::Deleted, Subject::key(&key)).await?;

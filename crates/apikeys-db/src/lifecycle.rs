@@ -162,6 +162,7 @@ impl ApiKeyClient {
             .await
             .map_err(storage)?;
         merge_windows(conn, id, issued.record.id).await?;
+        self.inner.limiter.take_over(record.org_id, id, issued.record.id).await;
         let subject = Subject::key(&record).related(issued.record.id);
         self.audit(conn, KeyAction::Rolled, subject).await?;
         if revoke {

@@ -39,6 +39,35 @@ async fn redis_restart_under_load() {
     for mode in [RateLimitMode::Shared, RateLimitMode::Leased] {
         restart(&url, &command, mode).await;
     }
+    a_redis_that_may_evict_is_refused(&url).await;
+}
+
+/// A Redis whose `maxmemory-policy` may evict keys is refused at build: an evicted window
+/// would start again at 0. (Here, on the test's own Redis, as the policy is server-wide.)
+async fn a_redis_that_may_evict_is_refused(url: &str) {
+    let redis = redis::Client::open(url).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let set = |policy: &'static str| {
+        redis::cmd("CONFIG").arg("SET").arg("maxmemory-policy").arg(policy).clone()
+    };
+    let db = TestDb::new(Backend::Sqlite, "redis_evict").await;
+    for policy in ["allkeys-lru", "volatile-ttl"] {
+        let _: () = set(policy).query_async(&mut conn).await.unwrap();
+        let built = ApiKeyClient::builder()
+            .database_url(&db.url)
+            .signing_secret(apikeys_testing::SECRET)
+            .redis(url)
+            .build()
+            .await;
+        let _: () = set("noeviction").query_async(&mut conn).await.unwrap();
+        match built {
+            Err(Error::Configuration { reason }) => {
+                assert!(reason.contains("noeviction"), "{reason}")
+            }
+            other => panic!("{policy}: {other:?}"),
+        }
+    }
+    db.cleanup().await;
 }
 
 /// Runs the control command with `action` (`stop` or `start`).

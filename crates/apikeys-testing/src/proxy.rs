@@ -213,9 +213,16 @@ impl Proxy {
     }
 
     /// Every open connection stops forwarding, without closing, until the next
-    /// [`cut`](Self::cut).
+    /// [`cut`](Self::cut); so do connections accepted until [`thaw`](Self::thaw).
     pub fn freeze(&self) {
         self.shared.frozen.send_replace(true);
+    }
+
+    /// Ends a [`freeze`](Self::freeze) for the connections accepted from now on; those it
+    /// silenced stay silent, open, until the next [`cut`](Self::cut): a dead host or a
+    /// moved address that sent no reset, beside a path that works again.
+    pub fn thaw(&self) {
+        self.shared.frozen.send_replace(false);
     }
 
     /// Every connection accepted so far, in order.

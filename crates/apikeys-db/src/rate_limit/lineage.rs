@@ -50,8 +50,12 @@ pub(crate) async fn merge_windows<C: ConnectionTrait>(
 
 /// Before `id` is deleted: if it is the newest key of a lineage whose rolled keys are still
 /// around, the newest of those becomes the lineage's newest key, and gets `id`'s rate-limit
-/// window counts (so the keys left keep sharing one budget, from where it was).
-pub(crate) async fn hand_over_lineage<C: ConnectionTrait>(conn: &C, id: KeyId) -> Result<()> {
+/// window counts (so the keys left keep sharing one budget, from where it was). Returns that
+/// key.
+pub(crate) async fn hand_over_lineage<C: ConnectionTrait>(
+    conn: &C,
+    id: KeyId,
+) -> Result<Option<KeyId>> {
     use api_key::Column as Col;
     let newest: Option<uuid::Uuid> = api_key::Entity::find()
         .select_only()
@@ -65,7 +69,7 @@ pub(crate) async fn hand_over_lineage<C: ConnectionTrait>(conn: &C, id: KeyId) -
         .await
         .map_err(storage)?;
     let Some(newest) = newest else {
-        return Ok(());
+        return Ok(None);
     };
     merge_windows(conn, id, KeyId::from_uuid(newest)).await?;
     api_key::Entity::update_many()
@@ -74,5 +78,5 @@ pub(crate) async fn hand_over_lineage<C: ConnectionTrait>(conn: &C, id: KeyId) -
         .exec(conn)
         .await
         .map_err(storage)?;
-    Ok(())
+    Ok(Some(KeyId::from_uuid(newest)))
 }

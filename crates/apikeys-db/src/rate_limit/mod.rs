@@ -51,7 +51,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use apikeys_core::{ApiKey, Error, KeyId, RateLimit, Result};
+use apikeys_core::{ApiKey, Error, KeyId, OrgId, RateLimit, Result};
 use sea_orm::{EntityTrait, QuerySelect};
 
 use crate::breaker::Db;
@@ -187,6 +187,27 @@ impl RateLimiter {
         lock(&self.over_limit).remove(&key);
         self.local.forget(key);
         self.leases.forget(key);
+    }
+
+    /// After a roll (`from` rolled to `to`) or the delete of a lineage's newest key `from`
+    /// (its budget handed to `to`), made by this client: with Redis, `to` takes `from`'s
+    /// current windows over now (SQL did so in the change's transaction). A check takes a
+    /// key's direct predecessor's windows over by itself too, so this matters for a chain
+    /// of rolls, or a delete, before any check; a failure is logged and the change stands.
+    pub(crate) async fn take_over(&self, org: OrgId, from: KeyId, to: KeyId) {
+        #[cfg(feature = "redis")]
+        if let Windows::Redis(redis) = &self.store
+            && let Err(e) = redis.take_over(org, from, to).await
+        {
+            tracing::warn!(
+                error = %e,
+                from = %from,
+                to = %to,
+                "Redis was out of reach: the windows of a rolled or deleted key were not handed on"
+            );
+        }
+        #[cfg(not(feature = "redis"))]
+        let _ = (org, from, to);
     }
 
     /// Gives the units leased for current windows back (leased mode); returns how many.

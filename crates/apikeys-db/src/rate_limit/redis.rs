@@ -10,23 +10,35 @@
 //! give-back as SQL). So across all replicas a window never grants more than its limit,
 //! whatever their clocks say, as in SQL.
 //!
-//! # A cluster
-//! The hash tag is the organization: every key of an organization (so a key and the keys it
-//! was rolled from, and later an owner's) lives in one slot of a Redis Cluster, and a script
-//! touching several of them stays in that slot.
+//! # One primary, keys ready for a cluster
+//! The client speaks to one primary (no Cluster or Sentinel client yet). The hash tag is the
+//! organization: every key of an organization (so a key and the keys it was rolled from,
+//! and later an owner's) would live in one slot of a Redis Cluster, and a script touching
+//! several of them would stay in that slot.
 //!
 //! # Lineage
-//! A roll does not touch Redis (the roll's transaction is SQL's). Instead a key takes over
-//! the current windows of the key it was rolled from (and of a successor deleted since)
-//! when the script first meets it, once per key, marked in its hash: so the lineage shares
-//! one budget, as in SQL, whichever client made the roll.
+//! A roll, or the delete of a lineage's newest key, made by a client that counts in Redis
+//! hands the windows on at once ([`RedisWindows::take_over`], once per key, marked in the
+//! receiving hash), as SQL does in the change's transaction. A check also takes over its
+//! key's direct predecessor's windows (and those of a successor deleted since) when it first
+//! meets them, so a roll made by a client without Redis is followed one step.
+//!
+//! # A window never goes back
+//! A hash already counting in a later window than Redis's clock says (the clock stepped
+//! back; a failover to a host whose clock is behind) goes on counting in that window.
+//!
+//! # No eviction
+//! An evicted hash would start its windows again at 0: [`RedisWindows::connect`] refuses a
+//! Redis whose `maxmemory-policy` is not `noeviction`.
 //!
 //! # Fails closed
 //! Every call has the client's statement timeout. A call that cannot reach Redis fails with
-//! [`Error::Unavailable`] and opens a breaker: until a background `PING` answers (every
-//! reconnect interval), every check that needs Redis fails at once with `Unavailable`;
-//! none is admitted. A script that timed out may have counted: that can only refuse early,
-//! never admit more.
+//! [`Error::Unavailable`] and opens a breaker: until a background `PING` on a connection of
+//! its own answers (every reconnect interval), every check that needs Redis fails at once
+//! with `Unavailable`; none is admitted. A call unanswered in time also fails with
+//! `Unavailable`; the connection it used is replaced, and the breaker opens if such a
+//! `PING` gets no answer either. A script that timed out may have counted: that can only
+//! refuse early, never admit more.
 //!
 //! # What Redis can lose
 //! Redis persists asynchronously and replicates asynchronously. A restart without
@@ -39,11 +51,11 @@
 //! [`Error::Unavailable`]: apikeys_core::Error::Unavailable
 
 use std::fmt;
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, RwLock};
 use std::time::Duration;
 
-use apikeys_core::{Error, RateLimit, Result, Window};
-use redis::aio::ConnectionManager;
+use apikeys_core::{Error, KeyId, OrgId, RateLimit, Result, Window};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, Script, ServerErrorKind};
 
 use super::store::{Ask, Counter, Grant, WindowRef, WindowStore};
@@ -54,58 +66,81 @@ use crate::breaker::{Breaker, Reach};
 /// windows are taken over by its successor until then.
 const KEEP_MS: i64 = 60_000;
 
-/// Takes up to `ARGV[3]` units of the window of length `ARGV[1]` ms of the hash `KEYS[1]`,
-/// while its count is below `ARGV[2]`, after taking over (once each, marked `m<ARGV[i+3]>`)
-/// the current windows of the hashes `KEYS[i]`, i >= 2. `ARGV[4]`: how long the hash is kept
-/// past the window's end. Answers the units granted, the ms left in the window and its start.
-static TAKE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+/// What [`TAKE`] and [`MERGE`] share: Redis's clock, the window a length is in, and the
+/// take-over of another hash's current windows, once (marked `m<name>` in `dest`).
+///
+/// A window never goes back: if the hash already counts in a window that starts later than
+/// the clock says (Redis's clock stepped back, or a failover moved to a host whose clock is
+/// behind), requests count in that later window, never in an earlier one started afresh.
+const PRELUDE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local dest = KEYS[1]
-local function start_of(len) return now - (now % len) end
+local function window(h, len)
+  local start = now - (now % len)
+  local stored = tonumber(redis.call('HGET', h, 'w' .. len))
+  if stored and stored > start then return stored end
+  return start
+end
 local function current(h, len, start)
   if tonumber(redis.call('HGET', h, 'w' .. len)) == start then
     return tonumber(redis.call('HGET', h, 'c' .. len)) or 0
   end
   return 0
 end
-local function add(len, start, n)
+local function add(dest, len, start, n)
   local wf = 'w' .. len
   if tonumber(redis.call('HGET', dest, wf)) ~= start then
     redis.call('HSET', dest, wf, string.format('%d', start), 'c' .. len, 0)
   end
   redis.call('HINCRBY', dest, 'c' .. len, n)
 end
-for i = 2, #KEYS do
-  if redis.call('HSETNX', dest, 'm' .. ARGV[i + 3], 1) == 1 then
-    local fields = redis.call('HGETALL', KEYS[i])
-    for j = 1, #fields, 2 do
-      local name = fields[j]
-      local len = string.sub(name, 1, 1) == 'w' and tonumber(string.sub(name, 2))
-      if len and len > 0 then
-        local start = start_of(len)
-        local n = current(KEYS[i], len, start)
-        if n > 0 then add(len, start, n) end
-      end
+local function take_over(dest, src, marker)
+  if redis.call('HSETNX', dest, 'm' .. marker, 1) == 0 then return end
+  local fields = redis.call('HGETALL', src)
+  for j = 1, #fields, 2 do
+    local name = fields[j]
+    local len = string.sub(name, 1, 1) == 'w' and tonumber(string.sub(name, 2))
+    if len and len > 0 then
+      local start = window(dest, len)
+      local n = current(src, len, start)
+      if n > 0 then add(dest, len, start, n) end
     end
   end
+  local ttl = redis.call('PTTL', src)
+  if ttl > 0 and redis.call('PTTL', dest) < ttl then redis.call('PEXPIRE', dest, ttl) end
 end
+";
+
+/// Takes up to `ARGV[3]` units of the window of length `ARGV[1]` ms of the hash `KEYS[1]`,
+/// while its count is below `ARGV[2]`, after taking over (once each, marked `m<ARGV[i+3]>`)
+/// the current windows of the hashes `KEYS[i]`, i >= 2. `ARGV[4]`: how long the hash is kept
+/// past the window's end. Answers the units granted, the ms left in the window and its start.
+static TAKE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{PRELUDE}{}",
+        r"
+local dest = KEYS[1]
+for i = 2, #KEYS do take_over(dest, KEYS[i], ARGV[i + 3]) end
 local len, limit, wanted = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local start = start_of(len)
+local start = window(dest, len)
 local count = current(dest, len, start)
 local granted = 0
 if count < limit then
   granted = math.min(wanted, limit - count)
-  add(len, start, granted)
+  add(dest, len, start, granted)
 end
 local left = start + len - now
 local keep = left + tonumber(ARGV[4])
 if redis.call('PTTL', dest) < keep then redis.call('PEXPIRE', dest, keep) end
 return {granted, left, string.format('%d', start)}
-",
-    )
+"
+    ))
+});
+
+/// Takes the current windows of the hash `KEYS[2]` over into `KEYS[1]` (once, marked
+/// `m<ARGV[1]>`): a roll, or the delete of a lineage's newest key.
+static MERGE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!("{PRELUDE}{}", "take_over(KEYS[1], KEYS[2], ARGV[1])\nreturn 1\n"))
 });
 
 /// Takes `ARGV[3]` units off the window of length `ARGV[1]` starting at `ARGV[2]` of the
@@ -139,29 +174,45 @@ struct FailFast;
 struct NoAnswer(Duration);
 
 /// Redis as the store of shared windows. Cheap to clone: one multiplexed connection
-/// (reconnected by the `ConnectionManager`), one breaker.
+/// (reconnected by the `ConnectionManager` when it breaks, replaced when it goes silent),
+/// one breaker.
 #[derive(Clone)]
 pub(crate) struct RedisWindows {
-    conn: ConnectionManager,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    /// The connection calls go through; replaced by a new one (connecting on first use) when
+    /// it gave no answer in time or answered as a replica: a partition that sends no reset,
+    /// or a failover that moved the address, leaves the old one waiting for TCP to give up.
+    conn: RwLock<ConnectionManager>,
     breaker: Arc<Breaker>,
     timeout: Duration,
+    runtime: tokio::runtime::Handle,
 }
 
 impl fmt::Debug for RedisWindows {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisWindows").field("breaker", &self.breaker).finish_non_exhaustive()
+        f.debug_struct("RedisWindows")
+            .field("breaker", &self.shared.breaker)
+            .finish_non_exhaustive()
     }
 }
 
-/// What the breaker probes: a `PING` through the connection manager (which reconnects it).
+/// What the breaker probes: a `PING` on a new connection of its own (not the one calls go
+/// through, which may be the silent one).
 #[derive(Clone)]
-struct Ping(ConnectionManager);
+struct Ping(redis::Client);
 
 impl Reach for Ping {
     async fn reach(&self, patience: Duration) -> std::result::Result<(), String> {
-        let mut conn = self.0.clone();
-        let ping = redis::cmd("PING");
-        match tokio::time::timeout(patience, ping.query_async::<String>(&mut conn)).await {
+        let ping = async {
+            let mut conn = self.0.get_multiplexed_async_connection().await?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await
+        };
+        match tokio::time::timeout(patience, ping).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer within {patience:?}")),
@@ -170,13 +221,18 @@ impl Reach for Ping {
 }
 
 impl RedisWindows {
-    /// Connects to `url` (`redis://`): each connection
-    /// attempt and each call gets `timeout`; while Redis is unreachable, a probe tries every
-    /// `interval`.
+    /// Connects to `url` (`redis://`): each connection attempt and each call gets `timeout`;
+    /// while Redis is unreachable, a probe tries every `interval`.
+    ///
+    /// Refuses a Redis that may evict keys (`maxmemory-policy` other than `noeviction`): an
+    /// evicted window would start again at 0, and a limit would no longer hold. Where the
+    /// policy cannot be read (`CONFIG` disabled, as on some managed services), it says so in
+    /// a warning and goes on.
     ///
     /// # Errors
     /// [`Error::Configuration`] for a URL that is not a Redis URL (the URL is not repeated:
-    /// it may hold a password); [`Error::Unavailable`] when Redis cannot be reached.
+    /// it may hold a password), a password Redis refuses, or a Redis that may evict;
+    /// [`Error::Unavailable`] when Redis cannot be reached.
     pub(crate) async fn connect(
         url: &str,
         timeout: Duration,
@@ -187,16 +243,44 @@ impl RedisWindows {
             .map_err(|e| Error::configuration(format!("invalid Redis url: {}", e.category())))?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
+            // Calls get the timeout from `run`, which also replaces a silent connection.
+            .set_response_timeout(None)
             .set_number_of_retries(1)
             .set_max_delay(interval);
-        let connect = ConnectionManager::new_with_config(client, config);
-        let conn = match tokio::time::timeout(timeout, connect).await {
-            Ok(conn) => conn.map_err(Error::unavailable)?,
+        let connect = ConnectionManager::new_with_config(client.clone(), config.clone());
+        let mut conn = match tokio::time::timeout(timeout, connect).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) if e.kind() == ErrorKind::AuthenticationFailed => {
+                return Err(Error::configuration(format!("Redis refused the login: {e}")));
+            }
+            Ok(Err(e)) => return Err(Error::unavailable(e)),
             Err(_) => return Err(Error::unavailable(NoAnswer(timeout))),
         };
-        let breaker = Breaker::guarding("Redis", interval, timeout, runtime);
-        Ok(Self { conn, breaker, timeout })
+        let mut policy = redis::cmd("CONFIG");
+        policy.arg("GET").arg("maxmemory-policy");
+        match tokio::time::timeout(timeout, policy.query_async::<Vec<String>>(&mut conn)).await {
+            Ok(Ok(answer)) => match answer.get(1).map(String::as_str) {
+                Some("noeviction") => {}
+                Some(policy) => {
+                    return Err(Error::configuration(format!(
+                        "Redis's maxmemory-policy is {policy}: it may evict rate-limit \
+                         windows, which would then start again at 0; set it to noeviction"
+                    )));
+                }
+                None => tracing::warn!(
+                    "Redis did not say its maxmemory-policy; make sure it is noeviction"
+                ),
+            },
+            Ok(Err(e)) => tracing::warn!(
+                error = %e,
+                "cannot read Redis's maxmemory-policy; make sure it is noeviction, or an evicted \
+                 rate-limit window starts again at 0"
+            ),
+            Err(_) => return Err(Error::unavailable(NoAnswer(timeout))),
+        }
+        let breaker = Breaker::guarding("Redis", interval, timeout, runtime.clone());
+        let shared = Shared { client, config, conn: RwLock::new(conn), breaker, timeout, runtime };
+        Ok(Self { shared: Arc::new(shared) })
     }
 
     /// The name of `key`'s hash: tagged by organization, so one organization's keys share a
@@ -205,55 +289,94 @@ impl RedisWindows {
         format!("apikeys:{{{org}}}:k:{key}")
     }
 
-    /// Runs `script` through the breaker, within the timeout.
+    fn conn(&self) -> ConnectionManager {
+        self.shared.conn.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Replaces the connection calls go through with a new one, connecting on first use.
+    fn renew(&self) {
+        let fresh = ConnectionManager::new_lazy_with_config(
+            self.shared.client.clone(),
+            self.shared.config.clone(),
+        );
+        match fresh {
+            Ok(fresh) => {
+                *self.shared.conn.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    fresh;
+            }
+            Err(e) => tracing::debug!(error = %e, "could not renew the Redis connection"),
+        }
+    }
+
+    /// Runs `invocation` through the breaker, within the timeout.
     async fn run<T: redis::FromRedisValue>(
         &self,
         invocation: redis::ScriptInvocation<'_>,
     ) -> Result<T> {
-        if self.breaker.is_open() {
+        let shared = &self.shared;
+        if shared.breaker.is_open() {
             return Err(Error::unavailable(FailFast));
         }
-        let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await {
+        let mut conn = self.conn();
+        match tokio::time::timeout(shared.timeout, invocation.invoke_async(&mut conn)).await {
             Ok(Ok(value)) => {
-                self.breaker.close();
+                shared.breaker.close();
                 Ok(value)
             }
-            Ok(Err(e)) => Err(self.failed(e).await),
-            Err(_) => {
-                let e = NoAnswer(self.timeout);
-                // Busy or gone: the breaker opens only if a PING gets no answer either.
-                self.breaker.check_exhausted(&Ping(self.conn.clone()), &e).await;
-                Err(Error::unavailable(e))
-            }
+            Ok(Err(e)) if e.is_timeout() => Err(self.no_answer(e)),
+            Ok(Err(e)) => Err(self.failed(e)),
+            Err(_) => Err(self.no_answer(NoAnswer(shared.timeout))),
         }
     }
 
-    /// What a failed call is: `Unavailable` (fail closed) for a Redis out of reach, starting,
-    /// read-only (a replica after a failover), out of memory or in a cluster's reshuffle;
-    /// the breaker opens for the first of these. `Storage` for anything else.
-    async fn failed(&self, e: RedisError) -> Error {
+    /// A call Redis did not answer in time. The connection may be silent for good (a
+    /// partition without a reset, a dead host): the next calls go through a new one. Whether
+    /// Redis is down or only busy, a `PING` on a connection of the breaker's own tells, off
+    /// the caller's path.
+    fn no_answer(&self, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+        let shared = &self.shared;
+        self.renew();
+        let (breaker, ping) = (Arc::clone(&shared.breaker), Ping(shared.client.clone()));
+        let what = e.to_string();
+        shared.runtime.spawn(async move { breaker.check_exhausted(&ping, &what).await });
+        Error::unavailable(e)
+    }
+
+    /// What a failed call is. `Unavailable` (fail closed) for a Redis out of reach (the
+    /// breaker opens), and for one that cannot count now: starting (`LOADING`), a replica
+    /// (`READONLY`, `MASTERDOWN`: the connection is renewed, in case a failover moved the
+    /// primary), busy with a script (`BUSY`), short of replicas or disk (`NOREPLICAS`,
+    /// `MISCONF`), out of memory (`OOM`), or a cluster's (`MOVED`, `ASK`, `TRYAGAIN`,
+    /// `CLUSTERDOWN`: this client speaks to one primary). `Storage` for anything else.
+    fn failed(&self, e: RedisError) -> Error {
         let unreachable = e.is_io_error()
             || e.is_connection_dropped()
             || e.is_connection_refusal()
             || e.is_timeout()
             || e.is_unrecoverable_error();
         if unreachable {
-            self.breaker.trip(&Ping(self.conn.clone()), &e);
+            self.shared.breaker.trip(&Ping(self.shared.client.clone()), &e);
             return Error::unavailable(e);
         }
-        let transient = matches!(
+        if matches!(
             e.kind(),
-            ErrorKind::Server(
-                ServerErrorKind::BusyLoading
-                    | ServerErrorKind::ReadOnly
-                    | ServerErrorKind::MasterDown
-                    | ServerErrorKind::TryAgain
-                    | ServerErrorKind::ClusterDown
-                    | ServerErrorKind::Moved
-                    | ServerErrorKind::Ask
-            )
-        ) || e.code() == Some("OOM");
+            ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
+        ) {
+            self.renew();
+        }
+        let transient =
+            matches!(
+                e.kind(),
+                ErrorKind::Server(
+                    ServerErrorKind::BusyLoading
+                        | ServerErrorKind::ReadOnly
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::TryAgain
+                        | ServerErrorKind::ClusterDown
+                        | ServerErrorKind::Moved
+                        | ServerErrorKind::Ask
+                )
+            ) || e.code().is_some_and(|c| matches!(c, "OOM" | "BUSY" | "NOREPLICAS" | "MISCONF"));
         if transient { Error::unavailable(e) } else { Error::storage(e) }
     }
 
@@ -275,6 +398,14 @@ impl RedisWindows {
         }
         let (granted, left, start): (u32, i64, i64) = self.run(invocation).await?;
         Ok((granted, left_ms(left), start))
+    }
+
+    /// Takes `from`'s current windows over into `to`'s (once): a roll, or the delete of a
+    /// lineage's newest key, made by this client.
+    pub(crate) async fn take_over(&self, org: OrgId, from: KeyId, to: KeyId) -> Result<()> {
+        let mut invocation = MERGE.key(Self::hash(org, to));
+        invocation.key(Self::hash(org, from)).arg(from.to_string());
+        self.run::<i64>(invocation).await.map(drop)
     }
 }
 

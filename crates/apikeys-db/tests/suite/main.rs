@@ -192,5 +192,7 @@ apikeys_testing::redis_tests! {
         windows_by_redis_clock_under_skewed_clients,
         fails_closed_while_redis_is_out_of_reach_and_recovers,
         redis_url_password_is_never_printed,
+        lineage_holds_along_chains_of_rolls_and_deletes,
+        a_window_never_goes_back_when_the_redis_clock_does,
     ],
 }

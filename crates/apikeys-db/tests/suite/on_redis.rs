@@ -131,16 +131,40 @@ pub async fn fails_closed_while_redis_is_out_of_reach_and_recovers(db: TestDb) {
         ok += usize::from(admitted(&client, &key).await);
     }
     assert_eq!(ok, 5);
-    for (mode, name) in [(Mode::Down, "down"), (Mode::BlackHole, "partitioned")] {
+    // Down: refused connections. Partitioned: new connections black-holed. Silent: every
+    // connection goes quiet without a reset (a dead host, a moved address), then new ones
+    // pass again while the old stay silent: the client must give up on those, not wait for
+    // TCP.
+    for (mode, name) in
+        [(Mode::Down, "down"), (Mode::BlackHole, "partitioned"), (Mode::Pass, "silent")]
+    {
         proxy.set_mode(mode);
-        proxy.cut();
+        if mode == Mode::Pass {
+            proxy.freeze();
+        } else {
+            proxy.cut();
+        }
+        let mut fast = 0;
         for _ in 0..5 {
             match client.validate_key(&key, &ValidateOptions::new()).await {
-                Err(Error::Unavailable { .. }) => {}
+                Err(e @ Error::Unavailable { .. }) => {
+                    let source = std::error::Error::source(&e).map(ToString::to_string);
+                    fast += usize::from(source.is_some_and(|s| s.contains("failing fast")));
+                }
+                Ok(_) if mode == Mode::Pass => {
+                    ok += 1;
+                    break;
+                }
                 other => panic!("Redis {name}: {other:?}"),
             }
         }
+        if mode == Mode::Down {
+            // The breaker opened at the first refusal: the next calls did not try Redis.
+            assert!(fast >= 3, "Redis down: {fast} of 5 calls failed fast");
+        }
         proxy.set_mode(Mode::Pass);
+        // New connections pass again; the silenced ones stay open and silent.
+        proxy.thaw();
         let mut answered = false;
         for _ in 0..200 {
             match client.validate_key(&key, &ValidateOptions::new()).await {
@@ -185,4 +209,78 @@ pub async fn redis_url_password_is_never_printed(db: TestDb) {
     // Local mode counts in the process: Redis has nothing to count.
     let e = db.builder().redis("redis://127.0.0.1/").rate_limit_mode(RateLimitMode::Local);
     assert!(matches!(e.build().await, Err(Error::Configuration { .. })));
+}
+
+/// The hash that counts `key`'s windows (see `rate_limit/redis.rs`).
+fn hash_of(key: &apikeys_db::ApiKey) -> String {
+    format!("apikeys:{{{}}}:k:{}", key.org_id, key.id)
+}
+
+/// A roll or delete made by a client that counts in Redis hands the budget on at once,
+/// along any chain. A spends its 10 of 10 an hour and is rolled to B, B to C, with no check
+/// in between: C is refused. Then a fresh lineage A → B → C whose newest key C spends the 10
+/// and is deleted (after B, or with B left): the keys left are refused.
+pub async fn lineage_holds_along_chains_of_rolls_and_deletes(db: TestDb) {
+    let client = db.client().await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let limit = RateLimit::per_hour(10).unwrap();
+    apikeys_testing::leave_room(&client, apikeys_db::Window::Hour, Duration::from_secs(120)).await;
+    let hour = Duration::from_secs(3600);
+    let chain = async |spend_first: bool| {
+        let a = client.create_key(org.id, NewKey::new("a").with_rate_limit(limit)).await.unwrap();
+        if spend_first {
+            for _ in 0..10 {
+                assert!(admitted(&client, a.key.expose_secret()).await);
+            }
+        }
+        let b = client.roll_key(a.record.id, hour).await.unwrap();
+        let c = client.roll_key(b.record.id, hour).await.unwrap();
+        (a, b, c)
+    };
+    let (_, _, c) = chain(true).await;
+    assert!(!admitted(&client, c.key.expose_secret()).await, "a chain of rolls reset the budget");
+    for delete_middle in [false, true] {
+        let (a, b, c) = chain(false).await;
+        for _ in 0..10 {
+            assert!(admitted(&client, c.key.expose_secret()).await);
+        }
+        if delete_middle {
+            client.delete_key(b.record.id).await.unwrap();
+        }
+        client.delete_key(c.record.id).await.unwrap();
+        let left = if delete_middle { vec![&a] } else { vec![&a, &b] };
+        for k in left {
+            let refused = !admitted(&client, k.key.expose_secret()).await;
+            assert!(refused, "delete_middle {delete_middle}: the delete reset the budget");
+        }
+    }
+}
+
+/// A window never goes back: when the hash already counts in a later window than Redis's
+/// clock says (its clock stepped back, or a failover moved to a host whose clock is
+/// behind), requests count in that later window and are refused once it is full, instead of
+/// an earlier window starting afresh.
+pub async fn a_window_never_goes_back_when_the_redis_clock_does(db: TestDb) {
+    let url = db.redis.clone().unwrap();
+    let client = db.client().await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let new = NewKey::new("stepped").with_rate_limit(RateLimit::per_minute(5).unwrap());
+    let issued = client.create_key(org.id, new).await.unwrap();
+    let mut conn = redis_conn(&url).await;
+    let now = redis_now_ms(&mut conn).await;
+    // The next minute's window, already full: as if the clock had been a minute ahead.
+    let later = now - now % 60_000 + 60_000;
+    let _: () = ::redis::cmd("HSET")
+        .arg(hash_of(&issued.record))
+        .arg("w60000")
+        .arg(later)
+        .arg("c60000")
+        .arg(5)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        !admitted(&client, issued.key.expose_secret()).await,
+        "an earlier window started afresh"
+    );
 }
