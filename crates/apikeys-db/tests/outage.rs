@@ -51,17 +51,6 @@ fn builder(url: &str) -> apikeys_db::ClientBuilder {
         .reconnect_interval(RECONNECT)
 }
 
-/// Runs the server control command with `action` (`stop` or `start`).
-async fn ctl(command: &str, action: &str) {
-    let command = command.replace("{}", action);
-    let status = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("sh").arg("-c").arg(&command).status().expect("run ctl")
-    })
-    .await
-    .unwrap();
-    assert!(status.success(), "server {action} failed");
-}
-
 /// `call` must finish within `BOUND` with `Error::Unavailable`; returns how long it took.
 async fn unavailable<T: std::fmt::Debug>(
     what: &str,
@@ -145,7 +134,7 @@ async fn outage(kind: &str) {
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await; // the load is running
 
-    ctl(&command, "stop").await;
+    apikeys_testing::server_ctl(&command, "stop").await;
     let verify = apikeys_db::VerifyOptions::new();
     // Each client's first failure may wait for the timeouts; every later call must not.
     let first = [
@@ -172,7 +161,7 @@ async fn outage(kind: &str) {
     let slowest = waits.iter().max().copied().unwrap_or_default();
     assert!(slowest < FAST, "{kind}: a call after the first failure took {slowest:?}: {waits:?}");
 
-    ctl(&command, "start").await;
+    apikeys_testing::server_ctl(&command, "start").await;
     let started = std::time::Instant::now();
     // The same client, no restart: calls succeed again once its probe has reached the
     // server, within one reconnect interval (plus slack for a loaded machine).

@@ -70,17 +70,6 @@ async fn a_redis_that_may_evict_is_refused(url: &str) {
     db.cleanup().await;
 }
 
-/// Runs the control command with `action` (`stop` or `start`).
-async fn ctl(command: &str, action: &str) {
-    let command = command.replace("{}", action);
-    let status = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("sh").arg("-c").arg(&command).status().expect("run ctl")
-    })
-    .await
-    .unwrap();
-    assert!(status.success(), "redis {action} failed");
-}
-
 /// What the load saw, by phase: 0 until the stop command returned (Redis shutting down
 /// included), 1 while Redis was down, 2 from its start command on (a check spanning two
 /// phases counts in the last).
@@ -145,11 +134,11 @@ async fn restart(url: &str, command: &str, mode: RateLimitMode) {
     // Under load, then stopped: checks run into the stopped server (phase 1 starts once the
     // stop command has finished: no check that began after it may be admitted from Redis).
     tokio::time::sleep(Duration::from_millis(500)).await;
-    ctl(command, "stop").await;
+    apikeys_testing::server_ctl(command, "stop").await;
     phase.store(1, Ordering::Release);
     tokio::time::sleep(Duration::from_secs(1)).await;
     phase.store(2, Ordering::Release);
-    ctl(command, "start").await;
+    apikeys_testing::server_ctl(command, "start").await;
     let back = Instant::now();
     // Answered again, by the same client, without a restart.
     let mut recovered = None;

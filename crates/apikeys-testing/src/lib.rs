@@ -162,3 +162,18 @@ macro_rules! compiled_backends {
         )
     };
 }
+
+/// Runs a server's control command (as `scripts/test-all` exports them for the outage
+/// tests: `APIKEYS_OUTAGE_*_CTL`) with `{}` replaced by `action` (`stop` or `start`).
+///
+/// # Panics
+/// If the command cannot be run or fails.
+pub async fn server_ctl(command: &str, action: &str) {
+    let command = command.replace("{}", action);
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("sh").arg("-c").arg(&command).status().expect("run ctl")
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "server {action} failed");
+}
