@@ -159,6 +159,8 @@ struct Config {
     /// Workers connect by URL (the client's own pools) instead of through a connection the
     /// bench opens: no statement count on the client side then.
     by_url: bool,
+    /// Count the rate limits in Redis at this URL (`ClientBuilder::redis`).
+    redis: Option<String>,
     quick: bool,
 }
 
@@ -166,7 +168,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: workload [--backend sqlite,postgres,mysql] [--database-url URL] [--keys N] \
          [--processes N] [--tasks N] [--warmup SECS] [--duration SECS] [--limit PER_MINUTE] \
-         [--credits N] [--zipf S] [--seed N] [--window-margin-ms MS] [--rounds N] [--by-url] [--quick]"
+         [--credits N] [--zipf S] [--seed N] [--window-margin-ms MS] [--rounds N] [--by-url] [--redis URL] [--quick]"
     );
     std::process::exit(2);
 }
@@ -196,6 +198,7 @@ impl Config {
             window_margin_ms: 50,
             rounds: if quick { 3 } else { 30 },
             by_url: false,
+            redis: None,
             quick,
         };
         let mut backend_given = false;
@@ -224,6 +227,7 @@ impl Config {
                 }
                 "--rounds" => c.rounds = value().parse().unwrap_or_else(|_| usage()),
                 "--by-url" => c.by_url = true,
+                "--redis" => c.redis = Some(value()),
                 "--help" | "-h" => usage(),
                 // Anything else cargo may pass (a filter): ignored.
                 _ => {}
@@ -275,7 +279,7 @@ impl Config {
 
     /// The client every worker (and the floor measurement) runs: as the README recommends.
     fn recommended(&self, builder: apikeys_db::ClientBuilder) -> apikeys_db::ClientBuilder {
-        builder
+        let builder = builder
             .signing_secret(SECRET)
             .cache(
                 // Room for every key, and a quarter more: the cache's shards fill unevenly.
@@ -285,7 +289,14 @@ impl Config {
             )
             .usage_flush_interval(Duration::from_secs(1))
             .rate_limit_mode(RateLimitMode::Leased)
-            .credit_mode(apikeys_db::CreditMode::Leased)
+            .credit_mode(apikeys_db::CreditMode::Leased);
+        match &self.redis {
+            #[cfg(feature = "redis")]
+            Some(url) => builder.redis(url),
+            #[cfg(not(feature = "redis"))]
+            Some(_) => panic!("--redis needs `--features redis`"),
+            None => builder,
+        }
     }
 }
 
@@ -396,6 +407,68 @@ async fn server_counters(url: &str) -> BTreeMap<String, i64> {
         _ => {}
     }
     db.close().await.ok();
+    if let Some(ms) = server_cpu_ms(db_backend_of(url)) {
+        out.insert("cpu_ms".to_owned(), ms);
+    }
+    out
+}
+
+fn db_backend_of(url: &str) -> Backend {
+    Backend::parse(url.split(':').next().unwrap_or_default())
+}
+
+/// CPU time (user + system, ms) of the database server's processes on this machine, from
+/// /proc: every process named `postgres`, or `mariadbd` / `mysqld` (none for SQLite, which
+/// runs in the workers).
+fn server_cpu_ms(backend: Backend) -> Option<i64> {
+    let names: &[&str] = match backend {
+        Backend::Postgres => &["postgres"],
+        Backend::MySql => &["mariadbd", "mysqld"],
+        Backend::Sqlite => return None,
+    };
+    let mut ticks = 0_i64;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // pid (comm) state ppid ... utime(14) stime(15)
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        if !names.contains(&&stat[open + 1..close]) {
+            continue;
+        }
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        let field = |i: usize| fields.get(i).and_then(|f| f.parse::<i64>().ok()).unwrap_or(0);
+        ticks += field(11) + field(12);
+    }
+    // USER_HZ is 100 on Linux.
+    Some(ticks * 10)
+}
+
+#[cfg(feature = "redis")]
+/// What Redis counted: scripts run (`EVALSHA` + `EVAL`), commands, and its CPU time (ms).
+async fn redis_counters(url: &str) -> BTreeMap<String, i64> {
+    let client = ::redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = ::redis::cmd("INFO").arg("everything").query_async(&mut conn).await.unwrap();
+    let mut out = BTreeMap::new();
+    let (mut scripts, mut cpu) = (0_i64, 0.0_f64);
+    for line in info.lines() {
+        let Some((name, value)) = line.split_once(':') else { continue };
+        match name {
+            "cmdstat_evalsha" | "cmdstat_eval" => {
+                scripts += value
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix("calls="))
+                    .and_then(|n| n.parse::<i64>().ok())
+                    .unwrap_or(0);
+            }
+            "total_commands_processed" => {
+                out.insert("redis_commands".to_owned(), value.trim().parse().unwrap_or(0));
+            }
+            "used_cpu_sys" | "used_cpu_user" => cpu += value.trim().parse::<f64>().unwrap_or(0.0),
+            _ => {}
+        }
+    }
+    out.insert("redis_scripts".to_owned(), scripts);
+    out.insert("redis_cpu_ms".to_owned(), (cpu * 1000.0) as i64);
     out
 }
 
@@ -536,6 +609,7 @@ impl Spec {
             "zipf": self.zipf, "seed": self.seed, "start_ms": self.start_ms,
             "warm_end_ms": self.warm_end_ms, "end_ms": self.end_ms, "margin_ms": self.margin_ms,
             "keys": self.config.keys, "limit": self.config.limit, "by_url": self.config.by_url,
+            "redis": self.config.redis,
         })
     }
 
@@ -546,6 +620,7 @@ impl Spec {
         config.keys = usize::try_from(i("keys")).unwrap();
         config.limit = u32::try_from(i("limit")).unwrap();
         config.by_url = v["by_url"].as_bool().unwrap();
+        config.redis = v["redis"].as_str().map(str::to_owned);
         Spec {
             url: s("url"),
             keys_file: s("keys_file"),
@@ -1074,7 +1149,12 @@ async fn load(db: &BenchDb, config: &Config, setup: &Setup) -> Load {
     let probe = Database::connect(&db.url).await.unwrap();
     let (offset_ms, rtt_ms) = clock_offset(&probe).await;
     let margin_ms = config.window_margin_ms + offset_ms.abs() + rtt_ms;
-    let before = server_counters(&db.url).await;
+    #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
+    let mut before = server_counters(&db.url).await;
+    #[cfg(feature = "redis")]
+    if let Some(url) = &config.redis {
+        before.extend(redis_counters(url).await);
+    }
     let run_start_db = apikeys_testing::db_now_ms_on(&probe).await;
     // Workers start together, 2 s from now (they read the keys and connect meanwhile).
     let start_ms = host_ms() + 2_000;
@@ -1105,7 +1185,12 @@ async fn load(db: &BenchDb, config: &Config, setup: &Setup) -> Load {
     probe.close().await.ok();
     // Sessions that ended have flushed their statistics; give the server a moment.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = server_counters(&db.url).await;
+    #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
+    let mut after = server_counters(&db.url).await;
+    #[cfg(feature = "redis")]
+    if let Some(url) = &config.redis {
+        after.extend(redis_counters(url).await);
+    }
     let server =
         after.iter().map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0))).collect();
     let windows = run_end_db.div_euclid(WINDOW_MS) - run_start_db.div_euclid(WINDOW_MS) + 1;
@@ -1382,6 +1467,27 @@ fn report(
             run.server["Questions"]
         ),
         Backend::Sqlite => {}
+    }
+    if let Some(&ms) = run.server.get("cpu_ms") {
+        let statements = match backend {
+            Backend::Postgres => run.server["transactions"],
+            _ => run.server.get("Questions").copied().unwrap_or(0),
+        };
+        println!(
+            "| server CPU, whole worker run: per 1 000 checks; per {} | {:.1} ms; {:.1} µs |",
+            if backend == Backend::Postgres { "transaction" } else { "question" },
+            per_check(ms),
+            ms as f64 * 1000.0 / statements.max(1) as f64
+        );
+    }
+    if let Some(&scripts) = run.server.get("redis_scripts") {
+        let cpu = run.server["redis_cpu_ms"];
+        println!(
+            "| Redis, whole worker run: scripts per 1 000 checks (commands, those inside scripts included); CPU per script | {:.2} ({:.2}); {:.1} µs |",
+            per_check(scripts),
+            per_check(run.server["redis_commands"]),
+            cpu as f64 * 1000.0 / scripts.max(1) as f64
+        );
     }
     println!(
         "| admitted / limit, max per key and window (checks ≥ {} ms inside it) | {:.3} (key #{}) |",

@@ -56,6 +56,11 @@ pub struct ClientBuilder {
     /// Redis's URL (it may hold a password: never printed).
     #[cfg(feature = "redis")]
     redis: Option<String>,
+    /// The URL of the Redis change notices go through (as `redis`: never printed).
+    #[cfg(feature = "redis")]
+    notices: Option<String>,
+    #[cfg(feature = "redis")]
+    notice_channel: Option<String>,
 }
 
 impl Default for ClientBuilder {
@@ -82,6 +87,10 @@ impl Default for ClientBuilder {
             reconnect_interval: None,
             #[cfg(feature = "redis")]
             redis: None,
+            #[cfg(feature = "redis")]
+            notices: None,
+            #[cfg(feature = "redis")]
+            notice_channel: None,
         }
     }
 }
@@ -100,6 +109,10 @@ impl fmt::Debug for ClientBuilder {
             .field("cache", &self.cache);
         #[cfg(feature = "redis")]
         f.field("redis", &self.redis.as_ref().map(|_| "[set]"));
+        #[cfg(feature = "redis")]
+        f.field("invalidation_through_redis", &self.notices.as_ref().map(|_| "[set]"));
+        #[cfg(feature = "redis")]
+        f.field("change_notice_channel", &self.notice_channel);
         f.finish_non_exhaustive()
     }
 }
@@ -275,6 +288,61 @@ impl ClientBuilder {
         self
     }
 
+    /// Tells other clients of each change through Redis or Valkey at `url` (a `PUBLISH` on
+    /// `apikeys:changes` once the change's transaction has ended) and, with a
+    /// [`cache`](Self::cache), polls the change feed as soon as another client's notice
+    /// arrives, instead of at its next tick: a key revoked on one replica is refused on the
+    /// others about a millisecond later rather than up to a poll interval later.
+    ///
+    /// ```no_run
+    /// # async fn f() -> apikeys_core::Result<()> {
+    /// let client = apikeys_db::ApiKeyClient::builder()
+    ///     .database_url("postgres://app:secret@db/app")
+    ///     .signing_secret(std::env::var("APIKEYS_SECRET").unwrap_or_default())
+    ///     .cache(apikeys_db::KeyCache::new())
+    ///     .invalidation_through_redis("redis://cache:6379/0")
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// The change feed stays the guarantee: a notice carries no change, only a reason to
+    /// poll now, so a notice lost (Redis down or restarting, a publish that timed out) costs
+    /// the head start and nothing else, and [`KeyCache::max_staleness`] holds with or without
+    /// Redis. No check waits for Redis, and `build()` does not need it reachable. Polls that
+    /// notices start are at least 10 ms apart per client. Changes made in a transaction the
+    /// host owns (the `_on` variants) are not announced (the client cannot tell when the host
+    /// commits); they arrive at the next poll. Independent of [`redis`](Self::redis): rate
+    /// limits may stay in SQL. Deployments that share a Redis (staging and production) should
+    /// each have a [`change_notice_channel`](Self::change_notice_channel) of their own: a
+    /// notice from another deployment costs a needless poll.
+    ///
+    /// # Errors
+    /// `build()` fails with [`Error::Configuration`] for a URL that is not a Redis URL or a
+    /// password Redis refuses.
+    ///
+    /// [`Error::Configuration`]: apikeys_core::Error::Configuration
+    #[cfg(feature = "redis")]
+    pub fn invalidation_through_redis(mut self, url: impl Into<String>) -> Self {
+        self.notices = Some(url.into());
+        self
+    }
+
+    /// The Redis channel of [`invalidation_through_redis`](Self::invalidation_through_redis)
+    /// (default `apikeys:changes`; Redis's channels span its numbered databases). Every
+    /// client of one deployment must use the same.
+    ///
+    /// # Errors
+    /// `build()` fails with [`Error::Configuration`] for an empty name, or one given without
+    /// `invalidation_through_redis`.
+    ///
+    /// [`Error::Configuration`]: apikeys_core::Error::Configuration
+    #[cfg(feature = "redis")]
+    pub fn change_notice_channel(mut self, name: impl Into<String>) -> Self {
+        self.notice_channel = Some(name.into());
+        self
+    }
+
     /// How usage credits are spent (default [`CreditMode::Exact`]: one conditional `UPDATE`
     /// per check). [`CreditMode::Leased`] reserves blocks of a balance ahead and spends
     /// them in memory, never more than the balance across replicas; call
@@ -405,6 +473,18 @@ impl ClientBuilder {
         if self.max_connections == Some(0) {
             return Err(Error::configuration("max_connections must be positive"));
         }
+        #[cfg(feature = "redis")]
+        match (&self.notices, &self.notice_channel) {
+            (_, Some(name)) if name.is_empty() => {
+                return Err(Error::configuration("change_notice_channel must not be empty"));
+            }
+            (None, Some(_)) => {
+                return Err(Error::configuration(
+                    "change_notice_channel needs invalidation_through_redis",
+                ));
+            }
+            _ => {}
+        }
         let acquire_timeout = self.acquire_timeout.unwrap_or(DEFAULT_ACQUIRE_TIMEOUT);
         let by_url = self.url.is_some();
         let (db, writer) = match (self.url, self.connection) {
@@ -496,13 +576,31 @@ impl ClientBuilder {
             spawn_poller(&runtime, Arc::downgrade(cache), db.clone());
         }
         let listener = cache.clone().map(|c| c as Arc<dyn ChangeListener>);
-        let feed = Arc::new(ChangeFeed::new(
+        let feed = ChangeFeed::new(
             writer.clone(),
             Arc::clone(&clock),
             listener,
             feed_retention,
             runtime.clone(),
-        ));
+        );
+        #[cfg(feature = "redis")]
+        let feed = feed.with_notices(match &self.notices {
+            Some(url) => Some(
+                crate::cache::notices::Notices::start(
+                    url,
+                    self.notice_channel
+                        .clone()
+                        .unwrap_or_else(|| crate::cache::notices::CHANNEL.to_owned()),
+                    self.statement_timeout.unwrap_or(DEFAULT_STATEMENT_TIMEOUT),
+                    self.reconnect_interval.unwrap_or(DEFAULT_RECONNECT_INTERVAL),
+                    &runtime,
+                    cache.as_ref().map(Arc::downgrade),
+                )
+                .await?,
+            ),
+            None => None,
+        });
+        let feed = Arc::new(feed);
         let inner = Arc::new(Inner {
             keys: CachedLookup::new(lookup, cache),
             credits: CreditSpender::new(writer.clone(), self.credit_mode, runtime.clone()),

@@ -197,6 +197,9 @@ pub(crate) struct ChangeFeed {
     /// Changes recorded so far (every [`PURGE_EVERY`] it purges in the background).
     changes: AtomicU64,
     runtime: tokio::runtime::Handle,
+    /// Tells other clients through Redis that a change has ended.
+    #[cfg(feature = "redis")]
+    notices: Option<crate::cache::notices::Notices>,
 }
 
 impl ChangeFeed {
@@ -207,7 +210,23 @@ impl ChangeFeed {
         retention: Duration,
         runtime: tokio::runtime::Handle,
     ) -> Self {
-        Self { writer, clock, listener, retention, changes: AtomicU64::new(0), runtime }
+        Self {
+            writer,
+            clock,
+            listener,
+            retention,
+            changes: AtomicU64::new(0),
+            runtime,
+            #[cfg(feature = "redis")]
+            notices: None,
+        }
+    }
+
+    /// Announces each change of the client's own, once it has ended, through `notices`.
+    #[cfg(feature = "redis")]
+    pub(crate) fn with_notices(mut self, notices: Option<crate::cache::notices::Notices>) -> Self {
+        self.notices = notices;
+        self
     }
 
     /// Appends `change` on `txn` (see [`record`]), stamped by the client's clock; returns its
@@ -217,10 +236,15 @@ impl ChangeFeed {
     }
 
     /// After a transaction of the client's own that recorded `change` has ended (committed
-    /// or not): the client's cache forgets what it touched.
+    /// or not): the client's cache forgets what it touched, and other clients are told
+    /// through Redis when notices are on.
     pub(crate) fn after_commit(self: &Arc<Self>, change: Change) {
         if let Some(listener) = &self.listener {
             listener.changed(change);
+        }
+        #[cfg(feature = "redis")]
+        if let Some(notices) = &self.notices {
+            notices.announce();
         }
         self.count();
     }

@@ -157,6 +157,7 @@ pub(super) struct Counts {
     pub(super) bypassed: AtomicU64,
     pub(super) lookups: AtomicU64,
     pub(super) failed_polls: AtomicU64,
+    pub(super) woken_polls: AtomicU64,
     pub(super) restarts: AtomicU64,
 }
 
@@ -178,6 +179,10 @@ pub struct CacheStats {
     pub lookups: u64,
     /// Polls of the change feed that failed (the database could not be read).
     pub failed_polls: u64,
+    /// Polls of the change feed started early by a change notice from another client
+    /// ([`ClientBuilder::invalidation_through_redis`](crate::ClientBuilder::invalidation_through_redis)),
+    /// rather than by the timer.
+    pub woken_polls: u64,
     /// Times the cache emptied itself because the change feed did not follow on from what it
     /// had applied: rows purged while it was behind, or the database restored, failed over
     /// or created afresh (its head went back, or a row it applied changed).

@@ -48,6 +48,8 @@
 
 mod cached;
 mod config;
+#[cfg(feature = "redis")]
+pub(crate) mod notices;
 mod poll;
 
 use std::collections::HashMap;
@@ -60,7 +62,7 @@ use apikeys_core::hazmat::{KeyHash, ProductAccess};
 use apikeys_core::{ApiKey, Error, KeyId, OrgId, ProductId, ProjectId, Result};
 use quick_cache::sync::{Cache, DefaultLifecycle};
 use quick_cache::{DefaultHashBuilder, OptionsBuilder, UnitWeighter, Weighter};
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
 use crate::feed::Change;
 use crate::lock::lock;
@@ -176,6 +178,8 @@ pub(crate) struct CacheState {
     misses: Semaphore,
     miss_wait: Duration,
     counts: Counts,
+    /// Wakes the poller before its next tick: a change notice from another client.
+    wake: Arc<Notify>,
 }
 
 impl fmt::Debug for CacheState {
@@ -209,6 +213,7 @@ impl CacheState {
             misses: Semaphore::new(config.max_concurrent_misses),
             miss_wait,
             counts: Counts::default(),
+            wake: Arc::new(Notify::new()),
             config,
         })
     }
@@ -481,6 +486,7 @@ impl CacheState {
             bypassed: c.bypassed.load(Ordering::Relaxed),
             lookups: c.lookups.load(Ordering::Relaxed),
             failed_polls: c.failed_polls.load(Ordering::Relaxed),
+            woken_polls: c.woken_polls.load(Ordering::Relaxed),
             feed_restarts: c.restarts.load(Ordering::Relaxed),
             keys: self.keys.len() as u64,
             feed_position: (applied >= 0).then_some(applied),

@@ -1,8 +1,9 @@
 //! The poller: reads the change feed after the last row applied, drops what the rows name,
 //! and records when each successful poll started (what [`CacheState::serving`] checks).
 
-use std::sync::Weak;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use super::CacheState;
 use crate::breaker::Db;
@@ -10,6 +11,10 @@ use crate::entity::key_change;
 use crate::feed::{self, Change};
 use crate::lock::lock;
 use crate::observe;
+
+/// The shortest time between a poll a change notice starts and the poll before it: a storm
+/// of changes adds at most one feed read per this time per replica.
+pub(crate) const WAKE_GAP: Duration = Duration::from_millis(10);
 
 /// Feed rows read per statement while catching up.
 const FEED_PAGE: u64 = 500;
@@ -195,17 +200,36 @@ impl CacheState {
 }
 
 /// Polls the change feed every `max_staleness / 4` (at least once a second) on `runtime`,
-/// until the cache is dropped.
+/// until the cache is dropped; and, when a change notice from another client wakes it
+/// (see [`notices`](super::notices)), at once, but never sooner than [`WAKE_GAP`] after the
+/// poll before.
 pub(crate) fn spawn_poller(runtime: &tokio::runtime::Handle, state: Weak<CacheState>, db: Db) {
-    let Some(interval) = state.upgrade().map(|s| s.config.poll_interval()) else { return };
+    let Some((interval, wake)) =
+        state.upgrade().map(|s| (s.config.poll_interval(), Arc::clone(&s.wake)))
+    else {
+        return;
+    };
     runtime.spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut published = [0; 4];
         let mut cursor = Cursor::default();
+        let mut last = tokio::time::Instant::now();
         loop {
-            tick.tick().await;
+            let woken = tokio::select! {
+                _ = tick.tick() => false,
+                () = wake.notified() => true,
+            };
+            if woken {
+                tokio::time::sleep_until(last + WAKE_GAP).await;
+                // The poll below is as good as a tick's.
+                tick.reset();
+            }
             let Some(state) = state.upgrade() else { return };
+            if woken {
+                state.counts.woken_polls.fetch_add(1, Ordering::Relaxed);
+            }
+            last = tokio::time::Instant::now();
             state.poll(&db, &mut cursor).await;
             state.publish(&mut published);
         }

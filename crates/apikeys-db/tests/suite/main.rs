@@ -194,5 +194,8 @@ apikeys_testing::redis_tests! {
         redis_url_password_is_never_printed,
         lineage_holds_along_chains_of_rolls_and_deletes,
         a_window_never_goes_back_when_the_redis_clock_does,
+        change_notices_wake_other_replicas,
+        lost_notices_cost_nothing,
+        notice_settings_are_checked_and_never_print_the_password,
     ],
 }

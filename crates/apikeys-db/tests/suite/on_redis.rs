@@ -284,3 +284,169 @@ pub async fn a_window_never_goes_back_when_the_redis_clock_does(db: TestDb) {
         "an earlier window started afresh"
     );
 }
+
+/// A channel of the test's own: the notices of tests running beside it wake none of its
+/// clients.
+fn channel(name: &str) -> String {
+    format!("apikeys:test:{name}:{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Waits until `n` clients listen on `channel` (a notice published before is lost).
+async fn listening(url: &str, channel: &str, n: i64) {
+    let mut conn = redis_conn(url).await;
+    for _ in 0..500 {
+        let (_, count): (String, i64) =
+            ::redis::cmd("PUBSUB").arg("NUMSUB").arg(channel).query_async(&mut conn).await.unwrap();
+        if count >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{n} clients never listened on {channel}");
+}
+
+/// Checks `key` on `client` until it is refused as revoked; panics after `within`.
+async fn until_revoked(client: &ApiKeyClient, key: &str, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match client.verify_key(key, &apikeys_db::VerifyOptions::new()).await {
+            Ok(_) => {}
+            Err(Error::Revoked { .. }) => return,
+            Err(e) => panic!("{e:?}"),
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still accepted after {within:?}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Invalidation through Redis: every revocation made on replica A wakes replica B's poller
+/// (counted in `woken_polls`, which nothing else on the test's channel can move: the keys
+/// are issued by a client without notices), and B refuses each revoked key. B's own change
+/// wakes neither B nor a cache-less A.
+pub async fn change_notices_wake_other_replicas(db: TestDb) {
+    let url = db.redis.clone().unwrap();
+    let chan = channel("wake");
+    let setup = db.client().await;
+    let with_notices = |b: apikeys_db::ClientBuilder| {
+        b.invalidation_through_redis(&url).change_notice_channel(&chan)
+    };
+    let a = with_notices(db.builder()).build().await.unwrap();
+    let b = with_notices(db.builder())
+        .cache(apikeys_db::KeyCache::new().max_staleness(Duration::from_secs(4)))
+        .reconnect_interval(Duration::from_millis(100))
+        .build()
+        .await
+        .unwrap();
+    listening(&url, &chan, 1).await;
+    let (org, _) = setup.get_or_create_organization("acme").await.unwrap();
+    let mut keys = Vec::new();
+    for i in 0..5 {
+        keys.push(setup.create_key(org.id, NewKey::new(format!("k{i}"))).await.unwrap());
+    }
+    for issued in &keys {
+        b.verify_key(issued.key.expose_secret(), &apikeys_db::VerifyOptions::new()).await.unwrap();
+    }
+    let before = b.cache_stats().unwrap().woken_polls;
+    assert_eq!(before, 0, "woken before any notice");
+    for issued in &keys {
+        a.revoke_key(issued.record.id).await.unwrap();
+        until_revoked(&b, issued.key.expose_secret(), Duration::from_secs(10)).await;
+    }
+    // Each revocation was waited for before the next: five notices, five wakes.
+    let woken = b.cache_stats().unwrap().woken_polls;
+    assert!(woken >= 5, "{woken} polls woken by 5 notices");
+    // Past a heartbeat (every 5 s): the subscription was kept (a reconnect would have woken
+    // a poll to catch up; a ping answer it misread once made it reconnect every 5 s and
+    // miss the notices meanwhile).
+    tokio::time::sleep(Duration::from_millis(6_000)).await;
+    assert_eq!(b.cache_stats().unwrap().woken_polls, woken, "the subscription was renewed");
+    // B's own change: its cache forgets at once, and its notice does not wake it.
+    let own = setup.create_key(org.id, NewKey::new("own")).await.unwrap();
+    b.revoke_key(own.record.id).await.unwrap();
+    let refused = b.verify_key(own.key.expose_secret(), &apikeys_db::VerifyOptions::new()).await;
+    assert!(matches!(refused, Err(Error::Revoked { .. })), "{refused:?}");
+    // A notice from A after B's: once B is woken by it, B's own had arrived before it.
+    let last = setup.create_key(org.id, NewKey::new("last")).await.unwrap();
+    b.verify_key(last.key.expose_secret(), &apikeys_db::VerifyOptions::new()).await.unwrap();
+    a.revoke_key(last.record.id).await.unwrap();
+    until_revoked(&b, last.key.expose_secret(), Duration::from_secs(10)).await;
+    for _ in 0..500 {
+        if b.cache_stats().unwrap().woken_polls > woken {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(b.cache_stats().unwrap().woken_polls, woken + 1, "B was woken by its own notice");
+}
+
+/// A lost notice costs nothing: with Redis out of reach, `build()` succeeds, changes succeed
+/// at once, and another replica still refuses a revoked key through the change feed within
+/// `max_staleness`, with no poll woken. Once Redis is back, notices wake it again.
+pub async fn lost_notices_cost_nothing(db: TestDb) {
+    let url = db.redis.clone().unwrap();
+    let parsed = url::Url::parse(&url).unwrap();
+    let upstream = (parsed.host_str().unwrap(), parsed.port().unwrap_or(6379))
+        .to_socket_addrs()
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = Proxy::start(upstream, Mode::Down, Chaos::default(), 11).await.unwrap();
+    let mut through = parsed.clone();
+    through.set_host(Some("127.0.0.1")).unwrap();
+    through.set_port(Some(proxy.addr().port())).unwrap();
+    let chan = channel("lost");
+    let with_notices = |b: apikeys_db::ClientBuilder| {
+        b.invalidation_through_redis(through.as_str())
+            .change_notice_channel(&chan)
+            .statement_timeout(Duration::from_secs(1))
+            .reconnect_interval(Duration::from_millis(100))
+    };
+    let setup = db.client().await;
+    let a = with_notices(db.builder()).build().await.unwrap();
+    let bound = Duration::from_millis(400);
+    let b = with_notices(db.builder())
+        .cache(apikeys_db::KeyCache::new().max_staleness(bound))
+        .build()
+        .await
+        .unwrap();
+    let (org, _) = setup.get_or_create_organization("acme").await.unwrap();
+    let issued = setup.create_key(org.id, NewKey::new("k")).await.unwrap();
+    b.verify_key(issued.key.expose_secret(), &apikeys_db::VerifyOptions::new()).await.unwrap();
+    a.revoke_key(issued.record.id).await.unwrap();
+    // The feed's bound, plus room for a slow poll on a shared machine.
+    until_revoked(&b, issued.key.expose_secret(), bound * 10).await;
+    assert_eq!(b.cache_stats().unwrap().woken_polls, 0);
+    // Redis back: B listens again, and a notice wakes it.
+    proxy.set_mode(Mode::Pass);
+    listening(&url, &chan, 1).await;
+    let woken = b.cache_stats().unwrap().woken_polls;
+    let next = setup.create_key(org.id, NewKey::new("next")).await.unwrap();
+    b.verify_key(next.key.expose_secret(), &apikeys_db::VerifyOptions::new()).await.unwrap();
+    a.revoke_key(next.record.id).await.unwrap();
+    until_revoked(&b, next.key.expose_secret(), bound * 10).await;
+    for _ in 0..500 {
+        if b.cache_stats().unwrap().woken_polls > woken {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    panic!("no poll woken after Redis came back");
+}
+
+/// The notice settings: a malformed URL or an empty channel is a `Configuration` error that
+/// does not print the URL's password, nor does the builder's Debug output; a channel without
+/// notices is refused too.
+pub async fn notice_settings_are_checked_and_never_print_the_password(db: TestDb) {
+    let password = "notice-pass-9d2e";
+    let malformed = format!("redis://:{password}@127.0.0.1:notaport/0");
+    let builder = db.builder().invalidation_through_redis(&malformed);
+    assert!(!format!("{builder:?}").contains(password), "{builder:?}");
+    let e = builder.build().await.unwrap_err();
+    assert!(matches!(e, Error::Configuration { .. }), "{e:?}");
+    assert!(!format!("{e} {e:?}").contains(password), "{e:?}");
+    let url = db.redis.clone().unwrap();
+    let empty = db.builder().invalidation_through_redis(&url).change_notice_channel("");
+    assert!(matches!(empty.build().await, Err(Error::Configuration { .. })));
+    let alone = db.builder().change_notice_channel("x");
+    assert!(matches!(alone.build().await, Err(Error::Configuration { .. })));
+}

@@ -1,0 +1,242 @@
+//! Change notices through Redis ([`ClientBuilder::invalidation_through_redis`]): a client
+//! publishes a notice on Redis once a change of its own has committed, and every other
+//! client's cache polls the change feed as soon as one arrives, instead of at its next tick.
+//!
+//! # The feed stays the guarantee
+//! A notice carries nothing but who sent it: the poll it starts reads the feed, as every
+//! tick does. A notice lost (Redis down, a subscriber reconnecting, a publish that timed out)
+//! costs nothing but the head start; the timer's polls go on, so `max_staleness` holds
+//! whether Redis is there or not, and no check ever waits for Redis. A change made in a
+//! transaction the host owns (the `_on` variants) is not announced: the client cannot tell
+//! when the host commits; the feed brings it.
+//!
+//! # Spaced polls
+//! Notices that arrive while a poll is due are one poll; a poll a notice starts waits until
+//! [`WAKE_GAP`](super::poll::WAKE_GAP) after the one before, so a storm of changes adds at most one feed read per
+//! `WAKE_GAP` per replica.
+//!
+//! [`ClientBuilder::invalidation_through_redis`]: crate::ClientBuilder::invalidation_through_redis
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use apikeys_core::{Error, Result};
+use futures_util::StreamExt;
+use redis::ErrorKind;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::{Notify, mpsc};
+
+use super::CacheState;
+
+/// The channel clients publish their notices on and listen to, unless told another.
+pub(crate) const CHANNEL: &str = "apikeys:changes";
+
+/// How often a subscriber pings Redis: a connection that went silent without a reset is
+/// replaced after at most this plus the timeout.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// The sending side, held by the change feed: [`announce`](Self::announce) after each
+/// change of the client's own has ended.
+#[derive(Debug)]
+pub(crate) struct Notices {
+    /// One slot: announcements made while a publish is under way become one more publish.
+    due: mpsc::Sender<()>,
+}
+
+impl Notices {
+    /// Opens Redis at `url` for notices: a background task publishes them (each with
+    /// `timeout`), and, when `wake` is given (the client has a cache), another listens to
+    /// the others' and wakes the poller. Redis need not be reachable now: both tasks retry
+    /// every `interval`.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] for a URL that is not a Redis URL (the URL is not repeated:
+    /// it may hold a password), or a password Redis refuses.
+    pub(crate) async fn start(
+        url: &str,
+        channel: String,
+        timeout: Duration,
+        interval: Duration,
+        runtime: &tokio::runtime::Handle,
+        wake: Option<Weak<CacheState>>,
+    ) -> Result<Self> {
+        let client = redis::Client::open(url)
+            .map_err(|e| Error::configuration(format!("invalid Redis url: {}", e.category())))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(interval);
+        let conn = match tokio::time::timeout(
+            timeout,
+            ConnectionManager::new_with_config(client.clone(), config.clone()),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) if e.kind() == ErrorKind::AuthenticationFailed => {
+                return Err(Error::configuration(format!("Redis refused the login: {e}")));
+            }
+            other => {
+                let error = match other {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {timeout:?}"),
+                };
+                tracing::warn!(
+                    %error,
+                    "change notices: Redis cannot be reached; changes reach other replicas \
+                     through the change feed's polls meanwhile"
+                );
+                ConnectionManager::new_lazy_with_config(client.clone(), config)
+                    .map_err(|e| Error::configuration(format!("Redis: {}", e.category())))?
+            }
+        };
+        let sender = uuid::Uuid::new_v4().simple().to_string();
+        let (due, pending) = mpsc::channel(1);
+        let to = Target { channel: Arc::from(channel), sender: Arc::from(sender), timeout };
+        runtime.spawn(publish(conn, pending, to.clone()));
+        if let Some(cache) = wake {
+            runtime.spawn(listen(client, cache, to, interval));
+        }
+        Ok(Self { due })
+    }
+
+    /// A change of this client's own has ended: tell the others (in the background; a
+    /// notice already due covers this one too).
+    pub(crate) fn announce(&self) {
+        // Full: a publish is due already, and it is sent after this change ended.
+        let _ = self.due.try_send(());
+    }
+}
+
+/// Where notices go and who sends them.
+#[derive(Clone, Debug)]
+struct Target {
+    channel: Arc<str>,
+    /// This client's id, the payload of its notices: it does not wake itself.
+    sender: Arc<str>,
+    /// Each call's.
+    timeout: Duration,
+}
+
+/// Publishes one notice per announcement (several waiting make one), until the client is
+/// dropped.
+async fn publish(mut conn: ConnectionManager, mut due: mpsc::Receiver<()>, to: Target) {
+    let timeout = to.timeout;
+    let mut failing = false;
+    while due.recv().await.is_some() {
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(&*to.channel).arg(&*to.sender);
+        let result = tokio::time::timeout(timeout, cmd.query_async::<i64>(&mut conn)).await;
+        match result {
+            Ok(Ok(_)) if failing => {
+                tracing::info!("change notices: publishing on Redis again");
+                failing = false;
+            }
+            Ok(Err(e)) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "change notices: publishing on Redis failed; other replicas see changes at their next poll");
+            }
+            Err(_) if !failing => {
+                failing = true;
+                tracing::warn!(
+                    ?timeout,
+                    "change notices: Redis did not answer a publish in time; other replicas see changes at their next poll"
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Listens to the notices of other clients and wakes `cache`'s poller at each, until the
+/// cache is dropped; reconnects every `interval` while Redis cannot be reached.
+async fn listen(client: redis::Client, cache: Weak<CacheState>, to: Target, interval: Duration) {
+    let Some(wake) = cache.upgrade().map(|c| Arc::clone(&c.wake)) else { return };
+    let mut failing = false;
+    let mut first = true;
+    loop {
+        if cache.strong_count() == 0 {
+            return;
+        }
+        let catch_up = !first;
+        first = false;
+        match subscribe(&client, &to).await {
+            Ok((sink, stream)) => {
+                if failing {
+                    tracing::info!("change notices: listening on Redis again");
+                    failing = false;
+                }
+                // Notices may have been missed while not listening: one poll catches up.
+                if catch_up {
+                    wake.notify_one();
+                }
+                if !relay(sink, stream, &cache, &wake, &to).await {
+                    return;
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    failing = true;
+                    tracing::warn!(error = %e, "change notices: cannot listen on Redis; this replica sees other replicas' changes at its polls");
+                }
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// A subscription to the channel.
+async fn subscribe(
+    client: &redis::Client,
+    to: &Target,
+) -> std::result::Result<(redis::aio::PubSubSink, redis::aio::PubSubStream), String> {
+    let connect = async {
+        let (mut sink, stream) = client.get_async_pubsub().await?.split();
+        sink.subscribe(&*to.channel).await?;
+        Ok::<_, redis::RedisError>((sink, stream))
+    };
+    match tokio::time::timeout(to.timeout, connect).await {
+        Ok(Ok(pair)) => Ok(pair),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {:?}", to.timeout)),
+    }
+}
+
+/// Wakes the poller at each notice not sent by this client, until the connection ends or
+/// stops answering pings (`true`: reconnect) or the cache is dropped (`false`).
+async fn relay(
+    mut sink: redis::aio::PubSubSink,
+    mut stream: redis::aio::PubSubStream,
+    cache: &Weak<CacheState>,
+    wake: &Notify,
+    to: &Target,
+) -> bool {
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    heartbeat.tick().await;
+    loop {
+        tokio::select! {
+            msg = stream.next() => match msg {
+                Some(msg) => {
+                    if msg.get_payload_bytes() != to.sender.as_bytes() {
+                        wake.notify_one();
+                    }
+                }
+                None => {
+                    tracing::warn!("change notices: the connection to Redis ended; reconnecting");
+                    return true;
+                }
+            },
+            _ = heartbeat.tick() => {
+                if cache.strong_count() == 0 {
+                    return false;
+                }
+                let ping = tokio::time::timeout(to.timeout, sink.ping::<redis::Value>()).await;
+                if !matches!(ping, Ok(Ok(_))) {
+                    tracing::warn!("change notices: Redis did not answer a ping; reconnecting");
+                    return true;
+                }
+            }
+        }
+    }
+}
