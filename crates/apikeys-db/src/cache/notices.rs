@@ -87,17 +87,17 @@ impl Notices {
                     "change notices: Redis cannot be reached; changes reach other replicas \
                      through the change feed's polls meanwhile"
                 );
-                ConnectionManager::new_lazy_with_config(client.clone(), config)
+                ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
                     .map_err(|e| Error::configuration(format!("Redis: {}", e.category())))?
             }
         };
         let sender = uuid::Uuid::new_v4().simple().to_string();
         let (due, pending) = mpsc::channel(1);
         let to = Target { channel: Arc::from(channel), sender: Arc::from(sender), timeout };
-        runtime.spawn(publish(conn, pending, to.clone()));
         if let Some(cache) = wake {
-            runtime.spawn(listen(client, cache, to, interval));
+            runtime.spawn(listen(client.clone(), cache, to.clone(), interval));
         }
+        runtime.spawn(publish(client, config, conn, pending, to));
         Ok(Self { due })
     }
 
@@ -120,28 +120,52 @@ struct Target {
 }
 
 /// Publishes one notice per announcement (several waiting make one), until the client is
-/// dropped.
-async fn publish(mut conn: ConnectionManager, mut due: mpsc::Receiver<()>, to: Target) {
-    let timeout = to.timeout;
+/// dropped. A publish that fails or goes unanswered replaces the connection (a connection
+/// gone silent, or one whose reconnect failed while Redis was away, would otherwise lose
+/// the next notices too) and is tried once more on the new one: a notice sent twice costs
+/// one poll more.
+async fn publish(
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    mut conn: ConnectionManager,
+    mut due: mpsc::Receiver<()>,
+    to: Target,
+) {
     let mut failing = false;
     while due.recv().await.is_some() {
-        let mut cmd = redis::cmd("PUBLISH");
-        cmd.arg(&*to.channel).arg(&*to.sender);
-        let result = tokio::time::timeout(timeout, cmd.query_async::<i64>(&mut conn)).await;
-        match result {
-            Ok(Ok(_)) if failing => {
+        let mut error = None;
+        for attempt in 0..2 {
+            if attempt > 0 {
+                match ConnectionManager::new_lazy_with_config(client.clone(), config.clone()) {
+                    Ok(fresh) => conn = fresh,
+                    Err(e) => {
+                        error = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            let mut cmd = redis::cmd("PUBLISH");
+            cmd.arg(&*to.channel).arg(&*to.sender);
+            match tokio::time::timeout(to.timeout, cmd.query_async::<i64>(&mut conn)).await {
+                Ok(Ok(_)) => {
+                    error = None;
+                    break;
+                }
+                Ok(Err(e)) => error = Some(e.to_string()),
+                Err(_) => error = Some(format!("no answer within {:?}", to.timeout)),
+            }
+        }
+        match error {
+            None if failing => {
                 tracing::info!("change notices: publishing on Redis again");
                 failing = false;
             }
-            Ok(Err(e)) if !failing => {
-                failing = true;
-                tracing::warn!(error = %e, "change notices: publishing on Redis failed; other replicas see changes at their next poll");
-            }
-            Err(_) if !failing => {
+            Some(error) if !failing => {
                 failing = true;
                 tracing::warn!(
-                    ?timeout,
-                    "change notices: Redis did not answer a publish in time; other replicas see changes at their next poll"
+                    %error,
+                    "change notices: publishing on Redis failed; other replicas see changes at \
+                     their next poll"
                 );
             }
             _ => {}

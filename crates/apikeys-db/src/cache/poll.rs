@@ -12,8 +12,9 @@ use crate::feed::{self, Change};
 use crate::lock::lock;
 use crate::observe;
 
-/// The shortest time between a poll a change notice starts and the poll before it: a storm
-/// of changes adds at most one feed read per this time per replica.
+/// The shortest time between the start of a poll a change notice starts and that of the
+/// poll before it (longer when that poll took more than half of it): a storm of notices
+/// adds at most one feed read per this time per replica.
 pub(crate) const WAKE_GAP: Duration = Duration::from_millis(10);
 
 /// Feed rows read per statement while catching up.
@@ -201,7 +202,7 @@ impl CacheState {
 
 /// Polls the change feed every `max_staleness / 4` (at least once a second) on `runtime`,
 /// until the cache is dropped; and, when a change notice from another client wakes it
-/// (see [`notices`](super::notices)), at once, but never sooner than [`WAKE_GAP`] after the
+/// (see the module `notices`, with the `redis` feature), at once, but never sooner than [`WAKE_GAP`] after the
 /// poll before.
 pub(crate) fn spawn_poller(runtime: &tokio::runtime::Handle, state: Weak<CacheState>, db: Db) {
     let Some((interval, wake)) =
@@ -215,13 +216,17 @@ pub(crate) fn spawn_poller(runtime: &tokio::runtime::Handle, state: Weak<CacheSt
         let mut published = [0; 4];
         let mut cursor = Cursor::default();
         let mut last = tokio::time::Instant::now();
+        let mut took = Duration::ZERO;
         loop {
             let woken = tokio::select! {
                 _ = tick.tick() => false,
                 () = wake.notified() => true,
             };
             if woken {
-                tokio::time::sleep_until(last + WAKE_GAP).await;
+                // At least WAKE_GAP after the last poll started, and as long after it ended
+                // as it took: notices cannot keep a slow database polled more than half the
+                // time.
+                tokio::time::sleep_until(last + WAKE_GAP.max(took * 2)).await;
                 // The poll below is as good as a tick's.
                 tick.reset();
             }
@@ -231,6 +236,7 @@ pub(crate) fn spawn_poller(runtime: &tokio::runtime::Handle, state: Weak<CacheSt
             }
             last = tokio::time::Instant::now();
             state.poll(&db, &mut cursor).await;
+            took = last.elapsed();
             state.publish(&mut published);
         }
     });

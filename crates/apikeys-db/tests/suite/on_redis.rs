@@ -319,13 +319,52 @@ async fn until_revoked(client: &ApiKeyClient, key: &str, within: Duration) {
     }
 }
 
-/// Invalidation through Redis: every revocation made on replica A wakes replica B's poller
-/// (counted in `woken_polls`, which nothing else on the test's channel can move: the keys
-/// are issued by a client without notices), and B refuses each revoked key. B's own change
-/// wakes neither B nor a cache-less A.
+/// A subscriber of the test's own: what the clients published, in Redis's order.
+struct Tap {
+    _sink: ::redis::aio::PubSubSink,
+    stream: ::redis::aio::PubSubStream,
+}
+
+impl Tap {
+    async fn on(url: &str, channel: &str) -> Tap {
+        let client = ::redis::Client::open(url).unwrap();
+        let (mut sink, stream) = client.get_async_pubsub().await.unwrap().split();
+        sink.subscribe(channel).await.unwrap();
+        Tap { _sink: sink, stream }
+    }
+
+    /// The sender of the next notice (a client's random id).
+    async fn next(&mut self) -> Vec<u8> {
+        use futures_util::StreamExt;
+        let msg = tokio::time::timeout(Duration::from_secs(20), self.stream.next()).await;
+        msg.expect("no notice within 20 s")
+            .expect("the tap's connection ended")
+            .get_payload_bytes()
+            .to_vec()
+    }
+}
+
+/// Waits until `client`'s cache has counted more than `than` woken polls; returns the count.
+async fn woken_beyond(client: &ApiKeyClient, than: u64) -> u64 {
+    for _ in 0..2_000 {
+        let now = client.cache_stats().unwrap().woken_polls;
+        if now > than {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no poll woken beyond {than} within 20 s");
+}
+
+/// Invalidation through Redis: each revocation made on replica A is published once and
+/// wakes replica B's poller once (counted in `woken_polls`, which nothing else on the
+/// test's channel can move: the keys are issued by a client without notices), and B
+/// refuses each revoked key. B's subscription outlives its heartbeat without a reconnect (a
+/// reconnect wakes a poll to catch up), and B's own change does not wake B.
 pub async fn change_notices_wake_other_replicas(db: TestDb) {
     let url = db.redis.clone().unwrap();
     let chan = channel("wake");
+    let mut tap = Tap::on(&url, &chan).await;
     let setup = db.client().await;
     let with_notices = |b: apikeys_db::ClientBuilder| {
         b.invalidation_through_redis(&url).change_notice_channel(&chan)
@@ -337,7 +376,7 @@ pub async fn change_notices_wake_other_replicas(db: TestDb) {
         .build()
         .await
         .unwrap();
-    listening(&url, &chan, 1).await;
+    listening(&url, &chan, 2).await;
     let (org, _) = setup.get_or_create_organization("acme").await.unwrap();
     let mut keys = Vec::new();
     for i in 0..5 {
@@ -346,42 +385,38 @@ pub async fn change_notices_wake_other_replicas(db: TestDb) {
     for issued in &keys {
         b.verify_key(issued.key.expose_secret(), &apikeys_db::VerifyOptions::new()).await.unwrap();
     }
-    let before = b.cache_stats().unwrap().woken_polls;
-    assert_eq!(before, 0, "woken before any notice");
+    assert_eq!(b.cache_stats().unwrap().woken_polls, 0, "woken before any notice");
+    let mut woken = 0;
+    let mut a_id = None;
     for issued in &keys {
         a.revoke_key(issued.record.id).await.unwrap();
+        let sender = tap.next().await;
+        assert_eq!(a_id.get_or_insert_with(|| sender.clone()), &sender, "one sender");
+        woken = woken_beyond(&b, woken).await;
         until_revoked(&b, issued.key.expose_secret(), Duration::from_secs(10)).await;
     }
-    // Each revocation was waited for before the next: five notices, five wakes.
-    let woken = b.cache_stats().unwrap().woken_polls;
-    assert!(woken >= 5, "{woken} polls woken by 5 notices");
-    // Past a heartbeat (every 5 s): the subscription was kept (a reconnect would have woken
-    // a poll to catch up; a ping answer it misread once made it reconnect every 5 s and
-    // miss the notices meanwhile).
-    tokio::time::sleep(Duration::from_millis(6_000)).await;
-    assert_eq!(b.cache_stats().unwrap().woken_polls, woken, "the subscription was renewed");
-    // B's own change: its cache forgets at once, and its notice does not wake it.
+    // One wake per notice, each waited for before the next revocation.
+    assert_eq!(woken, 5);
+    // Past a heartbeat (every 5 s): the subscription was kept (a ping answer it once
+    // misread made it reconnect every 5 s, and miss the notices meanwhile).
+    tokio::time::sleep(Duration::from_millis(6_500)).await;
+    assert_eq!(b.cache_stats().unwrap().woken_polls, 5, "the subscription was renewed");
+    // B's own change: its cache forgets at once, and its notice (seen by the tap, so
+    // delivered to B's subscription too) does not wake it.
     let own = setup.create_key(org.id, NewKey::new("own")).await.unwrap();
     b.revoke_key(own.record.id).await.unwrap();
     let refused = b.verify_key(own.key.expose_secret(), &apikeys_db::VerifyOptions::new()).await;
     assert!(matches!(refused, Err(Error::Revoked { .. })), "{refused:?}");
-    // A notice from A after B's: once B is woken by it, B's own had arrived before it.
-    let last = setup.create_key(org.id, NewKey::new("last")).await.unwrap();
-    b.verify_key(last.key.expose_secret(), &apikeys_db::VerifyOptions::new()).await.unwrap();
-    a.revoke_key(last.record.id).await.unwrap();
-    until_revoked(&b, last.key.expose_secret(), Duration::from_secs(10)).await;
-    for _ in 0..500 {
-        if b.cache_stats().unwrap().woken_polls > woken {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    assert_eq!(b.cache_stats().unwrap().woken_polls, woken + 1, "B was woken by its own notice");
+    assert_ne!(Some(tap.next().await), a_id, "B's notice");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(b.cache_stats().unwrap().woken_polls, 5, "B was woken by its own notice");
 }
 
-/// A lost notice costs nothing: with Redis out of reach, `build()` succeeds, changes succeed
-/// at once, and another replica still refuses a revoked key through the change feed within
-/// `max_staleness`, with no poll woken. Once Redis is back, notices wake it again.
+/// A lost notice costs nothing: with Redis out of reach, `build()` succeeds, changes succeed,
+/// and another replica still refuses a revoked key through the change feed, with no poll
+/// woken. Once Redis is back, B listens again and A's next notice reaches it; and when
+/// every connection to Redis goes silent (no reset), B's heartbeat replaces its
+/// subscription and A's publish replaces its connection, so notices flow again.
 pub async fn lost_notices_cost_nothing(db: TestDb) {
     let url = db.redis.clone().unwrap();
     let parsed = url::Url::parse(&url).unwrap();
@@ -395,6 +430,7 @@ pub async fn lost_notices_cost_nothing(db: TestDb) {
     through.set_host(Some("127.0.0.1")).unwrap();
     through.set_port(Some(proxy.addr().port())).unwrap();
     let chan = channel("lost");
+    let mut tap = Tap::on(&url, &chan).await;
     let with_notices = |b: apikeys_db::ClientBuilder| {
         b.invalidation_through_redis(through.as_str())
             .change_notice_channel(&chan)
@@ -410,27 +446,33 @@ pub async fn lost_notices_cost_nothing(db: TestDb) {
         .await
         .unwrap();
     let (org, _) = setup.get_or_create_organization("acme").await.unwrap();
-    let issued = setup.create_key(org.id, NewKey::new("k")).await.unwrap();
-    b.verify_key(issued.key.expose_secret(), &apikeys_db::VerifyOptions::new()).await.unwrap();
-    a.revoke_key(issued.record.id).await.unwrap();
-    // The feed's bound, plus room for a slow poll on a shared machine.
-    until_revoked(&b, issued.key.expose_secret(), bound * 10).await;
+    let revoke_and_refuse = async |name: &str| {
+        let issued = setup.create_key(org.id, NewKey::new(name)).await.unwrap();
+        b.verify_key(issued.key.expose_secret(), &apikeys_db::VerifyOptions::new()).await.unwrap();
+        a.revoke_key(issued.record.id).await.unwrap();
+        // The feed's bound, with room for a slow poll on a loaded machine.
+        until_revoked(&b, issued.key.expose_secret(), bound * 10).await;
+    };
+    revoke_and_refuse("while-down").await;
     assert_eq!(b.cache_stats().unwrap().woken_polls, 0);
-    // Redis back: B listens again, and a notice wakes it.
+    // Redis back: B listens again, and wakes a poll to catch up on what it missed.
     proxy.set_mode(Mode::Pass);
-    listening(&url, &chan, 1).await;
-    let woken = b.cache_stats().unwrap().woken_polls;
-    let next = setup.create_key(org.id, NewKey::new("next")).await.unwrap();
-    b.verify_key(next.key.expose_secret(), &apikeys_db::VerifyOptions::new()).await.unwrap();
-    a.revoke_key(next.record.id).await.unwrap();
-    until_revoked(&b, next.key.expose_secret(), bound * 10).await;
-    for _ in 0..500 {
-        if b.cache_stats().unwrap().woken_polls > woken {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    panic!("no poll woken after Redis came back");
+    listening(&url, &chan, 2).await;
+    let woken = woken_beyond(&b, 0).await;
+    revoke_and_refuse("back").await;
+    tap.next().await;
+    let woken = woken_beyond(&b, woken).await;
+    // Every connection through the proxy goes silent; new ones pass.
+    proxy.freeze();
+    // Each connection reads the freeze when it next wakes: let them, before new ones pass.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.thaw();
+    // B's heartbeat (every 5 s) finds its subscription silent and replaces it.
+    let woken = woken_beyond(&b, woken).await;
+    // A's publish on its silent connection times out; it replaces it and publishes again.
+    revoke_and_refuse("after-silence").await;
+    tap.next().await;
+    woken_beyond(&b, woken).await;
 }
 
 /// The notice settings: a malformed URL or an empty channel is a `Configuration` error that
