@@ -180,7 +180,7 @@ pub struct CacheStats {
     /// Polls of the change feed that failed (the database could not be read).
     pub failed_polls: u64,
     /// Polls of the change feed started early by a change notice from another client
-    /// ([`ClientBuilder::invalidation_through_redis`](crate::ClientBuilder::invalidation_through_redis)),
+    /// (`ClientBuilder::invalidation_through_redis`, with the cargo feature `redis`),
     /// rather than by the timer.
     pub woken_polls: u64,
     /// Times the cache emptied itself because the change feed did not follow on from what it
