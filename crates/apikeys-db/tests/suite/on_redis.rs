@@ -99,21 +99,28 @@ pub async fn windows_by_redis_clock_under_skewed_clients(db: TestDb) {
     }
 }
 
-/// Redis out of reach: a check fails with `Unavailable` (never admitted), at once once the
-/// breaker is open; after Redis is back, checks are answered again, and the window never
-/// admitted more than its limit across the outage.
-pub async fn fails_closed_while_redis_is_out_of_reach_and_recovers(db: TestDb) {
-    let url = db.redis.clone().unwrap();
-    let parsed = url::Url::parse(&url).unwrap();
+/// A proxy in front of the Redis at `url`, starting in `mode` (faults seeded by `seed`), and
+/// the URL that goes through it.
+async fn proxied(url: &str, mode: Mode, seed: u64) -> (Proxy, url::Url) {
+    let parsed = url::Url::parse(url).unwrap();
     let upstream = (parsed.host_str().unwrap(), parsed.port().unwrap_or(6379))
         .to_socket_addrs()
         .unwrap()
         .next()
         .unwrap();
-    let proxy = Proxy::start(upstream, Mode::Pass, Chaos::default(), 7).await.unwrap();
-    let mut through = parsed.clone();
+    let proxy = Proxy::start(upstream, mode, Chaos::default(), seed).await.unwrap();
+    let mut through = parsed;
     through.set_host(Some("127.0.0.1")).unwrap();
     through.set_port(Some(proxy.addr().port())).unwrap();
+    (proxy, through)
+}
+
+/// Redis out of reach: a check fails with `Unavailable` (never admitted), at once once the
+/// breaker is open; after Redis is back, checks are answered again, and the window never
+/// admitted more than its limit across the outage.
+pub async fn fails_closed_while_redis_is_out_of_reach_and_recovers(db: TestDb) {
+    let url = db.redis.clone().unwrap();
+    let (proxy, through) = proxied(&url, Mode::Pass, 7).await;
     let client = ApiKeyClient::builder()
         .database_url(&db.url)
         .signing_secret(SECRET)
@@ -419,16 +426,7 @@ pub async fn change_notices_wake_other_replicas(db: TestDb) {
 /// subscription and A's publish replaces its connection, so notices flow again.
 pub async fn lost_notices_cost_nothing(db: TestDb) {
     let url = db.redis.clone().unwrap();
-    let parsed = url::Url::parse(&url).unwrap();
-    let upstream = (parsed.host_str().unwrap(), parsed.port().unwrap_or(6379))
-        .to_socket_addrs()
-        .unwrap()
-        .next()
-        .unwrap();
-    let proxy = Proxy::start(upstream, Mode::Down, Chaos::default(), 11).await.unwrap();
-    let mut through = parsed.clone();
-    through.set_host(Some("127.0.0.1")).unwrap();
-    through.set_port(Some(proxy.addr().port())).unwrap();
+    let (proxy, through) = proxied(&url, Mode::Down, 11).await;
     let chan = channel("lost");
     let mut tap = Tap::on(&url, &chan).await;
     let with_notices = |b: apikeys_db::ClientBuilder| {
