@@ -88,6 +88,8 @@ mod organization;
 mod product;
 mod project;
 mod rate_limit;
+#[cfg(feature = "redis")]
+mod redis_conn;
 mod schema;
 mod secret_version;
 mod transaction;

@@ -22,11 +22,11 @@ use std::time::Duration;
 
 use apikeys_core::{Error, Result};
 use futures_util::StreamExt;
-use redis::ErrorKind;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{Notify, mpsc};
 
 use super::CacheState;
+use crate::redis_conn::{self, NoAnswer};
 
 /// The channel clients publish their notices on and listen to, unless told another.
 pub(crate) const CHANNEL: &str = "apikeys:changes";
@@ -60,28 +60,13 @@ impl Notices {
         runtime: &tokio::runtime::Handle,
         wake: Option<Weak<CacheState>>,
     ) -> Result<Self> {
-        let client = redis::Client::open(url)
-            .map_err(|e| Error::configuration(format!("invalid Redis url: {}", e.category())))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(interval);
-        let conn = match tokio::time::timeout(
-            timeout,
-            ConnectionManager::new_with_config(client.clone(), config.clone()),
-        )
-        .await
-        {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) if e.kind() == ErrorKind::AuthenticationFailed => {
-                return Err(Error::configuration(format!("Redis refused the login: {e}")));
-            }
-            other => {
-                let error = match other {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => format!("no answer within {timeout:?}"),
-                };
+        let (client, config) = redis_conn::client(url, timeout, Some(timeout), interval)?;
+        let conn = match redis_conn::connect(&client, &config, timeout).await {
+            Ok(conn) => conn,
+            Err(e @ Error::Configuration { .. }) => return Err(e),
+            Err(e) => {
+                let error = std::error::Error::source(&e)
+                    .map_or_else(|| e.to_string(), ToString::to_string);
                 tracing::warn!(
                     %error,
                     "change notices: Redis cannot be reached; changes reach other replicas \
@@ -152,7 +137,7 @@ async fn publish(
                     break;
                 }
                 Ok(Err(e)) => error = Some(e.to_string()),
-                Err(_) => error = Some(format!("no answer within {:?}", to.timeout)),
+                Err(_) => error = Some(NoAnswer(to.timeout).to_string()),
             }
         }
         match error {
@@ -223,7 +208,7 @@ async fn subscribe(
     match tokio::time::timeout(to.timeout, connect).await {
         Ok(Ok(pair)) => Ok(pair),
         Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer within {:?}", to.timeout)),
+        Err(_) => Err(NoAnswer(to.timeout).to_string()),
     }
 }
 

@@ -61,6 +61,7 @@ use redis::{ErrorKind, RedisError, Script, ServerErrorKind};
 use super::store::{Ask, Counter, Grant, WindowRef, WindowStore};
 use super::window::{Count, left_ms};
 use crate::breaker::{Breaker, Reach};
+use crate::redis_conn::{self, NoAnswer};
 
 /// How long a key's hash outlives the end of the window last counted in it: a rolled key's
 /// windows are taken over by its successor until then.
@@ -168,11 +169,6 @@ return 0
 )]
 struct FailFast;
 
-/// A call Redis did not answer within the client's statement timeout.
-#[derive(Debug, thiserror::Error)]
-#[error("no answer from Redis within {0:?}")]
-struct NoAnswer(Duration);
-
 /// Redis as the store of shared windows. Cheap to clone: one multiplexed connection
 /// (reconnected by the `ConnectionManager` when it breaks, replaced when it goes silent),
 /// one breaker.
@@ -239,23 +235,9 @@ impl RedisWindows {
         interval: Duration,
         runtime: tokio::runtime::Handle,
     ) -> Result<Self> {
-        let client = redis::Client::open(url)
-            .map_err(|e| Error::configuration(format!("invalid Redis url: {}", e.category())))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            // Calls get the timeout from `run`, which also replaces a silent connection.
-            .set_response_timeout(None)
-            .set_number_of_retries(1)
-            .set_max_delay(interval);
-        let connect = ConnectionManager::new_with_config(client.clone(), config.clone());
-        let mut conn = match tokio::time::timeout(timeout, connect).await {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) if e.kind() == ErrorKind::AuthenticationFailed => {
-                return Err(Error::configuration(format!("Redis refused the login: {e}")));
-            }
-            Ok(Err(e)) => return Err(Error::unavailable(e)),
-            Err(_) => return Err(Error::unavailable(NoAnswer(timeout))),
-        };
+        // Calls get the timeout from `run`, which also replaces a silent connection.
+        let (client, config) = redis_conn::client(url, timeout, None, interval)?;
+        let mut conn = redis_conn::connect(&client, &config, timeout).await?;
         let mut policy = redis::cmd("CONFIG");
         policy.arg("GET").arg("maxmemory-policy");
         match tokio::time::timeout(timeout, policy.query_async::<Vec<String>>(&mut conn)).await {
