@@ -37,9 +37,11 @@ fn main() -> apikeys_db::Result<()> {
         credits: None,
         rolled_from: None,
         rolled_to: None,
+        disabled_at: None,
+        allowed_ips: None,
     };
     let write = Scopes::parse(["write"])?;
-    let need_write = Requirements { product: None, scopes: &write };
+    let need_write = Requirements { product: None, scopes: &write, client_ip: None };
     match decide(&stored, &need_write, now) {
         Err(e) => println!("decision: {e}"),
         Ok(()) => println!("decision: allowed"),

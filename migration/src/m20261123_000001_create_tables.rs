@@ -88,7 +88,7 @@ impl Types {
         }
     }
 
-    fn time_null<T: IntoIden>(&self, col: T) -> ColumnDef {
+    pub(crate) fn time_null<T: IntoIden>(&self, col: T) -> ColumnDef {
         match self.0 {
             DbBackend::MySql => custom_null(col, Alias::new("DATETIME(6)")),
             _ => timestamp_null(col),

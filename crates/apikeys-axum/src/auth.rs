@@ -2,10 +2,12 @@
 //! check itself.
 
 use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use apikeys_db::{ApiKey, ApiKeyClient, Error, ValidateOptions};
-use apikeys_http::{ErrorMapper, ErrorResponse};
+use apikeys_http::{ErrorMapper, ErrorResponse, TrustedProxies};
+use axum::extract::ConnectInfo;
 use axum::response::{IntoResponse, Response};
 use http::header::AUTHORIZATION;
 use http::request::Parts;
@@ -29,6 +31,12 @@ use crate::layer::{RequireKey, RequireKeyLayer};
 /// leaves them out. A trace layer outside the guard sees the request before that: if it logs
 /// headers, put tower-http's `SetSensitiveRequestHeadersLayer` outermost.
 ///
+/// A key with an IP allowlist is judged by the request's address: the connection's peer,
+/// which axum knows when the app is served with
+/// `into_make_service_with_connect_info::<SocketAddr>()` (without it the address is unknown,
+/// and such keys are refused with 403), or, behind a load balancer, what it forwarded, once
+/// [`trusted_proxies`](Self::trusted_proxies) says which proxies to believe.
+///
 /// ```
 /// use apikeys_axum::ApiKeyAuth;
 /// # async fn demo(client: apikeys_db::ApiKeyClient) -> apikeys_db::Result<()> {
@@ -49,6 +57,7 @@ struct Inner {
     /// The answers, and where keys are read from (the key header, bearer tokens or not).
     mapper: ErrorMapper,
     defaults: ValidateOptions,
+    proxies: Option<TrustedProxies>,
 }
 
 impl ApiKeyAuth {
@@ -63,6 +72,7 @@ impl ApiKeyAuth {
                 query_param: None,
                 mapper: ErrorMapper::new(),
                 defaults: ValidateOptions::new(),
+                proxies: None,
             }),
         }
     }
@@ -91,6 +101,22 @@ impl ApiKeyAuth {
     pub fn query_param(self, name: impl Into<String>) -> Self {
         let name = name.into();
         self.edit(|i| i.query_param = Some(name))
+    }
+
+    /// Believes the client address that these proxies forward (see [`TrustedProxies`]) on
+    /// requests whose peer is one of them. Off by default: the address is the peer's, and
+    /// `X-Forwarded-For` and `Forwarded` are ignored, since any client can send them.
+    #[must_use]
+    pub fn trusted_proxies(self, proxies: TrustedProxies) -> Self {
+        self.edit(|i| i.proxies = Some(proxies))
+    }
+
+    /// The address the request's key is judged by (see [`ApiKeyAuth`]): `None` when the
+    /// app was not served with connection info, or a trusted proxy forwarded no address.
+    #[must_use]
+    pub fn client_ip(&self, parts: &Parts) -> Option<IpAddr> {
+        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        apikeys_http::client_ip(peer, &parts.headers, self.inner.proxies.as_ref())
     }
 
     /// The realm named in `WWW-Authenticate` (`api` by default).
@@ -146,7 +172,7 @@ impl ApiKeyAuth {
         options: &ValidateOptions,
     ) -> Result<ApiKey, Rejection> {
         match self.find_key(parts)? {
-            Some(key) => self.validate(&key, options).await,
+            Some(key) => self.validate(&key, self.client_ip(parts), options).await,
             None => Err(self.missing()),
         }
     }
@@ -154,9 +180,11 @@ impl ApiKeyAuth {
     pub(crate) async fn validate(
         &self,
         key: &str,
+        client_ip: Option<IpAddr>,
         options: &ValidateOptions,
     ) -> Result<ApiKey, Rejection> {
-        self.inner.client.validate_key(key, options).await.map_err(|e| self.reject(e))
+        let check = self.inner.client.validate_key_from(key, client_ip, options);
+        check.await.map_err(|e| self.reject(e))
     }
 
     /// The rejection of a request that carries no key.

@@ -192,9 +192,10 @@ async fn extract<S, R: Requirement<S>>(
             .track_usage(false)
             .check_rate_limit(false)
             .credit_cost(0);
-        Arc::new(auth.validate(&presented, &options).await?)
+        Arc::new(auth.validate(&presented, auth.client_ip(parts), &options).await?)
     } else {
-        let key = Arc::new(auth.validate(&presented, R::options(state, auth)).await?);
+        let client_ip = auth.client_ip(parts);
+        let key = Arc::new(auth.validate(&presented, client_ip, R::options(state, auth)).await?);
         let by = Some(requirement);
         parts.extensions.insert(ValidKey::<Defaults> {
             key: Arc::clone(&key),

@@ -3,8 +3,8 @@
 
 use apikeys_db::core::find_keys;
 use apikeys_db::{
-    ApiKey, ApiKeyClient, Error, KeyId, KeyPage, KeyUpdate, NewKeyInput, OrgId, Organization, Page,
-    Product, ProductId, Project, ProjectId, RateLimit, StatusFilter,
+    ApiKey, ApiKeyClient, Error, IpAllowlist, KeyId, KeyPage, KeyUpdate, NewKeyInput, OrgId,
+    Organization, Page, Product, ProductId, Project, ProjectId, RateLimit, StatusFilter,
 };
 use apikeys_http::{ErrorMapper, Problem};
 use axum::extract::path::ErrorKind as PathErrorKind;
@@ -39,8 +39,9 @@ use crate::auth::problem_response;
 /// | `POST /orgs/{org_id}/products`, `GET /orgs/{org_id}/products`, `GET /products/{product_id}` | products |
 /// | `PUT`, `DELETE /projects/{project_id}/products/{product_id}`, `GET /projects/{project_id}/products` | link, unlink, list a project's products |
 /// | `POST /orgs/{org_id}/keys` | create a key: the plaintext is in this answer only |
-/// | `GET /orgs/{org_id}/keys`, `GET /projects/{project_id}/keys` | list keys: `?status=active\|revoked\|expired\|all&limit=100&after={key_id}` |
+/// | `GET /orgs/{org_id}/keys`, `GET /projects/{project_id}/keys` | list keys: `?status=active\|revoked\|expired\|disabled\|all&limit=100&after={key_id}` |
 /// | `GET`, `PATCH`, `DELETE /keys/{key_id}`, `POST /keys/{key_id}/revoke` | get, update, delete, revoke a key |
+/// | `POST /keys/{key_id}/disable`, `POST /keys/{key_id}/enable` | disable a key, enable it again |
 ///
 /// Errors are RFC 9457 problems ([`apikeys_http`]): 404 for an unknown id, 409 for a name
 /// taken, 422 for a rejected value (with the field), 400 for a request that does not
@@ -126,6 +127,8 @@ impl ManagementApi {
             .routes(routes!(list_project_keys))
             .routes(routes!(get_key, update_key, delete_key))
             .routes(routes!(revoke_key))
+            .routes(routes!(disable_key))
+            .routes(routes!(enable_key))
             .split_for_parts();
         if let Some(base) = &self.base_path {
             doc.servers = Some(vec![Server::new(base.clone())]);
@@ -184,7 +187,15 @@ impl From<Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let answer = ErrorMapper::new().response(&self.0);
+        let mut answer = ErrorMapper::new().response(&self.0);
+        if let Error::Revoked { .. } = self.0 {
+            // The admin's call is fine; the key's state forbids it (disabling or enabling a
+            // revoked key). Not a 401: that would say the admin is not authenticated.
+            answer.status = StatusCode::CONFLICT;
+            answer.problem.status = StatusCode::CONFLICT.as_u16();
+            answer.problem.title = "Conflict".into();
+            answer.headers.remove(header::WWW_AUTHENTICATE);
+        }
         if answer.status.is_server_error() {
             tracing::error!(
                 error = &self.0 as &dyn std::error::Error,
@@ -505,6 +516,11 @@ pub struct UpdateKeyBody {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub custom: Option<Value>,
+    /// A new IP allowlist (addresses and CIDR blocks, replacing the old one); `null` removes
+    /// it (any address).
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<Vec<String>>)]
+    pub allowed_ips: Option<Option<Vec<String>>>,
 }
 
 /// A member that is present, `null` included (`Some(None)`); absent is `None`.
@@ -515,7 +531,7 @@ fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
 }
 
 impl UpdateKeyBody {
-    fn into_update(self) -> KeyUpdate {
+    fn into_update(self) -> Result<KeyUpdate, Error> {
         let mut update = KeyUpdate::new();
         if let Some(name) = self.name {
             update = update.with_name(name);
@@ -529,7 +545,10 @@ impl UpdateKeyBody {
         if let Some(custom) = self.custom {
             update = update.with_custom(custom);
         }
-        update
+        if let Some(allowed) = self.allowed_ips {
+            update = update.with_allowed_ips(allowed.map(IpAllowlist::parse).transpose()?);
+        }
+        Ok(update)
     }
 }
 
@@ -774,7 +793,7 @@ async fn get_key(
     Ok(Json(c.get_key(id).await?))
 }
 
-/// Updates a key's name, scopes, rate limit or custom metadata.
+/// Updates a key's name, scopes, rate limit, custom metadata or IP allowlist.
 #[utoipa::path(patch, path = "/keys/{key_id}", tag = "keys", params(("key_id" = KeyId, Path)), request_body = UpdateKeyBody,
     responses((status = 200, body = ApiKey), Failures))]
 async fn update_key(
@@ -782,7 +801,7 @@ async fn update_key(
     ApiPath(id): ApiPath<KeyId>,
     ApiJson(body): ApiJson<UpdateKeyBody>,
 ) -> Answer<Json<ApiKey>> {
-    Ok(Json(c.update_key(id, body.into_update()).await?))
+    Ok(Json(c.update_key(id, body.into_update()?).await?))
 }
 
 /// Revokes a key (the record is kept; revoking twice keeps the first time).
@@ -804,4 +823,27 @@ async fn delete_key(
 ) -> Answer<StatusCode> {
     c.delete_key(id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Disables a key: it is refused (401, code `disabled`) until enabled again. Unlike a
+/// revocation this can be undone; disabling twice keeps the first time. A revoked key
+/// cannot be disabled (409, code `revoked`).
+#[utoipa::path(post, path = "/keys/{key_id}/disable", tag = "keys", params(("key_id" = KeyId, Path)),
+    responses((status = 200, body = ApiKey), (status = 409, description = "The key is revoked (code `revoked`)", body = Problem, content_type = "application/problem+json"), Failures))]
+async fn disable_key(
+    State(c): State<ApiKeyClient>,
+    ApiPath(id): ApiPath<KeyId>,
+) -> Answer<Json<ApiKey>> {
+    Ok(Json(c.disable_key(id).await?))
+}
+
+/// Enables a disabled key again (enabling an enabled key changes nothing). A revoked key
+/// stays revoked (409, code `revoked`).
+#[utoipa::path(post, path = "/keys/{key_id}/enable", tag = "keys", params(("key_id" = KeyId, Path)),
+    responses((status = 200, body = ApiKey), (status = 409, description = "The key is revoked (code `revoked`)", body = Problem, content_type = "application/problem+json"), Failures))]
+async fn enable_key(
+    State(c): State<ApiKeyClient>,
+    ApiPath(id): ApiPath<KeyId>,
+) -> Answer<Json<ApiKey>> {
+    Ok(Json(c.enable_key(id).await?))
 }

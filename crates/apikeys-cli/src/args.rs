@@ -55,8 +55,8 @@ impl Cli {
     /// # Errors
     /// A usage [`Failure`] (exit 1) telling to pipe the key in.
     pub fn refuse_misuse(&self) -> Result<(), Failure> {
-        if let Command::Keys(KeysCommand::Verify(VerifyArgs { misplaced_key: Some(_), .. })) =
-            &self.command
+        if let Command::Keys(keys) = &self.command
+            && let KeysCommand::Verify(VerifyArgs { misplaced_key: Some(_), .. }) = keys.as_ref()
         {
             return Err(Failure::usage(
                 "`keys verify` takes the key on standard input, never as an argument (arguments \
@@ -130,7 +130,7 @@ pub enum Command {
     },
     /// Create, inspect, change and verify keys.
     #[command(subcommand)]
-    Keys(KeysCommand),
+    Keys(Box<KeysCommand>),
     /// Organizations.
     #[command(subcommand)]
     Orgs(OrgsCommand),
@@ -218,6 +218,16 @@ pub enum KeysCommand {
         #[arg(long, requires = "owner")]
         org: Option<String>,
     },
+    /// Disable a key: it is refused until enabled again (unlike revoke, this can be undone).
+    Disable {
+        /// The key's id.
+        id: String,
+    },
+    /// Enable a disabled key again (a revoked key stays revoked).
+    Enable {
+        /// The key's id.
+        id: String,
+    },
     /// Delete a key. Its audit events stay.
     Delete {
         /// The key's id.
@@ -226,10 +236,11 @@ pub enum KeysCommand {
     /// Check a key read from standard input (never from the command line). Counts no use.
     ///
     /// Exits 0 if the key is valid (and meets --product and --scope), 2 if not, with the
-    /// reason on standard error: invalid, expired, revoked, wrong product, missing scope.
+    /// reason on standard error: invalid, expired, revoked, disabled, not allowed from --ip,
+    /// wrong product, missing scope.
     /// A key given as an argument instead is refused (exit 1) without being repeated.
     Verify(VerifyArgs),
-    /// Change a key's name, scopes, rate limit, metadata, owner or credits.
+    /// Change a key's name, scopes, rate limit, metadata, owner, credits or IP allowlist.
     Update(UpdateArgs),
     /// Replace a key by a new one (printed once); the old one keeps working for a grace period.
     ///
@@ -299,6 +310,10 @@ pub struct CreateArgs {
     /// Refill the credits every period, as daily:N or monthly:N (needs --credits).
     #[arg(long, value_parser = parse_refill, requires = "credits", value_name = "PERIOD:N")]
     pub refill: Option<apikeys_db::Refill>,
+    /// Allow the key only from this address or CIDR block (repeat, or separate with commas);
+    /// default: any address.
+    #[arg(long = "allow-ip", value_delimiter = ',', value_name = "CIDR")]
+    pub allow_ips: Vec<String>,
 }
 
 /// `keys list`.
@@ -339,6 +354,8 @@ pub enum StatusArg {
     Revoked,
     /// Past their expiry (and not revoked).
     Expired,
+    /// Disabled (and neither revoked nor expired).
+    Disabled,
     /// Every key.
     All,
 }
@@ -349,6 +366,7 @@ impl From<StatusArg> for StatusFilter {
             StatusArg::Active => StatusFilter::Active,
             StatusArg::Revoked => StatusFilter::Revoked,
             StatusArg::Expired => StatusFilter::Expired,
+            StatusArg::Disabled => StatusFilter::Disabled,
             StatusArg::All => StatusFilter::All,
         }
     }
@@ -370,6 +388,10 @@ pub struct VerifyArgs {
     /// A scope the key must grant (repeat, or separate with commas).
     #[arg(long = "scope", value_delimiter = ',')]
     pub scopes: Vec<String>,
+    /// Check as a request from this address (for keys with an IP allowlist, which are
+    /// refused without it).
+    #[arg(long)]
+    pub ip: Option<std::net::IpAddr>,
 }
 
 impl std::fmt::Debug for VerifyArgs {
@@ -379,6 +401,7 @@ impl std::fmt::Debug for VerifyArgs {
             .field("product", &self.product)
             .field("org", &self.org)
             .field("scopes", &self.scopes)
+            .field("ip", &self.ip)
             .finish()
     }
 }
@@ -424,6 +447,18 @@ pub struct UpdateArgs {
     /// Remove the credits (unlimited use).
     #[arg(long)]
     pub no_credits: bool,
+    /// Replace the IP allowlist by these addresses or CIDR blocks (repeat, or separate with
+    /// commas).
+    #[arg(
+        long = "allow-ip",
+        value_delimiter = ',',
+        value_name = "CIDR",
+        conflicts_with = "any_ip"
+    )]
+    pub allow_ips: Vec<String>,
+    /// Remove the IP allowlist (any address).
+    #[arg(long)]
+    pub any_ip: bool,
 }
 
 /// `keys renew`.
@@ -502,7 +537,8 @@ mod tests {
     fn a_key_given_to_verify_is_not_in_debug() {
         let key = apikeys_db::KeyFormat::new("sk", Some("live")).unwrap().generate().unwrap();
         let cli = Cli::try_parse_from(["apikeys", "keys", "verify", key.expose_secret()]).unwrap();
-        let Command::Keys(KeysCommand::Verify(args)) = &cli.command else { panic!("{cli:?}") };
+        let Command::Keys(keys) = &cli.command else { panic!("{cli:?}") };
+        let KeysCommand::Verify(args) = keys.as_ref() else { panic!("{cli:?}") };
         assert!(args.misplaced_key.is_some());
         assert!(cli.refuse_misuse().is_err());
         for debug in [format!("{cli:?}"), format!("{cli:#?}")] {

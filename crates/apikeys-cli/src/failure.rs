@@ -91,6 +91,8 @@ impl From<Error> for Failure {
             Error::InvalidKey
             | Error::Expired { .. }
             | Error::Revoked { .. }
+            | Error::Disabled { .. }
+            | Error::IpNotAllowed { .. }
             | Error::ProductNotAllowed { .. }
             | Error::InsufficientScope { .. }
             | Error::Quota { .. }

@@ -3,8 +3,8 @@
 use std::io::Read;
 
 use apikeys_db::{
-    ApiKey, ApiKeyClient, Credits, Error, KeyId, KeyPage, KeyUpdate, NewKeyInput, Page, Refill,
-    StatusFilter, ValidateOptions, VerifyOptions,
+    ApiKey, ApiKeyClient, Credits, Error, IpAllowlist, KeyId, KeyPage, KeyUpdate, NewKeyInput,
+    Page, Refill, StatusFilter, ValidateOptions, VerifyOptions,
 };
 use chrono::Utc;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -42,6 +42,8 @@ pub async fn run(client: &ApiKeyClient, command: KeysCommand, out: &Out) -> Resu
             Ok(())
         }
         KeysCommand::Revoke { .. } => Err(Failure::usage("give a key id, or --owner and --org")),
+        KeysCommand::Disable { id } => switch(client, &id, true, out).await,
+        KeysCommand::Enable { id } => switch(client, &id, false, out).await,
         KeysCommand::Delete { id } => {
             let id = key_id(&id)?;
             client.delete_key(id).await?;
@@ -131,6 +133,9 @@ async fn create(client: &ApiKeyClient, a: CreateArgs, out: &Out) -> Result<(), F
     }
     input.owner_id = a.owner;
     input.credits = a.credits.map(|balance| credits(balance, a.refill));
+    if !a.allow_ips.is_empty() {
+        input.allowed_ips = Some(a.allow_ips);
+    }
     let issued = client.create_key(org.id, input.into_new_key()?).await?;
     out.issued(&issued, "created")
 }
@@ -197,7 +202,7 @@ async fn verify(client: &ApiKeyClient, a: VerifyArgs, out: &Out) -> Result<(), F
     };
     let key = read_key()?;
     let checked = if product.is_none() && a.scopes.is_empty() {
-        client.verify_key(&key, &VerifyOptions::new().track_usage(false)).await
+        client.verify_key_from(&key, a.ip, &VerifyOptions::new().track_usage(false)).await
     } else {
         // Only the requirements: no use counted, no rate-limit unit, no credit spent.
         let mut options = ValidateOptions::new()
@@ -208,7 +213,7 @@ async fn verify(client: &ApiKeyClient, a: VerifyArgs, out: &Out) -> Result<(), F
         if let Some(p) = &product {
             options = options.for_product(p.id);
         }
-        client.validate_key(&key, &options).await
+        client.validate_key_from(&key, a.ip, &options).await
     };
     drop(key);
     let found = checked.map_err(|e| match e {
@@ -251,10 +256,29 @@ async fn update(client: &ApiKeyClient, a: UpdateArgs, out: &Out) -> Result<(), F
         update = update.with_credits(a.credits.map(|b| credits(b, a.refill)));
         any = true;
     }
+    if !a.allow_ips.is_empty() || a.any_ip {
+        let allowed = (!a.any_ip).then(|| IpAllowlist::parse(&a.allow_ips)).transpose()?;
+        update = update.with_allowed_ips(allowed);
+        any = true;
+    }
     if !any {
         return Err(Failure::usage("nothing to change: see `apikeys keys update --help`"));
     }
     out.key(&client.update_key(id, update).await?)
+}
+
+/// `keys disable` (`disable`) and `keys enable`: the key, and on standard error whether it
+/// changed (a second disable or enable is not silent).
+async fn switch(client: &ApiKeyClient, id: &str, disable: bool, out: &Out) -> Result<(), Failure> {
+    let id = key_id(id)?;
+    let before = client.get_key(id).await?.disabled_at;
+    let key = if disable { client.disable_key(id).await? } else { client.enable_key(id).await? };
+    match (disable, before) {
+        (true, Some(since)) => note(&format!("already disabled since {}", since.to_rfc3339())),
+        (false, None) => note("already enabled"),
+        _ => {}
+    }
+    out.key(&key)
 }
 
 async fn renew(client: &ApiKeyClient, a: RenewArgs, out: &Out) -> Result<(), Failure> {

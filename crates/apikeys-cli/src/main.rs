@@ -74,7 +74,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             Command::Keys(command) => {
                 let client = config::client(&cli.connection).await?;
-                keys::run(&client, command, &out).await
+                keys::run(&client, *command, &out).await
             }
             Command::Orgs(command) => {
                 let client = config::client(&cli.connection).await?;

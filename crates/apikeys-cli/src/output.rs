@@ -115,6 +115,11 @@ impl Out {
             ("updated", when(Some(key.updated_at))),
             ("expires", when(key.expires_at)),
             ("revoked", when(key.revoked_at)),
+            ("disabled", when(key.disabled_at)),
+            (
+                "allowed ips",
+                key.allowed_ips.as_ref().map_or_else(|| "any".to_owned(), ToString::to_string),
+            ),
             ("last used", when(key.last_used_at)),
             ("uses", key.use_count.to_string()),
             ("rolled from", opt(key.rolled_from)),

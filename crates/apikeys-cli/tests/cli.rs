@@ -587,7 +587,74 @@ async fn keys_are_never_echoed(db: TestDb) {
     assert_eq!(code(&cli.verify(&key, &[])), 0);
 }
 
+/// `keys disable` / `keys enable`, and IP allowlists from `--allow-ip`, through the binary:
+/// verify answers 2 with the reason, a second disable or enable says so, a revoked key
+/// stays revoked, a bad block is refused naming the flag's field.
+async fn disable_enable_and_allowlists(db: TestDb) {
+    let cli = Cli::new(db);
+    cli.ok(&["migrate", "up"]);
+    let file = cli.path("bootstrap.toml");
+    write(&file, BOOTSTRAP);
+    cli.ok(&["bootstrap", file.to_str().unwrap()]);
+    let create = [
+        "keys",
+        "create",
+        "--org",
+        "acme",
+        "--name",
+        "office",
+        "--allow-ip",
+        "192.0.2.0/24,2001:db8::/32",
+    ];
+    let out = cli.run(&create);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let key = stdout(&out).trim_end().to_owned();
+    let listed = cli.json(&["keys", "list", "--org", "acme"]);
+    let id = listed["items"][0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        listed["items"][0]["allowed_ips"],
+        serde_json::json!(["192.0.2.0/24", "2001:db8::/32"])
+    );
+
+    assert_eq!(code(&cli.verify(&key, &["--ip", "192.0.2.7"])), 0);
+    let err = assert_fails(&cli.verify(&key, &["--ip", "198.51.100.7"]), 2, "outside the list");
+    assert!(err.contains("198.51.100.7") && !err.contains(&key), "{err}");
+    let err = assert_fails(&cli.verify(&key, &[]), 2, "no address");
+    assert!(err.contains("unknown address"), "{err}");
+    cli.ok(&["keys", "update", &id, "--any-ip"]);
+    assert_eq!(code(&cli.verify(&key, &[])), 0);
+    let err = assert_fails(
+        &cli.run(&["keys", "update", &id, "--allow-ip", "10.1.2.3/8"]),
+        2,
+        "host bits",
+    );
+    assert!(err.contains("allowed_ips") && err.contains("10.0.0.0/8"), "{err}");
+    assert_eq!(code(&cli.verify(&key, &[])), 0, "a refused update changed nothing");
+
+    let disabled = cli.json(&["keys", "disable", &id]);
+    assert_eq!(disabled["status"], "disabled");
+    let err = assert_fails(&cli.verify(&key, &[]), 2, "disabled key");
+    assert!(err.contains("disabled"), "{err}");
+    let again = cli.run(&["keys", "disable", &id]);
+    assert_eq!(code(&again), 0);
+    assert!(stderr(&again).contains("already disabled"), "{}", stderr(&again));
+    let only_disabled = cli.json(&["keys", "list", "--org", "acme", "--status", "disabled"]);
+    assert_eq!(only_disabled["items"].as_array().unwrap().len(), 1);
+    assert_eq!(cli.json(&["keys", "enable", &id])["status"], "active");
+    assert!(stderr(&cli.run(&["keys", "enable", &id])).contains("already enabled"));
+    assert_eq!(code(&cli.verify(&key, &[])), 0);
+    let events = cli.json(&["keys", "events", &id]);
+    let actions: Vec<&str> =
+        events.as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["created", "updated", "disabled", "enabled"]);
+
+    cli.ok(&["keys", "revoke", &id]);
+    let err = assert_fails(&cli.run(&["keys", "enable", &id]), 2, "enable a revoked key");
+    assert!(err.contains("revoked"), "{err}");
+}
+
 apikeys_testing::backend_tests!([
+    disable_enable_and_allowlists,
     bootstrap_twice,
     concurrent_deploys,
     key_lifecycle,
@@ -635,6 +702,8 @@ fn every_command_has_help() {
         &["keys", "show"],
         &["keys", "revoke"],
         &["keys", "delete"],
+        &["keys", "disable"],
+        &["keys", "enable"],
         &["keys", "verify"],
         &["keys", "update"],
         &["keys", "roll"],

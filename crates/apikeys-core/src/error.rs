@@ -110,7 +110,8 @@ impl From<KeyId> for RecordId {
 /// Everything that can go wrong in apikeys.
 ///
 /// Match on the variant to decide what to answer a caller (for an HTTP service: `InvalidKey`,
-/// `Expired` and `Revoked` are 401, `ProductNotAllowed` and `InsufficientScope` 403, `Quota` 429
+/// `Expired`, `Revoked` and `Disabled` are 401, `IpNotAllowed`, `ProductNotAllowed` and
+/// `InsufficientScope` 403, `Quota` 429
 /// with a `Retry-After` header, `UsageExhausted` 429 (with a distinct code), `InvalidInput` 400 or 422, `NotFound` 404, `AlreadyExists` 409,
 /// `Unavailable` 503, `Conflict` 503 or a retry, the rest 500).
 ///
@@ -136,6 +137,22 @@ pub enum Error {
     Revoked {
         /// When the key was revoked.
         revoked_at: DateTime<Utc>,
+    },
+
+    /// The key exists but was disabled at `disabled_at`, and is refused until it is enabled
+    /// again.
+    #[error("api key disabled at {disabled_at}")]
+    Disabled {
+        /// When the key was disabled.
+        disabled_at: DateTime<Utc>,
+    },
+
+    /// The key has an IP allowlist, and the request came from outside it (or from an address
+    /// the caller did not know).
+    #[error("api key may not be used from {}", ip.map_or_else(|| "an unknown address".to_owned(), |ip| ip.to_string()))]
+    IpNotAllowed {
+        /// The request's address, if the caller knew it.
+        ip: Option<std::net::IpAddr>,
     },
 
     /// The key is valid but not for the product it was presented for.

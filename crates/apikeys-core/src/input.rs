@@ -10,6 +10,7 @@ use serde_json::Value;
 use crate::custom::validate_custom;
 use crate::error::{Error, Result};
 use crate::id::{ProductId, ProjectId};
+use crate::ip::IpAllowlist;
 use crate::lifecycle::{Credits, validate_owner};
 use crate::metadata::{Expiry, MAX_EXPIRES_AT, NewKey};
 use crate::org::validate_label;
@@ -76,6 +77,10 @@ pub struct NewKeyInput {
     /// Usage credits, and how they refill.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credits: Option<Credits>,
+    /// The networks the key may be used from: IPv4 or IPv6 addresses and CIDR blocks (see
+    /// [`IpAllowlist`]); without, any address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_ips: Option<Vec<String>>,
     /// When the key expires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<DateTime<Utc>>,
@@ -102,8 +107,8 @@ impl NewKeyInput {
     /// # Errors
     /// [`Error::InvalidInput`] naming the first bad field: `name`, `scopes`, `custom`,
     /// `expires_at` (more than one of `expires_at`, `expires_in_seconds` and
-    /// `never_expires`; a lifetime of zero seconds; an instant after year 9999), `owner_id`
-    /// or `credits`. No error repeats a value.
+    /// `never_expires`; a lifetime of zero seconds; an instant after year 9999), `owner_id`,
+    /// `credits` or `allowed_ips`. No error repeats a value.
     pub fn into_new_key(self) -> Result<NewKey> {
         validate_label("name", &self.name)?;
         let scopes = Scopes::parse(self.scopes)?;
@@ -133,7 +138,9 @@ impl NewKeyInput {
             validate_owner(owner)?;
         }
         let credits = self.credits.map(Credits::validate).transpose()?;
+        let allowed_ips = self.allowed_ips.map(IpAllowlist::parse).transpose()?;
         Ok(NewKey {
+            allowed_ips,
             name: self.name,
             project_id: self.project_id,
             product_id: self.product_id,

@@ -38,6 +38,7 @@ mod error;
 mod hash;
 mod id;
 mod input;
+mod ip;
 mod key;
 mod lifecycle;
 mod metadata;
@@ -54,6 +55,7 @@ pub use error::{Error, RecordId, RecordKind, Result};
 pub use hash::SigningSecret;
 pub use id::{KeyId, OrgId, ProductId, ProjectId};
 pub use input::NewKeyInput;
+pub use ip::IpAllowlist;
 pub use key::{KeyFormat, PlaintextKey};
 pub use lifecycle::{Credits, KeyAction, KeyEvent, Refill, RefillInterval};
 pub use metadata::{Expiry, KeyUpdate, NewKey};
@@ -68,6 +70,7 @@ pub use status::{KeyStatus, StatusFilter};
 /// The bounds every input is checked against.
 pub mod limits {
     pub use crate::custom::{MAX_CUSTOM_BYTES, MAX_CUSTOM_DEPTH};
+    pub use crate::ip::MAX_ALLOWED_NETWORKS;
     pub use crate::key::{CHECKSUM_LEN, MAX_SEGMENT_LEN, SECRET_LEN};
     pub use crate::lifecycle::MAX_CREDITS;
     pub use crate::metadata::MAX_EXPIRES_AT;
@@ -137,6 +140,8 @@ mod redaction_tests {
             credits: None,
             rolled_from: None,
             rolled_to: None,
+            disabled_at: None,
+            allowed_ips: None,
         };
         let mut rendered = vec![
             format!("{hasher:?}"),
@@ -152,6 +157,8 @@ mod redaction_tests {
             format.parse(&plaintext[1..]).unwrap_err(),
             Error::Expired { expired_at: now },
             Error::Revoked { revoked_at: now },
+            Error::Disabled { disabled_at: now },
+            Error::IpNotAllowed { ip: None },
             Error::ProductNotAllowed { product_id: ProductId::new() },
             Error::InsufficientScope { missing: vec![Scope::new("a").unwrap()] },
             Error::Quota {

@@ -190,6 +190,10 @@ pub enum KeyAction {
     Renewed,
     /// A key was revoked.
     Revoked,
+    /// A key was disabled.
+    Disabled,
+    /// A disabled key was enabled again.
+    Enabled,
     /// A key was deleted (its events stay).
     Deleted,
     /// An organization was created.
@@ -210,6 +214,8 @@ impl KeyAction {
             KeyAction::Rolled => "rolled",
             KeyAction::Renewed => "renewed",
             KeyAction::Revoked => "revoked",
+            KeyAction::Disabled => "disabled",
+            KeyAction::Enabled => "enabled",
             KeyAction::Deleted => "deleted",
             KeyAction::OrganizationCreated => "org_created",
             KeyAction::ProjectCreated => "project_created",
@@ -226,6 +232,8 @@ impl KeyAction {
             KeyAction::Rolled,
             KeyAction::Renewed,
             KeyAction::Revoked,
+            KeyAction::Disabled,
+            KeyAction::Enabled,
             KeyAction::Deleted,
             KeyAction::OrganizationCreated,
             KeyAction::ProjectCreated,

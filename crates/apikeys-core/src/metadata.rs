@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 use crate::custom::validate_custom;
 use crate::error::{Error, Result};
 use crate::id::{ProductId, ProjectId};
+use crate::ip::IpAllowlist;
 use crate::lifecycle::{Credits, validate_owner};
 use crate::org::validate_label;
 use crate::rate_limit::RateLimit;
@@ -96,6 +97,7 @@ pub struct NewKey {
     pub(crate) expiry: Expiry,
     pub(crate) owner_id: Option<String>,
     pub(crate) credits: Option<Credits>,
+    pub(crate) allowed_ips: Option<IpAllowlist>,
 }
 
 /// A [`NewKey`] whose every value passed validation.
@@ -119,6 +121,8 @@ pub struct ValidNewKey {
     pub owner_id: Option<String>,
     /// Its usage credits.
     pub credits: Option<Credits>,
+    /// The networks it may be used from.
+    pub allowed_ips: Option<IpAllowlist>,
 }
 
 impl NewKey {
@@ -185,6 +189,13 @@ impl NewKey {
         self
     }
 
+    /// The networks the key may be used from (see [`IpAllowlist`]); without, any address.
+    #[must_use]
+    pub fn with_allowed_ips(mut self, allowed: IpAllowlist) -> Self {
+        self.allowed_ips = Some(allowed);
+        self
+    }
+
     /// Expires at this instant.
     #[must_use]
     pub fn expires_at(mut self, at: DateTime<Utc>) -> Self {
@@ -230,6 +241,7 @@ impl NewKey {
         Ok(ValidNewKey {
             owner_id: self.owner_id,
             credits,
+            allowed_ips: self.allowed_ips,
             name: self.name,
             project_id: self.project_id,
             product_id: self.product_id,
@@ -250,6 +262,7 @@ pub struct KeyUpdate {
     custom: Option<Value>,
     owner_id: Option<Option<String>>,
     credits: Option<Option<Credits>>,
+    allowed_ips: Option<Option<IpAllowlist>>,
 }
 
 /// A [`KeyUpdate`] whose every value passed validation.
@@ -267,6 +280,8 @@ pub struct ValidKeyUpdate {
     pub owner_id: Option<Option<String>>,
     /// New credits (`Some(None)` removes them: the key becomes unlimited).
     pub credits: Option<Option<Credits>>,
+    /// New IP allowlist (`Some(None)` removes it: any address).
+    pub allowed_ips: Option<Option<IpAllowlist>>,
 }
 
 impl KeyUpdate {
@@ -323,6 +338,15 @@ impl KeyUpdate {
         self
     }
 
+    /// Sets (`Some`: replaces the list) or removes (`None`: any address) the key's IP
+    /// allowlist. The next check of the key on every replica, within the cache's staleness
+    /// bound, judges by the new list.
+    #[must_use]
+    pub fn with_allowed_ips(mut self, allowed: Option<IpAllowlist>) -> Self {
+        self.allowed_ips = Some(allowed);
+        self
+    }
+
     /// Validates every value.
     ///
     /// # Errors
@@ -346,6 +370,7 @@ impl KeyUpdate {
             custom: self.custom.map(validate_custom).transpose()?,
             owner_id: self.owner_id,
             credits,
+            allowed_ips: self.allowed_ips,
         })
     }
 }

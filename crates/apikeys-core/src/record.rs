@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::id::{KeyId, OrgId, ProductId, ProjectId};
+use crate::ip::IpAllowlist;
 use crate::key::PlaintextKey;
 use crate::lifecycle::Credits;
 use crate::rate_limit::RateLimit;
@@ -56,13 +57,25 @@ pub struct ApiKey {
     /// The key this one was rolled to (it replaces this key, which expires at the end of
     /// the grace period).
     pub rolled_to: Option<KeyId>,
+    /// When the key was disabled, if it is: refused with
+    /// [`Error::Disabled`](crate::Error::Disabled) until it is enabled again (unlike a
+    /// revocation, which is final).
+    #[serde(default)]
+    pub disabled_at: Option<DateTime<Utc>>,
+    /// The networks the key may be used from (`None`: any address).
+    #[serde(default)]
+    #[cfg_attr(feature = "utoipa", schema(value_type = Option<Vec<String>>))]
+    pub allowed_ips: Option<IpAllowlist>,
 }
 
 impl ApiKey {
-    /// The key's status at `now`.
+    /// The key's status at `now`: revoked, else expired, else disabled, else active.
     #[must_use]
     pub fn status(&self, now: DateTime<Utc>) -> KeyStatus {
-        KeyStatus::at(self.revoked_at, self.expires_at, now)
+        match KeyStatus::at(self.revoked_at, self.expires_at, now) {
+            KeyStatus::Active if self.disabled_at.is_some() => KeyStatus::Disabled,
+            status => status,
+        }
     }
 }
 

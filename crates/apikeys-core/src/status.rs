@@ -16,11 +16,14 @@ pub enum KeyStatus {
     Revoked,
     /// Past its `expires_at`.
     Expired,
+    /// Disabled: refused until it is enabled again.
+    Disabled,
 }
 
 impl KeyStatus {
     /// The status at `now` of a key with these times. Revocation wins over expiry; a key is
-    /// expired from the instant `now >= expires_at`.
+    /// expired from the instant `now >= expires_at`. It never answers
+    /// [`KeyStatus::Disabled`]: [`ApiKey::status`](crate::ApiKey::status) knows that too.
     #[must_use]
     pub fn at(
         revoked_at: Option<DateTime<Utc>>,
@@ -43,6 +46,7 @@ impl fmt::Display for KeyStatus {
             KeyStatus::Active => "active",
             KeyStatus::Revoked => "revoked",
             KeyStatus::Expired => "expired",
+            KeyStatus::Disabled => "disabled",
         })
     }
 }
@@ -52,12 +56,14 @@ impl fmt::Display for KeyStatus {
 #[serde(rename_all = "lowercase")]
 #[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub enum StatusFilter {
-    /// Only active keys.
+    /// Only active keys (neither revoked, expired nor disabled).
     Active,
     /// Only revoked keys.
     Revoked,
     /// Only expired (and not revoked) keys.
     Expired,
+    /// Only disabled keys that are neither revoked nor expired.
+    Disabled,
     /// Every key.
     #[default]
     All,

@@ -1,5 +1,7 @@
 //! The verification decision: a pure function of (stored key, requirements, now).
 
+use std::net::IpAddr;
+
 use chrono::{DateTime, Utc};
 
 use crate::error::{Error, Result};
@@ -26,6 +28,9 @@ pub struct Requirements<'a> {
     pub product: Option<ProductAccess>,
     /// Scopes the key must all hold.
     pub scopes: &'a Scopes,
+    /// The address the request came from, if known: a key with an IP allowlist is refused
+    /// from any address outside it, and when this is `None`.
+    pub client_ip: Option<IpAddr>,
 }
 
 /// The empty set of scopes.
@@ -34,26 +39,35 @@ const NO_SCOPES: &Scopes = &Scopes::new();
 impl Default for Requirements<'_> {
     /// No product, no scopes.
     fn default() -> Self {
-        Self { product: None, scopes: NO_SCOPES }
+        Self { product: None, scopes: NO_SCOPES, client_ip: None }
     }
 }
 
 /// Whether `key` may be used at `now` for a request with these `requirements`.
 ///
-/// Checks, in order: revoked, expired (from the instant `now >= expires_at`), product, scopes.
+/// Checks, in order: revoked, expired (from the instant `now >= expires_at`), disabled, the
+/// key's IP allowlist (if it has one), product, scopes.
 /// The product rule: a key is valid for product P of organization O when it belongs to O and
 /// it is either narrowed to P itself, or narrowed to a project linked to P (and not to another
 /// product), or org-wide. A key of another organization never is.
 ///
 /// # Errors
-/// The first failing check: [`Error::Revoked`], [`Error::Expired`],
-/// [`Error::ProductNotAllowed`] or [`Error::InsufficientScope`].
+/// The first failing check: [`Error::Revoked`], [`Error::Expired`], [`Error::Disabled`],
+/// [`Error::IpNotAllowed`], [`Error::ProductNotAllowed`] or [`Error::InsufficientScope`].
 pub fn decide(key: &ApiKey, requirements: &Requirements<'_>, now: DateTime<Utc>) -> Result<()> {
     if let Some(revoked_at) = key.revoked_at {
         return Err(Error::Revoked { revoked_at });
     }
     if let Some(expired_at) = key.expires_at.filter(|e| now >= *e) {
         return Err(Error::Expired { expired_at });
+    }
+    if let Some(disabled_at) = key.disabled_at {
+        return Err(Error::Disabled { disabled_at });
+    }
+    if let Some(allowed) = &key.allowed_ips
+        && !requirements.client_ip.is_some_and(|ip| allowed.allows(ip))
+    {
+        return Err(Error::IpNotAllowed { ip: requirements.client_ip });
     }
     if let Some(product) = &requirements.product {
         let allowed = key.org_id == product.org_id
@@ -102,6 +116,8 @@ mod tests {
             credits: None,
             rolled_from: None,
             rolled_to: None,
+            disabled_at: None,
+            allowed_ips: None,
         }
     }
 
@@ -125,7 +141,10 @@ mod tests {
         let req = |product, scopes: &[&str]| Requirements {
             product,
             scopes: Box::leak(Box::new(Scopes::parse(scopes.iter().copied()).unwrap())),
+            client_ip: None,
         };
+        let from = |ip: &str| Requirements { client_ip: Some(ip.parse().unwrap()), ..none };
+        let office = || Some(crate::IpAllowlist::parse(["192.0.2.0/24", "2001:db8::/32"]).unwrap());
         let cases: Vec<Case> = vec![
             ("active, no requirements", Box::new(|_| {}), none, None),
             ("revoked", Box::new(move |k| k.revoked_at = Some(now - sec)), none, Some("revoked")),
@@ -161,6 +180,79 @@ mod tests {
                 Box::new(move |k| k.expires_at = Some(now)),
                 req(access(p, other_org, false), &["admin"]),
                 Some("expired"),
+            ),
+            (
+                "disabled",
+                Box::new(move |k| k.disabled_at = Some(now - sec)),
+                none,
+                Some("disabled"),
+            ),
+            (
+                "revoked wins over disabled",
+                Box::new(move |k| {
+                    k.revoked_at = Some(now);
+                    k.disabled_at = Some(now);
+                }),
+                none,
+                Some("revoked"),
+            ),
+            (
+                "expired wins over disabled",
+                Box::new(move |k| {
+                    k.expires_at = Some(now);
+                    k.disabled_at = Some(now);
+                }),
+                none,
+                Some("expired"),
+            ),
+            (
+                "disabled wins over the allowlist",
+                Box::new(move |k| {
+                    k.disabled_at = Some(now);
+                    k.allowed_ips = office();
+                }),
+                from("198.51.100.1"),
+                Some("disabled"),
+            ),
+            (
+                "allowlist, inside (v4)",
+                Box::new(move |k| k.allowed_ips = office()),
+                from("192.0.2.9"),
+                None,
+            ),
+            (
+                "allowlist, inside (v6)",
+                Box::new(move |k| k.allowed_ips = office()),
+                from("2001:db8::1"),
+                None,
+            ),
+            (
+                "allowlist, inside (v4 mapped into v6)",
+                Box::new(move |k| k.allowed_ips = office()),
+                from("::ffff:192.0.2.9"),
+                None,
+            ),
+            (
+                "allowlist, outside",
+                Box::new(move |k| k.allowed_ips = office()),
+                from("192.0.3.1"),
+                Some("ip"),
+            ),
+            (
+                "allowlist, unknown address",
+                Box::new(move |k| k.allowed_ips = office()),
+                none,
+                Some("ip"),
+            ),
+            ("no allowlist, any address", Box::new(|_| {}), from("198.51.100.1"), None),
+            (
+                "allowlist checked before product and scopes",
+                Box::new(move |k| k.allowed_ips = office()),
+                Requirements {
+                    client_ip: Some("10.0.0.1".parse().unwrap()),
+                    ..req(access(p, other_org, false), &["admin"])
+                },
+                Some("ip"),
             ),
             ("org-wide key, own product", Box::new(|_| {}), req(access(p, org, false), &[]), None),
             (
@@ -225,6 +317,8 @@ mod tests {
                 Ok(()) => None,
                 Err(Error::Revoked { .. }) => Some("revoked"),
                 Err(Error::Expired { .. }) => Some("expired"),
+                Err(Error::Disabled { .. }) => Some("disabled"),
+                Err(Error::IpNotAllowed { .. }) => Some("ip"),
                 Err(Error::ProductNotAllowed { .. }) => Some("product"),
                 Err(Error::InsufficientScope { .. }) => Some("scope"),
                 Err(e) => panic!("{name}: unexpected {e:?}"),
@@ -244,10 +338,20 @@ mod tests {
         }
         k.expires_at = None;
         let scopes = Scopes::parse(["admin", "read"]).unwrap();
-        let req = Requirements { product: None, scopes: &scopes };
+        let req = Requirements { product: None, scopes: &scopes, client_ip: None };
         match decide(&k, &req, now) {
             Err(Error::InsufficientScope { missing }) => {
                 assert_eq!(missing.iter().map(|s| s.as_str()).collect::<Vec<_>>(), ["admin"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        k.allowed_ips = Some(crate::IpAllowlist::parse(["192.0.2.0/24"]).unwrap());
+        let ip = "198.51.100.7".parse().unwrap();
+        let req = Requirements { client_ip: Some(ip), ..Requirements::default() };
+        match decide(&k, &req, now) {
+            Err(e @ Error::IpNotAllowed { .. }) => {
+                assert!(matches!(e, Error::IpNotAllowed { ip: Some(got) } if got == ip));
+                assert_eq!(e.to_string(), "api key may not be used from 198.51.100.7");
             }
             other => panic!("{other:?}"),
         }

@@ -1,8 +1,8 @@
 //! Conversions between database rows and core types.
 
 use apikeys_core::{
-    ApiKey, Credits, Error, KeyId, OrgId, Organization, Product, ProductId, Project, ProjectId,
-    RateLimit, Refill, RefillInterval, Result, Scopes, Window,
+    ApiKey, Credits, Error, IpAllowlist, KeyId, OrgId, Organization, Product, ProductId, Project,
+    ProjectId, RateLimit, Refill, RefillInterval, Result, Scopes, Window,
 };
 use chrono::{DateTime, NaiveDateTime, SubsecRound, Utc};
 use sea_orm::JsonValue;
@@ -64,6 +64,11 @@ pub(crate) fn version_column(version: u32) -> Result<i32> {
 
 pub(crate) fn scopes_to_json(scopes: &Scopes) -> JsonValue {
     JsonValue::Array(scopes.iter().map(|s| JsonValue::String(s.as_str().to_owned())).collect())
+}
+
+/// The `allowed_ips` column of an allowlist.
+pub(crate) fn allowlist_to_json(allowed: Option<&IpAllowlist>) -> Option<JsonValue> {
+    allowed.map(|a| JsonValue::Array(a.networks().map(JsonValue::String).collect()))
 }
 
 pub(crate) fn rate_limit_columns(limit: Option<RateLimit>) -> (Option<i64>, Option<String>) {
@@ -131,6 +136,17 @@ pub(crate) fn api_key_from_model(m: api_key::Model) -> Result<ApiKey> {
     let JsonValue::Object(custom) = m.custom else {
         return Err(corrupt(T, "custom"));
     };
+    let allowed_ips = match m.allowed_ips {
+        None | Some(JsonValue::Null) => None,
+        Some(JsonValue::Array(items)) => {
+            let entries = items.into_iter().map(|v| match v {
+                JsonValue::String(s) => s,
+                _ => String::new(), // rejected by IpAllowlist::parse
+            });
+            Some(IpAllowlist::parse(entries).map_err(|_| corrupt(T, "allowed_ips"))?)
+        }
+        Some(_) => return Err(corrupt(T, "allowed_ips")),
+    };
     Ok(ApiKey {
         id: KeyId::from_uuid(m.id),
         org_id: OrgId::from_uuid(m.org_id),
@@ -151,5 +167,7 @@ pub(crate) fn api_key_from_model(m: api_key::Model) -> Result<ApiKey> {
         credits,
         rolled_from: m.rolled_from.map(KeyId::from_uuid),
         rolled_to: m.rolled_to.map(KeyId::from_uuid),
+        disabled_at: m.disabled_at.map(|t| t.and_utc()),
+        allowed_ips,
     })
 }

@@ -18,8 +18,8 @@ use uuid::Uuid;
 use crate::audit::Subject;
 use crate::client::ApiKeyClient;
 use crate::convert::{
-    api_key_from_model, credit_columns, naive, rate_limit_columns, scopes_to_json, to_micros,
-    version_column,
+    allowlist_to_json, api_key_from_model, credit_columns, naive, rate_limit_columns,
+    scopes_to_json, to_micros, version_column,
 };
 use crate::credits::{period_sql, stamp_refill_period};
 use crate::entity::{api_key, product, project};
@@ -136,6 +136,8 @@ impl ApiKeyClient {
             rolled_from: None,
             rolled_to: None,
             lineage_head_id: None,
+            disabled_at: None,
+            allowed_ips: allowlist_to_json(v.allowed_ips.as_ref()),
         };
         Ok(PreparedKey { plaintext, row, project_id: v.project_id, product_id: v.product_id })
     }
@@ -257,6 +259,10 @@ impl ApiKeyClient {
         }
         if let Some(custom) = v.custom {
             change = change.col_expr(C::Custom, Expr::value(sea_orm::JsonValue::Object(custom)));
+        }
+        if let Some(allowed) = &v.allowed_ips {
+            change =
+                change.col_expr(C::AllowedIps, Expr::value(allowlist_to_json(allowed.as_ref())));
         }
         if let Some(owner) = v.owner_id {
             change = change.col_expr(C::OwnerId, Expr::value(owner));

@@ -179,13 +179,21 @@ impl ApiKeyClient {
     }
 }
 
-/// The SQL form of `KeyStatus::at` (revocation wins; expired from `now >= expires_at`).
+/// The SQL form of `ApiKey::status` (revoked, else expired from `now >= expires_at`, else
+/// disabled, else active).
 fn status_condition(status: StatusFilter, now: chrono::DateTime<chrono::Utc>) -> Condition {
     use api_key::Column as C;
     let not_expired = Condition::any().add(C::ExpiresAt.is_null()).add(C::ExpiresAt.gt(naive(now)));
     match status {
         StatusFilter::All => Condition::all(),
-        StatusFilter::Active => Condition::all().add(C::RevokedAt.is_null()).add(not_expired),
+        StatusFilter::Active => Condition::all()
+            .add(C::RevokedAt.is_null())
+            .add(not_expired)
+            .add(C::DisabledAt.is_null()),
+        StatusFilter::Disabled => Condition::all()
+            .add(C::RevokedAt.is_null())
+            .add(not_expired)
+            .add(C::DisabledAt.is_not_null()),
         StatusFilter::Revoked => Condition::all().add(C::RevokedAt.is_not_null()),
         StatusFilter::Expired => {
             Condition::all().add(C::RevokedAt.is_null()).add(C::ExpiresAt.lte(naive(now)))

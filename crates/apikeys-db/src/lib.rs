@@ -109,10 +109,10 @@ pub use validate::{ValidateOptions, VerifyOptions};
 
 #[doc(inline)]
 pub use apikeys_core::{
-    ApiKey, Credits, Error, Expiry, IssuedKey, KeyAction, KeyEvent, KeyFormat, KeyId, KeyPage,
-    KeyStatus, KeyUpdate, NewKey, NewKeyInput, OrgId, Organization, Page, PlaintextKey, Product,
-    ProductId, Project, ProjectId, RateLimit, RecordId, RecordKind, Refill, RefillInterval, Result,
-    Scope, Scopes, SigningSecret, StatusFilter, Window,
+    ApiKey, Credits, Error, Expiry, IpAllowlist, IssuedKey, KeyAction, KeyEvent, KeyFormat, KeyId,
+    KeyPage, KeyStatus, KeyUpdate, NewKey, NewKeyInput, OrgId, Organization, Page, PlaintextKey,
+    Product, ProductId, Project, ProjectId, RateLimit, RecordId, RecordKind, Refill,
+    RefillInterval, Result, Scope, Scopes, SigningSecret, StatusFilter, Window,
 };
 
 /// The domain crate, `apikeys-core`, whole: input bounds ([`core::limits`]) and the building

@@ -216,6 +216,90 @@ impl ApiKeyClient {
         .await
     }
 
+    /// Disables a key: every check of it fails with [`Error::Disabled`] until
+    /// [`enable_key`](Self::enable_key) (a revocation, unlike this, is final). Other replicas'
+    /// caches learn of it through the change feed, within their staleness bound, like a
+    /// revocation. The key keeps everything else: its rate-limit windows, credits, expiry and
+    /// the keys it was rolled to or from (a key rolled while disabled stays disabled in its
+    /// successor). Disabling a disabled key changes nothing and keeps its first
+    /// `disabled_at`; the audit trail gets `disabled` once.
+    ///
+    /// ```
+    /// # use apikeys_db::{ApiKeyClient, Error, NewKey, VerifyOptions};
+    /// # #[tokio::main]
+    /// # async fn main() -> apikeys_db::Result<()> {
+    /// # let client = ApiKeyClient::builder().database_url("sqlite::memory:")
+    /// #     .signing_secret("a-signing-secret-of-at-least-32-bytes!!").build().await?;
+    /// # client.create_tables().await?;
+    /// # let (org, _) = client.get_or_create_organization("acme").await?;
+    /// let issued = client.create_key(org.id, NewKey::new("unpaid invoice")).await?;
+    /// client.disable_key(issued.record.id).await?;
+    /// let check = client.verify_key(issued.key.expose_secret(), &VerifyOptions::new()).await;
+    /// assert!(matches!(check, Err(Error::Disabled { .. })));
+    /// client.enable_key(issued.record.id).await?;
+    /// client.verify_key(issued.key.expose_secret(), &VerifyOptions::new()).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::NotFound`]; [`Error::Revoked`] for a revoked key (nothing is written);
+    /// [`Error::Unavailable`]; [`Error::Storage`].
+    pub async fn disable_key(&self, id: KeyId) -> Result<ApiKey> {
+        let key = self
+            .change(Change::Key(id), async |txn| self.switch_on(txn, id, Switch::Disable).await)
+            .await?;
+        tracing::info!(key_id = %id, "api key disabled");
+        Ok(key)
+    }
+
+    /// Enables a disabled key again: checks judge it as before it was disabled, on every
+    /// replica within the cache's staleness bound. Enabling an enabled key changes nothing;
+    /// the audit trail gets `enabled` once per disable.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`]; [`Error::Revoked`] for a revoked key (a revocation is final;
+    /// nothing is written); [`Error::Unavailable`]; [`Error::Storage`].
+    pub async fn enable_key(&self, id: KeyId) -> Result<ApiKey> {
+        let key = self
+            .change(Change::Key(id), async |txn| self.switch_on(txn, id, Switch::Enable).await)
+            .await?;
+        tracing::info!(key_id = %id, "api key enabled");
+        Ok(key)
+    }
+
+    /// [`disable_key`](Self::disable_key) or [`enable_key`](Self::enable_key) on `conn`.
+    pub(crate) async fn switch_on<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        id: KeyId,
+        switch: Switch,
+    ) -> Result<ApiKey> {
+        use api_key::Column as Col;
+        let now = self.now();
+        let record = api_key_from_model(locked_row(conn, id).await?)?;
+        if let Some(revoked_at) = record.revoked_at {
+            return Err(Error::Revoked { revoked_at });
+        }
+        let (value, action) = match switch {
+            Switch::Disable if record.disabled_at.is_none() => {
+                (Some(naive(to_micros(now))), KeyAction::Disabled)
+            }
+            Switch::Enable if record.disabled_at.is_some() => (None, KeyAction::Enabled),
+            _ => return Ok(record),
+        };
+        api_key::Entity::update_many()
+            .col_expr(Col::DisabledAt, Expr::value(value))
+            .col_expr(Col::UpdatedAt, Expr::value(naive(now)))
+            .filter(Col::Id.eq(id.as_uuid()))
+            .exec(conn)
+            .await
+            .map_err(storage)?;
+        let key = get_key_on(conn, id).await?;
+        self.audit(conn, action, Subject::key(&key)).await?;
+        Ok(key)
+    }
+
     async fn set_expiry_on<C: ConnectionTrait>(
         &self,
         conn: &C,
@@ -364,4 +448,11 @@ async fn locked_row<C: ConnectionTrait>(conn: &C, id: KeyId) -> Result<api_key::
 /// [`MAX_EXPIRES_AT`].
 fn check_expiry(at: DateTime<Utc>, now: DateTime<Utc>) -> Result<()> {
     Expiry::At(at).resolve(now, None).map(|_| ())
+}
+
+/// Which way [`ApiKeyClient::switch_on`] turns a key.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Switch {
+    Disable,
+    Enable,
 }

@@ -11,6 +11,7 @@ use sea_orm::{DatabaseTransaction, TransactionTrait};
 use crate::client::{ApiKeyClient, finish};
 use crate::error::storage;
 use crate::feed::Change;
+use crate::lifecycle::Switch;
 
 /// The client's writes inside a transaction the host owns, from
 /// [`ApiKeyClient::with`]. Nothing is visible to others until the host commits, and
@@ -22,6 +23,7 @@ use crate::feed::Change;
 ///
 /// **What a host transaction holds.** A call that changes what a cached key could go stale on
 /// ([`update_key`](Self::update_key), [`revoke_key`](Self::revoke_key),
+/// [`disable_key`](Self::disable_key), [`enable_key`](Self::enable_key),
 /// [`delete_key`](Self::delete_key), and linking or unlinking a product) appends a row to the
 /// change feed, and with it takes the lock of the feed's one head row, which stays held until
 /// the host commits or rolls back: meanwhile every other key change on the database, by any
@@ -219,6 +221,27 @@ impl InTransaction<'_> {
     /// As `revoke_key`.
     pub async fn revoke_key(&self, id: KeyId) -> Result<ApiKey> {
         self.change(Change::Key(id), async |sp| self.client.revoke_key_on(sp, id).await).await
+    }
+
+    /// [`ApiKeyClient::disable_key`] in the host's transaction: checks keep succeeding until
+    /// the host commits.
+    ///
+    /// # Errors
+    /// As `disable_key`.
+    pub async fn disable_key(&self, id: KeyId) -> Result<ApiKey> {
+        self.change(Change::Key(id), async |sp| {
+            self.client.switch_on(sp, id, Switch::Disable).await
+        })
+        .await
+    }
+
+    /// [`ApiKeyClient::enable_key`] in the host's transaction.
+    ///
+    /// # Errors
+    /// As `enable_key`.
+    pub async fn enable_key(&self, id: KeyId) -> Result<ApiKey> {
+        self.change(Change::Key(id), async |sp| self.client.switch_on(sp, id, Switch::Enable).await)
+            .await
     }
 
     /// [`ApiKeyClient::delete_key`] in the host's transaction.

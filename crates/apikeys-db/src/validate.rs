@@ -5,6 +5,7 @@
 //! re-hash. Nothing here parses the caller's requirements: [`ValidateOptions`] did that when
 //! it was built.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 #[cfg(doc)]
@@ -150,6 +151,8 @@ struct Check<'a> {
     /// Count the use.
     track_usage: bool,
     scopes: &'a Scopes,
+    /// Where the request came from, for keys with an IP allowlist.
+    client_ip: Option<IpAddr>,
 }
 
 impl ApiKeyClient {
@@ -164,7 +167,11 @@ impl ApiKeyClient {
         let inner = &*self.inner;
         let now = self.now();
         let found = inner.keys.find(plaintext, product).await?;
-        let requirements = Requirements { product: found.product, scopes: check.scopes };
+        let requirements = Requirements {
+            product: found.product,
+            scopes: check.scopes,
+            client_ip: check.client_ip,
+        };
         decide(&found.key, &requirements, now)?;
         // Each part answers from memory when it can; only what needs the database awaits,
         // boxed, so that a check answered from memory builds no database future (a large
@@ -207,6 +214,9 @@ impl ApiKeyClient {
     /// Checks that `plaintext` is a live key: format and checksum (offline), HMAC, one indexed
     /// lookup, then status. Returns the stored record.
     ///
+    /// A key with an IP allowlist is refused here with [`Error::IpNotAllowed`]: the address
+    /// is unknown. Use [`verify_key_from`](Self::verify_key_from) with the request's address.
+    ///
     /// A key hashed under any signing secret the client knows (current, previous, next) is
     /// found. With usage tracking on (the default) a success adds one to `use_count` and moves
     /// `last_used_at` forward in one atomic `UPDATE`, or, with
@@ -218,7 +228,8 @@ impl ApiKeyClient {
     ///
     /// # Errors
     /// [`Error::InvalidKey`] (malformed or unknown: it does not say which);
-    /// [`Error::Revoked`]; [`Error::Expired`]; [`Error::Unavailable`]; [`Error::Storage`].
+    /// [`Error::Revoked`]; [`Error::Expired`]; [`Error::Disabled`]; [`Error::IpNotAllowed`];
+    /// [`Error::Unavailable`]; [`Error::Storage`].
     ///
     /// # Examples
     /// ```
@@ -239,22 +250,64 @@ impl ApiKeyClient {
     /// # }
     /// ```
     pub async fn verify_key(&self, plaintext: &str, options: &VerifyOptions) -> Result<ApiKey> {
-        observe(&self.inner.metrics, Op::Verify, self.verify(plaintext, options)).await
+        observe(&self.inner.metrics, Op::Verify, self.verify(plaintext, None, options)).await
     }
 
-    async fn verify(&self, plaintext: &str, options: &VerifyOptions) -> Result<ApiKey> {
+    /// [`verify_key`](Self::verify_key) of a request that came from `client_ip` (`None`:
+    /// unknown): a key with an IP allowlist is refused with [`Error::IpNotAllowed`] unless
+    /// the address is inside it.
+    ///
+    /// ```
+    /// # use apikeys_db::{ApiKeyClient, Error, IpAllowlist, NewKey, VerifyOptions};
+    /// # #[tokio::main]
+    /// # async fn main() -> apikeys_db::Result<()> {
+    /// # let client = ApiKeyClient::builder().database_url("sqlite::memory:")
+    /// #     .signing_secret("a-signing-secret-of-at-least-32-bytes!!").build().await?;
+    /// # client.create_tables().await?;
+    /// # let (org, _) = client.get_or_create_organization("acme").await?;
+    /// let office = IpAllowlist::parse(["203.0.113.0/24"])?;
+    /// let issued = client.create_key(org.id, NewKey::new("ci").with_allowed_ips(office)).await?;
+    /// let key = issued.key.expose_secret();
+    /// let options = VerifyOptions::new();
+    /// client.verify_key_from(key, Some("203.0.113.9".parse().unwrap()), &options).await?;
+    /// let outside = client.verify_key_from(key, Some("198.51.100.1".parse().unwrap()), &options);
+    /// assert!(matches!(outside.await, Err(Error::IpNotAllowed { .. })));
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// Those of `verify_key`.
+    pub async fn verify_key_from(
+        &self,
+        plaintext: &str,
+        client_ip: Option<IpAddr>,
+        options: &VerifyOptions,
+    ) -> Result<ApiKey> {
+        observe(&self.inner.metrics, Op::Verify, self.verify(plaintext, client_ip, options)).await
+    }
+
+    async fn verify(
+        &self,
+        plaintext: &str,
+        client_ip: Option<IpAddr>,
+        options: &VerifyOptions,
+    ) -> Result<ApiKey> {
         let scopes = Scopes::new();
         let check = Check {
             rate_limit: false,
             credit_cost: 0,
             track_usage: options.track_usage,
             scopes: &scopes,
+            client_ip,
         };
         self.check(plaintext, None, check).await
     }
 
     /// [`verify_key`](Self::verify_key) plus the request's requirements, in this order:
-    /// revoked, expired, product, scopes, the key's rate limit, then its usage credits. A
+    /// revoked, expired, disabled, the IP allowlist (a key with one is refused here: use
+    /// [`validate_key_from`](Self::validate_key_from) with the request's address), product,
+    /// scopes, the key's rate limit, then its usage credits. A
     /// request rejected for any reason before the rate limit (the rate limit included) uses
     /// up no quota and spends no credit; one refused for exhausted credits has counted
     /// against the rate limit.
@@ -301,15 +354,37 @@ impl ApiKeyClient {
     /// # }
     /// ```
     pub async fn validate_key(&self, plaintext: &str, options: &ValidateOptions) -> Result<ApiKey> {
-        observe(&self.inner.metrics, Op::Validate, self.validate(plaintext, options)).await
+        observe(&self.inner.metrics, Op::Validate, self.validate(plaintext, None, options)).await
     }
 
-    async fn validate(&self, plaintext: &str, options: &ValidateOptions) -> Result<ApiKey> {
+    /// [`validate_key`](Self::validate_key) of a request that came from `client_ip` (`None`:
+    /// unknown). A key with an IP allowlist is refused with [`Error::IpNotAllowed`] unless
+    /// the address is inside it, before its rate limit and credits are counted.
+    ///
+    /// # Errors
+    /// Those of `validate_key`.
+    pub async fn validate_key_from(
+        &self,
+        plaintext: &str,
+        client_ip: Option<IpAddr>,
+        options: &ValidateOptions,
+    ) -> Result<ApiKey> {
+        let check = self.validate(plaintext, client_ip, options);
+        observe(&self.inner.metrics, Op::Validate, check).await
+    }
+
+    async fn validate(
+        &self,
+        plaintext: &str,
+        client_ip: Option<IpAddr>,
+        options: &ValidateOptions,
+    ) -> Result<ApiKey> {
         let check = Check {
             rate_limit: options.check_rate_limit,
             credit_cost: options.credit_cost,
             track_usage: options.track_usage,
             scopes: &options.scopes,
+            client_ip,
         };
         self.check(plaintext, options.product, check).await
     }

@@ -28,6 +28,8 @@
 //! | [`Error::InvalidKey`] | 401 | `WWW-Authenticate` | `code` |
 //! | [`Error::Expired`] | 401 | `WWW-Authenticate` | `expired_at` |
 //! | [`Error::Revoked`] | 401 | `WWW-Authenticate` | `revoked_at` |
+//! | [`Error::Disabled`] | 401 | `WWW-Authenticate` | `disabled_at` |
+//! | [`Error::IpNotAllowed`] | 403 | | `code` (the address is in `detail`) |
 //! | [`Error::ProductNotAllowed`] | 403 | | `product_id` |
 //! | [`Error::InsufficientScope`] | 403 | `WWW-Authenticate` (bearer only) | `missing_scopes` |
 //! | [`Error::Quota`] | 429 | `Retry-After`, `RateLimit`, `RateLimit-Policy` | `retry_after`, `limit` |
@@ -41,6 +43,10 @@
 //! Every answer also carries `Cache-Control: no-store`. A body never holds the presented
 //! key, a signing secret or a database error's text: the `detail` of a 500 is a fixed
 //! sentence, and the error itself is the host's to log.
+
+mod client_ip;
+
+pub use client_ip::{ForwardedHeader, TrustedProxies, client_ip};
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -81,6 +87,10 @@ pub enum ProblemCode {
     Expired,
     /// The key was revoked.
     Revoked,
+    /// The key is disabled (it may be enabled again).
+    Disabled,
+    /// The key may not be used from the request's address (its IP allowlist).
+    IpNotAllowed,
     /// The key is not valid for the product of the route.
     ProductNotAllowed,
     /// The key lacks scopes the route requires.
@@ -130,6 +140,9 @@ pub struct Problem {
     /// When the key was revoked ([`ProblemCode::Revoked`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_at: Option<DateTime<Utc>>,
+    /// When the key was disabled ([`ProblemCode::Disabled`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled_at: Option<DateTime<Utc>>,
     /// The product the key is not valid for ([`ProblemCode::ProductNotAllowed`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub product_id: Option<Uuid>,
@@ -170,6 +183,7 @@ impl Problem {
             code,
             expired_at: None,
             revoked_at: None,
+            disabled_at: None,
             product_id: None,
             missing_scopes: Vec::new(),
             retry_after: None,
@@ -363,6 +377,14 @@ impl ErrorMapper {
                 p.revoked_at = Some(*revoked_at);
                 self.challenge(ErrorResponse::new(p), Some(error))
             }
+            Error::Disabled { disabled_at } => {
+                let mut p = problem(StatusCode::UNAUTHORIZED, ProblemCode::Disabled);
+                p.disabled_at = Some(*disabled_at);
+                self.challenge(ErrorResponse::new(p), Some(error))
+            }
+            Error::IpNotAllowed { .. } => {
+                ErrorResponse::new(problem(StatusCode::FORBIDDEN, ProblemCode::IpNotAllowed))
+            }
             Error::ProductNotAllowed { product_id } => {
                 let mut p = problem(StatusCode::FORBIDDEN, ProblemCode::ProductNotAllowed);
                 p.product_id = Some(product_id.as_uuid());
@@ -537,6 +559,26 @@ mod tests {
             (StatusCode::UNAUTHORIZED, json!("revoked"))
         );
         assert_eq!(json(&revoked)["revoked_at"], "2026-01-02T03:04:05Z");
+
+        let disabled = m.response(&Error::Disabled { disabled_at: at("2026-01-02T03:04:05Z") });
+        assert_eq!(
+            (disabled.status, json(&disabled)["code"].clone()),
+            (StatusCode::UNAUTHORIZED, json!("disabled"))
+        );
+        assert_eq!(json(&disabled)["disabled_at"], "2026-01-02T03:04:05Z");
+        assert_eq!(challenges(&disabled).len(), 2);
+    }
+
+    #[test]
+    fn an_address_outside_the_allowlist_is_403_naming_it() {
+        let ip = "198.51.100.7".parse().unwrap();
+        let p = error_response(&Error::IpNotAllowed { ip: Some(ip) });
+        assert_eq!(p.status, 403);
+        assert_eq!(json(&p)["code"], "ip_not_allowed");
+        assert_eq!(json(&p)["detail"], "api key may not be used from 198.51.100.7");
+        assert!(challenges(&p).is_empty());
+        let unknown = error_response(&Error::IpNotAllowed { ip: None });
+        assert_eq!(json(&unknown)["detail"], "api key may not be used from an unknown address");
     }
 
     #[test]

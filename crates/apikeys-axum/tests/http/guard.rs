@@ -11,7 +11,7 @@ use axum::routing::get;
 use chrono::TimeDelta;
 use serde_json::json;
 
-use crate::support::{Answer, fetch, key, serve};
+use crate::support::{Answer, fetch, key, serve, serve_with_peer};
 use apikeys_testing::{TestClock, TestDb, at};
 
 /// What a handler sees of the key.
@@ -494,4 +494,90 @@ pub async fn admin_calls_racing_guarded_requests_end_in_documented_answers(db: T
             plain,
         );
     }
+}
+
+/// A key with an IP allowlist, behind the layer and the extractor: judged by the
+/// connection's peer (loopback); a forwarding header is ignored until the peer is a trusted
+/// proxy, and then read right to left; without connection info the address is unknown and
+/// the key refused. Keys without an allowlist never care.
+pub async fn ip_allowlists_judge_the_peer_and_only_trusted_forwarding(db: TestDb) {
+    use apikeys_db::IpAllowlist;
+    use apikeys_http::{ForwardedHeader, TrustedProxies};
+    let client = db.client().await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let list = |nets: &[&str]| IpAllowlist::parse(nets).unwrap();
+    let (local, _) =
+        key(&client, org.id, NewKey::new("l").with_allowed_ips(list(&["127.0.0.0/8"]))).await;
+    let (office, _) =
+        key(&client, org.id, NewKey::new("o").with_allowed_ips(list(&["203.0.113.0/24"]))).await;
+    let (anywhere, _) = key(&client, org.id, NewKey::new("a")).await;
+
+    let direct = serve_with_peer(app(ApiKeyAuth::new(client.clone()))).await;
+    for path in ["/whoami", "/plain"] {
+        let url = format!("{direct}{path}");
+        assert_eq!(fetch(&url, &[("x-api-key", &local)]).await.status, 200, "{path}");
+        assert_eq!(fetch(&url, &[("x-api-key", &anywhere)]).await.status, 200, "{path}");
+        let a = fetch(&url, &[("x-api-key", &office)]).await;
+        a.assert_problem(403, "ip_not_allowed", &office);
+        // A forwarding header from an untrusted peer is the sender's own claim.
+        let spoofed = [("x-api-key", office.as_str()), ("x-forwarded-for", "203.0.113.9")];
+        fetch(&url, &spoofed).await.assert_problem(403, "ip_not_allowed", &office);
+    }
+
+    let proxies = TrustedProxies::new(list(&["127.0.0.0/8"]), ForwardedHeader::XForwardedFor);
+    let behind =
+        serve_with_peer(app(ApiKeyAuth::new(client.clone()).trusted_proxies(proxies))).await;
+    for path in ["/whoami", "/plain"] {
+        let url = format!("{behind}{path}");
+        let chain = "6.6.6.6, 203.0.113.9";
+        let forwarded = [("x-api-key", office.as_str()), ("x-forwarded-for", chain)];
+        assert_eq!(fetch(&url, &forwarded).await.status, 200, "{path}");
+        // The client is 203.0.113.9 now, not the loopback proxy.
+        let forwarded = [("x-api-key", local.as_str()), ("x-forwarded-for", chain)];
+        fetch(&url, &forwarded).await.assert_problem(403, "ip_not_allowed", &local);
+        // The proxy's own request, without a header: its address.
+        assert_eq!(fetch(&url, &[("x-api-key", &local)]).await.status, 200, "{path}");
+        // A header the proxy chain garbled: unknown, refused.
+        let garbled = [("x-api-key", office.as_str()), ("x-forwarded-for", "203.0.113.9, unknown")];
+        let a = fetch(&url, &garbled).await;
+        a.assert_problem(403, "ip_not_allowed", &office);
+        assert!(a.body["detail"].as_str().unwrap().contains("unknown address"), "{}", a.text);
+    }
+
+    // Served without connection info: no address, so keys with an allowlist are refused.
+    let blind = serve(app(ApiKeyAuth::new(client.clone()))).await;
+    let a = fetch(&format!("{blind}/whoami"), &[("x-api-key", &local)]).await;
+    a.assert_problem(403, "ip_not_allowed", &local);
+    assert_eq!(fetch(&format!("{blind}/whoami"), &[("x-api-key", &anywhere)]).await.status, 200);
+}
+
+/// A key disabled and enabled by another replica (the admin's) is refused and served again
+/// by a caching guard within its staleness bound.
+pub async fn a_disable_and_enable_reach_a_caching_guard(db: TestDb) {
+    let cache = KeyCache::new().max_staleness(Duration::from_millis(300));
+    let guard_client = db.client_with(|b| b.cache(cache)).await;
+    let admin: ApiKeyClient = db.client().await;
+    let (org, _) = admin.get_or_create_organization("acme").await.unwrap();
+    let (plain, id) = key(&admin, org.id, NewKey::new("c")).await;
+    let guard = serve(app(ApiKeyAuth::new(guard_client))).await;
+    let url = format!("{guard}/whoami");
+    assert_eq!(fetch(&url, &[("x-api-key", &plain)]).await.status, 200);
+    admin.disable_key(id).await.unwrap();
+    let until = |status: u16| {
+        let (url, plain) = (url.clone(), plain.clone());
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let a = fetch(&url, &[("x-api-key", &plain)]).await;
+                if a.status == status {
+                    return a;
+                }
+                assert!(std::time::Instant::now() < deadline, "still {}: {}", a.status, a.text);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    until(401).await.assert_problem(401, "disabled", &plain);
+    admin.enable_key(id).await.unwrap();
+    until(200).await;
 }

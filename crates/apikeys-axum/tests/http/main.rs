@@ -23,6 +23,8 @@ apikeys_testing::backend_tests! {
         database_failures_are_503_and_500_without_details,
         a_revoke_through_the_api_is_seen_by_a_caching_guard,
         admin_calls_racing_guarded_requests_end_in_documented_answers,
+        ip_allowlists_judge_the_peer_and_only_trusted_forwarding,
+        a_disable_and_enable_reach_a_caching_guard,
     ],
     manage: [
         the_router_refuses_requests_its_admin_check_refuses,
@@ -34,5 +36,7 @@ apikeys_testing::backend_tests! {
         the_openapi_document_describes_every_route,
         create_takes_every_option_of_new_key,
         create_refuses_unknown_members_and_bad_values,
+        disable_and_enable_through_the_api,
+        ip_allowlists_through_the_api,
     ],
 }

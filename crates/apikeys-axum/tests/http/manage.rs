@@ -2,13 +2,13 @@
 
 use apikeys_axum::{ApiKeyAuth, ManagementApi, ValidKey};
 use apikeys_db::core::find_keys;
-use apikeys_db::{ApiKeyClient, ValidateOptions};
+use apikeys_db::{ApiKeyClient, KeyAction, ValidateOptions};
 use axum::Router;
 use axum::routing::get;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::support::{Answer, fetch, serve};
+use crate::support::{Answer, fetch, serve_with_peer};
 use apikeys_testing::TestDb;
 
 const TOKEN: &str = "admin-token-for-tests";
@@ -23,7 +23,12 @@ async fn app(client: ApiKeyClient) -> String {
     let auth = ApiKeyAuth::new(client);
     let protected = get(|k: ValidKey| async move { k.name.clone() })
         .route_layer(auth.require(ValidateOptions::new()));
-    serve(Router::new().nest("/admin", admin).route("/protected", protected)).await
+    serve_with_peer(Router::new().nest("/admin", admin).route("/protected", protected)).await
+}
+
+/// The guarded route, called with `key`.
+async fn protected(base: &str, key: &str) -> Answer {
+    fetch(&format!("{base}/protected"), &[("x-api-key", key)]).await
 }
 
 async fn call(base: &str, method: Method, path: &str, body: Option<Value>) -> Answer {
@@ -516,6 +521,8 @@ pub async fn the_openapi_document_describes_every_route(db: TestDb) {
             "GET /projects/{project_id}/keys",
             "GET /projects/{project_id}/products",
             "PATCH /keys/{key_id}",
+            "POST /keys/{key_id}/disable",
+            "POST /keys/{key_id}/enable",
             "POST /keys/{key_id}/revoke",
             "POST /orgs",
             "POST /orgs/{org_id}/keys",
@@ -560,10 +567,11 @@ pub async fn the_openapi_document_describes_every_route(db: TestDb) {
         "expires_at",
         "expires_in_seconds",
         "never_expires",
+        "allowed_ips",
     ] {
         assert!(members.contains(&member), "NewKeyInput lacks {member}: {members:?}");
     }
-    assert_eq!(members.len(), 11, "{members:?}");
+    assert_eq!(members.len(), 12, "{members:?}");
     assert_eq!(input["additionalProperties"], false, "{input}");
     assert_eq!(input["required"], json!(["name"]), "{input}");
     // The document served equals the one the host can take for its own.
@@ -693,4 +701,109 @@ pub async fn create_refuses_unknown_members_and_bad_values(db: TestDb) {
     a.assert_problem(422, "bad_request", k);
     assert_eq!(a.body["field"], Value::Null, "{}", a.text);
     assert_eq!(db.counts(&client).await, before);
+}
+
+/// Disable and enable through the API, as the guard answers them; a revoked key stays
+/// revoked (409 for the admin, never a 401 that would blame the admin's credentials).
+pub async fn disable_and_enable_through_the_api(db: TestDb) {
+    let client = db.client().await;
+    let base = app(client.clone()).await;
+    let org = call(&base, Method::POST, "/orgs", Some(json!({"name": "acme"}))).await;
+    let org_id = org.body["id"].as_str().unwrap().to_owned();
+    let created =
+        call(&base, Method::POST, &format!("/orgs/{org_id}/keys"), Some(json!({"name": "ci"})))
+            .await;
+    let plain = created.body["key"].as_str().unwrap().to_owned();
+    let id = created.body["record"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(created.body["record"]["disabled_at"], Value::Null);
+    assert_eq!(protected(&base, &plain).await.status, 200);
+
+    let disabled = call(&base, Method::POST, &format!("/keys/{id}/disable"), None).await;
+    assert_eq!(disabled.status, 200, "{}", disabled.text);
+    let since = disabled.body["disabled_at"].clone();
+    assert!(since.is_string(), "{}", disabled.text);
+    let refused = protected(&base, &plain).await;
+    refused.assert_problem(401, "disabled", &plain);
+    assert_eq!(refused.body["disabled_at"], since);
+    // A second disable keeps the first time; the key is listed as disabled, not active.
+    let again = call(&base, Method::POST, &format!("/keys/{id}/disable"), None).await;
+    assert_eq!((again.status, &again.body["disabled_at"]), (200, &since));
+    let listed = |status: &'static str| {
+        let base = base.clone();
+        let org_id = org_id.clone();
+        async move {
+            let page =
+                call(&base, Method::GET, &format!("/orgs/{org_id}/keys?status={status}"), None)
+                    .await;
+            page.body["items"].as_array().unwrap().len()
+        }
+    };
+    assert_eq!((listed("disabled").await, listed("active").await), (1, 0));
+
+    let enabled = call(&base, Method::POST, &format!("/keys/{id}/enable"), None).await;
+    assert_eq!((enabled.status, &enabled.body["disabled_at"]), (200, &Value::Null));
+    assert_eq!(protected(&base, &plain).await.status, 200);
+    assert_eq!((listed("disabled").await, listed("active").await), (0, 1));
+    let events = client.list_key_events(id.parse().unwrap()).await.unwrap();
+    let actions: Vec<_> = events.iter().map(|e| e.action).collect();
+    let count = |a| actions.iter().filter(|x| **x == a).count();
+    assert_eq!((count(KeyAction::Disabled), count(KeyAction::Enabled)), (1, 1), "{actions:?}");
+
+    assert_eq!(call(&base, Method::POST, &format!("/keys/{id}/revoke"), None).await.status, 200);
+    for verb in ["disable", "enable"] {
+        let a = call(&base, Method::POST, &format!("/keys/{id}/{verb}"), None).await;
+        a.assert_problem(409, "revoked", &plain);
+        assert!(a.headers.get("www-authenticate").is_none());
+    }
+    let gone = "01938f2e-0000-7000-8000-000000000000";
+    call(&base, Method::POST, &format!("/keys/{gone}/disable"), None).await.assert_problem(
+        404,
+        "not_found",
+        "",
+    );
+}
+
+/// IP allowlists set on create and by PATCH, judged by the guard against the connection's
+/// address (loopback here); bad lists are 422 naming `allowed_ips` and change nothing.
+pub async fn ip_allowlists_through_the_api(db: TestDb) {
+    let client = db.client().await;
+    let base = app(client.clone()).await;
+    let org = call(&base, Method::POST, "/orgs", Some(json!({"name": "acme"}))).await;
+    let org_id = org.body["id"].as_str().unwrap().to_owned();
+    let body = json!({"name": "office", "allowed_ips": ["127.0.0.0/8", "::1"]});
+    let created = call(&base, Method::POST, &format!("/orgs/{org_id}/keys"), Some(body)).await;
+    assert_eq!(created.status, 201, "{}", created.text);
+    assert_eq!(created.body["record"]["allowed_ips"], json!(["127.0.0.0/8", "::1/128"]));
+    let plain = created.body["key"].as_str().unwrap().to_owned();
+    let id = created.body["record"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(protected(&base, &plain).await.status, 200);
+
+    let elsewhere = json!({"allowed_ips": ["203.0.113.0/24"]});
+    let moved = call(&base, Method::PATCH, &format!("/keys/{id}"), Some(elsewhere)).await;
+    assert_eq!(moved.body["allowed_ips"], json!(["203.0.113.0/24"]), "{}", moved.text);
+    let refused = protected(&base, &plain).await;
+    refused.assert_problem(403, "ip_not_allowed", &plain);
+    assert!(refused.body["detail"].as_str().unwrap().contains("127.0.0.1"), "{}", refused.text);
+
+    for bad in [json!(["10.1.2.3/8"]), json!([]), json!(["sk_live_notanip"]), json!("10.0.0.0/8")] {
+        let a =
+            call(&base, Method::PATCH, &format!("/keys/{id}"), Some(json!({"allowed_ips": bad})))
+                .await;
+        assert_eq!(a.status, 422, "{}", a.text);
+        assert_eq!(a.body["field"], "allowed_ips", "{}", a.text);
+        assert!(!a.text.contains("sk_live_notanip"), "{}", a.text);
+        let create = json!({"name": "x", "allowed_ips": bad});
+        let a = call(&base, Method::POST, &format!("/orgs/{org_id}/keys"), Some(create)).await;
+        assert_eq!((a.status, &a.body["field"]), (422, &json!("allowed_ips")), "{}", a.text);
+    }
+    let got = call(&base, Method::GET, &format!("/keys/{id}"), None).await;
+    assert_eq!(got.body["allowed_ips"], json!(["203.0.113.0/24"]), "bad updates changed nothing");
+    let keys = call(&base, Method::GET, &format!("/orgs/{org_id}/keys"), None).await;
+    assert_eq!(keys.body["items"].as_array().unwrap().len(), 1, "bad creates made no key");
+
+    let cleared =
+        call(&base, Method::PATCH, &format!("/keys/{id}"), Some(json!({"allowed_ips": null})))
+            .await;
+    assert_eq!(cleared.body["allowed_ips"], Value::Null);
+    assert_eq!(protected(&base, &plain).await.status, 200);
 }

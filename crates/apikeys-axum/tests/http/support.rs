@@ -14,6 +14,16 @@ pub async fn serve(app: Router) -> String {
     format!("http://{addr}")
 }
 
+/// Serves `app` on a loopback port with each connection's peer address in the request
+/// extensions (axum's `ConnectInfo`), as a host whose keys have IP allowlists does.
+pub async fn serve_with_peer(app: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    tokio::spawn(async move { axum::serve(listener, service).await.unwrap() });
+    format!("http://{addr}")
+}
+
 /// The status, headers and JSON body of an answer.
 pub struct Answer {
     pub status: u16,

@@ -611,6 +611,8 @@ mod tests {
             credits: None,
             rolled_from: None,
             rolled_to: None,
+            disabled_at: None,
+            allowed_ips: None,
         }
     }
 

@@ -33,6 +33,10 @@ pub struct Model {
     pub rolled_to: Option<Uuid>,
     /// On a rolled key: the newest key of its lineage, whose rate-limit windows it counts in.
     pub lineage_head_id: Option<Uuid>,
+    /// While the key is disabled: since when.
+    pub disabled_at: Option<DateTime>,
+    /// The JSON array of networks the key may be used from (`NULL`: any address).
+    pub allowed_ips: Option<Json>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

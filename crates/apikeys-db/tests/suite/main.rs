@@ -24,6 +24,7 @@ mod rate_limit;
 mod revocation;
 mod rotation;
 mod roundtrip;
+mod switch;
 mod tenancy;
 mod test_db;
 mod timeout;
@@ -166,6 +167,14 @@ apikeys_testing::backend_tests! {
         held_credits_never_go_back_into_a_new_period,
         a_stale_record_never_mixes_two_balances,
         a_spent_balance_is_refused_from_memory_until_the_key_changes,
+    ],
+    switch: [
+        a_disabled_key_is_refused_until_enabled,
+        other_replicas_see_disable_enable_and_allowlists,
+        ip_allowlists_are_checked_before_any_counter,
+        disable_and_enable_racing_checks,
+        disable_in_a_host_transaction,
+        upgrade_to_disable_and_ip_allowlists,
     ],
     leases: [
         a_steady_key_is_answered_from_units_reserved_ahead,
