@@ -83,6 +83,12 @@ impl IpAllowlist {
         self.networks.iter().map(ToString::to_string)
     }
 
+    /// Whether a network of the list is a whole address family (`0.0.0.0/0` or `::/0`).
+    #[must_use]
+    pub fn has_catch_all(&self) -> bool {
+        self.networks.iter().any(|n| n.prefix_len() == 0)
+    }
+
     /// How many networks the list holds (at least one).
     #[must_use]
     pub fn len(&self) -> usize {
@@ -96,19 +102,40 @@ impl IpAllowlist {
     }
 }
 
-/// One entry: an address or a block without host bits. The message never repeats the
-/// entry (it may be anything a caller sent).
+/// One entry: an address or a block without host bits, in the standard library's strict
+/// forms (no leading zeros, which some tools read as octal). An IPv4-mapped IPv6 block
+/// (`::ffff:192.0.2.0/120`) becomes the IPv4 block it is, as addresses are matched. A
+/// refusal never repeats what the caller sent (it may be anything); it may name the block
+/// the entry parsed as.
 fn parse_network(entry: &str) -> Result<IpNet> {
-    let entry = entry.trim();
-    if let Ok(ip) = entry.parse::<IpAddr>() {
-        return Ok(IpNet::from(ip.to_canonical()));
-    }
-    let net: IpNet = entry.parse().map_err(|_| {
+    let bad = || {
         Error::invalid_input(
             "allowed_ips",
             "each entry must be an IPv4 or IPv6 address or CIDR block, like 203.0.113.0/24",
         )
-    })?;
+    };
+    let entry = entry.trim();
+    let (address, prefix) = match entry.split_once('/') {
+        Some((address, prefix)) => (address, Some(prefix)),
+        None => (entry, None),
+    };
+    let address: IpAddr = address.parse().map_err(|_| bad())?;
+    let max = if address.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        None => max,
+        // Digits only, no leading zero, at most the address's width.
+        Some(p) if p == "0" || (!p.starts_with('0') && p.bytes().all(|b| b.is_ascii_digit())) => {
+            p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(bad)?
+        }
+        Some(_) => return Err(bad()),
+    };
+    let net = match address {
+        IpAddr::V6(v6) if prefix >= 96 && v6.to_ipv4_mapped().is_some() => {
+            IpNet::new(address.to_canonical(), prefix - 96)
+        }
+        _ => IpNet::new(address, prefix),
+    }
+    .map_err(|_| bad())?;
     if net.trunc() != net {
         return Err(Error::invalid_input(
             "allowed_ips",
@@ -188,9 +215,14 @@ mod tests {
         assert!(!list.allows(ip("2001:db9::1")));
         // An IPv4 block never matches an IPv6 address outside the mapped range.
         assert!(!list.allows(ip("::10.0.0.1")));
-        let mapped = IpAllowlist::parse(["::ffff:192.0.2.9"]).unwrap();
+        let mapped = IpAllowlist::parse(["::ffff:192.0.2.9", "::ffff:198.51.100.0/120"]).unwrap();
         assert!(mapped.allows(ip("192.0.2.9")));
-        assert_eq!(mapped.networks().collect::<Vec<_>>(), ["192.0.2.9/32"]);
+        assert!(mapped.allows(ip("198.51.100.77")));
+        assert!(mapped.allows(ip("::ffff:198.51.100.77")));
+        assert_eq!(mapped.networks().collect::<Vec<_>>(), ["192.0.2.9/32", "198.51.100.0/24"]);
+        let everything = IpAllowlist::parse(["0.0.0.0/0", "::/0"]).unwrap();
+        assert!(everything.allows(ip("203.0.113.1")) && everything.allows(ip("2001:db8::1")));
+        assert!(everything.has_catch_all() && !list.has_catch_all());
     }
 
     #[test]
@@ -204,7 +236,19 @@ mod tests {
         let (f, why) = field(IpAllowlist::parse(["10.0.0.0/8", "sk_live_secretish"]));
         assert_eq!(f, "allowed_ips");
         assert!(!why.contains("secretish"), "{why}");
-        for bad in ["10.0.0.0/33", "10.0.0/8", "", "::/129", "1.2.3.4/-1"] {
+        for bad in [
+            "10.0.0.0/33",
+            "10.0.0/8",
+            "",
+            "::/129",
+            "1.2.3.4/-1",
+            "010.0.0.0/8",
+            "10.0.0.1/08",
+            "10.0.0.0/+8",
+            "10.0.0.0/",
+            "fe80::1%eth0",
+            "10.0.0.0/8/8",
+        ] {
             assert_eq!(field(IpAllowlist::parse([bad])).0, "allowed_ips", "{bad}");
         }
         let (_, why) = field(IpAllowlist::parse(["10.1.2.3/8"]));

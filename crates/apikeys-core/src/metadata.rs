@@ -340,7 +340,8 @@ impl KeyUpdate {
 
     /// Sets (`Some`: replaces the list) or removes (`None`: any address) the key's IP
     /// allowlist. The next check of the key on every replica, within the cache's staleness
-    /// bound, judges by the new list.
+    /// bound, judges by the new list; so do the checks of the keys rolled into it that are
+    /// still in their grace period.
     #[must_use]
     pub fn with_allowed_ips(mut self, allowed: Option<IpAllowlist>) -> Self {
         self.allowed_ips = Some(allowed);

@@ -45,16 +45,22 @@ impl Default for Requirements<'_> {
 
 /// Whether `key` may be used at `now` for a request with these `requirements`.
 ///
-/// Checks, in order: revoked, expired (from the instant `now >= expires_at`), disabled, the
-/// key's IP allowlist (if it has one), product, scopes.
+/// Checks, in order: the key's IP allowlist (if it has one: from outside it, nothing more
+/// about the key is told, not even that it is revoked), revoked, expired (from the instant
+/// `now >= expires_at`), disabled, product, scopes.
 /// The product rule: a key is valid for product P of organization O when it belongs to O and
 /// it is either narrowed to P itself, or narrowed to a project linked to P (and not to another
 /// product), or org-wide. A key of another organization never is.
 ///
 /// # Errors
-/// The first failing check: [`Error::Revoked`], [`Error::Expired`], [`Error::Disabled`],
-/// [`Error::IpNotAllowed`], [`Error::ProductNotAllowed`] or [`Error::InsufficientScope`].
+/// The first failing check: [`Error::IpNotAllowed`], [`Error::Revoked`], [`Error::Expired`],
+/// [`Error::Disabled`], [`Error::ProductNotAllowed`] or [`Error::InsufficientScope`].
 pub fn decide(key: &ApiKey, requirements: &Requirements<'_>, now: DateTime<Utc>) -> Result<()> {
+    if let Some(allowed) = &key.allowed_ips
+        && !requirements.client_ip.is_some_and(|ip| allowed.allows(ip))
+    {
+        return Err(Error::IpNotAllowed { ip: requirements.client_ip });
+    }
     if let Some(revoked_at) = key.revoked_at {
         return Err(Error::Revoked { revoked_at });
     }
@@ -63,11 +69,6 @@ pub fn decide(key: &ApiKey, requirements: &Requirements<'_>, now: DateTime<Utc>)
     }
     if let Some(disabled_at) = key.disabled_at {
         return Err(Error::Disabled { disabled_at });
-    }
-    if let Some(allowed) = &key.allowed_ips
-        && !requirements.client_ip.is_some_and(|ip| allowed.allows(ip))
-    {
-        return Err(Error::IpNotAllowed { ip: requirements.client_ip });
     }
     if let Some(product) = &requirements.product {
         let allowed = key.org_id == product.org_id
@@ -206,12 +207,22 @@ mod tests {
                 Some("expired"),
             ),
             (
-                "disabled wins over the allowlist",
+                "the allowlist wins over revoked and disabled: an outsider learns nothing",
                 Box::new(move |k| {
+                    k.revoked_at = Some(now);
                     k.disabled_at = Some(now);
                     k.allowed_ips = office();
                 }),
                 from("198.51.100.1"),
+                Some("ip"),
+            ),
+            (
+                "inside the allowlist, disabled still counts",
+                Box::new(move |k| {
+                    k.disabled_at = Some(now);
+                    k.allowed_ips = office();
+                }),
+                from("192.0.2.1"),
                 Some("disabled"),
             ),
             (

@@ -137,7 +137,9 @@ pub(crate) fn api_key_from_model(m: api_key::Model) -> Result<ApiKey> {
         return Err(corrupt(T, "custom"));
     };
     let allowed_ips = match m.allowed_ips {
-        None | Some(JsonValue::Null) => None,
+        // SQL NULL only: a JSON `null` is no value this library writes, and reading it as
+        // "any address" would fail open.
+        None => None,
         Some(JsonValue::Array(items)) => {
             let entries = items.into_iter().map(|v| match v {
                 JsonValue::String(s) => s,

@@ -25,6 +25,7 @@ use crate::credits::{period_sql, stamp_refill_period};
 use crate::entity::{api_key, product, project};
 use crate::error::{missing_parent, storage};
 use crate::feed::Change;
+use crate::lifecycle::with_followers;
 use crate::rate_limit::hand_over_lineage;
 
 /// A key checked, generated and ready to insert.
@@ -228,8 +229,11 @@ impl ApiKeyClient {
     /// [`Error::NotFound`]; [`Error::Storage`].
     pub async fn update_key(&self, id: KeyId, update: KeyUpdate) -> Result<ApiKey> {
         let update = update.validate()?;
-        self.change(Change::Key(id), async move |txn| self.update_key_on(txn, id, update).await)
-            .await
+        let changes = match update.allowed_ips {
+            Some(_) => with_followers(id, self.db()).await?,
+            None => vec![Change::Key(id)],
+        };
+        self.change_all(&changes, async move |txn| self.update_key_on(txn, id, update).await).await
     }
 
     /// [`update_key`](Self::update_key) on `conn` (inside a transaction), with the update
@@ -261,8 +265,17 @@ impl ApiKeyClient {
             change = change.col_expr(C::Custom, Expr::value(sea_orm::JsonValue::Object(custom)));
         }
         if let Some(allowed) = &v.allowed_ips {
-            change =
-                change.col_expr(C::AllowedIps, Expr::value(allowlist_to_json(allowed.as_ref())));
+            let json = allowlist_to_json(allowed.as_ref());
+            change = change.col_expr(C::AllowedIps, Expr::value(json.clone()));
+            // The keys rolled into this one, in their grace, follow its allowlist.
+            api_key::Entity::update_many()
+                .col_expr(C::AllowedIps, Expr::value(json))
+                .col_expr(C::UpdatedAt, Expr::value(naive(now)))
+                .filter(C::LineageHeadId.eq(id.as_uuid()))
+                .filter(C::RevokedAt.is_null())
+                .exec(conn)
+                .await
+                .map_err(storage)?;
         }
         if let Some(owner) = v.owner_id {
             change = change.col_expr(C::OwnerId, Expr::value(owner));

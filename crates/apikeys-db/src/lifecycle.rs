@@ -221,8 +221,10 @@ impl ApiKeyClient {
     /// caches learn of it through the change feed, within their staleness bound, like a
     /// revocation. The key keeps everything else: its rate-limit windows, credits, expiry and
     /// the keys it was rolled to or from (a key rolled while disabled stays disabled in its
-    /// successor). Disabling a disabled key changes nothing and keeps its first
-    /// `disabled_at`; the audit trail gets `disabled` once.
+    /// successor). The keys rolled into it that are still in their grace period, which spend
+    /// its credits and rate limit, are disabled with it (and enabled with it). Disabling a
+    /// disabled key changes nothing and keeps its first `disabled_at`; the audit trail gets
+    /// `disabled` once.
     ///
     /// ```
     /// # use apikeys_db::{ApiKeyClient, Error, NewKey, VerifyOptions};
@@ -246,8 +248,9 @@ impl ApiKeyClient {
     /// [`Error::NotFound`]; [`Error::Revoked`] for a revoked key (nothing is written);
     /// [`Error::Unavailable`]; [`Error::Storage`].
     pub async fn disable_key(&self, id: KeyId) -> Result<ApiKey> {
+        let changes = with_followers(id, self.db()).await?;
         let key = self
-            .change(Change::Key(id), async |txn| self.switch_on(txn, id, Switch::Disable).await)
+            .change_all(&changes, async |txn| self.switch_on(txn, id, Switch::Disable).await)
             .await?;
         tracing::info!(key_id = %id, "api key disabled");
         Ok(key)
@@ -261,8 +264,9 @@ impl ApiKeyClient {
     /// [`Error::NotFound`]; [`Error::Revoked`] for a revoked key (a revocation is final;
     /// nothing is written); [`Error::Unavailable`]; [`Error::Storage`].
     pub async fn enable_key(&self, id: KeyId) -> Result<ApiKey> {
+        let changes = with_followers(id, self.db()).await?;
         let key = self
-            .change(Change::Key(id), async |txn| self.switch_on(txn, id, Switch::Enable).await)
+            .change_all(&changes, async |txn| self.switch_on(txn, id, Switch::Enable).await)
             .await?;
         tracing::info!(key_id = %id, "api key enabled");
         Ok(key)
@@ -281,11 +285,27 @@ impl ApiKeyClient {
         if let Some(revoked_at) = record.revoked_at {
             return Err(Error::Revoked { revoked_at });
         }
-        let (value, action) = match switch {
-            Switch::Disable if record.disabled_at.is_none() => {
-                (Some(naive(to_micros(now))), KeyAction::Disabled)
-            }
-            Switch::Enable if record.disabled_at.is_some() => (None, KeyAction::Enabled),
+        let value = match switch {
+            Switch::Disable => Some(naive(to_micros(now))),
+            Switch::Enable => None,
+        };
+        // The keys rolled into this one, in their grace, follow it (each keeps its own first
+        // `disabled_at`).
+        let followers = api_key::Entity::update_many()
+            .col_expr(Col::DisabledAt, Expr::value(value))
+            .col_expr(Col::UpdatedAt, Expr::value(naive(now)))
+            .filter(Col::LineageHeadId.eq(id.as_uuid()))
+            .filter(Col::RevokedAt.is_null());
+        match switch {
+            Switch::Disable => followers.filter(Col::DisabledAt.is_null()),
+            Switch::Enable => followers.filter(Col::DisabledAt.is_not_null()),
+        }
+        .exec(conn)
+        .await
+        .map_err(storage)?;
+        let action = match switch {
+            Switch::Disable if record.disabled_at.is_none() => KeyAction::Disabled,
+            Switch::Enable if record.disabled_at.is_some() => KeyAction::Enabled,
             _ => return Ok(record),
         };
         api_key::Entity::update_many()
@@ -455,4 +475,30 @@ fn check_expiry(at: DateTime<Utc>, now: DateTime<Utc>) -> Result<()> {
 pub(crate) enum Switch {
     Disable,
     Enable,
+}
+
+/// The keys rolled into `id` whose grace has not ended (and are not revoked): they spend
+/// `id`'s credits and rate limit, and follow its disable, enable and IP allowlist.
+pub(crate) async fn followers_on<C: ConnectionTrait>(conn: &C, id: KeyId) -> Result<Vec<KeyId>> {
+    use api_key::Column as Col;
+    let ids: Vec<uuid::Uuid> = api_key::Entity::find()
+        .select_only()
+        .column(Col::Id)
+        .filter(Col::LineageHeadId.eq(id.as_uuid()))
+        .filter(Col::RevokedAt.is_null())
+        .into_tuple()
+        .all(conn)
+        .await
+        .map_err(storage)?;
+    Ok(ids.into_iter().map(KeyId::from_uuid).collect())
+}
+
+/// The feed changes of a change to `id` that its followers ([`followers_on`]) follow: the
+/// key's and each follower's, so that every replica's cache drops them all. A key rolled
+/// into `id` between this read and the change's transaction cannot appear (rolling makes new
+/// keys, never new predecessors of an existing one).
+pub(crate) async fn with_followers<C: ConnectionTrait>(id: KeyId, conn: &C) -> Result<Vec<Change>> {
+    let mut changes = vec![Change::Key(id)];
+    changes.extend(followers_on(conn, id).await?.into_iter().map(Change::Key));
+    Ok(changes)
 }

@@ -41,7 +41,7 @@ const OPS: [&str; 2] = ["verify", "validate"];
 /// [`Error::Storage`] alone, a database failure; `other` is any error that is none of these
 /// (an invalid argument, a configuration error, a failed random number generator, a kind of
 /// error added later), so that it never passes for a database failure.
-const OUTCOMES: [&str; 12] = [
+const OUTCOMES: [&str; 14] = [
     "ok",
     "invalid",
     "expired",
@@ -54,6 +54,8 @@ const OUTCOMES: [&str; 12] = [
     "conflict",
     "storage",
     "other",
+    "disabled",
+    "ip_not_allowed",
 ];
 
 static METADATA: Metadata<'static> =
@@ -160,6 +162,8 @@ fn outcome(result: &Result<ApiKey>) -> usize {
         Err(Error::Unavailable { .. }) => 8,
         Err(Error::Conflict { .. }) => 9,
         Err(Error::Storage { .. }) => 10,
+        Err(Error::Disabled { .. }) => 12,
+        Err(Error::IpNotAllowed { .. }) => 13,
         Err(_) => 11,
     }
 }
@@ -204,6 +208,8 @@ mod tests {
             (Error::InvalidKey, "invalid"),
             (Error::Expired { expired_at: Utc::now() }, "expired"),
             (Error::Revoked { revoked_at: Utc::now() }, "revoked"),
+            (Error::Disabled { disabled_at: Utc::now() }, "disabled"),
+            (Error::IpNotAllowed { ip: None }, "ip_not_allowed"),
             (Error::ProductNotAllowed { product_id: ProductId::new() }, "product"),
             (Error::InsufficientScope { missing: Vec::new() }, "scope"),
             (Error::Quota { retry_after: Duration::from_secs(1), limit }, "quota"),

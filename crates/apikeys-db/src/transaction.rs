@@ -11,7 +11,7 @@ use sea_orm::{DatabaseTransaction, TransactionTrait};
 use crate::client::{ApiKeyClient, finish};
 use crate::error::storage;
 use crate::feed::Change;
-use crate::lifecycle::Switch;
+use crate::lifecycle::{Switch, followers_on};
 
 /// The client's writes inside a transaction the host owns, from
 /// [`ApiKeyClient::with`]. Nothing is visible to others until the host commits, and
@@ -208,6 +208,9 @@ impl InTransaction<'_> {
     /// As `update_key`.
     pub async fn update_key(&self, id: KeyId, update: KeyUpdate) -> Result<ApiKey> {
         let update = update.validate()?;
+        if update.allowed_ips.is_some() {
+            self.followers_changed(id).await?;
+        }
         self.change(Change::Key(id), async move |sp| {
             self.client.update_key_on(sp, id, update).await
         })
@@ -229,6 +232,7 @@ impl InTransaction<'_> {
     /// # Errors
     /// As `disable_key`.
     pub async fn disable_key(&self, id: KeyId) -> Result<ApiKey> {
+        self.followers_changed(id).await?;
         self.change(Change::Key(id), async |sp| {
             self.client.switch_on(sp, id, Switch::Disable).await
         })
@@ -240,8 +244,19 @@ impl InTransaction<'_> {
     /// # Errors
     /// As `enable_key`.
     pub async fn enable_key(&self, id: KeyId) -> Result<ApiKey> {
+        self.followers_changed(id).await?;
         self.change(Change::Key(id), async |sp| self.client.switch_on(sp, id, Switch::Enable).await)
             .await
+    }
+
+    /// Appends a change of each key rolled into `id` that is still in its grace (they follow
+    /// `id`'s disable, enable and IP allowlist), so that caches drop them too once the host
+    /// commits.
+    async fn followers_changed(&self, id: KeyId) -> Result<()> {
+        for follower in followers_on(self.txn, id).await? {
+            self.change(Change::Key(follower), async |_| Ok(())).await?;
+        }
+        Ok(())
     }
 
     /// [`ApiKeyClient::delete_key`] in the host's transaction.

@@ -304,10 +304,10 @@ impl ApiKeyClient {
         self.check(plaintext, None, check).await
     }
 
-    /// [`verify_key`](Self::verify_key) plus the request's requirements, in this order:
-    /// revoked, expired, disabled, the IP allowlist (a key with one is refused here: use
-    /// [`validate_key_from`](Self::validate_key_from) with the request's address), product,
-    /// scopes, the key's rate limit, then its usage credits. A
+    /// [`verify_key`](Self::verify_key) plus the request's requirements, in this order: the
+    /// IP allowlist (a key with one is refused here: use
+    /// [`validate_key_from`](Self::validate_key_from) with the request's address), revoked,
+    /// expired, disabled, product, scopes, the key's rate limit, then its usage credits. A
     /// request rejected for any reason before the rate limit (the rate limit included) uses
     /// up no quota and spends no credit; one refused for exhausted credits has counted
     /// against the rate limit.

@@ -87,6 +87,11 @@ async fn every_outcome_is_counted_and_timed() {
         let one_credit = NewKey::new("c").with_credits(Credits::new(1));
         let one_credit = client.create_key(org.id, one_credit).await.unwrap();
         client.revoke_key(revoked.record.id).await.unwrap();
+        let disabled = client.create_key(org.id, NewKey::new("d")).await.unwrap();
+        client.disable_key(disabled.record.id).await.unwrap();
+        let office = apikeys_db::IpAllowlist::parse(["192.0.2.0/24"]).unwrap();
+        let fenced = client.create_key(org.id, NewKey::new("f").with_allowed_ips(office)).await;
+        let fenced = fenced.unwrap();
         clock.advance(TimeDelta::seconds(2));
         take(&snapshotter); // from here on, only the checks below
 
@@ -98,6 +103,9 @@ async fn every_outcome_is_counted_and_timed() {
         client.verify_key("sk_nope", &verify).await.unwrap_err();
         client.verify_key(expiring.key.expose_secret(), &verify).await.unwrap_err();
         client.verify_key(revoked.key.expose_secret(), &verify).await.unwrap_err();
+        client.verify_key(disabled.key.expose_secret(), &verify).await.unwrap_err();
+        let outside = Some("198.51.100.1".parse().unwrap());
+        client.validate_key_from(fenced.key.expose_secret(), outside, &plain).await.unwrap_err();
         client.validate_key(k, &plain.clone().for_product(api.id)).await.unwrap();
         client.validate_key(k, &plain.clone().for_product(other.id)).await.unwrap_err();
         let admin = plain.clone().require_scopes(["admin"]).unwrap();
@@ -116,6 +124,8 @@ async fn every_outcome_is_counted_and_timed() {
             ("verify", "invalid", 1),
             ("verify", "expired", 1),
             ("verify", "revoked", 1),
+            ("verify", "disabled", 1),
+            ("validate", "ip_not_allowed", 1),
             ("validate", "ok", 3),
             ("validate", "product", 1),
             ("validate", "scope", 1),
@@ -127,7 +137,7 @@ async fn every_outcome_is_counted_and_timed() {
         .collect();
         assert_eq!(counters, expected, "{backend:?}");
         let expected_timings: BTreeMap<String, usize> =
-            [("verify".to_owned(), 5), ("validate".to_owned(), 7)].into_iter().collect();
+            [("verify".to_owned(), 6), ("validate".to_owned(), 8)].into_iter().collect();
         assert_eq!(timings, expected_timings, "{backend:?}: one duration per check");
 
         // The cache: hits, a miss, a key known not to exist; the feed's lag. The poller hands

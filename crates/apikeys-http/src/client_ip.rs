@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use apikeys_core::IpAllowlist;
+use apikeys_core::{Error, IpAllowlist};
 use http::HeaderMap;
 use http::header::{FORWARDED, HeaderName};
 
@@ -33,7 +33,7 @@ pub enum ForwardedHeader {
 /// use http::HeaderMap;
 ///
 /// # fn main() -> apikeys_core::Result<()> {
-/// let proxies = TrustedProxies::new(IpAllowlist::parse(["10.0.0.0/8"])?, ForwardedHeader::XForwardedFor);
+/// let proxies = TrustedProxies::new(IpAllowlist::parse(["10.0.0.0/8"])?, ForwardedHeader::XForwardedFor)?;
 /// let mut headers = HeaderMap::new();
 /// headers.insert("x-forwarded-for", "1.1.1.1, 203.0.113.9, 10.0.0.7".parse().unwrap());
 /// // Through two of our proxies: the client is the first untrusted entry from the right.
@@ -53,9 +53,22 @@ pub struct TrustedProxies {
 
 impl TrustedProxies {
     /// Believe `header` on requests whose peer is in `networks`.
-    #[must_use]
-    pub fn new(networks: IpAllowlist, header: ForwardedHeader) -> Self {
-        Self { networks, header }
+    ///
+    /// The header must be one the proxies set or append to on every request: a header they
+    /// pass through untouched (AWS's ALB does so with `Forwarded`) is the client's own
+    /// claim. Name the proxies' own addresses, as narrowly as the network allows: any other
+    /// machine inside these networks can claim any address too.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] for a network that is a whole address family (`0.0.0.0/0`,
+    /// `::/0`): every client would be believed.
+    pub fn new(networks: IpAllowlist, header: ForwardedHeader) -> Result<Self, Error> {
+        if networks.has_catch_all() {
+            return Err(Error::configuration(
+                "trusted proxies cannot include 0.0.0.0/0 or ::/0: every client could claim any address",
+            ));
+        }
+        Ok(Self { networks, header })
     }
 
     /// The client's address of a request from `peer` (`None`: the connection's address is
@@ -152,6 +165,16 @@ mod tests {
 
     fn proxies(header: ForwardedHeader) -> TrustedProxies {
         TrustedProxies::new(IpAllowlist::parse(["10.0.0.0/8", "fd00::/8"]).unwrap(), header)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_whole_address_family_is_never_trusted() {
+        for all in ["0.0.0.0/0", "::/0"] {
+            let networks = IpAllowlist::parse(["10.0.0.0/8", all]).unwrap();
+            let refused = TrustedProxies::new(networks, ForwardedHeader::XForwardedFor);
+            assert!(matches!(refused, Err(Error::Configuration { .. })), "{all}");
+        }
     }
 
     #[test]

@@ -524,7 +524,8 @@ pub async fn ip_allowlists_judge_the_peer_and_only_trusted_forwarding(db: TestDb
         fetch(&url, &spoofed).await.assert_problem(403, "ip_not_allowed", &office);
     }
 
-    let proxies = TrustedProxies::new(list(&["127.0.0.0/8"]), ForwardedHeader::XForwardedFor);
+    let proxies =
+        TrustedProxies::new(list(&["127.0.0.0/8"]), ForwardedHeader::XForwardedFor).unwrap();
     let behind =
         serve_with_peer(app(ApiKeyAuth::new(client.clone()).trusted_proxies(proxies))).await;
     for path in ["/whoami", "/plain"] {

@@ -94,13 +94,20 @@ impl CachedKey {
     }
 }
 
-/// About how many bytes a cached record takes: the struct, its strings, its scopes and its
-/// custom metadata.
+/// About how many bytes a cached record takes: the struct, its strings, its scopes, its
+/// custom metadata and its IP allowlist.
 fn record_bytes(key: &ApiKey) -> usize {
     let strings = key.name.len() + key.hint.len() + key.owner_id.as_ref().map_or(0, String::len);
     let scopes: usize = key.scopes.iter().map(|s| s.as_str().len() + 24).sum();
     let custom: usize = key.custom.iter().map(|(k, v)| k.len() + 32 + json_bytes(v)).sum();
-    std::mem::size_of::<CachedKey>() + std::mem::size_of::<ApiKey>() + strings + scopes + custom
+    // A network takes at most 18 bytes (an IPv6 address, its prefix and the tag).
+    let networks = key.allowed_ips.as_ref().map_or(0, |a| a.len() * 24);
+    std::mem::size_of::<CachedKey>()
+        + std::mem::size_of::<ApiKey>()
+        + strings
+        + scopes
+        + custom
+        + networks
 }
 
 /// About how many bytes a JSON value takes in memory.

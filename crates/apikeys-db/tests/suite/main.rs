@@ -175,6 +175,7 @@ apikeys_testing::backend_tests! {
         disable_and_enable_racing_checks,
         disable_in_a_host_transaction,
         upgrade_to_disable_and_ip_allowlists,
+        keys_in_grace_follow_their_successor,
     ],
     leases: [
         a_steady_key_is_answered_from_units_reserved_ahead,

@@ -132,7 +132,8 @@ pub async fn other_replicas_see_disable_enable_and_allowlists(db: TestDb) {
     replica.validate_key_from(&key, ip("192.0.2.77"), &options).await.unwrap();
 }
 
-/// Checks `key` until it is admitted again (within the cache's bound).
+/// Checks `key` (from an unknown address) until it is admitted again, refused meanwhile only
+/// as disabled or from outside an allowlist, within twice the cache's bound.
 async fn admitted_within_bound(
     client: &apikeys_db::ApiKeyClient,
     key: &str,
@@ -142,8 +143,8 @@ async fn admitted_within_bound(
     loop {
         match client.validate_key(key, options).await {
             Ok(_) => return,
-            Err(Error::Disabled { .. }) => {
-                assert!(changed.elapsed() < crate::cache::BOUND * 2, "still disabled");
+            Err(Error::Disabled { .. } | Error::IpNotAllowed { .. }) => {
+                assert!(changed.elapsed() < crate::cache::BOUND * 2, "still refused");
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             Err(e) => panic!("{e:?}"),
@@ -323,4 +324,58 @@ pub async fn upgrade_to_disable_and_ip_allowlists(db: TestDb) {
     let fenced = NewKey::new("new").with_allowed_ips(list(&["203.0.113.0/24"]));
     let new = client.create_key(org, fenced).await.unwrap();
     client.validate_key_from(new.key.expose_secret(), ip("203.0.113.5"), &options).await.unwrap();
+}
+
+/// A key rolled with a grace period spends its successor's credits and rate limit, so it
+/// follows the successor's disable, enable and allowlist, on the admin's client and on a
+/// caching replica within its bound (also when the change is made in a host transaction).
+/// Its own disable stays its own: disabling the old key leaves the new one alone.
+pub async fn keys_in_grace_follow_their_successor(db: TestDb) {
+    let admin = db.client().await;
+    let replica = db.client_with(|b| b.cache(cache())).await;
+    let org = org(&admin, "acme").await;
+    let old =
+        admin.create_key(org, NewKey::new("k").with_credits(Credits::new(100))).await.unwrap();
+    let new = admin.roll_key(old.record.id, Duration::from_secs(3600)).await.unwrap();
+    let (old_key, new_id) = (old.key.expose_secret().to_owned(), new.record.id);
+    // The loops below check as fast as they can: they spend no credit.
+    let options = ValidateOptions::new().track_usage(false).credit_cost(0);
+    warm(&replica, &old_key, &options).await;
+
+    admin.disable_key(new_id).await.unwrap();
+    assert!(matches!(admin.validate_key(&old_key, &options).await, Err(Error::Disabled { .. })));
+    let (e, _) = refused_within_bound(&replica, &old_key, &options, Instant::now()).await;
+    assert!(matches!(e, Error::Disabled { .. }), "{e:?}");
+    let balance = admin.get_key(new_id).await.unwrap().credits.unwrap().remaining;
+
+    admin.enable_key(new_id).await.unwrap();
+    admitted_within_bound(&replica, &old_key, &options).await;
+    admin.validate_key(&old_key, &ValidateOptions::new()).await.unwrap();
+    assert!(admin.get_key(new_id).await.unwrap().credits.unwrap().remaining < balance);
+
+    let office = KeyUpdate::new().with_allowed_ips(Some(list(&["192.0.2.0/24"])));
+    admin.update_key(new_id, office).await.unwrap();
+    assert!(matches!(
+        admin.validate_key_from(&old_key, ip("198.51.100.1"), &options).await,
+        Err(Error::IpNotAllowed { .. })
+    ));
+    admin.validate_key_from(&old_key, ip("192.0.2.1"), &options).await.unwrap();
+    let changed = Instant::now();
+    while replica.validate_key_from(&old_key, ip("198.51.100.1"), &options).await.is_ok() {
+        assert!(changed.elapsed() < crate::cache::BOUND * 2, "the replica kept the old list");
+    }
+    admin.update_key(new_id, KeyUpdate::new().with_allowed_ips(None)).await.unwrap();
+    admitted_within_bound(&replica, &old_key, &options).await;
+
+    // In a host transaction: the follower is refused once the host commits.
+    let txn = admin.begin().await.unwrap();
+    admin.with(&txn).disable_key(new_id).await.unwrap();
+    txn.commit().await.unwrap();
+    let (e, _) = refused_within_bound(&replica, &old_key, &options, Instant::now()).await;
+    assert!(matches!(e, Error::Disabled { .. }), "{e:?}");
+    admin.enable_key(new_id).await.unwrap();
+
+    // Disabling the old key is its own affair.
+    admin.disable_key(old.record.id).await.unwrap();
+    admin.verify_key(new.key.expose_secret(), &VerifyOptions::new()).await.unwrap();
 }
