@@ -3,8 +3,9 @@
 
 use apikeys_db::core::find_keys;
 use apikeys_db::{
-    ApiKey, ApiKeyClient, Error, IpAllowlist, KeyId, KeyPage, KeyUpdate, NewKeyInput, OrgId,
-    Organization, Page, Product, ProductId, Project, ProjectId, RateLimit, StatusFilter,
+    ApiKey, ApiKeyClient, Credits, Error, IpAllowlist, KeyEvent, KeyId, KeyPage, KeyUpdate,
+    NewKeyInput, OrgId, Organization, Page, Product, ProductId, Project, ProjectId, RateLimit,
+    StatusFilter,
 };
 use apikeys_http::{ErrorMapper, Problem};
 use axum::extract::path::ErrorKind as PathErrorKind;
@@ -42,9 +43,14 @@ use crate::auth::problem_response;
 /// | `GET /orgs/{org_id}/keys`, `GET /projects/{project_id}/keys` | list keys: `?status=active\|revoked\|expired\|disabled\|all&limit=100&after={key_id}` |
 /// | `GET`, `PATCH`, `DELETE /keys/{key_id}`, `POST /keys/{key_id}/revoke` | get, update, delete, revoke a key |
 /// | `POST /keys/{key_id}/disable`, `POST /keys/{key_id}/enable` | disable a key, enable it again |
+/// | `POST /keys/{key_id}/roll` | replace a key (the new plaintext is in this answer only); the old one works for `grace_seconds` |
+/// | `POST /keys/{key_id}/renew` | move a key's expiry: to `expires_at`, or `extend_by_seconds` later |
+/// | `GET /keys/{key_id}/events` | a key's audit trail |
+/// | `GET /orgs/{org_id}/owners/{owner_id}/keys`, `POST /orgs/{org_id}/owners/{owner_id}/revoke` | an owner's keys: list, revoke all |
 ///
 /// Errors are RFC 9457 problems ([`apikeys_http`]): 404 for an unknown id, 409 for a name
-/// taken, 422 for a rejected value (with the field), 400 for a request that does not
+/// taken, a key already rolled, or a key whose state forbids the call (code `revoked`,
+/// `expired` or `disabled`; never the 401 the guard gives a caller), 422 for a rejected value (with the field), 400 for a request that does not
 /// parse (422 for JSON of the wrong shape), 503 when the database is unreachable. Answers
 /// that hold a plaintext key carry `Cache-Control: no-store`.
 ///
@@ -129,6 +135,11 @@ impl ManagementApi {
             .routes(routes!(revoke_key))
             .routes(routes!(disable_key))
             .routes(routes!(enable_key))
+            .routes(routes!(roll_key))
+            .routes(routes!(renew_key))
+            .routes(routes!(list_key_events))
+            .routes(routes!(list_owner_keys))
+            .routes(routes!(revoke_owner_keys))
             .split_for_parts();
         if let Some(base) = &self.base_path {
             doc.servers = Some(vec![Server::new(base.clone())]);
@@ -188,9 +199,10 @@ impl From<Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut answer = ErrorMapper::new().response(&self.0);
-        if let Error::Revoked { .. } = self.0 {
-            // The admin's call is fine; the key's state forbids it (disabling or enabling a
-            // revoked key). Not a 401: that would say the admin is not authenticated.
+        if let Error::Revoked { .. } | Error::Expired { .. } | Error::Disabled { .. } = self.0 {
+            // The admin's call is fine; the key's state forbids it (enabling a revoked key,
+            // rolling an expired one). Not a 401: that would say the admin is not
+            // authenticated.
             answer.status = StatusCode::CONFLICT;
             answer.problem.status = StatusCode::CONFLICT.as_u16();
             answer.problem.title = "Conflict".into();
@@ -516,6 +528,15 @@ pub struct UpdateKeyBody {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub custom: Option<Value>,
+    /// A new owner; `null` removes it.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub owner_id: Option<Option<String>>,
+    /// New usage credits (the balance and the refill rule, both replaced); `null` removes
+    /// them (unlimited use).
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<Credits>)]
+    pub credits: Option<Option<Credits>>,
     /// A new IP allowlist (addresses and CIDR blocks, replacing the old one); `null` removes
     /// it (any address).
     #[serde(default, deserialize_with = "present")]
@@ -544,6 +565,12 @@ impl UpdateKeyBody {
         }
         if let Some(custom) = self.custom {
             update = update.with_custom(custom);
+        }
+        if let Some(owner) = self.owner_id {
+            update = update.with_owner(owner);
+        }
+        if let Some(credits) = self.credits {
+            update = update.with_credits(credits);
         }
         if let Some(allowed) = self.allowed_ips {
             update = update.with_allowed_ips(allowed.map(IpAllowlist::parse).transpose()?);
@@ -793,7 +820,7 @@ async fn get_key(
     Ok(Json(c.get_key(id).await?))
 }
 
-/// Updates a key's name, scopes, rate limit, custom metadata or IP allowlist.
+/// Updates a key's name, scopes, rate limit, custom metadata, owner, credits or IP allowlist.
 #[utoipa::path(patch, path = "/keys/{key_id}", tag = "keys", params(("key_id" = KeyId, Path)), request_body = UpdateKeyBody,
     responses((status = 200, body = ApiKey), Failures))]
 async fn update_key(
@@ -846,4 +873,111 @@ async fn enable_key(
     ApiPath(id): ApiPath<KeyId>,
 ) -> Answer<Json<ApiKey>> {
     Ok(Json(c.enable_key(id).await?))
+}
+
+/// How to roll a key.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RollBody {
+    /// How long the old key keeps working, in seconds (0: revoked at once; at most a year).
+    pub grace_seconds: u64,
+}
+
+/// Replaces a key by a new one with the same settings; the old one keeps working for the
+/// grace period, spending the new key's credits and rate limit. The answer holds the new
+/// plaintext, which cannot be shown again (`Cache-Control: no-store`). A key already rolled
+/// is refused (409, naming the key it was rolled to); a revoked or expired one too.
+#[utoipa::path(post, path = "/keys/{key_id}/roll", tag = "keys", params(("key_id" = KeyId, Path)), request_body = RollBody,
+    responses((status = 201, body = CreatedKey), (status = 409, description = "Already rolled (to `id`), or revoked (code `revoked`)", body = Problem, content_type = "application/problem+json"), Failures))]
+async fn roll_key(
+    State(c): State<ApiKeyClient>,
+    ApiPath(id): ApiPath<KeyId>,
+    ApiJson(body): ApiJson<RollBody>,
+) -> Answer<Response> {
+    let issued = c.roll_key(id, std::time::Duration::from_secs(body.grace_seconds)).await?;
+    let created = CreatedKey { key: issued.key.expose_secret().to_owned(), record: issued.record };
+    let mut response = (StatusCode::CREATED, Json(created)).into_response();
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}
+
+/// A key's new expiry: exactly one of the two members.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RenewBody {
+    /// The new expiry (in the future, at most the end of year 9999).
+    #[serde(default)]
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Moves the current expiry this many seconds later (for a key that expires).
+    #[serde(default)]
+    #[schema(minimum = 1)]
+    pub extend_by_seconds: Option<u64>,
+}
+
+/// Moves a key's expiry: to `expires_at`, or `extend_by_seconds` later. A revoked key, or
+/// one that was rolled (renew its successor), is refused.
+#[utoipa::path(post, path = "/keys/{key_id}/renew", tag = "keys", params(("key_id" = KeyId, Path)), request_body = RenewBody,
+    responses((status = 200, body = ApiKey), (status = 409, description = "Rolled (renew the key it was rolled to), or revoked (code `revoked`)", body = Problem, content_type = "application/problem+json"), Failures))]
+async fn renew_key(
+    State(c): State<ApiKeyClient>,
+    ApiPath(id): ApiPath<KeyId>,
+    ApiJson(body): ApiJson<RenewBody>,
+) -> Answer<Json<ApiKey>> {
+    let key = match (body.expires_at, body.extend_by_seconds) {
+        (Some(at), None) => c.renew_key(id, at).await?,
+        (None, Some(seconds)) => c.extend_key(id, std::time::Duration::from_secs(seconds)).await?,
+        _ => {
+            return Err(ApiError(Error::invalid_input(
+                "expires_at",
+                "give exactly one of expires_at and extend_by_seconds",
+            )));
+        }
+    };
+    Ok(Json(key))
+}
+
+/// A key's audit trail, oldest first: created, updated, rolled, renewed, disabled, enabled,
+/// revoked, deleted, with the acting admin when one was named.
+#[utoipa::path(get, path = "/keys/{key_id}/events", tag = "keys", params(("key_id" = KeyId, Path)),
+    responses((status = 200, body = Vec<KeyEvent>), Failures))]
+async fn list_key_events(
+    State(c): State<ApiKeyClient>,
+    ApiPath(id): ApiPath<KeyId>,
+) -> Answer<Json<Vec<KeyEvent>>> {
+    Ok(Json(c.list_key_events(id).await?))
+}
+
+/// The keys of one owner in an organization (owner ids are per organization), oldest
+/// first, a page at a time.
+#[utoipa::path(get, path = "/orgs/{org_id}/owners/{owner_id}/keys", tag = "owners",
+    params(("org_id" = OrgId, Path), ("owner_id" = String, Path), ListQuery),
+    responses((status = 200, body = KeyPage<ApiKey>), Failures))]
+async fn list_owner_keys(
+    State(c): State<ApiKeyClient>,
+    ApiPath((org, owner)): ApiPath<(OrgId, String)>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Answer<Json<KeyPage<ApiKey>>> {
+    let page = q.page()?;
+    c.get_organization(org).await?;
+    Ok(Json(c.list_owner_keys(org, &owner, q.status, page).await?))
+}
+
+/// The ids of the keys an owner-wide revocation revoked.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RevokedKeys {
+    /// The keys revoked by this call (keys revoked before are not listed).
+    pub revoked: Vec<KeyId>,
+}
+
+/// Revokes every key of one owner in an organization, in one transaction (a departed user,
+/// a closed account).
+#[utoipa::path(post, path = "/orgs/{org_id}/owners/{owner_id}/revoke", tag = "owners",
+    params(("org_id" = OrgId, Path), ("owner_id" = String, Path)),
+    responses((status = 200, body = RevokedKeys), Failures))]
+async fn revoke_owner_keys(
+    State(c): State<ApiKeyClient>,
+    ApiPath((org, owner)): ApiPath<(OrgId, String)>,
+) -> Answer<Json<RevokedKeys>> {
+    c.get_organization(org).await?;
+    Ok(Json(RevokedKeys { revoked: c.revoke_owner_keys(org, &owner).await? }))
 }

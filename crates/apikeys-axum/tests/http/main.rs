@@ -38,5 +38,6 @@ apikeys_testing::backend_tests! {
         create_refuses_unknown_members_and_bad_values,
         disable_and_enable_through_the_api,
         ip_allowlists_through_the_api,
+        roll_renew_events_and_owners_through_the_api,
     ],
 }

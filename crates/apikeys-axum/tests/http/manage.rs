@@ -401,6 +401,23 @@ pub async fn values_that_do_not_parse_are_never_echoed(db: TestDb) {
             (Method::PATCH, format!("/keys/{bad}"), body(), "key_id"),
             (Method::DELETE, format!("/keys/{bad}"), None, "key_id"),
             (Method::POST, format!("/keys/{bad}/revoke"), None, "key_id"),
+            (Method::POST, format!("/keys/{bad}/disable"), None, "key_id"),
+            (Method::POST, format!("/keys/{bad}/enable"), None, "key_id"),
+            (
+                Method::POST,
+                format!("/keys/{bad}/roll"),
+                Some(json!({"grace_seconds": 0})),
+                "key_id",
+            ),
+            (
+                Method::POST,
+                format!("/keys/{bad}/renew"),
+                Some(json!({"extend_by_seconds": 1})),
+                "key_id",
+            ),
+            (Method::GET, format!("/keys/{bad}/events"), None, "key_id"),
+            (Method::GET, format!("/orgs/{bad}/owners/u/keys"), None, "org_id"),
+            (Method::POST, format!("/orgs/{bad}/owners/u/revoke"), None, "org_id"),
         ];
         for (method, path, body, field) in routes {
             let what = format!("{method} {path}");
@@ -511,9 +528,11 @@ pub async fn the_openapi_document_describes_every_route(db: TestDb) {
             "DELETE /keys/{key_id}",
             "DELETE /projects/{project_id}/products/{product_id}",
             "GET /keys/{key_id}",
+            "GET /keys/{key_id}/events",
             "GET /orgs",
             "GET /orgs/{org_id}",
             "GET /orgs/{org_id}/keys",
+            "GET /orgs/{org_id}/owners/{owner_id}/keys",
             "GET /orgs/{org_id}/products",
             "GET /orgs/{org_id}/projects",
             "GET /products/{product_id}",
@@ -523,9 +542,12 @@ pub async fn the_openapi_document_describes_every_route(db: TestDb) {
             "PATCH /keys/{key_id}",
             "POST /keys/{key_id}/disable",
             "POST /keys/{key_id}/enable",
+            "POST /keys/{key_id}/renew",
             "POST /keys/{key_id}/revoke",
+            "POST /keys/{key_id}/roll",
             "POST /orgs",
             "POST /orgs/{org_id}/keys",
+            "POST /orgs/{org_id}/owners/{owner_id}/revoke",
             "POST /orgs/{org_id}/products",
             "POST /orgs/{org_id}/projects",
             "PUT /projects/{project_id}/products/{product_id}",
@@ -806,4 +828,97 @@ pub async fn ip_allowlists_through_the_api(db: TestDb) {
             .await;
     assert_eq!(cleared.body["allowed_ips"], Value::Null);
     assert_eq!(protected(&base, &plain).await.status, 200);
+}
+
+/// Roll, renew and extend, the audit trail, owners' keys and PATCHing owner and credits,
+/// through the API: the new plaintext once (no-store), the old key working in its grace,
+/// 409 for a second roll and for a revoked key, 422 for a renew with both or neither member.
+pub async fn roll_renew_events_and_owners_through_the_api(db: TestDb) {
+    let client = db.client().await;
+    let base = app(client.clone()).await;
+    let org = call(&base, Method::POST, "/orgs", Some(json!({"name": "acme"}))).await;
+    let org_id = org.body["id"].as_str().unwrap().to_owned();
+    let body = json!({"name": "ci", "owner_id": "user-1", "expires_in_seconds": 3600});
+    let created = call(&base, Method::POST, &format!("/orgs/{org_id}/keys"), Some(body)).await;
+    let old_plain = created.body["key"].as_str().unwrap().to_owned();
+    let id = created.body["record"]["id"].as_str().unwrap().to_owned();
+
+    let rolled =
+        call(&base, Method::POST, &format!("/keys/{id}/roll"), Some(json!({"grace_seconds": 600})))
+            .await;
+    assert_eq!(rolled.status, 201, "{}", rolled.text);
+    assert_eq!(rolled.header("cache-control"), "no-store");
+    let new_plain = rolled.body["key"].as_str().unwrap().to_owned();
+    let new_id = rolled.body["record"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(rolled.body["record"]["rolled_from"], json!(id));
+    assert_eq!(protected(&base, &old_plain).await.status, 200, "the old key works in its grace");
+    assert_eq!(protected(&base, &new_plain).await.status, 200);
+    let again =
+        call(&base, Method::POST, &format!("/keys/{id}/roll"), Some(json!({"grace_seconds": 0})))
+            .await;
+    again.assert_problem(409, "already_exists", &old_plain);
+    assert_eq!(again.body["id"], json!(new_id));
+
+    let later = "2999-01-01T00:00:00Z";
+    let renewed = call(
+        &base,
+        Method::POST,
+        &format!("/keys/{new_id}/renew"),
+        Some(json!({"expires_at": later})),
+    )
+    .await;
+    assert_eq!(
+        (renewed.status, &renewed.body["expires_at"]),
+        (200, &json!(later)),
+        "{}",
+        renewed.text
+    );
+    let extended = call(
+        &base,
+        Method::POST,
+        &format!("/keys/{new_id}/renew"),
+        Some(json!({"extend_by_seconds": 86400})),
+    )
+    .await;
+    assert_eq!(extended.body["expires_at"], json!("2999-01-02T00:00:00Z"), "{}", extended.text);
+    for bad in [json!({}), json!({"expires_at": later, "extend_by_seconds": 1})] {
+        let a = call(&base, Method::POST, &format!("/keys/{new_id}/renew"), Some(bad)).await;
+        a.assert_problem(422, "invalid_input", "");
+    }
+    let events = call(&base, Method::GET, &format!("/keys/{new_id}/events"), None).await;
+    let actions: Vec<&str> =
+        events.body.as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["created", "renewed", "renewed"]);
+
+    let patch = json!({"owner_id": "user-2", "credits": {"remaining": 1}});
+    let updated = call(&base, Method::PATCH, &format!("/keys/{new_id}"), Some(patch)).await;
+    assert_eq!(updated.body["owner_id"], "user-2", "{}", updated.text);
+    assert_eq!(updated.body["credits"]["remaining"], 1);
+    assert_eq!(protected(&base, &new_plain).await.status, 200);
+    protected(&base, &new_plain).await.assert_problem(429, "usage_exhausted", &new_plain);
+    let cleared =
+        call(&base, Method::PATCH, &format!("/keys/{new_id}"), Some(json!({"credits": null})))
+            .await;
+    assert_eq!(cleared.body["credits"], Value::Null);
+
+    let owned = call(&base, Method::GET, &format!("/orgs/{org_id}/owners/user-2/keys"), None).await;
+    let ids: Vec<&str> =
+        owned.body["items"].as_array().unwrap().iter().map(|k| k["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [new_id.as_str()]);
+    let revoked =
+        call(&base, Method::POST, &format!("/orgs/{org_id}/owners/user-2/revoke"), None).await;
+    assert_eq!(revoked.body["revoked"], json!([new_id]), "{}", revoked.text);
+    protected(&base, &new_plain).await.assert_problem(401, "revoked", &new_plain);
+    let revoked_roll = call(
+        &base,
+        Method::POST,
+        &format!("/keys/{new_id}/roll"),
+        Some(json!({"grace_seconds": 0})),
+    )
+    .await;
+    revoked_roll.assert_problem(409, "revoked", &new_plain);
+    let gone = "01938f2e-0000-7000-8000-000000000000";
+    call(&base, Method::GET, &format!("/orgs/{gone}/owners/user-2/keys"), None)
+        .await
+        .assert_problem(404, "not_found", "");
 }
