@@ -3,8 +3,8 @@
 use std::io::Read;
 
 use apikeys_db::{
-    ApiKey, ApiKeyClient, Credits, Error, IpAllowlist, KeyId, KeyPage, KeyUpdate, NewKeyInput,
-    Page, Refill, StatusFilter, ValidateOptions, VerifyOptions,
+    ApiKey, ApiKeyClient, Credits, Error, IpAllowlist, KeyFormat, KeyId, KeyPage, KeyUpdate,
+    NewKeyInput, Page, Refill, StatusFilter, ValidateOptions, VerifyOptions,
 };
 use chrono::Utc;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -215,17 +215,46 @@ async fn verify(client: &ApiKeyClient, a: VerifyArgs, out: &Out) -> Result<(), F
         }
         client.validate_key_from(&key, a.ip, &options).await
     };
+    let other_format = other_format(&key, client.key_format());
     drop(key);
-    let found = checked.map_err(|e| match e {
-        Error::InvalidKey => Failure::invalid(
+    let found = checked.map_err(|e| match (e, other_format) {
+        (Error::InvalidKey, Some(theirs)) => Failure::invalid(format!(
+            "invalid key here: it is a well-formed `{theirs}` key, and this command checks \
+             `{ours}` keys; set APIKEYS_KEY_PREFIX and APIKEYS_ENVIRONMENT (or --key-prefix and \
+             --environment) to the service's",
+            ours = format_name(client.key_format()),
+        )),
+        (Error::InvalidKey, None) => Failure::invalid(
             "invalid key: malformed, unknown, or under a signing secret this command was not given",
         ),
-        e => Failure::from(e),
+        (e, _) => Failure::from(e),
     })?;
     if out.json {
         return out.json_value(&json!({ "valid": true, "key": key_json(&found) }));
     }
     print_line(&format!("valid: key {} ({}, {:?})", found.id, found.hint, found.name))
+}
+
+/// The format (`sk_live_…`) of `key` when it is a well-formed key (checksum included) of a
+/// format other than `ours`: its prefix and environment, which every key shows in its hint,
+/// never its secret part.
+fn other_format(key: &str, ours: &KeyFormat) -> Option<String> {
+    let mut segments = key.splitn(3, '_');
+    let (prefix, second) = (segments.next()?, segments.next()?);
+    let candidates = [KeyFormat::new(prefix, Some(second)), KeyFormat::new(prefix, None)];
+    candidates.into_iter().flatten().find_map(|theirs| {
+        let differs =
+            theirs.prefix() != ours.prefix() || theirs.environment() != ours.environment();
+        (differs && theirs.parse(key).is_ok()).then(|| format_name(&theirs))
+    })
+}
+
+/// A key format as its keys start: `sk_live_…`.
+fn format_name(format: &KeyFormat) -> String {
+    match format.environment() {
+        Some(env) => format!("{}_{env}_…", format.prefix()),
+        None => format!("{}_…", format.prefix()),
+    }
 }
 
 async fn update(client: &ApiKeyClient, a: UpdateArgs, out: &Out) -> Result<(), Failure> {

@@ -653,8 +653,29 @@ async fn disable_enable_and_allowlists(db: TestDb) {
     assert!(err.contains("revoked"), "{err}");
 }
 
+/// A key of another environment (the service's `sk_live_…` while the command runs without
+/// APIKEYS_ENVIRONMENT) is refused with the two formats named, and never repeated; a
+/// malformed one gets the plain answer.
+async fn verify_names_a_key_of_another_format(db: TestDb) {
+    let cli = Cli::new(db);
+    cli.ok(&["migrate", "up"]);
+    let live = apikeys_db::KeyFormat::new("sk", Some("live")).unwrap().generate().unwrap();
+    let live = live.expose_secret();
+    let err = assert_fails(&cli.verify(live, &[]), 2, "a key of another environment");
+    assert!(err.contains("`sk_live_…`") && err.contains("`sk_…`"), "{err}");
+    assert!(err.contains("APIKEYS_ENVIRONMENT") && !err.contains(live), "{err}");
+    assert!(apikeys_db::core::find_keys(err.as_bytes()).is_empty(), "{err}");
+    // One character off: the checksum fails, so it is no key of any format.
+    let mut typo = live.to_owned();
+    let last = typo.pop().unwrap();
+    typo.push(if last == 'a' { 'b' } else { 'a' });
+    let err = assert_fails(&cli.verify(&typo, &[]), 2, "a typo");
+    assert!(!err.contains("sk_live") && err.contains("malformed"), "{err}");
+}
+
 apikeys_testing::backend_tests!([
     disable_enable_and_allowlists,
+    verify_names_a_key_of_another_format,
     bootstrap_twice,
     concurrent_deploys,
     key_lifecycle,
