@@ -3,9 +3,9 @@
 
 use apikeys_db::core::find_keys;
 use apikeys_db::{
-    ApiKey, ApiKeyClient, Credits, Error, IpAllowlist, KeyEvent, KeyId, KeyPage, KeyUpdate,
-    NewKeyInput, OrgId, Organization, Page, Product, ProductId, Project, ProjectId, RateLimit,
-    StatusFilter,
+    ApiKey, ApiKeyClient, Credits, Error, IpAllowlist, IssuedKey, KeyEvent, KeyId, KeyPage,
+    KeyUpdate, NewKeyInput, OrgId, Organization, Page, Product, ProductId, Project, ProjectId,
+    RateLimit, StatusFilter,
 };
 use apikeys_http::{ErrorMapper, Problem};
 use axum::extract::path::ErrorKind as PathErrorKind;
@@ -777,11 +777,15 @@ async fn create_key(
     ApiPath(org): ApiPath<OrgId>,
     ApiJson(body): ApiJson<NewKeyInput>,
 ) -> Answer<Response> {
-    let issued = c.create_key(org, body.into_new_key()?).await?;
+    Ok(created(c.create_key(org, body.into_new_key()?).await?))
+}
+
+/// The 201 answer with a new key's plaintext, which must be cached nowhere.
+fn created(issued: IssuedKey) -> Response {
     let created = CreatedKey { key: issued.key.expose_secret().to_owned(), record: issued.record };
     let mut response = (StatusCode::CREATED, Json(created)).into_response();
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Ok(response)
+    response
 }
 
 /// The keys of an organization, oldest first, a page at a time.
@@ -894,11 +898,7 @@ async fn roll_key(
     ApiPath(id): ApiPath<KeyId>,
     ApiJson(body): ApiJson<RollBody>,
 ) -> Answer<Response> {
-    let issued = c.roll_key(id, std::time::Duration::from_secs(body.grace_seconds)).await?;
-    let created = CreatedKey { key: issued.key.expose_secret().to_owned(), record: issued.record };
-    let mut response = (StatusCode::CREATED, Json(created)).into_response();
-    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Ok(response)
+    Ok(created(c.roll_key(id, std::time::Duration::from_secs(body.grace_seconds)).await?))
 }
 
 /// A key's new expiry: exactly one of the two members.

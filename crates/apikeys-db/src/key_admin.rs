@@ -25,7 +25,7 @@ use crate::credits::{period_sql, stamp_refill_period};
 use crate::entity::{api_key, product, project};
 use crate::error::{missing_parent, storage};
 use crate::feed::Change;
-use crate::lifecycle::with_followers;
+use crate::lifecycle::{followers_of, with_followers};
 use crate::rate_limit::hand_over_lineage;
 
 /// A key checked, generated and ready to insert.
@@ -271,8 +271,7 @@ impl ApiKeyClient {
             api_key::Entity::update_many()
                 .col_expr(C::AllowedIps, Expr::value(json))
                 .col_expr(C::UpdatedAt, Expr::value(naive(now)))
-                .filter(C::LineageHeadId.eq(id.as_uuid()))
-                .filter(C::RevokedAt.is_null())
+                .filter(followers_of(id))
                 .exec(conn)
                 .await
                 .map_err(storage)?;

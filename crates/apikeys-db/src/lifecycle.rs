@@ -10,7 +10,9 @@ use apikeys_core::{
 };
 use chrono::{DateTime, TimeDelta, Utc};
 use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QuerySelect};
+use sea_orm::{
+    ColumnTrait, Condition, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QuerySelect,
+};
 
 use crate::audit::Subject;
 use crate::client::ApiKeyClient;
@@ -248,12 +250,7 @@ impl ApiKeyClient {
     /// [`Error::NotFound`]; [`Error::Revoked`] for a revoked key (nothing is written);
     /// [`Error::Unavailable`]; [`Error::Storage`].
     pub async fn disable_key(&self, id: KeyId) -> Result<ApiKey> {
-        let changes = with_followers(id, self.db()).await?;
-        let key = self
-            .change_all(&changes, async |txn| self.switch_on(txn, id, Switch::Disable).await)
-            .await?;
-        tracing::info!(key_id = %id, "api key disabled");
-        Ok(key)
+        self.switch(id, Switch::Disable).await
     }
 
     /// Enables a disabled key again: checks judge it as before it was disabled, on every
@@ -264,11 +261,19 @@ impl ApiKeyClient {
     /// [`Error::NotFound`]; [`Error::Revoked`] for a revoked key (a revocation is final;
     /// nothing is written); [`Error::Unavailable`]; [`Error::Storage`].
     pub async fn enable_key(&self, id: KeyId) -> Result<ApiKey> {
+        self.switch(id, Switch::Enable).await
+    }
+
+    /// [`disable_key`](Self::disable_key) or [`enable_key`](Self::enable_key): the switch and
+    /// its followers' in one transaction, each in the feed.
+    async fn switch(&self, id: KeyId, switch: Switch) -> Result<ApiKey> {
         let changes = with_followers(id, self.db()).await?;
-        let key = self
-            .change_all(&changes, async |txn| self.switch_on(txn, id, Switch::Enable).await)
-            .await?;
-        tracing::info!(key_id = %id, "api key enabled");
+        let key =
+            self.change_all(&changes, async |txn| self.switch_on(txn, id, switch).await).await?;
+        match switch {
+            Switch::Disable => tracing::info!(key_id = %id, "api key disabled"),
+            Switch::Enable => tracing::info!(key_id = %id, "api key enabled"),
+        }
         Ok(key)
     }
 
@@ -294,8 +299,7 @@ impl ApiKeyClient {
         let followers = api_key::Entity::update_many()
             .col_expr(Col::DisabledAt, Expr::value(value))
             .col_expr(Col::UpdatedAt, Expr::value(naive(now)))
-            .filter(Col::LineageHeadId.eq(id.as_uuid()))
-            .filter(Col::RevokedAt.is_null());
+            .filter(followers_of(id));
         match switch {
             Switch::Disable => followers.filter(Col::DisabledAt.is_null()),
             Switch::Enable => followers.filter(Col::DisabledAt.is_not_null()),
@@ -477,6 +481,13 @@ pub(crate) enum Switch {
     Enable,
 }
 
+/// The rows of the keys rolled into `id` that are not revoked: its followers (see
+/// [`followers_on`]).
+pub(crate) fn followers_of(id: KeyId) -> Condition {
+    use api_key::Column as Col;
+    Condition::all().add(Col::LineageHeadId.eq(id.as_uuid())).add(Col::RevokedAt.is_null())
+}
+
 /// The keys rolled into `id` whose grace has not ended (and are not revoked): they spend
 /// `id`'s credits and rate limit, and follow its disable, enable and IP allowlist.
 pub(crate) async fn followers_on<C: ConnectionTrait>(conn: &C, id: KeyId) -> Result<Vec<KeyId>> {
@@ -484,8 +495,7 @@ pub(crate) async fn followers_on<C: ConnectionTrait>(conn: &C, id: KeyId) -> Res
     let ids: Vec<uuid::Uuid> = api_key::Entity::find()
         .select_only()
         .column(Col::Id)
-        .filter(Col::LineageHeadId.eq(id.as_uuid()))
-        .filter(Col::RevokedAt.is_null())
+        .filter(followers_of(id))
         .into_tuple()
         .all(conn)
         .await
