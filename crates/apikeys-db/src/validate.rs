@@ -6,6 +6,7 @@
 //! it was built.
 
 use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 
 #[cfg(doc)]
@@ -16,6 +17,7 @@ use apikeys_core::{ApiKey, ProductId, Result, Scopes};
 use crate::client::ApiKeyClient;
 use crate::convert::naive;
 use crate::observe::{Op, observe};
+use crate::rate_limit::Taken;
 
 /// Options of [`ApiKeyClient::verify_key`].
 #[derive(Debug, Clone, Copy)]
@@ -66,6 +68,7 @@ pub struct ValidateOptions {
     scopes: Scopes,
     track_usage: bool,
     check_rate_limit: bool,
+    cost: u32,
     credit_cost: u32,
 }
 
@@ -76,6 +79,7 @@ impl Default for ValidateOptions {
             scopes: Scopes::new(),
             track_usage: true,
             check_rate_limit: true,
+            cost: 1,
             credit_cost: 1,
         }
     }
@@ -124,9 +128,45 @@ impl ValidateOptions {
         self
     }
 
+    /// What this request costs (default 1): the units it takes from the key's rate limit,
+    /// and the credits it spends, for an endpoint that costs more than others. Sets both;
+    /// [`credit_cost`](Self::credit_cost) after it sets the credits apart.
+    ///
+    /// All or nothing: a request is admitted only if the limit's window has `cost` units
+    /// left *and* the credits cover it; a request refused by either spends nothing. A cost
+    /// above the key's limit is never admitted ([`Error::Quota`]). Zero counts nothing and
+    /// checks neither.
+    ///
+    /// ```
+    /// # use apikeys_db::{ApiKeyClient, Credits, Error, NewKey, RateLimit, ValidateOptions};
+    /// # #[tokio::main]
+    /// # async fn main() -> apikeys_db::Result<()> {
+    /// # let client = ApiKeyClient::builder().database_url("sqlite::memory:")
+    /// #     .signing_secret("a-signing-secret-of-at-least-32-bytes!!").build().await?;
+    /// # client.create_tables().await?;
+    /// # let (org, _) = client.get_or_create_organization("acme").await?;
+    /// let new = NewKey::new("ci").with_rate_limit(RateLimit::per_minute(10)?);
+    /// let key = client.create_key(org.id, new.with_credits(Credits::new(12))).await?.key;
+    /// let search = ValidateOptions::new().cost(5);
+    /// client.validate_key(key.expose_secret(), &search).await?; // 5 of 10, 7 credits left
+    /// client.validate_key(key.expose_secret(), &search).await?; // 10 of 10, 2 credits left
+    /// let third = client.validate_key(key.expose_secret(), &search).await;
+    /// assert!(matches!(third, Err(Error::Quota { .. })));
+    /// let left = client.validate_key(key.expose_secret(), &ValidateOptions::new().cost(0)).await?;
+    /// assert_eq!(left.credits.map(|c| c.remaining), Some(2), "the refused check spent none");
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn cost(mut self, cost: u32) -> Self {
+        self.cost = cost;
+        self.credit_cost = cost;
+        self
+    }
+
     /// How many usage credits a successful validation spends, for keys that have credits
-    /// (default 1). Zero spends none and does not check the balance: for a second check of
-    /// a request that was already counted.
+    /// (default 1, or what [`cost`](Self::cost) set). Zero spends none and does not check
+    /// the balance: for a second check of a request that was already counted.
     #[must_use]
     pub fn credit_cost(mut self, cost: u32) -> Self {
         self.credit_cost = cost;
@@ -144,8 +184,8 @@ impl ValidateOptions {
 
 /// What a check does after the decision, for the keys that get so far.
 struct Check<'a> {
-    /// Count this request against the key's rate limit.
-    rate_limit: bool,
+    /// Units this request takes from the key's rate limit (0: not counted).
+    rate_limit_cost: u32,
     /// Spend this many credits of a key that has them (0: none, balance unchecked).
     credit_cost: u32,
     /// Count the use.
@@ -176,17 +216,28 @@ impl ApiKeyClient {
         // Each part answers from memory when it can; only what needs the database awaits,
         // boxed, so that a check answered from memory builds no database future (a large
         // one would be copied with the check's own on every call).
-        if check.rate_limit
-            && let Some(limit) = found.key.rate_limit
-            && inner.limiter.check_in_memory(&found.key, limit).transpose()?.is_none()
-        {
-            Box::pin(inner.limiter.check(&found.key, limit)).await?;
-        }
+        let taken = match (NonZeroU32::new(check.rate_limit_cost), found.key.rate_limit) {
+            (Some(cost), Some(limit)) => {
+                match inner.limiter.check_in_memory(&found.key, limit, cost) {
+                    Some(taken) => taken?,
+                    None => Box::pin(inner.limiter.check(&found.key, limit, cost)).await?,
+                }
+            }
+            _ => Taken::Nothing,
+        };
         let credits_left = match found.key.credits {
             Some(_) if check.credit_cost > 0 => {
-                match inner.credits.spend_in_memory(&found.key, check.credit_cost) {
-                    Some(left) => Some(left?),
-                    None => Box::pin(inner.credits.spend(&found.key, check.credit_cost)).await?,
+                let spent = match inner.credits.spend_in_memory(&found.key, check.credit_cost) {
+                    Some(left) => left.map(Some),
+                    None => Box::pin(inner.credits.spend(&found.key, check.credit_cost)).await,
+                };
+                match spent {
+                    Ok(left) => left,
+                    // All or nothing: a check its credits refuse gives its units back.
+                    Err(e) => {
+                        Box::pin(inner.limiter.give_back(taken)).await;
+                        return Err(e);
+                    }
                 }
             }
             _ => None,
@@ -295,7 +346,7 @@ impl ApiKeyClient {
     ) -> Result<ApiKey> {
         let scopes = Scopes::new();
         let check = Check {
-            rate_limit: false,
+            rate_limit_cost: 0,
             credit_cost: 0,
             track_usage: options.track_usage,
             scopes: &scopes,
@@ -307,10 +358,12 @@ impl ApiKeyClient {
     /// [`verify_key`](Self::verify_key) plus the request's requirements, in this order: the
     /// IP allowlist (a key with one is refused here: use
     /// [`validate_key_from`](Self::validate_key_from) with the request's address), revoked,
-    /// expired, disabled, product, scopes, the key's rate limit, then its usage credits. A
-    /// request rejected for any reason before the rate limit (the rate limit included) uses
-    /// up no quota and spends no credit; one refused for exhausted credits has counted
-    /// against the rate limit.
+    /// expired, disabled, product, scopes, the key's rate limit, then its usage credits.
+    /// All or nothing: a request refused for any reason spends no rate-limit unit and no
+    /// credit (one its credits refuse gives back the units its rate limit counted, except
+    /// in [`RateLimitMode::Local`](crate::RateLimitMode::Local), whose in-process GCRA
+    /// cannot take units back). [`ValidateOptions::cost`] says how many units and credits
+    /// a request takes.
     ///
     /// A key with usage credits spends [`ValidateOptions::credit_cost`] of them (one by
     /// default). With [`CreditMode::Exact`](crate::CreditMode::Exact) (the default) that is
@@ -380,7 +433,7 @@ impl ApiKeyClient {
         options: &ValidateOptions,
     ) -> Result<ApiKey> {
         let check = Check {
-            rate_limit: options.check_rate_limit,
+            rate_limit_cost: if options.check_rate_limit { options.cost } else { 0 },
             credit_cost: options.credit_cost,
             track_usage: options.track_usage,
             scopes: &options.scopes,

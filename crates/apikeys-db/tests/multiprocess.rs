@@ -32,6 +32,13 @@
 //!   `UsageExhausted`, and exactly 300 pass; on a key with 1 000 credits each task checks 5
 //!   times (160 pass); every worker then shuts down, giving back what it holds, and the stored
 //!   balances end at exactly 0 and 840.
+//! - `costs`: 4 processes with skewed clocks (two caching keys), leased limits and leased
+//!   credits, × 8 tasks, each checking at a cost of 3 until refused 3 times in a row: a key
+//!   limited to 1 000 units an hour with 90 credits, and a key limited to 300 units an hour.
+//!   Once every worker has shut down (giving back what it held): passed × 3 + the balance
+//!   left is exactly 90 on the first key; every check refused for its credits gave its units
+//!   back and none was admitted past a limit, so a new client then passes exactly the rest of
+//!   each limit (333 and 100 checks in all).
 //! - `races`: 4 processes × 6 tasks check 60 keys (tracked, untracked, shared limit) while
 //!   each process also deletes, revokes and updates its quarter of them: every outcome is
 //!   `Ok`, `InvalidKey`, `Revoked` or `NotFound`, never `Storage`.
@@ -66,6 +73,7 @@ async fn main() {
         Ok("rate_limit_seconds") => return rate_limit_seconds_worker().await,
         Ok("credits") => return credits_worker().await,
         Ok("leased_credits") => return leased_credits_worker().await,
+        Ok("costs") => return costs_worker().await,
         _ => {}
     }
     let cases = [
@@ -76,6 +84,7 @@ async fn main() {
         ("races_across_processes", Scenario::Races),
         ("credits_across_processes", Scenario::Credits),
         ("leased_credits_across_skewed_processes", Scenario::LeasedCredits),
+        ("costs_across_skewed_processes", Scenario::Costs),
     ];
     apikeys_testing::run_cases(
         &apikeys_testing::compiled_backends!(),
@@ -105,6 +114,7 @@ enum Scenario {
     Races,
     Credits,
     LeasedCredits,
+    Costs,
     #[cfg(feature = "redis")]
     RedisRateLimit,
     #[cfg(feature = "redis")]
@@ -121,6 +131,7 @@ impl Scenario {
             Scenario::Leased => leased_across_processes(db).await,
             Scenario::Credits => credits_across_processes(db).await,
             Scenario::LeasedCredits => leased_credits_across_processes(db).await,
+            Scenario::Costs => costs_across_processes(db).await,
             #[cfg(feature = "redis")]
             Scenario::RedisRateLimit => {
                 let (admitted, _, _) =
@@ -470,6 +481,92 @@ async fn leased_credits_worker() {
                     client.validate_key(&keys[1], &opts).await.unwrap();
                 }
                 format!("{until_out} 5")
+            })
+        })
+        .collect();
+    let mut lines = Vec::new();
+    for t in tasks {
+        lines.push(t.await.unwrap());
+    }
+    client.shutdown().await.unwrap();
+    for line in lines {
+        println!("result {line}");
+    }
+}
+
+/// The cost of every check of the `costs` scenario.
+const COST: u32 = 3;
+
+/// Checks `key` at [`COST`] until refused 3 times in a row; returns how many passed.
+async fn check_until_refused(client: &ApiKeyClient, key: &str) -> u64 {
+    let options = apikeys_db::ValidateOptions::new().track_usage(false).cost(COST);
+    let (mut passed, mut refused) = (0, 0);
+    while refused < 3 {
+        match client.validate_key(key, &options).await {
+            Ok(_) => (passed, refused) = (passed + 1, 0),
+            Err(apikeys_db::Error::Quota { .. } | apikeys_db::Error::UsageExhausted { .. }) => {
+                refused += 1;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    passed
+}
+
+/// See `costs` in the module docs.
+async fn costs_across_processes(db: TestDb) {
+    let client = db.client().await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let plans = [(1_000, Some(90)), (300, None)];
+    let mut keys = Vec::new();
+    for (units, credits) in plans {
+        let mut nk = NewKey::new("plan").with_rate_limit(RateLimit::per_hour(units).unwrap());
+        if let Some(c) = credits {
+            nk = nk.with_credits(apikeys_db::Credits::new(c));
+        }
+        keys.push(client.create_key(org.id, nk).await.unwrap());
+    }
+    apikeys_testing::leave_room(&client, apikeys_db::Window::Hour, Duration::from_secs(300)).await;
+    let plain: Vec<String> = keys.iter().map(|k| k.key.expose_secret().to_owned()).collect();
+    let lines = run_workers("costs", &db, &[("APIKEYS_WORKER_KEYS", plain.join(","))]).await;
+    let (mut first, mut second) = (0, 0);
+    for line in &lines {
+        let (a, b) = line.split_once(' ').unwrap();
+        first += a.parse::<u64>().unwrap();
+        second += b.parse::<u64>().unwrap();
+    }
+    let left = client.get_key(keys[0].record.id).await.unwrap().credits.unwrap().remaining;
+    println!(
+        "costs across processes: {first} checks of 30 on credits ({left} left), {second} of 100"
+    );
+    assert_eq!(first * u64::from(COST) + left, 90, "every credit spent once or given back");
+    let credits = Some(apikeys_db::Credits::new(10_000));
+    let update = apikeys_db::KeyUpdate::new().with_credits(credits);
+    client.update_key(keys[0].record.id, update).await.unwrap();
+    assert_eq!(check_until_refused(&client, &plain[0]).await, 333 - first, "units given back");
+    assert_eq!(check_until_refused(&client, &plain[1]).await, 100 - second, "never past a limit");
+}
+
+async fn costs_worker() {
+    let keys: Vec<String> =
+        std::env::var("APIKEYS_WORKER_KEYS").unwrap().split(',').map(str::to_owned).collect();
+    let skew = chrono::TimeDelta::milliseconds(SKEWS_MS[worker_index()]);
+    let cached = worker_index() % 2 == 1;
+    let client = worker_client_with(|b| {
+        let b = b
+            .clock(move || chrono::Utc::now() + skew)
+            .credit_mode(apikeys_db::CreditMode::Leased)
+            .rate_limit_mode(apikeys_db::RateLimitMode::Leased);
+        if cached { b.cache(apikeys_db::KeyCache::new()) } else { b }
+    })
+    .await;
+    let tasks: Vec<_> = (0..RATE_TASKS)
+        .map(|_| {
+            let (client, keys) = (client.clone(), keys.clone());
+            tokio::spawn(async move {
+                let first = check_until_refused(&client, &keys[0]).await;
+                let second = check_until_refused(&client, &keys[1]).await;
+                format!("{first} {second}")
             })
         })
         .collect();

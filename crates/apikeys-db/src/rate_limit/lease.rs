@@ -228,31 +228,54 @@ impl Leases {
         }
     }
 
-    /// Takes one unit of `key`'s lease if it holds one for `limit` in a window not ended;
-    /// starts a background reservation when the lease runs low, and schedules the next
-    /// window's first block for a key active in this one.
-    pub(crate) fn take(self: &Arc<Self>, key: KeyId, limit: RateLimit, now: Instant) -> bool {
-        let ahead = {
+    /// Takes `cost` units of `key`'s lease if it holds that many for `limit` in a window not
+    /// ended, and names that window; starts a background reservation when the lease runs
+    /// low, and schedules the next window's first block for a key active in this one.
+    pub(crate) fn take(
+        self: &Arc<Self>,
+        key: KeyId,
+        limit: RateLimit,
+        cost: u32,
+        now: Instant,
+    ) -> Option<WindowRef> {
+        let (counter, window, ahead) = {
             let mut map = lock(&self.map);
-            let Some(l) = map.get_mut(&key) else { return false };
-            if l.limit != limit || l.until <= now || l.remaining == 0 {
-                return false;
+            let l = map.get_mut(&key)?;
+            if l.limit != limit || l.until <= now || l.remaining < cost {
+                return None;
             }
-            l.remaining -= 1;
-            (l.counter, l.took_one())
+            l.remaining -= cost;
+            (l.counter, l.window, l.took(cost))
         };
-        self.reserve_ahead(ahead.0, limit, ahead.1);
-        true
+        self.reserve_ahead(counter, limit, ahead);
+        Some(window)
     }
 
-    /// Counts one request against `limit` in `counter`'s windows by reserving a block (one
-    /// round trip), for a caller whose [`take`](Self::take) found no unit. Waits for a
-    /// reservation of this key already under way in this process first (a background
-    /// refill), then takes from it.
+    /// Puts `units` taken from `key`'s lease in `window` back, for a check refused after it
+    /// took them (its credits ran out): if the lease still holds that window and limit. Units
+    /// of a window that has ended are gone with it.
+    pub(crate) fn untake(&self, key: KeyId, limit: RateLimit, window: WindowRef, units: u32) {
+        let now = Instant::now();
+        if let Some(l) = lock(&self.map).get_mut(&key)
+            && l.limit == limit
+            && l.window == window
+            && l.until > now
+        {
+            l.remaining = l.remaining.saturating_add(units);
+            l.taken = l.taken.saturating_sub(units);
+        }
+    }
+
+    /// Counts a request of `cost` units against `limit` in `counter`'s windows by reserving
+    /// a block (one round trip), for a caller whose [`take`](Self::take) found too few units.
+    /// Waits for a reservation of this key already under way in this process first (a
+    /// background refill), then takes from it. Refused when the lease, with what the store
+    /// granted, still holds fewer than `cost` units (those it holds stay for cheaper checks).
     pub(crate) async fn check(
         self: &Arc<Self>,
         counter: Counter,
         limit: RateLimit,
+        cost: u32,
     ) -> Result<Count> {
         let key = counter.key;
         let reserving = {
@@ -261,14 +284,18 @@ impl Leases {
             Arc::clone(&entry.reserving)
         };
         let _turn = reserving.lock().await;
-        if self.take(key, limit, Instant::now()) {
-            return Ok(Count::Admitted);
+        if let Some(window) = self.take(key, limit, cost, Instant::now()) {
+            return Ok(Count::Admitted(window));
         }
         let asked = Instant::now();
         let block = {
             let mut map = lock(&self.map);
             let lease = map.entry(key).or_insert_with(|| Lease::empty(counter, limit));
-            lease.next_block(limit, asked, Purpose::Check)
+            // Enough for this check with what is held (held units of an ended window or
+            // another limit are dropped when the grant lands).
+            let held =
+                if lease.limit == limit && lease.until > asked { lease.remaining } else { 0 };
+            lease.next_block(limit, asked, Purpose::Check).max(cost.saturating_sub(held))
         };
         // In a task of its own: a caller that gives up (a timeout, a client gone) must not
         // drop a reservation the database may already have committed before its grant is
@@ -276,16 +303,17 @@ impl Leases {
         let leases = Arc::clone(self);
         let reservation = self
             .runtime
-            .spawn(async move { leases.reserve_block(counter, limit, block, asked, true).await });
+            .spawn(async move { leases.reserve_block(counter, limit, block, asked, cost).await });
         match reservation.await {
-            Ok(Ok(Grant::Refused(left))) => Ok(Count::Refused(left)),
-            Ok(Ok(Grant::Units { .. })) => Ok(Count::Admitted),
+            Ok(Ok((Grant::Refused(left), _))) => Ok(Count::Refused(left)),
+            Ok(Ok((Grant::Units { window, .. }, true))) => Ok(Count::Admitted(window)),
+            Ok(Ok((Grant::Units { left, .. }, false))) => Ok(Count::Refused(left)),
             Ok(Err(e)) => Err(e),
             Err(e) => Err(apikeys_core::Error::unavailable(e)),
         }
     }
 
-    /// Starts what [`Lease::took_one`] asked for.
+    /// Starts what [`Lease::took`] asked for.
     fn reserve_ahead(self: &Arc<Self>, counter: Counter, limit: RateLimit, ahead: Ahead) {
         if ahead.refill {
             self.spawn_reservation(counter, limit, Purpose::Refill, None);
@@ -296,16 +324,16 @@ impl Leases {
     }
 
     /// Reserves `block` units (the caller holds the key's reservation lock), asked at
-    /// `asked`, and adds the grant to the lease; with `take`, one unit of it is taken for the
-    /// caller.
+    /// `asked`, and adds the grant to the lease; then `take` units of it (none: 0) are taken
+    /// for the caller if the lease holds that many. Answers the grant and whether they were.
     async fn reserve_block(
         self: &Arc<Self>,
         counter: Counter,
         limit: RateLimit,
         block: u32,
         asked: Instant,
-        take: bool,
-    ) -> Result<Grant> {
+        take: u32,
+    ) -> Result<(Grant, bool)> {
         let grant = self.reserve(counter, limit, block).await?;
         let answered = Instant::now();
         if let Grant::Units { granted, added, left, window } = grant {
@@ -331,18 +359,20 @@ impl Leases {
                 lease.over_by = answered + left + Duration::from_millis(1);
                 lease.remaining = lease.remaining.saturating_add(granted);
                 lease.block = block;
-                if take {
-                    lease.remaining -= 1;
-                    Some(lease.took_one())
+                if take > 0 && lease.remaining >= take {
+                    lease.remaining -= take;
+                    Some(lease.took(take))
                 } else {
                     None
                 }
             };
+            let taken = ahead.is_some();
             if let Some(ahead) = ahead {
                 self.reserve_ahead(counter, limit, ahead);
             }
+            return Ok((grant, taken));
         }
-        Ok(grant)
+        Ok((grant, false))
     }
 
     /// Runs a background reservation of `counter`'s next block, after `at` if given.
@@ -374,7 +404,7 @@ impl Leases {
             };
             let result = match block {
                 Some(block) => {
-                    leases.reserve_block(counter, limit, block, asked, false).await.map(drop)
+                    leases.reserve_block(counter, limit, block, asked, 0).await.map(drop)
                 }
                 None => Ok(()),
             };
@@ -390,9 +420,21 @@ impl Leases {
         });
     }
 
-    /// Forgets `key`'s lease (its limit or its existence changed); its units are not used.
+    /// Forgets `key`'s lease (its limit or its existence changed): what it added to its
+    /// window and did not admit is given back in the background, as on shutdown (a key
+    /// updated mid-window, its limit unchanged, loses none of its units).
     pub(crate) fn forget(&self, key: KeyId) {
-        lock(&self.map).remove(&key);
+        let Some(l) = lock(&self.map).remove(&key) else { return };
+        let added = l.remaining.saturating_add(l.excess);
+        if added == 0 || l.until <= Instant::now() {
+            return;
+        }
+        let store = self.store.clone();
+        self.runtime.spawn(async move {
+            if let Err(e) = store.give_back(&l.counter, l.limit.window, l.window, added).await {
+                tracing::debug!(key_id = %key, error = %e, "giving a forgotten lease back failed");
+            }
+        });
     }
 
     /// Drops leases whose window has ended.
@@ -442,9 +484,9 @@ impl Lease {
         }
     }
 
-    /// Counts a unit just taken; says what to reserve ahead.
-    fn took_one(&mut self) -> Ahead {
-        self.taken = self.taken.saturating_add(1);
+    /// Counts `units` just taken; says what to reserve ahead.
+    fn took(&mut self, units: u32) -> Ahead {
+        self.taken = self.taken.saturating_add(units);
         let refill = !self.refilling && self.remaining <= self.block / 2;
         self.refilling |= refill;
         let next_window =

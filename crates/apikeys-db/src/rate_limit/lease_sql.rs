@@ -7,7 +7,7 @@
 /// 2^15, to give units back to the right window) in bits 47-61, and bit 62 for a refusal.
 const MY_GRANT_SHIFT: u32 = 27;
 const MY_INDEX_SHIFT: u32 = 47;
-const MY_INDEX_MOD: i64 = 1 << 15;
+pub(super) const MY_INDEX_MOD: i64 = 1 << 15;
 const MY_REFUSED: u64 = 1 << 62;
 
 use std::collections::HashMap;

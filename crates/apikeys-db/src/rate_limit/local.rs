@@ -1,6 +1,7 @@
 //! Local mode: counters in this process (`governor`, GCRA, on the client's clock).
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -55,9 +56,15 @@ impl LocalLimiters {
         lock(&self.map).remove(&key);
     }
 
-    /// Counts one request of `key`; `sweep`: drop the limiters that no longer change any
-    /// answer first.
-    pub(super) fn check(&self, key: KeyId, limit: RateLimit, sweep: bool) -> Result<()> {
+    /// Counts a request of `cost` units (all or none) of `key`; `sweep`: drop the limiters
+    /// that no longer change any answer first.
+    pub(super) fn check(
+        &self,
+        key: KeyId,
+        limit: RateLimit,
+        cost: NonZeroU32,
+        sweep: bool,
+    ) -> Result<()> {
         let now = (self.clock)();
         let limiter = {
             let mut map = lock(&self.map);
@@ -88,12 +95,14 @@ impl LocalLimiters {
                 }
             }
         };
-        match limiter.check() {
-            Ok(()) => Ok(()),
-            Err(not_until) => {
+        match limiter.check_n(cost) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => {
                 let wait = not_until.wait_time_from(since_epoch(now)).max(Duration::from_millis(1));
                 Err(Error::Quota { retry_after: wait.min(limit.window.duration()), limit })
             }
+            // More than the limit: never admitted (the caller refuses it before asking).
+            Err(_) => Err(Error::Quota { retry_after: limit.window.duration(), limit }),
         }
     }
 }

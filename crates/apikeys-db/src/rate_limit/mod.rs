@@ -47,6 +47,7 @@ mod store;
 mod window;
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -64,7 +65,7 @@ pub(crate) use lineage::{hand_over_lineage, merge_windows};
 use local::LocalLimiters;
 #[cfg(feature = "redis")]
 pub(crate) use redis::RedisWindows;
-pub(crate) use store::{Counter, SqlWindows, WindowStore, Windows};
+pub(crate) use store::{Counter, SqlWindows, WindowRef, WindowStore, Windows};
 use window::{Count, window_ends};
 
 /// How per-key rate limits are counted.
@@ -112,14 +113,30 @@ pub enum RateLimitMode {
 /// background) and entries of its in-process maps that no longer change any answer.
 const SWEEP_EVERY: u64 = 4_096;
 
-/// A key known to be over its limit: refused without a round trip until `until` (this
-/// process's monotonic clock, never after the window's end), as long as its limit is still
-/// `limit`; such a refusal's `retry_after` runs to `retry_at` (never before the end).
+/// A key known to be over its limit: a check of `cost` units or more is refused without a
+/// round trip until `until` (this process's monotonic clock, never after the window's end),
+/// as long as its limit is still `limit`; such a refusal's `retry_after` runs to `retry_at`
+/// (never before the end).
 #[derive(Debug, Clone, Copy)]
 struct Refusal {
     limit: RateLimit,
+    cost: u32,
     until: Instant,
     retry_at: Instant,
+}
+
+/// What a check took from a limit, for a give-back if a later step refuses the check (its
+/// credits ran out): a refused check spends nothing.
+#[derive(Debug, Clone, Copy)]
+#[must_use]
+pub(crate) enum Taken {
+    /// Nothing to give back: no limit counted, or the local mode (whose GCRA state cannot
+    /// take units back).
+    Nothing,
+    /// Units of this process's lease of `key`'s window.
+    Lease { key: KeyId, limit: RateLimit, window: WindowRef, units: u32 },
+    /// Units counted in the shared store's window.
+    Window { counter: Counter, limit: RateLimit, window: WindowRef, units: u32 },
 }
 
 /// Counts requests against per-key limits. Owns its connection handle, store and clock; the
@@ -215,21 +232,32 @@ impl RateLimiter {
         self.leases.release().await
     }
 
-    /// Counts one request of `key` against `limit` when that needs no database: the local
-    /// mode, a unit of a lease this process holds, a window known to be full. `None`: it
-    /// needs the database, through [`check`](Self::check). Every check passes here once,
-    /// and counts toward the limiter's sweep.
+    /// Counts a request of `cost` units (at least one) of `key` against `limit` when that
+    /// needs no database: the local mode, units of a lease this process holds, a window
+    /// known to be full. `None`: it needs the database, through [`check`](Self::check).
+    /// Every check passes here once, and counts toward the limiter's sweep.
     ///
     /// A synchronous step of its own so that a check answered from memory awaits nothing
     /// (its future stays small: no database future to build, move and drop).
     ///
     /// # Errors
-    /// [`Error::Quota`] when the window is full (nothing is counted then).
-    pub(crate) fn check_in_memory(&self, key: &ApiKey, limit: RateLimit) -> Option<Result<()>> {
+    /// [`Error::Quota`] when the window has fewer than `cost` units left, or `cost` is above
+    /// the limit (nothing is counted then).
+    pub(crate) fn check_in_memory(
+        &self,
+        key: &ApiKey,
+        limit: RateLimit,
+        cost: NonZeroU32,
+    ) -> Option<Result<Taken>> {
         let sweep = self.sweep_due();
+        if cost > limit.requests {
+            // Never admitted, in any window.
+            return Some(Err(Error::Quota { retry_after: limit.window.duration(), limit }));
+        }
         match self.mode {
             RateLimitMode::Local => {
-                Some(self.local.check(key.rolled_to.unwrap_or(key.id), limit, sweep))
+                let key = key.rolled_to.unwrap_or(key.id);
+                Some(self.local.check(key, limit, cost, sweep).map(|()| Taken::Nothing))
             }
             RateLimitMode::Shared | RateLimitMode::Leased => {
                 let now = Instant::now();
@@ -240,34 +268,66 @@ impl RateLimiter {
                 if key.rolled_to.is_some() {
                     return None;
                 }
-                self.shared_in_memory(key.id, limit, now)
+                self.shared_in_memory(key.id, limit, cost.get(), now)
             }
         }
     }
 
-    /// Counts one request of `key` against `limit`, in the windows of its lineage (see the
-    /// module docs: a rolled key shares its successors' budget), for a check that
-    /// [`check_in_memory`](Self::check_in_memory) could not answer.
+    /// Counts a request of `cost` units of `key` against `limit`, in the windows of its
+    /// lineage (see the module docs: a rolled key shares its successors' budget), for a
+    /// check that [`check_in_memory`](Self::check_in_memory) could not answer.
     ///
     /// # Errors
-    /// [`Error::Quota`] when the window is full (nothing is counted then);
-    /// [`Error::InvalidKey`] when the key was deleted meanwhile; [`Error::Unavailable`] or
-    /// [`Error::Storage`] when the database fails.
-    pub(crate) async fn check(&self, key: &ApiKey, limit: RateLimit) -> Result<()> {
+    /// [`Error::Quota`] when the window has fewer than `cost` units left (nothing is counted
+    /// then); [`Error::InvalidKey`] when the key was deleted meanwhile;
+    /// [`Error::Unavailable`] or [`Error::Storage`] when the database fails.
+    pub(crate) async fn check(
+        &self,
+        key: &ApiKey,
+        limit: RateLimit,
+        cost: NonZeroU32,
+    ) -> Result<Taken> {
         match self.mode {
             RateLimitMode::Shared | RateLimitMode::Leased => {
                 let head = self.lineage_head(key).await?;
-                match self.check_shared(counter(key, head), limit).await {
+                match self.check_shared(counter(key, head), limit, cost.get()).await {
                     // The lineage's newest key was deleted after it was read (its keys were
                     // handed to another in the same transaction): count this one alone.
                     Err(Error::InvalidKey) if head != key.id => {
-                        self.check_shared(counter(key, key.id), limit).await
+                        self.check_shared(counter(key, key.id), limit, cost.get()).await
                     }
                     other => other,
                 }
             }
             // Answered in memory, always.
-            RateLimitMode::Local => self.local.check(key.rolled_to.unwrap_or(key.id), limit, false),
+            RateLimitMode::Local => {
+                let key = key.rolled_to.unwrap_or(key.id);
+                self.local.check(key, limit, cost, false).map(|()| Taken::Nothing)
+            }
+        }
+    }
+
+    /// Gives back what a check took (its credits ran out after it was counted), so that a
+    /// refused check spends nothing: units of a lease go back to it in memory, units counted
+    /// in the shared store are taken off their window there, if it has not ended. A failed
+    /// give-back is logged: the units stay counted (the limit admits less, never more).
+    pub(crate) async fn give_back(&self, taken: Taken) {
+        match taken {
+            Taken::Nothing => {}
+            Taken::Lease { key, limit, window, units } => {
+                self.leases.untake(key, limit, window, units);
+            }
+            Taken::Window { counter, limit, window, units } => {
+                // The window is no longer known to be full, if it was.
+                lock(&self.over_limit).remove(&counter.key);
+                if let Err(e) = self.store.give_back(&counter, limit.window, window, units).await {
+                    tracing::warn!(
+                        key_id = %counter.key,
+                        error = %e,
+                        "giving rate-limit units of a refused check back failed; they stay counted"
+                    );
+                }
+            }
         }
     }
 
@@ -295,14 +355,24 @@ impl RateLimiter {
         }
     }
 
-    /// What memory says about a request of `key` (the lineage's head) against `limit`: a
-    /// unit of a lease this process holds, or a refusal of a window known to be full.
-    fn shared_in_memory(&self, key: KeyId, limit: RateLimit, now: Instant) -> Option<Result<()>> {
-        if self.mode == RateLimitMode::Leased && self.leases.take(key, limit, now) {
-            return Some(Ok(()));
+    /// What memory says about a request of `cost` units of `key` (the lineage's head)
+    /// against `limit`: units of a lease this process holds, or a refusal of a window known
+    /// to have fewer left.
+    fn shared_in_memory(
+        &self,
+        key: KeyId,
+        limit: RateLimit,
+        cost: u32,
+        now: Instant,
+    ) -> Option<Result<Taken>> {
+        if self.mode == RateLimitMode::Leased
+            && let Some(window) = self.leases.take(key, limit, cost, now)
+        {
+            return Some(Ok(Taken::Lease { key, limit, window, units: cost }));
         }
         if let Some(r) = lock(&self.over_limit).get(&key).copied()
             && r.limit == limit
+            && cost >= r.cost
             && r.until > now
         {
             let retry_after = r.retry_at.saturating_duration_since(now);
@@ -311,25 +381,28 @@ impl RateLimiter {
         None
     }
 
-    async fn check_shared(&self, counter: Counter, limit: RateLimit) -> Result<()> {
+    async fn check_shared(&self, counter: Counter, limit: RateLimit, cost: u32) -> Result<Taken> {
         let key = counter.key;
         let asked = Instant::now();
         // Again: a reservation may have landed since, or this is the lineage's head.
-        if let Some(answer) = self.shared_in_memory(key, limit, asked) {
+        if let Some(answer) = self.shared_in_memory(key, limit, cost, asked) {
             return answer;
         }
         let leased = self.mode == RateLimitMode::Leased;
         let counted = if leased {
-            Box::pin(self.leases.check(counter, limit)).await
+            Box::pin(self.leases.check(counter, limit, cost)).await
         } else {
-            Box::pin(self.store.count(&counter, limit)).await
+            Box::pin(self.store.count(&counter, limit, cost)).await
         };
         match counted? {
-            Count::Admitted => Ok(()),
+            Count::Admitted(window) if leased => {
+                Ok(Taken::Lease { key, limit, window, units: cost })
+            }
+            Count::Admitted(window) => Ok(Taken::Window { counter, limit, window, units: cost }),
             Count::Refused(left) => {
                 // The database read its clock between `asked` and now.
                 let until = window_ends(asked, left);
-                let refusal = Refusal { limit, until, retry_at: Instant::now() + left };
+                let refusal = Refusal { limit, cost, until, retry_at: Instant::now() + left };
                 lock(&self.over_limit).insert(key, refusal);
                 Err(Error::Quota { retry_after: left, limit })
             }

@@ -113,20 +113,21 @@ end
 ";
 
 /// Takes up to `ARGV[3]` units of the window of length `ARGV[1]` ms of the hash `KEYS[1]`,
-/// while its count is below `ARGV[2]`, after taking over (once each, marked `m<ARGV[i+3]>`)
-/// the current windows of the hashes `KEYS[i]`, i >= 2. `ARGV[4]`: how long the hash is kept
+/// while its count is below `ARGV[2]` (with `ARGV[5]` = 1, all of them or none: only if the
+/// count stays within `ARGV[2]`), after taking over (once each, marked `m<ARGV[i+4]>`) the
+/// current windows of the hashes `KEYS[i]`, i >= 2. `ARGV[4]`: how long the hash is kept
 /// past the window's end. Answers the units granted, the ms left in the window and its start.
 static TAKE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{PRELUDE}{}",
         r"
 local dest = KEYS[1]
-for i = 2, #KEYS do take_over(dest, KEYS[i], ARGV[i + 3]) end
+for i = 2, #KEYS do take_over(dest, KEYS[i], ARGV[i + 4]) end
 local len, limit, wanted = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local start = window(dest, len)
 local count = current(dest, len, start)
 local granted = 0
-if count < limit then
+if count < limit and (ARGV[5] ~= '1' or count + wanted <= limit) then
   granted = math.min(wanted, limit - count)
   add(dest, len, start, granted)
 end
@@ -362,19 +363,21 @@ impl RedisWindows {
         if transient { Error::unavailable(e) } else { Error::storage(e) }
     }
 
-    /// Takes up to `wanted` units of `counter`'s current window: (granted, time left, start).
+    /// Takes up to `wanted` units of `counter`'s current window (`whole`: all of them or
+    /// none): (granted, time left, start).
     async fn take(
         &self,
         counter: &Counter,
         limit: RateLimit,
         wanted: u32,
+        whole: bool,
     ) -> Result<(u32, Duration, i64)> {
         let len = limit.window.seconds() * 1_000;
         let mut invocation = TAKE.key(Self::hash(counter.org, counter.key));
         for from in counter.take_over.iter().flatten() {
             invocation.key(Self::hash(counter.org, from));
         }
-        invocation.arg(len).arg(limit.requests.get()).arg(wanted).arg(KEEP_MS);
+        invocation.arg(len).arg(limit.requests.get()).arg(wanted).arg(KEEP_MS).arg(u8::from(whole));
         for from in counter.take_over.iter().flatten() {
             invocation.arg(from.to_string());
         }
@@ -392,16 +395,20 @@ impl RedisWindows {
 }
 
 impl WindowStore for RedisWindows {
-    async fn count(&self, counter: &Counter, limit: RateLimit) -> Result<Count> {
-        let (granted, left, _) = self.take(counter, limit, 1).await?;
-        Ok(if granted > 0 { Count::Admitted } else { Count::Refused(left) })
+    async fn count(&self, counter: &Counter, limit: RateLimit, cost: u32) -> Result<Count> {
+        let (granted, left, start) = self.take(counter, limit, cost, true).await?;
+        Ok(if granted > 0 {
+            Count::Admitted(WindowRef::Start(start))
+        } else {
+            Count::Refused(left)
+        })
     }
 
     /// One script per key; the calls share the multiplexed connection, so they go out
     /// together (pipelined) and stay within each key's slot on a cluster.
     async fn reserve_many(&self, asks: &[Ask]) -> Vec<Result<Grant>> {
         let each = asks.iter().map(|(counter, limit, block)| async move {
-            let (granted, left, start) = self.take(counter, *limit, *block).await?;
+            let (granted, left, start) = self.take(counter, *limit, *block, false).await?;
             Ok(match granted {
                 0 => Grant::Refused(left),
                 granted => {

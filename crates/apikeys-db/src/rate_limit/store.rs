@@ -60,11 +60,13 @@ pub(crate) type Ask = (Counter, RateLimit, u32);
 /// A store of shared windows, counted by the store's own clock (one clock for every
 /// replica). Windows are fixed, aligned to the Unix epoch.
 pub(crate) trait WindowStore: Send + Sync {
-    /// Counts one unit of `counter`'s current window, only while it is below `limit`.
+    /// Counts `cost` units of `counter`'s current window, all or none: only if the count
+    /// stays within `limit`.
     fn count(
         &self,
         counter: &Counter,
         limit: RateLimit,
+        cost: u32,
     ) -> impl Future<Output = Result<Count>> + Send;
 
     /// Reserves up to `block` units of each key's current window (none once it is full),
@@ -118,8 +120,8 @@ macro_rules! each {
 }
 
 impl WindowStore for Windows {
-    async fn count(&self, counter: &Counter, limit: RateLimit) -> Result<Count> {
-        each!(self, s => s.count(counter, limit).await)
+    async fn count(&self, counter: &Counter, limit: RateLimit, cost: u32) -> Result<Count> {
+        each!(self, s => s.count(counter, limit, cost).await)
     }
 
     async fn reserve_many(&self, asks: &[Ask]) -> Vec<Result<Grant>> {
@@ -148,8 +150,8 @@ pub(crate) struct SqlWindows {
 }
 
 impl WindowStore for SqlWindows {
-    async fn count(&self, counter: &Counter, limit: RateLimit) -> Result<Count> {
-        super::shared::count(&self.db, counter.key, limit).await
+    async fn count(&self, counter: &Counter, limit: RateLimit, cost: u32) -> Result<Count> {
+        super::shared::count(&self.db, counter.key, limit, cost).await
     }
 
     async fn reserve_many(&self, asks: &[Ask]) -> Vec<Result<Grant>> {

@@ -7,6 +7,7 @@ use apikeys_core::{Error, Result};
 use chrono::Utc;
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement};
 
+use super::store::WindowRef;
 use crate::breaker::Db;
 use crate::error::{is_missing_parent, storage};
 
@@ -25,8 +26,8 @@ pub(crate) const MY_NOW_MS: &str = "FLOOR(UNIX_TIMESTAMP(NOW(3)) * 1000)";
 /// What the counting statement decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Count {
-    /// Counted in the window.
-    Admitted,
+    /// Counted in the window it names (for a give-back).
+    Admitted(WindowRef),
     /// Not counted: the window is full; this long until it ends (database clock).
     Refused(Duration),
 }

@@ -11,6 +11,7 @@ mod bad_input;
 mod bootstrap;
 mod cache;
 mod concurrency;
+mod costs;
 mod fuzz;
 mod key_admin;
 mod keys;
@@ -177,6 +178,11 @@ apikeys_testing::backend_tests! {
         upgrade_to_disable_and_ip_allowlists,
         keys_in_grace_follow_their_successor,
     ],
+    costs: [
+        costs_take_units_all_or_nothing,
+        a_check_refused_for_credits_spends_no_rate_limit_unit,
+        costs_and_credits_are_exact_under_concurrency,
+    ],
     leases: [
         a_steady_key_is_answered_from_units_reserved_ahead,
         the_next_window_is_reserved_ahead_for_an_active_key,
@@ -197,6 +203,11 @@ apikeys_testing::redis_tests! {
     ],
     lifecycle: [
         rolled_keys_share_one_rate_limit_budget,
+    ],
+    costs: [
+        costs_take_units_all_or_nothing,
+        a_check_refused_for_credits_spends_no_rate_limit_unit,
+        costs_and_credits_are_exact_under_concurrency,
     ],
     on_redis: [
         windows_by_redis_clock_under_skewed_clients,
