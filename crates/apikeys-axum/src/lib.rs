@@ -48,7 +48,9 @@ mod manage;
 pub use auth::{ApiKeyAuth, Rejection, problem_response};
 pub use extract::{Defaults, Requirement, ValidKey};
 pub use layer::{RequireKey, RequireKeyLayer};
-pub use manage::{CreatedKey, ListQuery, ManagementApi, NameBody, UpdateKeyBody};
+pub use manage::{
+    AddCreditsBody, Admin, CreatedKey, ListQuery, ManagementApi, NameBody, UpdateKeyBody,
+};
 
 /// The error mapping for any framework: status, headers and RFC 9457 problem bodies.
 pub use apikeys_http;

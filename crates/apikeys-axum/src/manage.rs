@@ -5,12 +5,12 @@ use apikeys_db::core::find_keys;
 use apikeys_db::{
     ApiKey, ApiKeyClient, Credits, Error, IpAllowlist, IssuedKey, KeyEvent, KeyId, KeyPage,
     KeyUpdate, NewKeyInput, OrgId, Organization, Page, Product, ProductId, Project, ProjectId,
-    RateLimit, StatusFilter,
+    RateLimit, RecordId, StatusFilter,
 };
 use apikeys_http::{ErrorMapper, Problem};
 use axum::extract::path::ErrorKind as PathErrorKind;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{FromRequest, FromRequestParts, RawPathParams, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, RawPathParams, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -29,9 +29,11 @@ use utoipa_axum::routes;
 use crate::auth::problem_response;
 
 /// The management API as an axum [`Router`], to mount behind the host's own admin
-/// authentication: [`authorized_by`](Self::authorized_by) takes a tower layer and
-/// [`authorized_by_fn`](Self::authorized_by_fn) a check, and there is no way to get the
-/// router without one of them.
+/// authentication: [`authorized_as`](Self::authorized_as) takes a check that says which
+/// [`Admin`] calls (of every organization or of one, named in the audit trail),
+/// [`authorized_by`](Self::authorized_by) a tower layer and
+/// [`authorized_by_fn`](Self::authorized_by_fn) a yes-or-no check, and there is no way to
+/// get the router without one of them.
 ///
 /// | method and path | what it does |
 /// |---|---|
@@ -46,6 +48,7 @@ use crate::auth::problem_response;
 /// | `POST /keys/{key_id}/roll` | replace a key (the new plaintext is in this answer only); the old one works for `grace_seconds` |
 /// | `POST /keys/{key_id}/renew` | move a key's expiry: to `expires_at`, or `extend_by_seconds` later |
 /// | `GET /keys/{key_id}/events` | a key's audit trail |
+/// | `POST /keys/{key_id}/credits` | add credits to a key's balance (`{"add": n}`) |
 /// | `GET /orgs/{org_id}/owners/{owner_id}/keys`, `POST /orgs/{org_id}/owners/{owner_id}/revoke` | an owner's keys: list, revoke all |
 ///
 /// Errors are RFC 9457 problems ([`apikeys_http`]): 404 for an unknown id, 409 for a name
@@ -138,6 +141,7 @@ impl ManagementApi {
             .routes(routes!(roll_key))
             .routes(routes!(renew_key))
             .routes(routes!(list_key_events))
+            .routes(routes!(add_credits))
             .routes(routes!(list_owner_keys))
             .routes(routes!(revoke_owner_keys))
             .split_for_parts();
@@ -165,8 +169,47 @@ impl ManagementApi {
         router.layer(admin).with_state(self.client)
     }
 
+    /// The router, with every route behind `admin`: the host's check, which says who the
+    /// caller is ([`Admin`]: of every organization or one, and the name the audit trail
+    /// records), or `None` for a request it turns away: that is answered 403 (an RFC 9457
+    /// problem, code `forbidden`) and never reaches the store.
+    ///
+    /// ```
+    /// use apikeys_axum::{Admin, ManagementApi};
+    /// # async fn demo(client: apikeys_db::ApiKeyClient, acme: apikeys_db::OrgId) {
+    /// let admin = ManagementApi::new(client).authorized_as(move |parts| {
+    ///     // Your admin authentication; compare secrets in constant time in real code.
+    ///     match parts.headers.get("x-admin-token")?.to_str().ok()? {
+    ///         "global-token" => Admin::global().named("ops").ok(),
+    ///         "acme-token" => Admin::of_org(acme).named("acme-admin").ok(),
+    ///         _ => None,
+    ///     }
+    /// });
+    /// let app: axum::Router = axum::Router::new().nest("/admin", admin);
+    /// # }
+    /// ```
+    pub fn authorized_as<F>(self, admin: F) -> Router
+    where
+        F: Fn(&Parts) -> Option<Admin> + Clone + Send + Sync + 'static,
+    {
+        self.authorized_by(middleware::from_fn(move |request: Request, next: Next| {
+            let (mut parts, body) = request.into_parts();
+            let found = admin(&parts);
+            async move {
+                match found {
+                    Some(admin) => {
+                        parts.extensions.insert(admin);
+                        next.run(Request::from_parts(parts, body)).await
+                    }
+                    None => problem_response(ErrorMapper::new().forbidden()),
+                }
+            }
+        }))
+    }
+
     /// The router, with every route behind `check`: a request for which it returns false
     /// is answered 403 (an RFC 9457 problem, code `forbidden`) and never reaches the store.
+    /// Those it lets through act as an unnamed global [`Admin`].
     pub fn authorized_by_fn<F>(self, check: F) -> Router
     where
         F: Fn(&Parts) -> bool + Clone + Send + Sync + 'static,
@@ -187,19 +230,154 @@ impl ManagementApi {
     }
 }
 
-/// A store error as the management API's answer (logged at `ERROR` when it is a 5xx).
-struct ApiError(Error);
+/// Who calls the management API, as the host's authentication says: an admin of every
+/// organization or of one, and the name the audit trail records for what they change.
+///
+/// [`ManagementApi::authorized_as`] gets one per request from the host's check; a layer
+/// given to [`ManagementApi::authorized_by`] may put one in the request's extensions
+/// instead. A request that has none acts as an unnamed global admin.
+///
+/// An admin of one organization works in it alone: records of any other organization are
+/// answered 404 (`not_found`), as if they did not exist, and nothing of theirs is changed;
+/// `GET /orgs` lists its own organization only, and creating an organization is 403
+/// (`forbidden`).
+///
+/// ```
+/// use apikeys_axum::Admin;
+/// # fn demo(org: apikeys_db::OrgId) -> apikeys_db::Result<()> {
+/// let support = Admin::global().named("support:alice")?;
+/// let tenant = Admin::of_org(org).named("acme-admin:bob")?;
+/// assert_eq!((support.org(), tenant.org()), (None, Some(org)));
+/// assert!(Admin::global().named("  ").is_err());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Admin {
+    org: Option<OrgId>,
+    actor: Option<String>,
+}
+
+impl Admin {
+    /// An admin of every organization.
+    #[must_use]
+    pub fn global() -> Self {
+        Self::default()
+    }
+
+    /// An admin of `org` alone.
+    #[must_use]
+    pub fn of_org(org: OrgId) -> Self {
+        Self { org: Some(org), actor: None }
+    }
+
+    /// The name recorded as the actor of every key change this admin makes (see
+    /// [`ApiKeyClient::acting_as`]).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] (field `actor`): 1 to 255 characters, no leading or trailing
+    /// whitespace, no control or invisible format characters.
+    pub fn named(mut self, actor: impl Into<String>) -> Result<Self, Error> {
+        let actor = actor.into();
+        apikeys_db::core::hazmat::validate_actor(&actor)?;
+        self.actor = Some(actor);
+        Ok(self)
+    }
+
+    /// The organization this admin is bound to (`None`: every one).
+    #[must_use]
+    pub fn org(&self) -> Option<OrgId> {
+        self.org
+    }
+
+    /// The name the audit trail records.
+    #[must_use]
+    pub fn actor(&self) -> Option<&str> {
+        self.actor.as_deref()
+    }
+}
+
+/// The admin a handler acts as: the store client (naming the admin in the audit trail) and
+/// the organization the admin is bound to. Every record a handler touches passes one of its
+/// checks first.
+struct Acting {
+    client: ApiKeyClient,
+    org: Option<OrgId>,
+}
+
+impl FromRequestParts<ApiKeyClient> for Acting {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiKeyClient) -> Result<Self, ApiError> {
+        let admin = parts.extensions.get::<Admin>().cloned().unwrap_or_default();
+        let client = match admin.actor() {
+            Some(actor) => state.acting_as(actor)?,
+            None => state.clone(),
+        };
+        Ok(Self { client, org: admin.org })
+    }
+}
+
+impl Acting {
+    /// `Ok` when this admin may act in `org`; else the record `id` is not found for them.
+    fn within(&self, org: OrgId, id: impl Into<RecordId>) -> Result<(), ApiError> {
+        match self.org {
+            Some(own) if own != org => Err(Error::NotFound { id: id.into() }.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// `Ok` for a global admin.
+    fn global(&self) -> Result<(), ApiError> {
+        if self.org.is_some() { Err(ApiError::Forbidden) } else { Ok(()) }
+    }
+
+    async fn org(&self, id: OrgId) -> Result<Organization, ApiError> {
+        self.within(id, id)?;
+        Ok(self.client.get_organization(id).await?)
+    }
+
+    async fn project(&self, id: ProjectId) -> Result<Project, ApiError> {
+        let project = self.client.get_project(id).await?;
+        self.within(project.org_id, id)?;
+        Ok(project)
+    }
+
+    async fn product(&self, id: ProductId) -> Result<Product, ApiError> {
+        let product = self.client.get_product(id).await?;
+        self.within(product.org_id, id)?;
+        Ok(product)
+    }
+
+    async fn key(&self, id: KeyId) -> Result<ApiKey, ApiError> {
+        let key = self.client.get_key(id).await?;
+        self.within(key.org_id, id)?;
+        Ok(key)
+    }
+}
+
+/// A store error as the management API's answer (logged at `ERROR` when it is a 5xx), or a
+/// call this admin may not make.
+enum ApiError {
+    Store(Error),
+    /// An admin of one organization asked for what only a global admin may do.
+    Forbidden,
+}
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
-        Self(e)
+        Self::Store(e)
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut answer = ErrorMapper::new().response(&self.0);
-        if let Error::Revoked { .. } | Error::Expired { .. } | Error::Disabled { .. } = self.0 {
+        let error = match self {
+            ApiError::Store(error) => error,
+            ApiError::Forbidden => return problem_response(ErrorMapper::new().forbidden()),
+        };
+        let mut answer = ErrorMapper::new().response(&error);
+        if let Error::Revoked { .. } | Error::Expired { .. } | Error::Disabled { .. } = error {
             // The admin's call is fine; the key's state forbids it (enabling a revoked key,
             // rolling an expired one). Not a 401: that would say the admin is not
             // authenticated.
@@ -209,10 +387,7 @@ impl IntoResponse for ApiError {
             answer.headers.remove(header::WWW_AUTHENTICATE);
         }
         if answer.status.is_server_error() {
-            tracing::error!(
-                error = &self.0 as &dyn std::error::Error,
-                "management api call failed"
-            );
+            tracing::error!(error = &error as &dyn std::error::Error, "management api call failed");
         }
         problem_response(answer)
     }
@@ -626,10 +801,12 @@ enum Failures {
     /// The request does not parse.
     #[response(status = 400, content_type = "application/problem+json")]
     BadRequest(#[to_schema] Problem),
-    /// The host's admin check refused the request.
+    /// The host's admin check refused the request, or an admin of one organization asked
+    /// for what only a global admin may do (create an organization).
     #[response(status = 403, content_type = "application/problem+json")]
     Forbidden(Problem),
-    /// The record (or one the request refers to) does not exist.
+    /// The record (or one the request refers to) does not exist, or belongs to an
+    /// organization the admin is not bound to.
     #[response(status = 404, content_type = "application/problem+json")]
     NotFound(Problem),
     /// A value was rejected; `field` names it.
@@ -644,90 +821,81 @@ enum Failures {
 #[utoipa::path(post, path = "/orgs", tag = "organizations", request_body = NameBody,
     responses((status = 201, body = Organization), (status = 409, description = "The name is taken", body = Problem, content_type = "application/problem+json"), Failures))]
 async fn create_org(
-    State(c): State<ApiKeyClient>,
+    a: Acting,
     ApiJson(body): ApiJson<NameBody>,
 ) -> Answer<(StatusCode, Json<Organization>)> {
-    Ok((StatusCode::CREATED, Json(c.create_organization(&body.name).await?)))
+    a.global()?;
+    Ok((StatusCode::CREATED, Json(a.client.create_organization(&body.name).await?)))
 }
 
-/// Lists every organization.
+/// Lists every organization (for an admin of one organization, that one).
 #[utoipa::path(get, path = "/orgs", tag = "organizations", responses((status = 200, body = Vec<Organization>), Failures))]
-async fn list_orgs(State(c): State<ApiKeyClient>) -> Answer<Json<Vec<Organization>>> {
-    Ok(Json(c.list_organizations().await?))
+async fn list_orgs(a: Acting) -> Answer<Json<Vec<Organization>>> {
+    Ok(Json(match a.org {
+        Some(own) => vec![a.org(own).await?],
+        None => a.client.list_organizations().await?,
+    }))
 }
 
 /// One organization.
 #[utoipa::path(get, path = "/orgs/{org_id}", tag = "organizations", params(("org_id" = OrgId, Path)),
     responses((status = 200, body = Organization), Failures))]
-async fn get_org(
-    State(c): State<ApiKeyClient>,
-    ApiPath(id): ApiPath<OrgId>,
-) -> Answer<Json<Organization>> {
-    Ok(Json(c.get_organization(id).await?))
+async fn get_org(a: Acting, ApiPath(id): ApiPath<OrgId>) -> Answer<Json<Organization>> {
+    Ok(Json(a.org(id).await?))
 }
 
 /// Creates a project in an organization.
 #[utoipa::path(post, path = "/orgs/{org_id}/projects", tag = "projects", params(("org_id" = OrgId, Path)), request_body = NameBody,
     responses((status = 201, body = Project), (status = 409, description = "The name is taken", body = Problem, content_type = "application/problem+json"), Failures))]
 async fn create_project(
-    State(c): State<ApiKeyClient>,
+    a: Acting,
     ApiPath(org): ApiPath<OrgId>,
     ApiJson(body): ApiJson<NameBody>,
 ) -> Answer<(StatusCode, Json<Project>)> {
-    Ok((StatusCode::CREATED, Json(c.create_project(org, &body.name).await?)))
+    a.within(org, org)?;
+    Ok((StatusCode::CREATED, Json(a.client.create_project(org, &body.name).await?)))
 }
 
 /// The projects of an organization.
 #[utoipa::path(get, path = "/orgs/{org_id}/projects", tag = "projects", params(("org_id" = OrgId, Path)),
     responses((status = 200, body = Vec<Project>), Failures))]
-async fn list_projects(
-    State(c): State<ApiKeyClient>,
-    ApiPath(org): ApiPath<OrgId>,
-) -> Answer<Json<Vec<Project>>> {
-    c.get_organization(org).await?;
-    Ok(Json(c.list_projects(org).await?))
+async fn list_projects(a: Acting, ApiPath(org): ApiPath<OrgId>) -> Answer<Json<Vec<Project>>> {
+    a.org(org).await?;
+    Ok(Json(a.client.list_projects(org).await?))
 }
 
 /// One project.
 #[utoipa::path(get, path = "/projects/{project_id}", tag = "projects", params(("project_id" = ProjectId, Path)),
     responses((status = 200, body = Project), Failures))]
-async fn get_project(
-    State(c): State<ApiKeyClient>,
-    ApiPath(id): ApiPath<ProjectId>,
-) -> Answer<Json<Project>> {
-    Ok(Json(c.get_project(id).await?))
+async fn get_project(a: Acting, ApiPath(id): ApiPath<ProjectId>) -> Answer<Json<Project>> {
+    Ok(Json(a.project(id).await?))
 }
 
 /// Creates a product in an organization.
 #[utoipa::path(post, path = "/orgs/{org_id}/products", tag = "products", params(("org_id" = OrgId, Path)), request_body = NameBody,
     responses((status = 201, body = Product), (status = 409, description = "The name is taken", body = Problem, content_type = "application/problem+json"), Failures))]
 async fn create_product(
-    State(c): State<ApiKeyClient>,
+    a: Acting,
     ApiPath(org): ApiPath<OrgId>,
     ApiJson(body): ApiJson<NameBody>,
 ) -> Answer<(StatusCode, Json<Product>)> {
-    Ok((StatusCode::CREATED, Json(c.create_product(org, &body.name).await?)))
+    a.within(org, org)?;
+    Ok((StatusCode::CREATED, Json(a.client.create_product(org, &body.name).await?)))
 }
 
 /// The products of an organization.
 #[utoipa::path(get, path = "/orgs/{org_id}/products", tag = "products", params(("org_id" = OrgId, Path)),
     responses((status = 200, body = Vec<Product>), Failures))]
-async fn list_products(
-    State(c): State<ApiKeyClient>,
-    ApiPath(org): ApiPath<OrgId>,
-) -> Answer<Json<Vec<Product>>> {
-    c.get_organization(org).await?;
-    Ok(Json(c.list_products(org).await?))
+async fn list_products(a: Acting, ApiPath(org): ApiPath<OrgId>) -> Answer<Json<Vec<Product>>> {
+    a.org(org).await?;
+    Ok(Json(a.client.list_products(org).await?))
 }
 
 /// One product.
 #[utoipa::path(get, path = "/products/{product_id}", tag = "products", params(("product_id" = ProductId, Path)),
     responses((status = 200, body = Product), Failures))]
-async fn get_product(
-    State(c): State<ApiKeyClient>,
-    ApiPath(id): ApiPath<ProductId>,
-) -> Answer<Json<Product>> {
-    Ok(Json(c.get_product(id).await?))
+async fn get_product(a: Acting, ApiPath(id): ApiPath<ProductId>) -> Answer<Json<Product>> {
+    Ok(Json(a.product(id).await?))
 }
 
 /// Links a product to a project (idempotent): the project's keys become valid for it.
@@ -735,10 +903,12 @@ async fn get_product(
     params(("project_id" = ProjectId, Path), ("product_id" = ProductId, Path)),
     responses((status = 204, description = "Linked"), Failures))]
 async fn link_product(
-    State(c): State<ApiKeyClient>,
+    a: Acting,
     ApiPath((project, product)): ApiPath<(ProjectId, ProductId)>,
 ) -> Answer<StatusCode> {
-    c.add_product_to_project(product, project).await?;
+    a.project(project).await?;
+    a.product(product).await?;
+    a.client.add_product_to_project(product, project).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -747,10 +917,12 @@ async fn link_product(
     params(("project_id" = ProjectId, Path), ("product_id" = ProductId, Path)),
     responses((status = 204, description = "Unlinked"), Failures))]
 async fn unlink_product(
-    State(c): State<ApiKeyClient>,
+    a: Acting,
     ApiPath((project, product)): ApiPath<(ProjectId, ProductId)>,
 ) -> Answer<StatusCode> {
-    c.remove_product_from_project(product, project).await?;
+    a.project(project).await?;
+    a.product(product).await?;
+    a.client.remove_product_from_project(product, project).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -758,11 +930,11 @@ async fn unlink_product(
 #[utoipa::path(get, path = "/projects/{project_id}/products", tag = "projects", params(("project_id" = ProjectId, Path)),
     responses((status = 200, body = Vec<Product>), Failures))]
 async fn list_project_products(
-    State(c): State<ApiKeyClient>,
+    a: Acting,
     ApiPath(project): ApiPath<ProjectId>,
 ) -> Answer<Json<Vec<Product>>> {
-    c.get_project(project).await?;
-    Ok(Json(c.list_project_products(project).await?))
+    a.project(project).await?;
+    Ok(Json(a.client.list_project_products(project).await?))
 }
 
 /// Creates a key with any option of `NewKey`: project, product, scopes, rate limit, custom
@@ -773,11 +945,12 @@ async fn list_project_products(
 #[utoipa::path(post, path = "/orgs/{org_id}/keys", tag = "keys", params(("org_id" = OrgId, Path)), request_body = NewKeyInput,
     responses((status = 201, body = CreatedKey), Failures))]
 async fn create_key(
-    State(c): State<ApiKeyClient>,
+    a: Acting,
     ApiPath(org): ApiPath<OrgId>,
     ApiJson(body): ApiJson<NewKeyInput>,
 ) -> Answer<Response> {
-    Ok(created(c.create_key(org, body.into_new_key()?).await?))
+    a.within(org, org)?;
+    Ok(created(a.client.create_key(org, body.into_new_key()?).await?))
 }
 
 /// The 201 answer with a new key's plaintext, which must be cached nowhere.
@@ -792,67 +965,62 @@ fn created(issued: IssuedKey) -> Response {
 #[utoipa::path(get, path = "/orgs/{org_id}/keys", tag = "keys", params(("org_id" = OrgId, Path), ListQuery),
     responses((status = 200, body = KeyPage<ApiKey>), Failures))]
 async fn list_org_keys(
-    State(c): State<ApiKeyClient>,
+    a: Acting,
     ApiPath(org): ApiPath<OrgId>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Answer<Json<KeyPage<ApiKey>>> {
     let page = q.page()?;
-    c.get_organization(org).await?;
-    Ok(Json(c.list_org_keys(org, q.status, page).await?))
+    a.org(org).await?;
+    Ok(Json(a.client.list_org_keys(org, q.status, page).await?))
 }
 
 /// The keys of a project, oldest first, a page at a time.
 #[utoipa::path(get, path = "/projects/{project_id}/keys", tag = "keys", params(("project_id" = ProjectId, Path), ListQuery),
     responses((status = 200, body = KeyPage<ApiKey>), Failures))]
 async fn list_project_keys(
-    State(c): State<ApiKeyClient>,
+    a: Acting,
     ApiPath(project): ApiPath<ProjectId>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Answer<Json<KeyPage<ApiKey>>> {
     let page = q.page()?;
-    c.get_project(project).await?;
-    Ok(Json(c.list_project_keys(project, q.status, page).await?))
+    a.project(project).await?;
+    Ok(Json(a.client.list_project_keys(project, q.status, page).await?))
 }
 
 /// One key (never its plaintext).
 #[utoipa::path(get, path = "/keys/{key_id}", tag = "keys", params(("key_id" = KeyId, Path)),
     responses((status = 200, body = ApiKey), Failures))]
-async fn get_key(
-    State(c): State<ApiKeyClient>,
-    ApiPath(id): ApiPath<KeyId>,
-) -> Answer<Json<ApiKey>> {
-    Ok(Json(c.get_key(id).await?))
+async fn get_key(a: Acting, ApiPath(id): ApiPath<KeyId>) -> Answer<Json<ApiKey>> {
+    Ok(Json(a.key(id).await?))
 }
 
 /// Updates a key's name, scopes, rate limit, custom metadata, owner, credits or IP allowlist.
 #[utoipa::path(patch, path = "/keys/{key_id}", tag = "keys", params(("key_id" = KeyId, Path)), request_body = UpdateKeyBody,
     responses((status = 200, body = ApiKey), Failures))]
 async fn update_key(
-    State(c): State<ApiKeyClient>,
+    a: Acting,
     ApiPath(id): ApiPath<KeyId>,
     ApiJson(body): ApiJson<UpdateKeyBody>,
 ) -> Answer<Json<ApiKey>> {
-    Ok(Json(c.update_key(id, body.into_update()?).await?))
+    let update = body.into_update()?;
+    a.key(id).await?;
+    Ok(Json(a.client.update_key(id, update).await?))
 }
 
 /// Revokes a key (the record is kept; revoking twice keeps the first time).
 #[utoipa::path(post, path = "/keys/{key_id}/revoke", tag = "keys", params(("key_id" = KeyId, Path)),
     responses((status = 200, body = ApiKey), Failures))]
-async fn revoke_key(
-    State(c): State<ApiKeyClient>,
-    ApiPath(id): ApiPath<KeyId>,
-) -> Answer<Json<ApiKey>> {
-    Ok(Json(c.revoke_key(id).await?))
+async fn revoke_key(a: Acting, ApiPath(id): ApiPath<KeyId>) -> Answer<Json<ApiKey>> {
+    a.key(id).await?;
+    Ok(Json(a.client.revoke_key(id).await?))
 }
 
 /// Deletes a key for good (for erasure); revoke it instead to keep the record.
 #[utoipa::path(delete, path = "/keys/{key_id}", tag = "keys", params(("key_id" = KeyId, Path)),
     responses((status = 204, description = "Deleted"), Failures))]
-async fn delete_key(
-    State(c): State<ApiKeyClient>,
-    ApiPath(id): ApiPath<KeyId>,
-) -> Answer<StatusCode> {
-    c.delete_key(id).await?;
+async fn delete_key(a: Acting, ApiPath(id): ApiPath<KeyId>) -> Answer<StatusCode> {
+    a.key(id).await?;
+    a.client.delete_key(id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -861,22 +1029,18 @@ async fn delete_key(
 /// cannot be disabled (409, code `revoked`).
 #[utoipa::path(post, path = "/keys/{key_id}/disable", tag = "keys", params(("key_id" = KeyId, Path)),
     responses((status = 200, body = ApiKey), (status = 409, description = "The key is revoked (code `revoked`)", body = Problem, content_type = "application/problem+json"), Failures))]
-async fn disable_key(
-    State(c): State<ApiKeyClient>,
-    ApiPath(id): ApiPath<KeyId>,
-) -> Answer<Json<ApiKey>> {
-    Ok(Json(c.disable_key(id).await?))
+async fn disable_key(a: Acting, ApiPath(id): ApiPath<KeyId>) -> Answer<Json<ApiKey>> {
+    a.key(id).await?;
+    Ok(Json(a.client.disable_key(id).await?))
 }
 
 /// Enables a disabled key again (enabling an enabled key changes nothing). A revoked key
 /// stays revoked (409, code `revoked`).
 #[utoipa::path(post, path = "/keys/{key_id}/enable", tag = "keys", params(("key_id" = KeyId, Path)),
     responses((status = 200, body = ApiKey), (status = 409, description = "The key is revoked (code `revoked`)", body = Problem, content_type = "application/problem+json"), Failures))]
-async fn enable_key(
-    State(c): State<ApiKeyClient>,
-    ApiPath(id): ApiPath<KeyId>,
-) -> Answer<Json<ApiKey>> {
-    Ok(Json(c.enable_key(id).await?))
+async fn enable_key(a: Acting, ApiPath(id): ApiPath<KeyId>) -> Answer<Json<ApiKey>> {
+    a.key(id).await?;
+    Ok(Json(a.client.enable_key(id).await?))
 }
 
 /// How to roll a key.
@@ -894,11 +1058,13 @@ pub struct RollBody {
 #[utoipa::path(post, path = "/keys/{key_id}/roll", tag = "keys", params(("key_id" = KeyId, Path)), request_body = RollBody,
     responses((status = 201, body = CreatedKey), (status = 409, description = "Already rolled (to `id`), or revoked (code `revoked`)", body = Problem, content_type = "application/problem+json"), Failures))]
 async fn roll_key(
-    State(c): State<ApiKeyClient>,
+    a: Acting,
     ApiPath(id): ApiPath<KeyId>,
     ApiJson(body): ApiJson<RollBody>,
 ) -> Answer<Response> {
-    Ok(created(c.roll_key(id, std::time::Duration::from_secs(body.grace_seconds)).await?))
+    a.key(id).await?;
+    let grace = std::time::Duration::from_secs(body.grace_seconds);
+    Ok(created(a.client.roll_key(id, grace).await?))
 }
 
 /// A key's new expiry: exactly one of the two members.
@@ -919,15 +1085,17 @@ pub struct RenewBody {
 #[utoipa::path(post, path = "/keys/{key_id}/renew", tag = "keys", params(("key_id" = KeyId, Path)), request_body = RenewBody,
     responses((status = 200, body = ApiKey), (status = 409, description = "Rolled (renew the key it was rolled to), or revoked (code `revoked`)", body = Problem, content_type = "application/problem+json"), Failures))]
 async fn renew_key(
-    State(c): State<ApiKeyClient>,
+    a: Acting,
     ApiPath(id): ApiPath<KeyId>,
     ApiJson(body): ApiJson<RenewBody>,
 ) -> Answer<Json<ApiKey>> {
+    a.key(id).await?;
+    let c = &a.client;
     let key = match (body.expires_at, body.extend_by_seconds) {
         (Some(at), None) => c.renew_key(id, at).await?,
         (None, Some(seconds)) => c.extend_key(id, std::time::Duration::from_secs(seconds)).await?,
         _ => {
-            return Err(ApiError(Error::invalid_input(
+            return Err(ApiError::Store(Error::invalid_input(
                 "expires_at",
                 "give exactly one of expires_at and extend_by_seconds",
             )));
@@ -940,11 +1108,9 @@ async fn renew_key(
 /// revoked, deleted, with the acting admin when one was named.
 #[utoipa::path(get, path = "/keys/{key_id}/events", tag = "keys", params(("key_id" = KeyId, Path)),
     responses((status = 200, body = Vec<KeyEvent>), Failures))]
-async fn list_key_events(
-    State(c): State<ApiKeyClient>,
-    ApiPath(id): ApiPath<KeyId>,
-) -> Answer<Json<Vec<KeyEvent>>> {
-    Ok(Json(c.list_key_events(id).await?))
+async fn list_key_events(a: Acting, ApiPath(id): ApiPath<KeyId>) -> Answer<Json<Vec<KeyEvent>>> {
+    a.key(id).await?;
+    Ok(Json(a.client.list_key_events(id).await?))
 }
 
 /// The keys of one owner in an organization (owner ids are per organization), oldest
@@ -953,13 +1119,13 @@ async fn list_key_events(
     params(("org_id" = OrgId, Path), ("owner_id" = String, Path), ListQuery),
     responses((status = 200, body = KeyPage<ApiKey>), Failures))]
 async fn list_owner_keys(
-    State(c): State<ApiKeyClient>,
+    a: Acting,
     ApiPath((org, owner)): ApiPath<(OrgId, String)>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Answer<Json<KeyPage<ApiKey>>> {
     let page = q.page()?;
-    c.get_organization(org).await?;
-    Ok(Json(c.list_owner_keys(org, &owner, q.status, page).await?))
+    a.org(org).await?;
+    Ok(Json(a.client.list_owner_keys(org, &owner, q.status, page).await?))
 }
 
 /// The ids of the keys an owner-wide revocation revoked.
@@ -975,9 +1141,34 @@ pub struct RevokedKeys {
     params(("org_id" = OrgId, Path), ("owner_id" = String, Path)),
     responses((status = 200, body = RevokedKeys), Failures))]
 async fn revoke_owner_keys(
-    State(c): State<ApiKeyClient>,
+    a: Acting,
     ApiPath((org, owner)): ApiPath<(OrgId, String)>,
 ) -> Answer<Json<RevokedKeys>> {
-    c.get_organization(org).await?;
-    Ok(Json(RevokedKeys { revoked: c.revoke_owner_keys(org, &owner).await? }))
+    a.org(org).await?;
+    Ok(Json(RevokedKeys { revoked: a.client.revoke_owner_keys(org, &owner).await? }))
+}
+
+/// Credits to add to a key's balance.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddCreditsBody {
+    /// How many credits to add (at least 1).
+    #[schema(minimum = 1)]
+    pub add: u64,
+}
+
+/// Adds credits to a key's balance (a top-up) in one atomic statement, after the refill
+/// that fell due if any; checks spending meanwhile on any replica lose none of them. To set
+/// the balance, `PATCH` the key's `credits`. A key with no balance is refused (422, field
+/// `credits`), as is a revoked key (409) or a rolled one (409, naming the key it was rolled
+/// to, which holds its balance).
+#[utoipa::path(post, path = "/keys/{key_id}/credits", tag = "keys", params(("key_id" = KeyId, Path)), request_body = AddCreditsBody,
+    responses((status = 200, body = ApiKey), (status = 409, description = "Revoked (code `revoked`), or rolled (to `id`)", body = Problem, content_type = "application/problem+json"), Failures))]
+async fn add_credits(
+    a: Acting,
+    ApiPath(id): ApiPath<KeyId>,
+    ApiJson(body): ApiJson<AddCreditsBody>,
+) -> Answer<Json<ApiKey>> {
+    a.key(id).await?;
+    Ok(Json(a.client.add_credits(id, body.add).await?))
 }

@@ -255,6 +255,16 @@ pub enum KeysCommand {
     },
     /// Move a key's expiry: to an instant, or later by a duration.
     Renew(RenewArgs),
+    /// Add usage credits to a key's balance (a top-up; `update --credits` sets it instead).
+    ///
+    /// One atomic statement: checks spending on any replica meanwhile lose none of them. A
+    /// refill that fell due is applied first, so the top-up is not overwritten by it.
+    AddCredits {
+        /// The key's id.
+        id: String,
+        /// How many credits to add (at least 1).
+        amount: u64,
+    },
     /// A key's audit trail, oldest first.
     Events {
         /// The key's id.

@@ -59,6 +59,9 @@ pub async fn run(client: &ApiKeyClient, command: KeysCommand, out: &Out) -> Resu
             out.issued(&issued, "rolled: the new")
         }
         KeysCommand::Renew(args) => renew(client, args, out).await,
+        KeysCommand::AddCredits { id, amount } => {
+            out.key(&client.add_credits(key_id(&id)?, amount).await?)
+        }
         KeysCommand::Events { id } => out.events(&client.list_key_events(key_id(&id)?).await?),
         KeysCommand::Rehash(args) => rehash(client, args, out).await,
     }

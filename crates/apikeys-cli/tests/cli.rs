@@ -653,6 +653,29 @@ async fn disable_enable_and_allowlists(db: TestDb) {
     assert!(err.contains("revoked"), "{err}");
 }
 
+/// `keys add-credits` tops a balance up and says why it refuses: a key with no balance, an
+/// amount of zero.
+async fn credits_are_topped_up(db: TestDb) {
+    let cli = Cli::new(db);
+    cli.ok(&["migrate", "up"]);
+    let file = cli.path("bootstrap.toml");
+    write(&file, BOOTSTRAP);
+    cli.ok(&["bootstrap", file.to_str().unwrap()]);
+    let metered = ["keys", "create", "--org", "acme", "--name", "m", "--credits", "5"];
+    cli.ok(&metered);
+    cli.ok(&["keys", "create", "--org", "acme", "--name", "u"]);
+    let listed = cli.json(&["keys", "list", "--org", "acme"]);
+    let id = |i: usize| listed["items"][i]["id"].as_str().unwrap().to_owned();
+    let topped = cli.json(&["keys", "add-credits", &id(0), "20"]);
+    assert_eq!(topped["credits"]["remaining"], 25);
+    let err = assert_fails(&cli.run(&["keys", "add-credits", &id(1), "20"]), 2, "no balance");
+    assert!(err.contains("no credit balance"), "{err}");
+    let err = assert_fails(&cli.run(&["keys", "add-credits", &id(0), "0"]), 2, "zero");
+    assert!(err.contains("credits"), "{err}");
+    let shown = cli.json(&["keys", "show", &id(0)]);
+    assert_eq!(shown["credits"]["remaining"], 25, "a refused call changed nothing");
+}
+
 /// A key of another environment (the service's `sk_live_…` while the command runs without
 /// APIKEYS_ENVIRONMENT) is refused with the two formats named, and never repeated; a
 /// malformed one gets the plain answer.
@@ -675,6 +698,7 @@ async fn verify_names_a_key_of_another_format(db: TestDb) {
 
 apikeys_testing::backend_tests!([
     disable_enable_and_allowlists,
+    credits_are_topped_up,
     verify_names_a_key_of_another_format,
     bootstrap_twice,
     concurrent_deploys,

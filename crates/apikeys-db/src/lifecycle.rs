@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use apikeys_core::hazmat::validate_owner;
-use apikeys_core::limits::MAX_EXPIRES_AT;
+use apikeys_core::limits::{MAX_CREDITS, MAX_EXPIRES_AT};
 use apikeys_core::{
     ApiKey, Error, Expiry, IssuedKey, KeyAction, KeyId, KeyPage, OrgId, Page, Result, StatusFilter,
 };
@@ -190,6 +190,73 @@ impl ApiKeyClient {
         check_expiry(at, self.now())?;
         self.change(Change::Key(id), async move |txn| self.set_expiry_on(txn, id, |_| Ok(at)).await)
             .await
+    }
+
+    /// Adds `amount` usage credits to a key's balance (a top-up), in one atomic statement:
+    /// checks spending on any replica meanwhile neither lose the amount nor spend any credit
+    /// twice. A refill that has fallen due is applied first (as the next check would), so a
+    /// top-up in a new period adds to the refilled balance instead of being overwritten by
+    /// it. To set a balance, or remove it, use [`update_key`](Self::update_key).
+    ///
+    /// Replicas keep the blocks they hold in [`CreditMode::Leased`](crate::CreditMode); one
+    /// that found the balance spent admits the key again within a second.
+    ///
+    /// ```
+    /// # use apikeys_db::{ApiKeyClient, Credits, Error, NewKey, ValidateOptions};
+    /// # #[tokio::main]
+    /// # async fn main() -> apikeys_db::Result<()> {
+    /// # let client = ApiKeyClient::builder().database_url("sqlite::memory:")
+    /// #     .signing_secret("a-signing-secret-of-at-least-32-bytes!!").build().await?;
+    /// # client.create_tables().await?;
+    /// # let (org, _) = client.get_or_create_organization("acme").await?;
+    /// let issued = client.create_key(org.id, NewKey::new("trial").with_credits(Credits::new(1))).await?;
+    /// let (id, key) = (issued.record.id, issued.key.expose_secret());
+    /// client.validate_key(key, &ValidateOptions::new()).await?;
+    /// let spent = client.validate_key(key, &ValidateOptions::new()).await;
+    /// assert!(matches!(spent, Err(Error::UsageExhausted { .. })));
+    /// let topped_up = client.add_credits(id, 500).await?;
+    /// assert_eq!(topped_up.credits.map(|c| c.remaining), Some(500));
+    /// client.validate_key(key, &ValidateOptions::new()).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] (field `credits`) for an amount of zero or above
+    /// [`MAX_CREDITS`](crate::core::limits::MAX_CREDITS), a key with no balance (unlimited use), or a
+    /// balance the amount would take past that maximum; [`Error::NotFound`];
+    /// [`Error::Revoked`]; [`Error::AlreadyExists`] naming the key a rolled key was rolled
+    /// to (its balance moved there); nothing is written then; [`Error::Storage`].
+    pub async fn add_credits(&self, id: KeyId, amount: u64) -> Result<ApiKey> {
+        if amount == 0 || amount > MAX_CREDITS {
+            return Err(Error::invalid_input("credits", "the amount must be 1 to 2^63 - 1"));
+        }
+        let now = naive(self.now());
+        self.in_transaction(async move |txn| {
+            let record = api_key_from_model(locked_row(txn, id).await?)?;
+            if let Some(revoked_at) = record.revoked_at {
+                return Err(Error::Revoked { revoked_at });
+            }
+            if let Some(to) = record.rolled_to {
+                return Err(Error::AlreadyExists { existing: to.into() });
+            }
+            if record.credits.is_none() {
+                return Err(Error::invalid_input(
+                    "credits",
+                    "the key has no credit balance (unlimited use): set one with update_key",
+                ));
+            }
+            if !crate::credits::add(txn, id, amount, now).await? {
+                return Err(Error::invalid_input(
+                    "credits",
+                    "the balance would pass the largest one (2^63 - 1)",
+                ));
+            }
+            let key = get_key_on(txn, id).await?;
+            self.audit(txn, KeyAction::Updated, Subject::key(&key)).await?;
+            Ok(key)
+        })
+        .await
     }
 
     /// Moves a key's expiry `by` later. A rolled key is refused, as by

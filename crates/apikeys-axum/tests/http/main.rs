@@ -39,5 +39,7 @@ apikeys_testing::backend_tests! {
         disable_and_enable_through_the_api,
         ip_allowlists_through_the_api,
         roll_renew_events_and_owners_through_the_api,
+        admins_bound_to_an_organization_stay_in_it,
+        credits_are_topped_up_through_the_api,
     ],
 }

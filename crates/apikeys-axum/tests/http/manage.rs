@@ -1,9 +1,10 @@
 //! The management API end to end through real HTTP.
 
-use apikeys_axum::{ApiKeyAuth, ManagementApi, ValidKey};
+use apikeys_axum::{Admin, ApiKeyAuth, ManagementApi, ValidKey};
 use apikeys_db::core::find_keys;
-use apikeys_db::{ApiKeyClient, KeyAction, ValidateOptions};
+use apikeys_db::{ApiKeyClient, Credits, KeyAction, NewKey, OrgId, ValidateOptions};
 use axum::Router;
+use axum::http::request::Parts;
 use axum::routing::get;
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -416,6 +417,7 @@ pub async fn values_that_do_not_parse_are_never_echoed(db: TestDb) {
                 "key_id",
             ),
             (Method::GET, format!("/keys/{bad}/events"), None, "key_id"),
+            (Method::POST, format!("/keys/{bad}/credits"), Some(json!({"add": 1})), "key_id"),
             (Method::GET, format!("/orgs/{bad}/owners/u/keys"), None, "org_id"),
             (Method::POST, format!("/orgs/{bad}/owners/u/revoke"), None, "org_id"),
         ];
@@ -540,6 +542,7 @@ pub async fn the_openapi_document_describes_every_route(db: TestDb) {
             "GET /projects/{project_id}/keys",
             "GET /projects/{project_id}/products",
             "PATCH /keys/{key_id}",
+            "POST /keys/{key_id}/credits",
             "POST /keys/{key_id}/disable",
             "POST /keys/{key_id}/enable",
             "POST /keys/{key_id}/renew",
@@ -921,4 +924,167 @@ pub async fn roll_renew_events_and_owners_through_the_api(db: TestDb) {
     call(&base, Method::GET, &format!("/orgs/{gone}/owners/user-2/keys"), None)
         .await
         .assert_problem(404, "not_found", "");
+}
+
+/// Tokens of an admin of every organization, and of an admin of `acme` alone, each named.
+fn bound_admins(acme: OrgId) -> impl Fn(&Parts) -> Option<Admin> + Clone + Send + Sync + 'static {
+    move |parts: &Parts| match parts.headers.get("x-admin-token")?.to_str().ok()? {
+        "global" => Admin::global().named("ops:carol").ok(),
+        "acme" => Admin::of_org(acme).named("acme:bob").ok(),
+        _ => None,
+    }
+}
+
+async fn call_as(
+    base: &str,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Answer {
+    let mut request = reqwest::Client::new()
+        .request(method, format!("{base}/admin{path}"))
+        .header("x-admin-token", token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    Answer::of(request.send().await.unwrap()).await
+}
+
+/// An admin bound to one organization works in it (keys created, changed and topped up,
+/// with its name in the audit trail) and finds every record of another organization
+/// missing: each route answers 404 and nothing of the other organization changes (no
+/// event, the key still valid). It cannot create organizations (403) and lists its own
+/// alone; a global admin sees both; a request the check refuses is 403.
+pub async fn admins_bound_to_an_organization_stay_in_it(db: TestDb) {
+    let client = db.client().await;
+    let (acme, _) = client.get_or_create_organization("acme").await.unwrap();
+    let (rival, _) = client.get_or_create_organization("rival").await.unwrap();
+    let (project, _) = client.get_or_create_project(rival.id, "p").await.unwrap();
+    let (product, _) = client.get_or_create_product(rival.id, "q").await.unwrap();
+    let (own_project, _) = client.get_or_create_project(acme.id, "own").await.unwrap();
+    let new = NewKey::new("theirs").with_credits(Credits::new(5)).with_owner("u1");
+    let theirs = client.create_key(rival.id, new).await.unwrap();
+    let admin = ManagementApi::new(client.clone()).authorized_as(bound_admins(acme.id));
+    let base = serve_with_peer(Router::new().nest("/admin", admin)).await;
+
+    let before = db.counts(&client).await;
+    let (r, k, pj, pd) = (rival.id, theirs.record.id, project.id, product.id);
+    let own = own_project.id;
+    let name = || Some(json!({"name": "x"}));
+    let routes: Vec<(Method, String, Option<Value>)> = vec![
+        (Method::GET, format!("/orgs/{r}"), None),
+        (Method::GET, format!("/orgs/{r}/projects"), None),
+        (Method::POST, format!("/orgs/{r}/projects"), name()),
+        (Method::GET, format!("/orgs/{r}/products"), None),
+        (Method::POST, format!("/orgs/{r}/products"), name()),
+        (Method::GET, format!("/orgs/{r}/keys"), None),
+        (Method::POST, format!("/orgs/{r}/keys"), name()),
+        (Method::GET, format!("/projects/{pj}"), None),
+        (Method::GET, format!("/projects/{pj}/keys"), None),
+        (Method::GET, format!("/projects/{pj}/products"), None),
+        (Method::PUT, format!("/projects/{pj}/products/{pd}"), None),
+        (Method::PUT, format!("/projects/{own}/products/{pd}"), None),
+        (Method::DELETE, format!("/projects/{pj}/products/{pd}"), None),
+        (Method::GET, format!("/products/{pd}"), None),
+        (Method::GET, format!("/keys/{k}"), None),
+        (Method::PATCH, format!("/keys/{k}"), name()),
+        (Method::DELETE, format!("/keys/{k}"), None),
+        (Method::POST, format!("/keys/{k}/revoke"), None),
+        (Method::POST, format!("/keys/{k}/disable"), None),
+        (Method::POST, format!("/keys/{k}/enable"), None),
+        (Method::POST, format!("/keys/{k}/roll"), Some(json!({"grace_seconds": 0}))),
+        (Method::POST, format!("/keys/{k}/renew"), Some(json!({"extend_by_seconds": 1}))),
+        (Method::GET, format!("/keys/{k}/events"), None),
+        (Method::POST, format!("/keys/{k}/credits"), Some(json!({"add": 1}))),
+        (Method::GET, format!("/orgs/{r}/owners/u1/keys"), None),
+        (Method::POST, format!("/orgs/{r}/owners/u1/revoke"), None),
+    ];
+    for (method, path, body) in routes {
+        let a = call_as(&base, "acme", method.clone(), &path, body).await;
+        assert_eq!(a.status, 404, "{method} {path}: {}", a.text);
+        a.assert_problem(404, "not_found", "");
+    }
+    assert_eq!(db.counts(&client).await, before, "nothing of the other organization changed");
+    assert_eq!(client.list_key_events(k).await.unwrap().len(), 1, "created, nothing since");
+    let valid = client.validate_key(theirs.key.expose_secret(), &ValidateOptions::new()).await;
+    assert_eq!(valid.unwrap().credits.unwrap().remaining, 4);
+
+    let created = call_as(&base, "acme", Method::POST, "/orgs", name()).await;
+    created.assert_problem(403, "forbidden", "");
+    let listed = call_as(&base, "acme", Method::GET, "/orgs", None).await;
+    assert_eq!(listed.body.as_array().unwrap().len(), 1, "{}", listed.text);
+    assert_eq!(listed.body[0]["id"], json!(acme.id));
+    let all = call_as(&base, "global", Method::GET, "/orgs", None).await;
+    assert_eq!(all.body.as_array().unwrap().len(), 2, "{}", all.text);
+    call_as(&base, "nobody", Method::GET, "/orgs", None).await.assert_problem(403, "forbidden", "");
+
+    // In its own organization: the key it creates, tops up and revokes names it.
+    let body = json!({"name": "mine", "credits": {"remaining": 1}});
+    let path = format!("/orgs/{}/keys", acme.id);
+    let mine = call_as(&base, "acme", Method::POST, &path, Some(body)).await;
+    assert_eq!(mine.status, 201, "{}", mine.text);
+    let id = mine.body["record"]["id"].as_str().unwrap().to_owned();
+    let topped = call_as(
+        &base,
+        "acme",
+        Method::POST,
+        &format!("/keys/{id}/credits"),
+        Some(json!({"add": 9})),
+    )
+    .await;
+    assert_eq!(topped.body["credits"]["remaining"], 10, "{}", topped.text);
+    let revoked = call_as(&base, "acme", Method::POST, &format!("/keys/{id}/revoke"), None).await;
+    assert_eq!(revoked.status, 200, "{}", revoked.text);
+    let events = call_as(&base, "acme", Method::GET, &format!("/keys/{id}/events"), None).await;
+    let trail: Vec<(&str, &str)> = events
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["action"].as_str().unwrap(), e["actor"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(trail, [("created", "acme:bob"), ("updated", "acme:bob"), ("revoked", "acme:bob")]);
+    // A global admin acts anywhere, under its own name.
+    let theirs_path = format!("/keys/{k}/revoke");
+    let done = call_as(&base, "global", Method::POST, &theirs_path, None).await;
+    assert_eq!(done.status, 200, "{}", done.text);
+    let last = client.list_key_events(k).await.unwrap().pop().unwrap();
+    assert_eq!((last.action, last.actor.as_deref()), (KeyAction::Revoked, Some("ops:carol")));
+}
+
+/// `POST /keys/{id}/credits` adds to the balance; a key with no balance is 422 (field
+/// `credits`), an amount of 0 is 422, a revoked key 409 `revoked`, a rolled one 409 naming
+/// its successor; nothing is written by a refused call.
+pub async fn credits_are_topped_up_through_the_api(db: TestDb) {
+    let client = db.client().await;
+    let base = app(client.clone()).await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let plain = client.create_key(org.id, NewKey::new("unlimited")).await.unwrap().record.id;
+    let new = NewKey::new("metered").with_credits(Credits::new(2));
+    let metered = client.create_key(org.id, new).await.unwrap().record.id;
+    let add = |n: u64| Some(json!({ "add": n }));
+    let ok = call(&base, Method::POST, &format!("/keys/{metered}/credits"), add(40)).await;
+    assert_eq!(
+        (ok.status, ok.body["credits"]["remaining"].clone()),
+        (200, json!(42)),
+        "{}",
+        ok.text
+    );
+    let before = db.counts(&client).await;
+    let none = call(&base, Method::POST, &format!("/keys/{plain}/credits"), add(1)).await;
+    none.assert_problem(422, "invalid_input", "");
+    assert_eq!(none.body["field"], "credits");
+    let zero = call(&base, Method::POST, &format!("/keys/{metered}/credits"), add(0)).await;
+    zero.assert_problem(422, "invalid_input", "");
+    let rolled = client.roll_key(metered, std::time::Duration::from_secs(60)).await.unwrap();
+    let after_roll = db.counts(&client).await;
+    let moved = call(&base, Method::POST, &format!("/keys/{metered}/credits"), add(1)).await;
+    moved.assert_problem(409, "already_exists", "");
+    assert_eq!(moved.body["id"], json!(rolled.record.id));
+    client.revoke_key(plain).await.unwrap();
+    let gone = call(&base, Method::POST, &format!("/keys/{plain}/credits"), add(1)).await;
+    gone.assert_problem(409, "revoked", "");
+    assert_eq!(client.get_key(rolled.record.id).await.unwrap().credits.unwrap().remaining, 42);
+    assert_ne!(before, after_roll);
 }

@@ -842,3 +842,89 @@ pub async fn upgrade_to_per_organization_owners_and_lineage(db: TestDb) {
     assert_eq!(revoked, [a.record.id, b.record.id]);
     client.validate_key(x.key.expose_secret(), &plain()).await.unwrap();
 }
+
+/// A top-up (`add_credits`): 4 clients × 4 tasks spend (30 attempts each) while another
+/// task adds 10 credits 20 times: every credit is spent once or left, none lost or spent
+/// twice (passed + left = 50 + 200). A top-up after a refill fell due adds to the refilled
+/// balance; a key with no balance, a revoked one, a rolled one, zero and an amount past the
+/// maximum are refused and change nothing.
+pub async fn adding_credits_is_atomic_and_follows_the_refill(db: TestDb) {
+    let first = db.client().await;
+    let org = org(&first, "acme").await;
+    let issued = first.create_key(org, NewKey::new("topped").with_credits(Credits::new(50))).await;
+    let issued = issued.unwrap();
+    let (id, key) = (issued.record.id, issued.key.expose_secret().to_owned());
+    let mut clients = vec![first.clone()];
+    for _ in 1..4 {
+        clients.push(db.client().await);
+    }
+    let barrier = Arc::new(Barrier::new(17));
+    let mut spenders = Vec::new();
+    for client in &clients {
+        for _ in 0..4 {
+            let (client, key, barrier) = (client.clone(), key.clone(), Arc::clone(&barrier));
+            spenders.push(tokio::spawn(async move {
+                barrier.wait().await;
+                let mut passed = 0_u64;
+                for _ in 0..30 {
+                    match client.validate_key(&key, &plain()).await {
+                        Ok(_) => passed += 1,
+                        Err(Error::UsageExhausted { .. }) => {}
+                        Err(e) => panic!("{e:?}"),
+                    }
+                }
+                passed
+            }));
+        }
+    }
+    let adder = {
+        let (client, barrier) = (clients[3].clone(), Arc::clone(&barrier));
+        tokio::spawn(async move {
+            barrier.wait().await;
+            for _ in 0..20 {
+                client.add_credits(id, 10).await.unwrap();
+            }
+        })
+    };
+    let mut passed = 0;
+    for s in spenders {
+        passed += s.await.unwrap();
+    }
+    adder.await.unwrap();
+    let left = first.get_key(id).await.unwrap().credits.unwrap().remaining;
+    assert_eq!(passed + left, 250, "passed {passed}, left {left}");
+
+    // A refill fell due: the top-up adds to the refilled balance.
+    let refilling = Credits::new(3).with_refill(Refill::daily(100));
+    let r = first.create_key(org, NewKey::new("refills").with_credits(refilling)).await.unwrap();
+    age_refill(&first, r.record.id, 1).await;
+    let topped = first.add_credits(r.record.id, 5).await.unwrap();
+    assert_eq!(topped.credits.unwrap().remaining, 105);
+    let checked = first.validate_key(r.key.expose_secret(), &plain()).await.unwrap();
+    assert_eq!(checked.credits.unwrap().remaining, 104, "the refill is not applied twice");
+    let events = first.list_key_events(r.record.id).await.unwrap();
+    assert_eq!(actions(&events), [KeyAction::Created, KeyAction::Updated]);
+
+    // Refused, nothing written.
+    let unlimited = first.create_key(org, NewKey::new("unlimited")).await.unwrap().record.id;
+    let max = apikeys_db::core::limits::MAX_CREDITS;
+    let before = first.get_key(r.record.id).await.unwrap();
+    for (target, amount) in [(unlimited, 1), (r.record.id, 0), (r.record.id, max)] {
+        match first.add_credits(target, amount).await {
+            Err(Error::InvalidInput { field: "credits", .. }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(first.get_key(r.record.id).await.unwrap(), before);
+    let rolled = first.roll_key(r.record.id, Duration::from_secs(60)).await.unwrap();
+    match first.add_credits(r.record.id, 1).await {
+        Err(Error::AlreadyExists { existing }) => assert_eq!(existing, rolled.record.id.into()),
+        other => panic!("{other:?}"),
+    }
+    first.revoke_key(id).await.unwrap();
+    assert!(matches!(first.add_credits(id, 1).await, Err(Error::Revoked { .. })));
+    assert!(matches!(
+        first.add_credits(apikeys_db::KeyId::new(), 1).await,
+        Err(Error::NotFound { .. })
+    ));
+}

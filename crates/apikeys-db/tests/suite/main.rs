@@ -114,6 +114,7 @@ apikeys_testing::backend_tests! {
         admin_calls_racing_the_hot_path,
     ],
     lifecycle: [
+        adding_credits_is_atomic_and_follows_the_refill,
         roll_keeps_the_old_key_for_its_grace,
         other_replicas_refuse_rolled_revoked_and_spent_keys,
         credits_are_spent_and_refilled_once_per_period,
