@@ -38,6 +38,7 @@ use crate::auth::problem_response;
 /// | method and path | what it does |
 /// |---|---|
 /// | `POST /orgs`, `GET /orgs`, `GET /orgs/{org_id}` | create, list, get organizations |
+/// | (every listing) | a page at a time: `?limit=100&after={id}`, answered `{"items": [...], "next": id or null}` |
 /// | `POST /orgs/{org_id}/projects`, `GET /orgs/{org_id}/projects`, `GET /projects/{project_id}` | projects |
 /// | `POST /orgs/{org_id}/products`, `GET /orgs/{org_id}/products`, `GET /products/{product_id}` | products |
 /// | `PUT`, `DELETE /projects/{project_id}/products/{product_id}`, `GET /projects/{project_id}/products` | link, unlink, list a project's products |
@@ -773,14 +774,39 @@ pub struct ListQuery {
 
 impl ListQuery {
     fn page(&self) -> Result<Page, Error> {
-        let page = match self.limit {
-            Some(limit) => Page::first(limit)?,
-            None => Page::default(),
-        };
-        Ok(match self.after {
-            Some(cursor) => page.after(cursor),
-            None => page,
-        })
+        page_of(self.limit, self.after.map(uuid::Uuid::from))
+    }
+}
+
+/// The page of `limit` items (100 by default) after `after`.
+fn page_of(limit: Option<u32>, after: Option<uuid::Uuid>) -> Result<Page, Error> {
+    let page = match limit {
+        Some(limit) => Page::first(limit)?,
+        None => Page::default(),
+    };
+    Ok(match after {
+        Some(cursor) => page.after(cursor),
+        None => page,
+    })
+}
+
+/// Which page of a listing other than keys.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// Items per page, 1 to 1000 (100 by default).
+    #[serde(default)]
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
+    /// The `next` cursor of the previous page.
+    #[serde(default)]
+    pub after: Option<uuid::Uuid>,
+}
+
+impl PageQuery {
+    fn page(&self) -> Result<Page, Error> {
+        page_of(self.limit, self.after)
     }
 }
 
@@ -828,12 +854,22 @@ async fn create_org(
     Ok((StatusCode::CREATED, Json(a.client.create_organization(&body.name).await?)))
 }
 
-/// Lists every organization (for an admin of one organization, that one).
-#[utoipa::path(get, path = "/orgs", tag = "organizations", responses((status = 200, body = Vec<Organization>), Failures))]
-async fn list_orgs(a: Acting) -> Answer<Json<Vec<Organization>>> {
+/// The organizations, oldest first, a page at a time (for an admin of one organization,
+/// that one).
+#[utoipa::path(get, path = "/orgs", tag = "organizations", params(PageQuery),
+    responses((status = 200, body = KeyPage<Organization, OrgId>), Failures))]
+async fn list_orgs(
+    a: Acting,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> Answer<Json<KeyPage<Organization, OrgId>>> {
+    let page = q.page()?;
     Ok(Json(match a.org {
-        Some(own) => vec![a.org(own).await?],
-        None => a.client.list_organizations().await?,
+        Some(own) => {
+            let past = page.cursor().is_some_and(|after| after >= own.as_uuid());
+            let items = if past { Vec::new() } else { vec![a.org(own).await?] };
+            KeyPage { items, next: None }
+        }
+        None => a.client.list_organizations_page(page).await?,
     }))
 }
 
@@ -856,12 +892,17 @@ async fn create_project(
     Ok((StatusCode::CREATED, Json(a.client.create_project(org, &body.name).await?)))
 }
 
-/// The projects of an organization.
-#[utoipa::path(get, path = "/orgs/{org_id}/projects", tag = "projects", params(("org_id" = OrgId, Path)),
-    responses((status = 200, body = Vec<Project>), Failures))]
-async fn list_projects(a: Acting, ApiPath(org): ApiPath<OrgId>) -> Answer<Json<Vec<Project>>> {
+/// The projects of an organization, oldest first, a page at a time.
+#[utoipa::path(get, path = "/orgs/{org_id}/projects", tag = "projects", params(("org_id" = OrgId, Path), PageQuery),
+    responses((status = 200, body = KeyPage<Project, ProjectId>), Failures))]
+async fn list_projects(
+    a: Acting,
+    ApiPath(org): ApiPath<OrgId>,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> Answer<Json<KeyPage<Project, ProjectId>>> {
+    let page = q.page()?;
     a.org(org).await?;
-    Ok(Json(a.client.list_projects(org).await?))
+    Ok(Json(a.client.list_projects_page(org, page).await?))
 }
 
 /// One project.
@@ -883,12 +924,17 @@ async fn create_product(
     Ok((StatusCode::CREATED, Json(a.client.create_product(org, &body.name).await?)))
 }
 
-/// The products of an organization.
-#[utoipa::path(get, path = "/orgs/{org_id}/products", tag = "products", params(("org_id" = OrgId, Path)),
-    responses((status = 200, body = Vec<Product>), Failures))]
-async fn list_products(a: Acting, ApiPath(org): ApiPath<OrgId>) -> Answer<Json<Vec<Product>>> {
+/// The products of an organization, oldest first, a page at a time.
+#[utoipa::path(get, path = "/orgs/{org_id}/products", tag = "products", params(("org_id" = OrgId, Path), PageQuery),
+    responses((status = 200, body = KeyPage<Product, ProductId>), Failures))]
+async fn list_products(
+    a: Acting,
+    ApiPath(org): ApiPath<OrgId>,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> Answer<Json<KeyPage<Product, ProductId>>> {
+    let page = q.page()?;
     a.org(org).await?;
-    Ok(Json(a.client.list_products(org).await?))
+    Ok(Json(a.client.list_products_page(org, page).await?))
 }
 
 /// One product.
@@ -1104,13 +1150,18 @@ async fn renew_key(
     Ok(Json(key))
 }
 
-/// A key's audit trail, oldest first: created, updated, rolled, renewed, disabled, enabled,
-/// revoked, deleted, with the acting admin when one was named.
-#[utoipa::path(get, path = "/keys/{key_id}/events", tag = "keys", params(("key_id" = KeyId, Path)),
-    responses((status = 200, body = Vec<KeyEvent>), Failures))]
-async fn list_key_events(a: Acting, ApiPath(id): ApiPath<KeyId>) -> Answer<Json<Vec<KeyEvent>>> {
+/// A key's audit trail, oldest first, a page at a time: created, updated, rolled, renewed,
+/// disabled, enabled, revoked, deleted, with the acting admin when one was named.
+#[utoipa::path(get, path = "/keys/{key_id}/events", tag = "keys", params(("key_id" = KeyId, Path), PageQuery),
+    responses((status = 200, body = KeyPage<KeyEvent, uuid::Uuid>), Failures))]
+async fn list_key_events(
+    a: Acting,
+    ApiPath(id): ApiPath<KeyId>,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> Answer<Json<KeyPage<KeyEvent, uuid::Uuid>>> {
+    let page = q.page()?;
     a.key(id).await?;
-    Ok(Json(a.client.list_key_events(id).await?))
+    Ok(Json(a.client.list_key_events_page(id, page).await?))
 }
 
 /// The keys of one owner in an organization (owner ids are per organization), oldest

@@ -3,14 +3,17 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use uuid::Uuid;
+
 use crate::id::KeyId;
 
 /// Largest page a listing returns.
 pub const MAX_PAGE_SIZE: u32 = 1_000;
 
-/// Which page of a listing to return: up to `limit` items, oldest first, after a cursor.
+/// Which page of a listing to return: up to `limit` items, oldest first, after a cursor (the
+/// id of the previous page's last item: a key's, an organization's, a project's, ...).
 ///
-/// Keys are ordered by id (UUID v7, so by creation time). Keyset pagination stays fast and
+/// Items are ordered by id (UUID v7, so by creation time). Keyset pagination stays fast and
 /// stable while keys are added or removed, unlike offsets. The size is checked when the
 /// page is built (and when one is deserialized), so a listing never fails for it.
 ///
@@ -27,14 +30,14 @@ pub const MAX_PAGE_SIZE: u32 = 1_000;
 #[serde(try_from = "PageFields")]
 pub struct Page {
     limit: u32,
-    after: Option<KeyId>,
+    after: Option<Uuid>,
 }
 
 /// A page as it is deserialized, before its size is checked.
 #[derive(Deserialize)]
 struct PageFields {
     limit: u32,
-    after: Option<KeyId>,
+    after: Option<Uuid>,
 }
 
 impl TryFrom<PageFields> for Page {
@@ -65,10 +68,11 @@ impl Page {
         }
     }
 
-    /// The page that starts after `cursor` (a [`KeyPage::next`] value).
+    /// The page that starts after `cursor` (a [`KeyPage::next`] value: a [`KeyId`], an
+    /// [`OrgId`](crate::OrgId), ...).
     #[must_use]
-    pub fn after(mut self, cursor: KeyId) -> Self {
-        self.after = Some(cursor);
+    pub fn after(mut self, cursor: impl Into<Uuid>) -> Self {
+        self.after = Some(cursor.into());
         self
     }
 
@@ -80,17 +84,19 @@ impl Page {
 
     /// The cursor: items strictly after this id.
     #[must_use]
-    pub fn cursor(&self) -> Option<KeyId> {
+    pub fn cursor(&self) -> Option<Uuid> {
         self.after
     }
 }
 
-/// One page of a listing.
+/// One page of a listing: of keys (the default), or of records whose ids are `C`
+/// (organizations, projects, products, audit events).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
-pub struct KeyPage<T> {
+pub struct KeyPage<T, C = KeyId> {
     /// The items, oldest first.
     pub items: Vec<T>,
-    /// The cursor for the next page, or `None` if this is the last one.
-    pub next: Option<KeyId>,
+    /// The cursor for the next page (the id of this page's last item), or `None` if this is
+    /// the last one.
+    pub next: Option<C>,
 }

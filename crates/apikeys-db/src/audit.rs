@@ -2,7 +2,12 @@
 //! connection (inside its transaction), never updated, kept when its key is deleted.
 
 use apikeys_core::hazmat::validate_actor;
-use apikeys_core::{ApiKey, KeyAction, KeyEvent, KeyId, OrgId, ProductId, ProjectId, Result};
+use apikeys_core::{
+    ApiKey, KeyAction, KeyEvent, KeyId, KeyPage, OrgId, Page, ProductId, ProjectId, Result,
+};
+use uuid::Uuid;
+
+use crate::key_list::page_rows;
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder};
 use std::sync::Arc;
 
@@ -109,6 +114,23 @@ impl ApiKeyClient {
     /// [`Error::Unavailable`](crate::Error::Unavailable); [`Error::Storage`](crate::Error::Storage).
     pub async fn list_key_events(&self, key: KeyId) -> Result<Vec<KeyEvent>> {
         self.events_where(key_event::Column::KeyId.eq(key.as_uuid())).await
+    }
+
+    /// A key's audit trail a page at a time, oldest first: [`list_key_events`](Self::list_key_events)
+    /// for a key with a long history. The cursor is an event's id.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`](crate::Error::Unavailable); [`Error::Storage`](crate::Error::Storage).
+    pub async fn list_key_events_page(
+        &self,
+        key: KeyId,
+        page: Page,
+    ) -> Result<KeyPage<KeyEvent, Uuid>> {
+        let query = key_event::Entity::find().filter(key_event::Column::KeyId.eq(key.as_uuid()));
+        let (rows, more) = page_rows(self.db(), query, key_event::Column::Id, page).await?;
+        let items = rows.into_iter().map(event_from_row).collect::<Result<Vec<_>>>()?;
+        let next = if more { items.last().map(|e| e.id) } else { None };
+        Ok(KeyPage { items, next })
     }
 
     /// The events of an organization, oldest first: its creation, its projects' and

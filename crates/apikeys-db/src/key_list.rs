@@ -4,7 +4,8 @@
 use apikeys_core::{ApiKey, KeyPage, OrgId, Page, ProjectId, Result, StatusFilter};
 use sea_orm::sea_query::IntoCondition;
 use sea_orm::{
-    ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+    ColumnTrait, Condition, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect, Select,
 };
 
 use crate::client::ApiKeyClient;
@@ -158,25 +159,32 @@ impl ApiKeyClient {
         status: StatusFilter,
         page: Page,
     ) -> Result<KeyPage<ApiKey>> {
-        let limit = page.limit();
-        use api_key::Column as C;
-        let mut query =
+        let query =
             api_key::Entity::find().filter(owner).filter(status_condition(status, self.now()));
-        if let Some(cursor) = page.cursor() {
-            query = query.filter(C::Id.gt(cursor.as_uuid()));
-        }
-        let mut rows = query
-            .order_by_asc(C::Id)
-            .limit(u64::from(limit) + 1)
-            .all(self.db())
-            .await
-            .map_err(storage)?;
-        let more = rows.len() > limit as usize;
-        rows.truncate(limit as usize);
+        let (rows, more) = page_rows(self.db(), query, api_key::Column::Id, page).await?;
         let items = rows.into_iter().map(api_key_from_model).collect::<Result<Vec<_>>>()?;
         let next = if more { items.last().map(|k| k.id) } else { None };
         Ok(KeyPage { items, next })
     }
+}
+
+/// The rows of `query` on `page`: up to its limit, after its cursor, ordered by `id` (ids
+/// are UUID v7, so this is creation order); and whether more follow.
+pub(crate) async fn page_rows<E: EntityTrait>(
+    db: &impl ConnectionTrait,
+    mut query: Select<E>,
+    id: E::Column,
+    page: Page,
+) -> Result<(Vec<E::Model>, bool)> {
+    let limit = page.limit();
+    if let Some(cursor) = page.cursor() {
+        query = query.filter(id.gt(cursor));
+    }
+    let mut rows =
+        query.order_by_asc(id).limit(u64::from(limit) + 1).all(db).await.map_err(storage)?;
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    Ok((rows, more))
 }
 
 /// The SQL form of `ApiKey::status` (revoked, else expired from `now >= expires_at`, else

@@ -4,7 +4,7 @@
 //! make every public method a plain one-line call.
 
 use apikeys_core::hazmat::validate_name;
-use apikeys_core::{Error, KeyAction, OrgId, RecordId, Result};
+use apikeys_core::{Error, KeyAction, KeyPage, OrgId, Page, RecordId, Result};
 use chrono::NaiveDateTime;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel, QueryFilter, QueryOrder,
@@ -16,6 +16,7 @@ use crate::client::ApiKeyClient;
 use crate::convert::naive;
 use crate::error::{Vanished, missing_parent, storage};
 use crate::idempotent::{Read, VANISHED_RETRIES, insert_unique};
+use crate::key_list::page_rows;
 
 /// A record that belongs to one organization and whose name is unique in it.
 pub(crate) trait OrgChild: From<Self::Row> {
@@ -97,6 +98,18 @@ impl ApiKeyClient {
             Some(existing) => Err(Error::AlreadyExists { existing: existing.id().into() }),
             None => Err(Error::conflict(Vanished(T::LABEL))),
         }
+    }
+
+    pub(crate) async fn list_children_page<T: OrgChild>(
+        &self,
+        org: OrgId,
+        page: Page,
+    ) -> Result<KeyPage<T, T::Id>> {
+        let query = T::Table::find().filter(T::org_column().eq(org.as_uuid()));
+        let (rows, more) = page_rows(self.db(), query, T::id_column(), page).await?;
+        let items: Vec<T> = rows.into_iter().map(T::from).collect();
+        let next = if more { items.last().map(T::id) } else { None };
+        Ok(KeyPage { items, next })
     }
 
     pub(crate) async fn list_children<T: OrgChild>(&self, org: OrgId) -> Result<Vec<T>> {

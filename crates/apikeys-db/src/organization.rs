@@ -2,7 +2,9 @@
 //! reads.
 
 use apikeys_core::hazmat::validate_name;
-use apikeys_core::{Error, KeyAction, OrgId, Organization, Result};
+use apikeys_core::{Error, KeyAction, KeyPage, OrgId, Organization, Page, Result};
+
+use crate::key_list::page_rows;
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
 };
@@ -136,6 +138,22 @@ impl ApiKeyClient {
     /// [`Error::Storage`].
     pub async fn find_organization(&self, name: &str) -> Result<Option<Organization>> {
         find_organization_on(self.db(), name, Read::Plain).await
+    }
+
+    /// The organizations a page at a time, oldest first (the cursor is an organization's
+    /// id).
+    ///
+    /// # Errors
+    /// [`Error::Storage`].
+    pub async fn list_organizations_page(
+        &self,
+        page: Page,
+    ) -> Result<KeyPage<Organization, OrgId>> {
+        let query = organization::Entity::find();
+        let (rows, more) = page_rows(self.db(), query, organization::Column::Id, page).await?;
+        let items: Vec<Organization> = rows.into_iter().map(Organization::from).collect();
+        let next = if more { items.last().map(|o| o.id) } else { None };
+        Ok(KeyPage { items, next })
     }
 
     /// Every organization, by name.

@@ -5,7 +5,7 @@ use apikeys_core::hazmat::validate_name;
 // For the `# Errors` sections' links only.
 #[cfg(doc)]
 use apikeys_core::Error;
-use apikeys_core::{KeyAction, OrgId, Product, ProductId, Result};
+use apikeys_core::{KeyAction, KeyPage, OrgId, Page, Product, ProductId, Result};
 use chrono::NaiveDateTime;
 use uuid::Uuid;
 
@@ -79,6 +79,18 @@ impl ApiKeyClient {
     /// [`Error::Storage`].
     pub async fn find_product(&self, org: OrgId, name: &str) -> Result<Option<Product>> {
         find_child_on(self.db(), org, name, Read::Plain).await
+    }
+
+    /// The products of `org` a page at a time, oldest first (the cursor is a product's id).
+    ///
+    /// # Errors
+    /// [`Error::Storage`].
+    pub async fn list_products_page(
+        &self,
+        org: OrgId,
+        page: Page,
+    ) -> Result<KeyPage<Product, ProductId>> {
+        self.list_children_page(org, page).await
     }
 
     /// Every product of `org`, by name.

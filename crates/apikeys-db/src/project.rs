@@ -5,7 +5,7 @@ use apikeys_core::hazmat::validate_name;
 // For the `# Errors` sections' links only.
 #[cfg(doc)]
 use apikeys_core::Error;
-use apikeys_core::{KeyAction, OrgId, Project, ProjectId, Result};
+use apikeys_core::{KeyAction, KeyPage, OrgId, Page, Project, ProjectId, Result};
 use chrono::NaiveDateTime;
 use uuid::Uuid;
 
@@ -79,6 +79,18 @@ impl ApiKeyClient {
     /// [`Error::Storage`].
     pub async fn find_project(&self, org: OrgId, name: &str) -> Result<Option<Project>> {
         find_child_on(self.db(), org, name, Read::Plain).await
+    }
+
+    /// The projects of `org` a page at a time, oldest first (the cursor is a project's id).
+    ///
+    /// # Errors
+    /// [`Error::Storage`].
+    pub async fn list_projects_page(
+        &self,
+        org: OrgId,
+        page: Page,
+    ) -> Result<KeyPage<Project, ProjectId>> {
+        self.list_children_page(org, page).await
     }
 
     /// Every project of `org`, by name.

@@ -79,7 +79,8 @@ pub async fn organizations_projects_and_products_end_to_end(db: TestDb) {
         (json!("organization"), json!(org_id))
     );
     assert_eq!(call(&base, Method::GET, &format!("/orgs/{org_id}"), None).await.body, org.body);
-    assert_eq!(call(&base, Method::GET, "/orgs", None).await.body, json!([org.body]));
+    let orgs = call(&base, Method::GET, "/orgs", None).await.body;
+    assert_eq!(orgs, json!({"items": [org.body], "next": null}));
 
     let project =
         call(&base, Method::POST, &format!("/orgs/{org_id}/projects"), Some(json!({"name": "v1"})))
@@ -105,11 +106,11 @@ pub async fn organizations_projects_and_products_end_to_end(db: TestDb) {
     );
     assert_eq!(
         call(&base, Method::GET, &format!("/orgs/{org_id}/projects"), None).await.body,
-        json!([project.body])
+        json!({"items": [project.body], "next": null})
     );
     assert_eq!(
         call(&base, Method::GET, &format!("/orgs/{org_id}/products"), None).await.body,
-        json!([product.body])
+        json!({"items": [product.body], "next": null})
     );
 
     let link = format!("/projects/{project_id}/products/{product_id}");
@@ -889,8 +890,12 @@ pub async fn roll_renew_events_and_owners_through_the_api(db: TestDb) {
         a.assert_problem(422, "invalid_input", "");
     }
     let events = call(&base, Method::GET, &format!("/keys/{new_id}/events"), None).await;
-    let actions: Vec<&str> =
-        events.body.as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    let actions: Vec<&str> = events.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
     assert_eq!(actions, ["created", "renewed", "renewed"]);
 
     let patch = json!({"owner_id": "user-2", "credits": {"remaining": 1}});
@@ -1013,10 +1018,10 @@ pub async fn admins_bound_to_an_organization_stay_in_it(db: TestDb) {
     let created = call_as(&base, "acme", Method::POST, "/orgs", name()).await;
     created.assert_problem(403, "forbidden", "");
     let listed = call_as(&base, "acme", Method::GET, "/orgs", None).await;
-    assert_eq!(listed.body.as_array().unwrap().len(), 1, "{}", listed.text);
-    assert_eq!(listed.body[0]["id"], json!(acme.id));
+    assert_eq!(listed.body["items"].as_array().unwrap().len(), 1, "{}", listed.text);
+    assert_eq!(listed.body["items"][0]["id"], json!(acme.id));
     let all = call_as(&base, "global", Method::GET, "/orgs", None).await;
-    assert_eq!(all.body.as_array().unwrap().len(), 2, "{}", all.text);
+    assert_eq!(all.body["items"].as_array().unwrap().len(), 2, "{}", all.text);
     call_as(&base, "nobody", Method::GET, "/orgs", None).await.assert_problem(403, "forbidden", "");
 
     // In its own organization: the key it creates, tops up and revokes names it.
@@ -1037,8 +1042,7 @@ pub async fn admins_bound_to_an_organization_stay_in_it(db: TestDb) {
     let revoked = call_as(&base, "acme", Method::POST, &format!("/keys/{id}/revoke"), None).await;
     assert_eq!(revoked.status, 200, "{}", revoked.text);
     let events = call_as(&base, "acme", Method::GET, &format!("/keys/{id}/events"), None).await;
-    let trail: Vec<(&str, &str)> = events
-        .body
+    let trail: Vec<(&str, &str)> = events.body["items"]
         .as_array()
         .unwrap()
         .iter()
@@ -1087,4 +1091,63 @@ pub async fn credits_are_topped_up_through_the_api(db: TestDb) {
     gone.assert_problem(409, "revoked", "");
     assert_eq!(client.get_key(rolled.record.id).await.unwrap().credits.unwrap().remaining, 42);
     assert_ne!(before, after_roll);
+}
+
+/// Organizations, an organization's projects and products, and a key's events come a page
+/// at a time: `?limit=2` walks 5 of each in 3 pages by their `next` cursors, oldest first,
+/// each item once; a bad limit or cursor is a 400/422 problem naming the parameter.
+pub async fn listings_come_a_page_at_a_time(db: TestDb) {
+    let client = db.client().await;
+    let base = app(client.clone()).await;
+    let mut orgs = Vec::new();
+    for i in 0..5 {
+        orgs.push(client.create_organization(&format!("org-{i}")).await.unwrap().id.to_string());
+    }
+    let org = orgs[0].clone();
+    let (mut projects, mut products) = (Vec::new(), Vec::new());
+    let org_id: OrgId = org.parse().unwrap();
+    for i in 0..5 {
+        // Created in reverse name order: pages follow creation, not names.
+        let name = format!("n-{}", 9 - i);
+        projects.push(client.create_project(org_id, &name).await.unwrap().id.to_string());
+        products.push(client.create_product(org_id, &name).await.unwrap().id.to_string());
+    }
+    let key = client.create_key(org_id, NewKey::new("k")).await.unwrap().record.id;
+    let mut events = vec![client.list_key_events(key).await.unwrap()[0].id.to_string()];
+    for i in 0..4 {
+        let update = apikeys_db::KeyUpdate::new().with_name(format!("k{i}"));
+        client.update_key(key, update).await.unwrap();
+    }
+    for e in client.list_key_events(key).await.unwrap().iter().skip(1) {
+        events.push(e.id.to_string());
+    }
+    for (path, all) in [
+        ("/orgs".to_owned(), &orgs),
+        (format!("/orgs/{org}/projects"), &projects),
+        (format!("/orgs/{org}/products"), &products),
+        (format!("/keys/{key}/events"), &events),
+    ] {
+        let (mut seen, mut after, mut pages) = (Vec::new(), None::<String>, 0);
+        loop {
+            let query =
+                after.as_ref().map_or("?limit=2".to_owned(), |a| format!("?limit=2&after={a}"));
+            let page = call(&base, Method::GET, &format!("{path}{query}"), None).await;
+            assert_eq!(page.status, 200, "{path}: {}", page.text);
+            pages += 1;
+            let items = page.body["items"].as_array().unwrap();
+            assert!(items.len() <= 2, "{path}: {}", page.text);
+            seen.extend(items.iter().map(|i| i["id"].as_str().unwrap().to_owned()));
+            match page.body["next"].as_str() {
+                Some(next) => after = Some(next.to_owned()),
+                None => break,
+            }
+        }
+        assert_eq!(&seen, all, "{path}");
+        assert_eq!(pages, 3, "{path}");
+        let bad = call(&base, Method::GET, &format!("{path}?limit=0"), None).await;
+        bad.assert_problem(422, "invalid_input", "");
+        let bad = call(&base, Method::GET, &format!("{path}?after=not-an-id"), None).await;
+        bad.assert_problem(400, "bad_request", "");
+        assert_eq!(bad.body["field"], "after", "{}", bad.text);
+    }
 }
