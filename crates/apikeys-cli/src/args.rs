@@ -18,8 +18,9 @@ Environment:
   APIKEYS_PREVIOUS_SIGNING_SECRET   during a rotation, the previous secret (or its file with
                                     --previous-signing-secret-file), with its version
 
-Every command but `migrate` and `redact` needs the signing secret your service uses, and the
-same key prefix and environment: keys are stored as HMACs under that secret.
+The `keys` commands need the signing secret your service uses, and the same key prefix and
+environment: keys are stored as HMACs under that secret. `migrate`, `bootstrap`, `orgs`,
+`projects`, `products` and `redact` issue no key and need none.
 
 Exit status:
   0  success

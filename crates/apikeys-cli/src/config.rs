@@ -67,7 +67,6 @@ fn actor(args: &ConnectionArgs) -> String {
 
 /// A client for the configured database, signing secret(s) and key format.
 pub async fn client(args: &ConnectionArgs) -> Result<ApiKeyClient, Failure> {
-    let url = database_url(args)?;
     let current = secret(
         "APIKEYS_SIGNING_SECRET",
         args.signing_secret_file.as_deref(),
@@ -79,6 +78,28 @@ pub async fn client(args: &ConnectionArgs) -> Result<ApiKeyClient, Failure> {
                  (the secret your service uses)",
         )
     })?;
+    client_with(args, current).await
+}
+
+/// A client for commands that hash no key (`bootstrap`, `orgs`, `projects`, `products`):
+/// the configured signing secret if there is one, else a random one that never leaves this
+/// process. Such a client never stores a hash nor reads the secret registry, so the
+/// secret it holds changes nothing.
+pub async fn client_without_keys(args: &ConnectionArgs) -> Result<ApiKeyClient, Failure> {
+    let configured = secret(
+        "APIKEYS_SIGNING_SECRET",
+        args.signing_secret_file.as_deref(),
+        "--signing-secret-file",
+    )?;
+    let current = configured.unwrap_or_else(|| {
+        let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        format!("{}{}", a.simple(), b.simple()).into_bytes()
+    });
+    client_with(args, current).await
+}
+
+async fn client_with(args: &ConnectionArgs, current: Vec<u8>) -> Result<ApiKeyClient, Failure> {
+    let url = database_url(args)?;
     let mut builder = ApiKeyClient::builder()
         .database_url(url)
         .signing_secret(current)

@@ -112,8 +112,23 @@ impl From<Error> for Failure {
             }
             source = cause.source();
         }
+        if code == DATABASE && missing_table(&message) {
+            message.push_str(
+                " (the database has no apikeys tables yet, or not all of them: run \
+                 `apikeys migrate up` first)",
+            );
+        }
         Self::new(message, code)
     }
+}
+
+/// Whether a database error says a table is missing, in the words of SQLite (`no such
+/// table`), PostgreSQL (`relation "…" does not exist`) or MySQL/MariaDB (`Table '…' doesn't
+/// exist`).
+fn missing_table(message: &str) -> bool {
+    message.contains("no such table")
+        || (message.contains("relation \"") && message.contains("\" does not exist"))
+        || (message.contains("Table '") && message.contains("' doesn't exist"))
 }
 
 #[cfg(test)]

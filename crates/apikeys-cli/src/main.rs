@@ -69,7 +69,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
             Command::Bootstrap { file, dry_run } => {
-                let client = config::client(&cli.connection).await?;
+                let client = config::client_without_keys(&cli.connection).await?;
                 bootstrap::run(&client, &file, dry_run, &out).await
             }
             Command::Keys(command) => {
@@ -77,15 +77,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 keys::run(&client, *command, &out).await
             }
             Command::Orgs(command) => {
-                let client = config::client(&cli.connection).await?;
+                let client = config::client_without_keys(&cli.connection).await?;
                 records::orgs(&client, command, &out).await
             }
             Command::Projects(command) => {
-                let client = config::client(&cli.connection).await?;
+                let client = config::client_without_keys(&cli.connection).await?;
                 records::projects(&client, command, &out).await
             }
             Command::Products(command) => {
-                let client = config::client(&cli.connection).await?;
+                let client = config::client_without_keys(&cli.connection).await?;
                 records::products(&client, command, &out).await
             }
             Command::Redact { .. } => Ok(()),

@@ -370,7 +370,8 @@ async fn errors_and_exit_codes(db: TestDb) {
         cli.run(&["keys", "create", "--org", "a", "--name", "n", "--rate-limit", "5/week"]);
     assert_eq!(code(&bad_limit), 1);
     assert_eq!(code(&cli.run(&["keys", "show"])), 1);
-    let no_secret = cli.run_with(&[("APIKEYS_SIGNING_SECRET", "")], &["orgs", "list"], "");
+    let no_secret =
+        cli.run_with(&[("APIKEYS_SIGNING_SECRET", "")], &["keys", "list", "--org", "a"], "");
     assert!(assert_fails(&no_secret, 1, "no secret").contains("APIKEYS_SIGNING_SECRET"));
     let no_db = cli.run_with(&[("DATABASE_URL", "")], &["orgs", "list"], "");
     assert!(assert_fails(&no_db, 1, "no database").contains("DATABASE_URL"));
@@ -697,6 +698,7 @@ async fn verify_names_a_key_of_another_format(db: TestDb) {
 }
 
 apikeys_testing::backend_tests!([
+    newcomer_errors_name_their_cause,
     disable_enable_and_allowlists,
     credits_are_topped_up,
     verify_names_a_key_of_another_format,
@@ -707,6 +709,77 @@ apikeys_testing::backend_tests!([
     rehash_pass,
     keys_are_never_echoed,
 ]);
+
+/// What a newcomer meets first, answered with its cause: `bootstrap` before `migrate up`
+/// says to migrate; `bootstrap`, `orgs` and the like need no signing secret (they issue no
+/// key), and running them without one leaves the keys made with the real secret working;
+/// `keys` commands still ask for it.
+async fn newcomer_errors_name_their_cause(db: TestDb) {
+    let cli = Cli::new(db);
+    let no_secret = [("APIKEYS_SIGNING_SECRET", "")];
+    let file = cli.path("bootstrap.toml");
+    write(&file, BOOTSTRAP);
+    let file = file.to_str().unwrap();
+    let out = cli.run_with(&no_secret, &["bootstrap", file], "");
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    assert!(stderr(&out).contains("run `apikeys migrate up` first"), "{}", stderr(&out));
+    cli.ok(&["migrate", "up"]);
+    let out = cli.run_with(&no_secret, &["bootstrap", file], "");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = cli.run_with(&no_secret, &["orgs", "list"], "");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(stdout(&out).contains("acme"), "{}", stdout(&out));
+    let create = ["keys", "create", "--org", "acme", "--name", "k"];
+    let out = cli.run_with(&no_secret, &create, "");
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert!(stderr(&out).contains("no signing secret"), "{}", stderr(&out));
+    let key = cli.ok(&create).trim_end().to_owned();
+    let out = cli.run_with(&no_secret, &["bootstrap", file], "");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(code(&cli.verify(&key, &[])), 0, "a secretless bootstrap changed nothing");
+}
+
+/// The database cannot be opened: the answer says where and why, never the password. A
+/// SQLite file whose directory is missing names the directory; a server that refuses the
+/// connection is named by host and port.
+#[test]
+fn unreachable_databases_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dir");
+    let run = |url: &str| {
+        Command::new(env!("CARGO_BIN_EXE_apikeys"))
+            .env_clear()
+            .env("DATABASE_URL", url)
+            .args(["orgs", "list"])
+            .output()
+            .unwrap()
+    };
+    let out = run(&format!("sqlite://{}/apikeys.db", missing.display()));
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&missing.display().to_string()) && err.contains("does not exist"),
+        "{err}"
+    );
+    #[cfg(any(feature = "postgres", feature = "mysql"))]
+    {
+        // Port 1 on loopback: nothing listens there.
+        let mut urls = Vec::new();
+        if cfg!(feature = "postgres") {
+            urls.push("postgres://someone:pw-4242-secret@127.0.0.1:1/db");
+        }
+        if cfg!(feature = "mysql") {
+            urls.push("mysql://someone:pw-4242-secret@127.0.0.1:1/db");
+        }
+        for url in urls {
+            let out = run(url);
+            assert_eq!(code(&out), 3, "{url}: {}", stderr(&out));
+            let err = stderr(&out);
+            assert!(err.contains("127.0.0.1:1") && err.to_lowercase().contains("refused"), "{err}");
+            assert!(!err.contains("pw-4242") && !err.contains("someone"), "{err}");
+        }
+    }
+}
 
 /// `redact` needs no database: keys in, hints out, the rest untouched.
 #[test]

@@ -74,6 +74,58 @@ impl fmt::Display for ConnectFailed {
 
 impl std::error::Error for ConnectFailed {}
 
+/// A server that refused or never answered a connection, found by a plain TCP connect after
+/// the pool gave up ("pool timed out" says neither where nor why). Names the host and port,
+/// never the URL (which may hold a user or password).
+#[derive(Debug)]
+struct Unreachable {
+    server: String,
+    cause: std::io::Error,
+}
+
+impl fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cannot reach the database server at {}: {}", self.server, self.cause)
+    }
+}
+
+impl std::error::Error for Unreachable {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.cause)
+    }
+}
+
+/// After a connection to `server` (host, port) failed with `e`: the cause a plain TCP
+/// connect finds (refused, no route, timed out), else `e`.
+async fn explain(e: Error, server: Option<&(String, u16)>, patience: Duration) -> Error {
+    let Some((host, port)) = server else { return e };
+    if !matches!(e, Error::Unavailable { .. }) {
+        return e;
+    }
+    let probe = tokio::net::TcpStream::connect((host.as_str(), *port));
+    let cause = match tokio::time::timeout(patience, probe).await {
+        Ok(Ok(_)) => return e,
+        Ok(Err(cause)) => cause,
+        Err(_) => std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time"),
+    };
+    let server =
+        if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+    Error::unavailable(Unreachable { server, cause })
+}
+
+/// The directory a SQLite file URL's file would be created in, if the URL names a file.
+fn sqlite_dir(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url.split_once(':')?.1;
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let path = rest.split('?').next().unwrap_or_default();
+    if path.is_empty() {
+        return None;
+    }
+    let path = std::path::PathBuf::from(percent_decode(path));
+    let dir = path.parent()?;
+    Some(if dir.as_os_str().is_empty() { std::path::PathBuf::from(".") } else { dir.to_owned() })
+}
+
 /// What must not appear in an error: the URL itself and its password, raw and decoded.
 struct Secrets(Vec<String>);
 
@@ -106,6 +158,8 @@ struct Target {
     url: String,
     password: Option<Password>,
     secrets: Secrets,
+    /// A server's host and port (the backend's default port when the URL names none).
+    server: Option<(String, u16)>,
 }
 
 /// A decoded password, redacted in `Debug`.
@@ -144,7 +198,7 @@ fn inspect(url: &str) -> Result<Target> {
     check_compiled_in(kind.backend())?;
     if matches!(kind, Kind::Sqlite { .. }) {
         // A SQLite URL is a path (which a URL parser may refuse), and has no password.
-        return Ok(Target { kind, url: url.to_owned(), password: None, secrets });
+        return Ok(Target { kind, url: url.to_owned(), password: None, secrets, server: None });
     }
     let shape = || {
         Error::configuration(
@@ -164,7 +218,10 @@ fn inspect(url: &str) -> Result<Target> {
         parsed.set_password(None).map_err(|()| shape())?;
     }
     secrets.0.retain(|s| !s.is_empty());
-    Ok(Target { kind, url: parsed.into(), password, secrets })
+    let default_port = if matches!(kind, Kind::Postgres) { 5432 } else { 3306 };
+    let host = parsed.host_str().unwrap_or_default().trim_matches(['[', ']']).to_owned();
+    let server = Some((host, parsed.port().unwrap_or(default_port)));
+    Ok(Target { kind, url: parsed.into(), password, secrets, server })
 }
 
 fn percent_decode(s: &str) -> String {
@@ -176,7 +233,19 @@ pub(crate) async fn open(
     url: &str,
     settings: &Settings,
 ) -> Result<(DatabaseConnection, DatabaseConnection)> {
-    let Target { kind, url, password, secrets } = inspect(url)?;
+    let Target { kind, url, password, secrets, server } = inspect(url)?;
+    if let Kind::Sqlite { in_memory: false } = kind
+        && let Some(dir) = sqlite_dir(&url)
+        && !dir.is_dir()
+    {
+        // SQLite's own answer names no path ("unable to open database file").
+        return Err(Error::configuration(format!(
+            "the SQLite database's directory {} does not exist (the file is created if \
+             missing, its directory is not)",
+            dir.display()
+        )));
+    }
+    let server = &server;
     let connect = |max: Option<u32>| {
         let mut options = ConnectOptions::new(url.as_str());
         options
@@ -206,7 +275,10 @@ pub(crate) async fn open(
                     Err(e) if is_timed_out(&e) && std::time::Instant::now() < deadline => {
                         tokio::time::sleep(Duration::from_millis(25)).await;
                     }
-                    result => return result.map_err(|e| secrets.scrub(e)),
+                    Err(e) => {
+                        return Err(explain(secrets.scrub(e), server.as_ref(), patience).await);
+                    }
+                    Ok(db) => return Ok(db),
                 }
             }
         }
@@ -295,6 +367,16 @@ async fn mysql_statement_timeout(
 #[cfg(all(test, feature = "sqlite", feature = "postgres", feature = "mysql"))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sqlite_file_directories() {
+        let dir = |u: &str| sqlite_dir(u).map(|d| d.display().to_string());
+        assert_eq!(dir("sqlite:///tmp/a/x.db?mode=rwc").as_deref(), Some("/tmp/a"));
+        assert_eq!(dir("sqlite://x.db").as_deref(), Some("."));
+        assert_eq!(dir("sqlite:data/x.db").as_deref(), Some("data"));
+        assert_eq!(dir("sqlite:///tmp/with%20space/x.db").as_deref(), Some("/tmp/with space"));
+        assert_eq!(dir("sqlite://?mode=rwc"), None);
+    }
 
     #[test]
     fn schemes_and_shapes() {
