@@ -69,42 +69,45 @@ impl Cli {
     }
 }
 
+/// The help heading of the settings every command shares.
+pub const CONNECTION: &str = "Connection and key format (every command)";
+
 /// Connection and key-format settings, shared by every command.
 #[derive(Debug, Args)]
 pub struct ConnectionArgs {
     /// The database URL. Prefer the environment variable: a flag is visible to other users
     /// of the machine in the process list.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true, value_name = "URL")]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true, value_name = "URL", help_heading = CONNECTION)]
     pub database_url: Option<String>,
 
     /// A file holding the signing secret (one trailing newline is ignored), instead of
     /// APIKEYS_SIGNING_SECRET.
-    #[arg(long, env = "APIKEYS_SIGNING_SECRET_FILE", global = true, value_name = "PATH")]
+    #[arg(long, env = "APIKEYS_SIGNING_SECRET_FILE", global = true, value_name = "PATH", hide_env_values = true, help_heading = CONNECTION)]
     pub signing_secret_file: Option<PathBuf>,
 
     /// The signing secret's version (as your service configures it).
-    #[arg(long, env = "APIKEYS_SIGNING_SECRET_VERSION", global = true, value_name = "N")]
+    #[arg(long, env = "APIKEYS_SIGNING_SECRET_VERSION", global = true, value_name = "N", hide_env_values = true, help_heading = CONNECTION)]
     pub signing_secret_version: Option<u32>,
 
     /// During a rotation: a file holding the previous signing secret, instead of
     /// APIKEYS_PREVIOUS_SIGNING_SECRET.
-    #[arg(long, env = "APIKEYS_PREVIOUS_SIGNING_SECRET_FILE", global = true, value_name = "PATH")]
+    #[arg(long, env = "APIKEYS_PREVIOUS_SIGNING_SECRET_FILE", global = true, value_name = "PATH", hide_env_values = true, help_heading = CONNECTION)]
     pub previous_signing_secret_file: Option<PathBuf>,
 
     /// The previous signing secret's version (required with a previous secret).
-    #[arg(long, env = "APIKEYS_PREVIOUS_SIGNING_SECRET_VERSION", global = true, value_name = "N")]
+    #[arg(long, env = "APIKEYS_PREVIOUS_SIGNING_SECRET_VERSION", global = true, value_name = "N", hide_env_values = true, help_heading = CONNECTION)]
     pub previous_signing_secret_version: Option<u32>,
 
     /// The key prefix your service uses.
-    #[arg(long, env = "APIKEYS_KEY_PREFIX", default_value = "sk", global = true)]
+    #[arg(long, env = "APIKEYS_KEY_PREFIX", default_value = "sk", global = true, hide_env_values = true, help_heading = CONNECTION)]
     pub key_prefix: String,
 
     /// The key environment segment your service uses, if any (for instance `live`).
-    #[arg(long, env = "APIKEYS_ENVIRONMENT", global = true, value_name = "NAME")]
+    #[arg(long, env = "APIKEYS_ENVIRONMENT", global = true, value_name = "NAME", hide_env_values = true, help_heading = CONNECTION)]
     pub environment: Option<String>,
 
     /// Who is acting, as recorded in the audit trail (default: cli:$USER).
-    #[arg(long, env = "APIKEYS_ACTOR", global = true, value_name = "NAME")]
+    #[arg(long, env = "APIKEYS_ACTOR", global = true, value_name = "NAME", hide_env_values = true, help_heading = CONNECTION)]
     pub actor: Option<String>,
 }
 

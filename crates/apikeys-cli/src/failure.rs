@@ -80,8 +80,38 @@ pub fn refuse_key(text: &str, what: &str) -> Result<(), Failure> {
 /// unknown subcommand, a flag's invalid value), and that argument may be a pasted key.
 /// Plain text, no colours: the escape codes around a quoted value would hide it from the
 /// key finder.
+///
+/// Its usage line leaves out the settings every command shares: clap lists there those set
+/// from the environment (`DATABASE_URL`, `APIKEYS_ENVIRONMENT`, ...) as if they were required
+/// arguments of the command.
 pub fn parse_error_text(error: &clap::Error) -> String {
-    redact_keys(&error.render().to_string()).into_owned()
+    let text = error.render().to_string();
+    let shared = shared_flags();
+    let text: Vec<String> = text
+        .split_inclusive('\n')
+        .map(|line| match line.starts_with("Usage: ") {
+            true => shared.iter().fold(line.to_owned(), |l, flag| l.replace(flag.as_str(), "")),
+            false => line.to_owned(),
+        })
+        .collect();
+    redact_keys(&text.concat()).into_owned()
+}
+
+/// The shared settings as a usage line shows them: ` --database-url <URL>`, ...
+fn shared_flags() -> Vec<String> {
+    use clap::Args as _;
+    let command = crate::args::ConnectionArgs::augment_args(clap::Command::new("apikeys"));
+    command
+        .get_arguments()
+        .filter_map(|arg| {
+            let long = arg.get_long()?;
+            let value = arg
+                .get_value_names()
+                .and_then(|v| v.first())
+                .map_or_else(|| arg.get_id().as_str().to_uppercase(), ToString::to_string);
+            Some(format!(" --{long} <{value}>"))
+        })
+        .collect()
 }
 
 impl From<Error> for Failure {
@@ -103,7 +133,14 @@ impl From<Error> for Failure {
             _ => DATABASE,
         };
         // The error and its causes (the library keeps passwords and keys out of all of them).
-        let mut message = e.to_string();
+        // A rejected value is named by the flag that gave it, not the library's field.
+        let mut message = match &e {
+            Error::InvalidInput { field, reason } => match flag_of(field) {
+                Some(flag) => format!("invalid {flag}: {reason}"),
+                None => e.to_string(),
+            },
+            _ => e.to_string(),
+        };
         let mut source = std::error::Error::source(&e);
         while let Some(cause) = source {
             let text = cause.to_string();
@@ -120,6 +157,26 @@ impl From<Error> for Failure {
         }
         Self::new(message, code)
     }
+}
+
+/// The command-line flag that sets the library's field `field`, where the two differ.
+fn flag_of(field: &str) -> Option<&'static str> {
+    Some(match field {
+        "page.limit" => "--limit",
+        "scopes" => "--scope",
+        "rate_limit" | "rate_limit.requests" | "rate_limit.window" => "--rate-limit",
+        "custom" => "--meta",
+        "owner_id" | "owner" => "--owner",
+        "credits" => "--credits",
+        "credits.refill" => "--refill",
+        "expires_at" => "--expires-at / --expires-in",
+        "allowed_ips" => "--allow-ip",
+        "within" => "--expiring-within",
+        "grace" => "--grace",
+        "actor" => "--actor",
+        "name" => "--name",
+        _ => return None,
+    })
 }
 
 /// Whether a database error says a table is missing, in the words of SQLite (`no such

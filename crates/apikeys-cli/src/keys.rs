@@ -27,7 +27,13 @@ pub async fn run(client: &ApiKeyClient, command: KeysCommand, out: &Out) -> Resu
         KeysCommand::List(args) => list(client, args, out).await,
         KeysCommand::Show { id } => out.key(&client.get_key(key_id(&id)?).await?),
         KeysCommand::Revoke { id: Some(id), .. } => {
-            out.key(&client.revoke_key(key_id(&id)?).await?)
+            let id = key_id(&id)?;
+            let before = client.get_key(id).await?.revoked_at;
+            let key = client.revoke_key(id).await?;
+            if let Some(at) = before {
+                note(&format!("already revoked at {}", at.to_rfc3339()));
+            }
+            out.key(&key)
         }
         KeysCommand::Revoke { owner: Some(owner), org: Some(org), .. } => {
             let org = records::org(client, &org).await?;
@@ -55,15 +61,28 @@ pub async fn run(client: &ApiKeyClient, command: KeysCommand, out: &Out) -> Resu
         KeysCommand::Verify(args) => verify(client, args, out).await,
         KeysCommand::Update(args) => update(client, args, out).await,
         KeysCommand::Roll { id, grace } => {
-            let issued = client.roll_key(key_id(&id)?, grace).await?;
+            let issued = client.roll_key(key_id(&id)?, grace).await.map_err(rolled("roll"))?;
             out.issued(&issued, "rolled: the new")
         }
         KeysCommand::Renew(args) => renew(client, args, out).await,
         KeysCommand::AddCredits { id, amount } => {
-            out.key(&client.add_credits(key_id(&id)?, amount).await?)
+            let key = client.add_credits(key_id(&id)?, amount).await.map_err(rolled("top up"))?;
+            out.key(&key)
         }
         KeysCommand::Events { id } => out.events(&client.list_key_events(key_id(&id)?).await?),
         KeysCommand::Rehash(args) => rehash(client, args, out).await,
+    }
+}
+
+/// For a call refused because the key was rolled (the library's `AlreadyExists`, naming the
+/// key it was rolled to): says so, and which key to `verb` instead.
+fn rolled(verb: &'static str) -> impl Fn(apikeys_db::Error) -> Failure {
+    move |e| match e {
+        apikeys_db::Error::AlreadyExists { existing } => Failure::invalid(format!(
+            "this key was already rolled, to key {}: {verb} that one",
+            existing.as_uuid()
+        )),
+        other => Failure::from(other),
     }
 }
 
@@ -316,15 +335,15 @@ async fn switch(client: &ApiKeyClient, id: &str, disable: bool, out: &Out) -> Re
 async fn renew(client: &ApiKeyClient, a: RenewArgs, out: &Out) -> Result<(), Failure> {
     let id = key_id(&a.id)?;
     let key = match (a.expires_at, a.expires_in, a.extend_by) {
-        (Some(at), ..) => client.renew_key(id, at).await?,
+        (Some(at), ..) => client.renew_key(id, at).await.map_err(rolled("renew"))?,
         (None, Some(d), _) => {
             let at = chrono::TimeDelta::from_std(d)
                 .ok()
                 .and_then(|d| Utc::now().checked_add_signed(d))
                 .ok_or_else(|| Failure::invalid("--expires-in is too far in the future"))?;
-            client.renew_key(id, at).await?
+            client.renew_key(id, at).await.map_err(rolled("renew"))?
         }
-        (None, None, Some(by)) => client.extend_key(id, by).await?,
+        (None, None, Some(by)) => client.extend_key(id, by).await.map_err(rolled("renew"))?,
         (None, None, None) => {
             return Err(Failure::usage("give --expires-at, --expires-in or --extend-by"));
         }

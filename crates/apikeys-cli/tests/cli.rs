@@ -335,10 +335,25 @@ async fn key_lifecycle(db: TestDb) {
     assert_eq!(rolled["rolled_from"], id.as_str());
     assert_eq!(code(&cli.verify(&new_key, &[])), 0);
     assert_eq!(code(&cli.verify(&key, &[])), 0);
+    // A second roll, a renew or a top-up of the old key says it was rolled, and to which key.
+    for again in [
+        vec!["keys", "roll", &id],
+        vec!["keys", "renew", &id, "--extend-by", "1d"],
+        vec!["keys", "add-credits", &id, "1"],
+    ] {
+        let err = assert_fails(&cli.run(&again), 2, "a rolled key");
+        assert!(err.contains(&format!("already rolled, to key {new_id}")), "{again:?}: {err}");
+    }
+    // A value refused by the library is named by its flag.
+    let err = assert_fails(&cli.run(&["keys", "list", "--org", "acme", "--limit", "0"]), 2, "0");
+    assert!(err.contains("--limit") && !err.contains("page.limit"), "{err}");
 
-    // Revoke: the key fails with exit code 2 and a one-line reason.
+    // Revoke: the key fails with exit code 2 and a one-line reason; a second revoke says so.
     let revoked = cli.json(&["keys", "revoke", &id]);
     assert_eq!(revoked["status"], "revoked");
+    let again = cli.run(&["keys", "revoke", &id]);
+    assert_eq!(code(&again), 0, "{}", stderr(&again));
+    assert!(stderr(&again).contains("already revoked at"), "{}", stderr(&again));
     let err = assert_fails(&cli.verify(&key, &[]), 2, "revoked key");
     assert!(err.contains("revoked") && !err.contains(&key), "{err}");
     assert_eq!(code(&cli.verify(&new_key, &[])), 0);
@@ -420,13 +435,13 @@ async fn errors_and_exit_codes(db: TestDb) {
     write(&cli.path("b.toml"), BOOTSTRAP);
     cli.ok(&["bootstrap", cli.path("b.toml").to_str().unwrap()]);
     // Bad values for the key are refused by the shared form of a new key (exit 2), naming the
-    // field; nothing is created.
+    // flag that gave them; nothing is created.
     for (flags, field) in [
-        (vec!["--owner", " padded"], "owner_id"),
-        (vec!["--credits", "18446744073709551615"], "credits"),
-        (vec!["--credits", "5", "--refill", "daily:0"], "credits"),
-        (vec!["--scope", "a,a"], "scopes"),
-        (vec!["--expires-at", "2001-01-01T00:00:00Z"], "expires_at"),
+        (vec!["--owner", " padded"], "invalid --owner"),
+        (vec!["--credits", "18446744073709551615"], "invalid --credits"),
+        (vec!["--credits", "5", "--refill", "daily:0"], "invalid --credits"),
+        (vec!["--scope", "a,a"], "invalid --scope"),
+        (vec!["--expires-at", "2001-01-01T00:00:00Z"], "invalid --expires-at / --expires-in"),
     ] {
         let mut args = vec!["keys", "create", "--org", "acme", "--name", "bad"];
         args.extend(flags);
@@ -629,7 +644,7 @@ async fn disable_enable_and_allowlists(db: TestDb) {
         2,
         "host bits",
     );
-    assert!(err.contains("allowed_ips") && err.contains("10.0.0.0/8"), "{err}");
+    assert!(err.contains("--allow-ip") && err.contains("10.0.0.0/8"), "{err}");
     assert_eq!(code(&cli.verify(&key, &[])), 0, "a refused update changed nothing");
 
     let disabled = cli.json(&["keys", "disable", &id]);
@@ -781,6 +796,27 @@ fn unreachable_databases_are_named() {
     }
 }
 
+/// Help puts the settings every command shares under a heading of their own, after the
+/// command's options, and shows unset variables without a dangling `=`; a usage error's
+/// usage line lists the command's arguments, not the settings the environment gave.
+#[test]
+fn help_and_usage_keep_shared_settings_apart() {
+    let run = |env: &[(&str, &str)], args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_apikeys"));
+        command.env_clear().envs(env.iter().copied()).args(args);
+        command.output().unwrap()
+    };
+    let help = stdout(&run(&[], &["keys", "list", "--help"]));
+    let heading = help.find("Connection and key format").expect(&help);
+    assert!(help.find("--org").is_some_and(|at| at < heading), "{help}");
+    assert!(help.find("--database-url").is_some_and(|at| at > heading), "{help}");
+    assert!(!help.contains("=]"), "{help}");
+    let set = [("DATABASE_URL", "sqlite://x.db"), ("APIKEYS_ENVIRONMENT", "live")];
+    let err = stderr(&run(&set, &["keys", "list"]));
+    let usage = err.lines().find(|l| l.starts_with("Usage: ")).expect(&err);
+    assert_eq!(usage, "Usage: apikeys keys list --org <ORG>", "{err}");
+}
+
 /// `redact` needs no database: keys in, hints out, the rest untouched.
 #[test]
 fn redact_masks_keys_on_stdin() {
@@ -846,9 +882,14 @@ fn every_command_has_help() {
         // Every flag and argument clap lists has a description after it.
         // Every flag has a description: after it on its line, or on the next, indented deeper.
         let lines: Vec<&str> = text.lines().collect();
-        for (i, line) in lines.iter().enumerate().filter(|(_, l)| l.trim_start().starts_with("--"))
+        // (A flag's line is indented a few columns; a wrapped description that happens to
+        // start with `--` is indented to the description column.)
+        let indent_of = |l: &str| l.len() - l.trim_start().len();
+        let flags = lines.iter().enumerate();
+        for (i, line) in
+            flags.filter(|(_, l)| l.trim_start().starts_with("--") && indent_of(l) <= 8)
         {
-            let indent = line.len() - line.trim_start().len();
+            let indent = indent_of(line);
             let same_line = line.trim().split_once("  ").is_some_and(|(_, d)| !d.trim().is_empty());
             let next_line = lines.get(i + 1).is_some_and(|next| {
                 let deeper = next.len() - next.trim_start().len() > indent;
