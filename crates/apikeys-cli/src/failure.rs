@@ -134,11 +134,16 @@ impl From<Error> for Failure {
         };
         // The error and its causes (the library keeps passwords and keys out of all of them).
         // A rejected value is named by the flag that gave it, not the library's field.
+        // Instants as everywhere else in the command's output: RFC 3339, to the second.
+        let when = |t: &chrono::DateTime<chrono::Utc>| crate::output::when(Some(*t));
         let mut message = match &e {
             Error::InvalidInput { field, reason } => match flag_of(field) {
                 Some(flag) => format!("invalid {flag}: {reason}"),
                 None => e.to_string(),
             },
+            Error::Expired { expired_at } => format!("api key expired at {}", when(expired_at)),
+            Error::Revoked { revoked_at } => format!("api key revoked at {}", when(revoked_at)),
+            Error::Disabled { disabled_at } => format!("api key disabled at {}", when(disabled_at)),
             _ => e.to_string(),
         };
         let mut source = std::error::Error::source(&e);

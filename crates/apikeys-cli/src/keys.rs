@@ -31,7 +31,7 @@ pub async fn run(client: &ApiKeyClient, command: KeysCommand, out: &Out) -> Resu
             let before = client.get_key(id).await?.revoked_at;
             let key = client.revoke_key(id).await?;
             if let Some(at) = before {
-                note(&format!("already revoked at {}", at.to_rfc3339()));
+                note(&format!("already revoked at {}", crate::output::when(Some(at))));
             }
             out.key(&key)
         }
@@ -249,6 +249,12 @@ async fn verify(client: &ApiKeyClient, a: VerifyArgs, out: &Out) -> Result<(), F
         (Error::InvalidKey, None) => Failure::invalid(
             "invalid key: malformed, unknown, or under a signing secret this command was not given",
         ),
+        // Named as it was typed, not by its id.
+        (Error::ProductNotAllowed { .. }, _) => Failure::invalid(format!(
+            "api key not valid for product {:?} of organization {:?}",
+            a.product.as_deref().unwrap_or_default(),
+            a.org.as_deref().unwrap_or_default(),
+        )),
         (e, _) => Failure::from(e),
     })?;
     if out.json {
@@ -325,7 +331,9 @@ async fn switch(client: &ApiKeyClient, id: &str, disable: bool, out: &Out) -> Re
     let before = client.get_key(id).await?.disabled_at;
     let key = if disable { client.disable_key(id).await? } else { client.enable_key(id).await? };
     match (disable, before) {
-        (true, Some(since)) => note(&format!("already disabled since {}", since.to_rfc3339())),
+        (true, Some(since)) => {
+            note(&format!("already disabled since {}", crate::output::when(Some(since))))
+        }
         (false, None) => note("already enabled"),
         _ => {}
     }

@@ -287,6 +287,7 @@ async fn key_lifecycle(db: TestDb) {
         "wrong product",
     );
     assert!(!err.contains(&key));
+    assert!(err.contains(r#"product "maps" of organization "acme""#), "named as typed: {err}");
 
     // Verifying counts no use and spends no rate-limit unit (1 per minute) and no credit.
     for _ in 0..3 {
@@ -353,9 +354,15 @@ async fn key_lifecycle(db: TestDb) {
     assert_eq!(revoked["status"], "revoked");
     let again = cli.run(&["keys", "revoke", &id]);
     assert_eq!(code(&again), 0, "{}", stderr(&again));
-    assert!(stderr(&again).contains("already revoked at"), "{}", stderr(&again));
+    let note = stderr(&again);
+    let at = note.rsplit("already revoked at ").next().unwrap().trim_end();
+    assert!(chrono::DateTime::parse_from_rfc3339(at).is_ok() && at.ends_with('Z'), "{note}");
     let err = assert_fails(&cli.verify(&key, &[]), 2, "revoked key");
     assert!(err.contains("revoked") && !err.contains(&key), "{err}");
+    // The instant as the tables show it: RFC 3339 to the second.
+    let at = err.rsplit("revoked at ").next().unwrap().trim_end();
+    assert!(chrono::DateTime::parse_from_rfc3339(at).is_ok() && at.ends_with('Z'), "{err}");
+    assert_eq!(at.len(), "2026-01-01T00:00:00Z".len(), "{err}");
     assert_eq!(code(&cli.verify(&new_key, &[])), 0);
     // Revoke by owner, in one organization: the rolled key is user-1's in acme.
     let none = cli.json(&["keys", "revoke", "--owner", "user-2", "--org", "acme"]);
