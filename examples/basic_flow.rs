@@ -69,7 +69,7 @@ async fn main() -> apikeys_db::Result<()> {
     for _ in 0..3 {
         match client.validate_key(&key, &opts.clone()).await {
             Ok(_) => println!("request admitted"),
-            Err(Error::Quota { retry_after, limit }) => {
+            Err(Error::Quota { retry_after, limit, .. }) => {
                 println!("rate limited ({limit}), retry after {retry_after:?}");
             }
             Err(e) => return Err(e),

@@ -26,6 +26,7 @@ fn main() -> apikeys_db::Result<()> {
         hint: key.hint(),
         scopes: Scopes::parse(["read"])?,
         rate_limit: None,
+        rate_limits: Default::default(),
         custom: serde_json::Map::new(),
         created_at: now,
         updated_at: now,

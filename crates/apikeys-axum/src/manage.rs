@@ -5,7 +5,7 @@ use apikeys_db::core::find_keys;
 use apikeys_db::{
     ApiKey, ApiKeyClient, Credits, Error, IpAllowlist, IssuedKey, KeyEvent, KeyId, KeyPage,
     KeyUpdate, NewKeyInput, OrgId, Organization, Page, Product, ProductId, Project, ProjectId,
-    RateLimit, RecordId, StatusFilter,
+    RateLimit, RateLimits, RecordId, StatusFilter,
 };
 use apikeys_http::{ErrorMapper, Problem};
 use axum::extract::path::ErrorKind as PathErrorKind;
@@ -700,6 +700,11 @@ pub struct UpdateKeyBody {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<RateLimit>)]
     pub rate_limit: Option<Option<RateLimit>>,
+    /// New named rate limits, replacing them all (`{}` removes them): `{"daily":
+    /// {"requests": 10000, "window": "day"}}`.
+    #[serde(default)]
+    #[schema(value_type = Option<std::collections::BTreeMap<String, RateLimit>>)]
+    pub rate_limits: Option<RateLimits>,
     /// New custom metadata (a JSON object, replacing the old one).
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
@@ -738,6 +743,9 @@ impl UpdateKeyBody {
         }
         if let Some(limit) = self.rate_limit {
             update = update.with_rate_limit(limit);
+        }
+        if let Some(limits) = self.rate_limits {
+            update = update.with_rate_limits(limits);
         }
         if let Some(custom) = self.custom {
             update = update.with_custom(custom);
@@ -996,6 +1004,16 @@ async fn create_key(
     ApiJson(body): ApiJson<NewKeyInput>,
 ) -> Answer<Response> {
     a.within(org, org)?;
+    // The project and product the body names are checked like the path's records: one of
+    // another organization is not found, for an admin bound to this one.
+    if a.org.is_some() {
+        if let Some(project) = body.project_id {
+            a.project(project).await?;
+        }
+        if let Some(product) = body.product_id {
+            a.product(product).await?;
+        }
+    }
     Ok(created(a.client.create_key(org, body.into_new_key()?).await?))
 }
 

@@ -306,6 +306,10 @@ pub struct CreateArgs {
     /// A rate limit, as N/second, N/minute, N/hour or N/day.
     #[arg(long, value_parser = parse_rate_limit, value_name = "N/WINDOW")]
     pub rate_limit: Option<RateLimit>,
+    /// A named rate limit beside the main one, as NAME=N/WINDOW (daily=10000/day); repeat for
+    /// more. Every check must fit in each.
+    #[arg(long = "limit", value_parser = parse_named_limit, value_name = "NAME=N/WINDOW")]
+    pub limits: Vec<(String, RateLimit)>,
     /// When it expires, as a duration from now (30d, 12h, 1y); default: never.
     #[arg(long, value_parser = parse_duration, conflicts_with = "expires_at")]
     pub expires_in: Option<Duration>,
@@ -440,6 +444,12 @@ pub struct UpdateArgs {
     /// Remove the rate limit.
     #[arg(long)]
     pub no_rate_limit: bool,
+    /// Replace the named rate limits by these, as NAME=N/WINDOW (repeat for more).
+    #[arg(long = "limit", value_parser = parse_named_limit, value_name = "NAME=N/WINDOW", conflicts_with = "no_limits")]
+    pub limits: Vec<(String, RateLimit)>,
+    /// Remove every named rate limit.
+    #[arg(long)]
+    pub no_limits: bool,
     /// Replace the custom metadata by these key=value / key:=JSON pairs.
     #[arg(long = "meta", value_name = "KEY=VALUE", conflicts_with = "clear_meta")]
     pub meta: Vec<String>,
@@ -523,6 +533,13 @@ pub fn parse_rate_limit(s: &str) -> Result<RateLimit, String> {
     let window: Window = window.trim().parse().map_err(|_| usage.to_owned())?;
     let n: i64 = n.trim().parse().map_err(|_| usage.to_owned())?;
     RateLimit::try_new(n, window).map_err(|_| format!("the count must be 1 to 4294967295; {usage}"))
+}
+
+/// `daily=10000/day`: a named rate limit (the name is checked when the limits are built).
+pub fn parse_named_limit(s: &str) -> Result<(String, RateLimit), String> {
+    let (name, limit) =
+        s.split_once('=').ok_or("expected NAME=N/WINDOW, for instance daily=10000/day")?;
+    Ok((name.trim().to_owned(), parse_rate_limit(limit)?))
 }
 
 /// `daily:1000` or `monthly:50000`: a refill rule.

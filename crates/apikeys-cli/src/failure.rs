@@ -170,6 +170,7 @@ fn flag_of(field: &str) -> Option<&'static str> {
         "page.limit" => "--limit",
         "scopes" => "--scope",
         "rate_limit" | "rate_limit.requests" | "rate_limit.window" => "--rate-limit",
+        "rate_limits" => "--limit",
         "custom" => "--meta",
         "owner_id" | "owner" => "--owner",
         "credits" => "--credits",

@@ -4,7 +4,7 @@ use std::io::Read;
 
 use apikeys_db::{
     ApiKey, ApiKeyClient, Credits, Error, IpAllowlist, KeyFormat, KeyId, KeyPage, KeyUpdate,
-    NewKeyInput, Page, Refill, StatusFilter, ValidateOptions, VerifyOptions,
+    NewKeyInput, Page, RateLimits, Refill, StatusFilter, ValidateOptions, VerifyOptions,
 };
 use chrono::Utc;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -66,12 +66,41 @@ pub async fn run(client: &ApiKeyClient, command: KeysCommand, out: &Out) -> Resu
         }
         KeysCommand::Renew(args) => renew(client, args, out).await,
         KeysCommand::AddCredits { id, amount } => {
-            let key = client.add_credits(key_id(&id)?, amount).await.map_err(rolled("top up"))?;
+            let id = key_id(&id)?;
+            if amount == 0 {
+                return Err(Failure::invalid("invalid AMOUNT: add at least 1 credit"));
+            }
+            let key = client.add_credits(id, amount).await.map_err(|e| match e {
+                Error::InvalidInput { field: "credits", .. } if client_has_no_balance(&e) => {
+                    Failure::invalid(
+                        "the key has no credit balance (unlimited use): set one with \
+                         `keys update ID --credits N`",
+                    )
+                }
+                other => rolled("top up")(other),
+            })?;
             out.key(&key)
         }
         KeysCommand::Events { id } => out.events(&client.list_key_events(key_id(&id)?).await?),
         KeysCommand::Rehash(args) => rehash(client, args, out).await,
     }
+}
+
+/// The named limits of `--limit` flags.
+fn named_limits(limits: Vec<(String, apikeys_db::RateLimit)>) -> Result<RateLimits, Failure> {
+    let mut all = RateLimits::new();
+    for (name, limit) in limits {
+        if all.get(&name).is_some() {
+            return Err(Failure::invalid(format!("--limit {name:?} is given twice")));
+        }
+        all = all.with(name, limit)?;
+    }
+    Ok(all)
+}
+
+/// Whether `e` is `add_credits`' refusal of a key with no balance.
+fn client_has_no_balance(e: &Error) -> bool {
+    matches!(e, Error::InvalidInput { reason, .. } if reason.contains("no credit balance"))
 }
 
 /// For a call refused because the key was rolled (the library's `AlreadyExists`, naming the
@@ -142,6 +171,9 @@ async fn create(client: &ApiKeyClient, a: CreateArgs, out: &Out) -> Result<(), F
         input.product_id = Some(records::product(client, &org, name).await?.id);
     }
     input.rate_limit = a.rate_limit;
+    if !a.limits.is_empty() {
+        input.rate_limits = Some(named_limits(a.limits)?);
+    }
     // The command line's default is never; a lifetime counts whole seconds, rounded up.
     match (a.expires_in, a.expires_at) {
         (Some(d), _) => {
@@ -299,6 +331,10 @@ async fn update(client: &ApiKeyClient, a: UpdateArgs, out: &Out) -> Result<(), F
     }
     if a.rate_limit.is_some() || a.no_rate_limit {
         update = update.with_rate_limit(a.rate_limit);
+        any = true;
+    }
+    if !a.limits.is_empty() || a.no_limits {
+        update = update.with_rate_limits(named_limits(a.limits)?);
         any = true;
     }
     if !a.meta.is_empty() || a.clear_meta {

@@ -101,6 +101,15 @@ impl Out {
             ("product", opt(key.product_id)),
             ("scopes", if scopes.is_empty() { "-".to_owned() } else { scopes.join(" ") }),
             ("rate limit", opt(key.rate_limit)),
+            (
+                "named limits",
+                if key.rate_limits.is_empty() {
+                    "-".to_owned()
+                } else {
+                    let named = key.rate_limits.iter().map(|(name, l)| format!("{name}: {l}"));
+                    named.collect::<Vec<_>>().join(", ")
+                },
+            ),
             ("credits", credits.unwrap_or_else(|| "-".to_owned())),
             ("owner", key.owner_id.clone().unwrap_or_else(|| "-".to_owned())),
             (

@@ -676,6 +676,47 @@ async fn disable_enable_and_allowlists(db: TestDb) {
     assert!(err.contains("revoked"), "{err}");
 }
 
+/// Named limits from the command line: `--limit NAME=N/WINDOW` on create (repeatable),
+/// shown by `keys show`, replaced by `update --limit` and removed by `--no-limits`; a bad
+/// name names the flag, and a name given twice is refused.
+async fn named_limits_from_the_command_line(db: TestDb) {
+    let cli = Cli::new(db);
+    cli.ok(&["migrate", "up"]);
+    let file = cli.path("bootstrap.toml");
+    write(&file, BOOTSTRAP);
+    cli.ok(&["bootstrap", file.to_str().unwrap()]);
+    let create = ["keys", "create", "--org", "acme", "--name", "plan"];
+    let mut args = create.to_vec();
+    args.extend(["--limit", "burst=10/second", "--limit", "daily=10000/day", "--json"]);
+    let created: Value = serde_json::from_str(&cli.ok(&args)).unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        created["rate_limits"],
+        serde_json::json!({
+            "burst": {"requests": 10, "window": "second"},
+            "daily": {"requests": 10000, "window": "day"}
+        })
+    );
+    let shown = stdout(&cli.run(&["keys", "show", &id]));
+    assert!(shown.contains("burst: 10 per second, daily: 10000 per day"), "{shown}");
+    let updated = cli.json(&["keys", "update", &id, "--limit", "hourly=50/hour"]);
+    assert_eq!(
+        updated["rate_limits"],
+        serde_json::json!({"hourly": {"requests": 50, "window": "hour"}})
+    );
+    let cleared = cli.json(&["keys", "update", &id, "--no-limits"]);
+    assert_eq!(cleared["rate_limits"], serde_json::json!({}));
+    for bad in ["Daily=1/day", "key=1/day"] {
+        let err = assert_fails(&cli.run(&["keys", "update", &id, "--limit", bad]), 2, bad);
+        assert!(err.contains("invalid --limit"), "{err}");
+    }
+    let week = cli.run(&["keys", "update", &id, "--limit", "a=1/week"]);
+    assert_eq!(code(&week), 1, "{}", stderr(&week));
+    assert!(stderr(&week).contains("N/second, N/minute, N/hour or N/day"), "{}", stderr(&week));
+    let twice = ["keys", "update", &id, "--limit", "a=1/day", "--limit", "a=2/day"];
+    assert!(assert_fails(&cli.run(&twice), 2, "twice").contains("twice"));
+}
+
 /// `keys add-credits` tops a balance up and says why it refuses: a key with no balance, an
 /// amount of zero.
 async fn credits_are_topped_up(db: TestDb) {
@@ -694,7 +735,9 @@ async fn credits_are_topped_up(db: TestDb) {
     let err = assert_fails(&cli.run(&["keys", "add-credits", &id(1), "20"]), 2, "no balance");
     assert!(err.contains("no credit balance"), "{err}");
     let err = assert_fails(&cli.run(&["keys", "add-credits", &id(0), "0"]), 2, "zero");
-    assert!(err.contains("credits"), "{err}");
+    assert!(err.contains("AMOUNT"), "{err}");
+    let err = assert_fails(&cli.run(&["keys", "add-credits", &id(1), "5"]), 2, "no balance");
+    assert!(err.contains("keys update ID --credits N"), "{err}");
     let shown = cli.json(&["keys", "show", &id(0)]);
     assert_eq!(shown["credits"]["remaining"], 25, "a refused call changed nothing");
 }
@@ -720,6 +763,7 @@ async fn verify_names_a_key_of_another_format(db: TestDb) {
 }
 
 apikeys_testing::backend_tests!([
+    named_limits_from_the_command_line,
     newcomer_errors_name_their_cause,
     disable_enable_and_allowlists,
     credits_are_topped_up,

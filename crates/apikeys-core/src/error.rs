@@ -169,13 +169,17 @@ pub enum Error {
         missing: Vec<Scope>,
     },
 
-    /// The key's rate limit is used up for the current window.
-    #[error("rate limit of {limit} exceeded, retry after {} ms", retry_after.as_millis())]
+    /// A rate limit of the key is used up for the current window: its main limit, or the
+    /// named one in `name` ([`RateLimits`](crate::RateLimits)).
+    #[error("rate limit {}of {limit} exceeded, retry after {} ms", name.as_deref().map(|n| format!("`{n}` ")).unwrap_or_default(), retry_after.as_millis())]
     Quota {
         /// How long until the window frees a slot: more than zero, never more than the window.
         retry_after: Duration,
         /// The limit that was hit.
         limit: RateLimit,
+        /// The name of the limit that was hit, when it is one of the key's named limits
+        /// (`None`: its main limit).
+        name: Option<String>,
     },
 
     /// The key's usage credits are spent (see [`Credits`](crate::Credits)). Not the rate

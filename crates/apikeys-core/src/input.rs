@@ -14,7 +14,7 @@ use crate::ip::IpAllowlist;
 use crate::lifecycle::{Credits, validate_owner};
 use crate::metadata::{Expiry, MAX_EXPIRES_AT, NewKey};
 use crate::org::validate_label;
-use crate::rate_limit::RateLimit;
+use crate::rate_limit::{RateLimit, RateLimits};
 use crate::scope::Scopes;
 
 /// A key to create, as data: every option of [`NewKey`], deserializable (unknown members are
@@ -67,6 +67,11 @@ pub struct NewKeyInput {
     /// The key's rate limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// The key's named rate limits, beside its main one: `{"daily": {"requests": 10000,
+    /// "window": "day"}}` ([`RateLimits`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "utoipa", schema(value_type = Option<std::collections::BTreeMap<String, RateLimit>>))]
+    pub rate_limits: Option<RateLimits>,
     /// Custom metadata: a JSON object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "utoipa", schema(value_type = Option<Object>))]
@@ -146,6 +151,7 @@ impl NewKeyInput {
             product_id: self.product_id,
             scopes: scopes.iter().map(|s| s.as_str().to_owned()).collect(),
             rate_limit: self.rate_limit,
+            rate_limits: self.rate_limits.unwrap_or_default(),
             custom: custom.map(Value::Object),
             expiry,
             owner_id: self.owner_id,

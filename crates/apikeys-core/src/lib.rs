@@ -61,7 +61,7 @@ pub use lifecycle::{Credits, KeyAction, KeyEvent, Refill, RefillInterval};
 pub use metadata::{Expiry, KeyUpdate, NewKey};
 pub use org::{Organization, Product, Project};
 pub use page::{KeyPage, Page};
-pub use rate_limit::{RateLimit, Window};
+pub use rate_limit::{RateLimit, RateLimits, Window};
 pub use record::{ApiKey, IssuedKey};
 pub use redact::{find_keys, redact_keys};
 pub use scope::{Scope, Scopes};
@@ -76,6 +76,7 @@ pub mod limits {
     pub use crate::metadata::MAX_EXPIRES_AT;
     pub use crate::org::MAX_NAME_CHARS;
     pub use crate::page::MAX_PAGE_SIZE;
+    pub use crate::rate_limit::MAX_NAMED_LIMITS;
     pub use crate::scope::{MAX_SCOPE_LEN, MAX_SCOPES};
 }
 
@@ -129,6 +130,7 @@ mod redaction_tests {
             hint: key.hint(),
             scopes: Scopes::new(),
             rate_limit: None,
+            rate_limits: crate::RateLimits::new(),
             custom: serde_json::Map::new(),
             created_at: now,
             updated_at: now,
@@ -164,6 +166,7 @@ mod redaction_tests {
             Error::Quota {
                 retry_after: Duration::from_secs(1),
                 limit: RateLimit::per_second(1).unwrap(),
+                name: Some("daily".to_owned()),
             },
             Error::AlreadyExists { existing: RecordId::Key(KeyId::new()) },
             Error::NotFound { id: RecordId::Organization(OrgId::new()) },

@@ -11,7 +11,7 @@ use crate::id::{ProductId, ProjectId};
 use crate::ip::IpAllowlist;
 use crate::lifecycle::{Credits, validate_owner};
 use crate::org::validate_label;
-use crate::rate_limit::RateLimit;
+use crate::rate_limit::{RateLimit, RateLimits};
 use crate::scope::Scopes;
 
 /// The latest expiry a key may have: the last microsecond of year 9999, the end of what
@@ -93,6 +93,7 @@ pub struct NewKey {
     pub(crate) product_id: Option<ProductId>,
     pub(crate) scopes: Vec<String>,
     pub(crate) rate_limit: Option<RateLimit>,
+    pub(crate) rate_limits: RateLimits,
     pub(crate) custom: Option<Value>,
     pub(crate) expiry: Expiry,
     pub(crate) owner_id: Option<String>,
@@ -113,6 +114,8 @@ pub struct ValidNewKey {
     pub scopes: Scopes,
     /// Its rate limit.
     pub rate_limit: Option<RateLimit>,
+    /// Its named rate limits.
+    pub rate_limits: RateLimits,
     /// Its custom metadata.
     pub custom: Map<String, Value>,
     /// When it expires.
@@ -162,6 +165,14 @@ impl NewKey {
     #[must_use]
     pub fn with_rate_limit(mut self, limit: RateLimit) -> Self {
         self.rate_limit = Some(limit);
+        self
+    }
+
+    /// Named rate limits beside the main one (a plan's "10 a second and 10 000 a day"):
+    /// every check must fit in each of them, all or nothing (see [`RateLimits`]).
+    #[must_use]
+    pub fn with_rate_limits(mut self, limits: RateLimits) -> Self {
+        self.rate_limits = limits;
         self
     }
 
@@ -247,6 +258,7 @@ impl NewKey {
             product_id: self.product_id,
             scopes,
             rate_limit: self.rate_limit,
+            rate_limits: self.rate_limits,
             custom,
             expires_at,
         })
@@ -259,6 +271,7 @@ pub struct KeyUpdate {
     name: Option<String>,
     scopes: Option<Vec<String>>,
     rate_limit: Option<Option<RateLimit>>,
+    rate_limits: Option<RateLimits>,
     custom: Option<Value>,
     owner_id: Option<Option<String>>,
     credits: Option<Option<Credits>>,
@@ -274,6 +287,8 @@ pub struct ValidKeyUpdate {
     pub scopes: Option<Scopes>,
     /// New rate limit (`Some(None)` removes it).
     pub rate_limit: Option<Option<RateLimit>>,
+    /// New named rate limits (replacing them all; empty removes them).
+    pub rate_limits: Option<RateLimits>,
     /// New custom metadata (replaces the old object).
     pub custom: Option<Map<String, Value>>,
     /// New owner (`Some(None)` removes it).
@@ -313,6 +328,14 @@ impl KeyUpdate {
     #[must_use]
     pub fn with_rate_limit(mut self, limit: Option<RateLimit>) -> Self {
         self.rate_limit = Some(limit);
+        self
+    }
+
+    /// Replaces the key's named rate limits (an empty set removes them). A limit that keeps
+    /// its name and window keeps its count in the current window.
+    #[must_use]
+    pub fn with_rate_limits(mut self, limits: RateLimits) -> Self {
+        self.rate_limits = Some(limits);
         self
     }
 
@@ -368,6 +391,7 @@ impl KeyUpdate {
             name: self.name,
             scopes: self.scopes.map(Scopes::parse).transpose()?,
             rate_limit: self.rate_limit,
+            rate_limits: self.rate_limits,
             custom: self.custom.map(validate_custom).transpose()?,
             owner_id: self.owner_id,
             credits,

@@ -3,6 +3,7 @@
 //! Windows are fixed and aligned to the Unix epoch (UTC): a minute window runs from second 0 to
 //! second 60 of each minute, a day window from midnight UTC to midnight UTC.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::num::NonZeroU32;
 use std::str::FromStr;
@@ -180,7 +181,7 @@ impl RateLimit {
     /// The quota error for a request rejected at `now`.
     #[must_use]
     pub fn exceeded(&self, now: DateTime<Utc>) -> Error {
-        Error::Quota { retry_after: self.window.reset_after(now), limit: *self }
+        Error::Quota { retry_after: self.window.reset_after(now), limit: *self, name: None }
     }
 }
 
@@ -190,9 +191,137 @@ impl fmt::Display for RateLimit {
     }
 }
 
+/// The most named limits a key has ([`RateLimits`]), beside its main one.
+pub const MAX_NAMED_LIMITS: usize = 8;
+
+/// A key's named rate limits, beside its main one ([`RateLimit`]): a plan's
+/// "10 a second and 10 000 a day". Each is counted on its own (as exactly as the main one,
+/// in the same [`RateLimitMode`](https://docs.rs/apikeys-db)), and a check is admitted only
+/// if every limit has room for it: a check one of them refuses takes nothing from the others.
+///
+/// Names are 1 to 32 characters of `a-z`, `0-9`, `_` and `-`, starting with a letter, and
+/// name the limit in errors and in the `RateLimit` headers; `key` is the main limit's name
+/// there, so no named limit may take it. At most [`MAX_NAMED_LIMITS`].
+///
+/// ```
+/// use apikeys_core::{RateLimit, RateLimits};
+///
+/// let plan = RateLimits::new()
+///     .with("burst", RateLimit::per_second(10)?)?
+///     .with("daily", RateLimit::per_day(10_000)?)?;
+/// assert_eq!(plan.get("daily"), Some(RateLimit::per_day(10_000)?));
+/// assert!(RateLimits::new().with("Daily", RateLimit::per_day(1)?).is_err());
+/// assert!(RateLimits::new().with("key", RateLimit::per_day(1)?).is_err());
+/// # Ok::<(), apikeys_core::Error>(())
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "BTreeMap<String, RateLimit>", into = "BTreeMap<String, RateLimit>")]
+pub struct RateLimits(BTreeMap<String, RateLimit>);
+
+impl RateLimits {
+    /// No named limits.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// These limits and `limit` named `name` (replacing a limit of that name).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] (field `rate_limits`) for a malformed or reserved name, or a
+    /// limit past [`MAX_NAMED_LIMITS`].
+    pub fn with(mut self, name: impl Into<String>, limit: RateLimit) -> Result<Self> {
+        let name = name.into();
+        check_limit_name(&name)?;
+        self.0.insert(name, limit);
+        if self.0.len() > MAX_NAMED_LIMITS {
+            return Err(Error::invalid_input("rate_limits", "at most 8 named limits"));
+        }
+        Ok(self)
+    }
+
+    /// The limit named `name`.
+    #[must_use]
+    pub fn get(&self, name: &str) -> Option<RateLimit> {
+        self.0.get(name).copied()
+    }
+
+    /// The limits, by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, RateLimit)> {
+        self.0.iter().map(|(name, limit)| (name.as_str(), *limit))
+    }
+
+    /// How many.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// A named limit's name: see [`RateLimits`].
+fn check_limit_name(name: &str) -> Result<()> {
+    let shaped = (1..=32).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    if !shaped {
+        return Err(Error::invalid_input(
+            "rate_limits",
+            "a limit's name is 1 to 32 of a-z, 0-9, _ and -, starting with a letter",
+        ));
+    }
+    if name == "key" {
+        return Err(Error::invalid_input(
+            "rate_limits",
+            "`key` names the key's main limit; choose another name",
+        ));
+    }
+    Ok(())
+}
+
+impl TryFrom<BTreeMap<String, RateLimit>> for RateLimits {
+    type Error = Error;
+
+    fn try_from(map: BTreeMap<String, RateLimit>) -> Result<Self> {
+        map.into_iter().try_fold(Self::new(), |limits, (name, limit)| limits.with(name, limit))
+    }
+}
+
+impl From<RateLimits> for BTreeMap<String, RateLimit> {
+    fn from(limits: RateLimits) -> Self {
+        limits.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn named_limits() {
+        let l = RateLimit::per_minute(1).unwrap();
+        for bad in ["", "Daily", "1st", "a b", "key", &"x".repeat(33), "é"] {
+            assert!(RateLimits::new().with(bad, l).is_err(), "{bad:?}");
+        }
+        let mut many = RateLimits::new();
+        for i in 0..MAX_NAMED_LIMITS {
+            many = many.with(format!("l{i}"), l).unwrap();
+        }
+        assert!(many.clone().with("one-more", l).is_err());
+        assert_eq!(many.clone().with("l0", RateLimit::per_day(5).unwrap()).unwrap().len(), 8);
+        let json = serde_json::json!({"daily": {"requests": 5, "window": "day"}});
+        let parsed: RateLimits = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&parsed).unwrap(), json);
+        let bad = serde_json::json!({"Daily": {"requests": 5, "window": "day"}});
+        assert!(serde_json::from_value::<RateLimits>(bad).is_err());
+    }
 
     fn at(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
@@ -246,7 +375,7 @@ mod tests {
         assert!(l.admits(3) && !l.admits(4));
         assert_eq!(l.to_string(), "3 per minute");
         match l.exceeded(at("2026-01-01T00:00:45Z")) {
-            Error::Quota { retry_after, limit } => {
+            Error::Quota { retry_after, limit, .. } => {
                 assert_eq!(retry_after, Duration::from_secs(15));
                 assert_eq!(limit, l);
             }

@@ -8,7 +8,7 @@ use crate::id::{KeyId, OrgId, ProductId, ProjectId};
 use crate::ip::IpAllowlist;
 use crate::key::PlaintextKey;
 use crate::lifecycle::Credits;
-use crate::rate_limit::RateLimit;
+use crate::rate_limit::{RateLimit, RateLimits};
 use crate::scope::Scopes;
 use crate::status::KeyStatus;
 
@@ -32,6 +32,10 @@ pub struct ApiKey {
     pub scopes: Scopes,
     /// The key's rate limit, if any.
     pub rate_limit: Option<RateLimit>,
+    /// The key's named rate limits, beside its main one (see [`RateLimits`]).
+    #[serde(default)]
+    #[cfg_attr(feature = "utoipa", schema(value_type = std::collections::BTreeMap<String, RateLimit>))]
+    pub rate_limits: RateLimits,
     /// Custom metadata (always a JSON object).
     #[cfg_attr(feature = "utoipa", schema(value_type = Object))]
     pub custom: Map<String, Value>,

@@ -106,6 +106,7 @@ mod tests {
             hint: "sk_abcd…".into(),
             scopes: Scopes::parse(["read", "write"]).unwrap(),
             rate_limit: None,
+            rate_limits: crate::RateLimits::new(),
             custom: Map::new(),
             created_at: now,
             updated_at: now,

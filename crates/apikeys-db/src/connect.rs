@@ -220,7 +220,9 @@ fn inspect(url: &str) -> Result<Target> {
     secrets.0.retain(|s| !s.is_empty());
     let default_port = if matches!(kind, Kind::Postgres) { 5432 } else { 3306 };
     let host = parsed.host_str().unwrap_or_default().trim_matches(['[', ']']).to_owned();
-    let server = Some((host, parsed.port().unwrap_or(default_port)));
+    // A Unix socket (`?host=/run/postgresql`, `?socket=…`) is not probed over TCP.
+    let socket = parsed.query_pairs().any(|(k, _)| k == "host" || k == "socket");
+    let server = (!socket).then(|| (host, parsed.port().unwrap_or(default_port)));
     Ok(Target { kind, url: parsed.into(), password, secrets, server })
 }
 

@@ -2,7 +2,7 @@
 
 use apikeys_core::{
     ApiKey, Credits, Error, IpAllowlist, KeyId, OrgId, Organization, Product, ProductId, Project,
-    ProjectId, RateLimit, Refill, RefillInterval, Result, Scopes, Window,
+    ProjectId, RateLimit, RateLimits, Refill, RefillInterval, Result, Scopes, Window,
 };
 use chrono::{DateTime, NaiveDateTime, SubsecRound, Utc};
 use sea_orm::JsonValue;
@@ -71,6 +71,11 @@ pub(crate) fn allowlist_to_json(allowed: Option<&IpAllowlist>) -> Option<JsonVal
     allowed.map(|a| JsonValue::Array(a.networks().map(JsonValue::String).collect()))
 }
 
+/// The `rate_limits` column of `limits`: `NULL` for none.
+pub(crate) fn limits_to_json(limits: &RateLimits) -> Option<JsonValue> {
+    (!limits.is_empty()).then(|| serde_json::to_value(limits).unwrap_or(JsonValue::Null))
+}
+
 pub(crate) fn rate_limit_columns(limit: Option<RateLimit>) -> (Option<i64>, Option<String>) {
     match limit {
         Some(l) => (Some(i64::from(l.requests.get())), Some(l.window.as_str().to_owned())),
@@ -133,6 +138,14 @@ pub(crate) fn api_key_from_model(m: api_key::Model) -> Result<ApiKey> {
         (None, None) => None,
         _ => return Err(corrupt(T, "rate_limit_requests")),
     };
+    let rate_limits = match m.rate_limits {
+        None => RateLimits::new(),
+        // A JSON `null` or anything but a valid object is no value this library writes.
+        Some(v @ JsonValue::Object(_)) => {
+            serde_json::from_value(v).map_err(|_| corrupt(T, "rate_limits"))?
+        }
+        Some(_) => return Err(corrupt(T, "rate_limits")),
+    };
     let JsonValue::Object(custom) = m.custom else {
         return Err(corrupt(T, "custom"));
     };
@@ -158,6 +171,7 @@ pub(crate) fn api_key_from_model(m: api_key::Model) -> Result<ApiKey> {
         hint: m.hint,
         scopes,
         rate_limit,
+        rate_limits,
         custom,
         created_at: m.created_at.and_utc(),
         updated_at: m.updated_at.and_utc(),

@@ -18,8 +18,8 @@ use uuid::Uuid;
 use crate::audit::Subject;
 use crate::client::ApiKeyClient;
 use crate::convert::{
-    allowlist_to_json, api_key_from_model, credit_columns, naive, rate_limit_columns,
-    scopes_to_json, to_micros, version_column,
+    allowlist_to_json, api_key_from_model, credit_columns, limits_to_json, naive,
+    rate_limit_columns, scopes_to_json, to_micros, version_column,
 };
 use crate::credits::{period_sql, stamp_refill_period};
 use crate::entity::{api_key, product, project};
@@ -139,6 +139,7 @@ impl ApiKeyClient {
             lineage_head_id: None,
             disabled_at: None,
             allowed_ips: allowlist_to_json(v.allowed_ips.as_ref()),
+            rate_limits: limits_to_json(&v.rate_limits),
         };
         Ok(PreparedKey { plaintext, row, project_id: v.project_id, product_id: v.product_id })
     }
@@ -260,6 +261,9 @@ impl ApiKeyClient {
             change = change
                 .col_expr(C::RateLimitRequests, Expr::value(n))
                 .col_expr(C::RateLimitWindow, Expr::value(w));
+        }
+        if let Some(limits) = &v.rate_limits {
+            change = change.col_expr(C::RateLimits, Expr::value(limits_to_json(limits)));
         }
         if let Some(custom) = v.custom {
             change = change.col_expr(C::Custom, Expr::value(sea_orm::JsonValue::Object(custom)));
@@ -385,8 +389,8 @@ impl ApiKeyClient {
         let Some(key) = find_key_on(conn, id).await? else {
             return self.deleted(id, 0);
         };
-        if let Some(newest) = hand_over_lineage(conn, id).await? {
-            self.inner.limiter.take_over(key.org_id, id, newest).await;
+        if let Some(newest) = hand_over_lineage(conn, id, &key.rate_limits).await? {
+            self.inner.limiter.take_over(key.org_id, id, newest, &key.rate_limits).await;
         }
         let res = api_key::Entity::delete_by_id(id.as_uuid()).exec(conn).await.map_err(storage)?;
         if res.rows_affected == 1 {

@@ -111,7 +111,7 @@ pub use validate::{ValidateOptions, VerifyOptions};
 pub use apikeys_core::{
     ApiKey, Credits, Error, Expiry, IpAllowlist, IssuedKey, KeyAction, KeyEvent, KeyFormat, KeyId,
     KeyPage, KeyStatus, KeyUpdate, NewKey, NewKeyInput, OrgId, Organization, Page, PlaintextKey,
-    Product, ProductId, Project, ProjectId, RateLimit, RecordId, RecordKind, Refill,
+    Product, ProductId, Project, ProjectId, RateLimit, RateLimits, RecordId, RecordKind, Refill,
     RefillInterval, Result, Scope, Scopes, SigningSecret, StatusFilter, Window,
 };
 

@@ -163,8 +163,9 @@ impl ApiKeyClient {
             .exec(conn)
             .await
             .map_err(storage)?;
-        merge_windows(conn, id, issued.record.id).await?;
-        self.inner.limiter.take_over(record.org_id, id, issued.record.id).await;
+        merge_windows(conn, id, issued.record.id, &record.rate_limits).await?;
+        let (org, limits) = (record.org_id, &record.rate_limits);
+        self.inner.limiter.take_over(org, id, issued.record.id, limits).await;
         let subject = Subject::key(&record).related(issued.record.id);
         self.audit(conn, KeyAction::Rolled, subject).await?;
         if revoke {
@@ -198,8 +199,9 @@ impl ApiKeyClient {
     /// top-up in a new period adds to the refilled balance instead of being overwritten by
     /// it. To set a balance, or remove it, use [`update_key`](Self::update_key).
     ///
-    /// Replicas keep the blocks they hold in [`CreditMode::Leased`](crate::CreditMode); one
-    /// that found the balance spent admits the key again within a second.
+    /// Replicas keep the blocks they hold in [`CreditMode::Leased`](crate::CreditMode) (the
+    /// record's `updated_at`, which a new balance set moves, stays), and one that found the
+    /// balance spent admits the key again within a second.
     ///
     /// ```
     /// # use apikeys_db::{ApiKeyClient, Credits, Error, NewKey, ValidateOptions};
@@ -231,7 +233,6 @@ impl ApiKeyClient {
         if amount == 0 || amount > MAX_CREDITS {
             return Err(Error::invalid_input("credits", "the amount must be 1 to 2^63 - 1"));
         }
-        let now = naive(self.now());
         self.in_transaction(async move |txn| {
             let record = api_key_from_model(locked_row(txn, id).await?)?;
             if let Some(revoked_at) = record.revoked_at {
@@ -246,7 +247,7 @@ impl ApiKeyClient {
                     "the key has no credit balance (unlimited use): set one with update_key",
                 ));
             }
-            if !crate::credits::add(txn, id, amount, now).await? {
+            if !crate::credits::add(txn, id, amount).await? {
                 return Err(Error::invalid_input(
                     "credits",
                     "the balance would pass the largest one (2^63 - 1)",

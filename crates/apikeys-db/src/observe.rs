@@ -212,7 +212,7 @@ mod tests {
             (Error::IpNotAllowed { ip: None }, "ip_not_allowed"),
             (Error::ProductNotAllowed { product_id: ProductId::new() }, "product"),
             (Error::InsufficientScope { missing: Vec::new() }, "scope"),
-            (Error::Quota { retry_after: Duration::from_secs(1), limit }, "quota"),
+            (Error::Quota { retry_after: Duration::from_secs(1), limit, name: None }, "quota"),
             (Error::UsageExhausted { refill_at: None }, "usage_exhausted"),
             (Error::UsageExhausted { refill_at: Some(Utc::now()) }, "usage_exhausted"),
             (Error::unavailable(io()), "unavailable"),

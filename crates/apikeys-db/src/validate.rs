@@ -18,6 +18,7 @@ use crate::client::ApiKeyClient;
 use crate::convert::naive;
 use crate::observe::{Op, observe};
 use crate::rate_limit::Taken;
+use apikeys_core::limits::MAX_NAMED_LIMITS;
 
 /// Options of [`ApiKeyClient::verify_key`].
 #[derive(Debug, Clone, Copy)]
@@ -195,6 +196,16 @@ struct Check<'a> {
     client_ip: Option<IpAddr>,
 }
 
+/// A refusal of the limit named `name` says which.
+fn named_quota(e: apikeys_core::Error, name: Option<&str>) -> apikeys_core::Error {
+    match e {
+        apikeys_core::Error::Quota { retry_after, limit, .. } => {
+            apikeys_core::Error::Quota { retry_after, limit, name: name.map(str::to_owned) }
+        }
+        other => other,
+    }
+}
+
 impl ApiKeyClient {
     /// One check, as a short sequence of the client's parts: read the clock once, find the
     /// key (cache or lookup), decide, rate limit, credits, usage, re-hash.
@@ -216,15 +227,26 @@ impl ApiKeyClient {
         // Each part answers from memory when it can; only what needs the database awaits,
         // boxed, so that a check answered from memory builds no database future (a large
         // one would be copied with the check's own on every call).
-        let taken = match (NonZeroU32::new(check.rate_limit_cost), found.key.rate_limit) {
-            (Some(cost), Some(limit)) => {
-                match inner.limiter.check_in_memory(&found.key, limit, cost) {
-                    Some(taken) => taken?,
-                    None => Box::pin(inner.limiter.check(&found.key, limit, cost)).await?,
+        // Every limit in turn (the main one, then the named ones by name), all or nothing: a
+        // limit that refuses gets back what those before it took.
+        let mut taken = [Taken::Nothing; 1 + MAX_NAMED_LIMITS];
+        if let Some(cost) = NonZeroU32::new(check.rate_limit_cost) {
+            let main = found.key.rate_limit.map(|limit| (None, limit));
+            let named = found.key.rate_limits.iter().map(|(name, limit)| (Some(name), limit));
+            for (i, (name, limit)) in main.into_iter().chain(named).enumerate() {
+                let counted = match inner.limiter.check_in_memory(&found.key, limit, cost, name) {
+                    Some(counted) => counted,
+                    None => Box::pin(inner.limiter.check(&found.key, limit, cost, name)).await,
+                };
+                match counted {
+                    Ok(t) => taken[i] = t,
+                    Err(e) => {
+                        Box::pin(inner.limiter.give_back_all(&taken[..i])).await;
+                        return Err(named_quota(e, name));
+                    }
                 }
             }
-            _ => Taken::Nothing,
-        };
+        }
         let credits_left = match found.key.credits {
             Some(_) if check.credit_cost > 0 => {
                 let spent = match inner.credits.spend_in_memory(&found.key, check.credit_cost) {
@@ -235,7 +257,7 @@ impl ApiKeyClient {
                     Ok(left) => left,
                     // All or nothing: a check its credits refuse gives its units back.
                     Err(e) => {
-                        Box::pin(inner.limiter.give_back(taken)).await;
+                        Box::pin(inner.limiter.give_back_all(&taken)).await;
                         return Err(e);
                     }
                 }
@@ -359,11 +381,11 @@ impl ApiKeyClient {
     /// IP allowlist (a key with one is refused here: use
     /// [`validate_key_from`](Self::validate_key_from) with the request's address), revoked,
     /// expired, disabled, product, scopes, the key's rate limit, then its usage credits.
-    /// All or nothing: a request refused for any reason spends no rate-limit unit and no
-    /// credit (one its credits refuse gives back the units its rate limit counted, except
-    /// in [`RateLimitMode::Local`](crate::RateLimitMode::Local), whose in-process GCRA
-    /// cannot take units back). [`ValidateOptions::cost`] says how many units and credits
-    /// a request takes.
+    /// All or nothing: a request refused by one of its rate limits or its credits spends
+    /// nothing from the others (what they counted is given back right after, except in
+    /// [`RateLimitMode::Local`](crate::RateLimitMode::Local), whose in-process GCRA cannot
+    /// take units back). Until it is, a concurrent check may find that limit full for a
+    /// moment. [`ValidateOptions::cost`] says how many units and credits a request takes.
     ///
     /// A key with usage credits spends [`ValidateOptions::credit_cost`] of them (one by
     /// default). With [`CreditMode::Exact`](crate::CreditMode::Exact) (the default) that is

@@ -34,11 +34,12 @@
 //!   balances end at exactly 0 and 840.
 //! - `costs`: 4 processes with skewed clocks (two caching keys), leased limits and leased
 //!   credits, × 8 tasks, each checking at a cost of 3 until refused 3 times in a row: a key
-//!   limited to 1 000 units an hour with 90 credits, and a key limited to 300 units an hour.
-//!   Once every worker has shut down (giving back what it held): passed × 3 + the balance
-//!   left is exactly 90 on the first key; every check refused for its credits gave its units
-//!   back and none was admitted past a limit, so a new client then passes exactly the rest of
-//!   each limit (333 and 100 checks in all).
+//!   limited to 1 000 units an hour with 90 credits, a key limited to 300 units an hour, and a
+//!   key with two named limits, `a` (600 units an hour) and `b` (300). Once every worker has
+//!   shut down (giving back what it held): passed × 3 + the balance left is exactly 90 on the
+//!   first key; every check refused for its credits or by `b` gave its units back and none
+//!   was admitted past a limit, so a new client then passes exactly the rest of each limit
+//!   (333, 100 and 100 checks in all), and with `b` removed exactly the rest of `a` (200).
 //! - `races`: 4 processes × 6 tasks check 60 keys (tracked, untracked, shared limit) while
 //!   each process also deletes, revokes and updates its quarter of them: every outcome is
 //!   `Ok`, `InvalidKey`, `Revoked` or `NotFound`, never `Storage`.
@@ -526,18 +527,24 @@ async fn costs_across_processes(db: TestDb) {
         }
         keys.push(client.create_key(org.id, nk).await.unwrap());
     }
+    let named = |b: bool| {
+        let a = apikeys_db::RateLimits::new().with("a", RateLimit::per_hour(600).unwrap());
+        if b { a.and_then(|l| l.with("b", RateLimit::per_hour(300).unwrap())) } else { a }
+    };
+    let nk = NewKey::new("named").with_rate_limits(named(true).unwrap());
+    keys.push(client.create_key(org.id, nk).await.unwrap());
     apikeys_testing::leave_room(&client, apikeys_db::Window::Hour, Duration::from_secs(300)).await;
     let plain: Vec<String> = keys.iter().map(|k| k.key.expose_secret().to_owned()).collect();
     let lines = run_workers("costs", &db, &[("APIKEYS_WORKER_KEYS", plain.join(","))]).await;
-    let (mut first, mut second) = (0, 0);
+    let (mut first, mut second, mut third) = (0, 0, 0);
     for line in &lines {
-        let (a, b) = line.split_once(' ').unwrap();
-        first += a.parse::<u64>().unwrap();
-        second += b.parse::<u64>().unwrap();
+        let n: Vec<u64> = line.split(' ').map(|n| n.parse().unwrap()).collect();
+        (first, second, third) = (first + n[0], second + n[1], third + n[2]);
     }
     let left = client.get_key(keys[0].record.id).await.unwrap().credits.unwrap().remaining;
     println!(
-        "costs across processes: {first} checks of 30 on credits ({left} left), {second} of 100"
+        "costs across processes: {first} checks of 30 on credits ({left} left), {second} of 100, \
+         {third} of 100 on named limits"
     );
     assert_eq!(first * u64::from(COST) + left, 90, "every credit spent once or given back");
     let credits = Some(apikeys_db::Credits::new(10_000));
@@ -545,6 +552,10 @@ async fn costs_across_processes(db: TestDb) {
     client.update_key(keys[0].record.id, update).await.unwrap();
     assert_eq!(check_until_refused(&client, &plain[0]).await, 333 - first, "units given back");
     assert_eq!(check_until_refused(&client, &plain[1]).await, 100 - second, "never past a limit");
+    assert_eq!(check_until_refused(&client, &plain[2]).await, 100 - third, "never past `b`");
+    let only_a = apikeys_db::KeyUpdate::new().with_rate_limits(named(false).unwrap());
+    client.update_key(keys[2].record.id, only_a).await.unwrap();
+    assert_eq!(check_until_refused(&client, &plain[2]).await, 100, "`a` took nothing refused");
 }
 
 async fn costs_worker() {
@@ -566,7 +577,8 @@ async fn costs_worker() {
             tokio::spawn(async move {
                 let first = check_until_refused(&client, &keys[0]).await;
                 let second = check_until_refused(&client, &keys[1]).await;
-                format!("{first} {second}")
+                let third = check_until_refused(&client, &keys[2]).await;
+                format!("{first} {second} {third}")
             })
         })
         .collect();

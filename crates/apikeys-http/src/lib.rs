@@ -155,6 +155,11 @@ pub struct Problem {
     /// The rate limit that was hit ([`ProblemCode::QuotaExceeded`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<RateLimit>,
+    /// The rate-limit policies the request violated ([`ProblemCode::QuotaExceeded`]), by the
+    /// names the `RateLimit` and `RateLimit-Policy` headers use: `key` for the key's main
+    /// limit, else the named limit's name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub violated_policies: Vec<String>,
     /// When the key's credits refill ([`ProblemCode::UsageExhausted`]), if they do.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refill_at: Option<DateTime<Utc>>,
@@ -186,6 +191,7 @@ impl Problem {
             disabled_at: None,
             product_id: None,
             missing_scopes: Vec::new(),
+            violated_policies: Vec::new(),
             retry_after: None,
             limit: None,
             refill_at: None,
@@ -404,14 +410,18 @@ impl ErrorMapper {
                 }
                 answer
             }
-            Error::Quota { retry_after, limit } => {
+            Error::Quota { retry_after, limit, name } => {
                 let mut p = problem(StatusCode::TOO_MANY_REQUESTS, ProblemCode::QuotaExceeded);
                 p.limit = Some(*limit);
+                // Named limits' names are checked (`[a-z][a-z0-9_-]*`): safe in a quoted
+                // structured-field string.
+                let policy_name = name.as_deref().unwrap_or(RATE_LIMIT_POLICY);
+                p.violated_policies = vec![policy_name.to_owned()];
                 let mut answer = ErrorResponse::new(p).retry_after(*retry_after);
                 let (q, w) = (limit.requests.get(), limit.window.seconds());
                 let t = whole_seconds(*retry_after);
-                let policy = format!("\"{RATE_LIMIT_POLICY}\";q={q};w={w}");
-                let state = format!("\"{RATE_LIMIT_POLICY}\";r=0;t={t}");
+                let policy = format!("\"{policy_name}\";q={q};w={w}");
+                let state = format!("\"{policy_name}\";r=0;t={t}");
                 append(&mut answer.headers, HeaderName::from_static("ratelimit-policy"), policy);
                 append(&mut answer.headers, HeaderName::from_static("ratelimit"), state);
                 answer
@@ -653,7 +663,7 @@ mod tests {
             (Duration::from_millis(1001), 2),
             (Duration::from_millis(59_999), 60),
         ] {
-            let q = error_response(&Error::Quota { retry_after: wait, limit });
+            let q = error_response(&Error::Quota { retry_after: wait, limit, name: None });
             assert_eq!(q.status, 429);
             assert_eq!(q.headers[RETRY_AFTER], seconds.to_string(), "{wait:?}");
             assert_eq!(q.headers["ratelimit-policy"], "\"key\";q=100;w=60");

@@ -210,7 +210,7 @@ pub async fn over_the_limit_is_429_with_retry_after_and_ratelimit_headers(db: Te
     let limit = RateLimit::per_minute(2).unwrap();
     let (plain, _) = key(&client, org.id, NewKey::new("l").with_rate_limit(limit)).await;
     apikeys_testing::leave_room(&client, apikeys_db::Window::Minute, Duration::from_secs(10)).await;
-    let base = serve(app(ApiKeyAuth::new(client))).await;
+    let base = serve(app(ApiKeyAuth::new(client.clone()))).await;
     let url = format!("{base}/whoami");
     for _ in 0..2 {
         assert_eq!(fetch(&url, &[("x-api-key", &plain)]).await.status, 200);
@@ -223,6 +223,20 @@ pub async fn over_the_limit_is_429_with_retry_after_and_ratelimit_headers(db: Te
     assert_eq!(a.body["limit"], json!({"requests": 2, "window": "minute"}));
     assert_eq!(a.header("ratelimit-policy"), "\"key\";q=2;w=60");
     assert_eq!(a.header("ratelimit"), format!("\"key\";r=0;t={wait}"));
+    assert_eq!(a.body["violated_policies"], json!(["key"]));
+
+    // A named limit that refuses is the policy named in the headers and the problem body.
+    let plan = apikeys_db::RateLimits::new().with("burst", RateLimit::per_minute(1).unwrap());
+    let new = NewKey::new("named").with_rate_limit(RateLimit::per_hour(100).unwrap());
+    let (named, _) = key(&client, org.id, new.with_rate_limits(plan.unwrap())).await;
+    assert_eq!(fetch(&url, &[("x-api-key", &named)]).await.status, 200);
+    let a = fetch(&url, &[("x-api-key", &named)]).await;
+    a.assert_problem(429, "quota_exceeded", &named);
+    let wait: u64 = a.header("retry-after").parse().unwrap();
+    assert_eq!(a.header("ratelimit-policy"), "\"burst\";q=1;w=60");
+    assert_eq!(a.header("ratelimit"), format!("\"burst\";r=0;t={wait}"));
+    assert_eq!(a.body["violated_policies"], json!(["burst"]));
+    assert_eq!(a.body["limit"], json!({"requests": 1, "window": "minute"}));
 }
 
 pub async fn query_parameter_only_when_turned_on(db: TestDb) {

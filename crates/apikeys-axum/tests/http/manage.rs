@@ -594,10 +594,11 @@ pub async fn the_openapi_document_describes_every_route(db: TestDb) {
         "expires_in_seconds",
         "never_expires",
         "allowed_ips",
+        "rate_limits",
     ] {
         assert!(members.contains(&member), "NewKeyInput lacks {member}: {members:?}");
     }
-    assert_eq!(members.len(), 12, "{members:?}");
+    assert_eq!(members.len(), 13, "{members:?}");
     assert_eq!(input["additionalProperties"], false, "{input}");
     assert_eq!(input["required"], json!(["name"]), "{input}");
     // The document served equals the one the host can take for its own.
@@ -622,6 +623,7 @@ pub async fn create_takes_every_option_of_new_key(db: TestDb) {
         "product_id": product.id,
         "scopes": ["read", "write"],
         "rate_limit": {"requests": 1000, "window": "hour"},
+        "rate_limits": {"daily": {"requests": 20000, "window": "day"}},
         "custom": {"plan": "pro"},
         "owner_id": "user-42",
         "credits": {"remaining": 2, "refill": {"amount": 50, "interval": "month"}},
@@ -636,6 +638,7 @@ pub async fn create_takes_every_option_of_new_key(db: TestDb) {
     assert_eq!(record["product_id"], json!(product.id));
     assert_eq!(record["scopes"], json!(["read", "write"]));
     assert_eq!(record["rate_limit"], json!({"requests": 1000, "window": "hour"}));
+    assert_eq!(record["rate_limits"], json!({"daily": {"requests": 20000, "window": "day"}}));
     assert_eq!(record["custom"], json!({"plan": "pro"}));
     assert_eq!(record["owner_id"], "user-42");
     assert_eq!(
@@ -726,6 +729,16 @@ pub async fn create_refuses_unknown_members_and_bad_values(db: TestDb) {
     let a = call(&base, Method::POST, &keys, Some(json!({"name": "x", k: "1"}))).await;
     a.assert_problem(422, "bad_request", k);
     assert_eq!(a.body["field"], Value::Null, "{}", a.text);
+    // A named limit's name that is not one (a typo's case, a key pasted there) is refused,
+    // naming the member and never the name.
+    let limit = json!({"requests": 5, "window": "day"});
+    for name in ["Daily", k, "key"] {
+        let body = json!({"name": "x", "rate_limits": {name: limit}});
+        let a = call(&base, Method::POST, &keys, Some(body)).await;
+        a.assert_problem(422, "bad_request", k);
+        assert_eq!(a.body["field"], "rate_limits", "{}", a.text);
+        assert!(!a.text.contains("Daily"), "{}", a.text);
+    }
     assert_eq!(db.counts(&client).await, before);
 }
 
@@ -1023,6 +1036,14 @@ pub async fn admins_bound_to_an_organization_stay_in_it(db: TestDb) {
     let all = call_as(&base, "global", Method::GET, "/orgs", None).await;
     assert_eq!(all.body["items"].as_array().unwrap().len(), 2, "{}", all.text);
     call_as(&base, "nobody", Method::GET, "/orgs", None).await.assert_problem(403, "forbidden", "");
+
+    // A key of its own organization narrowed to another's project or product: not found.
+    let own_keys = format!("/orgs/{}/keys", acme.id);
+    for body in [json!({"name": "x", "project_id": pj}), json!({"name": "x", "product_id": pd})] {
+        let a = call_as(&base, "acme", Method::POST, &own_keys, Some(body)).await;
+        a.assert_problem(404, "not_found", "");
+    }
+    assert_eq!(db.counts(&client).await, before);
 
     // In its own organization: the key it creates, tops up and revokes names it.
     let body = json!({"name": "mine", "credits": {"remaining": 1}});

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use apikeys_db::core::hazmat::{KeyHasher, Requirements, decide};
 use apikeys_db::{
-    ApiKey, ApiKeyClient, KeyCache, NewKey, RateLimit, RateLimitMode, SigningSecret, VerifyOptions,
+    ApiKey, ApiKeyClient, CreditMode, Credits, KeyCache, NewKey, RateLimit, RateLimitMode,
+    RateLimits, SigningSecret, VerifyOptions,
 };
 use criterion::{BenchmarkGroup, Throughput, measurement::WallTime};
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
@@ -23,6 +24,11 @@ pub struct Cached {
     client: ApiKeyClient,
     /// The same, with leased shared limits.
     leased: ApiKeyClient,
+    /// The same, with leased credits too: a plan's check.
+    plan_client: ApiKeyClient,
+    /// A key with a plan: a main limit and two named limits (never reached) and credits
+    /// (never spent out).
+    plan: String,
     /// A hot key (scopes `read`, `write`; org-wide) limited to 10^9 per hour: every check
     /// counts against the shared limit, which is never reached.
     hot: String,
@@ -49,7 +55,22 @@ pub async fn cached(f: &Fixture) -> Cached {
         .with_scopes(["read", "write"])
         .with_rate_limit(RateLimit::per_hour(1_000_000_000).unwrap());
     let hot = f.client.create_key(f.org, new).await.unwrap().key.expose_secret().to_owned();
-    let c = Cached { client, leased, hot, hasher, map };
+    let plan_client =
+        f.db.client_with(|b| {
+            batched(b).rate_limit_mode(RateLimitMode::Leased).credit_mode(CreditMode::Leased)
+        })
+        .await;
+    let named = RateLimits::new()
+        .with("burst", RateLimit::per_minute(1_000_000_000).unwrap())
+        .and_then(|l| l.with("daily", RateLimit::per_day(1_000_000_000).unwrap()))
+        .unwrap();
+    let new = NewKey::new("plan")
+        .with_scopes(["read", "write"])
+        .with_rate_limit(RateLimit::per_hour(1_000_000_000).unwrap())
+        .with_rate_limits(named)
+        .with_credits(Credits::new(1_000_000_000_000));
+    let plan = f.client.create_key(f.org, new).await.unwrap().key.expose_secret().to_owned();
+    let c = Cached { client, leased, plan_client, plan, hot, hasher, map };
     // Warm: the first poll has run and every key the benchmarks use is cached.
     for _ in 0..1_000 {
         c.verify(f).await;
@@ -66,6 +87,7 @@ pub async fn cached(f: &Fixture) -> Cached {
     // The hot key is hot: its blocks have grown to their cap (1, 2, 4, ... 1024 units).
     for _ in 0..5_000 {
         c.leased_validate(f).await;
+        c.plan_validate(f).await;
     }
     c
 }
@@ -96,6 +118,13 @@ impl Cached {
         let options = f.full().track_usage(true);
         self.leased.validate_key(&self.hot, &options).await.unwrap();
     }
+
+    /// A plan's check: scopes + product + three leased limits (main and two named) + leased
+    /// credits + batched usage, on a hot key.
+    async fn plan_validate(&self, f: &Fixture) {
+        let options = f.full().track_usage(true);
+        self.plan_client.validate_key(&self.plan, &options).await.unwrap();
+    }
 }
 
 pub fn bench(g: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, f: &Fixture, c: &Cached) {
@@ -111,6 +140,9 @@ pub fn bench(g: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, f: &Fixture, c:
     });
     g.bench_function("cached: validate_key hit, leased limit + batched usage", |b| {
         b.to_async(rt).iter(|| c.leased_validate(f))
+    });
+    g.bench_function("cached: validate_key hit, plan: main + 2 named limits + credits", |b| {
+        b.to_async(rt).iter(|| c.plan_validate(f))
     });
     g.throughput(Throughput::Elements(1));
     for tasks in [1usize, 8, 64] {

@@ -95,19 +95,22 @@ impl CachedKey {
 }
 
 /// About how many bytes a cached record takes: the struct, its strings, its scopes, its
-/// custom metadata and its IP allowlist.
+/// custom metadata, its IP allowlist and its named limits.
 fn record_bytes(key: &ApiKey) -> usize {
     let strings = key.name.len() + key.hint.len() + key.owner_id.as_ref().map_or(0, String::len);
     let scopes: usize = key.scopes.iter().map(|s| s.as_str().len() + 24).sum();
     let custom: usize = key.custom.iter().map(|(k, v)| k.len() + 32 + json_bytes(v)).sum();
     // A network takes at most 18 bytes (an IPv6 address, its prefix and the tag).
     let networks = key.allowed_ips.as_ref().map_or(0, |a| a.len() * 24);
+    // A named limit: its name, the limit and a map node.
+    let limits: usize = key.rate_limits.iter().map(|(name, _)| name.len() + 24 + 48).sum();
     std::mem::size_of::<CachedKey>()
         + std::mem::size_of::<ApiKey>()
         + strings
         + scopes
         + custom
         + networks
+        + limits
 }
 
 /// About how many bytes a JSON value takes in memory.
@@ -607,6 +610,7 @@ mod tests {
             hint: "sk_…".into(),
             scopes: Scopes::new(),
             rate_limit: None,
+            rate_limits: apikeys_core::RateLimits::new(),
             custom: serde_json::Map::new(),
             created_at: now,
             updated_at: now,

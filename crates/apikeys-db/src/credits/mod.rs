@@ -149,25 +149,21 @@ fn statement(backend: DbBackend, key: KeyId, cost: i64, extra: bool) -> Statemen
 /// overwritten by the refill at the next check), only while the result stays within
 /// [`MAX_CREDITS`](apikeys_core::MAX_CREDITS). Returns whether it did: `false` for a key with
 /// no balance, or one the amount would take past the maximum.
-pub(crate) async fn add<C: ConnectionTrait>(
-    conn: &C,
-    id: KeyId,
-    amount: u64,
-    now: chrono::NaiveDateTime,
-) -> Result<bool> {
+///
+/// The record's `updated_at` stays: leased credit blocks are tied to it (a new balance set
+/// ends them), and a top-up leaves every block valid.
+pub(crate) async fn add<C: ConnectionTrait>(conn: &C, id: KeyId, amount: u64) -> Result<bool> {
     let backend = conn.get_database_backend();
     let amount = i64::try_from(amount).unwrap_or(i64::MAX);
     let mut p = Params { backend, values: Vec::new() };
     // `remaining` first: MySQL's later assignments see the earlier ones.
     let added = format!("{} + {}", p.available(), p.p(amount));
     let (due, cur) = (p.due(), p.cur());
-    let updated = p.p(now);
     let id = p.p(id.as_uuid());
     let (available, room) = (p.available(), p.p(i64::MAX - amount));
     let sql = format!(
         "UPDATE api_keys SET remaining = {added}, \
-         refilled_period = CASE WHEN {due} THEN {cur} ELSE refilled_period END, \
-         updated_at = {updated} \
+         refilled_period = CASE WHEN {due} THEN {cur} ELSE refilled_period END \
          WHERE id = {id} AND remaining IS NOT NULL AND {available} <= {room}"
     );
     let stmt = Statement::from_sql_and_values(backend, sql, p.values);

@@ -37,6 +37,8 @@ pub struct Model {
     pub disabled_at: Option<DateTime>,
     /// The JSON array of networks the key may be used from (`NULL`: any address).
     pub allowed_ips: Option<Json>,
+    /// The key's named rate limits, a JSON object of name to limit (`NULL`: none).
+    pub rate_limits: Option<Json>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -86,7 +86,7 @@ const COVER: Duration = Duration::from_millis(250);
 const MIN_OBSERVED: Duration = Duration::from_secs(1);
 
 /// The largest block for `limit`.
-fn cap(limit: RateLimit) -> u32 {
+pub(super) fn cap(limit: RateLimit) -> u32 {
     (limit.requests.get() / 16).clamp(1, MAX_BLOCK)
 }
 

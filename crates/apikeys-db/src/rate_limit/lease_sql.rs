@@ -16,7 +16,7 @@ use std::sync::LazyLock;
 use apikeys_core::{KeyId, RateLimit, Result};
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, Value};
 
-use super::store::{Ask, Grant, WindowRef};
+use super::store::{Ask, Grant, WindowRef, in_table};
 use super::window::{MY_NOW_MS, PG_NOW_MS, counting_error, host_millis, left_ms};
 use crate::breaker::Db;
 use crate::error::{retry_conflicts, storage};
@@ -26,19 +26,40 @@ use crate::error::{retry_conflicts, storage};
 /// batch that fails (a key deleted meanwhile fails the whole statement, as does a database
 /// failure) is done again key by key, so each key gets an answer of its own.
 pub(super) async fn reserve_batch(db: &Db, asks: &[Ask]) -> Vec<Result<Grant>> {
-    let wanted: Vec<_> = asks.iter().map(|(c, limit, block)| (c.key, *limit, *block)).collect();
+    // The main limits' windows and the named limits' are two tables: a statement each.
+    let mut grants: Vec<Option<Result<Grant>>> = asks.iter().map(|_| None).collect();
+    for named in [false, true] {
+        let picked: Vec<usize> = (0..asks.len()).filter(|&i| asks[i].0.named == named).collect();
+        if picked.is_empty() {
+            continue;
+        }
+        let wanted: Vec<_> =
+            picked.iter().map(|&i| (asks[i].0.key, asks[i].1, asks[i].2)).collect();
+        for (i, grant) in picked.into_iter().zip(reserve_table(db, &wanted, named).await) {
+            grants[i] = Some(grant);
+        }
+    }
+    grants.into_iter().map(|g| g.unwrap_or(Ok(Grant::Refused(left_ms(1))))).collect()
+}
+
+/// [`reserve_batch`] in one table's windows.
+async fn reserve_table(
+    db: &Db,
+    wanted: &[(KeyId, RateLimit, u32)],
+    named: bool,
+) -> Vec<Result<Grant>> {
     if let [(key, limit, block)] = wanted[..]
         && db.get_database_backend() == DbBackend::MySql
     {
-        return vec![reserve(db, key, limit, block).await];
+        return vec![reserve(db, key, limit, block, named).await];
     }
-    match reserve_many(db, &wanted).await {
+    match reserve_many(db, wanted, named).await {
         Ok(grants) => grants.into_iter().map(Ok).collect(),
         Err(e) => {
             tracing::debug!(keys = wanted.len(), error = %counting_error(e), "a batch of rate-limit reservations failed; reserving key by key");
             let mut grants = Vec::with_capacity(wanted.len());
-            for (key, limit, block) in wanted {
-                grants.push(reserve(db, key, limit, block).await);
+            for &(key, limit, block) in wanted {
+                grants.push(reserve(db, key, limit, block, named).await);
             }
             grants
         }
@@ -107,7 +128,13 @@ fn whole_block_grant(
 }
 
 /// Reserves up to `block` units of `key`'s current window, by the database's clock.
-pub(super) async fn reserve(db: &Db, key: KeyId, limit: RateLimit, block: u32) -> Result<Grant> {
+pub(super) async fn reserve(
+    db: &Db,
+    key: KeyId,
+    limit: RateLimit,
+    block: u32,
+    named: bool,
+) -> Result<Grant> {
     let backend = db.get_database_backend();
     let len = limit.window.seconds() * 1_000;
     let max = i64::from(limit.requests.get());
@@ -116,7 +143,8 @@ pub(super) async fn reserve(db: &Db, key: KeyId, limit: RateLimit, block: u32) -
     let result = match backend {
         DbBackend::Postgres => {
             let values = [id, len.into(), max.into(), b.into()];
-            let stmt = Statement::from_sql_and_values(backend, PG_RESERVE.as_str(), values);
+            let stmt =
+                Statement::from_sql_and_values(backend, in_table(&PG_RESERVE, named), values);
             retry_conflicts(|| db.query_one_raw(stmt.clone())).await.and_then(|row| {
                 let row = row.ok_or_else(|| DbErr::RecordNotFound("rate limit row".into()))?;
                 let start: i64 = row.try_get("", "start")?;
@@ -134,7 +162,8 @@ pub(super) async fn reserve(db: &Db, key: KeyId, limit: RateLimit, block: u32) -
             // UPDATE: count < limit, grant = pack(index (len), LEAST(block, limit - count),
             // left (len, len)).
             values.extend([max.into(), len.into(), b.into(), max.into(), len.into(), len.into()]);
-            let stmt = Statement::from_sql_and_values(backend, MY_RESERVE.as_str(), values);
+            let stmt =
+                Statement::from_sql_and_values(backend, in_table(&MY_RESERVE, named), values);
             retry_conflicts(|| db.execute_raw(stmt.clone())).await.map(|res| {
                 let v = res.last_insert_id();
                 let left =
@@ -163,7 +192,7 @@ pub(super) async fn reserve(db: &Db, key: KeyId, limit: RateLimit, block: u32) -
                  VALUES (?, ?, ?, ?) ON CONFLICT (key_id, window_start) \
                  DO UPDATE SET count = count + ? WHERE count < ? RETURNING count";
             let values = [id, start.into(), b.into(), (start + len).into(), b.into(), max.into()];
-            let stmt = Statement::from_sql_and_values(backend, sql, values);
+            let stmt = Statement::from_sql_and_values(backend, in_table(sql, named), values);
             retry_conflicts(|| db.query_one_raw(stmt.clone())).await.and_then(|row| {
                 let left = start + len - host_millis();
                 let new = match row {
@@ -185,6 +214,7 @@ pub(super) async fn reserve(db: &Db, key: KeyId, limit: RateLimit, block: u32) -
 async fn reserve_many(
     db: &Db,
     asks: &[(KeyId, RateLimit, u32)],
+    named: bool,
 ) -> std::result::Result<Vec<Grant>, DbErr> {
     let backend = db.get_database_backend();
     let mut order: Vec<usize> = (0..asks.len()).collect();
@@ -194,7 +224,8 @@ async fn reserve_many(
     // The rows' new counts by key, and (PostgreSQL) each window's start and time left.
     let mut found: HashMap<uuid::Uuid, (Option<i64>, i64, i64)> = HashMap::new();
     if backend == DbBackend::MySql {
-        return retry_conflicts(|| db.bounded(reserve_many_mysql(db, asks, &order), |e| e)).await;
+        let batch = || db.bounded(reserve_many_mysql(db, asks, &order, named), |e| e);
+        return retry_conflicts(batch).await;
     }
     if backend == DbBackend::Postgres {
         for (n, &i) in order.iter().enumerate() {
@@ -230,7 +261,7 @@ async fn reserve_many(
                up.count AS new_count FROM w LEFT JOIN up ON up.key_id = w.key_id",
             rows.join(", ")
         );
-        let stmt = Statement::from_sql_and_values(backend, sql, values);
+        let stmt = Statement::from_sql_and_values(backend, in_table(&sql, named), values);
         for row in retry_conflicts(|| db.query_all_raw(stmt.clone())).await? {
             let key: uuid::Uuid = row.try_get("", "key_id")?;
             let new: Option<i64> = row.try_get("", "new_count")?;
@@ -261,7 +292,7 @@ async fn reserve_many(
              RETURNING key_id, count",
             rows.join(", ")
         );
-        let stmt = Statement::from_sql_and_values(backend, sql, values);
+        let stmt = Statement::from_sql_and_values(backend, in_table(&sql, named), values);
         let returned = retry_conflicts(|| db.query_all_raw(stmt.clone())).await?;
         let now = host_millis();
         for f in found.values_mut() {
@@ -294,6 +325,7 @@ async fn reserve_many_mysql(
     db: &Db,
     asks: &[(KeyId, RateLimit, u32)],
     order: &[usize],
+    named: bool,
 ) -> std::result::Result<Vec<Grant>, DbErr> {
     let backend = DbBackend::MySql;
     let sql = format!("SELECT CAST({MY_NOW_MS} AS SIGNED) AS now_ms");
@@ -323,7 +355,7 @@ async fn reserve_many_mysql(
          VALUES {}",
         rows.join(", ")
     );
-    db.execute_raw(Statement::from_sql_and_values(backend, sql, values)).await?;
+    db.execute_raw(Statement::from_sql_and_values(backend, in_table(&sql, named), values)).await?;
     let txn = db.begin_with_options(sea_orm::TransactionOptions::default()).await?;
     let mut pairs = Vec::with_capacity(order.len());
     let mut values: Vec<Value> = Vec::with_capacity(order.len() * 2);
@@ -338,7 +370,8 @@ async fn reserve_many_mysql(
         pairs.join(", ")
     );
     let mut counts: HashMap<uuid::Uuid, i64> = HashMap::new();
-    for row in txn.query_all_raw(Statement::from_sql_and_values(backend, sql, values)).await? {
+    let select = Statement::from_sql_and_values(backend, in_table(&sql, named), values);
+    for row in txn.query_all_raw(select).await? {
         counts.insert(row.try_get("", "key_id")?, row.try_get("", "count")?);
     }
     let grants: Vec<Grant> = asks
@@ -379,7 +412,8 @@ async fn reserve_many_mysql(
              VALUES {} ON DUPLICATE KEY UPDATE count = count + VALUES(count)",
             rows.join(", ")
         );
-        txn.execute_raw(Statement::from_sql_and_values(backend, sql, values)).await?;
+        txn.execute_raw(Statement::from_sql_and_values(backend, in_table(&sql, named), values))
+            .await?;
     }
     txn.commit().await?;
     Ok(grants)
@@ -395,6 +429,7 @@ pub(super) async fn give_back(
     length: apikeys_core::Window,
     window: WindowRef,
     units: u32,
+    named: bool,
 ) -> Result<()> {
     if units == 0 {
         return Ok(());
@@ -406,23 +441,33 @@ pub(super) async fn give_back(
     let stmt = match (backend, window) {
         (DbBackend::Postgres, WindowRef::Start(start)) => Statement::from_sql_and_values(
             backend,
-            "UPDATE rate_limit_windows SET count = count - $3 \
-             WHERE key_id = $1 AND window_start = $2 AND count >= $3",
+            in_table(
+                "UPDATE rate_limit_windows SET count = count - $3 \
+                 WHERE key_id = $1 AND window_start = $2 AND count >= $3",
+                named,
+            ),
             [id, start.into(), n.into()],
         ),
         (DbBackend::MySql, WindowRef::Index(index)) => Statement::from_sql_and_values(
             backend,
-            format!(
-                "UPDATE rate_limit_windows SET count = count - ? \
-                 WHERE key_id = ? AND expires_at > {MY_NOW_MS} AND expires_at - window_start = ? \
-                 AND MOD(FLOOR(window_start / ?), {MY_INDEX_MOD}) = ? AND count >= ?"
+            in_table(
+                &format!(
+                    "UPDATE rate_limit_windows SET count = count - ? \
+                     WHERE key_id = ? AND expires_at > {MY_NOW_MS} \
+                     AND expires_at - window_start = ? \
+                     AND MOD(FLOOR(window_start / ?), {MY_INDEX_MOD}) = ? AND count >= ?"
+                ),
+                named,
             ),
             [n.into(), id, len.into(), len.into(), index.into(), n.into()],
         ),
         (_, WindowRef::Start(start)) => Statement::from_sql_and_values(
             backend,
-            "UPDATE rate_limit_windows SET count = count - ? \
-             WHERE key_id = ? AND window_start = ? AND count >= ?",
+            in_table(
+                "UPDATE rate_limit_windows SET count = count - ? \
+                 WHERE key_id = ? AND window_start = ? AND count >= ?",
+                named,
+            ),
             [n.into(), id, start.into(), n.into()],
         ),
         _ => return Ok(()),

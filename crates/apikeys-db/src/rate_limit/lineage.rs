@@ -1,24 +1,42 @@
 //! One budget per lineage: a roll hands the old key's windows to the new one, the delete of
 //! a lineage's newest key hands them to the newest key left.
 
-use apikeys_core::{KeyId, Result};
+use apikeys_core::{KeyId, RateLimits, Result};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
     Statement, Value,
 };
 
+use super::named_counter;
+use super::store::in_table;
 use crate::entity::api_key;
 use crate::error::storage;
 
 /// Adds the counts of `from`'s rate-limit windows to `to`'s (creating `to`'s rows as
-/// needed), on `conn`: a roll hands the old key's windows to the new one, and the delete of a
-/// lineage's newest key hands them to the newest key left. `from`'s rows stay (a check that
-/// read the key before the change still counts in them).
+/// needed), on `conn`, for its main limit and each of the named `limits`: a roll hands the
+/// old key's windows to the new one, and the delete of a lineage's newest key hands them to
+/// the newest key left. `from`'s rows stay (a check that read the key before the change
+/// still counts in them).
 pub(crate) async fn merge_windows<C: ConnectionTrait>(
     conn: &C,
     from: KeyId,
     to: KeyId,
+    limits: &RateLimits,
+) -> Result<()> {
+    merge_counter(conn, from, to, false).await?;
+    for (name, _) in limits.iter() {
+        merge_counter(conn, named_counter(from, name), named_counter(to, name), true).await?;
+    }
+    Ok(())
+}
+
+/// [`merge_windows`] of one counter, in the main limits' table or the named limits'.
+async fn merge_counter<C: ConnectionTrait>(
+    conn: &C,
+    from: KeyId,
+    to: KeyId,
+    named: bool,
 ) -> Result<()> {
     let backend = conn.get_database_backend();
     let (to, from) = (Value::from(to.as_uuid()), Value::from(from.as_uuid()));
@@ -42,7 +60,7 @@ pub(crate) async fn merge_windows<C: ConnectionTrait>(
              DO UPDATE SET count = rate_limit_windows.count + excluded.count"
         }
     };
-    conn.execute_raw(Statement::from_sql_and_values(backend, sql, [to, from]))
+    conn.execute_raw(Statement::from_sql_and_values(backend, in_table(sql, named), [to, from]))
         .await
         .map_err(storage)?;
     Ok(())
@@ -55,6 +73,7 @@ pub(crate) async fn merge_windows<C: ConnectionTrait>(
 pub(crate) async fn hand_over_lineage<C: ConnectionTrait>(
     conn: &C,
     id: KeyId,
+    limits: &RateLimits,
 ) -> Result<Option<KeyId>> {
     use api_key::Column as Col;
     let newest: Option<uuid::Uuid> = api_key::Entity::find()
@@ -71,7 +90,7 @@ pub(crate) async fn hand_over_lineage<C: ConnectionTrait>(
     let Some(newest) = newest else {
         return Ok(None);
     };
-    merge_windows(conn, id, KeyId::from_uuid(newest)).await?;
+    merge_windows(conn, id, KeyId::from_uuid(newest), limits).await?;
     api_key::Entity::update_many()
         .col_expr(Col::LineageHeadId, Expr::value(newest))
         .filter(Col::LineageHeadId.eq(id.as_uuid()))

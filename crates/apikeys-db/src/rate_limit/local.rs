@@ -99,10 +99,14 @@ impl LocalLimiters {
             Ok(Ok(())) => Ok(()),
             Ok(Err(not_until)) => {
                 let wait = not_until.wait_time_from(since_epoch(now)).max(Duration::from_millis(1));
-                Err(Error::Quota { retry_after: wait.min(limit.window.duration()), limit })
+                Err(Error::Quota {
+                    retry_after: wait.min(limit.window.duration()),
+                    limit,
+                    name: None,
+                })
             }
             // More than the limit: never admitted (the caller refuses it before asking).
-            Err(_) => Err(Error::Quota { retry_after: limit.window.duration(), limit }),
+            Err(_) => Err(Error::Quota { retry_after: limit.window.duration(), limit, name: None }),
         }
     }
 }

@@ -52,7 +52,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use apikeys_core::{ApiKey, Error, KeyId, OrgId, RateLimit, Result};
+use apikeys_core::{ApiKey, Error, KeyId, OrgId, RateLimit, RateLimits, Result};
 use sea_orm::{EntityTrait, QuerySelect};
 
 use crate::breaker::Db;
@@ -112,6 +112,11 @@ pub enum RateLimitMode {
 /// Every this many checks, a limiter sweeps: ended window rows in the database (in the
 /// background) and entries of its in-process maps that no longer change any answer.
 const SWEEP_EVERY: u64 = 4_096;
+
+/// How long a refusal is repeated from memory at most (never past its window's end): a
+/// window's count can fall back, when checks that another limit or the credits refused give
+/// their units back, so a full window is asked again after this long.
+const REFUSAL_MEMO: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A key known to be over its limit: a check of `cost` units or more is refused without a
 /// round trip until `until` (this process's monotonic clock, never after the window's end),
@@ -211,20 +216,24 @@ impl RateLimiter {
     /// current windows over now (SQL did so in the change's transaction). A check takes a
     /// key's direct predecessor's windows over by itself too, so this matters for a chain
     /// of rolls, or a delete, before any check; a failure is logged and the change stands.
-    pub(crate) async fn take_over(&self, org: OrgId, from: KeyId, to: KeyId) {
+    pub(crate) async fn take_over(&self, org: OrgId, from: KeyId, to: KeyId, limits: &RateLimits) {
         #[cfg(feature = "redis")]
-        if let Windows::Redis(redis) = &self.store
-            && let Err(e) = redis.take_over(org, from, to).await
-        {
-            tracing::warn!(
-                error = %e,
-                from = %from,
-                to = %to,
-                "Redis was out of reach: the windows of a rolled or deleted key were not handed on"
-            );
+        if let Windows::Redis(redis) = &self.store {
+            let named = limits.iter().map(|(n, _)| (named_counter(from, n), named_counter(to, n)));
+            for (from, to) in std::iter::once((from, to)).chain(named) {
+                if let Err(e) = redis.take_over(org, from, to).await {
+                    tracing::warn!(
+                        error = %e,
+                        from = %from,
+                        to = %to,
+                        "Redis was out of reach: the windows of a rolled or deleted key were not handed on"
+                    );
+                    return;
+                }
+            }
         }
         #[cfg(not(feature = "redis"))]
-        let _ = (org, from, to);
+        let _ = (org, from, to, limits);
     }
 
     /// Gives the units leased for current windows back (leased mode); returns how many.
@@ -248,15 +257,17 @@ impl RateLimiter {
         key: &ApiKey,
         limit: RateLimit,
         cost: NonZeroU32,
+        name: Option<&str>,
     ) -> Option<Result<Taken>> {
         let sweep = self.sweep_due();
         if cost > limit.requests {
             // Never admitted, in any window.
-            return Some(Err(Error::Quota { retry_after: limit.window.duration(), limit }));
+            let retry_after = limit.window.duration();
+            return Some(Err(Error::Quota { retry_after, limit, name: None }));
         }
         match self.mode {
             RateLimitMode::Local => {
-                let key = key.rolled_to.unwrap_or(key.id);
+                let key = counter_id(key.rolled_to.unwrap_or(key.id), name);
                 Some(self.local.check(key, limit, cost, sweep).map(|()| Taken::Nothing))
             }
             RateLimitMode::Shared | RateLimitMode::Leased => {
@@ -268,7 +279,7 @@ impl RateLimiter {
                 if key.rolled_to.is_some() {
                     return None;
                 }
-                self.shared_in_memory(key.id, limit, cost.get(), now)
+                self.shared_in_memory(counter_id(key.id, name), limit, cost.get(), now)
             }
         }
     }
@@ -286,24 +297,32 @@ impl RateLimiter {
         key: &ApiKey,
         limit: RateLimit,
         cost: NonZeroU32,
+        name: Option<&str>,
     ) -> Result<Taken> {
         match self.mode {
             RateLimitMode::Shared | RateLimitMode::Leased => {
                 let head = self.lineage_head(key).await?;
-                match self.check_shared(counter(key, head), limit, cost.get()).await {
+                match self.check_shared(counter(key, head, name), limit, cost.get()).await {
                     // The lineage's newest key was deleted after it was read (its keys were
                     // handed to another in the same transaction): count this one alone.
                     Err(Error::InvalidKey) if head != key.id => {
-                        self.check_shared(counter(key, key.id), limit, cost.get()).await
+                        self.check_shared(counter(key, key.id, name), limit, cost.get()).await
                     }
                     other => other,
                 }
             }
             // Answered in memory, always.
             RateLimitMode::Local => {
-                let key = key.rolled_to.unwrap_or(key.id);
+                let key = counter_id(key.rolled_to.unwrap_or(key.id), name);
                 self.local.check(key, limit, cost, false).map(|()| Taken::Nothing)
             }
+        }
+    }
+
+    /// [`give_back`](Self::give_back) of each.
+    pub(crate) async fn give_back_all(&self, taken: &[Taken]) {
+        for t in taken {
+            self.give_back(*t).await;
         }
     }
 
@@ -376,7 +395,7 @@ impl RateLimiter {
             && r.until > now
         {
             let retry_after = r.retry_at.saturating_duration_since(now);
-            return Some(Err(Error::Quota { retry_after, limit }));
+            return Some(Err(Error::Quota { retry_after, limit, name: None }));
         }
         None
     }
@@ -388,7 +407,10 @@ impl RateLimiter {
         if let Some(answer) = self.shared_in_memory(key, limit, cost, asked) {
             return answer;
         }
-        let leased = self.mode == RateLimitMode::Leased;
+        // A check that costs more than a block is counted all or nothing in the store, not
+        // leased: a lease would keep what a short grant gave (up to the whole window) while
+        // refusing the check, past the bound on what a process holds.
+        let leased = self.mode == RateLimitMode::Leased && cost <= lease::cap(limit);
         let counted = if leased {
             Box::pin(self.leases.check(counter, limit, cost)).await
         } else {
@@ -401,10 +423,10 @@ impl RateLimiter {
             Count::Admitted(window) => Ok(Taken::Window { counter, limit, window, units: cost }),
             Count::Refused(left) => {
                 // The database read its clock between `asked` and now.
-                let until = window_ends(asked, left);
+                let until = window_ends(asked, left).min(asked + REFUSAL_MEMO);
                 let refusal = Refusal { limit, cost, until, retry_at: Instant::now() + left };
                 lock(&self.over_limit).insert(key, refusal);
-                Err(Error::Quota { retry_after: left, limit })
+                Err(Error::Quota { retry_after: left, limit, name: None })
             }
         }
     }
@@ -434,8 +456,30 @@ impl RateLimiter {
 /// head's, taking over (Redis, once) the windows of the keys whose budget the head carries
 /// on: `key` itself when it was rolled to `head`; for a head, the key it was rolled from and
 /// a successor deleted since (see the module docs).
-fn counter(key: &ApiKey, head: KeyId) -> Counter {
+fn counter(key: &ApiKey, head: KeyId, name: Option<&str>) -> Counter {
     let take_over =
         if head == key.id { [key.rolled_from, key.rolled_to] } else { [Some(key.id), None] };
-    Counter { key: head, org: key.org_id, take_over }
+    let take_over = take_over.map(|k| k.map(|k| counter_id(k, name)));
+    Counter { key: counter_id(head, name), org: key.org_id, take_over, named: name.is_some() }
+}
+
+/// The id a limit of `key` counts under: the key's own for its main limit (`None`), else
+/// [`named_counter`].
+fn counter_id(key: KeyId, name: Option<&str>) -> KeyId {
+    name.map_or(key, |name| named_counter(key, name))
+}
+
+/// The counter id of `key`'s limit named `name`: the first 16 bytes of
+/// SHA-256(`apikeys named limit`, key id, name) as a UUID (version 8). Every replica derives
+/// the same one, and no key id is ever one (keys' ids are version 7).
+pub(crate) fn named_counter(key: KeyId, name: &str) -> KeyId {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(b"apikeys named limit\0");
+    hash.update(key.as_uuid().as_bytes());
+    hash.update(name.as_bytes());
+    let digest = hash.finalize();
+    let mut bytes = [0_u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    KeyId::from_uuid(uuid::Builder::from_custom_bytes(bytes).into_uuid())
 }

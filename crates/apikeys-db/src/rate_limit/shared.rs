@@ -6,7 +6,7 @@ use apikeys_core::{KeyId, RateLimit, Result};
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, Value};
 
 use super::lease_sql::MY_INDEX_MOD;
-use super::store::WindowRef;
+use super::store::{WindowRef, in_table};
 use super::window::{Count, MY_NOW_MS, PG_NOW_MS, counting_error, host_millis, left_ms};
 use crate::breaker::Db;
 use crate::error::retry_conflicts;
@@ -52,7 +52,13 @@ static PG_COUNT: LazyLock<String> = LazyLock::new(|| {
 /// The conditional upsert: one statement, the window from the database's clock. Adds `cost`
 /// units only if the window's count stays within the limit (the caller refuses a cost above
 /// the limit before asking).
-pub(super) async fn count(db: &Db, key: KeyId, limit: RateLimit, cost: u32) -> Result<Count> {
+pub(super) async fn count(
+    db: &Db,
+    key: KeyId,
+    limit: RateLimit,
+    cost: u32,
+    named: bool,
+) -> Result<Count> {
     let backend = db.get_database_backend();
     let len = limit.window.seconds() * 1_000;
     let max = i64::from(limit.requests.get());
@@ -61,7 +67,7 @@ pub(super) async fn count(db: &Db, key: KeyId, limit: RateLimit, cost: u32) -> R
     let result = match backend {
         DbBackend::Postgres => {
             let values = [id, len.into(), max.into(), cost.into()];
-            let stmt = Statement::from_sql_and_values(backend, PG_COUNT.as_str(), values);
+            let stmt = Statement::from_sql_and_values(backend, in_table(&PG_COUNT, named), values);
             retry_conflicts(|| db.query_one_raw(stmt.clone())).await.and_then(|row| {
                 let row = row.ok_or_else(|| DbErr::RecordNotFound("rate limit row".into()))?;
                 let admitted: i64 = row.try_get("", "admitted")?;
@@ -77,7 +83,7 @@ pub(super) async fn count(db: &Db, key: KeyId, limit: RateLimit, cost: u32) -> R
         DbBackend::MySql => {
             let mut values = vec![id, len.into(), len.into(), cost.into(), len.into()];
             values.extend([len.into(), cost.into(), max.into(), cost.into(), len.into()]);
-            let stmt = Statement::from_sql_and_values(backend, MY_COUNT.as_str(), values);
+            let stmt = Statement::from_sql_and_values(backend, in_table(&MY_COUNT, named), values);
             retry_conflicts(|| db.execute_raw(stmt.clone())).await.map(|res| {
                 match res.last_insert_id() {
                     v if v >= REFUSED_TAG => {
@@ -99,7 +105,7 @@ pub(super) async fn count(db: &Db, key: KeyId, limit: RateLimit, cost: u32) -> R
                 [id, start.into(), cost.into(), (start + len).into(), cost.into(), cost.into()];
             let mut values = values.to_vec();
             values.push(max.into());
-            let stmt = Statement::from_sql_and_values(backend, sql, values);
+            let stmt = Statement::from_sql_and_values(backend, in_table(sql, named), values);
             retry_conflicts(|| db.query_one_raw(stmt.clone())).await.map(|row| match row {
                 Some(_) => Count::Admitted(WindowRef::Start(start)),
                 None => Count::Refused(left_ms(start + len - host_millis())),

@@ -44,13 +44,27 @@ pub(crate) struct Counter {
     pub(crate) key: KeyId,
     pub(crate) org: OrgId,
     pub(crate) take_over: [Option<KeyId>; 2],
+    /// A named limit's windows ([`NAMED_TABLE`]; `key` is then the counter id
+    /// [`named_counter`](super::named_counter) derives), not the main limit's.
+    pub(crate) named: bool,
+}
+
+/// The main limits' windows, whose `key_id` is the key's id (its rows go with the key).
+pub(crate) const MAIN_TABLE: &str = "rate_limit_windows";
+/// The named limits' windows: the same columns, `key_id` holding a counter id derived from
+/// the key's id and the limit's name (no foreign key: purged by their end, like the others).
+pub(crate) const NAMED_TABLE: &str = "rate_limit_named_windows";
+
+/// `sql`, written for [`MAIN_TABLE`], for [`NAMED_TABLE`] when `named`.
+pub(crate) fn in_table(sql: &str, named: bool) -> String {
+    if named { sql.replace(MAIN_TABLE, NAMED_TABLE) } else { sql.to_owned() }
 }
 
 impl Counter {
     /// The windows of `key` alone.
     #[cfg(test)]
     pub(crate) fn alone(key: KeyId, org: OrgId) -> Self {
-        Self { key, org, take_over: [None, None] }
+        Self { key, org, take_over: [None, None], named: false }
     }
 }
 
@@ -151,7 +165,7 @@ pub(crate) struct SqlWindows {
 
 impl WindowStore for SqlWindows {
     async fn count(&self, counter: &Counter, limit: RateLimit, cost: u32) -> Result<Count> {
-        super::shared::count(&self.db, counter.key, limit, cost).await
+        super::shared::count(&self.db, counter.key, limit, cost, counter.named).await
     }
 
     async fn reserve_many(&self, asks: &[Ask]) -> Vec<Result<Grant>> {
@@ -165,7 +179,8 @@ impl WindowStore for SqlWindows {
         window: WindowRef,
         units: u32,
     ) -> Result<()> {
-        super::lease_sql::give_back(&self.db, counter.key, length, window, units).await
+        super::lease_sql::give_back(&self.db, counter.key, length, window, units, counter.named)
+            .await
     }
 
     async fn purge(&self) -> Result<u64> {

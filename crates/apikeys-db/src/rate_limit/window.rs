@@ -7,7 +7,7 @@ use apikeys_core::{Error, Result};
 use chrono::Utc;
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement};
 
-use super::store::WindowRef;
+use super::store::{WindowRef, in_table};
 use crate::breaker::Db;
 use crate::error::{is_missing_parent, storage};
 
@@ -64,26 +64,27 @@ pub(crate) fn counting_error(e: DbErr) -> Error {
     if is_missing_parent(&e) { Error::InvalidKey } else { storage(e) }
 }
 
-/// Deletes window rows that ended [`PURGE_GRACE`] ago or earlier, by the database's clock.
+/// Deletes window rows that ended [`PURGE_GRACE`] ago or earlier, by the database's clock,
+/// in the main limits' table and the named limits'.
 pub(crate) async fn purge(db: &Db) -> Result<u64, DbErr> {
     let backend = db.get_database_backend();
     let grace = millis(PURGE_GRACE);
-    let stmt = match backend {
-        DbBackend::Postgres => Statement::from_sql_and_values(
-            backend,
-            format!("DELETE FROM rate_limit_windows WHERE expires_at <= {PG_NOW_MS} - $1"),
-            [grace.into()],
-        ),
-        DbBackend::MySql => Statement::from_sql_and_values(
-            backend,
-            format!("DELETE FROM rate_limit_windows WHERE expires_at <= {MY_NOW_MS} - ?"),
-            [grace.into()],
-        ),
-        _ => Statement::from_sql_and_values(
-            backend,
-            "DELETE FROM rate_limit_windows WHERE expires_at <= ?",
-            [(host_millis() - grace).into()],
+    let (sql, bound) = match backend {
+        DbBackend::Postgres => {
+            (format!("DELETE FROM rate_limit_windows WHERE expires_at <= {PG_NOW_MS} - $1"), grace)
+        }
+        DbBackend::MySql => {
+            (format!("DELETE FROM rate_limit_windows WHERE expires_at <= {MY_NOW_MS} - ?"), grace)
+        }
+        _ => (
+            "DELETE FROM rate_limit_windows WHERE expires_at <= ?".to_owned(),
+            host_millis() - grace,
         ),
     };
-    Ok(db.execute_raw(stmt).await?.rows_affected())
+    let mut deleted = 0;
+    for named in [false, true] {
+        let stmt = Statement::from_sql_and_values(backend, in_table(&sql, named), [bound.into()]);
+        deleted += db.execute_raw(stmt).await?.rows_affected();
+    }
+    Ok(deleted)
 }

@@ -87,7 +87,8 @@ pub async fn costs_take_units_all_or_nothing(db: TestDb) {
 
 /// A key limited to 5 an hour with 3 credits: 3 checks pass, then every check is refused for
 /// its credits and never for its limit (each gives its unit back); once the credits are
-/// raised, exactly the 2 units left of the limit are admitted.
+/// raised, exactly the 2 units left of the limit are admitted (on a fresh client, after the
+/// first gave back what its leases held).
 pub async fn a_check_refused_for_credits_spends_no_rate_limit_unit(db: TestDb) {
     for mode in MODES {
         let client = client(&db, mode).await;
@@ -101,10 +102,12 @@ pub async fn a_check_refused_for_credits_spends_no_rate_limit_unit(db: TestDb) {
         let mut expected = vec!["ok"; 3];
         expected.extend(["credits"; 9]);
         assert_eq!(seen, expected, "{mode:?}");
-        client
-            .update_key(id, KeyUpdate::new().with_credits(Some(Credits::new(100))))
-            .await
-            .unwrap();
+        // What leases hold goes back (awaited), then the credits are raised and a fresh
+        // client checks.
+        client.shutdown().await.unwrap();
+        let admin = db.client().await;
+        admin.update_key(id, KeyUpdate::new().with_credits(Some(Credits::new(100)))).await.unwrap();
+        let client = self::client(&db, mode).await;
         let mut seen = Vec::new();
         for _ in 0..4 {
             seen.push(outcome(client.validate_key(&key, &costing(1)).await));
@@ -185,4 +188,21 @@ pub async fn costs_and_credits_are_exact_under_concurrency(db: TestDb) {
             c.shutdown().await.unwrap();
         }
     }
+}
+
+/// A leased check that costs more than a block is counted all or nothing in the store, never
+/// leased: a client whose window has 990 units left, refused a check that costs 995, holds
+/// none of them, so another client (the first still holding its small block) can spend 850.
+pub async fn an_expensive_refused_check_holds_no_units(db: TestDb) {
+    let mode = (RateLimitMode::Leased, CreditMode::Leased);
+    let (a, b) = (client(&db, mode).await, client(&db, mode).await);
+    let (_, key) = plan_key(&a, "big", RateLimit::per_hour(1_000).unwrap(), None).await;
+    leave_room(&a, Window::Hour, Duration::from_secs(120)).await;
+    for _ in 0..10 {
+        a.validate_key(&key, &costing(1)).await.unwrap();
+    }
+    assert_eq!(outcome(a.validate_key(&key, &costing(995)).await), "quota");
+    assert_eq!(outcome(b.validate_key(&key, &costing(850)).await), "ok");
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
 }

@@ -205,3 +205,26 @@ pub async fn a_spent_balance_is_refused_from_memory_until_the_key_changes(db: Te
     assert_eq!(passed.credits.map(|c| c.remaining), Some(2));
     client.shutdown().await.unwrap();
 }
+
+/// A top-up (`add_credits`) leaves the blocks replicas hold valid: two leased clients that
+/// each hold a block go on spending from it after a top-up of 100, and once both shut down
+/// (giving back what they hold) the credits spent plus the stored balance are exactly the
+/// balance plus the top-up.
+pub async fn a_top_up_keeps_the_blocks_replicas_hold(db: TestDb) {
+    let (a, b) = (leased(&db).await, leased(&db).await);
+    let (id, key) = key_with(&a, Credits::new(10_000)).await;
+    let mut spent = until_held(&db, &a, &key, id, 10_000).await;
+    spent += until_held(&db, &b, &key, id, 10_000 - spent).await;
+    let before = stored(&db, id).await;
+    db.client().await.add_credits(id, 100).await.unwrap();
+    assert_eq!(stored(&db, id).await, before + 100, "added to what is stored");
+    for client in [&a, &b] {
+        for _ in 0..5 {
+            client.validate_key(&key, &ValidateOptions::new()).await.unwrap();
+            spent += 1;
+        }
+    }
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    assert_eq!(stored(&db, id).await + spent, 10_100, "spent {spent}: nothing lost or doubled");
+}

@@ -18,6 +18,7 @@ mod keys;
 mod leased_credits;
 mod leases;
 mod lifecycle;
+mod named_limits;
 #[cfg(feature = "redis")]
 mod on_redis;
 mod races;
@@ -169,6 +170,7 @@ apikeys_testing::backend_tests! {
         held_credits_never_go_back_into_a_new_period,
         a_stale_record_never_mixes_two_balances,
         a_spent_balance_is_refused_from_memory_until_the_key_changes,
+        a_top_up_keeps_the_blocks_replicas_hold,
     ],
     switch: [
         a_disabled_key_is_refused_until_enabled,
@@ -183,6 +185,14 @@ apikeys_testing::backend_tests! {
         costs_take_units_all_or_nothing,
         a_check_refused_for_credits_spends_no_rate_limit_unit,
         costs_and_credits_are_exact_under_concurrency,
+        an_expensive_refused_check_holds_no_units,
+    ],
+    named_limits: [
+        named_limits_are_all_or_nothing,
+        a_named_refusal_takes_nothing_from_the_main_limit,
+        named_limits_are_exact_under_concurrency,
+        rolled_keys_share_named_limits,
+        upgrade_to_named_limits,
     ],
     leases: [
         a_steady_key_is_answered_from_units_reserved_ahead,
@@ -209,6 +219,13 @@ apikeys_testing::redis_tests! {
         costs_take_units_all_or_nothing,
         a_check_refused_for_credits_spends_no_rate_limit_unit,
         costs_and_credits_are_exact_under_concurrency,
+        an_expensive_refused_check_holds_no_units,
+    ],
+    named_limits: [
+        named_limits_are_all_or_nothing,
+        a_named_refusal_takes_nothing_from_the_main_limit,
+        named_limits_are_exact_under_concurrency,
+        rolled_keys_share_named_limits,
     ],
     on_redis: [
         windows_by_redis_clock_under_skewed_clients,

@@ -303,7 +303,8 @@ pub async fn upgrade_to_disable_and_ip_allowlists(db: TestDb) {
     let client = db.client().await;
     let org = org(&client, "acme").await;
     let old = client.create_key(org, NewKey::new("old")).await.unwrap();
-    migration::Migrator::down(client.connection(), Some(1)).await.unwrap();
+    // Back before this step (and the named limits' step after it).
+    migration::Migrator::down(client.connection(), Some(2)).await.unwrap();
     let manager = migration::SchemaManager::new(client.connection());
     assert!(!manager.has_column("api_keys", "disabled_at").await.unwrap());
     assert!(!manager.has_column("api_keys", "allowed_ips").await.unwrap());
