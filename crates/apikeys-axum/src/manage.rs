@@ -700,11 +700,11 @@ pub struct UpdateKeyBody {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<RateLimit>)]
     pub rate_limit: Option<Option<RateLimit>>,
-    /// New named rate limits, replacing them all (`{}` removes them): `{"daily":
+    /// New named rate limits, replacing them all (`{}` or `null` removes them): `{"daily":
     /// {"requests": 10000, "window": "day"}}`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<std::collections::BTreeMap<String, RateLimit>>)]
-    pub rate_limits: Option<RateLimits>,
+    pub rate_limits: Option<Option<RateLimits>>,
     /// New custom metadata (a JSON object, replacing the old one).
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
@@ -745,7 +745,7 @@ impl UpdateKeyBody {
             update = update.with_rate_limit(limit);
         }
         if let Some(limits) = self.rate_limits {
-            update = update.with_rate_limits(limits);
+            update = update.with_rate_limits(limits.unwrap_or_default());
         }
         if let Some(custom) = self.custom {
             update = update.with_custom(custom);

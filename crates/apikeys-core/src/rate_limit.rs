@@ -110,7 +110,8 @@ impl FromStr for Window {
     }
 }
 
-/// At most `requests` requests per `window`, per key.
+/// At most `requests` requests per `window`, per key: a key's main limit
+/// (`NewKey::with_rate_limit`), or one of its named ones ([`RateLimits`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]

@@ -360,8 +360,10 @@ impl ApiKeyClient {
         Ok(key)
     }
 
-    /// Deletes a key for good (for erasure requests); its rate-limit counters go with it (in
-    /// Redis, they expire a minute after their window ends).
+    /// Deletes a key for good (for erasure requests); its main limit's counters go with it;
+    /// its named limits' counters (which hold no key material, only counts under a derived
+    /// id) are purged once their window has ended, and in Redis every counter expires a
+    /// minute after its window ends.
     ///
     /// # Errors
     /// [`Error::NotFound`]; [`Error::Storage`].

@@ -44,6 +44,23 @@
 //! the servers a TLS implementation, `tls-rustls` or `tls-native-tls` (none by default).
 //! Each backend feature pulls in only its own sqlx driver.
 //!
+//! ## Rate limits, costs and plans
+//! A key may carry a main limit ([`NewKey::with_rate_limit`]) and named ones
+//! ([`NewKey::with_rate_limits`], [`RateLimits`]: "10 a second and 10 000 a day"), and usage
+//! credits ([`NewKey::with_credits`]). [`ApiKeyClient::validate_key`] counts a check against
+//! all of them, all or nothing, at the cost [`ValidateOptions::cost`] says; a refusal is
+//! [`Error::Quota`] naming the limit, or [`Error::UsageExhausted`]. Where the counts live
+//! ([`RateLimitMode`]: one shared statement per check, leased blocks, or in-process GCRA;
+//! SQL or, with the `redis` feature, Redis) is the client's choice
+//! ([`ClientBuilder::rate_limit_mode`], [`ClientBuilder::credit_mode`]).
+//!
+//! ## The verified-key cache
+//! [`ClientBuilder::cache`] ([`KeyCache`]) answers checks of known keys from memory (about a
+//! microsecond), kept fresh by the change feed: every replica sees a revocation, a disable
+//! or an update within the cache's staleness bound ([`KeyCache::max_staleness`]), and
+//! nothing is served past it when the database cannot be asked (unless
+//! [`KeyCache::stale_if_error`] says so).
+//!
 //! ## In the host's transaction
 //! [`ApiKeyClient::with`] runs the writes of a sign-up or bootstrap inside a transaction the
 //! host owns ([`InTransaction`]), so that rolling it back leaves nothing behind.

@@ -452,7 +452,10 @@ async fn leased_credits_across_processes(db: TestDb) {
     assert_eq!(left(1).await, 1_000 - five_each, "what the workers held went back");
 }
 
-async fn leased_credits_worker() {
+/// In a worker: the keys of `APIKEYS_WORKER_KEYS`, and a client with this worker's clock
+/// skew ([`SKEWS_MS`]), leased limits and leased credits, caching keys in every other
+/// worker.
+async fn leased_skewed_worker() -> (Vec<String>, ApiKeyClient) {
     let keys: Vec<String> =
         std::env::var("APIKEYS_WORKER_KEYS").unwrap().split(',').map(str::to_owned).collect();
     let skew = chrono::TimeDelta::milliseconds(SKEWS_MS[worker_index()]);
@@ -465,6 +468,11 @@ async fn leased_credits_worker() {
         if cached { b.cache(apikeys_db::KeyCache::new()) } else { b }
     })
     .await;
+    (keys, client)
+}
+
+async fn leased_credits_worker() {
+    let (keys, client) = leased_skewed_worker().await;
     let tasks: Vec<_> = (0..RATE_TASKS)
         .map(|_| {
             let (client, keys) = (client.clone(), keys.clone());
@@ -559,18 +567,7 @@ async fn costs_across_processes(db: TestDb) {
 }
 
 async fn costs_worker() {
-    let keys: Vec<String> =
-        std::env::var("APIKEYS_WORKER_KEYS").unwrap().split(',').map(str::to_owned).collect();
-    let skew = chrono::TimeDelta::milliseconds(SKEWS_MS[worker_index()]);
-    let cached = worker_index() % 2 == 1;
-    let client = worker_client_with(|b| {
-        let b = b
-            .clock(move || chrono::Utc::now() + skew)
-            .credit_mode(apikeys_db::CreditMode::Leased)
-            .rate_limit_mode(apikeys_db::RateLimitMode::Leased);
-        if cached { b.cache(apikeys_db::KeyCache::new()) } else { b }
-    })
-    .await;
+    let (keys, client) = leased_skewed_worker().await;
     let tasks: Vec<_> = (0..RATE_TASKS)
         .map(|_| {
             let (client, keys) = (client.clone(), keys.clone());

@@ -649,6 +649,13 @@ pub async fn create_takes_every_option_of_new_key(db: TestDb) {
     // The stored key is what the answer said.
     let stored = call(&base, Method::GET, &format!("/keys/{id}"), None).await;
     assert_eq!(stored.body, *record, "{}", stored.text);
+    // Named limits are replaced by PATCH, and removed by `null` (as `{}`).
+    let path = format!("/keys/{id}");
+    let burst = json!({"rate_limits": {"burst": {"requests": 5, "window": "second"}}});
+    let patched = call(&base, Method::PATCH, &path, Some(burst)).await;
+    assert_eq!(patched.body["rate_limits"], json!({"burst": {"requests": 5, "window": "second"}}));
+    let none = call(&base, Method::PATCH, &path, Some(json!({"rate_limits": null}))).await;
+    assert_eq!(none.body["rate_limits"], json!({}), "{}", none.text);
 
     // The credits are spent by checks: two pass, the third is refused until the refill.
     for _ in 0..2 {

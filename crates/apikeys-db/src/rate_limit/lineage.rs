@@ -25,8 +25,10 @@ pub(crate) async fn merge_windows<C: ConnectionTrait>(
     limits: &RateLimits,
 ) -> Result<()> {
     merge_counter(conn, from, to, false).await?;
-    for (name, _) in limits.iter() {
-        merge_counter(conn, named_counter(from, name), named_counter(to, name), true).await?;
+    for (name, limit) in limits.iter() {
+        let (from, to) =
+            (named_counter(from, name, limit.window), named_counter(to, name, limit.window));
+        merge_counter(conn, from, to, true).await?;
     }
     Ok(())
 }

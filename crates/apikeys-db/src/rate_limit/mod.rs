@@ -52,7 +52,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use apikeys_core::{ApiKey, Error, KeyId, OrgId, RateLimit, RateLimits, Result};
+use apikeys_core::{ApiKey, Error, KeyId, OrgId, RateLimit, RateLimits, Result, Window};
 use sea_orm::{EntityTrait, QuerySelect};
 
 use crate::breaker::Db;
@@ -153,8 +153,8 @@ pub(crate) struct RateLimiter {
     store: Windows,
     mode: RateLimitMode,
     /// Shared mode: keys whose window is full. An entry only repeats what the database
-    /// answered, until the moment that window ends; a different limit (the key was updated)
-    /// bypasses it.
+    /// answered, for a second at most ([`REFUSAL_MEMO`]) and never past that window's end; a
+    /// different limit (the key was updated) or a larger cost bypasses it.
     over_limit: Mutex<HashMap<KeyId, Refusal>>,
     checks: AtomicU64,
     /// Local mode: counters in this process, on the client's clock (shared and leased
@@ -219,7 +219,9 @@ impl RateLimiter {
     pub(crate) async fn take_over(&self, org: OrgId, from: KeyId, to: KeyId, limits: &RateLimits) {
         #[cfg(feature = "redis")]
         if let Windows::Redis(redis) = &self.store {
-            let named = limits.iter().map(|(n, _)| (named_counter(from, n), named_counter(to, n)));
+            let named = limits
+                .iter()
+                .map(|(n, l)| (named_counter(from, n, l.window), named_counter(to, n, l.window)));
             for (from, to) in std::iter::once((from, to)).chain(named) {
                 if let Err(e) = redis.take_over(org, from, to).await {
                     tracing::warn!(
@@ -267,7 +269,7 @@ impl RateLimiter {
         }
         match self.mode {
             RateLimitMode::Local => {
-                let key = counter_id(key.rolled_to.unwrap_or(key.id), name);
+                let key = counter_id(key.rolled_to.unwrap_or(key.id), name, limit);
                 Some(self.local.check(key, limit, cost, sweep).map(|()| Taken::Nothing))
             }
             RateLimitMode::Shared | RateLimitMode::Leased => {
@@ -279,7 +281,7 @@ impl RateLimiter {
                 if key.rolled_to.is_some() {
                     return None;
                 }
-                self.shared_in_memory(counter_id(key.id, name), limit, cost.get(), now)
+                self.shared_in_memory(counter_id(key.id, name, limit), limit, cost.get(), now)
             }
         }
     }
@@ -302,18 +304,19 @@ impl RateLimiter {
         match self.mode {
             RateLimitMode::Shared | RateLimitMode::Leased => {
                 let head = self.lineage_head(key).await?;
-                match self.check_shared(counter(key, head, name), limit, cost.get()).await {
+                match self.check_shared(counter(key, head, name, limit), limit, cost.get()).await {
                     // The lineage's newest key was deleted after it was read (its keys were
                     // handed to another in the same transaction): count this one alone.
                     Err(Error::InvalidKey) if head != key.id => {
-                        self.check_shared(counter(key, key.id, name), limit, cost.get()).await
+                        let alone = counter(key, key.id, name, limit);
+                        self.check_shared(alone, limit, cost.get()).await
                     }
                     other => other,
                 }
             }
             // Answered in memory, always.
             RateLimitMode::Local => {
-                let key = counter_id(key.rolled_to.unwrap_or(key.id), name);
+                let key = counter_id(key.rolled_to.unwrap_or(key.id), name, limit);
                 self.local.check(key, limit, cost, false).map(|()| Taken::Nothing)
             }
         }
@@ -456,27 +459,31 @@ impl RateLimiter {
 /// head's, taking over (Redis, once) the windows of the keys whose budget the head carries
 /// on: `key` itself when it was rolled to `head`; for a head, the key it was rolled from and
 /// a successor deleted since (see the module docs).
-fn counter(key: &ApiKey, head: KeyId, name: Option<&str>) -> Counter {
+fn counter(key: &ApiKey, head: KeyId, name: Option<&str>, limit: RateLimit) -> Counter {
     let take_over =
         if head == key.id { [key.rolled_from, key.rolled_to] } else { [Some(key.id), None] };
-    let take_over = take_over.map(|k| k.map(|k| counter_id(k, name)));
-    Counter { key: counter_id(head, name), org: key.org_id, take_over, named: name.is_some() }
+    let take_over = take_over.map(|k| k.map(|k| counter_id(k, name, limit)));
+    let id = counter_id(head, name, limit);
+    Counter { key: id, org: key.org_id, take_over, named: name.is_some() }
 }
 
 /// The id a limit of `key` counts under: the key's own for its main limit (`None`), else
 /// [`named_counter`].
-fn counter_id(key: KeyId, name: Option<&str>) -> KeyId {
-    name.map_or(key, |name| named_counter(key, name))
+fn counter_id(key: KeyId, name: Option<&str>, limit: RateLimit) -> KeyId {
+    name.map_or(key, |name| named_counter(key, name, limit.window))
 }
 
-/// The counter id of `key`'s limit named `name`: the first 16 bytes of
-/// SHA-256(`apikeys named limit`, key id, name) as a UUID (version 8). Every replica derives
-/// the same one, and no key id is ever one (keys' ids are version 7).
-pub(crate) fn named_counter(key: KeyId, name: &str) -> KeyId {
+/// The counter id of `key`'s limit named `name` with windows of `window`: the first 16
+/// bytes of SHA-256(`apikeys named limit`, key id, window length, name) as a UUID (version
+/// 8). Every replica derives the same one, and no key id is ever one (keys' ids are version
+/// 7). The window is part of it so that a limit whose window changes counts afresh in rows
+/// of its own: rows are keyed by their start, and a day's window starts where an hour's may.
+pub(crate) fn named_counter(key: KeyId, name: &str, window: Window) -> KeyId {
     use sha2::{Digest, Sha256};
     let mut hash = Sha256::new();
     hash.update(b"apikeys named limit\0");
     hash.update(key.as_uuid().as_bytes());
+    hash.update(window.seconds().to_be_bytes());
     hash.update(name.as_bytes());
     let digest = hash.finalize();
     let mut bytes = [0_u8; 16];

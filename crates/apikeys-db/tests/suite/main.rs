@@ -193,6 +193,7 @@ apikeys_testing::backend_tests! {
         named_limits_are_exact_under_concurrency,
         rolled_keys_share_named_limits,
         upgrade_to_named_limits,
+        named_limits_in_local_mode_and_changed_windows,
     ],
     leases: [
         a_steady_key_is_answered_from_units_reserved_ahead,

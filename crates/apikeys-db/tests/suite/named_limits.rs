@@ -228,3 +228,40 @@ pub async fn upgrade_to_named_limits(db: TestDb) {
     assert_eq!(outcome(admin.validate_key(&key, &costing(1)).await), "ok");
     assert_eq!(outcome(admin.validate_key(&key, &costing(1)).await), "daily");
 }
+
+/// In local mode too a named limit refuses by its name; and a limit whose window changes
+/// counts afresh, in counters of its own (the windows of the same name and another length
+/// are never mixed, in any mode).
+pub async fn named_limits_in_local_mode_and_changed_windows(db: TestDb) {
+    let admin = db.client().await;
+    let local = client(&db, RateLimitMode::Local).await;
+    let named = [("burst", RateLimit::per_minute(2).unwrap())];
+    let (_, key) = plan_key(&admin, None, &named).await;
+    let seen: Vec<String> = [
+        local.validate_key(&key, &costing(1)).await,
+        local.validate_key(&key, &costing(1)).await,
+        local.validate_key(&key, &costing(1)).await,
+    ]
+    .into_iter()
+    .map(outcome)
+    .collect();
+    assert_eq!(seen, ["ok", "ok", "burst"]);
+
+    for mode in MODES {
+        let (id, key) = plan_key(&admin, None, &[("x", RateLimit::per_minute(1).unwrap())]).await;
+        leave_room(&admin, Window::Minute, Duration::from_secs(20)).await;
+        let c = client(&db, mode).await;
+        assert_eq!(outcome(c.validate_key(&key, &costing(1)).await), "ok");
+        assert_eq!(outcome(c.validate_key(&key, &costing(1)).await), "x");
+        c.shutdown().await.unwrap();
+        let hourly = limits(&[("x", RateLimit::per_hour(2).unwrap())]);
+        admin.update_key(id, KeyUpdate::new().with_rate_limits(hourly)).await.unwrap();
+        let c = client(&db, mode).await;
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            seen.push(outcome(c.validate_key(&key, &costing(1)).await));
+        }
+        assert_eq!(seen, ["ok", "ok", "x"], "{mode:?}: the hour's window starts afresh");
+        c.shutdown().await.unwrap();
+    }
+}
