@@ -240,12 +240,13 @@ pub(crate) async fn open(
         && let Some(dir) = sqlite_dir(&url)
         && !dir.is_dir()
     {
-        // SQLite's own answer names no path ("unable to open database file").
-        return Err(Error::configuration(format!(
-            "the SQLite database's directory {} does not exist (the file is created if \
-             missing, its directory is not)",
-            dir.display()
-        )));
+        // SQLite's own answer says only "unable to open database file". The path is not
+        // repeated: it is part of the URL, which is never repeated whole or in part (a
+        // password or token may sit anywhere in it).
+        return Err(Error::configuration(
+            "the directory of the SQLite database file does not exist (the file is created \
+             if missing, its directory is not): create it first",
+        ));
     }
     let server = &server;
     let connect = |max: Option<u32>| {
