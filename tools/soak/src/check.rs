@@ -644,8 +644,12 @@ mod tests {
         let three: Vec<Event> =
             (0..3).map(|i| probe(i % 2, 0, S + i64::from(i) * S, Outcome::Ok)).collect();
         assert_eq!(verdict(&three, &[], "admitted").breaches, 0);
+        // A check refused for its credits gave its unit back: not counted.
+        let mut refused = three.clone();
+        refused.push(probe(0, 0, 10 * S, Outcome::UsageExhausted));
+        assert_eq!(verdict(&refused, &[], "admitted").breaches, 0);
         let mut four = three.clone();
-        four.push(probe(0, 0, 10 * S, Outcome::UsageExhausted));
+        four.push(probe(0, 0, 10 * S, Outcome::Ok));
         assert_eq!(verdict(&four, &[], "admitted").breaches, 1);
         // The limit raised within the window allows the fourth.
         four.push(admin(0, 5 * S, 5 * S + 100, Change::Limit { n: 4 }));

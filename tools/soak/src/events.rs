@@ -59,11 +59,11 @@ impl Outcome {
         }
     }
 
-    /// Counted against the key's rate limit: admitted, or refused only for credits
-    /// (`validate_key` checks the limit before the credits).
+    /// Counted against the key's rate limit: admitted. A check refused for its credits gives
+    /// the units its limit counted back (`validate_key` is all or nothing), so it is not.
     #[must_use]
     pub fn counted(self) -> bool {
-        matches!(self, Outcome::Ok | Outcome::UsageExhausted)
+        matches!(self, Outcome::Ok)
     }
 }
 
