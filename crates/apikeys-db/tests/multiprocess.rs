@@ -471,6 +471,19 @@ async fn leased_skewed_worker() -> (Vec<String>, ApiKeyClient) {
     (keys, client)
 }
 
+/// Waits for `tasks`, shuts `client` down (what it holds goes back), then prints each
+/// task's `result` line: the parent reads the database once every worker has exited.
+async fn report_after_shutdown(client: ApiKeyClient, tasks: Vec<tokio::task::JoinHandle<String>>) {
+    let mut lines = Vec::new();
+    for t in tasks {
+        lines.push(t.await.unwrap());
+    }
+    client.shutdown().await.unwrap();
+    for line in lines {
+        println!("result {line}");
+    }
+}
+
 async fn leased_credits_worker() {
     let (keys, client) = leased_skewed_worker().await;
     let tasks: Vec<_> = (0..RATE_TASKS)
@@ -493,14 +506,7 @@ async fn leased_credits_worker() {
             })
         })
         .collect();
-    let mut lines = Vec::new();
-    for t in tasks {
-        lines.push(t.await.unwrap());
-    }
-    client.shutdown().await.unwrap();
-    for line in lines {
-        println!("result {line}");
-    }
+    report_after_shutdown(client, tasks).await;
 }
 
 /// The cost of every check of the `costs` scenario.
@@ -579,14 +585,7 @@ async fn costs_worker() {
             })
         })
         .collect();
-    let mut lines = Vec::new();
-    for t in tasks {
-        lines.push(t.await.unwrap());
-    }
-    client.shutdown().await.unwrap();
-    for line in lines {
-        println!("result {line}");
-    }
+    report_after_shutdown(client, tasks).await;
 }
 
 async fn races_across_processes(db: TestDb) {
