@@ -39,6 +39,7 @@ mod m20261205_000001_feed_token;
 mod m20261205_000002_owners_and_lineage;
 mod m20261205_000003_disable_and_ip_allowlist;
 mod m20261206_000001_named_rate_limits;
+mod m20261206_000002_owner_plans;
 
 /// Runs the apikeys migrations in order.
 #[derive(Debug)]
@@ -56,6 +57,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261205_000002_owners_and_lineage::Migration),
             Box::new(m20261205_000003_disable_and_ip_allowlist::Migration),
             Box::new(m20261206_000001_named_rate_limits::Migration),
+            Box::new(m20261206_000002_owner_plans::Migration),
         ]
     }
 }

@@ -107,7 +107,7 @@ impl Types {
 }
 
 /// A foreign key whose rows go when the referenced row is deleted.
-fn cascade(
+pub(crate) fn cascade(
     name: impl Into<String>,
     from: (impl IntoIden, impl IntoIden),
     to: (impl IntoIden, impl IntoIden),

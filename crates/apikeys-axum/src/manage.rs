@@ -4,8 +4,8 @@
 use apikeys_db::core::find_keys;
 use apikeys_db::{
     ApiKey, ApiKeyClient, Credits, Error, IpAllowlist, IssuedKey, KeyEvent, KeyId, KeyPage,
-    KeyUpdate, NewKeyInput, OrgId, Organization, Page, Product, ProductId, Project, ProjectId,
-    RateLimit, RateLimits, RecordId, StatusFilter,
+    KeyUpdate, NewKeyInput, OrgId, Organization, Owner, OwnerPlan, Page, Product, ProductId,
+    Project, ProjectId, RateLimit, RateLimits, RecordId, StatusFilter,
 };
 use apikeys_http::{ErrorMapper, Problem};
 use axum::extract::path::ErrorKind as PathErrorKind;
@@ -51,6 +51,8 @@ use crate::auth::problem_response;
 /// | `GET /keys/{key_id}/events` | a key's audit trail |
 /// | `POST /keys/{key_id}/credits` | add credits to a key's balance (`{"add": n}`) |
 /// | `GET /orgs/{org_id}/owners/{owner_id}/keys`, `POST /orgs/{org_id}/owners/{owner_id}/revoke` | an owner's keys: list, revoke all |
+/// | `GET /orgs/{org_id}/owners`, `GET`, `PUT`, `PATCH`, `DELETE /orgs/{org_id}/owners/{owner_id}` | owners' plans (limits and credits their keys share): list, get, set whole, set the limits only, delete |
+/// | `POST /orgs/{org_id}/owners/{owner_id}/credits` | add credits to an owner's balance (`{"add": n}`) |
 ///
 /// Errors are RFC 9457 problems ([`apikeys_http`]): 404 for an unknown id, 409 for a name
 /// taken, a key already rolled, or a key whose state forbids the call (code `revoked`,
@@ -145,6 +147,9 @@ impl ManagementApi {
             .routes(routes!(add_credits))
             .routes(routes!(list_owner_keys))
             .routes(routes!(revoke_owner_keys))
+            .routes(routes!(list_owners))
+            .routes(routes!(get_owner, set_owner, set_owner_limits, delete_owner))
+            .routes(routes!(add_owner_credits))
             .split_for_parts();
         if let Some(base) = &self.base_path {
             doc.servers = Some(vec![Server::new(base.clone())]);
@@ -1215,6 +1220,96 @@ async fn revoke_owner_keys(
 ) -> Answer<Json<RevokedKeys>> {
     a.org(org).await?;
     Ok(Json(RevokedKeys { revoked: a.client.revoke_owner_keys(org, &owner).await? }))
+}
+
+/// The owners of an organization that have a plan, a page at a time.
+#[utoipa::path(get, path = "/orgs/{org_id}/owners", tag = "owners", params(("org_id" = OrgId, Path), PageQuery),
+    responses((status = 200, body = KeyPage<Owner, uuid::Uuid>), Failures))]
+async fn list_owners(
+    a: Acting,
+    ApiPath(org): ApiPath<OrgId>,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> Answer<Json<KeyPage<Owner, uuid::Uuid>>> {
+    let page = q.page()?;
+    a.org(org).await?;
+    Ok(Json(a.client.list_owners_page(org, page).await?))
+}
+
+/// An owner's plan: the limits and credits every key of the owner shares.
+#[utoipa::path(get, path = "/orgs/{org_id}/owners/{owner_id}", tag = "owners",
+    params(("org_id" = OrgId, Path), ("owner_id" = String, Path)),
+    responses((status = 200, body = Owner), Failures))]
+async fn get_owner(
+    a: Acting,
+    ApiPath((org, owner)): ApiPath<(OrgId, String)>,
+) -> Answer<Json<Owner>> {
+    a.org(org).await?;
+    Ok(Json(a.client.get_owner(org, &owner).await?))
+}
+
+/// Sets an owner's plan whole (created, or replaced: a balance given is set anew, none
+/// removes it). Every key of the owner, and every key rolled from one, shares it.
+#[utoipa::path(put, path = "/orgs/{org_id}/owners/{owner_id}", tag = "owners",
+    params(("org_id" = OrgId, Path), ("owner_id" = String, Path)), request_body = OwnerPlan,
+    responses((status = 200, body = Owner), Failures))]
+async fn set_owner(
+    a: Acting,
+    ApiPath((org, owner)): ApiPath<(OrgId, String)>,
+    ApiJson(plan): ApiJson<OwnerPlan>,
+) -> Answer<Json<Owner>> {
+    a.org(org).await?;
+    Ok(Json(a.client.set_owner(org, &owner, plan).await?))
+}
+
+/// The limits of an owner's plan, to change them alone.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OwnerLimitsBody {
+    /// The shared limits, by name (`{}` removes them).
+    #[schema(value_type = std::collections::BTreeMap<String, RateLimit>)]
+    pub rate_limits: RateLimits,
+}
+
+/// Changes only the limits of an owner's plan (creating a plan without credits if there is
+/// none); the balance stays as it is.
+#[utoipa::path(patch, path = "/orgs/{org_id}/owners/{owner_id}", tag = "owners",
+    params(("org_id" = OrgId, Path), ("owner_id" = String, Path)), request_body = OwnerLimitsBody,
+    responses((status = 200, body = Owner), Failures))]
+async fn set_owner_limits(
+    a: Acting,
+    ApiPath((org, owner)): ApiPath<(OrgId, String)>,
+    ApiJson(body): ApiJson<OwnerLimitsBody>,
+) -> Answer<Json<Owner>> {
+    a.org(org).await?;
+    Ok(Json(a.client.set_owner_limits(org, &owner, body.rate_limits).await?))
+}
+
+/// Deletes an owner's plan: its keys stop sharing limits and credits (the keys stay; see
+/// `POST /orgs/{org_id}/owners/{owner_id}/revoke`).
+#[utoipa::path(delete, path = "/orgs/{org_id}/owners/{owner_id}", tag = "owners",
+    params(("org_id" = OrgId, Path), ("owner_id" = String, Path)),
+    responses((status = 204, description = "Deleted"), Failures))]
+async fn delete_owner(
+    a: Acting,
+    ApiPath((org, owner)): ApiPath<(OrgId, String)>,
+) -> Answer<StatusCode> {
+    a.org(org).await?;
+    a.client.delete_owner(org, &owner).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Adds credits to the balance an owner's keys share, in one atomic statement. A plan with
+/// no balance is refused (422, field `credits`).
+#[utoipa::path(post, path = "/orgs/{org_id}/owners/{owner_id}/credits", tag = "owners",
+    params(("org_id" = OrgId, Path), ("owner_id" = String, Path)), request_body = AddCreditsBody,
+    responses((status = 200, body = Owner), Failures))]
+async fn add_owner_credits(
+    a: Acting,
+    ApiPath((org, owner)): ApiPath<(OrgId, String)>,
+    ApiJson(body): ApiJson<AddCreditsBody>,
+) -> Answer<Json<Owner>> {
+    a.org(org).await?;
+    Ok(Json(a.client.add_owner_credits(org, &owner, body.add).await?))
 }
 
 /// Credits to add to a key's balance.

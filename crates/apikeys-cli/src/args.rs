@@ -144,6 +144,9 @@ pub enum Command {
     /// Products.
     #[command(subcommand)]
     Products(ProductsCommand),
+    /// Owners' plans: rate limits and credits that every key of an owner shares.
+    #[command(subcommand)]
+    Owners(OwnersCommand),
     /// Mask anything shaped like an apikeys key in standard input (needs no database).
     ///
     /// Reads standard input line by line and writes it to standard output with every key of
@@ -195,6 +198,75 @@ pub enum ProductsCommand {
         /// Only those linked to this project (name or id; needs --org).
         #[arg(long, requires = "org")]
         project: Option<String>,
+    },
+}
+
+/// `owners` commands. An owner is named as its keys name it (`keys create --owner`), within
+/// one organization.
+#[derive(Debug, Subcommand)]
+pub enum OwnersCommand {
+    /// Set an owner's plan whole: the limits and credits every key of the owner shares
+    /// (created, or replaced: --credits sets the balance anew, none removes it).
+    Set {
+        /// The owner's id (as its keys' --owner).
+        owner: String,
+        /// The organization (name or id).
+        #[arg(long)]
+        org: String,
+        /// A shared limit, as NAME=N/WINDOW (daily=10000/day); repeat for more.
+        #[arg(long = "limit", value_parser = parse_named_limit, value_name = "NAME=N/WINDOW")]
+        limits: Vec<(String, RateLimit)>,
+        /// Shared usage credits: each validation of any of the owner's keys spends one.
+        #[arg(long)]
+        credits: Option<u64>,
+        /// Refill the credits every period, as daily:N or monthly:N (needs --credits).
+        #[arg(long, value_parser = parse_refill, requires = "credits", value_name = "PERIOD:N")]
+        refill: Option<apikeys_db::Refill>,
+    },
+    /// Change only the shared limits of an owner's plan; its balance stays (no --limit
+    /// removes them).
+    Limits {
+        /// The owner's id.
+        owner: String,
+        /// The organization (name or id).
+        #[arg(long)]
+        org: String,
+        /// A shared limit, as NAME=N/WINDOW; repeat for more.
+        #[arg(long = "limit", value_parser = parse_named_limit, value_name = "NAME=N/WINDOW")]
+        limits: Vec<(String, RateLimit)>,
+    },
+    /// Show an owner's plan.
+    Show {
+        /// The owner's id.
+        owner: String,
+        /// The organization (name or id).
+        #[arg(long)]
+        org: String,
+    },
+    /// List the owners of an organization that have a plan.
+    List {
+        /// The organization (name or id).
+        #[arg(long)]
+        org: String,
+    },
+    /// Add credits to the balance an owner's keys share (one atomic statement).
+    AddCredits {
+        /// The owner's id.
+        owner: String,
+        /// The organization (name or id).
+        #[arg(long)]
+        org: String,
+        /// How many credits to add (at least 1).
+        amount: u64,
+    },
+    /// Delete an owner's plan: its keys stop sharing limits and credits. To close the
+    /// owner's access, `keys revoke --owner` instead.
+    Delete {
+        /// The owner's id.
+        owner: String,
+        /// The organization (name or id).
+        #[arg(long)]
+        org: String,
     },
 }
 

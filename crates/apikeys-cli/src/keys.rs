@@ -87,7 +87,7 @@ pub async fn run(client: &ApiKeyClient, command: KeysCommand, out: &Out) -> Resu
 }
 
 /// The named limits of `--limit` flags.
-fn named_limits(limits: Vec<(String, apikeys_db::RateLimit)>) -> Result<RateLimits, Failure> {
+pub fn named_limits(limits: Vec<(String, apikeys_db::RateLimit)>) -> Result<RateLimits, Failure> {
     let mut all = RateLimits::new();
     for (name, limit) in limits {
         if all.get(&name).is_some() {

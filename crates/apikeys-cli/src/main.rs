@@ -9,6 +9,7 @@ mod config;
 mod failure;
 mod keys;
 mod output;
+mod owners;
 mod records;
 mod redact;
 
@@ -87,6 +88,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Command::Products(command) => {
                 let client = config::client_without_keys(&cli.connection).await?;
                 records::products(&client, command, &out).await
+            }
+            Command::Owners(command) => {
+                let client = config::client_without_keys(&cli.connection).await?;
+                owners::run(&client, command, &out).await
             }
             Command::Redact { .. } => Ok(()),
         }

@@ -742,6 +742,78 @@ async fn credits_are_topped_up(db: TestDb) {
     assert_eq!(shown["credits"]["remaining"], 25, "a refused call changed nothing");
 }
 
+/// `owners set`, `limits`, `add-credits`, `show`, `list` and `delete`, with no signing
+/// secret (they issue no key); the plan set applies to the owner's keys; bad input is
+/// refused naming the flag, and an owner with no plan is named as such.
+async fn owner_plans_from_the_command_line(db: TestDb) {
+    let cli = Cli::new(db);
+    cli.ok(&["migrate", "up"]);
+    let file = cli.path("bootstrap.toml");
+    write(&file, BOOTSTRAP);
+    cli.ok(&["bootstrap", file.to_str().unwrap()]);
+    let no_secret = [("APIKEYS_SIGNING_SECRET", "")];
+    let set =
+        ["owners", "set", "team-1", "--org", "acme", "--limit", "daily=2/day", "--credits", "5"];
+    let out = cli.run_with(&no_secret, &set, "");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(stdout(&out).contains("daily: 2 per day"), "{}", stdout(&out));
+    let topped = cli.json(&["owners", "add-credits", "team-1", "--org", "acme", "3"]);
+    assert_eq!(topped["credits"]["remaining"], 8);
+    let limits = ["owners", "limits", "team-1", "--org", "acme", "--limit", "daily=1/day"];
+    let changed = cli.json(&limits);
+    assert_eq!(
+        (
+            changed["credits"]["remaining"].clone(),
+            changed["rate_limits"]["daily"]["requests"].clone()
+        ),
+        (8.into(), 1.into())
+    );
+    let listed = cli.json(&["owners", "list", "--org", "acme"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(cli.json(&["owners", "show", "team-1", "--org", "acme"]), changed);
+    // The plan applies to the owner's keys.
+    cli.ok(&["keys", "create", "--org", "acme", "--name", "k", "--owner", "team-1"]);
+    let client = apikeys_db::ApiKeyClient::builder()
+        .database_url(&cli.url)
+        .signing_secret(SECRET)
+        .build()
+        .await
+        .unwrap();
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let key = client.create_key(org.id, apikeys_db::NewKey::new("k2").with_owner("team-1")).await;
+    let key = key.unwrap().key;
+    let check = apikeys_db::ValidateOptions::new().track_usage(false);
+    client.validate_key(key.expose_secret(), &check).await.unwrap();
+    let refused = client.validate_key(key.expose_secret(), &check).await;
+    assert!(
+        matches!(refused, Err(apikeys_db::Error::Quota { ref name, .. }) if name.as_deref() == Some("owner.daily")),
+        "{refused:?}"
+    );
+    // Bad input, named by flag or argument; nothing changes.
+    let err = assert_fails(
+        &cli.run(&["owners", "set", "team-1", "--org", "acme", "--limit", "key=1/day"]),
+        2,
+        "reserved name",
+    );
+    assert!(err.contains("--limit"), "{err}");
+    let err = assert_fails(
+        &cli.run(&["owners", "add-credits", "team-1", "--org", "acme", "0"]),
+        2,
+        "zero",
+    );
+    assert!(err.contains("AMOUNT"), "{err}");
+    let err = assert_fails(&cli.run(&["owners", "show", "nobody", "--org", "acme"]), 2, "no plan");
+    assert!(err.contains("no plan"), "{err}");
+    let shown = cli.json(&["owners", "show", "team-1", "--org", "acme"]);
+    assert_eq!(shown["credits"]["remaining"], 7, "one check spent one; nothing else changed");
+    assert_eq!(shown["rate_limits"], changed["rate_limits"]);
+    cli.ok(&["owners", "delete", "team-1", "--org", "acme"]);
+    client.validate_key(key.expose_secret(), &check).await.unwrap();
+    let err =
+        assert_fails(&cli.run(&["owners", "delete", "team-1", "--org", "acme"]), 2, "deleted");
+    assert!(err.contains("no plan"), "{err}");
+}
+
 /// A key of another environment (the service's `sk_live_…` while the command runs without
 /// APIKEYS_ENVIRONMENT) is refused with the two formats named, and never repeated; a
 /// malformed one gets the plain answer.
@@ -767,6 +839,7 @@ apikeys_testing::backend_tests!([
     newcomer_errors_name_their_cause,
     disable_enable_and_allowlists,
     credits_are_topped_up,
+    owner_plans_from_the_command_line,
     verify_names_a_key_of_another_format,
     bootstrap_twice,
     concurrent_deploys,

@@ -26,6 +26,8 @@ pub enum RecordKind {
     Product,
     /// An API key ([`ApiKey`](crate::ApiKey)).
     Key,
+    /// An owner's plan ([`Owner`](crate::Owner)).
+    Owner,
 }
 
 impl fmt::Display for RecordKind {
@@ -35,6 +37,7 @@ impl fmt::Display for RecordKind {
             RecordKind::Project => "project",
             RecordKind::Product => "product",
             RecordKind::Key => "key",
+            RecordKind::Owner => "owner",
         })
     }
 }
@@ -51,6 +54,8 @@ pub enum RecordId {
     Product(ProductId),
     /// An API key.
     Key(KeyId),
+    /// An owner's plan, by its record id ([`Owner::id`](crate::Owner::id)).
+    Owner(Uuid),
 }
 
 impl RecordId {
@@ -62,6 +67,7 @@ impl RecordId {
             RecordId::Project(_) => RecordKind::Project,
             RecordId::Product(_) => RecordKind::Product,
             RecordId::Key(_) => RecordKind::Key,
+            RecordId::Owner(_) => RecordKind::Owner,
         }
     }
 
@@ -73,6 +79,7 @@ impl RecordId {
             RecordId::Project(id) => id.as_uuid(),
             RecordId::Product(id) => id.as_uuid(),
             RecordId::Key(id) => id.as_uuid(),
+            RecordId::Owner(id) => *id,
         }
     }
 }

@@ -187,7 +187,7 @@ impl ApiKeyClient {
         if let Some(refill) = record.credits.and_then(|c| c.refill)
             && row.refilled_period.is_none()
         {
-            stamp_refill_period(conn, record.id, refill.interval).await?;
+            stamp_refill_period(conn, crate::credits::Row::Key(record.id), refill.interval).await?;
         }
         let subject = Subject::key(&record);
         let subject = match record.rolled_from {

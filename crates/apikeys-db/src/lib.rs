@@ -102,6 +102,7 @@ mod lookup;
 mod observe;
 mod org_child;
 mod organization;
+mod owner;
 mod product;
 mod project;
 mod rate_limit;
@@ -127,9 +128,9 @@ pub use validate::{ValidateOptions, VerifyOptions};
 #[doc(inline)]
 pub use apikeys_core::{
     ApiKey, Credits, Error, Expiry, IpAllowlist, IssuedKey, KeyAction, KeyEvent, KeyFormat, KeyId,
-    KeyPage, KeyStatus, KeyUpdate, NewKey, NewKeyInput, OrgId, Organization, Page, PlaintextKey,
-    Product, ProductId, Project, ProjectId, RateLimit, RateLimits, RecordId, RecordKind, Refill,
-    RefillInterval, Result, Scope, Scopes, SigningSecret, StatusFilter, Window,
+    KeyPage, KeyStatus, KeyUpdate, NewKey, NewKeyInput, OrgId, Organization, Owner, OwnerPlan,
+    Page, PlaintextKey, Product, ProductId, Project, ProjectId, RateLimit, RateLimits, RecordId,
+    RecordKind, Refill, RefillInterval, Result, Scope, Scopes, SigningSecret, StatusFilter, Window,
 };
 
 /// The domain crate, `apikeys-core`, whole: input bounds ([`core::limits`]) and the building

@@ -247,7 +247,7 @@ impl ApiKeyClient {
                     "the key has no credit balance (unlimited use): set one with update_key",
                 ));
             }
-            if !crate::credits::add(txn, id, amount).await? {
+            if !crate::credits::add(txn, crate::credits::Row::Key(id), amount).await? {
                 return Err(Error::invalid_input(
                     "credits",
                     "the balance would pass the largest one (2^63 - 1)",
@@ -518,7 +518,7 @@ impl ApiKeyClient {
 }
 
 /// The keys of `owner` in `org` (the index `ix_api_keys_org_owner`).
-fn owner_condition(org: OrgId, owner: &str) -> sea_orm::Condition {
+pub(crate) fn owner_condition(org: OrgId, owner: &str) -> sea_orm::Condition {
     sea_orm::Condition::all()
         .add(api_key::Column::OrgId.eq(org.as_uuid()))
         .add(api_key::Column::OwnerId.eq(owner))

@@ -196,13 +196,29 @@ struct Check<'a> {
     client_ip: Option<IpAddr>,
 }
 
-/// A refusal of the limit named `name` says which.
-fn named_quota(e: apikeys_core::Error, name: Option<&str>) -> apikeys_core::Error {
-    match e {
-        apikeys_core::Error::Quota { retry_after, limit, .. } => {
-            apikeys_core::Error::Quota { retry_after, limit, name: name.map(str::to_owned) }
+/// One of the limits a check counts against.
+#[derive(Clone, Copy)]
+enum Limit<'a> {
+    /// The key's main limit (`None`) or one of its named limits.
+    Key(Option<&'a str>),
+    /// A limit of the owner's plan (its row, the limit's name).
+    Owner(uuid::Uuid, &'a str),
+}
+
+impl Limit<'_> {
+    /// A refusal of this limit says which: its name (`owner.<name>` for an owner's), none
+    /// for the key's main limit.
+    fn name_refusal(self, e: apikeys_core::Error) -> apikeys_core::Error {
+        let name = match self {
+            Limit::Key(name) => name.map(str::to_owned),
+            Limit::Owner(_, name) => Some(format!("owner.{name}")),
+        };
+        match e {
+            apikeys_core::Error::Quota { retry_after, limit, .. } => {
+                apikeys_core::Error::Quota { retry_after, limit, name }
+            }
+            other => other,
         }
-        other => other,
     }
 }
 
@@ -227,36 +243,84 @@ impl ApiKeyClient {
         // Each part answers from memory when it can; only what needs the database awaits,
         // boxed, so that a check answered from memory builds no database future (a large
         // one would be copied with the check's own on every call).
-        // Every limit in turn (the main one, then the named ones by name), all or nothing: a
-        // limit that refuses gets back what those before it took.
-        let mut taken = [Taken::Nothing; 1 + MAX_NAMED_LIMITS];
+        // Every limit in turn (the key's main one, its named ones by name, then its owner's
+        // by name), all or nothing: a limit that refuses gets back what those before it took.
+        let mut taken = [Taken::Nothing; 1 + 2 * MAX_NAMED_LIMITS];
+        let key = &found.key;
         if let Some(cost) = NonZeroU32::new(check.rate_limit_cost) {
-            let main = found.key.rate_limit.map(|limit| (None, limit));
-            let named = found.key.rate_limits.iter().map(|(name, limit)| (Some(name), limit));
-            for (i, (name, limit)) in main.into_iter().chain(named).enumerate() {
-                let counted = match inner.limiter.check_in_memory(&found.key, limit, cost, name) {
-                    Some(counted) => counted,
-                    None => Box::pin(inner.limiter.check(&found.key, limit, cost, name)).await,
+            // Listed first, with plain loops: a check's future must stay `Send` for any
+            // lifetime, which iterator adapters held across its awaits would not allow.
+            let mut all = [None; 1 + 2 * MAX_NAMED_LIMITS];
+            let mut n = 0;
+            if let Some(limit) = key.rate_limit {
+                all[n] = Some((Limit::Key(None), limit));
+                n += 1;
+            }
+            for (name, limit) in key.rate_limits.iter() {
+                all[n] = Some((Limit::Key(Some(name)), limit));
+                n += 1;
+            }
+            if let Some(owner) = found.owner.as_deref() {
+                for (name, limit) in owner.limits.iter() {
+                    all[n] = Some((Limit::Owner(owner.row, name), limit));
+                    n += 1;
+                }
+            }
+            for (i, &(which, limit)) in all[..n].iter().flatten().enumerate() {
+                let limiter = &inner.limiter;
+                let counted = match which {
+                    Limit::Key(name) => match limiter.check_in_memory(key, limit, cost, name) {
+                        Some(counted) => counted,
+                        None => Box::pin(limiter.check(key, limit, cost, name)).await,
+                    },
+                    Limit::Owner(row, name) => {
+                        match limiter.owner_in_memory(row, name, limit, cost) {
+                            Some(counted) => counted,
+                            None => {
+                                Box::pin(limiter.check_owner(key.org_id, row, name, limit, cost))
+                                    .await
+                            }
+                        }
+                    }
                 };
                 match counted {
                     Ok(t) => taken[i] = t,
                     Err(e) => {
-                        Box::pin(inner.limiter.give_back_all(&taken[..i])).await;
-                        return Err(named_quota(e, name));
+                        Box::pin(limiter.give_back_all(&taken[..i])).await;
+                        return Err(which.name_refusal(e));
                     }
                 }
             }
         }
-        let credits_left = match found.key.credits {
+        // The owner's shared credits (one statement, whatever the credit mode, so that a
+        // refusal of the key's own can give them back), then the key's own.
+        let shared_spent = match found.owner.as_deref() {
+            Some(owner) if owner.credits && check.credit_cost > 0 => {
+                match Box::pin(inner.credits.spend_shared(owner.row, check.credit_cost)).await {
+                    Ok(spent) => spent,
+                    Err(e) => {
+                        Box::pin(inner.limiter.give_back_all(&taken)).await;
+                        return Err(e);
+                    }
+                }
+            }
+            _ => None,
+        };
+        let credits_left = match key.credits {
             Some(_) if check.credit_cost > 0 => {
-                let spent = match inner.credits.spend_in_memory(&found.key, check.credit_cost) {
+                let spent = match inner.credits.spend_in_memory(key, check.credit_cost) {
                     Some(left) => left.map(Some),
-                    None => Box::pin(inner.credits.spend(&found.key, check.credit_cost)).await,
+                    None => Box::pin(inner.credits.spend(key, check.credit_cost)).await,
                 };
                 match spent {
                     Ok(left) => left,
-                    // All or nothing: a check its credits refuse gives its units back.
+                    // All or nothing: a check its credits refuse gives back its units and
+                    // the owner's credits.
                     Err(e) => {
+                        if let Some(spent) = &shared_spent {
+                            Box::pin(inner.credits.give_back_shared(spent, check.credit_cost))
+                                .await;
+                        }
                         Box::pin(inner.limiter.give_back_all(&taken)).await;
                         return Err(e);
                     }

@@ -40,6 +40,9 @@
 //!   first key; every check refused for its credits or by `b` gave its units back and none
 //!   was admitted past a limit, so a new client then passes exactly the rest of each limit
 //!   (333, 100 and 100 checks in all), and with `b` removed exactly the rest of `a` (200).
+//!   Two keys of one owner too, whose plan shares 450 units an hour and 120 credits (the
+//!   second key also limited to 60 units of its own): passed × 3 + the shared balance left
+//!   is exactly 120, and after a top-up exactly the rest of the shared limit passes.
 //! - `races`: 4 processes × 6 tasks check 60 keys (tracked, untracked, shared limit) while
 //!   each process also deletes, revokes and updates its quarter of them: every outcome is
 //!   `Ok`, `InvalidKey`, `Revoked` or `NotFound`, never `Storage`.
@@ -547,13 +550,25 @@ async fn costs_across_processes(db: TestDb) {
     };
     let nk = NewKey::new("named").with_rate_limits(named(true).unwrap());
     keys.push(client.create_key(org.id, nk).await.unwrap());
+    // Two keys of one owner whose plan shares a limit of 450 units an hour and 120 credits;
+    // the second has a main limit of its own too.
+    let team = apikeys_db::RateLimits::new().with("hourly", RateLimit::per_hour(450).unwrap());
+    let plan = apikeys_db::OwnerPlan::new()
+        .with_rate_limits(team.unwrap())
+        .with_credits(apikeys_db::Credits::new(120));
+    client.set_owner(org.id, "team", plan).await.unwrap();
+    keys.push(client.create_key(org.id, NewKey::new("t1").with_owner("team")).await.unwrap());
+    let own_limit =
+        NewKey::new("t2").with_owner("team").with_rate_limit(RateLimit::per_hour(60).unwrap());
+    keys.push(client.create_key(org.id, own_limit).await.unwrap());
     apikeys_testing::leave_room(&client, apikeys_db::Window::Hour, Duration::from_secs(300)).await;
     let plain: Vec<String> = keys.iter().map(|k| k.key.expose_secret().to_owned()).collect();
     let lines = run_workers("costs", &db, &[("APIKEYS_WORKER_KEYS", plain.join(","))]).await;
-    let (mut first, mut second, mut third) = (0, 0, 0);
+    let (mut first, mut second, mut third, mut fourth, mut fifth) = (0, 0, 0, 0, 0);
     for line in &lines {
         let n: Vec<u64> = line.split(' ').map(|n| n.parse().unwrap()).collect();
         (first, second, third) = (first + n[0], second + n[1], third + n[2]);
+        (fourth, fifth) = (fourth + n[3], fifth + n[4]);
     }
     let left = client.get_key(keys[0].record.id).await.unwrap().credits.unwrap().remaining;
     println!(
@@ -561,6 +576,18 @@ async fn costs_across_processes(db: TestDb) {
          {third} of 100 on named limits"
     );
     assert_eq!(first * u64::from(COST) + left, 90, "every credit spent once or given back");
+    let shared = client.get_owner(org.id, "team").await.unwrap().credits.unwrap().remaining;
+    println!(
+        "owner plan across processes: {fourth} + {fifth} checks of the owner's 40 on credits \
+         ({shared} left), the second key at most 20 of its own"
+    );
+    assert!(fifth <= 20, "never past the key's own limit: {fifth}");
+    let team_checks = fourth + fifth;
+    assert_eq!(
+        team_checks * u64::from(COST) + shared,
+        120,
+        "every shared credit spent once or given back"
+    );
     let credits = Some(apikeys_db::Credits::new(10_000));
     let update = apikeys_db::KeyUpdate::new().with_credits(credits);
     client.update_key(keys[0].record.id, update).await.unwrap();
@@ -570,6 +597,10 @@ async fn costs_across_processes(db: TestDb) {
     let only_a = apikeys_db::KeyUpdate::new().with_rate_limits(named(false).unwrap());
     client.update_key(keys[2].record.id, only_a).await.unwrap();
     assert_eq!(check_until_refused(&client, &plain[2]).await, 100, "`a` took nothing refused");
+    // With credits to spare, the owner's keys pass exactly the rest of the shared limit.
+    client.add_owner_credits(org.id, "team", 10_000).await.unwrap();
+    let rest = check_until_refused(&client, &plain[3]).await;
+    assert_eq!(rest, 150 - team_checks, "never past the owner's limit, refused checks gave back");
 }
 
 async fn costs_worker() {
@@ -581,7 +612,9 @@ async fn costs_worker() {
                 let first = check_until_refused(&client, &keys[0]).await;
                 let second = check_until_refused(&client, &keys[1]).await;
                 let third = check_until_refused(&client, &keys[2]).await;
-                format!("{first} {second} {third}")
+                let fourth = check_until_refused(&client, &keys[3]).await;
+                let fifth = check_until_refused(&client, &keys[4]).await;
+                format!("{first} {second} {third} {fourth} {fifth}")
             })
         })
         .collect();

@@ -208,6 +208,7 @@ impl TestDb {
             "project_products",
             "api_keys",
             "rate_limit_windows",
+            "owners",
         ] {
             out.push(self.count(client, t).await);
         }

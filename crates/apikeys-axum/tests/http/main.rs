@@ -42,5 +42,6 @@ apikeys_testing::backend_tests! {
         admins_bound_to_an_organization_stay_in_it,
         credits_are_topped_up_through_the_api,
         listings_come_a_page_at_a_time,
+        owner_plans_through_the_api,
     ],
 }

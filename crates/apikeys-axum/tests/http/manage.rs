@@ -2,7 +2,7 @@
 
 use apikeys_axum::{Admin, ApiKeyAuth, ManagementApi, ValidKey};
 use apikeys_db::core::find_keys;
-use apikeys_db::{ApiKeyClient, Credits, KeyAction, NewKey, OrgId, ValidateOptions};
+use apikeys_db::{ApiKeyClient, Credits, Error, KeyAction, NewKey, OrgId, ValidateOptions};
 use axum::Router;
 use axum::http::request::Parts;
 use axum::routing::get;
@@ -345,11 +345,12 @@ pub async fn bad_input_is_a_problem_and_changes_nothing(db: TestDb) {
     // A key narrowed to a project of another organization: not found, nothing created.
     let (other, _) = client.get_or_create_organization("other").await.unwrap();
     let (foreign, _) = client.get_or_create_project(other.id, "theirs").await.unwrap();
+    let tables = before.len();
     let before = [before, db.counts(&client).await].concat();
     let a = call(&base, Method::POST, &keys, Some(json!({"name": "x", "project_id": foreign.id})))
         .await;
     assert!(a.status == 404 || a.status == 422, "{}", a.text);
-    assert_eq!([before[..6].to_vec(), db.counts(&client).await].concat(), before);
+    assert_eq!([before[..tables].to_vec(), db.counts(&client).await].concat(), before);
     assert_eq!(client.get_key(key.id).await.unwrap(), key);
 }
 
@@ -529,12 +530,15 @@ pub async fn the_openapi_document_describes_every_route(db: TestDb) {
         routes,
         [
             "DELETE /keys/{key_id}",
+            "DELETE /orgs/{org_id}/owners/{owner_id}",
             "DELETE /projects/{project_id}/products/{product_id}",
             "GET /keys/{key_id}",
             "GET /keys/{key_id}/events",
             "GET /orgs",
             "GET /orgs/{org_id}",
             "GET /orgs/{org_id}/keys",
+            "GET /orgs/{org_id}/owners",
+            "GET /orgs/{org_id}/owners/{owner_id}",
             "GET /orgs/{org_id}/owners/{owner_id}/keys",
             "GET /orgs/{org_id}/products",
             "GET /orgs/{org_id}/projects",
@@ -543,6 +547,7 @@ pub async fn the_openapi_document_describes_every_route(db: TestDb) {
             "GET /projects/{project_id}/keys",
             "GET /projects/{project_id}/products",
             "PATCH /keys/{key_id}",
+            "PATCH /orgs/{org_id}/owners/{owner_id}",
             "POST /keys/{key_id}/credits",
             "POST /keys/{key_id}/disable",
             "POST /keys/{key_id}/enable",
@@ -551,9 +556,11 @@ pub async fn the_openapi_document_describes_every_route(db: TestDb) {
             "POST /keys/{key_id}/roll",
             "POST /orgs",
             "POST /orgs/{org_id}/keys",
+            "POST /orgs/{org_id}/owners/{owner_id}/credits",
             "POST /orgs/{org_id}/owners/{owner_id}/revoke",
             "POST /orgs/{org_id}/products",
             "POST /orgs/{org_id}/projects",
+            "PUT /orgs/{org_id}/owners/{owner_id}",
             "PUT /projects/{project_id}/products/{product_id}",
         ]
     );
@@ -1024,6 +1031,12 @@ pub async fn admins_bound_to_an_organization_stay_in_it(db: TestDb) {
         (Method::POST, format!("/keys/{k}/credits"), Some(json!({"add": 1}))),
         (Method::GET, format!("/orgs/{r}/owners/u1/keys"), None),
         (Method::POST, format!("/orgs/{r}/owners/u1/revoke"), None),
+        (Method::GET, format!("/orgs/{r}/owners"), None),
+        (Method::GET, format!("/orgs/{r}/owners/u1"), None),
+        (Method::PUT, format!("/orgs/{r}/owners/u1"), Some(json!({}))),
+        (Method::PATCH, format!("/orgs/{r}/owners/u1"), Some(json!({"rate_limits": {}}))),
+        (Method::DELETE, format!("/orgs/{r}/owners/u1"), None),
+        (Method::POST, format!("/orgs/{r}/owners/u1/credits"), Some(json!({"add": 1}))),
     ];
     for (method, path, body) in routes {
         let a = call_as(&base, "acme", method.clone(), &path, body).await;
@@ -1178,4 +1191,91 @@ pub async fn listings_come_a_page_at_a_time(db: TestDb) {
         bad.assert_problem(400, "bad_request", "");
         assert_eq!(bad.body["field"], "after", "{}", bad.text);
     }
+}
+
+/// Owners' plans through the API: `PUT` sets a plan whole, `PATCH` its limits only (the
+/// balance stays), `POST …/credits` tops it up, `GET` reads one and lists an
+/// organization's, `DELETE` removes it; the plan is shared by the owner's keys (a check
+/// beyond its limit gets the 429 of `owner.daily`). Bad input is a problem naming the field,
+/// and changes nothing.
+pub async fn owner_plans_through_the_api(db: TestDb) {
+    let client = db.client().await;
+    let base = app(client.clone()).await;
+    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
+    let o = org.id;
+    let plan = json!({
+        "rate_limits": {"daily": {"requests": 2, "window": "day"}},
+        "credits": {"remaining": 5}
+    });
+    let set = call(&base, Method::PUT, &format!("/orgs/{o}/owners/team-1"), Some(plan)).await;
+    assert_eq!(set.status, 200, "{}", set.text);
+    assert_eq!(set.body["credits"]["remaining"], json!(5));
+    assert_eq!(set.body["owner_id"], json!("team-1"));
+    let key = client.create_key(o, NewKey::new("k").with_owner("team-1")).await.unwrap().key;
+    let check = ValidateOptions::new().track_usage(false);
+    client.validate_key(key.expose_secret(), &check).await.unwrap();
+    let topped = call(
+        &base,
+        Method::POST,
+        &format!("/orgs/{o}/owners/team-1/credits"),
+        Some(json!({"add": 10})),
+    )
+    .await;
+    assert_eq!(topped.body["credits"]["remaining"], json!(14), "{}", topped.text);
+    let limits = json!({"rate_limits": {"daily": {"requests": 1, "window": "day"}}});
+    let patched =
+        call(&base, Method::PATCH, &format!("/orgs/{o}/owners/team-1"), Some(limits)).await;
+    assert_eq!(patched.status, 200, "{}", patched.text);
+    assert_eq!(patched.body["credits"]["remaining"], json!(14), "the balance stays");
+    assert_eq!(patched.body["rate_limits"]["daily"]["requests"], json!(1));
+    match client.validate_key(key.expose_secret(), &check).await {
+        Err(Error::Quota { name, .. }) => assert_eq!(name.as_deref(), Some("owner.daily")),
+        other => panic!("{other:?}"),
+    }
+    let got = call(&base, Method::GET, &format!("/orgs/{o}/owners/team-1"), None).await;
+    assert_eq!(got.body, patched.body);
+    let listed = call(&base, Method::GET, &format!("/orgs/{o}/owners?limit=10"), None).await;
+    assert_eq!(listed.body["items"].as_array().map(Vec::len), Some(1), "{}", listed.text);
+    assert_eq!(listed.body["next"], Value::Null);
+
+    let before = db.counts(&client).await;
+    let bad: Vec<(Method, String, Option<Value>, &str)> = vec![
+        (
+            Method::PUT,
+            format!("/orgs/{o}/owners/team-2"),
+            Some(json!({"credits": {"remaining": -1}})),
+            "",
+        ),
+        (Method::PUT, format!("/orgs/{o}/owners/team-2"), Some(json!({"limits": {}})), "limits"),
+        (
+            Method::PUT,
+            format!("/orgs/{o}/owners/team-2"),
+            Some(json!({"rate_limits": {"key": {"requests": 1, "window": "day"}}})),
+            "",
+        ),
+        (
+            Method::POST,
+            format!("/orgs/{o}/owners/team-1/credits"),
+            Some(json!({"add": 0})),
+            "credits",
+        ),
+        (Method::PUT, format!("/orgs/{o}/owners/%20x"), Some(json!({})), "owner_id"),
+    ];
+    for (method, path, body, field) in bad {
+        let r = call(&base, method.clone(), &path, body).await;
+        assert_eq!(r.status, 422, "{method} {path}: {}", r.text);
+        if !field.is_empty() {
+            assert_eq!(r.body["field"], json!(field), "{method} {path}: {}", r.text);
+        }
+    }
+    let missing = call(&base, Method::GET, &format!("/orgs/{o}/owners/team-2"), None).await;
+    missing.assert_problem(404, "not_found", "");
+    assert_eq!(missing.body["kind"], json!("owner"));
+    assert_eq!(db.counts(&client).await, before, "nothing written");
+
+    let deleted = call(&base, Method::DELETE, &format!("/orgs/{o}/owners/team-1"), None).await;
+    assert_eq!(deleted.status, 204, "{}", deleted.text);
+    client.validate_key(key.expose_secret(), &check).await.unwrap();
+    let again = call(&base, Method::DELETE, &format!("/orgs/{o}/owners/team-1"), None).await;
+    again.assert_problem(404, "not_found", "");
 }

@@ -50,6 +50,7 @@ impl CachedLookup {
                         key: Arc::clone(&entry.key),
                         rehash: entry.rehash.clone(),
                         product: access,
+                        owner: entry.owner.clone(),
                     },
                     Lookup::Unknown => return Err(Error::InvalidKey),
                     Lookup::Miss => Box::pin(self.miss(cache, &hash, key, product)).await?,
@@ -94,7 +95,11 @@ impl CachedLookup {
         let generation = cache.generation();
         match self.lookup.find(key, product).await {
             Ok(found) => {
-                let entry = CachedKey::new(Arc::clone(&found.key), found.rehash.clone());
+                let entry = CachedKey::new(
+                    Arc::clone(&found.key),
+                    found.rehash.clone(),
+                    found.owner.clone(),
+                );
                 cache.insert(hash, entry, found.product, generation);
                 Ok(found)
             }
@@ -130,10 +135,10 @@ impl CachedLookup {
             let page = self.lookup.live_page(after, now, WARM_PAGE).await?;
             let full_page = page.len() as u64 == WARM_PAGE;
             let mut last = after;
-            for (hash, key) in page {
+            for (hash, key, owner) in page {
                 last = Some(key.id);
                 let Some(hash) = hash else { continue };
-                let (id, entry) = (key.id, CachedKey::new(Arc::new(key), None));
+                let (id, entry) = (key.id, CachedKey::new(Arc::new(key), None, owner));
                 if entry.weight > room {
                     return Ok(loaded.len());
                 }

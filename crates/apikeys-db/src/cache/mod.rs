@@ -78,6 +78,8 @@ pub(crate) struct CachedKey {
     pub(crate) key: Arc<ApiKey>,
     /// Set when the stored hash is under a previous signing secret (a re-hash is due).
     pub(crate) rehash: Option<crate::lookup::Rehash>,
+    /// The plan of the key's owner, read with the key (`None`: no plan).
+    pub(crate) owner: Option<Arc<crate::owner::OwnerShare>>,
     /// The entry's weight in the cache's bound (see [`KeyCache::max_keys`]), worked out
     /// once.
     pub(crate) weight: u64,
@@ -88,9 +90,15 @@ pub(crate) struct CachedKey {
 pub(crate) const BYTES_PER_UNIT: usize = 1024;
 
 impl CachedKey {
-    pub(crate) fn new(key: Arc<ApiKey>, rehash: Option<crate::lookup::Rehash>) -> Self {
-        let weight = (record_bytes(&key).div_ceil(BYTES_PER_UNIT)).max(1) as u64;
-        Self { key, rehash, weight }
+    pub(crate) fn new(
+        key: Arc<ApiKey>,
+        rehash: Option<crate::lookup::Rehash>,
+        owner: Option<Arc<crate::owner::OwnerShare>>,
+    ) -> Self {
+        let bytes =
+            record_bytes(&key) + owner.as_deref().map_or(0, crate::owner::OwnerShare::bytes);
+        let weight = (bytes.div_ceil(BYTES_PER_UNIT)).max(1) as u64;
+        Self { key, rehash, owner, weight }
     }
 }
 
@@ -596,7 +604,7 @@ mod tests {
     use apikeys_core::{KeyId, Scopes, SigningSecret};
 
     fn key(id: KeyId) -> CachedKey {
-        CachedKey::new(Arc::new(record(id)), None)
+        CachedKey::new(Arc::new(record(id)), None, None)
     }
 
     fn record(id: KeyId) -> ApiKey {
@@ -698,13 +706,13 @@ mod tests {
         let hasher = hasher();
         let mut big = record(KeyId::new());
         big.custom.insert("notes".into(), serde_json::Value::String("x".repeat(3_500)));
-        let big = CachedKey::new(Arc::new(big), None);
+        let big = CachedKey::new(Arc::new(big), None, None);
         assert_eq!(big.weight, 4);
         assert_eq!(key(KeyId::new()).weight, 1);
         for i in 0..64 {
             let mut r = record(KeyId::new());
             r.custom = big.key.custom.clone();
-            let entry = CachedKey::new(Arc::new(r), None);
+            let entry = CachedKey::new(Arc::new(r), None, None);
             cache.insert(&hasher.hash(&format!("big-{i}")), entry, None, cache.generation());
         }
         assert!(cache.keys.len() <= 8, "{} large keys held", cache.keys.len());
@@ -727,7 +735,8 @@ mod tests {
         let revoked = hasher.hash("revoked");
         let mut record = record(KeyId::new());
         record.revoked_at = Some(chrono::Utc::now());
-        cache.insert(&revoked, CachedKey::new(Arc::new(record), None), None, cache.generation());
+        let entry = CachedKey::new(Arc::new(record), None, None);
+        cache.insert(&revoked, entry, None, cache.generation());
         assert!(
             matches!(cache.lookup(&revoked, None), Lookup::Hit(hit, None) if hit.key.revoked_at.is_some())
         );

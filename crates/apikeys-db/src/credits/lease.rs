@@ -29,7 +29,7 @@ use apikeys_core::{ApiKey, KeyId, RefillInterval, Result};
 use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
 use sea_orm::{ConnectionTrait, DbBackend, Statement, Value};
 
-use super::{backend_index, spend_exact, statement};
+use super::{Row, backend_index, spend_exact, statement};
 use crate::breaker::Db;
 use crate::error::{retry_conflicts, storage};
 use crate::lock::{lock, release_each};
@@ -55,9 +55,9 @@ pub(super) const RECORDED: [&str; 3] = [
 
 /// A block reserved: from which row, under what, until when.
 #[derive(Debug, Clone, Copy)]
-struct Reserved {
+pub(crate) struct Reserved {
     /// The row the credits came from.
-    row: KeyId,
+    row: Row,
     /// The balance the statement left.
     left: u64,
     /// The refill period the balance was in (`None`: it does not refill).
@@ -331,7 +331,7 @@ impl CreditLeases {
         let amount = i64::try_from(block).unwrap_or(i64::MAX);
         // On the key's own row: a rolled key's balance lives on its successor, where the
         // exact spend finds it.
-        let Some(reserved) = self.reserve_on(key.id, amount, asked).await? else {
+        let Some(reserved) = reserve_on(&self.db, Row::Key(key.id), amount, asked).await? else {
             return Ok(None);
         };
         let landed = {
@@ -380,67 +380,6 @@ impl CreditLeases {
         Ok(Some(seen))
     }
 
-    /// One reservation statement on `row`; `None`: refused.
-    async fn reserve_on(
-        &self,
-        row: KeyId,
-        amount: i64,
-        asked: Instant,
-    ) -> Result<Option<Reserved>> {
-        let backend = self.db.get_database_backend();
-        let stmt = statement(backend, row, amount, true);
-        let read = if backend == DbBackend::MySql {
-            // No RETURNING: the update and a read of what it recorded, in one transaction.
-            let (db, stmt) = (&self.db, &stmt);
-            let whole = move || async move {
-                let txn = db.begin_with_options(sea_orm::TransactionOptions::default()).await?;
-                let res = txn.execute_raw(stmt.clone()).await?;
-                let read = if res.rows_affected() == 1 {
-                    let sql = format!(
-                        "SELECT remaining, {} FROM api_keys WHERE id = ?",
-                        RECORDED[backend_index(backend)]
-                    );
-                    let values: [Value; 1] = [row.as_uuid().into()];
-                    txn.query_one_raw(Statement::from_sql_and_values(backend, sql, values)).await?
-                } else {
-                    None
-                };
-                txn.commit().await?;
-                Ok(read)
-            };
-            // A deadlock with another replica's reservation is run again.
-            retry_conflicts(|| db.bounded(whole(), |e| e)).await.map_err(storage)?
-        } else {
-            self.db.query_one_raw(stmt).await.map_err(storage)?
-        };
-        let Some(read) = read else { return Ok(None) };
-        let get = |e| storage(e);
-        let left: i64 = read.try_get("", "remaining").map_err(get)?;
-        let interval: Option<String> = read.try_get("", "refill_interval").map_err(get)?;
-        let period: Option<i64> = read.try_get("", "refilled_period").map_err(get)?;
-        let row_updated_at: NaiveDateTime = read.try_get("", "updated_at").map_err(get)?;
-        let now_s: i64 = read.try_get("", "now_s").map_err(get)?;
-        let interval = interval.as_deref().and_then(RefillInterval::from_name);
-        let until = match (interval, period) {
-            (Some(interval), Some(period)) => {
-                let end = interval.start(period.saturating_add(1));
-                let now = Utc.timestamp_opt(now_s, 0).single();
-                // The clock was read in whole seconds after `asked`: end a second early.
-                let left = end.zip(now).map(|(end, now)| end - now - chrono::Duration::seconds(1));
-                let left = left.and_then(|l| l.to_std().ok()).unwrap_or_default();
-                Some(asked + left)
-            }
-            _ => None,
-        };
-        Ok(Some(Reserved {
-            row,
-            left: u64::try_from(left).unwrap_or(0),
-            period: interval.and(period),
-            row_updated_at,
-            until,
-        }))
-    }
-
     /// Forgets what is held for `key`: not spent, not given back.
     pub(crate) fn forget(&self, key: KeyId) {
         lock(&self.map).remove(&key);
@@ -461,13 +400,76 @@ impl CreditLeases {
     }
 }
 
+/// One reservation statement on `row` (`amount` taken off its balance, with what the
+/// reservation records); `None`: refused.
+pub(crate) async fn reserve_on(
+    db: &Db,
+    row: Row,
+    amount: i64,
+    asked: Instant,
+) -> Result<Option<Reserved>> {
+    let backend = db.get_database_backend();
+    let stmt = statement(backend, row, amount, true);
+    let read = if backend == DbBackend::MySql {
+        // No RETURNING: the update and a read of what it recorded, in one transaction.
+        let stmt = &stmt;
+        let whole = move || async move {
+            let txn = db.begin_with_options(sea_orm::TransactionOptions::default()).await?;
+            let res = txn.execute_raw(stmt.clone()).await?;
+            let read = if res.rows_affected() == 1 {
+                let sql = format!(
+                    "SELECT remaining, {} FROM {} WHERE id = ?",
+                    RECORDED[backend_index(backend)],
+                    row.table()
+                );
+                let values: [Value; 1] = [row.id().into()];
+                txn.query_one_raw(Statement::from_sql_and_values(backend, sql, values)).await?
+            } else {
+                None
+            };
+            txn.commit().await?;
+            Ok(read)
+        };
+        // A deadlock with another replica's reservation is run again.
+        retry_conflicts(|| db.bounded(whole(), |e| e)).await.map_err(storage)?
+    } else {
+        db.query_one_raw(stmt).await.map_err(storage)?
+    };
+    let Some(read) = read else { return Ok(None) };
+    let get = |e| storage(e);
+    let left: i64 = read.try_get("", "remaining").map_err(get)?;
+    let interval: Option<String> = read.try_get("", "refill_interval").map_err(get)?;
+    let period: Option<i64> = read.try_get("", "refilled_period").map_err(get)?;
+    let row_updated_at: NaiveDateTime = read.try_get("", "updated_at").map_err(get)?;
+    let now_s: i64 = read.try_get("", "now_s").map_err(get)?;
+    let interval = interval.as_deref().and_then(RefillInterval::from_name);
+    let until = match (interval, period) {
+        (Some(interval), Some(period)) => {
+            let end = interval.start(period.saturating_add(1));
+            let now = Utc.timestamp_opt(now_s, 0).single();
+            // The clock was read in whole seconds after `asked`: end a second early.
+            let left = end.zip(now).map(|(end, now)| end - now - chrono::Duration::seconds(1));
+            let left = left.and_then(|l| l.to_std().ok()).unwrap_or_default();
+            Some(asked + left)
+        }
+        _ => None,
+    };
+    Ok(Some(Reserved {
+        row,
+        left: u64::try_from(left).unwrap_or(0),
+        period: interval.and(period),
+        row_updated_at,
+        until,
+    }))
+}
+
 /// Adds `credits` back to the row they were reserved from, if its record (`updated_at`) and
 /// refill period are still those of the reservation. Returns whether they went back.
-async fn give_back(db: &Db, credits: u64, reserved: &Reserved) -> Result<bool> {
+pub(crate) async fn give_back(db: &Db, credits: u64, reserved: &Reserved) -> Result<bool> {
     let backend = db.get_database_backend();
     let mut p = super::Params { backend, values: Vec::new() };
     let n = p.p(i64::try_from(credits).unwrap_or(i64::MAX));
-    let id = p.p(reserved.row.as_uuid());
+    let id = p.p(reserved.row.id());
     let updated = p.p(reserved.row_updated_at);
     let period = match reserved.period {
         // The same period, and none due since (`due()` reads the database's clock).
@@ -475,8 +477,9 @@ async fn give_back(db: &Db, credits: u64, reserved: &Reserved) -> Result<bool> {
         None => "refill_amount IS NULL".to_owned(),
     };
     let sql = format!(
-        "UPDATE api_keys SET remaining = remaining + {n} \
-         WHERE id = {id} AND remaining IS NOT NULL AND updated_at = {updated} AND {period}"
+        "UPDATE {} SET remaining = remaining + {n} \
+         WHERE id = {id} AND remaining IS NOT NULL AND updated_at = {updated} AND {period}",
+        reserved.row.table()
     );
     let res = db.execute_raw(Statement::from_sql_and_values(backend, sql, p.values)).await;
     Ok(res.map_err(storage)?.rows_affected() == 1)

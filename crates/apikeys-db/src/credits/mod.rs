@@ -23,20 +23,39 @@ mod lease;
 
 use apikeys_core::{ApiKey, Error, KeyId, RefillInterval, Result};
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::Expr;
-use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QuerySelect, Statement,
-    Value,
-};
+use sea_orm::{ConnectionTrait, DbBackend, Statement, Value};
 
 use std::sync::Arc;
 
 use crate::breaker::Db;
-use crate::entity::api_key;
 use crate::error::storage;
 
 /// How many rolled keys a spend follows to find the balance (old → new → newer …).
 const MAX_HOPS: usize = 8;
+
+/// A row that holds a balance: a key's own, or the one an owner's keys share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Row {
+    Key(KeyId),
+    Owner(uuid::Uuid),
+}
+
+impl Row {
+    /// The table the row is in: both have the same credit columns.
+    fn table(self) -> &'static str {
+        match self {
+            Row::Key(_) => "api_keys",
+            Row::Owner(_) => "owners",
+        }
+    }
+
+    fn id(self) -> uuid::Uuid {
+        match self {
+            Row::Key(id) => id.as_uuid(),
+            Row::Owner(id) => id,
+        }
+    }
+}
 
 /// The outcome of one spend statement on one row.
 enum Spend {
@@ -78,10 +97,6 @@ pub(crate) fn period_sql(backend: DbBackend, interval: RefillInterval) -> &'stat
     }
 }
 
-/// What a refused spend reads: remaining, rolled_to, refill_amount, refill_interval,
-/// refilled_period, and the database's current month and day.
-type WhyRow = (Option<i64>, Option<uuid::Uuid>, Option<i64>, Option<String>, Option<i64>, i64, i64);
-
 /// A statement's parameters, numbered as its backend wants them.
 struct Params {
     backend: DbBackend,
@@ -121,7 +136,7 @@ impl Params {
 /// The spend statement for `backend`: `cost` credits, or (a leased block) `cost` reserved;
 /// with `extra`, PostgreSQL and SQLite also return what a reservation records (see
 /// [`lease`]).
-fn statement(backend: DbBackend, key: KeyId, cost: i64, extra: bool) -> Statement {
+fn statement(backend: DbBackend, row: Row, cost: i64, extra: bool) -> Statement {
     let mut p = Params { backend, values: Vec::new() };
     // MySQL assigns left to right, each assignment seeing those before it: `remaining`
     // comes first, so that it reads the old `refilled_period`.
@@ -129,7 +144,7 @@ fn statement(backend: DbBackend, key: KeyId, cost: i64, extra: bool) -> Statemen
     let spent =
         if backend == DbBackend::MySql { format!("LAST_INSERT_ID({spent})") } else { spent };
     let (due, cur) = (p.due(), p.cur());
-    let id = p.p(key.as_uuid());
+    let id = p.p(row.id());
     let (available, at_least) = (p.available(), p.p(cost));
     let returning = match (backend, extra) {
         (DbBackend::MySql, _) => String::new(),
@@ -137,14 +152,15 @@ fn statement(backend: DbBackend, key: KeyId, cost: i64, extra: bool) -> Statemen
         (_, true) => format!(" RETURNING remaining, {}", lease::RECORDED[backend_index(backend)]),
     };
     let sql = format!(
-        "UPDATE api_keys SET remaining = {spent}, \
+        "UPDATE {} SET remaining = {spent}, \
          refilled_period = CASE WHEN {due} THEN {cur} ELSE refilled_period END \
-         WHERE id = {id} AND remaining IS NOT NULL AND {available} >= {at_least}{returning}"
+         WHERE id = {id} AND remaining IS NOT NULL AND {available} >= {at_least}{returning}",
+        row.table()
     );
     Statement::from_sql_and_values(backend, sql, p.values)
 }
 
-/// Adds `amount` credits to key `id`'s balance, on `conn`, after the refill that is due (as
+/// Adds `amount` credits to `row`'s balance, on `conn`, after the refill that is due (as
 /// a spend sees it: a top-up in a new period adds to the refilled balance, and is not
 /// overwritten by the refill at the next check), only while the result stays within
 /// [`MAX_CREDITS`](apikeys_core::MAX_CREDITS). Returns whether it did: `false` for a key with
@@ -152,19 +168,20 @@ fn statement(backend: DbBackend, key: KeyId, cost: i64, extra: bool) -> Statemen
 ///
 /// The record's `updated_at` stays: leased credit blocks are tied to it (a new balance set
 /// ends them), and a top-up leaves every block valid.
-pub(crate) async fn add<C: ConnectionTrait>(conn: &C, id: KeyId, amount: u64) -> Result<bool> {
+pub(crate) async fn add<C: ConnectionTrait>(conn: &C, row: Row, amount: u64) -> Result<bool> {
     let backend = conn.get_database_backend();
     let amount = i64::try_from(amount).unwrap_or(i64::MAX);
     let mut p = Params { backend, values: Vec::new() };
     // `remaining` first: MySQL's later assignments see the earlier ones.
     let added = format!("{} + {}", p.available(), p.p(amount));
     let (due, cur) = (p.due(), p.cur());
-    let id = p.p(id.as_uuid());
+    let id = p.p(row.id());
     let (available, room) = (p.available(), p.p(i64::MAX - amount));
     let sql = format!(
-        "UPDATE api_keys SET remaining = {added}, \
+        "UPDATE {} SET remaining = {added}, \
          refilled_period = CASE WHEN {due} THEN {cur} ELSE refilled_period END \
-         WHERE id = {id} AND remaining IS NOT NULL AND {available} <= {room}"
+         WHERE id = {id} AND remaining IS NOT NULL AND {available} <= {room}",
+        row.table()
     );
     let stmt = Statement::from_sql_and_values(backend, sql, p.values);
     Ok(conn.execute_raw(stmt).await.map_err(storage)?.rows_affected() == 1)
@@ -248,6 +265,42 @@ impl CreditSpender {
         }
     }
 
+    /// Spends `cost` of the credits shared by an owner's keys (row `row` of `owners`), in
+    /// one statement whatever the mode: what it took, for a give-back if a later step
+    /// refuses the check. `None`: the owner has no balance (any more), so nothing was spent.
+    ///
+    /// # Errors
+    /// [`Error::UsageExhausted`] (with the next refill, if any); [`Error::Unavailable`] or
+    /// [`Error::Storage`] when the database fails.
+    pub(crate) async fn spend_shared(
+        &self,
+        row: uuid::Uuid,
+        cost: u32,
+    ) -> Result<Option<lease::Reserved>> {
+        let owner = Row::Owner(row);
+        let asked = std::time::Instant::now();
+        if let Some(reserved) =
+            lease::reserve_on(&self.writer, owner, i64::from(cost), asked).await?
+        {
+            return Ok(Some(reserved));
+        }
+        match refused(&self.writer, owner).await? {
+            // The plan lost its credits, or the owner its plan, since the key was read.
+            Spend::Unlimited | Spend::Gone => Ok(None),
+            Spend::Exhausted(refill_at) => Err(Error::UsageExhausted { refill_at }),
+            Spend::Spent(_) | Spend::Moved(_) => Err(Error::UsageExhausted { refill_at: None }),
+        }
+    }
+
+    /// Gives back `cost` shared credits that [`spend_shared`](Self::spend_shared) took, for
+    /// a check a later step refused: only to the same balance (the owner's plan unchanged,
+    /// in the same refill period). A failure is logged: the credits stay spent.
+    pub(crate) async fn give_back_shared(&self, reserved: &lease::Reserved, cost: u32) {
+        if let Err(e) = lease::give_back(&self.writer, u64::from(cost), reserved).await {
+            tracing::warn!(error = %e, "giving an owner's credits of a refused check back failed; they stay spent");
+        }
+    }
+
     /// Forgets what this process holds of `key`'s balance (the key changed): not spent,
     /// not given back.
     pub(crate) fn forget(&self, key: KeyId) {
@@ -288,7 +341,7 @@ pub(crate) async fn spend_exact(db: &Db, key: &ApiKey, cost: i64) -> Result<Opti
 /// One spend statement on `key`'s own row, and if it refused, why.
 async fn spend_on(db: &Db, key: KeyId, cost: i64) -> Result<Spend> {
     let backend = db.get_database_backend();
-    let stmt = statement(backend, key, cost, false);
+    let stmt = statement(backend, Row::Key(key), cost, false);
     let spent = if backend == DbBackend::MySql {
         let res = db.execute_raw(stmt).await.map_err(storage)?;
         (res.rows_affected() == 1).then(|| res.last_insert_id())
@@ -305,23 +358,37 @@ async fn spend_on(db: &Db, key: KeyId, cost: i64) -> Result<Spend> {
     if let Some(left) = spent {
         return Ok(Spend::Spent(left));
     }
-    // Refused, or nothing to spend from: read why, and the database's current period.
-    use api_key::Column as C;
-    let month = Expr::cust(period_sql(backend, RefillInterval::Month));
-    let day = Expr::cust(period_sql(backend, RefillInterval::Day));
-    let row: Option<WhyRow> = api_key::Entity::find_by_id(key.as_uuid())
-        .select_only()
-        .columns([C::Remaining, C::RolledTo, C::RefillAmount, C::RefillInterval])
-        .column(C::RefilledPeriod)
-        .column_as(month, "cur_month")
-        .column_as(day, "cur_day")
-        .into_tuple()
-        .one(db)
-        .await
-        .map_err(storage)?;
-    let Some((remaining, rolled_to, refill_amount, interval, refilled, month, day)) = row else {
+    refused(db, Row::Key(key)).await
+}
+
+/// Why a spend on `row` was refused: read with the database's current period.
+async fn refused(db: &Db, row: Row) -> Result<Spend> {
+    let backend = db.get_database_backend();
+    let month = period_sql(backend, RefillInterval::Month);
+    let day = period_sql(backend, RefillInterval::Day);
+    let rolled_to = match row {
+        Row::Key(_) => "rolled_to",
+        Row::Owner(_) => "NULL AS rolled_to",
+    };
+    let mut p = Params { backend, values: Vec::new() };
+    let sql = format!(
+        "SELECT remaining, {rolled_to}, refill_amount, refill_interval, refilled_period, \
+         {month} AS cur_month, {day} AS cur_day FROM {} WHERE id = {}",
+        row.table(),
+        p.p(row.id())
+    );
+    let stmt = Statement::from_sql_and_values(backend, sql, p.values);
+    let Some(read) = db.query_one_raw(stmt).await.map_err(storage)? else {
         return Ok(Spend::Gone);
     };
+    let get = |e| storage(e);
+    let remaining: Option<i64> = read.try_get("", "remaining").map_err(get)?;
+    let rolled_to: Option<uuid::Uuid> = read.try_get("", "rolled_to").map_err(get)?;
+    let refill_amount: Option<i64> = read.try_get("", "refill_amount").map_err(get)?;
+    let interval: Option<String> = read.try_get("", "refill_interval").map_err(get)?;
+    let refilled: Option<i64> = read.try_get("", "refilled_period").map_err(get)?;
+    let month: i64 = read.try_get("", "cur_month").map_err(get)?;
+    let day: i64 = read.try_get("", "cur_day").map_err(get)?;
     Ok(match (remaining, rolled_to, refill_amount) {
         (None, _, _) => Spend::Unlimited,
         (Some(0), Some(next), None) => Spend::Moved(KeyId::from_uuid(next)),
@@ -340,20 +407,23 @@ async fn spend_on(db: &Db, key: KeyId, cost: i64) -> Result<Spend> {
     })
 }
 
-/// Sets the period key `id`'s balance was last set in to the database's current period of
-/// `interval` (a refill starts with the next one), on `conn`: for a key created with a
+/// Sets the period `row`'s balance was last set in to the database's current period of
+/// `interval` (a refill starts with the next one), on `conn`: for a balance set with a
 /// refill rule.
 pub(crate) async fn stamp_refill_period<C: ConnectionTrait>(
     conn: &C,
-    id: KeyId,
+    row: Row,
     interval: RefillInterval,
 ) -> Result<()> {
-    let period = Expr::cust(period_sql(conn.get_database_backend(), interval));
-    api_key::Entity::update_many()
-        .col_expr(api_key::Column::RefilledPeriod, period)
-        .filter(api_key::Column::Id.eq(id.as_uuid()))
-        .exec(conn)
-        .await
-        .map_err(storage)?;
+    let backend = conn.get_database_backend();
+    let mut p = Params { backend, values: Vec::new() };
+    let sql = format!(
+        "UPDATE {} SET refilled_period = {} WHERE id = {}",
+        row.table(),
+        period_sql(backend, interval),
+        p.p(row.id())
+    );
+    let stmt = Statement::from_sql_and_values(backend, sql, p.values);
+    conn.execute_raw(stmt).await.map_err(storage)?;
     Ok(())
 }

@@ -5,6 +5,7 @@ pub(crate) mod api_key;
 pub(crate) mod key_change;
 pub(crate) mod key_event;
 pub(crate) mod organization;
+pub(crate) mod owner;
 pub(crate) mod product;
 pub(crate) mod project;
 pub(crate) mod project_product;

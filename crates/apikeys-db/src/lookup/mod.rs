@@ -18,6 +18,7 @@ use crate::breaker::Db;
 use crate::convert::{api_key_from_model, version_column};
 use crate::entity::api_key;
 use crate::error::storage;
+use crate::owner::OwnerShare;
 use crate::secret_version::SecretRegistry;
 use sql::HashColumn;
 pub(crate) use sql::LookupSql;
@@ -39,6 +40,8 @@ pub(crate) struct Found {
     pub(crate) rehash: Option<Rehash>,
     /// What the decision needs to know about the requested product, if one was requested.
     pub(crate) product: Option<ProductAccess>,
+    /// The plan of the key's owner, read with the key (`None`: no plan).
+    pub(crate) owner: Option<Arc<OwnerShare>>,
 }
 
 /// A key row read together with the two product facts of the lookup (see [`LookupSql`]):
@@ -57,6 +60,19 @@ impl FromQueryResult for KeyRow {
             product_org_id: res.try_get(pre, "product_org_id")?,
             linked_project_id: res.try_get(pre, "linked_project_id")?,
         })
+    }
+}
+
+/// A key row read with the plan of its owner (see [`sql::with_owner_plan`]).
+struct OwnedRow {
+    model: api_key::Model,
+    owner: Option<Arc<OwnerShare>>,
+}
+
+impl FromQueryResult for OwnedRow {
+    fn from_query_result(res: &QueryResult, pre: &str) -> std::result::Result<Self, DbErr> {
+        let owner = OwnerShare::from_lookup(res).map_err(|e| DbErr::Custom(e.to_string()))?;
+        Ok(Self { model: api_key::Model::from_query_result(res, pre)?, owner })
     }
 }
 
@@ -110,6 +126,7 @@ impl KeyLookup {
             Some(row) => row,
             None => lookup(HashColumn::Alternate).await?.ok_or(Error::InvalidKey)?,
         };
+        let owner = OwnerShare::from_lookup(&row)?;
         let (model, product) = match product {
             None => (api_key::Model::from_query_result(&row, "").map_err(storage)?, None),
             Some(product_id) => {
@@ -136,7 +153,7 @@ impl KeyLookup {
             old_version,
             new_hash: candidates[0].1.as_bytes().to_vec(),
         });
-        Ok(Found { key: Arc::new(api_key_from_model(model)?), rehash, product })
+        Ok(Found { key: Arc::new(api_key_from_model(model)?), rehash, product, owner })
     }
 
     /// Up to `limit` keys that are neither revoked nor expired at `now`, in id order after
@@ -149,9 +166,9 @@ impl KeyLookup {
         after: Option<KeyId>,
         now: chrono::DateTime<chrono::Utc>,
         limit: u64,
-    ) -> Result<Vec<(Option<[u8; 32]>, ApiKey)>> {
+    ) -> Result<Vec<(Option<[u8; 32]>, ApiKey, Option<Arc<OwnerShare>>)>> {
         let now = crate::convert::naive(now);
-        let mut query = api_key::Entity::find()
+        let mut query = sql::with_owner_plan(api_key::Entity::find())
             .filter(api_key::Column::RevokedAt.is_null())
             .filter(
                 Condition::any()
@@ -163,11 +180,10 @@ impl KeyLookup {
         if let Some(after) = after {
             query = query.filter(api_key::Column::Id.gt(after.as_uuid()));
         }
-        let models = query.all(&self.db).await.map_err(storage)?;
+        let rows = query.into_model::<OwnedRow>().all(&self.db).await.map_err(storage)?;
         let current = version_column(self.hasher.current_version())?;
-        models
-            .into_iter()
-            .map(|model| {
+        rows.into_iter()
+            .map(|OwnedRow { model, owner }| {
                 // A main hash under a previous secret is due a re-hash, which only a check
                 // (with the plaintext) can do: such a row is left to its first check.
                 let main_due = u32::try_from(model.secret_version)
@@ -180,7 +196,7 @@ impl KeyLookup {
                     None
                 };
                 let hash = hash.and_then(|h| <[u8; 32]>::try_from(h).ok());
-                Ok((hash, api_key_from_model(model)?))
+                Ok((hash, api_key_from_model(model)?, owner))
             })
             .collect()
     }

@@ -16,7 +16,7 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use crate::entity::{api_key, product, project_product};
+use crate::entity::{api_key, owner, product, project_product};
 
 /// Where a rendered statement's parameter comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,7 +135,26 @@ fn lookup(
         HashColumn::Alternate => api_key::Column::AltKeyHash,
     };
     let condition = hashes.fold(Condition::any(), |c, h| c.add(column.eq(h)));
-    api_key::Entity::find().filter(condition)
+    with_owner_plan(api_key::Entity::find().filter(condition))
+}
+
+/// Adds the plan of the key's owner to a read of keys, from the same statement (a join on
+/// the unique `(org_id, owner_id)` of `owners`): `owner_row_id` (NULL: no plan),
+/// `owner_rate_limits` and `owner_remaining`, read by
+/// [`OwnerShare::from_lookup`](crate::owner::OwnerShare::from_lookup).
+pub(crate) fn with_owner_plan(
+    select: sea_orm::Select<api_key::Entity>,
+) -> sea_orm::Select<api_key::Entity> {
+    use sea_orm::JoinType;
+    let on = api_key::Entity::belongs_to(owner::Entity)
+        .from((api_key::Column::OrgId, api_key::Column::OwnerId))
+        .to((owner::Column::OrgId, owner::Column::OwnerId))
+        .into();
+    select
+        .join(JoinType::LeftJoin, on)
+        .expr_as(Expr::col((owner::Entity, owner::Column::Id)), "owner_row_id")
+        .expr_as(Expr::col((owner::Entity, owner::Column::RateLimits)), "owner_rate_limits")
+        .expr_as(Expr::col((owner::Entity, owner::Column::Remaining)), "owner_remaining")
 }
 
 /// Adds two facts about `product` to a key lookup, as correlated subqueries, so that

@@ -286,6 +286,61 @@ impl RateLimiter {
         }
     }
 
+    /// [`check_in_memory`](Self::check_in_memory) of the limit named `name` of an owner's
+    /// plan (row `row`), which every key of the owner shares: counted under its own counter
+    /// id, with no lineage (a roll keeps the owner).
+    pub(crate) fn owner_in_memory(
+        &self,
+        row: uuid::Uuid,
+        name: &str,
+        limit: RateLimit,
+        cost: NonZeroU32,
+    ) -> Option<Result<Taken>> {
+        let sweep = self.sweep_due();
+        if cost > limit.requests {
+            let retry_after = limit.window.duration();
+            return Some(Err(Error::Quota { retry_after, limit, name: None }));
+        }
+        let id = named_counter(KeyId::from_uuid(row), name, limit.window);
+        match self.mode {
+            RateLimitMode::Local => {
+                Some(self.local.check(id, limit, cost, sweep).map(|()| Taken::Nothing))
+            }
+            RateLimitMode::Shared | RateLimitMode::Leased => {
+                let now = Instant::now();
+                if sweep {
+                    self.sweep_in_background(now);
+                }
+                self.shared_in_memory(id, limit, cost.get(), now)
+            }
+        }
+    }
+
+    /// [`check`](Self::check) of an owner's limit, for a check that
+    /// [`owner_in_memory`](Self::owner_in_memory) could not answer.
+    ///
+    /// # Errors
+    /// [`Error::Quota`]; [`Error::Unavailable`] or [`Error::Storage`].
+    pub(crate) async fn check_owner(
+        &self,
+        org: OrgId,
+        row: uuid::Uuid,
+        name: &str,
+        limit: RateLimit,
+        cost: NonZeroU32,
+    ) -> Result<Taken> {
+        let id = named_counter(KeyId::from_uuid(row), name, limit.window);
+        match self.mode {
+            RateLimitMode::Local => {
+                self.local.check(id, limit, cost, false).map(|()| Taken::Nothing)
+            }
+            RateLimitMode::Shared | RateLimitMode::Leased => {
+                let counter = Counter { key: id, org, take_over: [None, None], named: true };
+                self.check_shared(counter, limit, cost.get()).await
+            }
+        }
+    }
+
     /// Counts a request of `cost` units of `key` against `limit`, in the windows of its
     /// lineage (see the module docs: a rolled key shares its successors' budget), for a
     /// check that [`check_in_memory`](Self::check_in_memory) could not answer.

@@ -538,7 +538,7 @@ pub async fn upgrade_to_the_lifecycle_schema(db: TestDb) {
 
 /// How many migration steps there are from `name` (included) to the last: what
 /// `Migrator::down` takes to bring a database back to before `name`.
-fn steps_from(name: &str) -> u32 {
+pub fn steps_from(name: &str) -> u32 {
     use migration::MigratorTrait;
     let all = migration::Migrator::migrations();
     let at = all.iter().position(|m| m.name() == name).unwrap();

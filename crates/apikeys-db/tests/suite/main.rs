@@ -21,6 +21,7 @@ mod lifecycle;
 mod named_limits;
 #[cfg(feature = "redis")]
 mod on_redis;
+mod owners;
 mod races;
 mod rate_limit;
 mod revocation;
@@ -195,6 +196,14 @@ apikeys_testing::backend_tests! {
         upgrade_to_named_limits,
         named_limits_in_local_mode_and_changed_windows,
     ],
+    owners: [
+        owner_limits_are_shared_by_its_keys_and_rolls,
+        owner_credits_are_all_or_nothing,
+        owner_plans_are_exact_under_concurrency,
+        owner_plan_changes_reach_cached_replicas,
+        owner_plans_are_managed,
+        upgrade_to_owner_plans,
+    ],
     leases: [
         a_steady_key_is_answered_from_units_reserved_ahead,
         the_next_window_is_reserved_ahead_for_an_active_key,
@@ -227,6 +236,10 @@ apikeys_testing::redis_tests! {
         a_named_refusal_takes_nothing_from_the_main_limit,
         named_limits_are_exact_under_concurrency,
         rolled_keys_share_named_limits,
+    ],
+    owners: [
+        owner_limits_are_shared_by_its_keys_and_rolls,
+        owner_plans_are_exact_under_concurrency,
     ],
     on_redis: [
         windows_by_redis_clock_under_skewed_clients,

@@ -214,7 +214,8 @@ pub async fn upgrade_to_named_limits(db: TestDb) {
     let admin = db.client().await;
     let (org, _) = admin.get_or_create_organization("acme").await.unwrap();
     let old = admin.create_key(org.id, NewKey::new("old")).await.unwrap();
-    migration::Migrator::down(admin.connection(), Some(1)).await.unwrap();
+    let steps = crate::lifecycle::steps_from("m20261206_000001_named_rate_limits");
+    migration::Migrator::down(admin.connection(), Some(steps)).await.unwrap();
     let manager = migration::SchemaManager::new(admin.connection());
     assert!(!manager.has_column("api_keys", "rate_limits").await.unwrap());
     assert!(!manager.has_table("rate_limit_named_windows").await.unwrap());

@@ -303,8 +303,9 @@ pub async fn upgrade_to_disable_and_ip_allowlists(db: TestDb) {
     let client = db.client().await;
     let org = org(&client, "acme").await;
     let old = client.create_key(org, NewKey::new("old")).await.unwrap();
-    // Back before this step (and the named limits' step after it).
-    migration::Migrator::down(client.connection(), Some(2)).await.unwrap();
+    // Back before this step (and the steps after it).
+    let steps = crate::lifecycle::steps_from("m20261205_000003_disable_and_ip_allowlist");
+    migration::Migrator::down(client.connection(), Some(steps)).await.unwrap();
     let manager = migration::SchemaManager::new(client.connection());
     assert!(!manager.has_column("api_keys", "disabled_at").await.unwrap());
     assert!(!manager.has_column("api_keys", "allowed_ips").await.unwrap());

@@ -1,0 +1,303 @@
+//! Owners as identities (issue 26, item 2): an owner's plan (limits and credits) is shared by
+//! every key of the owner, across rolls, and checked in the same all-or-nothing step as the
+//! key's own limits and credits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use apikeys_db::{
+    ApiKeyClient, CreditMode, Credits, Error, KeyCache, NewKey, OrgId, OwnerPlan, Page, RateLimit,
+    RateLimitMode, RateLimits, RecordId, Refill, Result, ValidateOptions, Window,
+};
+use tokio::sync::Barrier;
+
+use apikeys_testing::{TestDb, leave_room};
+
+use crate::keys::org;
+
+const MODES: [RateLimitMode; 2] = [RateLimitMode::Shared, RateLimitMode::Leased];
+
+fn limits(named: &[(&str, RateLimit)]) -> RateLimits {
+    named.iter().fold(RateLimits::new(), |l, (name, limit)| l.with(*name, *limit).unwrap())
+}
+
+fn costing(cost: u32) -> ValidateOptions {
+    ValidateOptions::new().track_usage(false).cost(cost)
+}
+
+/// `ok`, `credits`, or the name of the limit that refused (`main` for a key's main limit).
+fn outcome(r: Result<apikeys_db::ApiKey>) -> String {
+    match r {
+        Ok(_) => "ok".to_owned(),
+        Err(Error::Quota { name, .. }) => name.unwrap_or_else(|| "main".to_owned()),
+        Err(Error::UsageExhausted { .. }) => "credits".to_owned(),
+        Err(e) => panic!("{e:?}"),
+    }
+}
+
+async fn owned_key(admin: &ApiKeyClient, org: OrgId, owner: &str, new: NewKey) -> String {
+    let issued = admin.create_key(org, new.with_owner(owner)).await.unwrap();
+    issued.key.expose_secret().to_owned()
+}
+
+/// The balance an owner's plan has left.
+async fn shared_left(admin: &ApiKeyClient, org: OrgId, owner: &str) -> u64 {
+    admin.get_owner(org, owner).await.unwrap().credits.unwrap().remaining
+}
+
+/// Two keys of one owner and the successor of a rolled one share the owner's limit of 6 a
+/// day: checks spread over all of them, from fresh clients in the shared and leased modes,
+/// pass exactly 6 times before `owner.daily` refuses. A key of another owner, and a key
+/// of the same owner id in another organization, are untouched by it.
+pub async fn owner_limits_are_shared_by_its_keys_and_rolls(db: TestDb) {
+    let admin = db.client().await;
+    for (i, mode) in MODES.into_iter().enumerate() {
+        let acme = org(&admin, "acme").await;
+        let owner = format!("team-{i}");
+        let plan =
+            OwnerPlan::new().with_rate_limits(limits(&[("daily", RateLimit::per_day(6).unwrap())]));
+        admin.set_owner(acme, &owner, plan.clone()).await.unwrap();
+        let a = owned_key(&admin, acme, &owner, NewKey::new("a")).await;
+        let b = admin.create_key(acme, NewKey::new("b").with_owner(&owner)).await.unwrap();
+        let rolled = admin.roll_key(b.record.id, Duration::from_secs(600)).await.unwrap();
+        let keys = [a, b.key.expose_secret().to_owned(), rolled.key.expose_secret().to_owned()];
+        let other = owned_key(&admin, acme, "someone-else", NewKey::new("c")).await;
+        let globex = org(&admin, "globex").await;
+        admin.set_owner(globex, &owner, plan).await.unwrap();
+        let same_id_elsewhere = owned_key(&admin, globex, &owner, NewKey::new("d")).await;
+        leave_room(&admin, Window::Day, Duration::from_secs(120)).await;
+        let c = db.client_with(|b| b.rate_limit_mode(mode)).await;
+        let mut seen = Vec::new();
+        for n in 0..9 {
+            seen.push(outcome(c.validate_key(&keys[n % 3], &costing(1)).await));
+        }
+        c.shutdown().await.unwrap();
+        let mut want = vec!["ok"; 6];
+        want.extend(["owner.daily"; 3]);
+        assert_eq!(seen, want, "{mode:?}");
+        let c = db.client_with(|b| b.rate_limit_mode(mode)).await;
+        assert_eq!(outcome(c.validate_key(&keys[0], &costing(1)).await), "owner.daily");
+        assert_eq!(outcome(c.validate_key(&other, &costing(1)).await), "ok");
+        assert_eq!(outcome(c.validate_key(&same_id_elsewhere, &costing(1)).await), "ok");
+        c.shutdown().await.unwrap();
+    }
+}
+
+/// The owner's credits and the key's own are spent together or not at all, and a check a
+/// limit refuses spends neither: key `a` has 3 credits of its own under an owner balance of
+/// 10, key `b` none of its own, key `c` a main limit of 1 an hour.
+pub async fn owner_credits_are_all_or_nothing(db: TestDb) {
+    let admin = db.client().await;
+    for (i, credit_mode) in [CreditMode::Exact, CreditMode::Leased].into_iter().enumerate() {
+        let acme = org(&admin, "acme").await;
+        let owner = format!("payer-{i}");
+        let plan = OwnerPlan::new().with_credits(Credits::new(10));
+        admin.set_owner(acme, &owner, plan).await.unwrap();
+        let a =
+            owned_key(&admin, acme, &owner, NewKey::new("a").with_credits(Credits::new(3))).await;
+        let b = owned_key(&admin, acme, &owner, NewKey::new("b")).await;
+        let limited = NewKey::new("c").with_rate_limit(RateLimit::per_hour(1).unwrap());
+        let c = owned_key(&admin, acme, &owner, limited).await;
+        leave_room(&admin, Window::Hour, Duration::from_secs(60)).await;
+        let client = db.client_with(|b| b.credit_mode(credit_mode)).await;
+        let check = async |key: &str, cost| outcome(client.validate_key(key, &costing(cost)).await);
+        for _ in 0..3 {
+            assert_eq!(check(&a, 1).await, "ok");
+        }
+        // `a`'s own balance is spent: refused, and the owner's credit it took goes back.
+        assert_eq!(check(&a, 1).await, "credits");
+        assert_eq!(shared_left(&admin, acme, &owner).await, 7, "{credit_mode:?}");
+        // `c`'s limit refuses its second check before any credit is spent.
+        assert_eq!(check(&c, 1).await, "ok");
+        assert_eq!(check(&c, 1).await, "main");
+        assert_eq!(shared_left(&admin, acme, &owner).await, 6, "{credit_mode:?}");
+        assert_eq!(check(&b, 7).await, "credits", "more than the owner has");
+        assert_eq!(check(&b, 6).await, "ok");
+        assert_eq!(check(&b, 1).await, "credits");
+        assert_eq!(shared_left(&admin, acme, &owner).await, 0);
+        // A top-up is seen at once by the next check.
+        admin.add_owner_credits(acme, &owner, 2).await.unwrap();
+        assert_eq!(check(&b, 2).await, "ok");
+        client.shutdown().await.unwrap();
+    }
+}
+
+/// 4 clients (two caching, one leased) × 8 tasks, each check costing 2, over three keys of
+/// one owner whose plan has a limit `a` of 60 a day and 40 credits. Each task checks until
+/// the credits refuse it (a refusal by `a` can be momentary, while units of checks the
+/// credits refused are on their way back): exactly 20 checks pass, the balance ends at 0.
+/// After a top-up of 100, each task checks until `a` refuses it: exactly 10 more pass (the
+/// rest of `a`, 60 − 40 units), and 80 credits are left.
+pub async fn owner_plans_are_exact_under_concurrency(db: TestDb) {
+    let admin = db.client().await;
+    let acme = org(&admin, "acme").await;
+    let plan = OwnerPlan::new()
+        .with_rate_limits(limits(&[("a", RateLimit::per_day(60).unwrap())]))
+        .with_credits(Credits::new(40));
+    admin.set_owner(acme, "busy", plan).await.unwrap();
+    let mut keys = Vec::new();
+    for name in ["k1", "k2", "k3"] {
+        keys.push(owned_key(&admin, acme, "busy", NewKey::new(name)).await);
+    }
+    let keys = Arc::new(keys);
+    leave_room(&admin, Window::Day, Duration::from_secs(300)).await;
+    let run = async |until: &'static str| {
+        let mut clients = Vec::new();
+        for i in 0..4 {
+            let mode = if i == 1 { RateLimitMode::Leased } else { RateLimitMode::Shared };
+            let cache = (i >= 2).then(|| KeyCache::new().max_staleness(Duration::from_secs(30)));
+            let client = db.client_with(|b| match cache {
+                Some(c) => b.rate_limit_mode(mode).cache(c),
+                None => b.rate_limit_mode(mode),
+            });
+            clients.push(client.await);
+        }
+        let barrier = Arc::new(Barrier::new(32));
+        let mut tasks = Vec::new();
+        for (i, client) in clients.iter().enumerate() {
+            for t in 0..8 {
+                let (client, keys, barrier) = (client.clone(), keys.clone(), barrier.clone());
+                tasks.push(tokio::spawn(async move {
+                    barrier.wait().await;
+                    let mut passed = 0;
+                    for n in 0..500 {
+                        let key = &keys[(i + t + n) % 3];
+                        match outcome(client.validate_key(key, &costing(2)).await) {
+                            o if o == "ok" => passed += 1,
+                            o if o == until => return passed,
+                            o if o == "owner.a" || o == "credits" => {
+                                tokio::time::sleep(Duration::from_millis(2)).await;
+                            }
+                            o => panic!("{o}"),
+                        }
+                    }
+                    panic!("never refused by {until}");
+                }));
+            }
+        }
+        let mut passed = 0;
+        for task in tasks {
+            passed += task.await.unwrap();
+        }
+        for client in clients {
+            client.shutdown().await.unwrap();
+        }
+        passed
+    };
+    assert_eq!(run("credits").await, 20);
+    assert_eq!(shared_left(&admin, acme, "busy").await, 0);
+    admin.add_owner_credits(acme, "busy", 100).await.unwrap();
+    assert_eq!(run("owner.a").await, 10);
+    assert_eq!(shared_left(&admin, acme, "busy").await, 80);
+}
+
+/// A replica that caches an owned key sees its owner's plan set, changed and deleted within
+/// the cache's staleness bound: the plan is read with the key, and a change to it is a
+/// change of each of the owner's keys in the feed.
+pub async fn owner_plan_changes_reach_cached_replicas(db: TestDb) {
+    let admin = db.client().await;
+    let bound = Duration::from_millis(300);
+    let cached = db.client_with(|b| b.cache(KeyCache::new().max_staleness(bound))).await;
+    let acme = org(&admin, "acme").await;
+    let key = owned_key(&admin, acme, "late", NewKey::new("k")).await;
+    leave_room(&admin, Window::Day, Duration::from_secs(120)).await;
+    crate::cache::warm(&cached, &key, &costing(1)).await;
+    let one_a_day = limits(&[("daily", RateLimit::per_day(1).unwrap())]);
+    // Set by another client: seen within the bound.
+    admin.set_owner_limits(acme, "late", one_a_day).await.unwrap();
+    tokio::time::sleep(bound * 2).await;
+    assert_eq!(outcome(cached.validate_key(&key, &costing(1)).await), "ok");
+    assert_eq!(outcome(cached.validate_key(&key, &costing(1)).await), "owner.daily");
+    admin.delete_owner(acme, "late").await.unwrap();
+    tokio::time::sleep(bound * 2).await;
+    assert_eq!(outcome(cached.validate_key(&key, &costing(1)).await), "ok");
+    // Set by the caching client itself: seen at once.
+    let plan = OwnerPlan::new().with_credits(Credits::new(0));
+    cached.set_owner(acme, "late", plan).await.unwrap();
+    assert_eq!(outcome(cached.validate_key(&key, &costing(1)).await), "credits");
+}
+
+/// The plan's management: bad input is refused with a typed error and changes nothing;
+/// `get_or_create_owner` is idempotent; listing pages through one organization's plans;
+/// a refill rule starts with the next period.
+pub async fn owner_plans_are_managed(db: TestDb) {
+    let admin = db.client().await;
+    let acme = org(&admin, "acme").await;
+    let bad = |r: Result<_>, field: &str| match r {
+        Err(Error::InvalidInput { field: f, .. }) => assert_eq!(f, field),
+        other => panic!("{other:?}"),
+    };
+    bad(admin.set_owner(acme, "", OwnerPlan::new()).await.map(|_| ()), "owner_id");
+    bad(admin.get_owner(acme, "a\nb").await.map(|_| ()), "owner_id");
+    let too_much = OwnerPlan::new().with_credits(Credits::new(u64::MAX));
+    bad(admin.set_owner(acme, "x", too_much).await.map(|_| ()), "credits");
+    assert!(matches!(
+        admin.get_owner(acme, "x").await,
+        Err(Error::NotFound { id: RecordId::Owner(_) })
+    ));
+    let nowhere = OrgId::new();
+    assert!(matches!(
+        admin.set_owner(nowhere, "x", OwnerPlan::new()).await,
+        Err(Error::NotFound { id: RecordId::Organization(o) }) if o == nowhere
+    ));
+    assert!(admin.list_owners_page(acme, Page::first(10).unwrap()).await.unwrap().items.is_empty());
+    let monthly = OwnerPlan::new().with_credits(Credits::new(5).with_refill(Refill::monthly(50)));
+    let (first, created) = admin.get_or_create_owner(acme, "x", monthly.clone()).await.unwrap();
+    assert!(created);
+    assert_eq!(first.credits, monthly.credits);
+    admin.add_owner_credits(acme, "x", 1).await.unwrap();
+    let (again, created) = admin.get_or_create_owner(acme, "x", monthly).await.unwrap();
+    assert!(!created);
+    assert_eq!(again.credits.unwrap().remaining, 6, "left as it was");
+    // A limits change keeps the balance; set_owner sets it anew.
+    let daily = limits(&[("daily", RateLimit::per_day(9).unwrap())]);
+    let changed = admin.set_owner_limits(acme, "x", daily.clone()).await.unwrap();
+    assert_eq!((changed.rate_limits, changed.credits.unwrap().remaining), (daily, 6));
+    let reset = admin.set_owner(acme, "x", OwnerPlan::new()).await.unwrap();
+    assert_eq!((reset.rate_limits.len(), reset.credits), (0, None));
+    bad(admin.add_owner_credits(acme, "x", 5).await.map(|_| ()), "credits");
+    bad(admin.add_owner_credits(acme, "x", 0).await.map(|_| ()), "credits");
+    for i in 0..5 {
+        admin.set_owner(acme, &format!("o{i}"), OwnerPlan::new()).await.unwrap();
+    }
+    let globex = org(&admin, "globex").await;
+    admin.set_owner(globex, "o1", OwnerPlan::new()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut page = Page::first(4).unwrap();
+    loop {
+        let listed = admin.list_owners_page(acme, page).await.unwrap();
+        seen.extend(listed.items.iter().map(|o| (o.org_id, o.owner_id.clone())));
+        match listed.next {
+            Some(next) => page = Page::first(4).unwrap().after(next),
+            None => break,
+        }
+    }
+    seen.sort();
+    let mut want: Vec<_> = ["o0", "o1", "o2", "o3", "o4", "x"].map(|o| (acme, o.to_owned())).into();
+    want.sort();
+    assert_eq!(seen, want);
+    admin.delete_owner(acme, "x").await.unwrap();
+    assert!(matches!(admin.delete_owner(acme, "x").await, Err(Error::NotFound { .. })));
+    assert!(admin.get_owner(globex, "o1").await.is_ok(), "another organization's plan stays");
+}
+
+/// Upgrading from the schema before owners' plans: the table appears, and existing keys
+/// work as before.
+pub async fn upgrade_to_owner_plans(db: TestDb) {
+    use migration::MigratorTrait;
+    let admin = db.client().await;
+    let acme = org(&admin, "acme").await;
+    let old = owned_key(&admin, acme, "legacy", NewKey::new("old")).await;
+    let steps = crate::lifecycle::steps_from("m20261206_000002_owner_plans");
+    migration::Migrator::down(admin.connection(), Some(steps)).await.unwrap();
+    let manager = migration::SchemaManager::new(admin.connection());
+    assert!(!manager.has_table("owners").await.unwrap());
+    admin.create_tables().await.unwrap();
+    let manager = migration::SchemaManager::new(admin.connection());
+    assert!(manager.has_table("owners").await.unwrap());
+    assert_eq!(outcome(admin.validate_key(&old, &costing(1)).await), "ok");
+    let plan = OwnerPlan::new().with_credits(Credits::new(1));
+    admin.set_owner(acme, "legacy", plan).await.unwrap();
+    assert_eq!(outcome(admin.validate_key(&old, &costing(1)).await), "ok");
+    assert_eq!(outcome(admin.validate_key(&old, &costing(1)).await), "credits");
+}
