@@ -238,7 +238,7 @@ async fn bootstrap_across_processes(db: TestDb) {
         assert_eq!(creators, 1, "row/link #{i} reported created by exactly one caller");
     }
     let client = db.client().await;
-    assert_eq!(db.counts(&client).await, [1, 2, 2, 3, 0, 0]);
+    assert_eq!(db.counts(&client).await, [1, 2, 2, 3, 0, 0, 0]);
     let org = client.find_organization("acme").await.unwrap().unwrap();
     assert_eq!(
         ids.first().unwrap().strip_prefix("ids=").unwrap().split(',').next().unwrap(),
@@ -606,14 +606,20 @@ async fn costs_across_processes(db: TestDb) {
 async fn costs_worker() {
     let (keys, client) = leased_skewed_worker().await;
     let tasks: Vec<_> = (0..RATE_TASKS)
-        .map(|_| {
+        .map(|t| {
             let (client, keys) = (client.clone(), keys.clone());
             tokio::spawn(async move {
                 let first = check_until_refused(&client, &keys[0]).await;
                 let second = check_until_refused(&client, &keys[1]).await;
                 let third = check_until_refused(&client, &keys[2]).await;
-                let fourth = check_until_refused(&client, &keys[3]).await;
-                let fifth = check_until_refused(&client, &keys[4]).await;
+                // Half the tasks start on each of the owner's keys.
+                let (fourth, fifth) = if t % 2 == 0 {
+                    let fourth = check_until_refused(&client, &keys[3]).await;
+                    (fourth, check_until_refused(&client, &keys[4]).await)
+                } else {
+                    let fifth = check_until_refused(&client, &keys[4]).await;
+                    (check_until_refused(&client, &keys[3]).await, fifth)
+                };
                 format!("{first} {second} {third} {fourth} {fifth}")
             })
         })
