@@ -36,7 +36,10 @@ enum Owners {
     UpdatedAt,
 }
 
-const OWNER_INDEX: &str = "ux_owners_org_owner";
+/// `(org_id, owner_id)`, for the key lookup's join and the listing. Not unique: the id is
+/// derived from the pair, so the primary key already is, and a second unique index would
+/// make PostgreSQL's `ON CONFLICT (id)` of two racing inserts fail on it.
+const OWNER_INDEX: &str = "ix_owners_org_owner";
 
 // async_trait's expansion cannot name SchemaManager's lifetime (see the first migration).
 #[allow(elided_lifetimes_in_paths)]
@@ -72,7 +75,6 @@ impl MigrationTrait for Migration {
                     .table(Owners::Table)
                     .col(Owners::OrgId)
                     .col(Owners::OwnerId)
-                    .unique()
                     .to_owned(),
             )
             .await?;

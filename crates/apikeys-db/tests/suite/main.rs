@@ -203,6 +203,9 @@ apikeys_testing::backend_tests! {
         owner_plan_changes_reach_cached_replicas,
         owner_plans_are_managed,
         upgrade_to_owner_plans,
+        owner_plan_writes_race_cleanly,
+        keys_created_during_a_plan_change_see_it,
+        a_change_of_limits_keeps_give_backs,
     ],
     leases: [
         a_steady_key_is_answered_from_units_reserved_ahead,

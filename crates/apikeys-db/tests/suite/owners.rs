@@ -301,3 +301,116 @@ pub async fn upgrade_to_owner_plans(db: TestDb) {
     assert_eq!(outcome(admin.validate_key(&old, &costing(1)).await), "ok");
     assert_eq!(outcome(admin.validate_key(&old, &costing(1)).await), "credits");
 }
+
+/// Admin calls racing each other and the hot path never fail for the race: 8 clients
+/// bootstrapping one owner's plan at once all get it, exactly one creating it; `set_owner`
+/// racing `delete_owner` is `Ok` (or, for the delete, `NotFound` of the owner), while the
+/// owner's key is checked; never `Storage`.
+pub async fn owner_plan_writes_race_cleanly(db: TestDb) {
+    let admin = db.client().await;
+    let acme = org(&admin, "acme").await;
+    let plan = OwnerPlan::new().with_credits(Credits::new(10));
+    let barrier = Arc::new(Barrier::new(8));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (client, plan, barrier) = (db.client().await, plan.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            client.get_or_create_owner(acme, "boot", plan).await
+        }));
+    }
+    let mut created = 0;
+    for task in tasks {
+        let (found, new) = task.await.unwrap().unwrap();
+        assert_eq!(found.credits, plan.credits);
+        created += usize::from(new);
+    }
+    assert_eq!(created, 1);
+    let key = owned_key(&admin, acme, "flappy", NewKey::new("k")).await;
+    let (setter, deleter) = (db.client().await, db.client().await);
+    let sets = tokio::spawn(async move {
+        for i in 0..20 {
+            let plan = OwnerPlan::new().with_credits(Credits::new(100 + i));
+            setter.set_owner(acme, "flappy", plan).await.unwrap();
+        }
+    });
+    let deletes = tokio::spawn(async move {
+        for _ in 0..20 {
+            match deleter.delete_owner(acme, "flappy").await {
+                Ok(()) | Err(Error::NotFound { id: RecordId::Owner(_) }) => {}
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+    });
+    for _ in 0..40 {
+        match admin.validate_key(&key, &costing(1)).await {
+            Ok(_) | Err(Error::UsageExhausted { .. }) => {}
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    sets.await.unwrap();
+    deletes.await.unwrap();
+}
+
+/// Keys created for an owner while its plan is set, each checked at once by a caching
+/// replica, all see the plan within the cache's bound: a key created and cached (without
+/// a plan) while the change was under way is announced once the change has committed. In
+/// 5 rounds, one per owner: keys are created and checked without pause until the plan
+/// (no credits left) has been set, and then every one of them is refused.
+pub async fn keys_created_during_a_plan_change_see_it(db: TestDb) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let admin = db.client().await;
+    let bound = Duration::from_millis(300);
+    let cached = db.client_with(|b| b.cache(KeyCache::new().max_staleness(bound))).await;
+    let acme = org(&admin, "acme").await;
+    for round in 0..5 {
+        let owner = format!("churn-{round}");
+        let done = Arc::new(AtomicBool::new(false));
+        let (creator, checker, stop) = (db.client().await, cached.clone(), done.clone());
+        let owner_of_keys = owner.clone();
+        let making = tokio::spawn(async move {
+            let mut keys = Vec::new();
+            let mut after_done = 0;
+            while after_done < 3 {
+                after_done += usize::from(stop.load(Ordering::SeqCst));
+                let key = owned_key(&creator, acme, &owner_of_keys, NewKey::new("k")).await;
+                checker.validate_key(&key, &costing(0)).await.unwrap();
+                keys.push(key);
+            }
+            keys
+        });
+        // Some keys first, so the change has feed rows to write while keys keep coming.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let plan = OwnerPlan::new().with_credits(Credits::new(0));
+        admin.set_owner(acme, &owner, plan).await.unwrap();
+        done.store(true, Ordering::SeqCst);
+        let keys = making.await.unwrap();
+        tokio::time::sleep(bound * 3).await;
+        for key in &keys {
+            assert_eq!(outcome(cached.validate_key(key, &costing(1)).await), "credits");
+        }
+    }
+}
+
+/// A change of the limits alone keeps the balance and lets a refused check give its
+/// owner's credit back: a key whose own balance is spent is checked while the owner's
+/// limits change, and the owner's balance never goes down.
+pub async fn a_change_of_limits_keeps_give_backs(db: TestDb) {
+    let admin = db.client().await;
+    let acme = org(&admin, "acme").await;
+    admin.set_owner(acme, "lim", OwnerPlan::new().with_credits(Credits::new(50))).await.unwrap();
+    let spent =
+        owned_key(&admin, acme, "lim", NewKey::new("k").with_credits(Credits::new(0))).await;
+    let changer = db.client().await;
+    let changes = tokio::spawn(async move {
+        for i in 1..=20 {
+            let limits = limits(&[("daily", RateLimit::per_day(1_000 + i).unwrap())]);
+            changer.set_owner_limits(acme, "lim", limits).await.unwrap();
+        }
+    });
+    for _ in 0..40 {
+        assert_eq!(outcome(admin.validate_key(&spent, &costing(1)).await), "credits");
+    }
+    changes.await.unwrap();
+    assert_eq!(shared_left(&admin, acme, "lim").await, 50);
+}
