@@ -40,21 +40,28 @@ pub(crate) struct OwnerShare {
     pub(crate) limits: RateLimits,
     /// Whether the plan has a credit balance.
     pub(crate) credits: bool,
+    /// The plan's `updated_at`: leased blocks of its balance are tied to it.
+    pub(crate) updated_at: chrono::DateTime<chrono::Utc>,
 }
 
 impl OwnerShare {
     /// The owner columns a key lookup reads beside the key (`owner_row_id`,
-    /// `owner_rate_limits`, `owner_remaining`): `None` when the key's owner has no plan.
+    /// `owner_rate_limits`, `owner_remaining`, `owner_updated_at`): `None` when the key's
+    /// owner has no plan.
     pub(crate) fn from_lookup(res: &QueryResult) -> Result<Option<Arc<Self>>> {
         let row: Option<Uuid> = res.try_get("", "owner_row_id").map_err(storage)?;
         let Some(row) = row else { return Ok(None) };
         let limits: Option<serde_json::Value> =
             res.try_get("", "owner_rate_limits").map_err(storage)?;
         let remaining: Option<i64> = res.try_get("", "owner_remaining").map_err(storage)?;
+        let updated_at: Option<chrono::NaiveDateTime> =
+            res.try_get("", "owner_updated_at").map_err(storage)?;
+        let updated_at = updated_at.ok_or_else(|| corrupt("owners", "updated_at"))?;
         Ok(Some(Arc::new(Self {
             row,
             limits: limits_from_json(limits)?,
             credits: remaining.is_some(),
+            updated_at: updated_at.and_utc(),
         })))
     }
 

@@ -16,6 +16,7 @@ use apikeys_core::{ApiKey, ProductId, Result, Scopes};
 
 use crate::client::ApiKeyClient;
 use crate::convert::naive;
+use crate::credits::{Balance, Spent};
 use crate::observe::{Op, observe};
 use crate::rate_limit::Taken;
 use apikeys_core::limits::MAX_NAMED_LIMITS;
@@ -292,12 +293,18 @@ impl ApiKeyClient {
                 }
             }
         }
-        // The owner's shared credits (one statement, whatever the credit mode, so that a
-        // refusal of the key's own can give them back), then the key's own.
-        let shared_spent = match found.owner.as_deref() {
-            Some(owner) if owner.credits && check.credit_cost > 0 => {
-                match Box::pin(inner.credits.spend_shared(owner.row, check.credit_cost)).await {
-                    Ok(spent) => spent,
+        // The owner's shared credits, then the key's own: a check the key's own refuse gives
+        // the owner's back.
+        let cost = check.credit_cost;
+        let shared = match found.owner.as_deref() {
+            Some(owner) if owner.credits && cost > 0 => {
+                let balance = Balance::of_owner(owner);
+                let spent = match inner.credits.spend_in_memory(&balance, cost) {
+                    Some(left) => left.map(|left| (Some(left), Spent::Held)),
+                    None => Box::pin(inner.credits.spend(&balance, cost)).await,
+                };
+                match spent {
+                    Ok((_, spent)) => Some((balance, spent)),
                     Err(e) => {
                         Box::pin(inner.limiter.give_back_all(&taken)).await;
                         return Err(e);
@@ -307,19 +314,19 @@ impl ApiKeyClient {
             _ => None,
         };
         let credits_left = match key.credits {
-            Some(_) if check.credit_cost > 0 => {
-                let spent = match inner.credits.spend_in_memory(key, check.credit_cost) {
+            Some(_) if cost > 0 => {
+                let balance = Balance::of_key(key);
+                let spent = match inner.credits.spend_in_memory(&balance, cost) {
                     Some(left) => left.map(Some),
-                    None => Box::pin(inner.credits.spend(key, check.credit_cost)).await,
+                    None => Box::pin(inner.credits.spend(&balance, cost)).await.map(|(l, _)| l),
                 };
                 match spent {
                     Ok(left) => left,
                     // All or nothing: a check its credits refuse gives back its units and
                     // the owner's credits.
                     Err(e) => {
-                        if let Some(spent) = shared_spent {
-                            Box::pin(inner.credits.give_back_shared(spent, check.credit_cost))
-                                .await;
+                        if let Some((balance, spent)) = shared {
+                            Box::pin(inner.credits.give_back(&balance, spent, cost)).await;
                         }
                         Box::pin(inner.limiter.give_back_all(&taken)).await;
                         return Err(e);

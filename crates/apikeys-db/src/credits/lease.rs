@@ -1,7 +1,9 @@
-//! Leased credits ([`CreditMode::Leased`](super::CreditMode::Leased)): blocks of a key's
-//! balance reserved with the spend statement (so never more than the balance is taken,
-//! across every replica) and spent in memory, the next block reserved in the background
-//! once half of the current one is spent.
+//! Leased credits ([`CreditMode::Leased`](super::CreditMode::Leased)): blocks of a balance
+//! (a key's own, or the one an owner's keys share; "the key" below is either) reserved with
+//! the spend statement (so never more than the balance is taken, across every replica) and
+//! spent in memory, the next block reserved in the background once half of the current one
+//! is spent. Credits a check took and then had to give back (a later step refused it) go
+//! back to the lease they came from.
 //!
 //! # What a block is tied to
 //! A block is reserved from the balance of the key's own row (a rolled key's balance lives
@@ -25,11 +27,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use apikeys_core::{ApiKey, KeyId, RefillInterval, Result};
+use apikeys_core::{KeyId, RefillInterval, Result};
 use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
 use sea_orm::{ConnectionTrait, DbBackend, Statement, Value};
 
-use super::{Row, backend_index, spend_exact, statement};
+use super::{Balance, Row, Spent, backend_index, spend_exact_balance, statement};
 use crate::breaker::Db;
 use crate::error::{retry_conflicts, storage};
 use crate::lock::{lock, release_each};
@@ -59,7 +61,7 @@ pub(crate) struct Reserved {
     /// The row the credits came from.
     row: Row,
     /// The balance the statement left.
-    left: u64,
+    pub(super) left: u64,
     /// The refill period the balance was in (`None`: it does not refill).
     period: Option<i64>,
     /// The row's `updated_at` when reserved: a give-back requires it unchanged.
@@ -176,42 +178,42 @@ impl CreditLeases {
     /// # Errors
     /// [`Error::UsageExhausted`](apikeys_core::Error::UsageExhausted) for a balance this
     /// process found spent less than [`EXHAUSTED_MEMO`] ago, the record unchanged since.
-    pub(crate) fn spend_in_memory(
-        self: &Arc<Self>,
-        key: &ApiKey,
-        cost: u32,
-    ) -> Option<Result<u64>> {
+    pub(crate) fn spend_in_memory(self: &Arc<Self>, b: &Balance, cost: u32) -> Option<Result<u64>> {
         self.count_and_sweep();
         // A rolled key's balance lives on its successor: spent exactly, as without leases.
-        if key.rolled_to.is_some() {
+        if b.rolled {
             return None;
         }
-        self.take(key, u64::from(cost)).answer()
+        self.take(b, u64::from(cost)).answer()
     }
 
     /// Spends `cost` credits of `key`, for a spend that
     /// [`spend_in_memory`](Self::spend_in_memory) could not answer: after a reservation (or,
     /// for a balance smaller than a block and for a rolled key, an exact spend).
-    pub(crate) async fn spend(self: &Arc<Self>, key: &ApiKey, cost: u32) -> Result<Option<u64>> {
+    pub(crate) async fn spend(
+        self: &Arc<Self>,
+        b: &Balance,
+        cost: u32,
+    ) -> Result<(Option<u64>, Spent)> {
         let cost = u64::from(cost);
         let cost_sql = i64::try_from(cost).unwrap_or(i64::MAX);
-        if key.rolled_to.is_some() {
-            return Box::pin(spend_exact(&self.db, key, cost_sql)).await;
+        if b.rolled {
+            return Box::pin(spend_exact_balance(&self.db, b, cost_sql)).await;
         }
         let reserving = {
             let mut map = lock(&self.map);
-            let lease = map.entry(key.id).or_insert_with(|| Lease::new(key.updated_at));
+            let lease = map.entry(b.id()).or_insert_with(|| Lease::new(b.version));
             Arc::clone(&lease.reserving)
         };
         let turn = reserving.lock().await;
         // A reservation may have landed while this call waited, or another call found the
         // balance spent.
-        if let Some(answer) = self.take(key, cost).answer() {
-            return answer.map(Some);
+        if let Some(answer) = self.take(b, cost).answer() {
+            return answer.map(|left| (Some(left), Spent::Held));
         }
         let block = {
             let map = lock(&self.map);
-            map.get(&key.id)
+            map.get(&b.id())
                 .map(|l| (l, l.next_block(cost, Instant::now())))
                 .filter(|(l, block)| !l.left_known || l.left >= *block)
                 .map(|(_, block)| block)
@@ -219,11 +221,11 @@ impl CreditLeases {
         if let Some(block) = block {
             // In a task of its own: a caller that gives up must not drop a reservation the
             // database may already have committed before its block is recorded.
-            let (leases, owned) = (Arc::clone(self), key.clone());
+            let (leases, owned) = (Arc::clone(self), b.clone());
             let reservation =
                 self.runtime.spawn(async move { leases.reserve(&owned, block, cost).await });
             match reservation.await {
-                Ok(Ok(Some(left))) => return Ok(Some(left)),
+                Ok(Ok(Some(left))) => return Ok((Some(left), Spent::Held)),
                 Ok(Ok(None)) => {}
                 Ok(Err(e)) => return Err(e),
                 Err(e) => return Err(apikeys_core::Error::unavailable(e)),
@@ -232,13 +234,13 @@ impl CreditLeases {
         // A balance smaller than the block (known from the last statement, or just refused):
         // spend exactly, without holding the key's turn, and remember what is left.
         drop(turn);
-        let left = match Box::pin(spend_exact(&self.db, key, cost_sql)).await {
+        let (left, spent) = match Box::pin(spend_exact_balance(&self.db, b, cost_sql)).await {
             Err(apikeys_core::Error::UsageExhausted { refill_at }) => {
                 // Remembered for a moment, for this record: a key found spent is refused
                 // without a statement per check (a hot key's checks would otherwise be two
                 // statements each).
-                if let Some(lease) = lock(&self.map).get_mut(&key.id)
-                    && lease.record_updated_at == key.updated_at
+                if let Some(lease) = lock(&self.map).get_mut(&b.id())
+                    && lease.record_updated_at == b.version
                 {
                     lease.exhausted = Some((Instant::now() + EXHAUSTED_MEMO, refill_at));
                 }
@@ -246,12 +248,26 @@ impl CreditLeases {
             }
             other => other?,
         };
-        if let Some(lease) = lock(&self.map).get_mut(&key.id) {
+        if let Some(lease) = lock(&self.map).get_mut(&b.id()) {
             lease.spent = lease.spent.saturating_add(cost);
             lease.left = left.unwrap_or(0);
             lease.left_known = true;
         }
-        Ok(left)
+        Ok((left, spent))
+    }
+
+    /// Puts `cost` credits taken from what is held for `b` back, for a check a later step
+    /// refused: if the lease is still of that record and spendable (else they count as
+    /// spent, as everything a lease drops does).
+    pub(crate) fn untake(&self, b: &Balance, cost: u32) {
+        let cost = u64::from(cost);
+        if let Some(lease) = lock(&self.map).get_mut(&b.id())
+            && lease.record_updated_at == b.version
+            && lease.spendable(Instant::now())
+        {
+            lease.held = lease.held.saturating_add(cost);
+            lease.spent = lease.spent.saturating_sub(cost);
+        }
     }
 
     /// Counts a spend; every [`SWEEP_EVERY`] of them, drops the leases that hold nothing and
@@ -269,14 +285,14 @@ impl CreditLeases {
     /// Takes `cost` from what is held for `key`, if the lease is for this record, its
     /// period has not ended and it holds enough; starts the next block in the background
     /// when half of this one is spent.
-    fn take(self: &Arc<Self>, key: &ApiKey, cost: u64) -> Taken {
+    fn take(self: &Arc<Self>, b: &Balance, cost: u64) -> Taken {
         let now = Instant::now();
         let (seen, refill) = {
             let mut map = lock(&self.map);
-            let Some(lease) = map.get_mut(&key.id) else { return Taken::Empty };
-            if lease.record_updated_at != key.updated_at {
-                // The key changed (a balance set, a roll): what is held is of the old one.
-                *lease = Lease::new(key.updated_at);
+            let Some(lease) = map.get_mut(&b.id()) else { return Taken::Empty };
+            if lease.record_updated_at != b.version {
+                // The record changed (a balance set, a roll): what is held is of the old one.
+                *lease = Lease::new(b.version);
                 return Taken::Empty;
             }
             if let Some((until, refill_at)) = lease.exhausted {
@@ -298,27 +314,27 @@ impl CreditLeases {
             (lease.left.saturating_add(lease.held), refill.then(|| lease.next_block(cost, now)))
         };
         if let Some(block) = refill {
-            self.refill_in_background(key.clone(), block);
+            self.refill_in_background(b.clone(), block);
         }
         Taken::Spent(seen)
     }
 
     /// Reserves the next `block` of `key`'s balance off the request path.
-    fn refill_in_background(self: &Arc<Self>, key: ApiKey, block: u64) {
+    fn refill_in_background(self: &Arc<Self>, b: Balance, block: u64) {
         let leases = Arc::clone(self);
         self.runtime.spawn(async move {
-            let reserving = match lock(&leases.map).get(&key.id) {
+            let reserving = match lock(&leases.map).get(&b.id()) {
                 Some(lease) => Arc::clone(&lease.reserving),
                 None => return,
             };
             let _turn = reserving.lock().await;
             let still_low = lock(&leases.map)
-                .get(&key.id)
-                .is_some_and(|l| l.record_updated_at == key.updated_at && l.held <= l.block / 2);
-            if still_low && let Err(e) = leases.reserve(&key, block, 0).await {
-                tracing::debug!(key_id = %key.id, error = %e, "reserving credits ahead failed");
+                .get(&b.id())
+                .is_some_and(|l| l.record_updated_at == b.version && l.held <= l.block / 2);
+            if still_low && let Err(e) = leases.reserve(&b, block, 0).await {
+                tracing::debug!(balance = %b.id(), error = %e, "reserving credits ahead failed");
             }
-            if let Some(lease) = lock(&leases.map).get_mut(&key.id) {
+            if let Some(lease) = lock(&leases.map).get_mut(&b.id()) {
                 lease.refilling = false;
             }
         });
@@ -326,25 +342,25 @@ impl CreditLeases {
 
     /// Reserves `block` credits of `key`'s balance (the caller holds the key's reservation
     /// lock) and takes `cost` of them. `None`: the balance is smaller than the block.
-    async fn reserve(self: &Arc<Self>, key: &ApiKey, block: u64, cost: u64) -> Result<Option<u64>> {
+    async fn reserve(self: &Arc<Self>, b: &Balance, block: u64, cost: u64) -> Result<Option<u64>> {
         let asked = Instant::now();
         let amount = i64::try_from(block).unwrap_or(i64::MAX);
         // On the key's own row: a rolled key's balance lives on its successor, where the
         // exact spend finds it.
-        let Some(reserved) = reserve_on(&self.db, Row::Key(key.id), amount, asked).await? else {
+        let Some(reserved) = reserve_on(&self.db, b.row, amount, asked).await? else {
             return Ok(None);
         };
         let landed = {
             let mut map = lock(&self.map);
-            let lease = map.entry(key.id).or_insert_with(|| Lease::new(key.updated_at));
-            if lease.record_updated_at > key.updated_at {
+            let lease = map.entry(b.id()).or_insert_with(|| Lease::new(b.version));
+            if lease.record_updated_at > b.version {
                 // Landed late, for a record older than the lease's: not mixed in (nor does it
                 // replace the newer lease); it goes back below, into its own balance if that
                 // is still the row's.
                 None
             } else {
-                if lease.record_updated_at != key.updated_at {
-                    *lease = Lease::new(key.updated_at);
+                if lease.record_updated_at != b.version {
+                    *lease = Lease::new(b.version);
                 }
                 // Credits of another balance (set again since), of another period, or no
                 // longer spendable are not carried over: what is held is always of one
@@ -375,7 +391,7 @@ impl CreditLeases {
             return Ok(Some(reserved.left));
         };
         if let Some(next) = refill {
-            self.refill_in_background(key.clone(), next);
+            self.refill_in_background(b.clone(), next);
         }
         Ok(Some(seen))
     }

@@ -57,6 +57,45 @@ impl Row {
     }
 }
 
+/// A balance a check spends from: a key's own, or the one its owner's keys share.
+#[derive(Debug, Clone)]
+pub(crate) struct Balance {
+    /// The row that holds it.
+    pub(crate) row: Row,
+    /// The `updated_at` of the record the check read: leased blocks are tied to it.
+    pub(crate) version: DateTime<Utc>,
+    /// A rolled key's: its balance lives on its successor, spent exactly, following the roll.
+    pub(crate) rolled: bool,
+}
+
+impl Balance {
+    /// The balance of `key` (which has credits).
+    pub(crate) fn of_key(key: &ApiKey) -> Self {
+        Self { row: Row::Key(key.id), version: key.updated_at, rolled: key.rolled_to.is_some() }
+    }
+
+    /// The balance an owner's keys share.
+    pub(crate) fn of_owner(owner: &crate::owner::OwnerShare) -> Self {
+        Self { row: Row::Owner(owner.row), version: owner.updated_at, rolled: false }
+    }
+
+    /// Its id among the leases (a key's id, or an owner plan's: no key has such an id).
+    fn id(&self) -> KeyId {
+        KeyId::from_uuid(self.row.id())
+    }
+}
+
+/// Where the credits a spend took came from, for a give-back.
+#[derive(Debug)]
+pub(crate) enum Spent {
+    /// Nowhere a give-back can reach (a key's own exact spend, or nothing spent).
+    Nothing,
+    /// The process's lease of the balance.
+    Held,
+    /// The row, by the statement that recorded this.
+    Row(lease::Reserved),
+}
+
 /// The outcome of one spend statement on one row.
 enum Spend {
     /// Spent; the balance left.
@@ -209,8 +248,9 @@ pub enum CreditMode {
     /// the same balance at once.
     #[default]
     Exact,
-    /// Blocks of a key's balance are reserved ahead (one `UPDATE` each, in the background
-    /// once a key is being checked) and spent in memory. Never more than the balance is
+    /// Blocks of a key's balance (and of the balance an owner's keys share: see
+    /// [`ApiKeyClient::set_owner`](crate::ApiKeyClient::set_owner)) are reserved ahead (one
+    /// `UPDATE` each, in the background once a key is being checked) and spent in memory. Never more than the balance is
     /// spent across replicas: a block is taken off the stored balance before any of it is
     /// spent. A replica holds at most about a block and a half per key (a block covers about
     /// a second of the key's rate in that replica, at most an eighth of the balance it saw
@@ -249,63 +289,52 @@ impl CreditSpender {
         if self.leases.is_some() { CreditMode::Leased } else { CreditMode::Exact }
     }
 
-    /// Spends `cost` credits of `key` (which has credits) from what this process holds,
-    /// when that needs no database (leased mode): the balance left as this process sees it.
-    /// `None`: call [`spend`](Self::spend).
-    pub(crate) fn spend_in_memory(&self, key: &ApiKey, cost: u32) -> Option<Result<u64>> {
-        self.leases.as_ref().and_then(|leases| leases.spend_in_memory(key, cost))
+    /// Spends `cost` credits of balance `b` (which has credits) from what this process
+    /// holds, when that needs no database (leased mode): the balance left as this process
+    /// sees it. `None`: call [`spend`](Self::spend).
+    pub(crate) fn spend_in_memory(&self, b: &Balance, cost: u32) -> Option<Result<u64>> {
+        self.leases.as_ref().and_then(|leases| leases.spend_in_memory(b, cost))
     }
 
-    /// Spends `cost` credits of `key` (which has credits), following a roll to the key that
-    /// holds the balance, for a spend that [`spend_in_memory`](Self::spend_in_memory) could
-    /// not answer. Returns the balance left (`None`: the key turned out to have no credits,
-    /// so nothing was spent).
-    pub(crate) async fn spend(&self, key: &ApiKey, cost: u32) -> Result<Option<u64>> {
-        match &self.leases {
-            Some(leases) => leases.spend(key, cost).await,
-            None => Box::pin(spend_exact(&self.writer, key, i64::from(cost))).await,
-        }
-    }
-
-    /// Spends `cost` of the credits shared by an owner's keys (row `row` of `owners`), in
-    /// one statement whatever the mode: what it took, for a give-back if a later step
-    /// refuses the check. `None`: the owner has no balance (any more), so nothing was spent.
+    /// Spends `cost` credits of balance `b` (which has credits), following a roll to the key
+    /// that holds a rolled key's balance, for a spend that
+    /// [`spend_in_memory`](Self::spend_in_memory) could not answer. Returns the balance left
+    /// (`None`: it turned out to have no credits, so nothing was spent), and how to give the
+    /// credits back if a later step refuses the check.
     ///
     /// # Errors
-    /// [`Error::UsageExhausted`] (with the next refill, if any); [`Error::Unavailable`] or
-    /// [`Error::Storage`] when the database fails.
-    pub(crate) async fn spend_shared(
-        &self,
-        row: uuid::Uuid,
-        cost: u32,
-    ) -> Result<Option<lease::Reserved>> {
-        let owner = Row::Owner(row);
-        let asked = std::time::Instant::now();
-        if let Some(reserved) =
-            lease::reserve_on(&self.writer, owner, i64::from(cost), asked).await?
-        {
-            return Ok(Some(reserved));
-        }
-        match refused(&self.writer, owner).await? {
-            // The plan lost its credits, or the owner its plan, since the key was read.
-            Spend::Unlimited | Spend::Gone => Ok(None),
-            Spend::Exhausted(refill_at) => Err(Error::UsageExhausted { refill_at }),
-            Spend::Spent(_) | Spend::Moved(_) => Err(Error::UsageExhausted { refill_at: None }),
+    /// [`Error::UsageExhausted`] (with the next refill, if any); [`Error::InvalidKey`] for a
+    /// key deleted meanwhile; [`Error::Unavailable`] or [`Error::Storage`].
+    pub(crate) async fn spend(&self, b: &Balance, cost: u32) -> Result<(Option<u64>, Spent)> {
+        match &self.leases {
+            Some(leases) => leases.spend(b, cost).await,
+            None => Box::pin(spend_exact_balance(&self.writer, b, i64::from(cost))).await,
         }
     }
 
-    /// Gives back `cost` shared credits that [`spend_shared`](Self::spend_shared) took, for
-    /// a check a later step refused: only to the same balance (the owner's plan unchanged,
-    /// in the same refill period). It runs in a task of its own, so a caller that gives up
-    /// meanwhile does not leave them spent. A failure is logged: the credits stay spent.
-    pub(crate) async fn give_back_shared(&self, reserved: lease::Reserved, cost: u32) {
-        let writer = self.writer.clone();
-        let give = self.runtime.spawn(async move {
-            if let Err(e) = lease::give_back(&writer, u64::from(cost), &reserved).await {
-                tracing::warn!(error = %e, "giving an owner's credits of a refused check back failed; they stay spent");
+    /// Gives back `cost` credits a spend of `b` took (`spent` says from where), for a check
+    /// a later step refused: to the lease they came from, or with one statement to the same
+    /// balance (the record unchanged, in the same refill period), in a task of its own so
+    /// that a caller that gives up meanwhile does not leave them spent. A failure is logged:
+    /// the credits stay spent.
+    pub(crate) async fn give_back(&self, b: &Balance, spent: Spent, cost: u32) {
+        match spent {
+            Spent::Nothing => {}
+            Spent::Held => {
+                if let Some(leases) = &self.leases {
+                    leases.untake(b, cost);
+                }
             }
-        });
-        let _ = give.await;
+            Spent::Row(reserved) => {
+                let writer = self.writer.clone();
+                let give = self.runtime.spawn(async move {
+                    if let Err(e) = lease::give_back(&writer, u64::from(cost), &reserved).await {
+                        tracing::warn!(error = %e, "giving the credits of a refused check back failed; they stay spent");
+                    }
+                });
+                let _ = give.await;
+            }
+        }
     }
 
     /// Forgets what this process holds of `key`'s balance (the key changed): not spent,
@@ -325,11 +354,35 @@ impl CreditSpender {
     }
 }
 
+/// Spends `cost` credits of balance `b` in one statement: a key's with
+/// [`spend_exact`] (nothing to give back: a key's own credits are spent last); an owner's
+/// with the statement that records what a give-back needs.
+pub(crate) async fn spend_exact_balance(
+    db: &Db,
+    b: &Balance,
+    cost: i64,
+) -> Result<(Option<u64>, Spent)> {
+    let row = match b.row {
+        Row::Key(key) => return Ok((spend_exact(db, key, cost).await?, Spent::Nothing)),
+        Row::Owner(row) => row,
+    };
+    let owner = Row::Owner(row);
+    if let Some(reserved) = lease::reserve_on(db, owner, cost, std::time::Instant::now()).await? {
+        return Ok((Some(reserved.left), Spent::Row(reserved)));
+    }
+    match refused(db, owner).await? {
+        // The plan lost its credits, or the owner its plan, since the key was read.
+        Spend::Unlimited | Spend::Gone => Ok((None, Spent::Nothing)),
+        Spend::Exhausted(refill_at) => Err(Error::UsageExhausted { refill_at }),
+        Spend::Spent(_) | Spend::Moved(_) => Err(Error::UsageExhausted { refill_at: None }),
+    }
+}
+
 /// Spends `cost` credits of `key` (which has credits) in one statement, following a roll to
 /// the key that holds the balance. Returns the balance left (`None`: the key turned out to
 /// have no credits, so nothing was spent).
-pub(crate) async fn spend_exact(db: &Db, key: &ApiKey, cost: i64) -> Result<Option<u64>> {
-    let mut target = key.id;
+async fn spend_exact(db: &Db, key: KeyId, cost: i64) -> Result<Option<u64>> {
+    let mut target = key;
     for _ in 0..MAX_HOPS {
         match spend_on(db, target, cost).await? {
             Spend::Spent(left) => return Ok(Some(left)),
@@ -338,7 +391,7 @@ pub(crate) async fn spend_exact(db: &Db, key: &ApiKey, cost: i64) -> Result<Opti
             Spend::Moved(next) => target = next,
             // The key itself: deleted while this check ran. A successor: the balance went
             // with it.
-            Spend::Gone if target == key.id => return Err(Error::InvalidKey),
+            Spend::Gone if target == key => return Err(Error::InvalidKey),
             Spend::Gone => return Err(Error::UsageExhausted { refill_at: None }),
         }
     }

@@ -140,7 +140,7 @@ fn lookup(
 
 /// Adds the plan of the key's owner to a read of keys, from the same statement (a join on
 /// the unique `(org_id, owner_id)` of `owners`): `owner_row_id` (NULL: no plan),
-/// `owner_rate_limits` and `owner_remaining`, read by
+/// `owner_rate_limits`, `owner_remaining` and `owner_updated_at`, read by
 /// [`OwnerShare::from_lookup`](crate::owner::OwnerShare::from_lookup).
 pub(crate) fn with_owner_plan(
     select: sea_orm::Select<api_key::Entity>,
@@ -155,6 +155,7 @@ pub(crate) fn with_owner_plan(
         .expr_as(Expr::col((owner::Entity, owner::Column::Id)), "owner_row_id")
         .expr_as(Expr::col((owner::Entity, owner::Column::RateLimits)), "owner_rate_limits")
         .expr_as(Expr::col((owner::Entity, owner::Column::Remaining)), "owner_remaining")
+        .expr_as(Expr::col((owner::Entity, owner::Column::UpdatedAt)), "owner_updated_at")
 }
 
 /// Adds two facts about `product` to a key lookup, as correlated subqueries, so that

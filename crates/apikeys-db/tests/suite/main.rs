@@ -199,6 +199,7 @@ apikeys_testing::backend_tests! {
     owners: [
         owner_limits_are_shared_by_its_keys_and_rolls,
         owner_credits_are_all_or_nothing,
+        leased_owner_credits_are_all_or_nothing,
         owner_plans_are_exact_under_concurrency,
         owner_plan_changes_reach_cached_replicas,
         owner_plans_are_managed,

@@ -85,49 +85,76 @@ pub async fn owner_limits_are_shared_by_its_keys_and_rolls(db: TestDb) {
 
 /// The owner's credits and the key's own are spent together or not at all, and a check a
 /// limit refuses spends neither: key `a` has 3 credits of its own under an owner balance of
-/// 10, key `b` none of its own, key `c` a main limit of 1 an hour.
+/// 10, key `b` none of its own, key `c` a main limit of 1 an hour (exact credits: every
+/// balance read is the one the checks left).
 pub async fn owner_credits_are_all_or_nothing(db: TestDb) {
     let admin = db.client().await;
-    for (i, credit_mode) in [CreditMode::Exact, CreditMode::Leased].into_iter().enumerate() {
-        let acme = org(&admin, "acme").await;
-        let owner = format!("payer-{i}");
-        let plan = OwnerPlan::new().with_credits(Credits::new(10));
-        admin.set_owner(acme, &owner, plan).await.unwrap();
-        let a =
-            owned_key(&admin, acme, &owner, NewKey::new("a").with_credits(Credits::new(3))).await;
-        let b = owned_key(&admin, acme, &owner, NewKey::new("b")).await;
-        let limited = NewKey::new("c").with_rate_limit(RateLimit::per_hour(1).unwrap());
-        let c = owned_key(&admin, acme, &owner, limited).await;
-        leave_room(&admin, Window::Hour, Duration::from_secs(60)).await;
-        let client = db.client_with(|b| b.credit_mode(credit_mode)).await;
-        let check = async |key: &str, cost| outcome(client.validate_key(key, &costing(cost)).await);
-        for _ in 0..3 {
-            assert_eq!(check(&a, 1).await, "ok");
-        }
-        // `a`'s own balance is spent: refused, and the owner's credit it took goes back.
-        assert_eq!(check(&a, 1).await, "credits");
-        assert_eq!(shared_left(&admin, acme, &owner).await, 7, "{credit_mode:?}");
-        // `c`'s limit refuses its second check before any credit is spent.
-        assert_eq!(check(&c, 1).await, "ok");
-        assert_eq!(check(&c, 1).await, "main");
-        assert_eq!(shared_left(&admin, acme, &owner).await, 6, "{credit_mode:?}");
-        assert_eq!(check(&b, 7).await, "credits", "more than the owner has");
-        assert_eq!(check(&b, 6).await, "ok");
-        assert_eq!(check(&b, 1).await, "credits");
-        assert_eq!(shared_left(&admin, acme, &owner).await, 0);
-        // A top-up is seen at once by the next check.
-        admin.add_owner_credits(acme, &owner, 2).await.unwrap();
-        assert_eq!(check(&b, 2).await, "ok");
-        client.shutdown().await.unwrap();
+    let acme = org(&admin, "acme").await;
+    let plan = OwnerPlan::new().with_credits(Credits::new(10));
+    admin.set_owner(acme, "payer", plan).await.unwrap();
+    let a = owned_key(&admin, acme, "payer", NewKey::new("a").with_credits(Credits::new(3))).await;
+    let b = owned_key(&admin, acme, "payer", NewKey::new("b")).await;
+    let limited = NewKey::new("c").with_rate_limit(RateLimit::per_hour(1).unwrap());
+    let c = owned_key(&admin, acme, "payer", limited).await;
+    leave_room(&admin, Window::Hour, Duration::from_secs(60)).await;
+    let client = db.client_with(|b| b.credit_mode(CreditMode::Exact)).await;
+    let check = async |key: &str, cost| outcome(client.validate_key(key, &costing(cost)).await);
+    for _ in 0..3 {
+        assert_eq!(check(&a, 1).await, "ok");
     }
+    // `a`'s own balance is spent: refused, and the owner's credit it took goes back.
+    assert_eq!(check(&a, 1).await, "credits");
+    assert_eq!(shared_left(&admin, acme, "payer").await, 7);
+    // `c`'s limit refuses its second check before any credit is spent.
+    assert_eq!(check(&c, 1).await, "ok");
+    assert_eq!(check(&c, 1).await, "main");
+    assert_eq!(shared_left(&admin, acme, "payer").await, 6);
+    assert_eq!(check(&b, 7).await, "credits", "more than the owner has");
+    assert_eq!(check(&b, 6).await, "ok");
+    assert_eq!(check(&b, 1).await, "credits");
+    assert_eq!(shared_left(&admin, acme, "payer").await, 0);
+    // A top-up is seen at once by the next check.
+    admin.add_owner_credits(acme, "payer", 2).await.unwrap();
+    assert_eq!(check(&b, 2).await, "ok");
 }
 
-/// 4 clients (two caching, one leased) × 8 tasks, each check costing 2, over three keys of
-/// one owner whose plan has a limit `a` of 60 a day and 40 credits. Each task checks until
-/// the credits refuse it (a refusal by `a` can be momentary, while units of checks the
-/// credits refused are on their way back): exactly 20 checks pass, the balance ends at 0.
-/// After a top-up of 100, each task checks until `a` refuses it: exactly 10 more pass (the
-/// rest of `a`, 60 − 40 units), and 80 credits are left.
+/// With leased credits, the owner's balance is leased like a key's (blocks reserved ahead,
+/// spent in memory) and still all or nothing: key `a`, with 5 credits of its own under an
+/// owner balance of 1 000, is checked 20 times from a leased client: exactly 5 pass, and once
+/// the client has shut down (giving back what it held) the owner has spent exactly 5 (the
+/// 15 refused checks gave theirs back to the lease). A second key's checks keep passing
+/// from memory meanwhile.
+pub async fn leased_owner_credits_are_all_or_nothing(db: TestDb) {
+    let admin = db.client().await;
+    let acme = org(&admin, "acme").await;
+    let plan = OwnerPlan::new().with_credits(Credits::new(1_000));
+    admin.set_owner(acme, "payer", plan).await.unwrap();
+    let a = owned_key(&admin, acme, "payer", NewKey::new("a").with_credits(Credits::new(5))).await;
+    let b = owned_key(&admin, acme, "payer", NewKey::new("b")).await;
+    let client = db.client_with(|b| b.credit_mode(CreditMode::Leased)).await;
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        seen.push(outcome(client.validate_key(&a, &costing(1)).await));
+        assert_eq!(outcome(client.validate_key(&b, &costing(1)).await), "ok");
+    }
+    // Leased: the stored balance is below what was spent, by the block the client holds.
+    let stored = shared_left(&admin, acme, "payer").await;
+    assert!(stored < 1_000 - 5 - 20, "no block held: {stored}");
+    client.shutdown().await.unwrap();
+    let mut want = vec!["ok"; 5];
+    want.extend(["credits"; 15]);
+    assert_eq!(seen, want);
+    assert_eq!(shared_left(&admin, acme, "payer").await, 1_000 - 5 - 20);
+}
+
+/// 4 clients (two caching; one with leased limits, one with leased credits) × 8 tasks, each
+/// check costing 2, over three keys of one owner whose plan has a limit `a` of 60 a day and
+/// 40 credits. Each task checks until the credits refuse it (a refusal by `a` can be
+/// momentary, while units of checks the credits refused are on their way back; one by the
+/// credits too, while another client holds a block): once every client has shut down
+/// (giving back what it held), passed × 2 + the balance left is exactly 40, and at most 20
+/// passed. After a top-up of 100, each task checks until `a` refuses it: exactly the rest of
+/// `a` passes (60 units in all), and every credit spent is accounted for.
 pub async fn owner_plans_are_exact_under_concurrency(db: TestDb) {
     let admin = db.client().await;
     let acme = org(&admin, "acme").await;
@@ -145,10 +172,14 @@ pub async fn owner_plans_are_exact_under_concurrency(db: TestDb) {
         let mut clients = Vec::new();
         for i in 0..4 {
             let mode = if i == 1 { RateLimitMode::Leased } else { RateLimitMode::Shared };
+            let credits = if i == 3 { CreditMode::Leased } else { CreditMode::Exact };
             let cache = (i >= 2).then(|| KeyCache::new().max_staleness(Duration::from_secs(30)));
-            let client = db.client_with(|b| match cache {
-                Some(c) => b.rate_limit_mode(mode).cache(c),
-                None => b.rate_limit_mode(mode),
+            let client = db.client_with(|b| {
+                let b = b.rate_limit_mode(mode).credit_mode(credits);
+                match cache {
+                    Some(c) => b.cache(c),
+                    None => b,
+                }
             });
             clients.push(client.await);
         }
@@ -184,11 +215,14 @@ pub async fn owner_plans_are_exact_under_concurrency(db: TestDb) {
         }
         passed
     };
-    assert_eq!(run("credits").await, 20);
-    assert_eq!(shared_left(&admin, acme, "busy").await, 0);
+    let first = run("credits").await;
+    let left = shared_left(&admin, acme, "busy").await;
+    assert!(first <= 20, "{first}");
+    assert_eq!(first * 2 + left, 40, "every credit spent once or given back");
     admin.add_owner_credits(acme, "busy", 100).await.unwrap();
-    assert_eq!(run("owner.a").await, 10);
-    assert_eq!(shared_left(&admin, acme, "busy").await, 80);
+    let second = run("owner.a").await;
+    assert_eq!(first + second, 30, "exactly the limit, units of refused checks given back");
+    assert_eq!(shared_left(&admin, acme, "busy").await, left + 100 - second * 2);
 }
 
 /// A replica that caches an owned key sees its owner's plan set, changed and deleted within
