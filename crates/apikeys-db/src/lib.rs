@@ -54,6 +54,10 @@
 //! SQL or, with the `redis` feature, Redis) is the client's choice
 //! ([`ClientBuilder::rate_limit_mode`], [`ClientBuilder::credit_mode`]).
 //!
+//! A plan sold per customer is an owner's ([`ApiKeyClient::set_owner`], [`OwnerPlan`]): named
+//! limits and credits shared by every key with that [`owner`](NewKey::with_owner) in the
+//! organization, checked in the same all-or-nothing step, refusals named `owner.<name>`.
+//!
 //! ## The verified-key cache
 //! [`ClientBuilder::cache`] ([`KeyCache`]) answers checks of known keys from memory (about a
 //! microsecond), kept fresh by the change feed: every replica sees a revocation, a disable

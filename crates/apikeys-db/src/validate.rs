@@ -19,7 +19,6 @@ use crate::convert::naive;
 use crate::credits::{Balance, Spent};
 use crate::observe::{Op, observe};
 use crate::rate_limit::Taken;
-use apikeys_core::limits::MAX_NAMED_LIMITS;
 
 /// Options of [`ApiKeyClient::verify_key`].
 #[derive(Debug, Clone, Copy)]
@@ -224,6 +223,40 @@ impl Limit<'_> {
 }
 
 impl ApiKeyClient {
+    /// Counts a check of `cost` units of `key` against one of its limits, from memory when
+    /// the limiter can answer so; what it took joins `taken`. A refusal gives back all of
+    /// `taken` first (all or nothing), and names the limit.
+    async fn count(
+        &self,
+        key: &ApiKey,
+        which: Limit<'_>,
+        limit: apikeys_core::RateLimit,
+        cost: NonZeroU32,
+        taken: &mut Vec<Taken>,
+    ) -> Result<()> {
+        let limiter = &self.inner.limiter;
+        let counted = match which {
+            Limit::Key(name) => match limiter.check_in_memory(key, limit, cost, name) {
+                Some(counted) => counted,
+                None => Box::pin(limiter.check(key, limit, cost, name)).await,
+            },
+            Limit::Owner(row, name) => match limiter.owner_in_memory(row, name, limit, cost) {
+                Some(counted) => counted,
+                None => Box::pin(limiter.check_owner(key.org_id, row, name, limit, cost)).await,
+            },
+        };
+        match counted {
+            Ok(t) => {
+                taken.push(t);
+                Ok(())
+            }
+            Err(e) => {
+                Box::pin(limiter.give_back_all(taken)).await;
+                Err(which.name_refusal(e))
+            }
+        }
+    }
+
     /// One check, as a short sequence of the client's parts: read the clock once, find the
     /// key (cache or lookup), decide, rate limit, credits, usage, re-hash.
     async fn check(
@@ -246,50 +279,22 @@ impl ApiKeyClient {
         // one would be copied with the check's own on every call).
         // Every limit in turn (the key's main one, its named ones by name, then its owner's
         // by name), all or nothing: a limit that refuses gets back what those before it took.
-        let mut taken = [Taken::Nothing; 1 + 2 * MAX_NAMED_LIMITS];
+        // On the heap, and only for a key with limits: a check's future stays small.
         let key = &found.key;
+        let mut taken = Vec::new();
         if let Some(cost) = NonZeroU32::new(check.rate_limit_cost) {
-            // Listed first, with plain loops: a check's future must stay `Send` for any
-            // lifetime, which iterator adapters held across its awaits would not allow.
-            let mut all = [None; 1 + 2 * MAX_NAMED_LIMITS];
-            let mut n = 0;
+            // Plain loops: a check's future must stay `Send` for any lifetime, which
+            // iterator adapters held across its awaits would not allow.
             if let Some(limit) = key.rate_limit {
-                all[n] = Some((Limit::Key(None), limit));
-                n += 1;
+                self.count(key, Limit::Key(None), limit, cost, &mut taken).await?;
             }
             for (name, limit) in key.rate_limits.iter() {
-                all[n] = Some((Limit::Key(Some(name)), limit));
-                n += 1;
+                self.count(key, Limit::Key(Some(name)), limit, cost, &mut taken).await?;
             }
             if let Some(owner) = found.owner.as_deref() {
                 for (name, limit) in owner.limits.iter() {
-                    all[n] = Some((Limit::Owner(owner.row, name), limit));
-                    n += 1;
-                }
-            }
-            for (i, &(which, limit)) in all[..n].iter().flatten().enumerate() {
-                let limiter = &inner.limiter;
-                let counted = match which {
-                    Limit::Key(name) => match limiter.check_in_memory(key, limit, cost, name) {
-                        Some(counted) => counted,
-                        None => Box::pin(limiter.check(key, limit, cost, name)).await,
-                    },
-                    Limit::Owner(row, name) => {
-                        match limiter.owner_in_memory(row, name, limit, cost) {
-                            Some(counted) => counted,
-                            None => {
-                                Box::pin(limiter.check_owner(key.org_id, row, name, limit, cost))
-                                    .await
-                            }
-                        }
-                    }
-                };
-                match counted {
-                    Ok(t) => taken[i] = t,
-                    Err(e) => {
-                        Box::pin(limiter.give_back_all(&taken[..i])).await;
-                        return Err(which.name_refusal(e));
-                    }
+                    let which = Limit::Owner(owner.row, name);
+                    self.count(key, which, limit, cost, &mut taken).await?;
                 }
             }
         }

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use apikeys_db::core::hazmat::{KeyHasher, Requirements, decide};
 use apikeys_db::{
-    ApiKey, ApiKeyClient, CreditMode, Credits, KeyCache, NewKey, RateLimit, RateLimitMode,
-    RateLimits, SigningSecret, VerifyOptions,
+    ApiKey, ApiKeyClient, CreditMode, Credits, KeyCache, NewKey, OwnerPlan, RateLimit,
+    RateLimitMode, RateLimits, SigningSecret, VerifyOptions,
 };
 use criterion::{BenchmarkGroup, Throughput, measurement::WallTime};
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
@@ -29,6 +29,9 @@ pub struct Cached {
     /// A key with a plan: a main limit and two named limits (never reached) and credits
     /// (never spent out).
     plan: String,
+    /// A key of an owner whose plan has two shared limits and shared credits (never reached,
+    /// never spent out); the key has a main limit of its own.
+    owned: String,
     /// A hot key (scopes `read`, `write`; org-wide) limited to 10^9 per hour: every check
     /// counts against the shared limit, which is never reached.
     hot: String,
@@ -70,7 +73,19 @@ pub async fn cached(f: &Fixture) -> Cached {
         .with_rate_limits(named)
         .with_credits(Credits::new(1_000_000_000_000));
     let plan = f.client.create_key(f.org, new).await.unwrap().key.expose_secret().to_owned();
-    let c = Cached { client, leased, plan_client, plan, hot, hasher, map };
+    let shared = RateLimits::new()
+        .with("burst", RateLimit::per_minute(1_000_000_000).unwrap())
+        .and_then(|l| l.with("daily", RateLimit::per_day(1_000_000_000).unwrap()))
+        .unwrap();
+    let team =
+        OwnerPlan::new().with_rate_limits(shared).with_credits(Credits::new(1_000_000_000_000));
+    f.client.set_owner(f.org, "bench-team", team).await.unwrap();
+    let new = NewKey::new("owned")
+        .with_scopes(["read", "write"])
+        .with_owner("bench-team")
+        .with_rate_limit(RateLimit::per_hour(1_000_000_000).unwrap());
+    let owned = f.client.create_key(f.org, new).await.unwrap().key.expose_secret().to_owned();
+    let c = Cached { client, leased, plan_client, plan, owned, hot, hasher, map };
     // Warm: the first poll has run and every key the benchmarks use is cached.
     for _ in 0..1_000 {
         c.verify(f).await;
@@ -88,6 +103,7 @@ pub async fn cached(f: &Fixture) -> Cached {
     for _ in 0..5_000 {
         c.leased_validate(f).await;
         c.plan_validate(f).await;
+        c.owned_validate(f).await;
     }
     c
 }
@@ -125,6 +141,13 @@ impl Cached {
         let options = f.full().track_usage(true);
         self.plan_client.validate_key(&self.plan, &options).await.unwrap();
     }
+
+    /// An owner's plan: scopes + product + the key's leased limit, the owner's two leased
+    /// limits and its leased credits + batched usage, on a hot key.
+    async fn owned_validate(&self, f: &Fixture) {
+        let options = f.full().track_usage(true);
+        self.plan_client.validate_key(&self.owned, &options).await.unwrap();
+    }
 }
 
 pub fn bench(g: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, f: &Fixture, c: &Cached) {
@@ -144,6 +167,10 @@ pub fn bench(g: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, f: &Fixture, c:
     g.bench_function("cached: validate_key hit, plan: main + 2 named limits + credits", |b| {
         b.to_async(rt).iter(|| c.plan_validate(f))
     });
+    g.bench_function(
+        "cached: validate_key hit, owner plan: 2 shared limits + shared credits",
+        |b| b.to_async(rt).iter(|| c.owned_validate(f)),
+    );
     g.throughput(Throughput::Elements(1));
     for tasks in [1usize, 8, 64] {
         g.bench_function(format!("cached: throughput, {tasks} tasks"), |b| {

@@ -207,6 +207,7 @@ apikeys_testing::backend_tests! {
         owner_plan_writes_race_cleanly,
         keys_created_during_a_plan_change_see_it,
         a_change_of_limits_keeps_give_backs,
+        warmed_caches_and_local_mode_hold_owner_plans,
     ],
     leases: [
         a_steady_key_is_answered_from_units_reserved_ahead,

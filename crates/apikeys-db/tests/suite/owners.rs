@@ -448,3 +448,34 @@ pub async fn a_change_of_limits_keeps_give_backs(db: TestDb) {
     changes.await.unwrap();
     assert_eq!(shared_left(&admin, acme, "lim").await, 50);
 }
+
+/// A cache warmed with `warm_cache` holds each key with its owner's plan (read in the same
+/// statement), so the first checks it answers from memory already count against the plan;
+/// and in `RateLimitMode::Local` the owner's limits are shared by its keys in the process.
+pub async fn warmed_caches_and_local_mode_hold_owner_plans(db: TestDb) {
+    let admin = db.client().await;
+    let acme = org(&admin, "acme").await;
+    let two = limits(&[("daily", RateLimit::per_day(2).unwrap())]);
+    admin.set_owner_limits(acme, "warm", two).await.unwrap();
+    let a = owned_key(&admin, acme, "warm", NewKey::new("a")).await;
+    let b = owned_key(&admin, acme, "warm", NewKey::new("b")).await;
+    leave_room(&admin, Window::Day, Duration::from_secs(120)).await;
+    let cache = KeyCache::new().max_staleness(Duration::from_secs(30));
+    let warmed = db.client_with(|b| b.cache(cache)).await;
+    assert!(warmed.warm_cache().await.unwrap() >= 2);
+    let hits = warmed.cache_stats().unwrap().hits;
+    let seen = [
+        outcome(warmed.validate_key(&a, &costing(1)).await),
+        outcome(warmed.validate_key(&b, &costing(1)).await),
+        outcome(warmed.validate_key(&a, &costing(1)).await),
+    ];
+    assert_eq!(seen, ["ok", "ok", "owner.daily"]);
+    assert_eq!(warmed.cache_stats().unwrap().hits, hits + 3, "answered from the warmed cache");
+    let local = db.client_with(|b| b.rate_limit_mode(RateLimitMode::Local)).await;
+    let seen = [
+        outcome(local.validate_key(&b, &costing(1)).await),
+        outcome(local.validate_key(&a, &costing(1)).await),
+        outcome(local.validate_key(&b, &costing(1)).await),
+    ];
+    assert_eq!(seen, ["ok", "ok", "owner.daily"]);
+}
