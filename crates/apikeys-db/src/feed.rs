@@ -38,7 +38,7 @@ use crate::entity::key_change;
 use crate::error::{corrupt, storage};
 
 /// What changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Change {
     /// A key was updated, revoked or deleted.
     Key(KeyId),

@@ -370,9 +370,6 @@ impl ApiKeyClient {
     /// by a replica; its change makes every cache read it again. Best effort: a failure is
     /// logged, and such a key keeps the old plan in a cache until it is evicted or changed.
     async fn catch_up(&self, org: OrgId, owner: &str, before: &[Change]) {
-        if std::env::var("NO_CATCH_UP").is_ok() {
-            return;
-        }
         let after = match self.owner_changes(org, owner).await {
             Ok(after) => after,
             Err(e) => {
@@ -380,6 +377,7 @@ impl ApiKeyClient {
                 return;
             }
         };
+        let before: std::collections::HashSet<&Change> = before.iter().collect();
         let missed: Vec<Change> = after.into_iter().filter(|c| !before.contains(c)).collect();
         if missed.is_empty() {
             return;

@@ -16,7 +16,7 @@ use apikeys_core::{ApiKey, ProductId, Result, Scopes};
 
 use crate::client::ApiKeyClient;
 use crate::convert::naive;
-use crate::credits::{Balance, Spent};
+use crate::credits::Balance;
 use crate::observe::{Op, observe};
 use crate::rate_limit::Taken;
 
@@ -305,7 +305,7 @@ impl ApiKeyClient {
             Some(owner) if owner.credits && cost > 0 => {
                 let balance = Balance::of_owner(owner);
                 let spent = match inner.credits.spend_in_memory(&balance, cost) {
-                    Some(left) => left.map(|left| (Some(left), Spent::Held)),
+                    Some(left) => left.map(|(left, spent)| (Some(left), spent)),
                     None => Box::pin(inner.credits.spend(&balance, cost)).await,
                 };
                 match spent {
@@ -322,7 +322,7 @@ impl ApiKeyClient {
             Some(_) if cost > 0 => {
                 let balance = Balance::of_key(key);
                 let spent = match inner.credits.spend_in_memory(&balance, cost) {
-                    Some(left) => left.map(Some),
+                    Some(left) => left.map(|(left, _)| Some(left)),
                     None => Box::pin(inner.credits.spend(&balance, cost)).await.map(|(l, _)| l),
                 };
                 match spent {

@@ -139,10 +139,23 @@ pub(crate) struct CreditLeases {
 /// Every this many spends, leases holding nothing are dropped.
 const SWEEP_EVERY: u64 = 4_096;
 
+/// Which block credits were taken from: a give-back returns them only to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Block {
+    period: Option<i64>,
+    row_updated_at: NaiveDateTime,
+}
+
+impl Reserved {
+    fn block(&self) -> Block {
+        Block { period: self.period, row_updated_at: self.row_updated_at }
+    }
+}
+
 /// What a call got from the lease.
 enum Taken {
-    /// Spent from held credits; the balance as this process sees it.
-    Spent(u64),
+    /// Spent from held credits of a block; the balance as this process sees it.
+    Spent(u64, Option<Block>),
     /// Nothing held (or not for this record): reserve.
     Empty,
     /// The balance was found spent a moment ago (see [`EXHAUSTED_MEMO`]).
@@ -150,10 +163,11 @@ enum Taken {
 }
 
 impl Taken {
-    /// The check's answer, if memory gave one: the balance left, or a refusal.
-    fn answer(self) -> Option<Result<u64>> {
+    /// The check's answer, if memory gave one: the balance left (and where it came from),
+    /// or a refusal.
+    fn answer(self) -> Option<Result<(u64, Spent)>> {
         match self {
-            Taken::Spent(left) => Some(Ok(left)),
+            Taken::Spent(left, from) => Some(Ok((left, from.map_or(Spent::Nothing, Spent::Held)))),
             Taken::Exhausted(refill_at) => {
                 Some(Err(apikeys_core::Error::UsageExhausted { refill_at }))
             }
@@ -178,7 +192,11 @@ impl CreditLeases {
     /// # Errors
     /// [`Error::UsageExhausted`](apikeys_core::Error::UsageExhausted) for a balance this
     /// process found spent less than [`EXHAUSTED_MEMO`] ago, the record unchanged since.
-    pub(crate) fn spend_in_memory(self: &Arc<Self>, b: &Balance, cost: u32) -> Option<Result<u64>> {
+    pub(crate) fn spend_in_memory(
+        self: &Arc<Self>,
+        b: &Balance,
+        cost: u32,
+    ) -> Option<Result<(u64, Spent)>> {
         self.count_and_sweep();
         // A rolled key's balance lives on its successor: spent exactly, as without leases.
         if b.rolled {
@@ -209,7 +227,7 @@ impl CreditLeases {
         // A reservation may have landed while this call waited, or another call found the
         // balance spent.
         if let Some(answer) = self.take(b, cost).answer() {
-            return answer.map(|left| (Some(left), Spent::Held));
+            return answer.map(|(left, spent)| (Some(left), spent));
         }
         let block = {
             let map = lock(&self.map);
@@ -225,7 +243,7 @@ impl CreditLeases {
             let reservation =
                 self.runtime.spawn(async move { leases.reserve(&owned, block, cost).await });
             match reservation.await {
-                Ok(Ok(Some(left))) => return Ok((Some(left), Spent::Held)),
+                Ok(Ok(Some((left, spent)))) => return Ok((Some(left), spent)),
                 Ok(Ok(None)) => {}
                 Ok(Err(e)) => return Err(e),
                 Err(e) => return Err(apikeys_core::Error::unavailable(e)),
@@ -256,13 +274,14 @@ impl CreditLeases {
         Ok((left, spent))
     }
 
-    /// Puts `cost` credits taken from what is held for `b` back, for a check a later step
-    /// refused: if the lease is still of that record and spendable (else they count as
-    /// spent, as everything a lease drops does).
-    pub(crate) fn untake(&self, b: &Balance, cost: u32) {
+    /// Puts `cost` credits taken from `block` of what is held for `b` back, for a check a
+    /// later step refused: if the lease still holds that block of that record and it is
+    /// spendable (else they count as spent, as everything a lease drops does).
+    pub(crate) fn untake(&self, b: &Balance, block: Block, cost: u32) {
         let cost = u64::from(cost);
         if let Some(lease) = lock(&self.map).get_mut(&b.id())
             && lease.record_updated_at == b.version
+            && lease.reserved.map(|r| r.block()) == Some(block)
             && lease.spendable(Instant::now())
         {
             lease.held = lease.held.saturating_add(cost);
@@ -287,7 +306,7 @@ impl CreditLeases {
     /// when half of this one is spent.
     fn take(self: &Arc<Self>, b: &Balance, cost: u64) -> Taken {
         let now = Instant::now();
-        let (seen, refill) = {
+        let (seen, from, refill) = {
             let mut map = lock(&self.map);
             let Some(lease) = map.get_mut(&b.id()) else { return Taken::Empty };
             if lease.record_updated_at != b.version {
@@ -311,12 +330,13 @@ impl CreditLeases {
             lease.spent = lease.spent.saturating_add(cost);
             let refill = !lease.refilling && lease.held <= lease.block / 2;
             lease.refilling |= refill;
-            (lease.left.saturating_add(lease.held), refill.then(|| lease.next_block(cost, now)))
+            let seen = lease.left.saturating_add(lease.held);
+            (seen, lease.reserved.map(|r| r.block()), refill.then(|| lease.next_block(cost, now)))
         };
         if let Some(block) = refill {
             self.refill_in_background(b.clone(), block);
         }
-        Taken::Spent(seen)
+        Taken::Spent(seen, from)
     }
 
     /// Reserves the next `block` of `key`'s balance off the request path.
@@ -341,8 +361,14 @@ impl CreditLeases {
     }
 
     /// Reserves `block` credits of `key`'s balance (the caller holds the key's reservation
-    /// lock) and takes `cost` of them. `None`: the balance is smaller than the block.
-    async fn reserve(self: &Arc<Self>, b: &Balance, block: u64, cost: u64) -> Result<Option<u64>> {
+    /// lock) and takes `cost` of them: the balance as this process sees it, and where the
+    /// `cost` came from. `None`: the balance is smaller than the block.
+    async fn reserve(
+        self: &Arc<Self>,
+        b: &Balance,
+        block: u64,
+        cost: u64,
+    ) -> Result<Option<(u64, Spent)>> {
         let asked = Instant::now();
         let amount = i64::try_from(block).unwrap_or(i64::MAX);
         // On the key's own row: a rolled key's balance lives on its successor, where the
@@ -387,13 +413,14 @@ impl CreditLeases {
             }
         };
         let Some((seen, refill)) = landed else {
+            // The cost was taken from the row, and stays there: a give-back goes to it.
             give_back(&self.db, block.saturating_sub(cost), &reserved).await?;
-            return Ok(Some(reserved.left));
+            return Ok(Some((reserved.left, Spent::Row(reserved))));
         };
         if let Some(next) = refill {
             self.refill_in_background(b.clone(), next);
         }
-        Ok(Some(seen))
+        Ok(Some((seen, Spent::Held(reserved.block()))))
     }
 
     /// Forgets what is held for `key`: not spent, not given back.

@@ -90,8 +90,8 @@ impl Balance {
 pub(crate) enum Spent {
     /// Nowhere a give-back can reach (a key's own exact spend, or nothing spent).
     Nothing,
-    /// The process's lease of the balance.
-    Held,
+    /// A block of the process's lease of the balance.
+    Held(lease::Block),
     /// The row, by the statement that recorded this.
     Row(lease::Reserved),
 }
@@ -292,7 +292,7 @@ impl CreditSpender {
     /// Spends `cost` credits of balance `b` (which has credits) from what this process
     /// holds, when that needs no database (leased mode): the balance left as this process
     /// sees it. `None`: call [`spend`](Self::spend).
-    pub(crate) fn spend_in_memory(&self, b: &Balance, cost: u32) -> Option<Result<u64>> {
+    pub(crate) fn spend_in_memory(&self, b: &Balance, cost: u32) -> Option<Result<(u64, Spent)>> {
         self.leases.as_ref().and_then(|leases| leases.spend_in_memory(b, cost))
     }
 
@@ -320,9 +320,9 @@ impl CreditSpender {
     pub(crate) async fn give_back(&self, b: &Balance, spent: Spent, cost: u32) {
         match spent {
             Spent::Nothing => {}
-            Spent::Held => {
+            Spent::Held(block) => {
                 if let Some(leases) = &self.leases {
-                    leases.untake(b, cost);
+                    leases.untake(b, block, cost);
                 }
             }
             Spent::Row(reserved) => {
