@@ -60,6 +60,26 @@ fn opt<T: ToString>(v: Option<T>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
+/// Named limits on one line (`daily: 10000 per day, …`), or `-`.
+pub fn limits_text(limits: &apikeys_db::RateLimits) -> String {
+    if limits.is_empty() {
+        return "-".to_owned();
+    }
+    let named = limits.iter().map(|(name, l)| format!("{name}: {l}"));
+    named.collect::<Vec<_>>().join(", ")
+}
+
+/// A credit balance and its refill rule, or `-`.
+pub fn credits_text(credits: Option<apikeys_db::Credits>) -> String {
+    credits.map_or_else(
+        || "-".to_owned(),
+        |c| match c.refill {
+            Some(r) => format!("{} (refill {} per {})", c.remaining, r.amount, r.interval),
+            None => c.remaining.to_string(),
+        },
+    )
+}
+
 impl Out {
     /// The output settings.
     pub fn new(json: bool) -> Self {
@@ -87,10 +107,6 @@ impl Out {
         }
         let mut t = table(&["field", "value"]);
         let scopes: Vec<&str> = key.scopes.iter().map(|s| s.as_str()).collect();
-        let credits = key.credits.map(|c| match c.refill {
-            Some(r) => format!("{} (refill {} per {})", c.remaining, r.amount, r.interval),
-            None => c.remaining.to_string(),
-        });
         let rows: Vec<(&str, String)> = vec![
             ("id", key.id.to_string()),
             ("name", key.name.clone()),
@@ -101,16 +117,8 @@ impl Out {
             ("product", opt(key.product_id)),
             ("scopes", if scopes.is_empty() { "-".to_owned() } else { scopes.join(" ") }),
             ("rate limit", opt(key.rate_limit)),
-            (
-                "named limits",
-                if key.rate_limits.is_empty() {
-                    "-".to_owned()
-                } else {
-                    let named = key.rate_limits.iter().map(|(name, l)| format!("{name}: {l}"));
-                    named.collect::<Vec<_>>().join(", ")
-                },
-            ),
-            ("credits", credits.unwrap_or_else(|| "-".to_owned())),
+            ("named limits", limits_text(&key.rate_limits)),
+            ("credits", credits_text(key.credits)),
             ("owner", key.owner_id.clone().unwrap_or_else(|| "-".to_owned())),
             (
                 "metadata",

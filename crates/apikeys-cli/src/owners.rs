@@ -6,7 +6,7 @@ use serde_json::json;
 use crate::args::OwnersCommand;
 use crate::failure::Failure;
 use crate::keys::named_limits;
-use crate::output::{Out, print_line, table, when};
+use crate::output::{Out, credits_text, limits_text, print_line, table, when};
 use crate::records;
 
 /// Runs one `owners` command.
@@ -51,8 +51,8 @@ pub async fn run(client: &ApiKeyClient, command: OwnersCommand, out: &Out) -> Re
             for o in &all {
                 t.add_row(vec![
                     o.owner_id.clone(),
-                    limits_text(o),
-                    credits_text(o),
+                    limits_text(&o.rate_limits),
+                    credits_text(o.credits),
                     when(Some(o.updated_at)),
                 ]);
             }
@@ -87,24 +87,6 @@ fn no_plan(e: apikeys_db::Error) -> Failure {
     }
 }
 
-fn limits_text(o: &Owner) -> String {
-    if o.rate_limits.is_empty() {
-        return "-".to_owned();
-    }
-    let named = o.rate_limits.iter().map(|(name, l)| format!("{name}: {l}"));
-    named.collect::<Vec<_>>().join(", ")
-}
-
-fn credits_text(o: &Owner) -> String {
-    o.credits.map_or_else(
-        || "-".to_owned(),
-        |c| match c.refill {
-            Some(r) => format!("{} (refill {} per {})", c.remaining, r.amount, r.interval),
-            None => c.remaining.to_string(),
-        },
-    )
-}
-
 /// One plan, field by field.
 fn show(out: &Out, o: &Owner) -> Result<(), Failure> {
     if out.json {
@@ -114,8 +96,8 @@ fn show(out: &Out, o: &Owner) -> Result<(), Failure> {
     let rows = [
         ("owner", o.owner_id.clone()),
         ("organization", o.org_id.to_string()),
-        ("shared limits", limits_text(o)),
-        ("shared credits", credits_text(o)),
+        ("shared limits", limits_text(&o.rate_limits)),
+        ("shared credits", credits_text(o.credits)),
         ("created", when(Some(o.created_at))),
         ("updated", when(Some(o.updated_at))),
     ];

@@ -100,21 +100,42 @@ pub(crate) fn credit_columns(
 
 /// The credits an `api_keys` row holds.
 fn credits_from_columns(m: &api_key::Model) -> Result<Option<Credits>> {
-    const T: &str = "api_keys";
-    let count = |n: i64, field| u64::try_from(n).map_err(|_| corrupt(T, field));
-    let refill = match (m.refill_amount, m.refill_interval.as_deref()) {
+    credits_of("api_keys", m.remaining, m.refill_amount, m.refill_interval.as_deref())
+}
+
+/// The named limits in the `rate_limits` column of a row of `table` (keys' or owners').
+pub(crate) fn limits_of(table: &'static str, column: Option<JsonValue>) -> Result<RateLimits> {
+    match column {
+        None => Ok(RateLimits::new()),
+        // A JSON `null` or anything but a valid object is no value this library writes.
+        Some(v @ JsonValue::Object(_)) => {
+            serde_json::from_value(v).map_err(|_| corrupt(table, "rate_limits"))
+        }
+        Some(_) => Err(corrupt(table, "rate_limits")),
+    }
+}
+
+/// The credits the credit columns of a row of `table` (keys' or owners') hold.
+pub(crate) fn credits_of(
+    table: &'static str,
+    remaining: Option<i64>,
+    refill_amount: Option<i64>,
+    refill_interval: Option<&str>,
+) -> Result<Option<Credits>> {
+    let count = |n: i64, field| u64::try_from(n).map_err(|_| corrupt(table, field));
+    let refill = match (refill_amount, refill_interval) {
         (Some(amount), Some(interval)) => Some(Refill {
             amount: count(amount, "refill_amount")?,
             interval: RefillInterval::from_name(interval)
-                .ok_or_else(|| corrupt(T, "refill_interval"))?,
+                .ok_or_else(|| corrupt(table, "refill_interval"))?,
         }),
         (None, None) => None,
-        _ => return Err(corrupt(T, "refill_amount")),
+        _ => return Err(corrupt(table, "refill_amount")),
     };
-    match m.remaining {
+    match remaining {
         Some(n) => Ok(Some(Credits { remaining: count(n, "remaining")?, refill })),
         None if refill.is_none() => Ok(None),
-        None => Err(corrupt(T, "remaining")),
+        None => Err(corrupt(table, "remaining")),
     }
 }
 
@@ -138,14 +159,7 @@ pub(crate) fn api_key_from_model(m: api_key::Model) -> Result<ApiKey> {
         (None, None) => None,
         _ => return Err(corrupt(T, "rate_limit_requests")),
     };
-    let rate_limits = match m.rate_limits {
-        None => RateLimits::new(),
-        // A JSON `null` or anything but a valid object is no value this library writes.
-        Some(v @ JsonValue::Object(_)) => {
-            serde_json::from_value(v).map_err(|_| corrupt(T, "rate_limits"))?
-        }
-        Some(_) => return Err(corrupt(T, "rate_limits")),
-    };
+    let rate_limits = limits_of(T, m.rate_limits)?;
     let JsonValue::Object(custom) = m.custom else {
         return Err(corrupt(T, "custom"));
     };

@@ -7,6 +7,22 @@ use uuid::{Timestamp, Uuid};
 
 use crate::lock::lock;
 
+/// An id every replica derives alike from `parts`, in the namespace `domain`: the first 16
+/// bytes of SHA-256(`domain`, `parts`…) as a UUID of version 8 (so never one of the v7 ids
+/// minted here).
+pub(crate) fn derived(domain: &[u8], parts: &[&[u8]]) -> Uuid {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(domain);
+    for part in parts {
+        hash.update(part);
+    }
+    let digest = hash.finalize();
+    let mut bytes = [0_u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
 /// Bits of the UUID v7 counter that orders ids minted in one millisecond.
 const COUNTER_BITS: u8 = 42;
 

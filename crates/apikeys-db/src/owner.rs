@@ -22,7 +22,7 @@ use sea_orm::{
 use uuid::Uuid;
 
 use crate::client::ApiKeyClient;
-use crate::convert::{credit_columns, limits_to_json, naive};
+use crate::convert::{credit_columns, credits_of, limits_of, limits_to_json, naive};
 use crate::credits::{Row, stamp_refill_period};
 use crate::entity::{api_key, organization, owner};
 use crate::error::{Vanished, corrupt, missing_parent, storage};
@@ -59,7 +59,7 @@ impl OwnerShare {
         let updated_at = updated_at.ok_or_else(|| corrupt("owners", "updated_at"))?;
         Ok(Some(Arc::new(Self {
             row,
-            limits: limits_from_json(limits)?,
+            limits: limits_of("owners", limits)?,
             credits: remaining.is_some(),
             updated_at: updated_at.and_utc(),
         })))
@@ -75,51 +75,17 @@ impl OwnerShare {
 /// owner`, organization id, owner id) as a UUID (version 8). Every replica derives the same
 /// one, so the plan's counters stay the same when a plan is deleted and set again.
 pub(crate) fn owner_record_id(org: OrgId, owner: &str) -> Uuid {
-    use sha2::{Digest, Sha256};
-    let mut hash = Sha256::new();
-    hash.update(b"apikeys owner\0");
-    hash.update(org.as_uuid().as_bytes());
-    hash.update(owner.as_bytes());
-    let digest = hash.finalize();
-    let mut bytes = [0_u8; 16];
-    bytes.copy_from_slice(&digest[..16]);
-    uuid::Builder::from_custom_bytes(bytes).into_uuid()
-}
-
-/// The stored `rate_limits` of a plan.
-fn limits_from_json(v: Option<serde_json::Value>) -> Result<RateLimits> {
-    match v {
-        None => Ok(RateLimits::new()),
-        Some(v @ serde_json::Value::Object(_)) => {
-            serde_json::from_value(v).map_err(|_| corrupt("owners", "rate_limits"))
-        }
-        Some(_) => Err(corrupt("owners", "rate_limits")),
-    }
+    crate::id::derived(b"apikeys owner\0", &[org.as_uuid().as_bytes(), owner.as_bytes()])
 }
 
 /// Reads an `owners` row back into the core view.
 fn owner_from_model(m: owner::Model) -> Result<Owner> {
-    const T: &str = "owners";
-    let count = |n: i64, field| u64::try_from(n).map_err(|_| corrupt(T, field));
-    let refill = match (m.refill_amount, m.refill_interval.as_deref()) {
-        (Some(amount), Some(interval)) => Some(apikeys_core::Refill {
-            amount: count(amount, "refill_amount")?,
-            interval: apikeys_core::RefillInterval::from_name(interval)
-                .ok_or_else(|| corrupt(T, "refill_interval"))?,
-        }),
-        (None, None) => None,
-        _ => return Err(corrupt(T, "refill_amount")),
-    };
-    let credits = match m.remaining {
-        Some(n) => Some(apikeys_core::Credits { remaining: count(n, "remaining")?, refill }),
-        None if refill.is_none() => None,
-        None => return Err(corrupt(T, "remaining")),
-    };
+    let credits = credits_of("owners", m.remaining, m.refill_amount, m.refill_interval.as_deref())?;
     Ok(Owner {
         id: m.id,
         org_id: OrgId::from_uuid(m.org_id),
         owner_id: m.owner_id,
-        rate_limits: limits_from_json(m.rate_limits)?,
+        rate_limits: limits_of("owners", m.rate_limits)?,
         credits,
         created_at: m.created_at.and_utc(),
         updated_at: m.updated_at.and_utc(),

@@ -534,14 +534,7 @@ fn counter_id(key: KeyId, name: Option<&str>, limit: RateLimit) -> KeyId {
 /// 7). The window is part of it so that a limit whose window changes counts afresh in rows
 /// of its own: rows are keyed by their start, and a day's window starts where an hour's may.
 pub(crate) fn named_counter(key: KeyId, name: &str, window: Window) -> KeyId {
-    use sha2::{Digest, Sha256};
-    let mut hash = Sha256::new();
-    hash.update(b"apikeys named limit\0");
-    hash.update(key.as_uuid().as_bytes());
-    hash.update(window.seconds().to_be_bytes());
-    hash.update(name.as_bytes());
-    let digest = hash.finalize();
-    let mut bytes = [0_u8; 16];
-    bytes.copy_from_slice(&digest[..16]);
-    KeyId::from_uuid(uuid::Builder::from_custom_bytes(bytes).into_uuid())
+    let (key, window) = (key.as_uuid(), window.seconds().to_be_bytes());
+    let parts: [&[u8]; 3] = [key.as_bytes(), &window, name.as_bytes()];
+    KeyId::from_uuid(crate::id::derived(b"apikeys named limit\0", &parts))
 }
