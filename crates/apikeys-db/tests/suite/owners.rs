@@ -295,12 +295,15 @@ pub async fn owner_plans_are_managed(db: TestDb) {
     let (again, created) = admin.get_or_create_owner(acme, "x", monthly).await.unwrap();
     assert!(!created);
     assert_eq!(again.credits.unwrap().remaining, 6, "left as it was");
-    // A limits change keeps the balance; set_owner sets it anew.
+    // A limits change keeps the balance (and `updated_at`, as a top-up does); set_owner
+    // sets it anew and moves `updated_at`.
     let daily = limits(&[("daily", RateLimit::per_day(9).unwrap())]);
     let changed = admin.set_owner_limits(acme, "x", daily.clone()).await.unwrap();
     assert_eq!((changed.rate_limits, changed.credits.unwrap().remaining), (daily, 6));
+    assert_eq!(changed.updated_at, first.updated_at, "neither the top-up nor the limits moved it");
     let reset = admin.set_owner(acme, "x", OwnerPlan::new()).await.unwrap();
     assert_eq!((reset.rate_limits.len(), reset.credits), (0, None));
+    assert!(reset.updated_at > first.updated_at);
     bad(admin.add_owner_credits(acme, "x", 5).await.map(|_| ()), "credits");
     bad(admin.add_owner_credits(acme, "x", 0).await.map(|_| ()), "credits");
     for i in 0..5 {
