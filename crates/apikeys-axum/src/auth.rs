@@ -1,22 +1,22 @@
-//! The guard's configuration: where keys are read from, how errors are answered, and the
-//! check itself.
+//! The guard's configuration, on top of `apikeys-tower`'s: where keys are read from, how
+//! errors are answered, and the check itself, with the connection's address read from
+//! axum's `ConnectInfo`.
 
-use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 
 use apikeys_db::{ApiKey, ApiKeyClient, Error, ValidateOptions};
 use apikeys_http::{ErrorMapper, ErrorResponse, TrustedProxies};
 use axum::extract::ConnectInfo;
 use axum::response::{IntoResponse, Response};
-use http::header::AUTHORIZATION;
 use http::request::Parts;
-use http::{HeaderMap, HeaderName};
+use http::{Extensions, HeaderName};
 
-use crate::layer::{RequireKey, RequireKeyLayer};
+use crate::layer::RequireKeyLayer;
 
 /// What guards routes: the client, where keys are read from, the default requirements and
-/// the answers to rejected requests. Cheap to clone (one `Arc`).
+/// the answers to rejected requests. Cheap to clone (one `Arc`). It is `apikeys-tower`'s
+/// [`ApiKeyAuth`](apikeys_tower::ApiKeyAuth) reading the connection's address from axum's
+/// `ConnectInfo`; [`tower`](Self::tower) hands that one out.
 ///
 /// Keys are read, in this order, from:
 /// 1. the key header, `X-API-Key` unless [`key_header`](Self::key_header) names another;
@@ -46,18 +46,11 @@ use crate::layer::{RequireKey, RequireKeyLayer};
 /// # Ok(()) }
 /// ```
 #[derive(Clone, Debug)]
-pub struct ApiKeyAuth {
-    inner: Arc<Inner>,
-}
+pub struct ApiKeyAuth(apikeys_tower::ApiKeyAuth);
 
-#[derive(Debug, Clone)]
-struct Inner {
-    client: ApiKeyClient,
-    query_param: Option<String>,
-    /// The answers, and where keys are read from (the key header, bearer tokens or not).
-    mapper: ErrorMapper,
-    defaults: ValidateOptions,
-    proxies: Option<TrustedProxies>,
+/// Where axum puts the connection's address.
+fn connect_info(extensions: &Extensions) -> Option<IpAddr> {
+    extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip())
 }
 
 impl ApiKeyAuth {
@@ -66,32 +59,25 @@ impl ApiKeyAuth {
     /// otherwise), usage tracked and the key's rate limit checked.
     #[must_use]
     pub fn new(client: ApiKeyClient) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                client,
-                query_param: None,
-                mapper: ErrorMapper::new(),
-                defaults: ValidateOptions::new(),
-                proxies: None,
-            }),
-        }
+        Self(apikeys_tower::ApiKeyAuth::new(client).peer_address(connect_info))
     }
 
-    fn edit(mut self, f: impl FnOnce(&mut Inner)) -> Self {
-        f(Arc::make_mut(&mut self.inner));
-        self
+    /// This guard as `apikeys-tower`'s, reading the address from `ConnectInfo` still.
+    #[must_use]
+    pub fn tower(&self) -> &apikeys_tower::ApiKeyAuth {
+        &self.0
     }
 
     /// Reads keys from this header instead of `X-API-Key`.
     #[must_use]
     pub fn key_header(self, name: HeaderName) -> Self {
-        self.edit(|i| i.mapper = i.mapper.clone().with_key_header(name))
+        Self(self.0.key_header(name))
     }
 
     /// Whether keys are also read from `Authorization: Bearer` (on by default).
     #[must_use]
     pub fn bearer(self, on: bool) -> Self {
-        self.edit(|i| i.mapper = i.mapper.clone().with_bearer(on))
+        Self(self.0.bearer(on))
     }
 
     /// Also reads keys from this query parameter (`?api_key=...`). Off by default: a key in
@@ -99,8 +85,7 @@ impl ApiKeyAuth {
     /// `Referer` headers. Turn it on only for clients that cannot set headers.
     #[must_use]
     pub fn query_param(self, name: impl Into<String>) -> Self {
-        let name = name.into();
-        self.edit(|i| i.query_param = Some(name))
+        Self(self.0.query_param(name))
     }
 
     /// Believes the client address that these proxies forward (see [`TrustedProxies`]) on
@@ -108,15 +93,14 @@ impl ApiKeyAuth {
     /// `X-Forwarded-For` and `Forwarded` are ignored, since any client can send them.
     #[must_use]
     pub fn trusted_proxies(self, proxies: TrustedProxies) -> Self {
-        self.edit(|i| i.proxies = Some(proxies))
+        Self(self.0.trusted_proxies(proxies))
     }
 
     /// The address the request's key is judged by (see [`ApiKeyAuth`]): `None` when the
     /// app was not served with connection info, or a trusted proxy forwarded no address.
     #[must_use]
     pub fn client_ip(&self, parts: &Parts) -> Option<IpAddr> {
-        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-        apikeys_http::client_ip(peer, &parts.headers, self.inner.proxies.as_ref())
+        self.0.client_ip(parts)
     }
 
     /// The realm named in `WWW-Authenticate` (`api` by default).
@@ -125,15 +109,14 @@ impl ApiKeyAuth {
     /// [`Error::Configuration`] unless the realm is 1 to 64 printable ASCII characters
     /// without `"` or `\`.
     pub fn realm(self, realm: impl Into<String>) -> Result<Self, Error> {
-        let mapper = self.inner.mapper.clone().with_realm(realm)?;
-        Ok(self.edit(|i| i.mapper = mapper))
+        Ok(Self(self.0.realm(realm)?))
     }
 
     /// What the [`ValidKey`](crate::ValidKey) extractor requires on routes without a guard
     /// layer or a [`Requirement`](crate::Requirement) of their own (nothing by default).
     #[must_use]
     pub fn requirements(self, options: ValidateOptions) -> Self {
-        self.edit(|i| i.defaults = options)
+        Self(self.0.requirements(options))
     }
 
     /// A layer that lets through only requests with a key that passes `options`, and hands
@@ -142,24 +125,24 @@ impl ApiKeyAuth {
     /// `.layer(..)`.
     #[must_use]
     pub fn require(&self, options: ValidateOptions) -> RequireKeyLayer {
-        RequireKeyLayer::new(RequireKey::new(self.clone(), options))
+        self.0.require(options)
     }
 
     /// The client keys are validated with.
     #[must_use]
     pub fn client(&self) -> &ApiKeyClient {
-        &self.inner.client
+        self.0.client()
     }
 
     /// The error answers (with this guard's realm and key locations), for handlers that
     /// want to answer an [`Error`] the same way.
     #[must_use]
     pub fn errors(&self) -> &ErrorMapper {
-        &self.inner.mapper
+        self.0.errors()
     }
 
     pub(crate) fn defaults(&self) -> &ValidateOptions {
-        &self.inner.defaults
+        self.0.defaults()
     }
 
     /// Validates the key the request carries against `options`.
@@ -171,10 +154,7 @@ impl ApiKeyAuth {
         parts: &mut Parts,
         options: &ValidateOptions,
     ) -> Result<ApiKey, Rejection> {
-        match self.find_key(parts)? {
-            Some(key) => self.validate(&key, self.client_ip(parts), options).await,
-            None => Err(self.missing()),
-        }
+        Ok(self.0.check(parts, options).await?)
     }
 
     pub(crate) async fn validate(
@@ -183,17 +163,12 @@ impl ApiKeyAuth {
         client_ip: Option<IpAddr>,
         options: &ValidateOptions,
     ) -> Result<ApiKey, Rejection> {
-        let check = self.inner.client.validate_key_from(key, client_ip, options);
-        check.await.map_err(|e| self.reject(e))
+        Ok(self.0.validate(key, client_ip, options).await?)
     }
 
     /// The rejection of a request that carries no key.
     pub(crate) fn missing(&self) -> Rejection {
-        Rejection::new(self.inner.mapper.missing_key(), None)
-    }
-
-    pub(crate) fn reject(&self, error: Error) -> Rejection {
-        Rejection::new(self.inner.mapper.response(&error), Some(error))
+        self.0.missing().into()
     }
 
     /// The key the request carries, if any (see the order on [`ApiKeyAuth`]), after marking
@@ -203,49 +178,14 @@ impl ApiKeyAuth {
     /// A 401 [`Rejection`] when the key header is sent more than once, or its value is not
     /// visible ASCII (no key of ours is).
     pub fn find_key(&self, parts: &mut Parts) -> Result<Option<String>, Rejection> {
-        let inner = &*self.inner;
-        let key_header = inner.mapper.key_header();
-        mark_sensitive(&mut parts.headers, key_header);
-        let mut sent = parts.headers.get_all(key_header).iter();
-        if let Some(value) = sent.next() {
-            if sent.next().is_some() {
-                return Err(self.reject(Error::InvalidKey));
-            }
-            return match value.to_str() {
-                Ok(key) => Ok(Some(key.trim().to_owned())),
-                Err(_) => Err(self.reject(Error::InvalidKey)),
-            };
-        }
-        if inner.mapper.accepts_bearer()
-            && let Some(token) =
-                parts.headers.get(AUTHORIZATION).and_then(|v| bearer_token(v.as_bytes()))
-        {
-            return Ok(Some(token.to_owned()));
-        }
-        if let (Some(name), Some(query)) = (&inner.query_param, parts.uri.query()) {
-            let found =
-                url::form_urlencoded::parse(query.as_bytes()).find(|(n, _)| n == name.as_str());
-            return Ok(found.map(|(_, value)| Cow::into_owned(value)));
-        }
-        Ok(None)
+        Ok(self.0.find_key(parts)?)
     }
 }
 
-/// The token of an `Authorization: Bearer <token>` value (the scheme matched without
-/// regard to case, as RFC 9110 says); `None` for any other scheme.
-fn bearer_token(value: &[u8]) -> Option<&str> {
-    let value = std::str::from_utf8(value).ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
-}
-
-fn mark_sensitive(headers: &mut HeaderMap, key_header: &HeaderName) {
-    for name in [key_header, &AUTHORIZATION] {
-        if let http::header::Entry::Occupied(mut entry) = headers.entry(name) {
-            for value in entry.iter_mut() {
-                value.set_sensitive(true);
-            }
-        }
+impl From<apikeys_tower::ApiKeyAuth> for ApiKeyAuth {
+    /// The tower guard as is: it keeps its own way of finding the connection's address.
+    fn from(auth: apikeys_tower::ApiKeyAuth) -> Self {
+        Self(auth)
     }
 }
 
@@ -255,62 +195,41 @@ fn mark_sensitive(headers: &mut HeaderMap, key_header: &HeaderName) {
 /// As a response it logs server-side failures (5xx) at `ERROR` with their source chain,
 /// and other rejections at `DEBUG`; neither log holds the key.
 #[derive(Debug)]
-pub struct Rejection(Box<(ErrorResponse, Option<Error>)>);
+pub struct Rejection(apikeys_tower::Rejection);
 
 impl Rejection {
     pub(crate) fn new(answer: ErrorResponse, error: Option<Error>) -> Self {
-        Self(Box::new((answer, error)))
+        Self(apikeys_tower::Rejection::new(answer, error))
     }
 
     /// The error behind the rejection; `None` when the request carried no key.
     #[must_use]
     pub fn error(&self) -> Option<&Error> {
-        self.0.1.as_ref()
+        self.0.error()
     }
 
     /// The HTTP answer: status, headers and problem body.
     #[must_use]
     pub fn answer(&self) -> &ErrorResponse {
-        &self.0.0
+        self.0.answer()
+    }
+}
+
+impl From<apikeys_tower::Rejection> for Rejection {
+    fn from(rejection: apikeys_tower::Rejection) -> Self {
+        Self(rejection)
     }
 }
 
 impl IntoResponse for Rejection {
     fn into_response(self) -> Response {
-        let (answer, error) = *self.0;
-        let status = answer.status;
-        match &error {
-            Some(error) if status.is_server_error() => {
-                tracing::error!(error = error as &dyn std::error::Error, %status, "api key check failed");
-            }
-            _ => tracing::debug!(code = ?answer.problem.code, %status, "api key rejected"),
-        }
-        problem_response(answer)
+        self.0.log();
+        self.0.into_response()
     }
 }
 
 /// An [`ErrorResponse`] as an axum response.
 #[must_use]
 pub fn problem_response(answer: ErrorResponse) -> Response {
-    let body = answer.body();
-    let mut response = Response::new(axum::body::Body::from(body));
-    *response.status_mut() = answer.status;
-    *response.headers_mut() = answer.headers;
-    response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::bearer_token;
-
-    #[test]
-    fn bearer_tokens_are_read_from_any_case_of_the_scheme_only() {
-        assert_eq!(bearer_token(b"Bearer abc"), Some("abc"));
-        assert_eq!(bearer_token(b"bearer  abc "), Some("abc"));
-        assert_eq!(bearer_token(b"BEARER abc"), Some("abc"));
-        assert_eq!(bearer_token(b"Basic abc"), None);
-        assert_eq!(bearer_token(b"Bearer"), None);
-        assert_eq!(bearer_token(b"Bearer "), None);
-        assert_eq!(bearer_token(b"Bearer \xff"), None);
-    }
+    apikeys_tower::problem_response(answer)
 }

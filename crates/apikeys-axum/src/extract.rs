@@ -7,6 +7,7 @@ use std::ops::Deref;
 use std::sync::Arc;
 
 use apikeys_db::{ApiKey, ValidateOptions};
+use apikeys_tower::ValidatedKey;
 use axum::extract::{FromRequestParts, OptionalFromRequestParts};
 use http::request::Parts;
 
@@ -97,10 +98,6 @@ pub struct ValidKey<R = Defaults> {
 }
 
 impl<R> ValidKey<R> {
-    pub(crate) fn validated(key: ApiKey) -> Self {
-        Self { key: Arc::new(key), by: None, _requirement: PhantomData }
-    }
-
     /// The stored key (a copy only if the request still holds it elsewhere).
     #[must_use]
     pub fn into_inner(self) -> ApiKey {
@@ -156,9 +153,13 @@ where
     }
 }
 
-/// The guard of the request: put in its extensions by a guard layer or `Extension(auth)`.
+/// The guard of the request: put in its extensions by `Extension(auth)` or a guard layer
+/// (which puts the tower guard it wraps there).
 fn auth_of(parts: &Parts) -> Result<ApiKeyAuth, Rejection> {
-    parts.extensions.get::<ApiKeyAuth>().cloned().ok_or_else(|| {
+    let found = parts.extensions.get::<ApiKeyAuth>().cloned().or_else(|| {
+        parts.extensions.get::<apikeys_tower::ApiKeyAuth>().cloned().map(ApiKeyAuth::from)
+    });
+    found.ok_or_else(|| {
         let error = apikeys_db::Error::configuration(
             "ValidKey needs an ApiKeyAuth in the request extensions: guard the route with \
              ApiKeyAuth::require, or add .layer(axum::Extension(auth))",
@@ -177,10 +178,14 @@ async fn extract<S, R: Requirement<S>>(
     state: &S,
 ) -> Result<Option<ValidKey<R>>, Rejection> {
     let requirement = TypeId::of::<R>();
-    let counted = match parts.extensions.get::<ValidKey>() {
-        Some(done) if satisfies(done.by, requirement) => {
-            let key = done.key.clone();
-            return Ok(Some(ValidKey { key, by: done.by, _requirement: PhantomData }));
+    // An earlier extractor's validation, else a guard layer's.
+    let earlier =
+        parts.extensions.get::<ValidKey>().map(|v| (v.key.clone(), v.by)).or_else(|| {
+            parts.extensions.get::<ValidatedKey>().map(|v| (Arc::clone(v.shared()), None))
+        });
+    let counted = match earlier {
+        Some((key, by)) if satisfies(by, requirement) => {
+            return Ok(Some(ValidKey { key, by, _requirement: PhantomData }));
         }
         earlier => earlier.is_some(),
     };

@@ -4,9 +4,9 @@
 //! - [`ApiKeyAuth`]: where keys are read from (`X-API-Key`, `Authorization: Bearer`, and
 //!   optionally a query parameter), the client that validates them, and the answers to
 //!   rejected requests.
-//! - [`ApiKeyAuth::require`]: a tower layer ([`RequireKeyLayer`], tower-http's
-//!   `AsyncRequireAuthorization` shape) that guards a route or a whole router and puts the
-//!   validated key in the request's extensions.
+//! - [`ApiKeyAuth::require`]: a tower layer ([`RequireKeyLayer`], the one of
+//!   [`apikeys_tower`], which also guards hyper and tonic services) that guards a route or
+//!   a whole router and puts the validated key in the request's extensions.
 //! - [`ValidKey`]: the validated key as a handler argument (`FromRequestParts`), with
 //!   per-route [`Requirement`]s, and `Option<ValidKey>` where a key is optional.
 //! - [`ManagementApi`]: keys, organizations, projects and products over HTTP, with an
@@ -54,6 +54,8 @@ pub use manage::{
 
 /// The error mapping for any framework: status, headers and RFC 9457 problem bodies.
 pub use apikeys_http;
+/// The guard as a plain tower layer, which this crate's is.
+pub use apikeys_tower;
 
 /// This crate's README, whose examples run as doctests.
 #[cfg(doctest)]

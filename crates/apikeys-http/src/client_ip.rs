@@ -75,17 +75,37 @@ impl TrustedProxies {
     /// unknown, and so is the client's) carrying `headers`.
     #[must_use]
     pub fn client_ip(&self, peer: Option<IpAddr>, headers: &HeaderMap) -> Option<IpAddr> {
+        let values = headers.get_all(self.header_name()).into_iter().map(|v| v.as_bytes());
+        self.client_ip_from(peer, values)
+    }
+
+    /// The header the proxies forward the client's address in: `x-forwarded-for` or
+    /// `forwarded` (lowercase, as HTTP/2 sends it).
+    #[must_use]
+    pub fn header_name(&self) -> HeaderName {
+        match self.header {
+            ForwardedHeader::XForwardedFor => HeaderName::from_static("x-forwarded-for"),
+            ForwardedHeader::Forwarded => FORWARDED,
+        }
+    }
+
+    /// [`client_ip`](Self::client_ip) for a framework without `http` types: `values` are
+    /// the raw values of the [`header_name`](Self::header_name) header, in the order sent.
+    #[must_use]
+    pub fn client_ip_from<'a>(
+        &self,
+        peer: Option<IpAddr>,
+        values: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Option<IpAddr> {
         let peer = peer?.to_canonical();
         if !self.networks.allows(peer) {
             return Some(peer);
         }
-        let name = match self.header {
-            ForwardedHeader::XForwardedFor => HeaderName::from_static("x-forwarded-for"),
-            ForwardedHeader::Forwarded => FORWARDED,
-        };
         let mut entries = Vec::new();
-        for value in headers.get_all(&name) {
-            let value = value.to_str().ok()?;
+        for value in values {
+            // Visible ASCII only, as `HeaderValue::to_str` reads it.
+            let visible = value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
+            let value = std::str::from_utf8(value).ok().filter(|_| visible)?;
             for entry in value.split(',') {
                 let entry = entry.trim();
                 let address = match self.header {

@@ -336,6 +336,59 @@ impl ErrorMapper {
         self.bearer
     }
 
+    /// The key a request presents, read from raw values so that any framework can use it
+    /// (the guards of `apikeys-tower`, `apikeys-axum` and `apikeys-actix` do), in this order:
+    /// 1. the [key header](Self::key_header), whose values are `key_header_values`;
+    /// 2. `Authorization: Bearer <key>` (`authorization`), if [bearer tokens are
+    ///    accepted](Self::accepts_bearer);
+    /// 3. the query parameter `query.0` of the query string `query.1`, if given.
+    ///
+    /// The first present is the key (surrounding whitespace trimmed); `None` if none is.
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`] when the key header is sent more than once, or its value is not
+    /// visible ASCII (no key of ours is).
+    ///
+    /// ```
+    /// use apikeys_http::ErrorMapper;
+    ///
+    /// let mapper = ErrorMapper::new();
+    /// let key = mapper.presented_key([], Some(b"Bearer sk_abc".as_slice()), None)?;
+    /// assert_eq!(key.as_deref(), Some("sk_abc"));
+    /// let key = mapper.presented_key([], None, Some(("api_key", "a=1&api_key=sk_x%2By")))?;
+    /// assert_eq!(key.as_deref(), Some("sk_x+y"));
+    /// assert!(mapper.presented_key([b"a".as_slice(), b"b"], None, None).is_err());
+    /// # Ok::<(), apikeys_core::Error>(())
+    /// ```
+    pub fn presented_key<'a>(
+        &self,
+        key_header_values: impl IntoIterator<Item = &'a [u8]>,
+        authorization: Option<&'a [u8]>,
+        query: Option<(&str, &'a str)>,
+    ) -> Result<Option<Cow<'a, str>>, Error> {
+        let mut sent = key_header_values.into_iter();
+        if let Some(value) = sent.next() {
+            if sent.next().is_some() {
+                return Err(Error::InvalidKey);
+            }
+            let visible = value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
+            return match std::str::from_utf8(value) {
+                Ok(key) if visible => Ok(Some(Cow::Borrowed(key.trim()))),
+                _ => Err(Error::InvalidKey),
+            };
+        }
+        if self.bearer
+            && let Some(token) = authorization.and_then(bearer_token)
+        {
+            return Ok(Some(Cow::Borrowed(token)));
+        }
+        if let Some((name, query)) = query {
+            let found = url::form_urlencoded::parse(query.as_bytes()).find(|(n, _)| n == name);
+            return Ok(found.map(|(_, value)| Cow::Owned(value.into_owned())));
+        }
+        Ok(None)
+    }
+
     /// The answer to a request that carried no key: 401 with the challenge.
     #[must_use]
     pub fn missing_key(&self) -> ErrorResponse {
@@ -498,6 +551,14 @@ pub fn error_response(error: &Error) -> ErrorResponse {
     ErrorMapper::new().response(error)
 }
 
+/// The token of an `Authorization: Bearer <token>` value (the scheme matched without
+/// regard to case, as RFC 9110 says); `None` for any other scheme.
+fn bearer_token(value: &[u8]) -> Option<&str> {
+    let value = std::str::from_utf8(value).ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+}
+
 /// Appends a header built from our own text; a value that is not a valid header value
 /// (which none of ours is) is left out rather than panicking.
 fn append(headers: &mut HeaderMap, name: HeaderName, value: String) {
@@ -514,6 +575,39 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
+
+    #[test]
+    fn bearer_tokens_are_read_from_any_case_of_the_scheme_only() {
+        assert_eq!(bearer_token(b"Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token(b"bearer  abc "), Some("abc"));
+        assert_eq!(bearer_token(b"BEARER abc"), Some("abc"));
+        assert_eq!(bearer_token(b"Basic abc"), None);
+        assert_eq!(bearer_token(b"Bearer"), None);
+        assert_eq!(bearer_token(b"Bearer "), None);
+        assert_eq!(bearer_token(b"Bearer \xff"), None);
+    }
+
+    #[test]
+    fn a_key_is_read_from_the_first_place_it_is_in_and_a_bad_header_is_invalid() {
+        let mapper = ErrorMapper::new();
+        let header = Some(b"Bearer from-bearer".as_slice());
+        let query = Some(("k", "k=from-query"));
+        let key = mapper.presented_key([b" from-header ".as_slice()], header, query).unwrap();
+        assert_eq!(key.as_deref(), Some("from-header"));
+        assert_eq!(
+            mapper.presented_key([], header, query).unwrap().as_deref(),
+            Some("from-bearer")
+        );
+        assert_eq!(mapper.presented_key([], None, query).unwrap().as_deref(), Some("from-query"));
+        assert_eq!(mapper.presented_key([], None, Some(("k", "j=1"))).unwrap(), None);
+        assert_eq!(mapper.presented_key([], None, None).unwrap(), None);
+        let no_bearer = ErrorMapper::new().with_bearer(false);
+        assert_eq!(no_bearer.presented_key([], header, None).unwrap(), None);
+        for bad in [&[b"a".as_slice(), b"b"][..], &[b"k\xffey"], &[b"k\x7fey"]] {
+            let read = mapper.presented_key(bad.iter().copied(), header, None);
+            assert!(matches!(read, Err(Error::InvalidKey)), "{bad:?}");
+        }
+    }
 
     fn json(answer: &ErrorResponse) -> Value {
         serde_json::from_slice(&answer.body()).unwrap()
