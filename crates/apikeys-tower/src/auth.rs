@@ -137,6 +137,20 @@ impl ApiKeyAuth {
         self.edit(|i| i.peer = find)
     }
 
+    /// The query parameter keys are also read from, if [`query_param`](Self::query_param)
+    /// named one.
+    #[must_use]
+    pub fn query_param_name(&self) -> Option<&str> {
+        self.inner.query_param.as_deref()
+    }
+
+    /// The proxies whose forwarded address is believed, if
+    /// [`trusted_proxies`](Self::trusted_proxies) named any.
+    #[must_use]
+    pub fn proxies(&self) -> Option<&TrustedProxies> {
+        self.inner.proxies.as_ref()
+    }
+
     /// The address the request's key is judged by (see [`ApiKeyAuth`]): `None` when the
     /// server put no connection address where [`peer_address`](Self::peer_address) looks,
     /// or a trusted proxy forwarded no address.
