@@ -20,6 +20,7 @@ use tonic::transport::server::TcpConnectInfo;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+// ANCHOR: grpc
 /// The gRPC status of a rejected call, from the guard's HTTP answer. Its message is the
 /// problem's `detail`, which never holds the key.
 pub fn grpc_status(rejection: &Rejection) -> Status {
@@ -46,6 +47,7 @@ pub fn grpc_status(rejection: &Rejection) -> Status {
 pub fn grpc_answer(rejection: Rejection) -> http::Response<tonic::body::Body> {
     grpc_status(&rejection).into_http()
 }
+// ANCHOR_END: grpc
 
 /// Serves the health service on `listener`, every call guarded by `auth` and needing the
 /// scope `health:check`.
