@@ -1,9 +1,12 @@
 //! A gRPC server (tonic, with its standard health service) guarded by API keys: calls
 //! carry the key in the `x-api-key` metadata (or `authorization: Bearer`), and rejected
 //! calls get gRPC statuses: UNAUTHENTICATED (no, invalid, expired, revoked or disabled
-//! key), PERMISSION_DENIED (scope, product, IP allowlist), RESOURCE_EXHAUSTED with a
-//! `google.rpc.RetryInfo` detail (rate limit, credits), UNAVAILABLE with one (database
-//! unreachable), INTERNAL otherwise.
+//! key), PERMISSION_DENIED (scope, product, IP allowlist), RESOURCE_EXHAUSTED (rate limit,
+//! credits) with a `google.rpc.RetryInfo` detail when the wait is known, UNAVAILABLE with
+//! one (database unreachable), INTERNAL otherwise.
+//!
+//! A call is checked when it starts: a stream opened with a key stays open after the key
+//! is revoked.
 //!
 //! `cargo run --example tonic_server` serves on 127.0.0.1:50051 (`BIND` to change) with a
 //! SQLite file in the working directory (`DATABASE_URL` for another database). Keys need
@@ -59,6 +62,7 @@ pub async fn serve(
     listener: TcpListener,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     // tonic puts the connection's address in a TcpConnectInfo: IP allowlists judge it.
+    // (Served with TLS, tonic puts a TlsConnectInfo<TcpConnectInfo> there instead.)
     let auth = auth.peer_address(|extensions| {
         extensions.get::<TcpConnectInfo>().and_then(|info| info.remote_addr).map(|a| a.ip())
     });

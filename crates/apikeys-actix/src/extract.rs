@@ -3,13 +3,16 @@
 use std::fmt;
 use std::future::{Ready, ready};
 use std::ops::Deref;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use actix_web::dev::Payload;
 use actix_web::{FromRequest, HttpMessage, HttpRequest, web};
 use apikeys_db::ApiKey;
+use apikeys_http::ErrorResponse;
 use apikeys_tower::ApiKeyAuth;
 use futures_util::future::{Either, LocalBoxFuture};
+use tokio::sync::OnceCell;
 
 use crate::{Rejection, check};
 
@@ -19,7 +22,8 @@ use crate::{Rejection, check};
 /// Behind a [`RequireKey`](crate::RequireKey) middleware it is the key the middleware
 /// validated (no second check). Elsewhere it validates the request's key against the
 /// guard's defaults ([`ApiKeyAuth::requirements`]), once per request however many extract
-/// it; the guard is found in the app data (`.app_data(auth)` or `web::Data<ApiKeyAuth>`).
+/// it (the request is counted once); the guard is found in the app data (`.app_data(auth)`
+/// or `web::Data<ApiKeyAuth>`).
 /// Without one, the request is answered 500 and the mistake logged at `ERROR`.
 #[derive(Clone)]
 pub struct ValidKey(Arc<ApiKey>);
@@ -59,10 +63,11 @@ impl FromRequest for ValidKey {
         if let Some(key) = request.extensions().get::<ValidKey>() {
             return Either::Left(ready(Ok(key.clone())));
         }
+        let shared = Shared::of(request);
         let request = request.clone();
         Either::Right(Box::pin(async move {
             let auth = auth_of(&request)?;
-            match extract(&auth, &request).await? {
+            match shared.extract(&auth, &request).await? {
                 Some(key) => Ok(key),
                 None => Err(auth.missing().into()),
             }
@@ -80,13 +85,14 @@ impl FromRequest for MaybeKey {
     type Future = LocalBoxFuture<'static, Result<Self, Rejection>>;
 
     fn from_request(request: &HttpRequest, _: &mut Payload) -> Self::Future {
+        if let Some(key) = request.extensions().get::<ValidKey>() {
+            return Box::pin(ready(Ok(Self(Some(key.clone())))));
+        }
+        let shared = Shared::of(request);
         let request = request.clone();
         Box::pin(async move {
-            if let Some(key) = request.extensions().get::<ValidKey>() {
-                return Ok(Self(Some(key.clone())));
-            }
             let auth = auth_of(&request)?;
-            Ok(Self(extract(&auth, &request).await?))
+            Ok(Self(shared.extract(&auth, &request).await?))
         })
     }
 }
@@ -108,11 +114,60 @@ fn auth_of(request: &HttpRequest) -> Result<ApiKeyAuth, Rejection> {
     })
 }
 
-/// The request's key validated against the guard's defaults, kept in the extensions so that
-/// later extractors of the same request reuse it; `None` if the request carries no key.
-async fn extract(auth: &ApiKeyAuth, request: &HttpRequest) -> Result<Option<ValidKey>, Rejection> {
-    let Some(key) = check(auth, request, auth.defaults()).await? else { return Ok(None) };
-    let key = ValidKey::new(key);
-    request.extensions_mut().insert(key.clone());
-    Ok(Some(key))
+/// The one validation of a request's key against the guard's defaults, shared by every
+/// extractor of the request. actix creates all of a handler's extractors before it polls
+/// any, so the first to run validates and the others wait for its outcome: the request is
+/// counted once (one use, one rate-limit request, one charge of credits).
+#[derive(Clone)]
+struct Shared(Rc<OnceCell<Result<Option<ValidKey>, ErrorResponse>>>);
+
+impl Shared {
+    /// The request's validation, put in its extensions by the first extractor.
+    fn of(request: &HttpRequest) -> Self {
+        let mut extensions = request.extensions_mut();
+        match extensions.get::<Shared>() {
+            Some(shared) => shared.clone(),
+            None => {
+                let shared = Self(Rc::new(OnceCell::new()));
+                extensions.insert(shared.clone());
+                shared
+            }
+        }
+    }
+
+    /// The request's key validated against the guard's defaults; `None` if the request
+    /// carries no key. The extractor that ran the check gets its rejection whole (with the
+    /// error, which it logs); the others get the same answer.
+    async fn extract(
+        &self,
+        auth: &ApiKeyAuth,
+        request: &HttpRequest,
+    ) -> Result<Option<ValidKey>, Rejection> {
+        let mut mine = None;
+        let outcome = self
+            .0
+            .get_or_init(|| async {
+                match check(auth, request, auth.defaults()).await {
+                    Ok(key) => Ok(key.map(ValidKey::new)),
+                    Err(rejection) => {
+                        let answer = rejection.answer().clone();
+                        mine = Some(rejection);
+                        Err(answer)
+                    }
+                }
+            })
+            .await;
+        if let Some(rejection) = mine {
+            return Err(rejection);
+        }
+        match outcome {
+            Ok(key) => {
+                if let Some(key) = key {
+                    request.extensions_mut().insert(key.clone());
+                }
+                Ok(key.clone())
+            }
+            Err(answer) => Err(Rejection(apikeys_tower::Rejection::new(answer.clone(), None))),
+        }
+    }
 }

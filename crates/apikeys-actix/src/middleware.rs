@@ -11,6 +11,8 @@ use apikeys_db::ValidateOptions;
 use apikeys_tower::ApiKeyAuth;
 use futures_util::future::LocalBoxFuture;
 
+use actix_web::http::header::{AUTHORIZATION, HeaderName};
+
 use crate::extract::ValidKey;
 use crate::{ResponseError as _, check};
 
@@ -19,6 +21,13 @@ use crate::{ResponseError as _, check};
 /// [`ValidKey`] extractor finds it there, and the [`ApiKeyAuth`] beside it); one that does
 /// not is answered with the rejection's problem (401, 403, 429, 503 or 500) and never
 /// reaches the handler.
+///
+/// Before the check, the key header's and `Authorization`'s values are marked sensitive, so
+/// that the `Debug` output of the request in handlers leaves them out.
+///
+/// Nested, say an app-wide guard and a stricter one on a resource, the inner guard checks
+/// its own options against the key the outer one validated without counting the request
+/// again (no second use, rate-limit request or credit).
 #[derive(Clone, Debug)]
 pub struct RequireKey {
     auth: ApiKeyAuth,
@@ -70,7 +79,17 @@ where
     fn call(&self, request: ServiceRequest) -> Self::Future {
         let service = Rc::clone(&self.service);
         let RequireKey { auth, options } = self.guard.clone();
+        let mut request = request;
+        mark_sensitive(&auth, &mut request);
         Box::pin(async move {
+            // Counted once already by an outer guard: check, but do not count again.
+            let counted = request.extensions().contains::<ValidKey>();
+            let options = if counted {
+                let o = ValidateOptions::clone(&options);
+                Arc::new(o.track_usage(false).check_rate_limit(false).credit_cost(0))
+            } else {
+                options
+            };
             let checked = match check(&auth, request.request(), &options).await {
                 Ok(Some(key)) => Ok(key),
                 Ok(None) => Err(crate::Rejection::from(auth.missing())),
@@ -88,5 +107,22 @@ where
                 }
             }
         })
+    }
+}
+
+/// Marks the values of the key header and of `Authorization` sensitive.
+fn mark_sensitive(auth: &ApiKeyAuth, request: &mut ServiceRequest) {
+    let key_header = HeaderName::from_bytes(auth.errors().key_header().as_str().as_bytes());
+    let headers = request.headers_mut();
+    for name in key_header.into_iter().chain([AUTHORIZATION]) {
+        let values: Vec<_> = headers.get_all(&name).cloned().collect();
+        if values.is_empty() {
+            continue;
+        }
+        headers.remove(&name);
+        for mut value in values {
+            value.set_sensitive(true);
+            headers.append(name.clone(), value);
+        }
     }
 }

@@ -5,7 +5,7 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::missing_panics_doc)]
 
-use actix_web::{App, HttpResponse, HttpServer, web};
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use apikeys_actix::{ApiKeyAuth, MaybeKey, RequireKey, ValidKey};
 use apikeys_db::core::find_keys;
 use apikeys_db::{ApiKeyClient, IpAllowlist, NewKey, OrgId, RateLimit, ValidateOptions};
@@ -14,6 +14,9 @@ use serde_json::{Value, json};
 
 apikeys_testing::backend_tests!([
     the_answers_equal_the_axum_guards,
+    the_key_headers_reach_handlers_marked_sensitive,
+    two_extractors_of_one_request_count_it_once,
+    nested_guards_count_a_request_once,
     keys_reach_handlers_through_the_middleware_and_the_extractors,
     ip_allowlists_judge_the_peer_and_not_what_the_client_claims,
 ]);
@@ -23,7 +26,9 @@ fn whoami(key: &ValidKey) -> HttpResponse {
 }
 
 /// `/read` behind the middleware requiring `widgets:read`, `/plain` with the extractor and
-/// no middleware, `/maybe` with an optional key.
+/// no middleware, `/maybe` with an optional key, `/debug` showing the request's `Debug`
+/// behind the middleware, `/twice` with two extractors and no middleware, and
+/// `/nested/read` behind an app-wide guard and a stricter one.
 fn serve_actix(client: ApiKeyClient) -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -36,10 +41,31 @@ fn serve_actix(client: ApiKeyClient) -> String {
                     .app_data(auth.clone())
                     .service(
                         web::resource("/read")
-                            .wrap(RequireKey::new(auth.clone(), read))
+                            .wrap(RequireKey::new(auth.clone(), read.clone()))
                             .to(|key: ValidKey| async move { whoami(&key) }),
                     )
                     .route("/plain", web::get().to(|key: ValidKey| async move { whoami(&key) }))
+                    .service(
+                        web::resource("/debug")
+                            .wrap(RequireKey::new(auth.clone(), ValidateOptions::new()))
+                            .to(|request: HttpRequest| async move { format!("{request:?}") }),
+                    )
+                    .route(
+                        "/twice",
+                        web::get().to(|a: ValidKey, b: ValidKey| async move {
+                            assert_eq!(a.id, b.id);
+                            whoami(&a)
+                        }),
+                    )
+                    .service(
+                        web::scope("/nested")
+                            .wrap(RequireKey::new(auth.clone(), ValidateOptions::new()))
+                            .service(
+                                web::resource("/read")
+                                    .wrap(RequireKey::new(auth.clone(), read))
+                                    .to(|key: ValidKey| async move { whoami(&key) }),
+                            ),
+                    )
                     .route(
                         "/maybe",
                         web::get().to(|MaybeKey(key): MaybeKey| async move {
@@ -218,4 +244,50 @@ pub async fn ip_allowlists_judge_the_peer_and_not_what_the_client_claims(db: Tes
     let answer = get(&url, &claimed).await;
     assert_eq!(answer.status, 403, "{answer:?}");
     assert_eq!(answer.body["code"], "ip_not_allowed");
+}
+
+/// Behind the middleware, the request's `Debug` in a handler leaves the key out.
+pub async fn the_key_headers_reach_handlers_marked_sensitive(db: TestDb) {
+    let (client, org) = setup(&db).await;
+    let plain = key(&client, org, reader()).await;
+    let actix = serve_actix(client);
+    let bearer = format!("Bearer {plain}");
+    for header in [("x-api-key", plain.as_str()), ("authorization", bearer.as_str())] {
+        let answer = get(&format!("{actix}/debug"), &[header]).await;
+        assert_eq!(answer.status, 200, "{answer:?}");
+        let shown = answer.body.as_str().unwrap();
+        assert!(!shown.contains(&plain), "{shown}");
+    }
+    // actix redacts Authorization itself; the key header is left out because it is marked.
+    let answer = get(&format!("{actix}/debug"), &[("x-api-key", &plain)]).await;
+    assert!(answer.body.as_str().unwrap().contains("\"x-api-key\": Sensitive"), "{answer:?}");
+}
+
+/// actix creates a handler's extractors before polling any: two `ValidKey`s share one
+/// validation, and a key allowed one request a minute gets its one request.
+pub async fn two_extractors_of_one_request_count_it_once(db: TestDb) {
+    let (client, org) = setup(&db).await;
+    let once = key(&client, org, reader().with_rate_limit(RateLimit::per_minute(1).unwrap())).await;
+    let actix = serve_actix(client);
+    let first = get(&format!("{actix}/twice"), &[("x-api-key", &once)]).await;
+    assert_eq!(first.status, 200, "{first:?}");
+    let second = get(&format!("{actix}/twice"), &[("x-api-key", &once)]).await;
+    assert_eq!(second.status, 429, "{second:?}");
+    // A rejection reaches both extractors: one answer, the same as with one extractor.
+    let answer = get(&format!("{actix}/twice"), &[]).await;
+    assert_eq!((answer.status, answer.body["code"].as_str()), (401, Some("missing_key")));
+}
+
+/// An app-wide guard and a stricter one on a resource: the inner one checks its scope
+/// without counting the request again.
+pub async fn nested_guards_count_a_request_once(db: TestDb) {
+    let (client, org) = setup(&db).await;
+    let once = key(&client, org, reader().with_rate_limit(RateLimit::per_minute(1).unwrap())).await;
+    let writer = key(&client, org, NewKey::new("writer").with_scopes(["widgets:write"])).await;
+    let actix = serve_actix(client);
+    let url = format!("{actix}/nested/read");
+    assert_eq!(get(&url, &[("x-api-key", &once)]).await.status, 200);
+    assert_eq!(get(&url, &[("x-api-key", &once)]).await.status, 429);
+    let answer = get(&url, &[("x-api-key", &writer)]).await;
+    assert_eq!((answer.status, answer.body["code"].as_str()), (403, Some("insufficient_scope")));
 }

@@ -3,6 +3,7 @@
 //! axum's `ConnectInfo`.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use apikeys_db::{ApiKey, ApiKeyClient, Error, ValidateOptions};
 use apikeys_http::{ErrorMapper, ErrorResponse, TrustedProxies};
@@ -11,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use http::request::Parts;
 use http::{Extensions, HeaderName};
 
+use crate::extract::{Defaults, ValidKey};
 use crate::layer::RequireKeyLayer;
 
 /// What guards routes: the client, where keys are read from, the default requirements and
@@ -25,8 +27,8 @@ use crate::layer::RequireKeyLayer;
 ///    by default, and best left off: URLs end up in access logs, proxy logs, browser
 ///    history and `Referer` headers, where a key in them leaks.
 ///
-/// The first of those present is the one validated; a header sent twice is rejected as an
-/// invalid key. Before the check, the key header's and `Authorization`'s values are
+/// The first of those present is the one validated; the key header sent twice is rejected
+/// as an invalid key. Before the check, the key header's and `Authorization`'s values are
 /// marked sensitive, so that the `Debug` output of handlers and of layers inside the guard
 /// leaves them out. A trace layer outside the guard sees the request before that: if it logs
 /// headers, put tower-http's `SetSensitiveRequestHeadersLayer` outermost.
@@ -125,7 +127,7 @@ impl ApiKeyAuth {
     /// `.layer(..)`.
     #[must_use]
     pub fn require(&self, options: ValidateOptions) -> RequireKeyLayer {
-        self.0.require(options)
+        self.0.require(options).on_pass(insert_for_axum)
     }
 
     /// The client keys are validated with.
@@ -180,6 +182,19 @@ impl ApiKeyAuth {
     pub fn find_key(&self, parts: &mut Parts) -> Result<Option<String>, Rejection> {
         Ok(self.0.find_key(parts)?)
     }
+}
+
+/// What the axum guard layer puts in a passing request's extensions, beside the tower
+/// layer's own: the key as [`ValidKey`] and this guard, so that extractors and middleware
+/// after the layer find them under the axum types (and the layer's guard replaces one an
+/// outer `Extension` put there).
+fn insert_for_axum(
+    auth: &apikeys_tower::ApiKeyAuth,
+    key: &Arc<ApiKey>,
+    extensions: &mut Extensions,
+) {
+    extensions.insert(ValidKey::<Defaults>::from_layer(Arc::clone(key)));
+    extensions.insert(ApiKeyAuth(auth.clone()));
 }
 
 impl From<apikeys_tower::ApiKeyAuth> for ApiKeyAuth {

@@ -98,6 +98,11 @@ pub struct ValidKey<R = Defaults> {
 }
 
 impl<R> ValidKey<R> {
+    /// The key a guard layer validated (which stands for [`Defaults`] on its routes).
+    pub(crate) fn from_layer(key: Arc<ApiKey>) -> Self {
+        Self { key, by: None, _requirement: PhantomData }
+    }
+
     /// The stored key (a copy only if the request still holds it elsewhere).
     #[must_use]
     pub fn into_inner(self) -> ApiKey {
@@ -153,8 +158,8 @@ where
     }
 }
 
-/// The guard of the request: put in its extensions by `Extension(auth)` or a guard layer
-/// (which puts the tower guard it wraps there).
+/// The guard of the request: put in its extensions by a guard layer or `Extension(auth)`
+/// (or, as `apikeys-tower`'s, by a tower guard layer used directly).
 fn auth_of(parts: &Parts) -> Result<ApiKeyAuth, Rejection> {
     let found = parts.extensions.get::<ApiKeyAuth>().cloned().or_else(|| {
         parts.extensions.get::<apikeys_tower::ApiKeyAuth>().cloned().map(ApiKeyAuth::from)
@@ -178,7 +183,7 @@ async fn extract<S, R: Requirement<S>>(
     state: &S,
 ) -> Result<Option<ValidKey<R>>, Rejection> {
     let requirement = TypeId::of::<R>();
-    // An earlier extractor's validation, else a guard layer's.
+    // An earlier validation: an extractor's or the axum layer's, else a plain tower layer's.
     let earlier =
         parts.extensions.get::<ValidKey>().map(|v| (v.key.clone(), v.by)).or_else(|| {
             parts.extensions.get::<ValidatedKey>().map(|v| (Arc::clone(v.shared()), None))

@@ -9,7 +9,7 @@ use axum::routing::get;
 use http::{HeaderMap, Request, StatusCode};
 use tower::ServiceExt;
 
-use apikeys_axum::{ApiKeyAuth, CreatedKey, ValidKey};
+use apikeys_axum::{ApiKeyAuth, CreatedKey, Requirement, ValidKey};
 use apikeys_db::NewKey;
 use apikeys_db::core::find_keys;
 
@@ -114,4 +114,55 @@ async fn a_created_key_shows_no_key_in_debug() {
     assert!(!format!("{odd:?}").contains("not-key-shaped-secret"));
     // The JSON answer still carries the key: that is what it is for.
     assert_eq!(serde_json::to_value(&odd).unwrap()["key"], "not-key-shaped-secret");
+}
+
+/// Behind the axum guard layer, the key and the guard are in the request's extensions under
+/// the axum types (as before the layer was built on apikeys-tower), for middleware and
+/// handlers that read them there.
+#[tokio::test]
+async fn the_layer_puts_the_key_and_the_guard_in_the_extensions_as_axum_types() {
+    let (client, key) = client_and_key().await;
+    let auth = ApiKeyAuth::new(client);
+    let handler = |axum::Extension(key): axum::Extension<ValidKey>,
+                   axum::Extension(_): axum::Extension<ApiKeyAuth>,
+                   axum::Extension(tower): axum::Extension<
+        apikeys_axum::apikeys_tower::ValidatedKey,
+    >| async move {
+        assert_eq!(key.id, tower.id);
+        key.name.clone()
+    };
+    let app =
+        Router::new().route("/", get(handler)).route_layer(auth.require(ValidateOptions::new()));
+    let request = Request::get("/").header("x-api-key", &key).body(Body::empty()).unwrap();
+    let (status, body) = call(app, request).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// Any key; the requirement of the typed extractor below.
+struct AnyKey;
+
+static NOTHING: std::sync::LazyLock<ValidateOptions> =
+    std::sync::LazyLock::new(ValidateOptions::new);
+
+impl<S> Requirement<S> for AnyKey {
+    fn options<'a>(_: &'a S, _: &'a ApiKeyAuth) -> &'a ValidateOptions {
+        &NOTHING
+    }
+}
+
+/// A typed extractor on a route whose layer's guard reads keys elsewhere than the guard an
+/// outer `Extension` put in: the layer's guard is the one the extractor uses.
+#[tokio::test]
+async fn the_route_layers_guard_is_the_one_extractors_use() {
+    let (client, key) = client_and_key().await;
+    let outer = ApiKeyAuth::new(client.clone());
+    let partner =
+        ApiKeyAuth::new(client).key_header(http::HeaderName::from_static("x-partner-key"));
+    let app = Router::new()
+        .route("/", get(|k: ValidKey<AnyKey>| async move { k.name.clone() }))
+        .route_layer(partner.require(ValidateOptions::new()))
+        .layer(axum::Extension(outer));
+    let request = Request::get("/").header("x-partner-key", &key).body(Body::empty()).unwrap();
+    let (status, body) = call(app, request).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
 }

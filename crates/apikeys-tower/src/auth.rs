@@ -27,8 +27,8 @@ pub type PeerAddress = fn(&Extensions) -> Option<IpAddr>;
 ///    by default, and best left off: URLs end up in access logs, proxy logs, browser
 ///    history and `Referer` headers, where a key in them leaks.
 ///
-/// The first of those present is the one validated; a header sent twice is rejected as an
-/// invalid key. Before the check, the key header's and `Authorization`'s values are
+/// The first of those present is the one validated; the key header sent twice is rejected
+/// as an invalid key. Before the check, the key header's and `Authorization`'s values are
 /// marked sensitive, so that the `Debug` output of services and of layers inside the guard
 /// leaves them out. A trace layer outside the guard sees the request before that: if it logs
 /// headers, put tower-http's `SetSensitiveRequestHeadersLayer` outermost.
@@ -122,8 +122,10 @@ impl ApiKeyAuth {
     }
 
     /// Where the connection's address is in a request's extensions. By default a
-    /// [`SocketAddr`] (what a hyper server inserts when told to); tonic puts a
-    /// `TcpConnectInfo` there, axum a `ConnectInfo<SocketAddr>`:
+    /// [`SocketAddr`], which a hyper server does not insert by itself: insert the
+    /// connection's peer address in each request (see the guide's tower chapter). tonic puts a
+    /// `TcpConnectInfo` there (`TlsConnectInfo<TcpConnectInfo>` with TLS), axum a
+    /// `ConnectInfo<SocketAddr>` (which `apikeys-axum`'s guard reads):
     ///
     /// ```
     /// # fn demo(auth: apikeys_tower::ApiKeyAuth) {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use apikeys_db::{ApiKey, ValidateOptions};
-use http::{Request, Response};
+use http::{Extensions, Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -88,6 +88,10 @@ impl fmt::Debug for ValidatedKey {
     }
 }
 
+/// What a guard also puts in a passing request's extensions, after the [`ValidatedKey`] and
+/// the [`ApiKeyAuth`]: see [`RequireKeyLayer::on_pass`].
+pub type OnPass = fn(&ApiKeyAuth, &Arc<ApiKey>, &mut Extensions);
+
 /// The layer [`ApiKeyAuth::require`] builds: each request must carry a key that passes its
 /// [`ValidateOptions`]. A request that passes goes on to the inner service with the key in
 /// its extensions (as [`ValidatedKey`], beside the [`ApiKeyAuth`]); one that does not is
@@ -114,13 +118,14 @@ pub struct RequireKeyLayer<A = Problems> {
     auth: ApiKeyAuth,
     options: Arc<ValidateOptions>,
     answer: A,
+    on_pass: Option<OnPass>,
 }
 
 impl RequireKeyLayer {
     /// A guard of `auth` requiring `options`, answering rejections with their problem.
     #[must_use]
     pub fn new(auth: ApiKeyAuth, options: ValidateOptions) -> Self {
-        Self { auth, options: Arc::new(options), answer: Problems }
+        Self { auth, options: Arc::new(options), answer: Problems, on_pass: None }
     }
 }
 
@@ -128,7 +133,16 @@ impl<A> RequireKeyLayer<A> {
     /// The same guard, answering rejections with `answer` instead.
     #[must_use]
     pub fn answer_with<B>(self, answer: B) -> RequireKeyLayer<B> {
-        RequireKeyLayer { auth: self.auth, options: self.options, answer }
+        let Self { auth, options, on_pass, .. } = self;
+        RequireKeyLayer { auth, options, answer, on_pass }
+    }
+
+    /// The same guard, also calling `insert` on each passing request, to put the key in the
+    /// request's extensions under a type of the host's or framework's own (as
+    /// `apikeys-axum` does for its `ValidKey`).
+    #[must_use]
+    pub fn on_pass(self, insert: OnPass) -> Self {
+        Self { on_pass: Some(insert), ..self }
     }
 }
 
@@ -150,6 +164,7 @@ impl<S, A: Clone> Layer<S> for RequireKeyLayer<A> {
             auth: self.auth.clone(),
             options: Arc::clone(&self.options),
             answer: self.answer.clone(),
+            on_pass: self.on_pass,
         }
     }
 }
@@ -161,6 +176,7 @@ pub struct RequireKey<S, A = Problems> {
     auth: ApiKeyAuth,
     options: Arc<ValidateOptions>,
     answer: A,
+    on_pass: Option<OnPass>,
 }
 
 impl<S: fmt::Debug, A> fmt::Debug for RequireKey<S, A> {
@@ -197,11 +213,16 @@ where
         let auth = self.auth.clone();
         let options = Arc::clone(&self.options);
         let answer = self.answer.clone();
+        let on_pass = self.on_pass;
         Box::pin(async move {
             let (mut parts, body) = request.into_parts();
             match auth.check(&mut parts, &options).await {
                 Ok(key) => {
-                    parts.extensions.insert(ValidatedKey(Arc::new(key)));
+                    let key = Arc::new(key);
+                    parts.extensions.insert(ValidatedKey(Arc::clone(&key)));
+                    if let Some(insert) = on_pass {
+                        insert(&auth, &key, &mut parts.extensions);
+                    }
                     parts.extensions.insert(auth);
                     inner.call(Request::from_parts(parts, body)).await
                 }

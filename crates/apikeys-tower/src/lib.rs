@@ -47,7 +47,7 @@ mod auth;
 mod layer;
 
 pub use auth::{ApiKeyAuth, PeerAddress, Rejection, problem_response};
-pub use layer::{Answer, Problems, RequireKey, RequireKeyLayer, ValidatedKey};
+pub use layer::{Answer, OnPass, Problems, RequireKey, RequireKeyLayer, ValidatedKey};
 
 /// The error mapping: status, headers and RFC 9457 problem bodies.
 pub use apikeys_http;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use apikeys_db::core::find_keys;
-use apikeys_db::{ApiKeyClient, IpAllowlist, NewKey, OrgId, RateLimit};
+use apikeys_db::{ApiKeyClient, Credits, IpAllowlist, NewKey, OrgId, RateLimit};
 use apikeys_testing::TestDb;
 use apikeys_tower::ApiKeyAuth;
 use tonic::Code;
@@ -126,4 +126,15 @@ pub async fn a_database_outage_is_unavailable_with_retry_info(db: TestDb) {
         assert_refused(check(&url, &[("x-api-key", &plain)]).await, Code::Unavailable, &plain);
     let retry = status.get_details_retry_info().expect("a RetryInfo detail");
     assert_eq!(retry.retry_delay, Some(Duration::from_secs(1)));
+}
+
+pub async fn spent_credits_are_resource_exhausted_without_a_wait(db: TestDb) {
+    let (client, org) = setup(&db).await;
+    let plain = key(&client, org, checker().with_credits(Credits::new(1))).await;
+    let url = start(client).await;
+    assert_eq!(check(&url, &[("x-api-key", &plain)]).await.unwrap(), SERVING);
+    let refused = check(&url, &[("x-api-key", &plain)]).await;
+    let status = assert_refused(refused, Code::ResourceExhausted, &plain);
+    // Credits that never refill: no time to wait for, so no RetryInfo.
+    assert!(status.get_details_retry_info().is_none(), "{status:?}");
 }

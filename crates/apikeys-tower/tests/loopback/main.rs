@@ -27,5 +27,6 @@ apikeys_testing::backend_tests! {
         missing_scopes_and_foreign_addresses_are_permission_denied,
         over_the_limit_is_resource_exhausted_with_retry_info,
         a_database_outage_is_unavailable_with_retry_info,
+        spent_credits_are_resource_exhausted_without_a_wait,
     ],
 }
