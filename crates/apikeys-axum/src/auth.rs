@@ -184,16 +184,16 @@ impl ApiKeyAuth {
     }
 }
 
-/// What the axum guard layer puts in a passing request's extensions, beside the tower
-/// layer's own: the key as [`ValidKey`] and this guard, so that extractors and middleware
+/// What the axum guard layer puts in a passing request's extensions (instead of the tower
+/// layer's types): the key as [`ValidKey`] and this guard, so that extractors and middleware
 /// after the layer find them under the axum types (and the layer's guard replaces one an
 /// outer `Extension` put there).
 fn insert_for_axum(
     auth: &apikeys_tower::ApiKeyAuth,
-    key: &Arc<ApiKey>,
+    key: Arc<ApiKey>,
     extensions: &mut Extensions,
 ) {
-    extensions.insert(ValidKey::<Defaults>::from_layer(Arc::clone(key)));
+    extensions.insert(ValidKey::<Defaults>::from_layer(key));
     extensions.insert(ApiKeyAuth(auth.clone()));
 }
 

@@ -88,9 +88,9 @@ impl fmt::Debug for ValidatedKey {
     }
 }
 
-/// What a guard also puts in a passing request's extensions, after the [`ValidatedKey`] and
+/// What a guard puts in a passing request's extensions instead of the [`ValidatedKey`] and
 /// the [`ApiKeyAuth`]: see [`RequireKeyLayer::on_pass`].
-pub type OnPass = fn(&ApiKeyAuth, &Arc<ApiKey>, &mut Extensions);
+pub type OnPass = fn(&ApiKeyAuth, Arc<ApiKey>, &mut Extensions);
 
 /// The layer [`ApiKeyAuth::require`] builds: each request must carry a key that passes its
 /// [`ValidateOptions`]. A request that passes goes on to the inner service with the key in
@@ -137,9 +137,10 @@ impl<A> RequireKeyLayer<A> {
         RequireKeyLayer { auth, options, answer, on_pass }
     }
 
-    /// The same guard, also calling `insert` on each passing request, to put the key in the
-    /// request's extensions under a type of the host's or framework's own (as
-    /// `apikeys-axum` does for its `ValidKey`).
+    /// The same guard, calling `insert` on each passing request instead of putting the
+    /// [`ValidatedKey`] and the [`ApiKeyAuth`] in its extensions: to put them there under
+    /// types of the host's or framework's own (as `apikeys-axum` does for its `ValidKey`),
+    /// without the cost of both.
     #[must_use]
     pub fn on_pass(self, insert: OnPass) -> Self {
         Self { on_pass: Some(insert), ..self }
@@ -219,11 +220,13 @@ where
             match auth.check(&mut parts, &options).await {
                 Ok(key) => {
                     let key = Arc::new(key);
-                    parts.extensions.insert(ValidatedKey(Arc::clone(&key)));
-                    if let Some(insert) = on_pass {
-                        insert(&auth, &key, &mut parts.extensions);
+                    match on_pass {
+                        Some(insert) => insert(&auth, key, &mut parts.extensions),
+                        None => {
+                            parts.extensions.insert(ValidatedKey(key));
+                            parts.extensions.insert(auth);
+                        }
                     }
-                    parts.extensions.insert(auth);
                     inner.call(Request::from_parts(parts, body)).await
                 }
                 Err(rejection) => {
