@@ -29,6 +29,10 @@
 //! custom metadata are JSON. On MySQL every table uses `utf8mb4` with the binary collation, so
 //! names compare exactly (case-sensitive) as on the other two databases.
 
+// Links from the other apikeys crates to this one resolve to docs.rs when this crate's docs
+// are not built beside theirs (`cargo doc --no-deps`); .ci/run checks the version.
+#![doc(html_root_url = "https://docs.rs/apikeys-migration/0.1.0")]
+
 pub use sea_orm_migration::prelude::*;
 
 mod m20261123_000001_create_tables;

@@ -39,6 +39,10 @@
 //! # let _ = app; Ok(()) }
 //! ```
 
+// Links from the other apikeys crates to this one resolve to docs.rs when this crate's docs
+// are not built beside theirs (`cargo doc --no-deps`); .ci/run checks the version.
+#![doc(html_root_url = "https://docs.rs/apikeys-actix/0.1.0")]
+
 mod extract;
 mod middleware;
 

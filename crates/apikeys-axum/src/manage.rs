@@ -28,7 +28,7 @@ use utoipa_axum::routes;
 
 use crate::auth::problem_response;
 
-/// The management API as an axum [`Router`], to mount behind the host's own admin
+/// The management API as an axum [`Router`](axum::Router), to mount behind the host's own admin
 /// authentication: [`authorized_as`](Self::authorized_as) takes a check that says which
 /// [`Admin`] calls (of every organization or of one, named in the audit trail),
 /// [`authorized_by`](Self::authorized_by) a tower layer and

@@ -33,6 +33,10 @@
 //! * [`Error`] never carries key material and never says whether a key was malformed or
 //!   unknown.
 
+// Links from the other apikeys crates to this one resolve to docs.rs when this crate's docs
+// are not built beside theirs (`cargo doc --no-deps`); .ci/run checks the version.
+#![doc(html_root_url = "https://docs.rs/apikeys-core/0.1.0")]
+
 mod custom;
 mod error;
 mod hash;

@@ -333,7 +333,7 @@ impl ApiKeyClient {
 
     /// Begins a transaction for the host application to own: run its own statements on it,
     /// the client's writes through [`with`](Self::with), then commit or roll back. It is a
-    /// plain SeaORM [`DatabaseTransaction`] on the connection the client writes through; on
+    /// plain SeaORM `DatabaseTransaction` on the connection the client writes through; on
     /// SQLite it holds the database's write lock from the start (`BEGIN IMMEDIATE`), which
     /// is what lets it write after reading without failing on a busy database.
     ///

@@ -72,13 +72,17 @@
 //! ## What is where
 //! The root has the types a user touches. [`core`] is the whole domain crate, with the input
 //! bounds in [`core::limits`] and the building blocks of a store of your own (hashing, the
-//! pure decision, validated inputs) fenced in [`core::hazmat`]. [`sea_orm`] is re-exported
+//! pure decision, validated inputs) fenced in [`core::hazmat`]. `sea_orm` is re-exported
 //! for host transactions and [`ClientBuilder::connection`].
 //!
 //! ## What is stored
 //! Only `HMAC-SHA256(signing secret, key)` and a short hint (`sk_live_Ab3x…`); the plaintext
 //! key is returned once by [`ApiKeyClient::create_key`]. Signing secrets and plaintext keys
 //! are zeroed on drop and print `[redacted]`. Errors never contain key material.
+
+// Links from the other apikeys crates to this one resolve to docs.rs when this crate's docs
+// are not built beside theirs (`cargo doc --no-deps`); .ci/run checks the version.
+#![doc(html_root_url = "https://docs.rs/apikeys-db/0.1.0")]
 
 #[cfg(not(any(feature = "sqlite", feature = "postgres", feature = "mysql")))]
 compile_error!("apikeys-db needs at least one database feature: sqlite, postgres or mysql");

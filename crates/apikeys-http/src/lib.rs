@@ -1,6 +1,6 @@
 //! HTTP answers for [`apikeys_core::Error`]: the status, the headers and an
 //! [RFC 9457](https://www.rfc-editor.org/rfc/rfc9457) problem body, as plain
-//! [`http`] values, so that any Rust web framework can answer the way `apikeys-axum` does.
+//! `http` values, so that any Rust web framework can answer the way `apikeys-axum` does.
 //!
 //! ```
 //! use apikeys_core::Error;
@@ -43,6 +43,10 @@
 //! Every answer also carries `Cache-Control: no-store`. A body never holds the presented
 //! key, a signing secret or a database error's text: the `detail` of a 500 is a fixed
 //! sentence, and the error itself is the host's to log.
+
+// Links from the other apikeys crates to this one resolve to docs.rs when this crate's docs
+// are not built beside theirs (`cargo doc --no-deps`); .ci/run checks the version.
+#![doc(html_root_url = "https://docs.rs/apikeys-http/0.1.0")]
 
 mod client_ip;
 
@@ -231,7 +235,7 @@ impl ErrorResponse {
         serde_json::to_vec(&self.problem).unwrap_or_default()
     }
 
-    /// The whole answer as an [`http::Response`] (for hyper, or any framework built on
+    /// The whole answer as an `http` [`Response`](http::Response) (for hyper, or any framework built on
     /// the `http` crate).
     #[must_use]
     pub fn into_http(self) -> http::Response<Vec<u8>> {

@@ -43,6 +43,10 @@
 //! # }
 //! ```
 
+// Links from the other apikeys crates to this one resolve to docs.rs when this crate's docs
+// are not built beside theirs (`cargo doc --no-deps`); .ci/run checks the version.
+#![doc(html_root_url = "https://docs.rs/apikeys-tower/0.1.0")]
+
 mod auth;
 mod layer;
 
