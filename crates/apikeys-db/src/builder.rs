@@ -151,7 +151,7 @@ impl ClientBuilder {
         self
     }
 
-    /// An older signing secret, for a rotation (README, "Secret rotation"): keys hashed
+    /// An older signing secret, for a rotation (the guide, "Operations", "Secret rotation"): keys hashed
     /// under it still verify, and move to the current secret on their next successful check
     /// that tracks usage. While it is configured, every key this client creates or moves
     /// also keeps its hash under the first previous secret, so replicas still running with
@@ -276,7 +276,7 @@ impl ClientBuilder {
     /// [`statement_timeout`](Self::statement_timeout). `build()` fails with
     /// [`Error::Configuration`] for a Redis that may evict keys, and with
     /// [`Error::Unavailable`] for one it cannot reach. What a Redis restart or failover can
-    /// lose is in the README ("Rate limiting"): a restart without persistence, or a failover
+    /// lose is in the guide ("Many replicas", "What Redis can lose"): a restart without persistence, or a failover
     /// to a replica behind its primary, loses the current windows' counts, so each key may
     /// admit up to one more limit in that window.
     ///
@@ -394,7 +394,7 @@ impl ClientBuilder {
     /// Turns on the verified-key cache (off by default): `verify_key` and `validate_key`
     /// answer keys they have seen from memory, and every change made through any client
     /// reaches this one within [`KeyCache::max_staleness`] (through this client: at once).
-    /// See README, "Verified-key cache".
+    /// See the guide, "The verified-key cache".
     ///
     /// ```
     /// # use std::time::Duration;

@@ -22,7 +22,7 @@ pub(crate) enum Read {
     /// committed after this one's first read, which a `get_or_create_*` in a host
     /// transaction must find, so there it is a locking read (`LOCK IN SHARE MODE`), which
     /// waits for a transaction still writing that row. PostgreSQL and SQLite need nothing
-    /// (README, "Host transactions").
+    /// (the guide, "Bootstrap and host transactions").
     Latest,
 }
 

@@ -7,7 +7,7 @@
 //! a restart keeps the windows' counts: `APIKEYS_OUTAGE_REDIS_URL`, and a command
 //! (`APIKEYS_OUTAGE_REDIS_CTL`) in which `{}` is replaced by `stop` or `start`.
 //! `scripts/test-all` starts such a Redis and sets both. (A Redis without persistence loses
-//! the counts on a restart: README, "What Redis can lose".)
+//! the counts on a restart: the guide, "Many replicas", "What Redis can lose".)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
 // Redis counts; the keys live in a SQLite file.
 #![cfg(all(feature = "redis", feature = "sqlite"))]

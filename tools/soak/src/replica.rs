@@ -1,4 +1,4 @@
-//! A replica: one client as the README recommends for many replicas, and the driver's tasks
+//! A replica: one client as the guide ("Many replicas") recommends for many replicas, and the driver's tasks
 //! checking Zipf-drawn keys through it until the parent closes its stdin.
 
 use std::process::ExitCode;

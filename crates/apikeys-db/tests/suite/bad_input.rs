@@ -282,7 +282,7 @@ pub async fn bad_input_table(db: TestDb) {
     assert_eq!(db.counts(c).await, before, "bad input changed nothing");
     assert_eq!(c.get_key(key_id).await.unwrap(), key_before, "the key is untouched");
 
-    // Decided and documented (README, "Names"): names are exact. Case makes a different name on
+    // Decided and documented (the guide, "Concepts", "Names"): names are exact. Case makes a different name on
     // every backend; a trailing space is refused above, so it can never make a look-alike.
     let (upper, created) = c.get_or_create_organization("ACME").await.unwrap();
     assert!(created);

@@ -1,6 +1,6 @@
 //! Writes inside a transaction the host owns (`client.begin()`, `client.with(&txn)`): commit
 //! keeps everything, rollback leaves nothing, a failed call does not break the host's
-//! transaction, and what each backend's isolation gives, as the README documents it.
+//! transaction, and what each backend's isolation gives, as the guide ("Bootstrap and host transactions") documents it.
 
 use std::time::Duration;
 
@@ -190,7 +190,7 @@ async fn first_read(txn: &apikeys_db::sea_orm::DatabaseTransaction) {
     txn.query_one_raw(stmt).await.unwrap().unwrap();
 }
 
-/// What the README's isolation table says: a row committed after the host's transaction
+/// What the guide's isolation table says: a row committed after the host's transaction
 /// first read is found by `get_or_create_*` on MySQL (`REPEATABLE READ`, a locking read)
 /// and PostgreSQL (`READ COMMITTED`); under PostgreSQL `REPEATABLE READ` it is a typed,
 /// retryable `Conflict`; on SQLite the host's transaction holds the write lock, so another
