@@ -3,11 +3,11 @@
 //!
 //! `cargo run --example axum_server` serves on 127.0.0.1:3000 (`BIND` to change) with a
 //! SQLite file in the working directory (`DATABASE_URL` for another database; compile
-//! PostgreSQL or MySQL in with `--features postgres` or `mysql`). `APIKEYS_SIGNING_SECRET` and
-//! `APIKEYS_ENVIRONMENT` are read as the CLI reads them, so keys made by `apikeys keys create`
-//! on the same database work here. The admin token is `ADMIN_TOKEN`, or a random one printed
-//! at start. The guide's "HTTP guards" chapter (docs/src/guards.md, "Try it") has curl lines
-//! for every route.
+//! PostgreSQL or MySQL in with `--features postgres` or `mysql`). It reads
+//! `APIKEYS_SIGNING_SECRET` and `APIKEYS_ENVIRONMENT`, the settings the README's CLI block
+//! exports, so keys made by `apikeys keys create` on the same database work here. The admin
+//! token is `ADMIN_TOKEN`, or a random one printed at start. The guide's "HTTP guards"
+//! chapter (docs/src/guards.md, "Try it") has curl lines for every route.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::sync::Arc;
@@ -56,8 +56,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let mut builder = ApiKeyClient::builder().database_url(&url).signing_secret(secret);
-    // The key format of the service, as the CLI reads it: keys made by `apikeys keys create`
-    // with the same DATABASE_URL, signing secret and environment work here.
+    // The key format the README's CLI block sets (APIKEYS_ENVIRONMENT=live): keys made by
+    // `apikeys keys create` with the same DATABASE_URL, secret and environment work here.
     if let Ok(environment) = std::env::var("APIKEYS_ENVIRONMENT") {
         builder = builder.environment(environment);
     }

@@ -10,8 +10,9 @@
 //!
 //! `cargo run --example tonic_server` serves on 127.0.0.1:50051 (`BIND` to change) with a
 //! SQLite file in the working directory (`DATABASE_URL` for another database).
-//! `APIKEYS_SIGNING_SECRET` and `APIKEYS_ENVIRONMENT` are read as the CLI reads them. Keys
-//! need the scope `health:check`; at start it prints one for organization `acme`.
+//! It reads `APIKEYS_SIGNING_SECRET` and `APIKEYS_ENVIRONMENT`, the settings the README's CLI
+//! block exports. Keys need the scope `health:check`; at start it prints one for
+//! organization `acme`.
 #![allow(clippy::print_stdout)]
 
 use std::time::Duration;
@@ -88,8 +89,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .unwrap_or_else(|_| "example-signing-secret-change-me-0123456789".to_owned());
     let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1:50051".to_owned());
     let mut builder = ApiKeyClient::builder().database_url(&url).signing_secret(secret);
-    // The key format of the service, as the CLI reads it: keys made by `apikeys keys create`
-    // with the same DATABASE_URL, signing secret and environment work here.
+    // The key format the README's CLI block sets (APIKEYS_ENVIRONMENT=live): keys made by
+    // `apikeys keys create` with the same DATABASE_URL, secret and environment work here.
     if let Ok(environment) = std::env::var("APIKEYS_ENVIRONMENT") {
         builder = builder.environment(environment);
     }

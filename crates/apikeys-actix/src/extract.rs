@@ -161,12 +161,20 @@ impl Shared {
             return Err(rejection);
         }
         match outcome {
-            Ok(key) => {
-                if let Some(key) = key {
-                    request.extensions_mut().insert(key.clone());
-                }
-                Ok(key.clone())
+            Ok(Some(key)) => {
+                request.extensions_mut().insert(key.clone());
+                Ok(Some(key.clone()))
             }
+            // No key where that guard looks, so nothing was counted: this extractor's guard
+            // (another scope's, say) may look elsewhere.
+            Ok(None) => match check(auth, request, auth.defaults()).await? {
+                Some(key) => {
+                    let key = ValidKey::new(key);
+                    request.extensions_mut().insert(key.clone());
+                    Ok(Some(key))
+                }
+                None => Ok(None),
+            },
             Err(answer) => Err(Rejection(apikeys_tower::Rejection::new(answer.clone(), None))),
         }
     }

@@ -25,9 +25,10 @@ use crate::{ResponseError as _, check};
 /// Before the check, the key header's and `Authorization`'s values are marked sensitive, so
 /// that the `Debug` output of the request in handlers leaves them out.
 ///
-/// Nested, say an app-wide guard and a stricter one on a resource, the inner guard checks
-/// its own options against the key the outer one validated without counting the request
-/// again (no second use, rate-limit request or credit).
+/// Each guard a request passes checks and counts it (a use, a request against the rate
+/// limit, its credit cost), as tower's and axum's guard layers do: nested guards (an
+/// app-wide one and a stricter one on a resource) count a request once per guard, so guard
+/// each route once, with its whole requirement.
 #[derive(Clone, Debug)]
 pub struct RequireKey {
     auth: ApiKeyAuth,
@@ -82,14 +83,6 @@ where
         let mut request = request;
         mark_sensitive(&auth, &mut request);
         Box::pin(async move {
-            // Counted once already by an outer guard: check, but do not count again.
-            let counted = request.extensions().contains::<ValidKey>();
-            let options = if counted {
-                let o = ValidateOptions::clone(&options);
-                Arc::new(o.track_usage(false).check_rate_limit(false).credit_cost(0))
-            } else {
-                options
-            };
             let checked = match check(&auth, request.request(), &options).await {
                 Ok(Some(key)) => Ok(key),
                 Ok(None) => Err(crate::Rejection::from(auth.missing())),

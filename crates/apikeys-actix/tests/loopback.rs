@@ -16,7 +16,8 @@ apikeys_testing::backend_tests!([
     the_answers_equal_the_axum_guards,
     the_key_headers_reach_handlers_marked_sensitive,
     two_extractors_of_one_request_count_it_once,
-    nested_guards_count_a_request_once,
+    nested_guards_each_count_the_request,
+    an_extractor_under_another_guard_finds_its_own_key,
     keys_reach_handlers_through_the_middleware_and_the_extractors,
     ip_allowlists_judge_the_peer_and_not_what_the_client_claims,
 ]);
@@ -72,6 +73,41 @@ fn serve_actix(client: ApiKeyClient) -> String {
                             key.map_or_else(|| HttpResponse::Ok().body("anonymous"), |k| whoami(&k))
                         }),
                     )
+            });
+            server.workers(1).disable_signals().listen(listener).unwrap().run().await.unwrap();
+        });
+    });
+    format!("http://{addr}")
+}
+
+/// An App-level middleware that looks for a key (the App's guard, `x-api-key`) before any
+/// route's extractor does, as a logging or tagging middleware would.
+async fn peek(
+    MaybeKey(_): MaybeKey,
+    request: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
+) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
+    next.call(request).await
+}
+
+/// `/partner/whoami`, in a scope whose guard reads `x-partner-key`, under an App whose
+/// `peek` middleware looks for a key with the App's guard (`x-api-key`) first.
+fn serve_partner(client: ApiKeyClient) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let partner =
+        ApiKeyAuth::new(client.clone()).key_header(http::HeaderName::from_static("x-partner-key"));
+    let auth = ApiKeyAuth::new(client);
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            let server = HttpServer::new(move || {
+                App::new()
+                    .wrap(actix_web::middleware::from_fn(peek))
+                    .app_data(auth.clone())
+                    .service(web::scope("/partner").app_data(partner.clone()).route(
+                        "/whoami",
+                        web::get().to(|key: ValidKey| async move { whoami(&key) }),
+                    ))
             });
             server.workers(1).disable_signals().listen(listener).unwrap().run().await.unwrap();
         });
@@ -278,16 +314,31 @@ pub async fn two_extractors_of_one_request_count_it_once(db: TestDb) {
     assert_eq!((answer.status, answer.body["code"].as_str()), (401, Some("missing_key")));
 }
 
-/// An app-wide guard and a stricter one on a resource: the inner one checks its scope
-/// without counting the request again.
-pub async fn nested_guards_count_a_request_once(db: TestDb) {
+/// An app-wide guard and a stricter one on a resource: each checks and counts the request
+/// (as tower's and axum's layers do), so a key allowed two requests a minute gets one through
+/// both; and a second key in another header cannot ride on the first one's check.
+pub async fn nested_guards_each_count_the_request(db: TestDb) {
     let (client, org) = setup(&db).await;
-    let once = key(&client, org, reader().with_rate_limit(RateLimit::per_minute(1).unwrap())).await;
+    let twice =
+        key(&client, org, reader().with_rate_limit(RateLimit::per_minute(2).unwrap())).await;
     let writer = key(&client, org, NewKey::new("writer").with_scopes(["widgets:write"])).await;
     let actix = serve_actix(client);
     let url = format!("{actix}/nested/read");
-    assert_eq!(get(&url, &[("x-api-key", &once)]).await.status, 200);
-    assert_eq!(get(&url, &[("x-api-key", &once)]).await.status, 429);
+    assert_eq!(get(&url, &[("x-api-key", &twice)]).await.status, 200);
+    assert_eq!(get(&url, &[("x-api-key", &twice)]).await.status, 429);
     let answer = get(&url, &[("x-api-key", &writer)]).await;
     assert_eq!((answer.status, answer.body["code"].as_str()), (403, Some("insufficient_scope")));
+}
+
+/// A scope with a guard of its own (keys in `x-partner-key`) under an App-level middleware
+/// whose `MaybeKey` found no key in `x-api-key`: the scope's `ValidKey` still reads its own
+/// header, and counts it.
+pub async fn an_extractor_under_another_guard_finds_its_own_key(db: TestDb) {
+    let (client, org) = setup(&db).await;
+    let once = key(&client, org, reader().with_rate_limit(RateLimit::per_minute(1).unwrap())).await;
+    let actix = serve_partner(client);
+    let url = format!("{actix}/partner/whoami");
+    assert_eq!(get(&url, &[("x-partner-key", &once)]).await.status, 200);
+    assert_eq!(get(&url, &[("x-partner-key", &once)]).await.status, 429);
+    assert_eq!(get(&url, &[]).await.status, 401);
 }
