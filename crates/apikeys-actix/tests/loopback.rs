@@ -8,8 +8,8 @@
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use apikeys_actix::{ApiKeyAuth, MaybeKey, RequireKey, ValidKey};
 use apikeys_db::core::find_keys;
-use apikeys_db::{ApiKeyClient, IpAllowlist, NewKey, OrgId, RateLimit, ValidateOptions};
-use apikeys_testing::TestDb;
+use apikeys_db::{ApiKeyClient, IpAllowlist, NewKey, RateLimit, ValidateOptions};
+use apikeys_testing::{TestDb, plaintext_key as key};
 use serde_json::{Value, json};
 
 apikeys_testing::backend_tests!([
@@ -168,23 +168,13 @@ async fn get(url: &str, headers: &[(&str, &str)]) -> Answer {
     Answer { status, headers, body }
 }
 
-async fn setup(db: &TestDb) -> (ApiKeyClient, OrgId) {
-    let client = db.client().await;
-    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
-    (client, org.id)
-}
-
-async fn key(client: &ApiKeyClient, org: OrgId, new: NewKey) -> String {
-    client.create_key(org, new).await.unwrap().key.expose_secret().to_owned()
-}
-
 fn reader() -> NewKey {
     NewKey::new("reader").with_scopes(["widgets:read"])
 }
 
 /// Every answer of the actix guard equals the axum guard's to the same request.
 pub async fn the_answers_equal_the_axum_guards(db: TestDb) {
-    let (client, org) = setup(&db).await;
+    let (client, org) = db.client_and_org().await;
     let actix = serve_actix(client.clone());
     let axum = serve_axum(client.clone()).await;
     let good = key(&client, org, reader()).await;
@@ -243,7 +233,7 @@ pub async fn the_answers_equal_the_axum_guards(db: TestDb) {
 
 /// The middleware, the extractor without it, and the optional key.
 pub async fn keys_reach_handlers_through_the_middleware_and_the_extractors(db: TestDb) {
-    let (client, org) = setup(&db).await;
+    let (client, org) = db.client_and_org().await;
     let issued = client.create_key(org, reader()).await.unwrap();
     let good = issued.key.expose_secret().to_owned();
     let writer = key(&client, org, NewKey::new("writer").with_scopes(["widgets:write"])).await;
@@ -269,7 +259,7 @@ pub async fn keys_reach_handlers_through_the_middleware_and_the_extractors(db: T
 
 /// The peer address is actix's; a forwarded one is not believed without trusted proxies.
 pub async fn ip_allowlists_judge_the_peer_and_not_what_the_client_claims(db: TestDb) {
-    let (client, org) = setup(&db).await;
+    let (client, org) = db.client_and_org().await;
     let pinned = |net: &str| reader().with_allowed_ips(IpAllowlist::parse([net]).unwrap());
     let loopback = key(&client, org, pinned("127.0.0.0/8")).await;
     let elsewhere = key(&client, org, pinned("10.0.0.0/8")).await;
@@ -284,7 +274,7 @@ pub async fn ip_allowlists_judge_the_peer_and_not_what_the_client_claims(db: Tes
 
 /// Behind the middleware, the request's `Debug` in a handler leaves the key out.
 pub async fn the_key_headers_reach_handlers_marked_sensitive(db: TestDb) {
-    let (client, org) = setup(&db).await;
+    let (client, org) = db.client_and_org().await;
     let plain = key(&client, org, reader()).await;
     let actix = serve_actix(client);
     let bearer = format!("Bearer {plain}");
@@ -302,7 +292,7 @@ pub async fn the_key_headers_reach_handlers_marked_sensitive(db: TestDb) {
 /// actix creates a handler's extractors before polling any: two `ValidKey`s share one
 /// validation, and a key allowed one request a minute gets its one request.
 pub async fn two_extractors_of_one_request_count_it_once(db: TestDb) {
-    let (client, org) = setup(&db).await;
+    let (client, org) = db.client_and_org().await;
     let once = key(&client, org, reader().with_rate_limit(RateLimit::per_minute(1).unwrap())).await;
     let actix = serve_actix(client);
     let first = get(&format!("{actix}/twice"), &[("x-api-key", &once)]).await;
@@ -318,7 +308,7 @@ pub async fn two_extractors_of_one_request_count_it_once(db: TestDb) {
 /// (as tower's and axum's layers do), so a key allowed two requests a minute gets one through
 /// both; and a second key in another header cannot ride on the first one's check.
 pub async fn nested_guards_each_count_the_request(db: TestDb) {
-    let (client, org) = setup(&db).await;
+    let (client, org) = db.client_and_org().await;
     let twice =
         key(&client, org, reader().with_rate_limit(RateLimit::per_minute(2).unwrap())).await;
     let writer = key(&client, org, NewKey::new("writer").with_scopes(["widgets:write"])).await;
@@ -334,7 +324,7 @@ pub async fn nested_guards_each_count_the_request(db: TestDb) {
 /// whose `MaybeKey` found no key in `x-api-key`: the scope's `ValidKey` still reads its own
 /// header, and counts it.
 pub async fn an_extractor_under_another_guard_finds_its_own_key(db: TestDb) {
-    let (client, org) = setup(&db).await;
+    let (client, org) = db.client_and_org().await;
     let once = key(&client, org, reader().with_rate_limit(RateLimit::per_minute(1).unwrap())).await;
     let actix = serve_partner(client);
     let url = format!("{actix}/partner/whoami");

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use apikeys_db::sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
-use apikeys_db::{ApiKeyClient, ClientBuilder};
+use apikeys_db::{ApiKeyClient, ClientBuilder, NewKey, OrgId};
 
 /// The signing secret every test client uses (unless a test sets its own).
 pub const SECRET: &str = "test-signing-secret-0123456789-abcdefghijkl";
@@ -165,6 +165,16 @@ impl TestDb {
         self.client_with(|b| b).await
     }
 
+    /// A client with the tables created, and the organization `acme` in it.
+    ///
+    /// # Panics
+    /// If the client cannot be built, the tables created or the organization made.
+    pub async fn client_and_org(&self) -> (ApiKeyClient, OrgId) {
+        let client = self.client().await;
+        let (org, _) = client.get_or_create_organization("acme").await.expect("organization acme");
+        (client, org.id)
+    }
+
     /// A client from a customised builder, with the tables created.
     ///
     /// # Panics
@@ -309,4 +319,12 @@ impl Drop for DropGuard {
         });
         let _ = dropper.join();
     }
+}
+
+/// The plaintext of a new key of `org`.
+///
+/// # Panics
+/// If the key cannot be created.
+pub async fn plaintext_key(client: &ApiKeyClient, org: OrgId, new: NewKey) -> String {
+    client.create_key(org, new).await.expect("a new key").key.expose_secret().to_owned()
 }

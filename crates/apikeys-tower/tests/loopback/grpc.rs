@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use apikeys_db::core::find_keys;
-use apikeys_db::{ApiKeyClient, Credits, IpAllowlist, NewKey, OrgId, RateLimit};
-use apikeys_testing::TestDb;
+use apikeys_db::{ApiKeyClient, Credits, IpAllowlist, NewKey, RateLimit};
+use apikeys_testing::{TestDb, plaintext_key as key};
 use apikeys_tower::ApiKeyAuth;
 use tonic::Code;
 use tonic::metadata::MetadataValue;
@@ -45,16 +45,6 @@ fn assert_refused(result: Result<i32, tonic::Status>, code: Code, key: &str) -> 
     status
 }
 
-async fn setup(db: &TestDb) -> (ApiKeyClient, OrgId) {
-    let client = db.client().await;
-    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
-    (client, org.id)
-}
-
-async fn key(client: &ApiKeyClient, org: OrgId, new: NewKey) -> String {
-    client.create_key(org, new).await.unwrap().key.expose_secret().to_owned()
-}
-
 fn checker() -> NewKey {
     NewKey::new("checker").with_scopes(["health:check"])
 }
@@ -62,7 +52,7 @@ fn checker() -> NewKey {
 const SERVING: i32 = ServingStatus::Serving as i32;
 
 pub async fn a_valid_key_in_metadata_or_as_bearer_is_served(db: TestDb) {
-    let (client, org) = setup(&db).await;
+    let (client, org) = db.client_and_org().await;
     let plain = key(&client, org, checker()).await;
     let url = start(client).await;
     assert_eq!(check(&url, &[("x-api-key", &plain)]).await.unwrap(), SERVING);
@@ -71,7 +61,7 @@ pub async fn a_valid_key_in_metadata_or_as_bearer_is_served(db: TestDb) {
 }
 
 pub async fn no_bad_or_revoked_keys_are_unauthenticated(db: TestDb) {
-    let (client, org) = setup(&db).await;
+    let (client, org) = db.client_and_org().await;
     let issued = client.create_key(org, checker()).await.unwrap();
     let plain = issued.key.expose_secret().to_owned();
     let url = start(client.clone()).await;
@@ -88,7 +78,7 @@ pub async fn no_bad_or_revoked_keys_are_unauthenticated(db: TestDb) {
 }
 
 pub async fn missing_scopes_and_foreign_addresses_are_permission_denied(db: TestDb) {
-    let (client, org) = setup(&db).await;
+    let (client, org) = db.client_and_org().await;
     let other = key(&client, org, NewKey::new("other").with_scopes(["widgets:read"])).await;
     let pinned = |net: &str| checker().with_allowed_ips(IpAllowlist::parse([net]).unwrap());
     let loopback = key(&client, org, pinned("127.0.0.0/8")).await;
@@ -102,7 +92,7 @@ pub async fn missing_scopes_and_foreign_addresses_are_permission_denied(db: Test
 }
 
 pub async fn over_the_limit_is_resource_exhausted_with_retry_info(db: TestDb) {
-    let (client, org) = setup(&db).await;
+    let (client, org) = db.client_and_org().await;
     let plain =
         key(&client, org, checker().with_rate_limit(RateLimit::per_minute(2).unwrap())).await;
     let url = start(client).await;
@@ -117,7 +107,7 @@ pub async fn over_the_limit_is_resource_exhausted_with_retry_info(db: TestDb) {
 }
 
 pub async fn a_database_outage_is_unavailable_with_retry_info(db: TestDb) {
-    let (client, org) = setup(&db).await;
+    let (client, org) = db.client_and_org().await;
     let plain = key(&client, org, checker()).await;
     let url = start(client.clone()).await;
     assert_eq!(check(&url, &[("x-api-key", &plain)]).await.unwrap(), SERVING);
@@ -129,7 +119,7 @@ pub async fn a_database_outage_is_unavailable_with_retry_info(db: TestDb) {
 }
 
 pub async fn spent_credits_are_resource_exhausted_without_a_wait(db: TestDb) {
-    let (client, org) = setup(&db).await;
+    let (client, org) = db.client_and_org().await;
     let plain = key(&client, org, checker().with_credits(Credits::new(1))).await;
     let url = start(client).await;
     assert_eq!(check(&url, &[("x-api-key", &plain)]).await.unwrap(), SERVING);

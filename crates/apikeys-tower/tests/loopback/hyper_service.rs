@@ -4,8 +4,8 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use apikeys_db::core::find_keys;
-use apikeys_db::{ApiKeyClient, IpAllowlist, NewKey, OrgId, RateLimit, ValidateOptions};
-use apikeys_testing::TestDb;
+use apikeys_db::{IpAllowlist, NewKey, RateLimit, ValidateOptions};
+use apikeys_testing::{TestDb, plaintext_key as key};
 use apikeys_tower::{ApiKeyAuth, ValidatedKey};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -92,18 +92,8 @@ impl Answer {
     }
 }
 
-async fn setup(db: &TestDb) -> (ApiKeyClient, OrgId) {
-    let client = db.client().await;
-    let (org, _) = client.get_or_create_organization("acme").await.unwrap();
-    (client, org.id)
-}
-
-async fn key(client: &ApiKeyClient, org: OrgId, new: NewKey) -> String {
-    client.create_key(org, new).await.unwrap().key.expose_secret().to_owned()
-}
-
 pub async fn a_valid_key_reaches_the_service_with_the_key_in_its_extensions(db: TestDb) {
-    let (client, org) = setup(&db).await;
+    let (client, org) = db.client_and_org().await;
     let issued =
         client.create_key(org, NewKey::new("reader").with_scopes(["widgets:read"])).await.unwrap();
     let plain = issued.key.expose_secret().to_owned();
@@ -120,7 +110,7 @@ pub async fn a_valid_key_reaches_the_service_with_the_key_in_its_extensions(db: 
 }
 
 pub async fn rejections_are_problems_that_never_echo_the_key(db: TestDb) {
-    let (client, org) = setup(&db).await;
+    let (client, org) = db.client_and_org().await;
     let writer = key(&client, org, NewKey::new("writer").with_scopes(["widgets:write"])).await;
     let url = serve(ApiKeyAuth::new(client.clone())).await;
 
@@ -144,7 +134,7 @@ pub async fn rejections_are_problems_that_never_echo_the_key(db: TestDb) {
 }
 
 pub async fn over_the_limit_is_429_with_retry_after_and_ratelimit_headers(db: TestDb) {
-    let (client, org) = setup(&db).await;
+    let (client, org) = db.client_and_org().await;
     let limited = NewKey::new("limited")
         .with_scopes(["widgets:read"])
         .with_rate_limit(RateLimit::per_minute(2).unwrap());
@@ -162,7 +152,7 @@ pub async fn over_the_limit_is_429_with_retry_after_and_ratelimit_headers(db: Te
 }
 
 pub async fn ip_allowlists_judge_the_peer_the_server_put_in_the_extensions(db: TestDb) {
-    let (client, org) = setup(&db).await;
+    let (client, org) = db.client_and_org().await;
     let new = |allowed: &str| {
         NewKey::new("pinned")
             .with_scopes(["widgets:read"])
@@ -183,7 +173,7 @@ pub async fn ip_allowlists_judge_the_peer_the_server_put_in_the_extensions(db: T
 }
 
 pub async fn a_revoke_is_seen_by_the_next_request(db: TestDb) {
-    let (client, org) = setup(&db).await;
+    let (client, org) = db.client_and_org().await;
     let issued =
         client.create_key(org, NewKey::new("reader").with_scopes(["widgets:read"])).await.unwrap();
     let plain = issued.key.expose_secret().to_owned();
