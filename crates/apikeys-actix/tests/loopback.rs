@@ -9,7 +9,7 @@ use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use apikeys_actix::{ApiKeyAuth, MaybeKey, RequireKey, ValidKey};
 use apikeys_db::core::find_keys;
 use apikeys_db::{ApiKeyClient, IpAllowlist, NewKey, RateLimit, ValidateOptions};
-use apikeys_testing::{TestDb, plaintext_key as key};
+use apikeys_testing::{TestDb, forged, plaintext_key as key};
 use serde_json::{Value, json};
 
 apikeys_testing::backend_tests!([
@@ -182,9 +182,7 @@ pub async fn the_answers_equal_the_axum_guards(db: TestDb) {
     let revoked = client.create_key(org, reader()).await.unwrap();
     client.revoke_key(revoked.record.id).await.unwrap();
     let revoked = revoked.key.expose_secret().to_owned();
-    let mut forged = good.clone();
-    forged.pop();
-    forged.push('x');
+    let forged = forged(&good);
     let bearer = format!("Bearer {good}");
     type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, u16);
     let cases: Vec<Case<'_>> = vec![
@@ -249,9 +247,7 @@ pub async fn keys_reach_handlers_through_the_middleware_and_the_extractors(db: T
     assert_eq!(get(&format!("{actix}/plain"), &[]).await.status, 401);
     // An optional key: none is anonymous, a bad one is still refused.
     assert_eq!(get(&format!("{actix}/maybe"), &[]).await.body, json!("anonymous"));
-    let mut forged = good.clone();
-    forged.pop();
-    forged.push('x');
+    let forged = forged(&good);
     let answer = get(&format!("{actix}/maybe"), &[("x-api-key", &forged)]).await;
     assert_eq!(answer.status, 401, "{answer:?}");
     assert_eq!(answer.body["code"], "invalid_key");

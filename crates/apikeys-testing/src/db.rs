@@ -328,3 +328,23 @@ impl Drop for DropGuard {
 pub async fn plaintext_key(client: &ApiKeyClient, org: OrgId, new: NewKey) -> String {
     client.create_key(org, new).await.expect("a new key").key.expose_secret().to_owned()
 }
+
+/// `key` with its last character changed: a forgery that differs from `key` whatever
+/// `key` ends with (replacing it with a fixed character would give `key` back when `key`
+/// already ends with that character).
+///
+/// ```
+/// for key in ["sk_live_abcA", "sk_live_abcB", "sk_live_abcx"] {
+///     let forged = apikeys_testing::forged(key);
+///     assert_ne!(forged, key);
+///     assert_eq!(forged.len(), key.len());
+///     assert_eq!(forged[..key.len() - 1], key[..key.len() - 1]);
+/// }
+/// ```
+#[must_use]
+pub fn forged(key: &str) -> String {
+    let mut forged = key.to_owned();
+    let last = forged.pop();
+    forged.push(if last == Some('A') { 'B' } else { 'A' });
+    forged
+}

@@ -43,7 +43,7 @@ mod rate_limit;
 mod zipf;
 
 pub use clock::{TestClock, at};
-pub use db::{Backend, DatabaseLocation, SECRET, TestDb, plaintext_key};
+pub use db::{Backend, DatabaseLocation, SECRET, TestDb, forged, plaintext_key};
 pub use harness::run_cases;
 pub use races::{Tally, admin_races, hold_key_rows, hot_path_until};
 pub use rate_limit::{db_now_ms, db_now_ms_on, hammer, leave_room, window_rows};

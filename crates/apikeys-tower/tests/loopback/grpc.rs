@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use apikeys_db::core::find_keys;
 use apikeys_db::{ApiKeyClient, Credits, IpAllowlist, NewKey, RateLimit};
-use apikeys_testing::{TestDb, plaintext_key as key};
+use apikeys_testing::{TestDb, forged, plaintext_key as key};
 use apikeys_tower::ApiKeyAuth;
 use tonic::Code;
 use tonic::metadata::MetadataValue;
@@ -66,9 +66,7 @@ pub async fn no_bad_or_revoked_keys_are_unauthenticated(db: TestDb) {
     let plain = issued.key.expose_secret().to_owned();
     let url = start(client.clone()).await;
     assert_refused(check(&url, &[]).await, Code::Unauthenticated, "");
-    let mut forged = plain.clone();
-    forged.pop();
-    forged.push('x');
+    let forged = forged(&plain);
     assert_refused(check(&url, &[("x-api-key", &forged)]).await, Code::Unauthenticated, &forged);
     assert_eq!(check(&url, &[("x-api-key", &plain)]).await.unwrap(), SERVING);
     client.revoke_key(issued.record.id).await.unwrap();

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use apikeys_db::core::find_keys;
 use apikeys_db::{IpAllowlist, NewKey, RateLimit, ValidateOptions};
-use apikeys_testing::{TestDb, plaintext_key as key};
+use apikeys_testing::{TestDb, forged, plaintext_key as key};
 use apikeys_tower::{ApiKeyAuth, ValidatedKey};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -118,9 +118,7 @@ pub async fn rejections_are_problems_that_never_echo_the_key(db: TestDb) {
     none.assert_problem(401, "missing_key", "");
     assert!(none.header("www-authenticate").contains("x-api-key"), "{:?}", none.headers);
 
-    let mut forged = writer.clone();
-    forged.pop();
-    forged.push('x');
+    let forged = forged(&writer);
     get(&url, &[("x-api-key", &forged)]).await.assert_problem(401, "invalid_key", &forged);
     let twice = reqwest::Client::new()
         .get(&url)
