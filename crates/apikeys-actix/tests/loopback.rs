@@ -5,11 +5,13 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::missing_panics_doc)]
 
+use std::time::Duration;
+
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use apikeys_actix::{ApiKeyAuth, MaybeKey, RequireKey, ValidKey};
 use apikeys_db::core::find_keys;
-use apikeys_db::{ApiKeyClient, IpAllowlist, NewKey, RateLimit, ValidateOptions};
-use apikeys_testing::{TestDb, forged, plaintext_key as key};
+use apikeys_db::{ApiKeyClient, IpAllowlist, NewKey, RateLimit, ValidateOptions, Window};
+use apikeys_testing::{TestDb, forged, leave_room, plaintext_key as key};
 use serde_json::{Value, json};
 
 apikeys_testing::backend_tests!([
@@ -203,6 +205,8 @@ pub async fn the_answers_equal_the_axum_guards(db: TestDb) {
     // Rate limits: a key each (they count), the same limit, the same refusal.
     let limited = || reader().with_rate_limit(RateLimit::per_minute(2).unwrap());
     let (a, b) = (key(&client, org, limited()).await, key(&client, org, limited()).await);
+    // All counted in one minute of the database's clock (a new minute would start afresh).
+    leave_room(&client, Window::Minute, Duration::from_secs(10)).await;
     for _ in 0..2 {
         assert_eq!(get(&format!("{actix}/read"), &[("x-api-key", &a)]).await.status, 200);
         assert_eq!(get(&format!("{axum}/read"), &[("x-api-key", &b)]).await.status, 200);
@@ -290,6 +294,7 @@ pub async fn the_key_headers_reach_handlers_marked_sensitive(db: TestDb) {
 pub async fn two_extractors_of_one_request_count_it_once(db: TestDb) {
     let (client, org) = db.client_and_org().await;
     let once = key(&client, org, reader().with_rate_limit(RateLimit::per_minute(1).unwrap())).await;
+    leave_room(&client, Window::Minute, Duration::from_secs(10)).await;
     let actix = serve_actix(client);
     let first = get(&format!("{actix}/twice"), &[("x-api-key", &once)]).await;
     assert_eq!(first.status, 200, "{first:?}");
@@ -308,6 +313,7 @@ pub async fn nested_guards_each_count_the_request(db: TestDb) {
     let twice =
         key(&client, org, reader().with_rate_limit(RateLimit::per_minute(2).unwrap())).await;
     let writer = key(&client, org, NewKey::new("writer").with_scopes(["widgets:write"])).await;
+    leave_room(&client, Window::Minute, Duration::from_secs(10)).await;
     let actix = serve_actix(client);
     let url = format!("{actix}/nested/read");
     assert_eq!(get(&url, &[("x-api-key", &twice)]).await.status, 200);
@@ -322,6 +328,7 @@ pub async fn nested_guards_each_count_the_request(db: TestDb) {
 pub async fn an_extractor_under_another_guard_finds_its_own_key(db: TestDb) {
     let (client, org) = db.client_and_org().await;
     let once = key(&client, org, reader().with_rate_limit(RateLimit::per_minute(1).unwrap())).await;
+    leave_room(&client, Window::Minute, Duration::from_secs(10)).await;
     let actix = serve_partner(client);
     let url = format!("{actix}/partner/whoami");
     assert_eq!(get(&url, &[("x-partner-key", &once)]).await.status, 200);

@@ -146,7 +146,7 @@ impl ValidateOptions {
     /// #     .signing_secret("a-signing-secret-of-at-least-32-bytes!!").build().await?;
     /// # client.create_tables().await?;
     /// # let (org, _) = client.get_or_create_organization("acme").await?;
-    /// let new = NewKey::new("ci").with_rate_limit(RateLimit::per_minute(10)?);
+    /// let new = NewKey::new("ci").with_rate_limit(RateLimit::per_hour(10)?);
     /// let key = client.create_key(org.id, new.with_credits(Credits::new(12))).await?.key;
     /// let search = ValidateOptions::new().cost(5);
     /// client.validate_key(key.expose_secret(), &search).await?; // 5 of 10, 7 credits left
@@ -491,14 +491,14 @@ impl ApiKeyClient {
     /// # client.create_tables().await?;
     /// # let (org, _) = client.get_or_create_organization("acme").await?;
     /// let (api, _) = client.get_or_create_product(org.id, "public-api").await?;
-    /// let new = NewKey::new("ci").with_scopes(["read"]).with_rate_limit(RateLimit::per_minute(1)?);
+    /// let new = NewKey::new("ci").with_scopes(["read"]).with_rate_limit(RateLimit::per_hour(1)?);
     /// let key = client.create_key(org.id, new).await?.key;
     ///
     /// // Once per route, reused for every request.
     /// let route = ValidateOptions::new().for_product(api.id).require_scopes(["read"])?;
     /// client.validate_key(key.expose_secret(), &route).await?;
     /// match client.validate_key(key.expose_secret(), &route).await {
-    ///     Err(Error::Quota { retry_after, .. }) => assert!(retry_after.as_secs() <= 60),
+    ///     Err(Error::Quota { retry_after, .. }) => assert!(retry_after.as_secs() <= 3600),
     ///     other => panic!("{other:?}"),
     /// }
     /// # Ok(())

@@ -2,10 +2,11 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use apikeys_db::core::find_keys;
-use apikeys_db::{IpAllowlist, NewKey, RateLimit, ValidateOptions};
-use apikeys_testing::{TestDb, forged, plaintext_key as key};
+use apikeys_db::{IpAllowlist, NewKey, RateLimit, ValidateOptions, Window};
+use apikeys_testing::{TestDb, forged, leave_room, plaintext_key as key};
 use apikeys_tower::{ApiKeyAuth, ValidatedKey};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -137,6 +138,8 @@ pub async fn over_the_limit_is_429_with_retry_after_and_ratelimit_headers(db: Te
         .with_scopes(["widgets:read"])
         .with_rate_limit(RateLimit::per_minute(2).unwrap());
     let plain = key(&client, org, limited).await;
+    // All counted in one minute of the database's clock (a new minute would start afresh).
+    leave_room(&client, Window::Minute, Duration::from_secs(10)).await;
     let url = serve(ApiKeyAuth::new(client.clone())).await;
     for _ in 0..2 {
         assert_eq!(get(&url, &[("x-api-key", &plain)]).await.status, 200);
