@@ -140,6 +140,7 @@ apikeys_testing::backend_tests! {
     ],
     roundtrip: [
         arbitrary_names_and_json_round_trip,
+        whole_floats_read_back_as_the_same_integers_everywhere,
     ],
     fuzz: [
         verify_arbitrary_input,
