@@ -31,7 +31,8 @@ fn quota(r: apikeys_db::Result<apikeys_db::ApiKey>) -> Option<Duration> {
 pub async fn shared_limit_is_exact_under_concurrency(db: TestDb) {
     let first = db.client().await;
     let key = key_with(&first, Some(RateLimit::per_hour(100).unwrap())).await;
-    // All 160 in one hour of the database's clock (a new hour would admit 100 more).
+    // All 160 in one hour (a new hour would admit 100 more): of the database's clock, or
+    // of Redis's in the Redis run (a server on this host, whose clock SQLite's is).
     leave_room(&first, Window::Hour, Duration::from_secs(60)).await;
     let barrier = Arc::new(Barrier::new(32));
     let mut handles = Vec::new();

@@ -5,6 +5,7 @@
 //! Cases per backend: a tenth of `APIKEYS_FUZZ_CASES` (default 100 000), at least 100.
 
 use apikeys_db::core::hazmat::{validate_custom, validate_label, validate_name};
+use apikeys_db::sea_orm::{ConnectionTrait, DbBackend};
 use apikeys_db::{Error, KeyUpdate, NewKey, ValidateOptions};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -113,10 +114,12 @@ pub async fn arbitrary_names_and_json_round_trip(db: TestDb) {
                     (Ok(canonical), Ok(issued)) => {
                         let stored = client.get_key(issued.record.id).await.unwrap();
                         prop_assert_eq!(&stored.name, &key_name);
-                        // What the core returns, on every database (the object given, with
-                        // whole floats written with an exponent as integers).
-                        prop_assert_eq!(&issued.record.custom, &canonical);
-                        prop_assert_eq!(&stored.custom, &canonical);
+                        // What the core returns, on every database (the object given, but
+                        // for numbers jsonb reads back otherwise), compared as JSON text:
+                        // `Value`s hold -0.0 equal to 0.0.
+                        let text = |m: &Map<String, Value>| serde_json::to_string(m).unwrap();
+                        prop_assert_eq!(text(&issued.record.custom), text(&canonical));
+                        prop_assert_eq!(text(&stored.custom), text(&canonical));
                     }
                     (
                         Err(Error::InvalidInput { field: a, .. }),
@@ -135,34 +138,51 @@ pub async fn arbitrary_names_and_json_round_trip(db: TestDb) {
     result.unwrap();
 }
 
-/// A whole float written with an exponent (`7.1e16`) reads back as the same integer on every
-/// backend (PostgreSQL's jsonb would turn it into one anyway), when created, updated, and
-/// validated; `2.0` stays a float, and a float too large for 64 bits stays one.
+/// Numbers PostgreSQL's jsonb reads back as another JSON value are stored as it reads them,
+/// on every backend, when created, updated and validated: a whole number written with an
+/// exponent (`7.1e+16`) as the integer of its digits, `-0.0` as `0.0`; `2.0` stays a float,
+/// and so does a float whose digits do not fit 64 bits. On PostgreSQL, the same numbers
+/// written into the column as `serde_json` writes them read back as the core returns them.
 pub async fn whole_floats_read_back_as_the_same_integers_everywhere(db: TestDb) {
     let client = db.client().await;
     let (org, _) = client.get_or_create_organization("acme").await.unwrap();
     let given = serde_json::json!({
         "big": -7.112_496_011_669_557_6e16,
-        "nested": { "list": [1e16, 2.0] },
+        "nested": { "list": [1e16, 2.0, 2f64.powi(60)] },
         "huge": 1e20,
+        "zero": -0.0,
     });
-    let issued = client.create_key(org.id, NewKey::new("k").with_custom(given)).await.unwrap();
-    let check = |custom: &Map<String, Value>| {
-        assert!(custom["big"].is_i64(), "{custom:?}");
-        assert_eq!(custom["big"].as_i64(), Some(-71_124_960_116_695_576));
-        assert_eq!(custom["nested"]["list"][0].as_u64(), Some(10_000_000_000_000_000));
-        assert!(custom["nested"]["list"][1].is_f64(), "{custom:?}");
-        assert!(custom["huge"].is_f64(), "{custom:?}");
-    };
-    check(&issued.record.custom);
+    let issued =
+        client.create_key(org.id, NewKey::new("k").with_custom(given.clone())).await.unwrap();
+    let text = |m: &Map<String, Value>| serde_json::to_string(m).unwrap();
+    let expected = r#"{"big":-71124960116695576,"huge":1e20,"nested":{"list":[10000000000000000,2.0,1152921504606847000]},"zero":0.0}"#;
+    let expected: Map<String, Value> = serde_json::from_str(expected).unwrap();
+    assert_eq!(text(&issued.record.custom), text(&expected));
     let id = issued.record.id;
-    check(&client.get_key(id).await.unwrap().custom);
+    assert_eq!(text(&client.get_key(id).await.unwrap().custom), text(&expected));
     let plain = issued.key.expose_secret();
-    check(&client.validate_key(plain, &ValidateOptions::new()).await.unwrap().custom);
+    let validated = client.validate_key(plain, &ValidateOptions::new()).await.unwrap();
+    assert_eq!(text(&validated.custom), text(&expected));
     let update = KeyUpdate::new().with_custom(serde_json::json!({ "big": 9.2e18 }));
     let updated = client.update_key(id, update).await.unwrap();
     assert_eq!(updated.custom["big"].as_u64(), Some(9_200_000_000_000_000_000));
     let stored = client.get_key(id).await.unwrap().custom;
-    assert!(stored["big"].is_u64(), "{stored:?}");
-    assert_eq!(stored, updated.custom);
+    assert_eq!(text(&stored), text(&updated.custom));
+
+    // jsonb itself: the numbers as serde_json writes them, put in the column by hand.
+    let db = client.connection();
+    if db.get_database_backend() == DbBackend::Postgres {
+        let mut raw = given;
+        for (i, f) in [-(2f64.powi(63)), 2f64.powi(64), 18_446_744_073_709_549_568.0, 5e-324]
+            .into_iter()
+            .enumerate()
+        {
+            raw[format!("f{i}")] = Value::from(f);
+        }
+        let raw_text = serde_json::to_string(&raw).unwrap();
+        let sql = format!("UPDATE api_keys SET custom = '{raw_text}'::jsonb WHERE name = 'k'");
+        db.execute_unprepared(&sql).await.unwrap();
+        let read = client.get_key(id).await.unwrap().custom;
+        assert_eq!(text(&read), text(&validate_custom(raw).unwrap()), "{raw_text}");
+    }
 }
