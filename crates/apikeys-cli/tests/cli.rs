@@ -827,9 +827,7 @@ async fn verify_names_a_key_of_another_format(db: TestDb) {
     assert!(err.contains("APIKEYS_ENVIRONMENT") && !err.contains(live), "{err}");
     assert!(apikeys_db::core::find_keys(err.as_bytes()).is_empty(), "{err}");
     // One character off: the checksum fails, so it is no key of any format.
-    let mut typo = live.to_owned();
-    let last = typo.pop().unwrap();
-    typo.push(if last == 'a' { 'b' } else { 'a' });
+    let typo = apikeys_testing::forged(live);
     let err = assert_fails(&cli.verify(&typo, &[]), 2, "a typo");
     assert!(!err.contains("sk_live") && err.contains("malformed"), "{err}");
 }

@@ -151,11 +151,11 @@ impl ClientBuilder {
         self
     }
 
-    /// An older signing secret, for a rotation (the guide, "Operations", "Secret rotation"): keys hashed
-    /// under it still verify, and move to the current secret on their next successful check
-    /// that tracks usage. While it is configured, every key this client creates or moves
-    /// also keeps its hash under the first previous secret, so replicas still running with
-    /// that secret alone find every key, and rolling this deploy back loses none.
+    /// An older signing secret, for a rotation (the guide, "Operations", "Secret rotation"): keys
+    /// hashed under it still verify, and move to the current secret on their next successful check
+    /// that tracks usage. While it is configured, every key this client creates or moves also keeps
+    /// its hash under the first previous secret, so replicas still running with that secret alone
+    /// find every key, and rolling this deploy back loses none.
     pub fn previous_signing_secret(mut self, version: u32, secret: impl Into<Vec<u8>>) -> Self {
         self.previous.push(SigningSecret::new(secret).map(|s| s.with_version(version)));
         self
@@ -267,18 +267,18 @@ impl ClientBuilder {
     /// # Ok(()) }
     /// ```
     ///
-    /// The same guarantees as SQL: windows by Redis's clock (`TIME`), never more than the
-    /// limit across replicas, a rolled key sharing its successor's budget (give the client
-    /// that rolls and deletes keys the same Redis: it hands windows on at once). It fails
-    /// closed: a check that cannot reach Redis is refused with [`Error::Unavailable`], and a
-    /// breaker then refuses at once until Redis answers again (probed every
+    /// The same guarantees as SQL: windows by Redis's clock (`TIME`), never more than the limit
+    /// across replicas, a rolled key sharing its successor's budget (give the client that rolls and
+    /// deletes keys the same Redis: it hands windows on at once). It fails closed: a check that
+    /// cannot reach Redis is refused with [`Error::Unavailable`], and a breaker then refuses at
+    /// once until Redis answers again (probed every
     /// [`reconnect_interval`](Self::reconnect_interval)); each call gets the
     /// [`statement_timeout`](Self::statement_timeout). `build()` fails with
-    /// [`Error::Configuration`] for a Redis that may evict keys, and with
-    /// [`Error::Unavailable`] for one it cannot reach. What a Redis restart or failover can
-    /// lose is in the guide ("Many replicas", "What Redis can lose"): a restart without persistence, or a failover
-    /// to a replica behind its primary, loses the current windows' counts, so each key may
-    /// admit up to one more limit in that window.
+    /// [`Error::Configuration`] for a Redis that may evict keys, and with [`Error::Unavailable`]
+    /// for one it cannot reach. What a Redis restart or failover can lose is in the guide ("Many
+    /// replicas", "What Redis can lose"): a restart without persistence, or a failover to a replica
+    /// behind its primary, loses the current windows' counts, so each key may admit up to one more
+    /// limit in that window.
     ///
     /// [`Error::Configuration`]: apikeys_core::Error::Configuration
     /// [`Error::Unavailable`]: apikeys_core::Error::Unavailable

@@ -35,10 +35,10 @@ use crate::lifecycle::{Switch, followers_on};
 /// transaction holds the database's write lock anyway.
 ///
 /// What a call sees and how it waits is the isolation of the host's transaction (the guide,
-/// "Bootstrap and host transactions"): `get_or_create_*` finds rows other transactions
-/// committed before it runs on every backend; on PostgreSQL under `REPEATABLE READ` or `SERIALIZABLE` a row
-/// committed after the host's snapshot gives [`Error::Conflict`](crate::Error::Conflict)
-/// instead, and the host retries its transaction.
+/// "Bootstrap and host transactions"): `get_or_create_*` finds rows other transactions committed
+/// before it runs on every backend; on PostgreSQL under `REPEATABLE READ` or `SERIALIZABLE` a row
+/// committed after the host's snapshot gives [`Error::Conflict`](crate::Error::Conflict) instead,
+/// and the host retries its transaction.
 ///
 /// ```
 /// use apikeys_db::{ApiKeyClient, NewKey, VerifyOptions};

@@ -235,8 +235,8 @@ impl ErrorResponse {
         serde_json::to_vec(&self.problem).unwrap_or_default()
     }
 
-    /// The whole answer as an `http` [`Response`](http::Response) (for hyper, or any framework built on
-    /// the `http` crate).
+    /// The whole answer as an `http` [`Response`](http::Response) (for hyper, or any framework
+    /// built on the `http` crate).
     #[must_use]
     pub fn into_http(self) -> http::Response<Vec<u8>> {
         let body = self.body();

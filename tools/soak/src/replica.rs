@@ -1,5 +1,5 @@
-//! A replica: one client as the guide ("Many replicas") recommends for many replicas, and the driver's tasks
-//! checking Zipf-drawn keys through it until the parent closes its stdin.
+//! A replica: one client as the guide ("Many replicas") recommends for many replicas, and the
+//! driver's tasks checking Zipf-drawn keys through it until the parent closes its stdin.
 
 use std::process::ExitCode;
 use std::sync::Arc;

@@ -71,8 +71,8 @@ use window::{Count, window_ends};
 /// How per-key rate limits are counted.
 ///
 /// `Shared` and `Leased` count in the SQL database by default, or in Redis/Valkey with
-/// `ClientBuilder::redis` (cargo feature `redis`) (the same guarantees, by Redis's
-/// clock; what a Redis restart or failover can lose is said there and in the guide, "Many replicas").
+/// `ClientBuilder::redis` (cargo feature `redis`) (the same guarantees, by Redis's clock; what a
+/// Redis restart or failover can lose is said there and in the guide, "Many replicas").
 ///
 /// | mode | exact across replicas | cost per check | algorithm |
 /// |---|---|---|---|

@@ -1,6 +1,7 @@
-//! Writes inside a transaction the host owns (`client.begin()`, `client.with(&txn)`): commit
-//! keeps everything, rollback leaves nothing, a failed call does not break the host's
-//! transaction, and what each backend's isolation gives, as the guide ("Bootstrap and host transactions") documents it.
+//! Writes inside a transaction the host owns (`client.begin()`, `client.with(&txn)`): commit keeps
+//! everything, rollback leaves nothing, a failed call does not break the host's transaction, and
+//! what each backend's isolation gives, as the guide ("Bootstrap and host transactions") documents
+//! it.
 
 use std::time::Duration;
 
